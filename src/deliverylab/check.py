@@ -1,0 +1,143 @@
+"""The checker: which guarantee did this run actually deliver?
+
+For every order (the source of truth) it counts how many times the order's event took effect,
+read from ``delivery_log`` rows that were committed in the effect's own transaction. A repair
+by ``reconcile`` counts as one application and restarts the count. Then:
+
+* **correct**: applied exactly once;
+* **duplicated**: applied more than once;
+* **lost**: never applied, and no message left that could still apply it;
+* **pending**: not applied yet, its message still in the queue;
+* **dead-lettered**: not applied, parked in ``dead_letters``.
+
+It also compares the projection with the truth item by item.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+EVENT_COLUMNS = ["order_id", "item_id", "qty", "event_id", "applications", "state"]
+_EVENTS_SQL = """
+    WITH last_rec AS (
+        SELECT event_id, max(seq) AS rs FROM delivery_log
+         WHERE outcome = 'reconciled' GROUP BY event_id),
+    applied AS (
+        SELECT l.event_id, count(*) AS n FROM delivery_log AS l
+          LEFT JOIN last_rec AS r USING (event_id)
+         WHERE l.outcome = 'applied' AND l.seq > coalesce(r.rs, 0)
+         GROUP BY l.event_id)
+    SELECT o.order_id, o.item_id, o.qty, o.event_id,
+           coalesce(a.n, 0) + (r.rs IS NOT NULL) AS applications
+      FROM orders AS o
+      LEFT JOIN applied AS a USING (event_id)
+      LEFT JOIN last_rec AS r USING (event_id)
+     ORDER BY o.created_at, o.order_id
+"""
+
+
+def event_states(conn: sqlite3.Connection) -> list[tuple[str, str, int, str, int, str]]:
+    """(order_id, item_id, qty, event_id, applications, state) for every order."""
+    queued = {r[0] for r in conn.execute("SELECT event_id FROM queue_messages")}
+    dead = {r[0] for r in conn.execute("SELECT event_id FROM dead_letters")}
+    out = []
+    for order_id, item_id, qty, event_id, n in conn.execute(_EVENTS_SQL):
+        if n == 1:
+            state = "correct"
+        elif n > 1:
+            state = "duplicated"
+        elif event_id in queued:
+            state = "pending"
+        elif event_id in dead:
+            state = "dead_lettered"
+        else:
+            state = "lost"
+        out.append((order_id, item_id, qty, event_id, n, state))
+    return out
+
+
+def projection_vs_truth(conn: sqlite3.Connection) -> list[tuple[str, int, int, int]]:
+    """(item_id, truth, projection, delta) for every item in either, sorted by item."""
+    rows = conn.execute("""
+        WITH truth AS (SELECT item_id, sum(qty) AS qty FROM orders GROUP BY item_id),
+        items AS (SELECT item_id FROM truth UNION SELECT item_id FROM inventory_projection)
+        SELECT i.item_id, coalesce(t.qty, 0), coalesce(p.reserved_qty, 0)
+          FROM items AS i
+          LEFT JOIN truth AS t USING (item_id)
+          LEFT JOIN inventory_projection AS p USING (item_id)
+         ORDER BY i.item_id""").fetchall()
+    return [(item, truth, proj, proj - truth) for item, truth, proj in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    orders: int
+    correct: int
+    duplicated: int
+    lost: int
+    pending: int
+    dead_lettered: int
+    extra_applications: int
+    drifted_items: int
+    projection_equals_truth: bool
+
+    @property
+    def ok(self) -> bool:
+        """Every order applied exactly once and the projection equals the truth."""
+        return self.correct == self.orders and self.projection_equals_truth
+
+    @property
+    def verdict(self) -> str:
+        if self.ok:
+            return (f"OK: all {self.orders} orders applied exactly once;"
+                    " projection equals truth")
+        parts = []
+        if self.lost:
+            parts.append(f"{self.lost} lost")
+        if self.duplicated:
+            parts.append(f"{self.duplicated} duplicated (+{self.extra_applications} extra)")
+        if self.dead_lettered:
+            parts.append(f"{self.dead_lettered} dead-lettered")
+        if self.pending:
+            parts.append(f"{self.pending} pending")
+        drift = ("projection equals truth" if self.projection_equals_truth
+                 else f"projection differs from truth on {self.drifted_items} item(s)")
+        head = "PENDING" if not (self.lost or self.duplicated or self.dead_lettered) else "BROKEN"
+        return f"{head}: {', '.join(parts) or 'no event problems'}; {drift}"
+
+    def as_dict(self) -> dict[str, object]:
+        d = {name: getattr(self, name) for name in self.__slots__}
+        d["verdict"] = self.verdict
+        return d
+
+
+def check(conn: sqlite3.Connection) -> CheckResult:
+    """Compare what happened with the truth. Reads only; safe while workers run."""
+    states = [s[5] for s in event_states(conn)]
+    extra = sum(max(0, s[4] - 1) for s in event_states(conn)) if "duplicated" in states else 0
+    items = projection_vs_truth(conn)
+    drifted = sum(1 for row in items if row[3] != 0)
+    return CheckResult(
+        orders=len(states), correct=states.count("correct"),
+        duplicated=states.count("duplicated"), lost=states.count("lost"),
+        pending=states.count("pending"), dead_lettered=states.count("dead_lettered"),
+        extra_applications=extra, drifted_items=drifted, projection_equals_truth=drifted == 0,
+    )
+
+
+def events_frame(conn: sqlite3.Connection) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(event_states(conn), columns=EVENT_COLUMNS)
+
+
+def drift_frame(conn: sqlite3.Connection) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(projection_vs_truth(conn),
+                        columns=["item_id", "truth", "projection", "delta"])

@@ -1,0 +1,121 @@
+"""The SQLite store: connections, the schema, and explicit transactions.
+
+Every write runs inside :func:`transaction`, which starts with ``BEGIN IMMEDIATE`` so a writer
+takes the write lock up front (no lock upgrade, so no deadlock between two readers turning
+writer) and waits on the busy timeout instead of failing with "database is locked".
+https://www.sqlite.org/lang_transaction.html
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+from .errors import InvalidInput
+
+BUSY_TIMEOUT_S = 30.0
+TABLES = (
+    "orders",
+    "queue_messages",
+    "inbox_processed",
+    "inventory_projection",
+    "dead_letters",
+    "delivery_log",
+)
+
+
+def schema_sql() -> str:
+    """The text of ``schema.sql``, shipped inside the package."""
+    return resources.files("deliverylab").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def _is_memory(path: str | Path) -> bool:
+    return str(path) == ":memory:" or str(path).startswith("file::memory:")
+
+
+def connect(path: str | Path, *, must_exist: bool = True,
+            busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """Open the database at ``path`` in WAL mode with a busy timeout.
+
+    With ``must_exist`` (the default) a missing file is an error naming the path, instead of
+    SQLite silently creating an empty database that has no tables.
+    """
+    if not isinstance(path, str | Path) or str(path) == "":
+        raise InvalidInput("db", path, "a database file path or ':memory:'")
+    if not _is_memory(path):
+        p = Path(path)
+        if must_exist and not p.is_file():
+            raise InvalidInput("db", str(path), "an existing database file (run 'deliverylab init-db')")
+        p.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: the module never opens transactions behind our back.
+    conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
+                           check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    if not _is_memory(path):
+        conn.execute("PRAGMA journal_mode = WAL")
+    # NORMAL is durable against application crashes in WAL mode; only a power loss can roll
+    # back the last commits. https://www.sqlite.org/pragma.html#pragma_synchronous
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def init_db(path: str | Path = ":memory:") -> sqlite3.Connection:
+    """Create the schema if it is not there yet and return an open connection. Idempotent."""
+    conn = connect(path, must_exist=False)
+    with transaction(conn):
+        for statement in _statements(schema_sql()):
+            conn.execute(statement)
+    return conn
+
+
+def _statements(script: str) -> list[str]:
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def check_schema(conn: sqlite3.Connection) -> None:
+    """Fail with a clear message when the file is not a deliverylab database."""
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = [t for t in TABLES if t not in have]
+    if missing:
+        raise InvalidInput("db", f"missing tables {missing}",
+                           "a deliverylab database (run 'deliverylab init-db')")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``; roll back on any exception, then re-raise.
+
+    Inside a transaction that is already open (the caller's), join it instead: the caller
+    commits or rolls back the whole unit. This is how an order and its event commit together.
+    """
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+def table_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+
+
+def dump(conn: sqlite3.Connection) -> str:
+    """Every row of every table as text in a fixed order, to compare two runs byte for byte."""
+    out = []
+    for t in TABLES:
+        out.append(f"-- {t}")
+        for row in conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2"):
+            out.append(repr(tuple(row)))
+    return "\n".join(out)

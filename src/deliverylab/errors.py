@@ -1,0 +1,76 @@
+"""Errors the engine raises on purpose, each naming what was wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class InvalidInput(ValueError):
+    """A bad argument: ``field`` names it, ``value`` is what was given. Nothing was written."""
+
+    def __init__(self, field: str, value: Any, expected: str) -> None:
+        self.field = field
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{field} must be {expected}, got {value!r}")
+
+
+class OrderConflict(ValueError):
+    """The order id (or idempotency key) was used before with a different request."""
+
+    def __init__(self, key_name: str, key: str) -> None:
+        self.key_name = key_name
+        self.key = key
+        super().__init__(f"{key_name} {key!r} was already used with a different request")
+
+
+class SimulatedCrash(Exception):
+    """Raised at a fault point to stand for the worker process dying there."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        super().__init__(f"simulated crash at {point}")
+
+
+def check_int(field: str, value: Any, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """An int (never a bool or float) within bounds, or :class:`InvalidInput`."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if ok and maximum is not None and value > maximum:
+        ok = False
+    if not ok:
+        bounds = []
+        if minimum is not None:
+            bounds.append(f">= {minimum}")
+        if maximum is not None:
+            bounds.append(f"<= {maximum}")
+        raise InvalidInput(field, value, "an integer" + (" " + " and ".join(bounds) if bounds else ""))
+    return value
+
+
+def check_number(field: str, value: Any, *, minimum: float | None = None,
+                 maximum: float | None = None) -> float:
+    """A real number (not a bool, not NaN) within bounds, or :class:`InvalidInput`."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if ok and maximum is not None and value > maximum:
+        ok = False
+    if not ok:
+        if minimum is not None and maximum is not None:
+            expected = f"a number in [{minimum:g}, {maximum:g}]"
+        elif minimum is not None:
+            expected = f"a number >= {minimum:g}"
+        else:
+            expected = "a number"
+        raise InvalidInput(field, value, expected)
+    return float(value)
+
+
+def check_text(field: str, value: Any, *, max_length: int = 100) -> str:
+    """A non-empty string of at most ``max_length`` characters, or :class:`InvalidInput`."""
+    if not isinstance(value, str) or not value.strip() or len(value) > max_length:
+        raise InvalidInput(field, value, f"a non-empty string of at most {max_length} characters")
+    return value

@@ -1,0 +1,83 @@
+"""Fault injection: named points, a rate for each, decided from one seed.
+
+Whether a fault fires is a pure function of (seed, point, event id, delivery number), computed
+with a keyed hash. That makes a run replay exactly, and it gives the *same fault schedule* to
+every worker mode and every interleaving: delivery 2 of event ``evt-…`` loses its ACK in the
+at-most-once run exactly when it does in the idempotent run, so the modes can be compared fairly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+from dataclasses import dataclass, field
+
+from .errors import InvalidInput, check_int, check_number
+
+FAULT_POINTS = (
+    "ack_fail",             # the ACK is lost on the way: the queue never hears it
+    "crash_after_receive",  # the worker dies holding the lease, before the effect
+    "crash_after_commit",   # the effect committed, the worker dies before the ACK
+    "process_error",        # the handler raises; retried with backoff through nack
+    "lose_message",         # auto-ack style: the queue forgets the message, no effect happens
+)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault rates in [0, 1] per point, and the seed that decides each one."""
+
+    seed: int = 0
+    ack_fail: float = 0.0
+    crash_after_receive: float = 0.0
+    crash_after_commit: float = 0.0
+    process_error: float = 0.0
+    lose_message: float = 0.0
+    _key: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_int("seed", self.seed)
+        for point in FAULT_POINTS:
+            check_number(f"{point} rate", getattr(self, point), minimum=0.0, maximum=1.0)
+        object.__setattr__(self, "_key", str(self.seed).encode())
+
+    @classmethod
+    def from_rates(cls, seed: int | None = None, **rates: float) -> Faults:
+        """``Faults.from_rates(seed=7, ack_fail=0.8)``; unknown names are an error; no seed
+        means a random one."""
+        for name in rates:
+            if name not in FAULT_POINTS:
+                raise InvalidInput("fault point", name, f"one of {', '.join(FAULT_POINTS)}")
+        if seed is None:
+            seed = secrets.randbits(63)
+        return cls(seed=seed, **rates)
+
+    def rate(self, point: str) -> float:
+        if point not in FAULT_POINTS:
+            raise InvalidInput("fault point", point, f"one of {', '.join(FAULT_POINTS)}")
+        return getattr(self, point)
+
+    def uniform(self, *key: object) -> float:
+        """A number in [0, 1) fixed by the seed and ``key``."""
+        digest = hashlib.blake2b("|".join(map(str, key)).encode(), key=self._key,
+                                 digest_size=8).digest()
+        return struct.unpack(">Q", digest)[0] / 2**64
+
+    def fires(self, point: str, event_id: str, delivery_count: int) -> bool:
+        rate = self.rate(point)
+        if rate <= 0.0:
+            return False
+        return self.uniform(point, event_id, delivery_count) < rate
+
+    def backoff(self, attempt: int, *, base: float, cap: float, event_id: str = "") -> float:
+        """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt)).
+
+        https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/
+        """
+        check_int("attempt", attempt, minimum=0)
+        ceiling = min(cap, base * 2 ** min(attempt, 62))
+        return round(self.uniform("backoff", event_id, attempt) * ceiling, 6)
+
+
+NO_FAULTS = Faults()

@@ -1,0 +1,291 @@
+"""The queue: send / receive / extend / ack / nack / dead-letter / redrive on one SQLite table.
+
+The verbs map onto Amazon SQS (SendMessage / ReceiveMessage / ChangeMessageVisibility /
+DeleteMessage / redrive policy) and pgmq (send / read / set_vt / delete / archive).
+
+Three rules keep it correct with several processes on one file:
+
+* one statement claims messages (``UPDATE … WHERE seq IN (SELECT … LIMIT ?) RETURNING …``), so
+  two workers can never lease the same message;
+* every delivery gets a fresh receipt, and ack / extend / nack only act while the receipt still
+  matches, so a worker whose lease expired cannot delete the message another worker now holds
+  (SQS: "you must use the most recent receipt handle");
+* after ``max_receives`` deliveries a message moves to ``dead_letters`` instead of looping.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import Clock
+from .db import transaction
+from .errors import InvalidInput, check_int, check_number, check_text
+from .ids import Ids
+from .trace import Outcome, log, log_many
+
+MAX_VISIBILITY_TIMEOUT_S = 12 * 3600  # the SQS upper bound
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery of one message: what a worker holds until it acks or the lease ends."""
+
+    message_id: str
+    event_id: str
+    type: str
+    payload: dict[str, Any]
+    correlation_id: str | None
+    receipt: str
+    delivery_count: int
+    lease_until: float
+    last_error: str | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Delivery:
+        return cls(
+            message_id=row["message_id"], event_id=row["event_id"], type=row["type"],
+            payload=json.loads(row["payload"]), correlation_id=row["correlation_id"],
+            receipt=row["receipt"], delivery_count=row["delivery_count"],
+            lease_until=row["lease_until"], last_error=row["last_error"],
+        )
+
+
+def encode_payload(payload: Any) -> str:
+    if not isinstance(payload, dict):
+        raise InvalidInput("payload", payload, "a JSON object (dict)")
+    try:
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput("payload", payload, f"JSON-serialisable ({exc})") from None
+
+
+class Queue:
+    """A queue on ``conn``. ``max_receives`` is the redrive policy's ``maxReceiveCount``."""
+
+    def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
+                 max_receives: int = 5) -> None:
+        self.conn = conn
+        self.clock = clock
+        self.ids = ids
+        self.max_receives = check_int("max_receives", max_receives, minimum=1)
+
+    # -- send ------------------------------------------------------------------------------
+    def send(self, event_id: str, type: str, payload: dict[str, Any], *,
+             correlation_id: str | None = None, delay: float = 0.0) -> str:
+        """Enqueue one message and return its id.
+
+        Joins the caller's open transaction if there is one: that is the transactional outbox,
+        the event commits with the state change that caused it, or neither does.
+        """
+        check_text("event_id", event_id)
+        check_text("type", type)
+        body = encode_payload(payload)
+        delay = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        now = self.clock.now()
+        message_id = self.ids.message_id()
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO queue_messages (message_id, event_id, type, payload, correlation_id,"
+                " visible_at, delivery_count, created_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                (message_id, event_id, type, body, correlation_id, now + delay, now),
+            )
+        return message_id
+
+    # -- receive ---------------------------------------------------------------------------
+    _CLAIM = """
+        UPDATE queue_messages
+           SET visible_at = :lease_until,
+               lease_until = :lease_until,
+               receipt = :token || '.' || (delivery_count + 1),
+               delivery_count = delivery_count + 1
+         WHERE seq IN (SELECT seq FROM queue_messages
+                        WHERE visible_at <= :now
+                        ORDER BY visible_at, seq
+                        LIMIT :n)
+        RETURNING seq, message_id, event_id, type, payload, correlation_id, receipt,
+                  delivery_count, lease_until, last_error
+    """
+
+    def receive(self, visibility_timeout: float, max_messages: int = 1, *,
+                worker: str = "worker") -> list[Delivery]:
+        """Lease up to ``max_messages`` visible messages for ``visibility_timeout`` seconds.
+
+        One statement claims them, so concurrent receivers never get the same message. The
+        receipt is a fresh token plus the delivery count: unique for every delivery even when
+        two processes share a seed. A message received more than ``max_receives`` times goes to
+        ``dead_letters`` in the same transaction instead of being returned.
+        """
+        vt = check_number("visibility_timeout", visibility_timeout, minimum=0,
+                          maximum=MAX_VISIBILITY_TIMEOUT_S)
+        n = check_int("max_messages", max_messages, minimum=1, maximum=1000)
+        now = self.clock.now()
+        token = self.ids.receipt()
+        with transaction(self.conn):
+            rows = self.conn.execute(
+                self._CLAIM, {"lease_until": now + vt, "token": token, "now": now, "n": n}
+            ).fetchall()
+            rows.sort(key=lambda r: r["seq"])
+            out: list[Delivery] = []
+            logs = []
+            for row in rows:
+                d = Delivery.from_row(row)
+                if d.delivery_count > self.max_receives:
+                    self._move_to_dead_letters(
+                        d, f"received {d.delivery_count} times (max_receives={self.max_receives});"
+                           f" last error: {d.last_error or 'none'}", worker)
+                    continue
+                out.append(d)
+                logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
+                             d.delivery_count, Outcome.RECEIVED, f"lease until {d.lease_until:g}"))
+            log_many(self.conn, logs)
+        return out
+
+    # -- settle ----------------------------------------------------------------------------
+    def ack(self, delivery: Delivery, *, worker: str = "worker") -> bool:
+        """Delete the message if ``delivery`` still holds its lease. False when the receipt is
+        stale (the lease ran out and someone else received it, or it was already acked)."""
+        return self.ack_many([delivery], worker=worker)[0]
+
+    def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
+        """Ack several deliveries in one transaction; one bool per delivery."""
+        now = self.clock.now()
+        results = []
+        with transaction(self.conn):
+            logs = []
+            for d in deliveries:
+                cur = self.conn.execute(
+                    "DELETE FROM queue_messages WHERE message_id = ? AND receipt = ?",
+                    (d.message_id, d.receipt))
+                ok = cur.rowcount == 1
+                results.append(ok)
+                logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
+                             d.delivery_count, Outcome.ACKED if ok else Outcome.ACK_REJECTED,
+                             "" if ok else "receipt is no longer current"))
+            log_many(self.conn, logs)
+        return results
+
+    def extend(self, delivery: Delivery, seconds: float, *, worker: str = "worker") -> bool:
+        """Push the lease ``seconds`` past now (SQS ChangeMessageVisibility). False if stale."""
+        s = check_number("seconds", seconds, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        now = self.clock.now()
+        with transaction(self.conn):
+            cur = self.conn.execute(
+                "UPDATE queue_messages SET visible_at = ?, lease_until = ?"
+                " WHERE message_id = ? AND receipt = ?",
+                (now + s, now + s, delivery.message_id, delivery.receipt))
+            ok = cur.rowcount == 1
+            if ok:
+                log(self.conn, at=now, worker=worker, event_id=delivery.event_id,
+                    correlation_id=delivery.correlation_id, message_id=delivery.message_id,
+                    delivery_count=delivery.delivery_count, outcome=Outcome.EXTENDED,
+                    detail=f"lease until {now + s:g}")
+        return ok
+
+    def nack(self, delivery: Delivery, delay: float = 0.0, *, error: str | None = None,
+             worker: str = "worker") -> bool:
+        """Give the message back, visible again after ``delay`` seconds. False if stale."""
+        d = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        now = self.clock.now()
+        with transaction(self.conn):
+            cur = self.conn.execute(
+                "UPDATE queue_messages SET visible_at = ?, lease_until = NULL, receipt = NULL,"
+                " last_error = coalesce(?, last_error) WHERE message_id = ? AND receipt = ?",
+                (now + d, error, delivery.message_id, delivery.receipt))
+            ok = cur.rowcount == 1
+            if ok:
+                log(self.conn, at=now, worker=worker, event_id=delivery.event_id,
+                    correlation_id=delivery.correlation_id, message_id=delivery.message_id,
+                    delivery_count=delivery.delivery_count, outcome=Outcome.NACKED,
+                    detail=f"retry in {d:g}s" + (f"; error: {error}" if error else ""))
+        return ok
+
+    def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
+        """Move the message to ``dead_letters`` now, with ``error``. False if stale."""
+        with transaction(self.conn):
+            held = self.conn.execute(
+                "UPDATE queue_messages SET last_error = ? WHERE message_id = ? AND receipt = ?",
+                (error, delivery.message_id, delivery.receipt)).rowcount == 1
+            if held:
+                self._move_to_dead_letters(delivery, error, worker)
+        return held
+
+    def _move_to_dead_letters(self, d: Delivery, reason: str, worker: str) -> None:
+        now = self.clock.now()
+        self.conn.execute(
+            "INSERT INTO dead_letters (message_id, event_id, type, payload, correlation_id,"
+            " delivery_count, last_error, created_at, dead_at)"
+            " SELECT message_id, event_id, type, payload, correlation_id, delivery_count,"
+            " coalesce(last_error, ?), created_at, ? FROM queue_messages WHERE message_id = ?",
+            (reason, now, d.message_id))
+        self.conn.execute("DELETE FROM queue_messages WHERE message_id = ?", (d.message_id,))
+        log(self.conn, at=now, worker=worker, event_id=d.event_id,
+            correlation_id=d.correlation_id, message_id=d.message_id,
+            delivery_count=d.delivery_count, outcome=Outcome.DEAD_LETTERED, detail=reason)
+
+    def redrive(self, message_ids: list[str] | None = None, *, worker: str = "operator") -> int:
+        """Move dead letters (all, or the given ids) back to the queue as new messages with a
+        fresh delivery count. Returns how many moved."""
+        now = self.clock.now()
+        with transaction(self.conn):
+            if message_ids is None:
+                rows = self.conn.execute(
+                    "SELECT * FROM dead_letters ORDER BY dead_at, message_id").fetchall()
+            else:
+                if not isinstance(message_ids, list | tuple) or not all(
+                        isinstance(m, str) for m in message_ids):
+                    raise InvalidInput("message_ids", message_ids, "a list of message ids or None")
+                rows = []
+                for mid in message_ids:
+                    row = self.conn.execute(
+                        "SELECT * FROM dead_letters WHERE message_id = ?", (mid,)).fetchone()
+                    if row is None:
+                        raise InvalidInput("message_ids", mid, "the id of a dead letter")
+                    rows.append(row)
+            for row in rows:
+                new_id = self.ids.message_id()
+                self.conn.execute(
+                    "INSERT INTO queue_messages (message_id, event_id, type, payload,"
+                    " correlation_id, visible_at, delivery_count, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                    (new_id, row["event_id"], row["type"], row["payload"],
+                     row["correlation_id"], now, now))
+                self.conn.execute("DELETE FROM dead_letters WHERE message_id = ?",
+                                  (row["message_id"],))
+                log(self.conn, at=now, worker=worker, event_id=row["event_id"],
+                    correlation_id=row["correlation_id"], message_id=new_id, delivery_count=0,
+                    outcome=Outcome.REDRIVEN, detail=f"from dead letter {row['message_id']}")
+        return len(rows)
+
+    def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
+        """Delete a message whatever its lease, logging it as ``lost``: fault injection only
+        (an auto-ack broker forgetting a message, an operator's mistake). False if absent."""
+        check_text("message_id", message_id)
+        now = self.clock.now()
+        with transaction(self.conn):
+            row = self.conn.execute("SELECT * FROM queue_messages WHERE message_id = ?",
+                                    (message_id,)).fetchone()
+            if row is None:
+                return False
+            self.conn.execute("DELETE FROM queue_messages WHERE message_id = ?", (message_id,))
+            log(self.conn, at=now, worker=worker, event_id=row["event_id"],
+                correlation_id=row["correlation_id"], message_id=message_id,
+                delivery_count=row["delivery_count"], outcome=Outcome.LOST, detail=reason)
+        return True
+
+    # -- look ------------------------------------------------------------------------------
+    def depth(self) -> dict[str, int]:
+        """Messages visible now, in flight (leased or delayed), and dead-lettered."""
+        now = self.clock.now()
+        visible = self.conn.execute(
+            "SELECT count(*) FROM queue_messages WHERE visible_at <= ?", (now,)).fetchone()[0]
+        total = self.conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+        dead = self.conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        return {"visible": visible, "in_flight": total - visible, "dead_letters": dead}
+
+    def next_visible_at(self) -> float | None:
+        """When the next message becomes visible (None if the queue is empty)."""
+        row = self.conn.execute("SELECT min(visible_at) FROM queue_messages").fetchone()
+        return row[0]

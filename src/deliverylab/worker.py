@@ -1,0 +1,340 @@
+"""The worker: receive, apply the effect, acknowledge — in one of four orders.
+
+=================  ===========================================  ==============================
+mode               order of work                                what a fault does
+=================  ===========================================  ==============================
+at-most-once       ack, then apply                              a crash after the ack loses it
+at-least-once      apply, then ack; no inbox                    a lost ack applies it twice
+idempotent         inbox row + effect in one transaction, ack   a duplicate is skipped, acked
+transactional      effect + ack in one transaction              exactly once, inside one DB
+=================  ===========================================  ==============================
+
+Every mode runs the same code path otherwise, with the same fault schedule (see ``faults``).
+The projection update is one UPSERT, never read-then-write. An inbox conflict means "already
+processed"; any other database error propagates.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+from .clock import Clock
+from .db import transaction
+from .errors import InvalidInput, SimulatedCrash, check_int, check_number, check_text
+from .faults import NO_FAULTS, Faults
+from .ids import Ids
+from .queue import Delivery, Queue
+from .trace import Outcome, log
+
+CONSUMER = "inventory"
+
+
+class Mode(str, Enum):
+    AT_MOST_ONCE = "at-most-once"
+    AT_LEAST_ONCE = "at-least-once"
+    IDEMPOTENT = "idempotent"
+    TRANSACTIONAL = "transactional"
+
+    @classmethod
+    def parse(cls, value: object) -> Mode:
+        if isinstance(value, cls):
+            return value
+        for mode in cls:
+            if value == mode.value:
+                return mode
+        raise InvalidInput("mode", value, "one of " + ", ".join(m.value for m in cls))
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PoisonMessage(ValueError):
+    """The message can never be processed as it is (unknown type, bad payload)."""
+
+
+def apply_order_placed(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    """The effect: reserve the order's quantity in ``inventory_projection`` with one UPSERT."""
+    if delivery.type != "OrderPlaced":
+        raise PoisonMessage(f"unknown event type {delivery.type!r}")
+    item, qty = delivery.payload.get("itemId"), delivery.payload.get("qty")
+    if not isinstance(item, str) or not item:
+        raise PoisonMessage(f"payload itemId must be a non-empty string, got {item!r}")
+    if not isinstance(qty, int) or isinstance(qty, bool) or qty < 1:
+        raise PoisonMessage(f"payload qty must be an integer >= 1, got {qty!r}")
+    conn.execute(
+        "INSERT INTO inventory_projection (item_id, reserved_qty) VALUES (?, ?)"
+        " ON CONFLICT (item_id) DO UPDATE SET reserved_qty = reserved_qty + excluded.reserved_qty",
+        (item, qty))
+
+
+Handler = Callable[[sqlite3.Connection, Delivery], None]
+
+
+@dataclass
+class WorkerStats:
+    steps: int = 0
+    received: int = 0
+    applied: int = 0
+    duplicates_skipped: int = 0
+    acked: int = 0
+    ack_failed: int = 0
+    ack_rejected: int = 0
+    crashed: int = 0
+    lost: int = 0
+    nacked: int = 0
+    dead_lettered: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Worker:
+    """One consumer of the queue. ``echo`` receives one human-readable line per step."""
+
+    def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
+                 mode: Mode | str = Mode.IDEMPOTENT, faults: Faults = NO_FAULTS,
+                 visibility_timeout: float = 2.0, max_messages: int = 1,
+                 max_receives: int = 5, backoff_base: float = 0.1, backoff_cap: float = 10.0,
+                 name: str = "worker-1", consumer: str = CONSUMER,
+                 handler: Handler = apply_order_placed,
+                 echo: Callable[[str], None] | None = None, crash_exits: bool = False,
+                 queue: Queue | None = None) -> None:
+        self.mode = Mode.parse(mode)
+        if not isinstance(faults, Faults):
+            raise InvalidInput("faults", faults, "a deliverylab.faults.Faults")
+        self.visibility_timeout = check_number("visibility_timeout", visibility_timeout,
+                                               minimum=0, maximum=12 * 3600)
+        self.max_messages = check_int("max_messages", max_messages, minimum=1, maximum=1000)
+        self.backoff_base = check_number("backoff_base", backoff_base, minimum=0)
+        self.backoff_cap = check_number("backoff_cap", backoff_cap, minimum=self.backoff_base)
+        self.name = check_text("name", name)
+        self.consumer = check_text("consumer", consumer)
+        self.conn, self.clock, self.faults = conn, clock, faults
+        self.queue = queue or Queue(conn, clock=clock, ids=ids, max_receives=max_receives)
+        self.handler, self.echo, self.crash_exits = handler, echo, crash_exits
+        self.stats = WorkerStats()
+        self._stopping = False
+
+    # -- output ----------------------------------------------------------------------------
+    def _say(self, d: Delivery, words: str) -> None:
+        if self.echo is not None:
+            self.echo(f"[{self.name}] t={self.clock.now():.3f} event={d.event_id}"
+                      f" order={d.correlation_id} delivery={d.delivery_count} {words}")
+
+    def _log(self, d: Delivery, outcome: Outcome, detail: str = "") -> None:
+        """A log row for something with no transaction of its own (a crash, a lost ACK)."""
+        with transaction(self.conn):
+            log(self.conn, at=self.clock.now(), worker=self.name, event_id=d.event_id,
+                correlation_id=d.correlation_id, message_id=d.message_id,
+                delivery_count=d.delivery_count, outcome=outcome, detail=detail)
+
+    def _crash(self, deliveries: list[Delivery], point: str) -> None:
+        self.stats.crashed += 1
+        for d in deliveries:
+            self._log(d, Outcome.CRASHED, point)
+            self._say(d, f"crashed ({point}) → effect lost" if self.mode is Mode.AT_MOST_ONCE
+                      else f"crashed ({point}) → lease will expire, expect redelivery")
+        if self.crash_exits:
+            os._exit(70)
+
+    # -- the effect ------------------------------------------------------------------------
+    def _apply(self, d: Delivery) -> bool:
+        """Run the effect for ``d`` inside the open transaction. False: a duplicate skipped."""
+        if self.mode is Mode.IDEMPOTENT:
+            cur = self.conn.execute(
+                "INSERT INTO inbox_processed (consumer, event_id, processed_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (consumer, event_id) DO NOTHING",
+                (self.consumer, d.event_id, self.clock.now()))
+            if cur.rowcount == 0:
+                log(self.conn, at=self.clock.now(), worker=self.name, event_id=d.event_id,
+                    correlation_id=d.correlation_id, message_id=d.message_id,
+                    delivery_count=d.delivery_count, outcome=Outcome.DUPLICATE_SKIPPED)
+                return False
+        self.handler(self.conn, d)
+        log(self.conn, at=self.clock.now(), worker=self.name, event_id=d.event_id,
+            correlation_id=d.correlation_id, message_id=d.message_id,
+            delivery_count=d.delivery_count, outcome=Outcome.APPLIED, detail=str(self.mode))
+        return True
+
+    def _apply_guarded(self, d: Delivery) -> tuple[bool | None, str | None]:
+        """Apply under a savepoint: (applied?, None) or (None, error) for a handler error,
+        whose partial writes are undone. Database errors are not caught: they surface."""
+        self.conn.execute("SAVEPOINT message")
+        try:
+            if self.faults.fires("process_error", d.event_id, d.delivery_count):
+                raise RuntimeError("injected processing error")
+            applied = self._apply(d)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # the handler's own failure: retry it, later dead-letter it
+            self.conn.execute("ROLLBACK TO message")
+            self.conn.execute("RELEASE message")
+            return None, f"{type(exc).__name__}: {exc}"
+        self.conn.execute("RELEASE message")
+        return applied, None
+
+    def _count(self, d: Delivery, applied: bool) -> None:
+        if applied:
+            self.stats.applied += 1
+            self._say(d, "applied projection (first time)" if self.mode is Mode.IDEMPOTENT
+                      else "applied projection")
+        else:
+            self.stats.duplicates_skipped += 1
+            self._say(d, "duplicate skipped")
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self) -> int:
+        """Receive up to ``max_messages`` and handle them. Returns how many were received."""
+        deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
+                                        worker=self.name)
+        self.stats.steps += 1
+        if not deliveries:
+            return 0
+        self.stats.received += len(deliveries)
+        kept = []
+        for d in deliveries:
+            self._say(d, "received")
+            if self.faults.fires("lose_message", d.event_id, d.delivery_count):
+                self.queue.drop(d.message_id, reason="lost in transit (auto-ack)",
+                                worker=self.name)
+                self.stats.lost += 1
+                self._say(d, "lost before processing → no effect, no redelivery")
+            else:
+                kept.append(d)
+        try:
+            if self.mode is Mode.AT_MOST_ONCE:
+                self._ack_then_apply(kept)
+            else:
+                self._apply_then_ack(kept)
+        except SimulatedCrash:
+            pass  # already logged; the leases run out and the queue redelivers
+        return len(deliveries)
+
+    def _ack_then_apply(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            if self.faults.fires("ack_fail", d.event_id, d.delivery_count):
+                self.stats.ack_failed += 1
+                self._log(d, Outcome.ACK_FAILED, "not processed: the ACK was not confirmed")
+                self._say(d, "ack failed → not processing, expect redelivery")
+                continue
+            if not self.queue.ack(d, worker=self.name):
+                self.stats.ack_rejected += 1
+                self._say(d, "ack rejected (stale receipt) → not processing")
+                continue
+            self.stats.acked += 1
+            self._say(d, "acked")
+            if self.faults.fires("crash_after_receive", d.event_id, d.delivery_count):
+                self.stats.lost += 1
+                self._crash([d], "after_ack")
+                continue
+            with transaction(self.conn):
+                applied, error = self._apply_guarded(d)
+            if error is not None:
+                self.stats.lost += 1
+                self._log(d, Outcome.LOST, f"failed after the ACK: {error}")
+                self._say(d, f"processing failed after the ACK → effect lost ({error})")
+                continue
+            self._count(d, bool(applied))
+
+    def _apply_then_ack(self, deliveries: list[Delivery]) -> None:
+        done: list[tuple[Delivery, bool]] = []
+        failed: list[tuple[Delivery, str]] = []
+        rejected: list[Delivery] = []
+        try:
+            with transaction(self.conn):
+                for d in deliveries:
+                    if self.faults.fires("crash_after_receive", d.event_id, d.delivery_count):
+                        raise SimulatedCrash("after_receive")
+                    self.conn.execute("SAVEPOINT delivery")
+                    applied, error = self._apply_guarded(d)
+                    if error is not None:
+                        failed.append((d, error))
+                    elif self.mode is Mode.TRANSACTIONAL and not self.queue.ack(
+                            d, worker=self.name):
+                        # The ACK is a row delete in the effect's own transaction, valid only
+                        # while this delivery holds the lease: if it does not, undo the effect.
+                        self.conn.execute("ROLLBACK TO delivery")
+                        rejected.append(d)
+                    else:
+                        done.append((d, bool(applied)))
+                    self.conn.execute("RELEASE delivery")
+        except SimulatedCrash as crash:
+            self._crash(deliveries, crash.point)
+            raise
+        for d in rejected:
+            self.stats.ack_rejected += 1
+            self._log(d, Outcome.ACK_REJECTED, "lease lost before commit: effect rolled back")
+            self._say(d, "lease lost before commit → effect rolled back")
+        for d, applied in done:
+            self._count(d, applied)
+        if self.mode is Mode.TRANSACTIONAL:
+            self.stats.acked += len(done)
+            for d, _ in done:
+                self._say(d, "acked (in the effect's transaction)")
+            done = []
+        to_ack = []
+        for i, (d, _) in enumerate(done):
+            if self.faults.fires("crash_after_commit", d.event_id, d.delivery_count):
+                self._crash([x for x, _ in done[i:]], "after_commit_before_ack")
+                raise SimulatedCrash("after_commit_before_ack")
+            if self.faults.fires("ack_fail", d.event_id, d.delivery_count):
+                self.stats.ack_failed += 1
+                self._log(d, Outcome.ACK_FAILED, "the ACK never reached the queue")
+                self._say(d, "ack failed → expect redelivery")
+                continue
+            to_ack.append(d)
+        if to_ack:
+            for d, ok in zip(to_ack, self.queue.ack_many(to_ack, worker=self.name), strict=True):
+                if ok:
+                    self.stats.acked += 1
+                    self._say(d, "acked")
+                else:
+                    self.stats.ack_rejected += 1
+                    self._say(d, "ack rejected (stale receipt) → another delivery holds it")
+        for d, error in failed:
+            self._retry_or_dead_letter(d, error)
+
+    def _retry_or_dead_letter(self, d: Delivery, error: str) -> None:
+        if d.delivery_count >= self.queue.max_receives:
+            if self.queue.dead_letter(d, error, worker=self.name):
+                self.stats.dead_lettered += 1
+                self._say(d, f"dead-lettered after {d.delivery_count} receives ({error})")
+            return
+        delay = self.faults.backoff(d.delivery_count - 1, base=self.backoff_base,
+                                    cap=self.backoff_cap, event_id=d.event_id)
+        if self.queue.nack(d, delay, error=error, worker=self.name):
+            self.stats.nacked += 1
+            self._say(d, f"nacked ({error}) → retry in {delay:.3f}s (backoff with full jitter)")
+
+    # -- loops -----------------------------------------------------------------------------
+    def run_until_idle(self, max_steps: int = 1_000_000) -> WorkerStats:
+        """Step until the queue is empty, sleeping on the clock until the next message is
+        visible (a fake clock jumps there at once)."""
+        check_int("max_steps", max_steps, minimum=1)
+        for _ in range(max_steps):
+            if self.step() == 0:
+                nxt = self.queue.next_visible_at()
+                if nxt is None:
+                    break
+                self.clock.sleep_until(nxt)
+        return self.stats
+
+    def run_forever(self, *, poll_interval: float = 0.2) -> WorkerStats:
+        """Step until :meth:`stop` (the CLI calls it on SIGTERM and Ctrl-C). A step is never cut
+        in half: stopping waits for the current one to finish."""
+        check_number("poll_interval", poll_interval, minimum=0.001)
+        while not self._stopping:
+            if self.step() == 0:
+                nxt = self.queue.next_visible_at()
+                wait = poll_interval if nxt is None else min(poll_interval,
+                                                            max(0.0, nxt - self.clock.now()))
+                self.clock.sleep(max(wait, 0.001))
+        return self.stats
+
+    def stop(self) -> None:
+        self._stopping = True
+
