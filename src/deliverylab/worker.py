@@ -102,7 +102,7 @@ class Worker:
                  name: str = "worker-1", consumer: str = CONSUMER,
                  handler: Handler = apply_order_placed,
                  echo: Callable[[str], None] | None = None, crash_exits: bool = False,
-                 queue: Queue | None = None) -> None:
+                 work_time: float = 0.0, queue: Queue | None = None) -> None:
         self.mode = Mode.parse(mode)
         if not isinstance(faults, Faults):
             raise InvalidInput("faults", faults, "a deliverylab.faults.Faults")
@@ -116,6 +116,9 @@ class Worker:
         self.conn, self.clock, self.faults = conn, clock, faults
         self.queue = queue or Queue(conn, clock=clock, ids=ids, max_receives=max_receives)
         self.handler, self.echo, self.crash_exits = handler, echo, crash_exits
+        # How long processing takes, on the clock: a lease shorter than this runs out while
+        # the worker is still busy (the brief's "visibility timeout shorter than processing").
+        self.work_time = check_number("work_time", work_time, minimum=0)
         self.stats = WorkerStats()
         self._stopping = False
 
@@ -231,6 +234,7 @@ class Worker:
                 self.stats.lost += 1
                 self._crash([d], "after_ack")
                 continue
+            self.clock.sleep(self.work_time)
             with transaction(self.conn):
                 applied, error = self._apply_guarded(d)
             if error is not None:
@@ -244,6 +248,8 @@ class Worker:
         done: list[tuple[Delivery, bool]] = []
         failed: list[tuple[Delivery, str]] = []
         rejected: list[Delivery] = []
+        if deliveries:
+            self.clock.sleep(self.work_time)
         try:
             with transaction(self.conn):
                 for d in deliveries:
