@@ -9,14 +9,14 @@ that did not commit.
 from __future__ import annotations
 
 import sqlite3
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     RECEIVED = "received"
     APPLIED = "applied"
     DUPLICATE_SKIPPED = "duplicate_skipped"
@@ -30,9 +30,6 @@ class Outcome(str, Enum):
     DEAD_LETTERED = "dead_lettered"
     REDRIVEN = "redriven"
     RECONCILED = "reconciled"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def log(conn: sqlite3.Connection, *, at: float, worker: str, event_id: str,
@@ -111,7 +108,7 @@ def plot_timeline(conn: sqlite3.Connection, correlation_id: str, ax: Any = None)
     lanes = ["worker", "queue", "database"]
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 2.8))
-    for i, lane in enumerate(lanes):
+    for i in range(len(lanes)):
         ax.axhline(i, color="#dddddd", zorder=0)
     for k, row in enumerate(frame.itertuples()):
         lane = LANES.get(row.outcome, "worker")

@@ -20,7 +20,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .clock import Clock
 from .db import transaction
@@ -33,7 +33,7 @@ from .trace import Outcome, log
 CONSUMER = "inventory"
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     AT_MOST_ONCE = "at-most-once"
     AT_LEAST_ONCE = "at-least-once"
     IDEMPOTENT = "idempotent"
@@ -47,9 +47,6 @@ class Mode(str, Enum):
             if value == mode.value:
                 return mode
         raise InvalidInput("mode", value, "one of " + ", ".join(m.value for m in cls))
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class PoisonMessage(ValueError):
