@@ -238,7 +238,8 @@ class Queue:
                         isinstance(m, str) for m in message_ids):
                     raise InvalidInput("message_ids", message_ids, "a list of message ids or None")
                 rows = []
-                for mid in message_ids:
+                # dict.fromkeys: an id named twice must not become two messages.
+                for mid in dict.fromkeys(message_ids):
                     row = self.conn.execute(
                         "SELECT * FROM dead_letters WHERE message_id = ?", (mid,)).fetchone()
                     if row is None:
