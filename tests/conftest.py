@@ -35,13 +35,25 @@ class Lab:
     def order(self, item_id: str = "coffee-beans", qty: int = 1, **kw: Any) -> PlacedOrder:
         return place_order(self.queue, item_id=item_id, qty=qty, **kw)
 
-    def worker(self, **kw: Any) -> Worker:
-        """A worker on this lab's connection, clock and ids (override anything by keyword)."""
+    def worker(self, conn: sqlite3.Connection | None = None, **kw: Any) -> Worker:
+        """A worker on this lab's clock and ids and on ``conn`` (default: the lab's own
+        connection); override anything by keyword."""
         kw.setdefault("clock", self.clock)
         kw.setdefault("ids", self.ids)
-        if "max_receives" not in kw:
+        if conn is None and "max_receives" not in kw:
             kw.setdefault("queue", self.queue)
-        return Worker(self.conn, **kw)
+        return Worker(self.conn if conn is None else conn, **kw)
+
+    def drain(self, *workers: Worker, max_rounds: int = 100_000) -> None:
+        """Step the workers in turn until the queue is empty, jumping the clock to the next
+        visible message whenever none of them got one."""
+        for _ in range(max_rounds):
+            if sum(w.step() for w in workers) == 0:
+                nxt = self.queue.next_visible_at()
+                if nxt is None:
+                    return
+                self.clock.sleep_until(nxt)
+        raise AssertionError(f"the queue did not drain in {max_rounds} rounds")
 
     def connect(self) -> sqlite3.Connection:
         """A second connection to the same file (file labs only)."""

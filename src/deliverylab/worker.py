@@ -282,7 +282,10 @@ class Worker:
         to_ack = []
         for i, (d, _) in enumerate(done):
             if self.faults.fires("crash_after_commit", d.event_id, d.delivery_count):
-                self._crash([x for x, _ in done[i:]], "after_commit_before_ack")
+                # Every delivery of the batch not settled yet dies with the worker: the ones
+                # waiting for the batched ACK, the rest, and the failed ones never nacked.
+                self._crash([*to_ack, *(x for x, _ in done[i:]), *(x for x, _ in failed)],
+                            "after_commit_before_ack")
                 raise SimulatedCrash("after_commit_before_ack")
             if self.faults.fires("ack_fail", d.event_id, d.delivery_count):
                 self.stats.ack_failed += 1
@@ -306,12 +309,22 @@ class Worker:
             if self.queue.dead_letter(d, error, worker=self.name):
                 self.stats.dead_lettered += 1
                 self._say(d, f"dead-lettered after {d.delivery_count} receives ({error})")
+            else:
+                self._refused(d, "dead-letter")
             return
         delay = self.faults.backoff(d.delivery_count - 1, base=self.backoff_base,
                                     cap=self.backoff_cap, event_id=d.event_id)
         if self.queue.nack(d, delay, error=error, worker=self.name):
             self.stats.nacked += 1
             self._say(d, f"nacked ({error}) → retry in {delay:.3f}s (backoff with full jitter)")
+        else:
+            self._refused(d, "nack")
+
+    def _refused(self, d: Delivery, verb: str) -> None:
+        """The lease ran out and another delivery holds the message: say so in the trace."""
+        self.stats.ack_rejected += 1
+        self._log(d, Outcome.ACK_REJECTED, f"{verb} refused: receipt is no longer current")
+        self._say(d, f"{verb} rejected (stale receipt) → another delivery holds it")
 
     # -- loops -----------------------------------------------------------------------------
     def run_until_idle(self, max_steps: int = 1_000_000) -> WorkerStats:
