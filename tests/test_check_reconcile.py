@@ -1,0 +1,188 @@
+"""The checker's verdict, and reconciliation that stays correct while events are in flight."""
+
+from __future__ import annotations
+
+import pytest
+
+from deliverylab import db
+from deliverylab.check import EVENT_COLUMNS, check, drift_frame, events_frame
+from deliverylab.errors import InvalidInput
+from deliverylab.faults import Faults
+from deliverylab.reconcile import diff, repair
+
+ITEMS = ["coffee-beans", "tea", "milk"]
+
+
+def place(lab, n=30):
+    return [lab.order(ITEMS[i % 3], 1 + i % 4) for i in range(n)]
+
+
+def message_of(lab, event_id):
+    return lab.conn.execute("SELECT message_id FROM queue_messages WHERE event_id = ?",
+                            (event_id,)).fetchone()[0]
+
+
+# -- the checker ---------------------------------------------------------------------------------
+
+def test_a_clean_run_is_ok(lab):
+    place(lab)
+    lab.drain(lab.worker())
+    result = check(lab.conn)
+    assert result.ok and result.correct == result.orders == 30
+    assert result.verdict == "OK: all 30 orders applied exactly once; projection equals truth"
+    assert result.as_dict()["verdict"] == result.verdict
+    assert diff(lab.conn).clean
+
+
+def test_queued_events_are_pending_not_lost(lab):
+    place(lab, 4)
+    result = check(lab.conn)
+    assert (result.pending, result.lost, result.ok) == (4, 0, False)
+    assert result.verdict.startswith("PENDING: 4 pending;")
+    lab.queue.receive(2.0)  # in flight is pending too
+    assert check(lab.conn).pending == 4
+
+
+def test_duplicates_are_counted_with_their_extra_applications(lab):
+    place(lab)
+    lab.drain(lab.worker(mode="at-least-once", faults=Faults(seed=4, ack_fail=0.5)))
+    result = check(lab.conn)
+    frame = events_frame(lab.conn)
+    assert result.duplicated == int((frame.applications > 1).sum()) > 0
+    assert result.extra_applications == int((frame.applications - 1).clip(lower=0).sum())
+    assert result.verdict.startswith("BROKEN:") and "duplicated" in result.verdict
+    drift = drift_frame(lab.conn)
+    assert (drift.delta >= 0).all() and (drift.delta > 0).any()
+    assert list(drift.columns) == ["item_id", "truth", "projection", "delta"]
+
+
+def test_dead_letters_are_their_own_state(lab):
+    place(lab, 3)
+    lab.drain(lab.worker(faults=Faults(seed=1, process_error=1.0), max_receives=2,
+                         backoff_base=0.0, backoff_cap=0.0))
+    result = check(lab.conn)
+    assert (result.dead_lettered, result.lost, result.correct) == (3, 0, 0)
+    assert set(diff(lab.conn).unapplied.state) == {"dead_lettered"}
+
+
+# -- lost messages, the drift, and the repair -----------------------------------------------------
+
+@pytest.fixture
+def drifted(any_lab):
+    """30 orders: 5 messages lost before processing, 20 applied, 5 still in the queue."""
+    lab = any_lab
+    placed = place(lab)
+    lost = placed[:5]
+    for p in lost:
+        assert lab.queue.drop(message_of(lab, p.event_id), reason="operator error")
+    w = lab.worker()
+    for _ in range(20):
+        assert w.step() == 1
+    return lab, placed, lost
+
+
+def test_lost_messages_show_as_lost_drift_and_unapplied(drifted):
+    lab, placed, lost = drifted
+    result = check(lab.conn)
+    assert (result.lost, result.correct, result.pending) == (5, 20, 5)
+    assert not result.projection_equals_truth
+    d = diff(lab.conn)
+    assert not d.clean
+    lost_ids = {p.order_id for p in lost}
+    assert set(d.unapplied[d.unapplied.state == "lost"].order_id) == lost_ids
+    assert list(d.unapplied.columns) == ["order_id", "item_id", "qty", "event_id", "state"]
+    # The drift per item is what the lost and pending orders would have added.
+    missing = {}
+    for _, row in d.unapplied.iterrows():
+        missing[row.item_id] = missing.get(row.item_id, 0) - row.qty
+    assert dict(zip(d.items.item_id, d.items.delta, strict=True)) == missing
+
+
+def test_repair_fixes_it_and_leftover_events_are_skipped(drifted):
+    lab, placed, lost = drifted
+    outcome = repair(lab.conn, clock=lab.clock)
+    assert outcome.orders == 30
+    assert outcome.events_marked == 10  # 5 lost + 5 still in flight
+    assert outcome.items_changed == len({ITEMS[i % 3] for i in range(5)} |
+                                        {ITEMS[i % 3] for i in range(25, 30)})
+    assert check(lab.conn).ok and diff(lab.conn).clean
+    assert lab.projection() == lab.truth()
+
+    # The five in-flight events now arrive: the idempotent consumer skips them.
+    w = lab.worker(name="after-repair")
+    lab.drain(w)
+    assert (w.stats.received, w.stats.duplicates_skipped, w.stats.applied) == (5, 5, 0)
+    assert check(lab.conn).ok and lab.projection() == lab.truth()
+
+    # New orders after the repair apply normally.
+    lab.order("tea", 7)
+    lab.drain(w)
+    assert w.stats.applied == 1 and check(lab.conn).ok
+
+
+def test_a_second_repair_changes_nothing(drifted):
+    lab = drifted[0]
+    repair(lab.conn, clock=lab.clock)
+    before = db.dump(lab.conn)
+    lab.clock.advance(60)
+    again = repair(lab.conn, clock=lab.clock)
+    assert (again.items_changed, again.events_marked) == (0, 0)
+    assert db.dump(lab.conn) == before
+
+
+def test_the_seeds_naive_rebuild_double_counts_in_flight_events(drifted):
+    """The seed's reconcile: empty the projection, SUM the orders — and nothing else."""
+    lab = drifted[0]
+    with db.transaction(lab.conn):
+        lab.conn.execute("DELETE FROM inventory_projection")
+        lab.conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                         " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
+    assert lab.projection() == lab.truth()  # looks repaired ...
+    lab.drain(lab.worker())                 # ... until the in-flight events land
+    in_flight_qty = sum(1 + i % 4 for i in range(25, 30))
+    assert sum(lab.projection().values()) == sum(lab.truth().values()) + in_flight_qty
+    assert not check(lab.conn).projection_equals_truth
+
+
+def test_repair_also_fixes_duplicates_and_dead_letters(lab):
+    place(lab)
+    lab.drain(lab.worker(mode="at-least-once", faults=Faults(seed=4, ack_fail=0.5,
+                                                            process_error=0.3),
+                         max_receives=2))
+    before = check(lab.conn)
+    assert before.duplicated > 0 and before.dead_lettered > 0
+    repair(lab.conn, clock=lab.clock)
+    assert check(lab.conn).ok
+    # A redrive after the repair: the idempotent worker skips what the repair counted.
+    parked = db.table_counts(lab.conn)["dead_letters"]
+    assert lab.queue.redrive() == parked >= before.dead_lettered
+    w = lab.worker(name="after-redrive")
+    lab.drain(w)
+    assert w.stats.applied == 0 and w.stats.duplicates_skipped == parked
+    assert check(lab.conn).ok
+
+
+def test_repair_is_recorded_in_the_trace(drifted):
+    lab = drifted[0]
+    repair(lab.conn, clock=lab.clock)
+    rows = lab.conn.execute("SELECT worker, delivery_count, message_id FROM delivery_log"
+                            " WHERE outcome = 'reconciled'").fetchall()
+    assert len(rows) == 10
+    assert {tuple(r) for r in rows} == {("reconcile", 0, None)}
+
+
+def test_repair_refuses_a_bad_consumer_and_writes_nothing(drifted):
+    lab = drifted[0]
+    before = db.dump(lab.conn)
+    with pytest.raises(InvalidInput, match="^consumer must be a non-empty string .*, got ''$"):
+        repair(lab.conn, clock=lab.clock, consumer="")
+    assert db.dump(lab.conn) == before
+
+
+def test_events_frame_has_one_row_per_order(drifted):
+    lab, placed, _ = drifted
+    frame = events_frame(lab.conn)
+    assert list(frame.columns) == EVENT_COLUMNS
+    # In placement order; all were placed at t=0, so the order id breaks the tie.
+    assert list(frame.order_id) == sorted(p.order_id for p in placed)
+    assert set(frame.state) == {"lost", "correct", "pending"}
