@@ -1,0 +1,94 @@
+"""Entry points for the tests that run real processes on one database file.
+
+``python tests/helpers_proc.py work DB …``  runs a worker on the wall clock until the queue is
+empty (and, with ``--stop-file``, until that file exists too), then prints its stats as JSON.
+``python tests/helpers_proc.py claim DB …`` only claims: it receives with a long lease until
+nothing is left and prints the message ids it got, to look for duplicate claims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from deliverylab import db
+from deliverylab.clock import SystemClock
+from deliverylab.faults import Faults
+from deliverylab.ids import Ids
+from deliverylab.queue import Queue
+from deliverylab.worker import Worker
+
+HERE = Path(__file__).resolve().parent
+
+
+def env() -> dict[str, str]:
+    """The environment for a child process: the package importable from ``src``."""
+    src = str(HERE.parent / "src")
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else "")}
+
+
+def command(*args: object) -> list[str]:
+    return [sys.executable, str(HERE / "helpers_proc.py"), *map(str, args)]
+
+
+def queue_empty(conn) -> bool:
+    return conn.execute("SELECT NOT EXISTS (SELECT 1 FROM queue_messages)").fetchone()[0] == 1
+
+
+def work(args: argparse.Namespace) -> None:
+    conn = db.connect(args.db)
+    faults = Faults(seed=args.fault_seed, ack_fail=args.ack_fail)
+    worker = Worker(conn, clock=SystemClock(), ids=Ids(), mode=args.mode, faults=faults,
+                    visibility_timeout=args.visibility_timeout,
+                    max_messages=args.max_messages, max_receives=args.max_receives,
+                    name=args.name)
+    stop_file = Path(args.stop_file) if args.stop_file else None
+    while True:
+        if worker.step() == 0:
+            if queue_empty(conn) and (stop_file is None or stop_file.exists()):
+                break
+            time.sleep(args.poll)
+    print(json.dumps(worker.stats.as_dict()), flush=True)
+
+
+def claim(args: argparse.Namespace) -> None:
+    conn = db.connect(args.db)
+    queue = Queue(conn, clock=SystemClock(), ids=Ids())
+    got: list[str] = []
+    while True:
+        batch = queue.receive(3600, args.max_messages, worker=args.name)
+        if not batch:
+            break
+        got.extend(d.message_id for d in batch)
+    print(json.dumps(got), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="verb", required=True)
+    w = sub.add_parser("work")
+    w.add_argument("db")
+    w.add_argument("--name", default="worker")
+    w.add_argument("--mode", default="idempotent")
+    w.add_argument("--ack-fail", type=float, default=0.0)
+    w.add_argument("--fault-seed", type=int, default=0)
+    w.add_argument("--visibility-timeout", type=float, default=0.5)
+    w.add_argument("--max-messages", type=int, default=1)
+    w.add_argument("--max-receives", type=int, default=50)
+    w.add_argument("--poll", type=float, default=0.01)
+    w.add_argument("--stop-file")
+    c = sub.add_parser("claim")
+    c.add_argument("db")
+    c.add_argument("--name", default="claimer")
+    c.add_argument("--max-messages", type=int, default=3)
+    args = parser.parse_args(argv)
+    {"work": work, "claim": claim}[args.verb](args)
+
+
+if __name__ == "__main__":
+    main()
