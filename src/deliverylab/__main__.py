@@ -1,0 +1,8 @@
+"""``python -m deliverylab …``: the same command as ``deliverylab …``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""What the lab looks like right now: status and trace, as plain data and as text.
+
+``deliverylab status`` and ``GET /status`` show the same report, and ``deliverylab trace`` and
+``GET /orders/{id}`` the same story of one order, so both are built here once. Every report is
+read inside one read transaction: a snapshot, so a worker committing halfway through cannot make
+the truth and the projection disagree on the page when they agree in the file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .check import check, event_states, projection_vs_truth
+from .worker import CONSUMER
+
+MAX_ITEM_ROWS = 20   # a status page lists at most this many items (drifted ones first)
+MAX_DEAD_ROWS = 10
+
+
+@contextmanager
+def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A read transaction: every SELECT inside sees the same committed state (WAL snapshot)."""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
+
+
+# -- one order ---------------------------------------------------------------------------------
+def event_state(conn: sqlite3.Connection, event_id: str) -> tuple[int, str]:
+    """(applications, state) of one event, counted exactly as :func:`deliverylab.check` does."""
+    last_rec = conn.execute(
+        "SELECT max(seq) FROM delivery_log WHERE event_id = ? AND outcome = 'reconciled'",
+        (event_id,)).fetchone()[0]
+    applied = conn.execute(
+        "SELECT count(*) FROM delivery_log WHERE event_id = ? AND outcome = 'applied'"
+        " AND seq > ?", (event_id, last_rec or 0)).fetchone()[0]
+    n = applied + (last_rec is not None)
+    if n == 1:
+        return n, "correct"
+    if n > 1:
+        return n, "duplicated"
+    if conn.execute("SELECT 1 FROM queue_messages WHERE event_id = ?", (event_id,)).fetchone():
+        return n, "pending"
+    if conn.execute("SELECT 1 FROM dead_letters WHERE event_id = ?", (event_id,)).fetchone():
+        return n, "dead_lettered"
+    return n, "lost"
+
+
+def order_view(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+    """An order row as the API shows it, with what became of its event."""
+    applications, state = event_state(conn, row["event_id"])
+    return {"orderId": row["order_id"], "itemId": row["item_id"], "qty": row["qty"],
+            "eventId": row["event_id"], "createdAt": row["created_at"],
+            "applications": applications, "state": state}
+
+
+def find_order(conn: sqlite3.Connection, ref: str) -> sqlite3.Row | None:
+    """The order with id ``ref``, or the order whose event id is ``ref``."""
+    row = conn.execute("SELECT * FROM orders WHERE order_id = ?", (ref,)).fetchone()
+    if row is None:
+        row = conn.execute("SELECT * FROM orders WHERE event_id = ?", (ref,)).fetchone()
+    return row
+
+
+TRACE_KEYS = ("seq", "at", "worker", "deliveryCount", "outcome", "detail", "messageId")
+
+
+def trace(conn: sqlite3.Connection, ref: str) -> dict[str, Any] | None:
+    """Every delivery-log row of one order's event, in order; None when there is no such order.
+
+    ``ref`` is an order id or an event id."""
+    with snapshot(conn):
+        row = find_order(conn, ref)
+        if row is None:
+            return None
+        rows = conn.execute(
+            "SELECT seq, at, worker, delivery_count, outcome, detail, message_id"
+            " FROM delivery_log WHERE event_id = ? ORDER BY seq", (row["event_id"],)).fetchall()
+        return {"order": order_view(conn, row),
+                "deliveries": [dict(zip(TRACE_KEYS, tuple(r), strict=True)) for r in rows]}
+
+
+# -- the whole lab -----------------------------------------------------------------------------
+def collect(conn: sqlite3.Connection, *, now: float | None = None) -> dict[str, Any]:
+    """The status report as plain, JSON-ready data."""
+    now = time.time() if now is None else now
+    with snapshot(conn):
+        total = conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+        visible = conn.execute("SELECT count(*) FROM queue_messages WHERE visible_at <= ?",
+                               (now,)).fetchone()[0]
+        inbox = conn.execute("SELECT count(*) FROM inbox_processed WHERE consumer = ?",
+                             (CONSUMER,)).fetchone()[0]
+        result = check(conn)
+        items = [{"itemId": i, "truth": t, "projection": p, "delta": d}
+                 for i, t, p, d in projection_vs_truth(conn)]
+        applied = {e for _, _, _, e, n, _ in event_states(conn) if n >= 1} \
+            if conn.execute("SELECT 1 FROM dead_letters LIMIT 1").fetchone() else set()
+        dead = [{"messageId": r["message_id"], "eventId": r["event_id"],
+                 "orderId": r["correlation_id"], "receives": r["delivery_count"],
+                 "lastError": r["last_error"], "alreadyApplied": r["event_id"] in applied}
+                for r in conn.execute("SELECT * FROM dead_letters ORDER BY dead_at, message_id")]
+        log_rows = conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0]
+    return {
+        "orders": result.orders,
+        "queue": {"visible": visible, "inFlight": total - visible, "total": total},
+        "inbox": inbox,
+        "deadLetters": dead,
+        "items": items,
+        "deliveryLogRows": log_rows,
+        "check": {k: v for k, v in result.as_dict().items()},
+        "ok": result.ok,
+        "verdict": result.verdict,
+    }
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def table(header: list[str], rows: list[list[Any]], right: set[int]) -> list[str]:
+    """Aligned, indented text columns; the columns in ``right`` are right-aligned."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    out = []
+    for r in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        out.append("  " + "  ".join(parts).rstrip())
+    return out
+
+
+def render(report: dict[str, Any], *, db: str | None = None) -> str:
+    """The status report as text for a terminal."""
+    q, c = report["queue"], report["check"]
+    lines = []
+    if db is not None:
+        lines.append(f"database     {db}")
+    lines.append(f"orders       {report['orders']}  (the source of truth)")
+    lines.append(f"queue        {q['visible']} visible, {q['inFlight']} in flight"
+                 f" (leased or waiting to retry)")
+    lines.append(f"inbox        {_plural(report['inbox'], 'event')} processed"
+                 f" by consumer '{CONSUMER}'")
+    dead = report["deadLetters"]
+    harmless = sum(1 for d in dead if d["alreadyApplied"])
+    note = f" ({harmless} already applied: nothing missing)" if harmless else ""
+    lines.append(f"dead letters {len(dead)}{note}")
+    for d in dead[:MAX_DEAD_ROWS]:
+        lines.append(f"  {d['messageId']}  event={d['eventId']} order={d['orderId']}"
+                     f" receives={d['receives']}  {d['lastError'] or ''}".rstrip())
+    if len(dead) > MAX_DEAD_ROWS:
+        lines.append(f"  … {len(dead) - MAX_DEAD_ROWS} more")
+
+    items = report["items"]
+    lines.append("")
+    lines.append("projection vs truth (reserved qty per item)")
+    if not items:
+        lines.append("  (no orders yet)")
+    else:
+        shown = items
+        if len(items) > MAX_ITEM_ROWS:
+            drifted = [i for i in items if i["delta"] != 0]
+            shown = drifted[:MAX_ITEM_ROWS]
+        rows = [[i["itemId"], i["truth"], i["projection"],
+                 f"{i['delta']:+d}" if i["delta"] else "0"] for i in shown]
+        if rows:
+            lines += table(["item", "truth", "projection", "delta"], rows, {1, 2, 3})
+        hidden = len(items) - len(shown)
+        if hidden:
+            lines.append(f"  … {hidden} more items"
+                         + (", all equal to the truth" if len(shown) < MAX_ITEM_ROWS else ""))
+
+    lines.append("")
+    lines.append(f"events       {c['correct']} applied exactly once, {c['duplicated']} duplicated,"
+                 f" {c['lost']} lost, {c['pending']} pending, {c['dead_lettered']} dead-lettered")
+    lines.append(f"verdict      {report['verdict']}")
+    return "\n".join(lines)
+
+
+def _clock_time(at: float) -> str:
+    """Seconds since the epoch as local time of day; small numbers (a fake clock) as seconds."""
+    if at < 10 * 365 * 86400:
+        return f"t={at:.3f}"
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at * 1000) % 1000:03d}"
+
+
+def render_trace(story: dict[str, Any]) -> str:
+    """One order's deliveries as text, one line per logged step."""
+    o = story["order"]
+    lines = [f"order {o['orderId']}  item={o['itemId']} qty={o['qty']}  event={o['eventId']}",
+             f"state {o['state']} (applied {o['applications']}×)"]
+    rows = story["deliveries"]
+    if not rows:
+        lines.append("no deliveries yet: the event is waiting in the queue for a worker"
+                     if o["state"] == "pending" else "no deliveries logged")
+        return "\n".join(lines)
+    t0 = rows[0]["at"]
+    cells = []
+    for r in rows:
+        detail = "" if r["outcome"] == "received" else r["detail"]
+        cells.append([_clock_time(r["at"]), f"+{r['at'] - t0:.3f}s", r["worker"],
+                      r["deliveryCount"], r["outcome"], detail])
+    lines.append("")
+    lines += table(["time", "since first", "worker", "delivery", "outcome", "detail"],
+                    cells, {1, 3})
+    return "\n".join(lines)
