@@ -1,0 +1,112 @@
+# deliverylab: build the book, run the checks, open the lab.
+#
+#   make book    set up .venv, execute every chapter, build the HTML into _build/html/
+#   make test    everything CI runs: lint, nbval, the strict book build, all tests
+#   make lab     JupyterLab on chapters/, on 127.0.0.1
+#   make bench   run every benchmarks/*.py
+#
+# Setup is done once and redone only when requirements.txt or pyproject.toml change.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deliverylab-setup
+CHROMIUM ?= /usr/bin/chromium
+LAB_PORT ?= 8888
+# Optional regex file for nbval, for outputs that legitimately differ between runs.
+NBVAL_SANITIZE := $(wildcard nbval-sanitize.cfg)
+
+# Run the tools of .venv, and have Jupyter prefer the kernel of .venv over any python3
+# kernel registered for the user elsewhere on the machine.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export JUPYTER_PREFER_ENV_PATH := 1
+# Quiets the debugger's "frozen modules" notice that every kernel prints on start.
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: help setup assets chromium book book-strict lint nbval pytest test lab bench clean
+
+help:
+	@echo "make book    build the HTML book into _build/html/"
+	@echo "make test    lint, nbval on every chapter, strict book build, all tests"
+	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
+	@echo "make bench   run the benchmarks"
+	@echo "make clean   remove the built book and fetched assets (keeps .venv)"
+
+# --- setup -------------------------------------------------------------------------------
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+# Pinned require.js, ipywidgets embed manager and MathJax for the book (no CDN).
+assets: setup
+	$(BIN)/python scripts/fetch_web_assets.py
+
+chromium:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null; then sudo="sudo"; \
+	  else echo "Chromium is missing and installing it needs root or sudo: apt-get install -y chromium" >&2; exit 1; fi; \
+	  echo "installing Chromium with apt-get"; \
+	  $$sudo apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; \
+	fi
+
+# --- the book ----------------------------------------------------------------------------
+
+book: assets
+	jupyter-book build --all .
+	@echo
+	@echo "The book is at _build/html/index.html"
+	@echo "  open file://$(CURDIR)/_build/html/index.html in a browser"
+
+# Any warning fails the build, every problem is reported (not just the first).
+book-strict: assets
+	jupyter-book build --all -W -n --keep-going .
+
+# --- checks ------------------------------------------------------------------------------
+
+lint: setup
+	ruff check .
+
+# Every chapter runs top to bottom and reproduces its saved outputs exactly.
+# pytest exits 5 when it finds no notebook: fine while chapters/ is empty.
+nbval: setup
+	@rc=0; pytest --nbval --nbval-current-env \
+	  $(if $(NBVAL_SANITIZE),--nbval-sanitize-with $(NBVAL_SANITIZE)) chapters/ || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "nbval: no notebooks in chapters/ yet"; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
+
+# All of tests/, slow and browser tests included (the browser tests read _build/html/).
+pytest: setup
+	pytest tests/
+
+# In this order, one step at a time: the tests run last, so that the browser tests check
+# the book just built.
+test: setup assets chromium
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory nbval
+	$(MAKE) --no-print-directory book-strict
+	$(MAKE) --no-print-directory pytest
+
+# --- using it ----------------------------------------------------------------------------
+
+lab: setup
+	jupyter lab --ServerApp.root_dir=chapters --ServerApp.ip=127.0.0.1 \
+	  --ServerApp.port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
+
+bench: setup
+	@shopt -s nullglob; files=(benchmarks/*.py); \
+	if [ $${#files[@]} -eq 0 ]; then echo "no benchmarks yet"; exit 0; fi; \
+	for f in "$${files[@]}"; do echo "== $$f"; python "$$f"; done
+
+clean:
+	rm -rf _build build test-output

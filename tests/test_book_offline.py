@@ -1,0 +1,314 @@
+"""The built book works offline: every page loads only from the book itself.
+
+These tests open the HTML that `jupyter-book build` left in `_build/html/` (run `make book`
+first; `make test` builds it before running them) in headless Chromium, served by a local
+`http.server`, and check each page in `_toc.yml`:
+
+- every request the page makes goes to the local server (no CDN, fonts, analytics);
+- no request fails and no script throws;
+- the page has content; chapter tables and images are visible (collapsed toggles are
+  opened first) and images actually loaded;
+- maths, where a page has any, is typeset by the book's own MathJax;
+- widgets, where a page has any (chapter 4, the lab, has the fault-rate sliders), are
+  rendered by the book's own ipywidgets embed manager, exactly once per view.
+
+A screenshot of each page goes to `test-output/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "_build" / "html"
+SHOTS = ROOT / "test-output"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def toc_files(toc: dict) -> list[str]:
+    """Every `file:` entry of a jb-book `_toc.yml`, root first, in reading order."""
+    found = [toc["root"]]
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "file" in node:
+                found.append(node["file"])
+            for key in ("parts", "chapters", "sections"):
+                walk(node.get(key, []))
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(toc)
+    return found
+
+
+def strip_suffix(name: str) -> str:
+    return name.removesuffix(".ipynb").removesuffix(".md")
+
+
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+PAGES = [strip_suffix(f) for f in toc_files(TOC)]
+
+
+# --- the table of contents and the chapters folder agree (no browser needed) -------------
+
+
+def test_toc_is_a_numbered_book() -> None:
+    assert TOC["format"] == "jb-book"
+    assert TOC["root"] == "intro"
+    for part in TOC.get("parts", []):
+        assert part.get("numbered") is True, f"part {part.get('caption')!r} is not numbered"
+
+
+def test_every_chapter_notebook_is_in_the_toc() -> None:
+    # only_build_toc_files is on: a notebook missing from _toc.yml would silently not be built.
+    notebooks = {
+        p.relative_to(ROOT).with_suffix("").as_posix() for p in ROOT.glob("chapters/*.ipynb")
+    }
+    missing = sorted(notebooks - set(PAGES))
+    assert not missing, f"notebooks not listed in _toc.yml: {missing}"
+
+
+def test_every_toc_entry_exists() -> None:
+    for page in PAGES:
+        candidates = [ROOT / f"{page}{suffix}" for suffix in (".ipynb", ".md")]
+        assert any(c.is_file() for c in candidates), f"_toc.yml lists {page!r}, no such file"
+
+
+# --- the built book in a real browser -----------------------------------------------------
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def built_book() -> Path:
+    if not (BUILD / "intro.html").is_file():
+        pytest.fail(
+            f"the built book is missing ({BUILD.relative_to(ROOT)}/intro.html): run the book "
+            "build first (`make book`, or `jupyter-book build --all .`); `make test` does it "
+            "for you",
+            pytrace=False,
+        )
+    return BUILD
+
+
+@pytest.fixture(scope="module")
+def server(built_book: Path) -> Iterator[str]:
+    handler = functools.partial(_QuietHandler, directory=str(built_book))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: install it (`apt-get install -y chromium`, "
+            "which `make test` does) or set CHROMIUM to its path",
+            pytrace=False,
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class PageLog:
+    """Everything one page asked for, and everything that went wrong while it loaded."""
+
+    def __init__(self, page: object) -> None:
+        self.requests: list[str] = []
+        self.failures: list[str] = []
+        self.errors: list[str] = []
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("requestfailed", lambda r: self.failures.append(f"{r.url} ({r.failure})"))
+        page.on(
+            "response",
+            lambda r: (
+                self.failures.append(f"{r.url} (HTTP {r.status})") if r.status >= 400 else None
+            ),
+        )
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def external(self) -> list[str]:
+        out = []
+        for url in self.requests:
+            parts = urlsplit(url)
+            if parts.scheme in ("data", "blob", "about", "file"):
+                continue
+            if parts.hostname not in LOCAL_HOSTS:
+                out.append(url)
+        return out
+
+
+def open_page(browser: object, url: str) -> tuple[object, PageLog]:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    log = PageLog(page)
+    page.goto(url, wait_until="networkidle")
+    return page, log
+
+
+def check_widgets(page: object, html: str) -> int:
+    """Every saved widget view is rendered by the embed manager, once. Returns the count."""
+    if WIDGET_VIEW not in html:
+        return 0
+    assert WIDGET_STATE in html, "widget views on the page but no saved widget state"
+    # Wait until every view whose model is in the saved state has a rendered widget
+    # next to it (the manager inserts a .widget-subarea before each view's script tag).
+    page.wait_for_function(
+        """([viewType, stateType]) => {
+            const state = document.querySelector(`script[type="${stateType}"]`);
+            const models = Object.keys(JSON.parse(state.textContent).state);
+            const views = [...document.querySelectorAll(`script[type="${viewType}"]`)]
+                .filter(s => models.includes(JSON.parse(s.textContent).model_id));
+            return views.length > 0 && views.every(s => {
+                const prev = s.previousElementSibling;
+                return prev && prev.classList.contains('widget-subarea')
+                    && prev.querySelector('.jupyter-widgets') !== null;
+            });
+        }""",
+        arg=[WIDGET_VIEW, WIDGET_STATE],
+        timeout=30_000,
+    )
+    page.wait_for_timeout(500)  # a second manager would render a second copy by now
+    counts = page.evaluate(
+        """(viewType) => [...document.querySelectorAll(`script[type="${viewType}"]`)].map(s =>
+            [...s.parentElement.children].filter(c => c.classList.contains('widget-subarea'))
+                .length)""",
+        WIDGET_VIEW,
+    )
+    assert counts and all(c <= 1 for c in counts), f"widgets rendered more than once: {counts}"
+    assert page.locator(".widget-subarea .jupyter-widgets").first.is_visible()
+    return len(counts)
+
+
+def check_math(page: object) -> int:
+    math = page.locator("article .math").count()
+    if math:
+        page.wait_for_selector("mjx-container", timeout=30_000)
+    return math
+
+
+def check_visible_content(page: object, name: str) -> None:
+    article = page.locator("article.bd-article")
+    assert article.count() == 1, f"{name}: no article element"
+    text = article.inner_text().strip()
+    assert len(text) > 200, f"{name}: page has almost no text ({len(text)} characters)"
+    assert page.locator("article h1").count() >= 1, f"{name}: no title"
+    # Open every toggle ("show the answer", hidden cell inputs/outputs) before looking.
+    page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+    page.evaluate(
+        "document.querySelectorAll('.toggle-hidden')"
+        ".forEach(e => e.classList.remove('toggle-hidden'))"
+    )
+    tables = article.locator("table")
+    for i in range(tables.count()):
+        table = tables.nth(i)
+        table.scroll_into_view_if_needed()
+        assert table.is_visible(), f"{name}: table {i} is not visible"
+    images = article.locator("img")
+    for i in range(images.count()):
+        img = images.nth(i)
+        img.scroll_into_view_if_needed()
+        assert img.is_visible(), f"{name}: image {i} is not visible"
+        loaded = img.evaluate("el => el.complete && el.naturalWidth > 0")
+        assert loaded, f"{name}: image {i} ({img.get_attribute('src')}) did not load"
+
+
+def screenshot(page: object, name: str) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(SHOTS / f"{name.replace('/', '__')}.png"), full_page=True)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("name", PAGES)
+def test_page_is_offline_and_complete(name: str, built_book: Path, server: str, browser) -> None:
+    html_file = built_book / f"{name}.html"
+    assert html_file.is_file(), (
+        f"{html_file.relative_to(ROOT)} is missing: the book build is older than _toc.yml; "
+        "run the book build again"
+    )
+    html = html_file.read_text(encoding="utf-8")
+    page, log = open_page(browser, f"{server}/{name}.html")
+    try:
+        check_math(page)
+        widgets = check_widgets(page, html)
+        if widgets:
+            served = [u for u in log.requests if "/_widgets/html-manager/embed-amd.js" in u]
+            assert served, "widgets rendered but the book's own embed-amd.js was not loaded"
+        screenshot(page, name)  # as a reader first sees it, before toggles are opened
+        check_visible_content(page, name)
+        assert not log.external(), f"{name}: requests off the machine: {log.external()}"
+        assert not log.failures, f"{name}: failed requests: {log.failures}"
+        assert not log.errors, f"{name}: script errors: {log.errors}"
+    finally:
+        page.close()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("name", PAGES)
+def test_page_works_from_file_url(name: str, built_book: Path, browser) -> None:
+    # A reader may open _build/html/index.html straight from disk: relative asset paths must
+    # hold from the root and from chapters/, and nothing may reach for the network.
+    html_file = built_book / f"{name}.html"
+    assert html_file.is_file(), f"{html_file.relative_to(ROOT)} is missing: rebuild the book"
+    html = html_file.read_text(encoding="utf-8")
+    page, log = open_page(browser, html_file.as_uri())
+    try:
+        assert page.locator("article.bd-article").count() == 1
+        check_math(page)
+        check_widgets(page, html)
+        assert not log.external(), f"{name}: requests off the machine: {log.external()}"
+        scripts = [u for u in log.failures if u.split("?")[0].endswith(".js")]
+        assert not scripts, f"{name}: scripts failed to load from file://: {scripts}"
+    finally:
+        page.close()
+
+
+def test_widget_config_points_at_local_assets() -> None:
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    sphinx = config["sphinx"]["config"]
+    urls = list(sphinx["nb_ipywidgets_js"]) + [sphinx["mathjax_path"]]
+    for url in urls:
+        assert "://" not in url, f"{url} is not a local path"
+    embed = sphinx["nb_ipywidgets_js"]["../_widgets/html-manager/embed-amd.js"]
+    assert "://" not in json.dumps(embed), "the embed manager's CDN fallback must stay local"
