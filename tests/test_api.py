@@ -296,3 +296,20 @@ def test_a_file_without_the_schema_is_refused(tmp_path: Path) -> None:
     db.connect(path, must_exist=False).close()
     with pytest.raises(InvalidInput, match="missing tables"):
         create_app(path)
+
+
+def test_a_database_that_stays_locked_is_a_503_that_wrote_nothing(
+        client: TestClient, db_file: Path) -> None:
+    store = client.app.state.store
+    store._writer.execute("PRAGMA busy_timeout = 50")
+    holder = db.connect(db_file)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        r = post(client, {"itemId": "x", "qty": 1})
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "nothing was written" in r.json()["error"]
+    assert counts(db_file)["orders"] == 0
+    assert post(client, {"itemId": "x", "qty": 1}).status_code == 201

@@ -317,7 +317,7 @@ def test_drop_then_reconcile(capsys: pytest.CaptureFixture[str], dbfile: Path) -
 
     code, out, _ = run(capsys, "reconcile", "--db", str(dbfile))
     assert code == 0
-    assert "marked 4 unapplied event(s) as processed" in out
+    assert "added 4 event(s) to the inbox" in out
     assert "verdict: OK" in out
     code, out, _ = run(capsys, "reconcile", "--db", str(dbfile))
     assert code == 0 and out.startswith("nothing to repair")
@@ -419,3 +419,21 @@ def test_status_lists_only_drifted_items_when_there_are_many(tmp_path: Path) -> 
     conn.close()
     assert "item-07" in text and "item-08" not in text
     assert "… 29 more items, all equal to the truth" in text
+
+
+def test_api_on_a_busy_port_says_so(capsys: pytest.CaptureFixture[str], dbfile: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code, _, err = run(capsys, "api", "--db", str(dbfile), "--port", str(port))
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "pick another --port" in err
+
+
+def test_api_on_an_unknown_host_is_refused(capsys: pytest.CaptureFixture[str],
+                                           dbfile: Path) -> None:
+    code, _, err = run(capsys, "api", "--db", str(dbfile), "--host", "no-such-host.invalid")
+    assert code == 2 and "--host must be an address of this machine" in err

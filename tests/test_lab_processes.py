@@ -468,7 +468,7 @@ def test_lost_messages_are_reconciled_and_leftovers_do_not_double_count(lab: Lab
     repaired = cli("reconcile", "--db", str(lab.db))
     assert repaired.returncode == 0, repaired.stderr
     assert "3 lost, 7 pending" in repaired.stdout
-    assert "marked 10 unapplied event(s)" in repaired.stdout
+    assert "added 10 event(s) to the inbox" in repaired.stdout
     after = status()
     assert after["check"]["projection_equals_truth"] and after["ok"]
     projection = {i["itemId"]: i["projection"] for i in after["items"]}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -236,6 +237,12 @@ def create_app(db_path: str | Path) -> FastAPI:
             placed = await run_in_threadpool(store.place, idempotency_key=key, **order)
         except OrderConflict as exc:
             raise ApiError(409, str(exc), exc.key_name) from None
+        except sqlite3.OperationalError as exc:
+            # Only after the 30 s busy timeout: the transaction rolled back, so say so.
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise ApiError(503, f"the database stayed busy ({exc}); nothing was written,"
+                                " retry the same request", headers={"Retry-After": "1"}) from None
         except InvalidInput as exc:
             raise invalid(exc) from None
         return JSONResponse({"ok": True, "orderId": placed.order_id, "eventId": placed.event_id,

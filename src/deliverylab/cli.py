@@ -19,10 +19,12 @@ nothing is written. A failure at run time (the API is down, the server said no) 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -150,12 +152,36 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     from .api import create_app
 
+    sock = listen(args.host, args.port)
     app = create_app(path)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
+                            timeout_graceful_shutdown=5)
     print(f"deliverylab API on http://{args.host}:{args.port}  (database {path};"
           f" Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the server's socket here, so a busy port is one clear sentence, not a log line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"--host must be an address of this machine, got {host!r}"
+                         f" ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = (" (another 'deliverylab api'? pick another --port)"
+                if exc.errno == errno.EADDRINUSE else "")
+        raise Failure(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 _STAMP = re.compile(r"^(\[[^\]]*\]) t=(\d{9,}\.\d+) ")
@@ -372,8 +398,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             return 0
         result = repair(conn, clock=SystemClock())
         print(f"repaired: rebuilt the projection from {result.orders} orders"
-              f" ({result.items_changed} item(s) changed); marked {result.events_marked}"
-              f" unapplied event(s) as processed, so a late delivery is skipped as a duplicate")
+              f" ({result.items_changed} item(s) changed); added {result.events_marked}"
+              f" event(s) to the inbox, so a late delivery of one is skipped as a duplicate")
         print(f"verdict: {check(conn).verdict}")
     finally:
         conn.close()
