@@ -1,7 +1,8 @@
 """Entry points for the tests that run real processes on one database file.
 
-``python tests/helpers_proc.py work DB …``  runs a worker on the wall clock until the queue is
-empty (and, with ``--stop-file``, until that file exists too), then prints its stats as JSON.
+``python tests/helpers_proc.py work DB …``  prints ``ready``, runs a worker on the wall clock
+until the queue is empty (and, with ``--stop-file``, until that file exists too), then prints
+its stats as JSON.
 ``python tests/helpers_proc.py claim DB …`` only claims: it receives with a long lease until
 nothing is left and prints the message ids it got, to look for duplicate claims.
 """
@@ -46,8 +47,9 @@ def work(args: argparse.Namespace) -> None:
     worker = Worker(conn, clock=SystemClock(), ids=Ids(), mode=args.mode, faults=faults,
                     visibility_timeout=args.visibility_timeout,
                     max_messages=args.max_messages, max_receives=args.max_receives,
-                    name=args.name)
+                    work_time=args.work_time, name=args.name)
     stop_file = Path(args.stop_file) if args.stop_file else None
+    print("ready", flush=True)  # imported and connected: from here on a kill lands mid-work
     while True:
         if worker.step() == 0:
             if queue_empty(conn) and (stop_file is None or stop_file.exists()):
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--visibility-timeout", type=float, default=0.5)
     w.add_argument("--max-messages", type=int, default=1)
     w.add_argument("--max-receives", type=int, default=50)
+    w.add_argument("--work-time", type=float, default=0.0)
     w.add_argument("--poll", type=float, default=0.01)
     w.add_argument("--stop-file")
     c = sub.add_parser("claim")

@@ -133,7 +133,7 @@ def test_three_worker_processes_with_lost_acks_apply_every_event_once(tmp_path):
                                "--ack-fail", 0.3, "--fault-seed", 7,
                                "--visibility-timeout", 0.3) for k in range(3)])
     assert_clean_exit(results)
-    stats = [json.loads(stdout) for _, stdout, _ in results]
+    stats = [json.loads(stdout.splitlines()[-1]) for _, stdout, _ in results]
     total = Counter()
     for s in stats:
         total.update(s)
