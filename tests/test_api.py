@@ -313,3 +313,10 @@ def test_a_database_that_stays_locked_is_a_503_that_wrote_nothing(
     assert "nothing was written" in r.json()["error"]
     assert counts(db_file)["orders"] == 0
     assert post(client, {"itemId": "x", "qty": 1}).status_code == 201
+
+
+def test_read_connections_are_reused(client: TestClient) -> None:
+    for _ in range(20):
+        assert client.get("/health").status_code == 200
+        assert client.get("/projection").status_code == 200
+    assert len(client.app.state.store._idle) == 1

@@ -20,8 +20,8 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,8 @@ def _query_int(request: Request, name: str, default: int, minimum: int, maximum:
 
 
 class Store:
-    """The database side of the API: one writer connection behind a lock, readers per thread."""
+    """The database side of the API: one writer connection behind a lock, and a pool of
+    reader connections (one per concurrent read, reused, closed at shutdown)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -138,28 +139,34 @@ class Store:
         self._writer = connect(self.path)
         check_schema(self._writer)
         self.queue = Queue(self._writer, clock=self.clock, ids=Ids())
-        self._local = threading.local()
-        self._all = [self._writer]
-        self._all_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
 
-    def reader(self) -> Any:
-        conn = getattr(self._local, "conn", None)
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        with self._pool_lock:
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = connect(self.path)
-            self._local.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
-        return conn
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            with self._pool_lock:
+                self._idle.append(conn)
 
     def place(self, **order: Any) -> Any:
         with self._write_lock:
             return place_order(self.queue, **order)
 
     def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
+        with self._pool_lock:
+            for conn in self._idle:
                 conn.close()
-            self._all.clear()
+            self._idle.clear()
+        with self._write_lock:
+            self._writer.close()
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -250,8 +257,7 @@ def create_app(db_path: str | Path) -> FastAPI:
                             status_code=201 if placed.created else 200)
 
     def _list(limit: int, offset: int) -> dict[str, Any]:
-        conn = store.reader()
-        with snapshot(conn):
+        with store.reading() as conn, snapshot(conn):
             total = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
             orders = [{"orderId": o.order_id, "itemId": o.item_id, "qty": o.qty,
                        "eventId": o.event_id, "createdAt": o.created_at}
@@ -265,8 +271,7 @@ def create_app(db_path: str | Path) -> FastAPI:
         return await run_in_threadpool(_list, limit, offset)
 
     def _one(order_id: str) -> dict[str, Any] | None:
-        conn = store.reader()
-        with snapshot(conn):
+        with store.reading() as conn, snapshot(conn):
             row = conn.execute("SELECT * FROM orders WHERE order_id = ?",
                                (order_id,)).fetchone()
             return None if row is None else order_view(conn, row)
@@ -279,7 +284,8 @@ def create_app(db_path: str | Path) -> FastAPI:
         return {"ok": True, "order": order}
 
     def _projection() -> dict[str, Any]:
-        report = collect(store.reader())
+        with store.reading() as conn:
+            report = collect(conn)
         return {"ok": True, "items": [
             {"itemId": i["itemId"], "reservedQty": i["projection"], "truth": i["truth"],
              "delta": i["delta"]} for i in report["items"]],
@@ -289,16 +295,20 @@ def create_app(db_path: str | Path) -> FastAPI:
     async def get_projection() -> dict[str, Any]:
         return await run_in_threadpool(_projection)
 
+    def _collect() -> dict[str, Any]:
+        with store.reading() as conn:
+            return collect(conn)
+
     @app.get("/status")
     async def get_status() -> dict[str, Any]:
-        report = await run_in_threadpool(lambda: collect(store.reader()))
+        report = await run_in_threadpool(_collect)
         return {**report, "ok": True, "guaranteeHeld": report["ok"]}
 
     def _health() -> dict[str, Any]:
-        conn = store.reader()
-        check_schema(conn)
-        return {"ok": True, "version": __version__,
-                "orders": conn.execute("SELECT count(*) FROM orders").fetchone()[0]}
+        with store.reading() as conn:
+            check_schema(conn)
+            orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+        return {"ok": True, "version": __version__, "orders": orders}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
