@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_api import BAD_REQUESTS
 
 from deliverylab import db
 from deliverylab.check import check
 from deliverylab.faults import Faults
-from test_api import BAD_REQUESTS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HOST = "127.0.0.1"
@@ -367,32 +367,59 @@ def test_sigkill_of_workers_repeatedly_then_drain(lab: Lab) -> None:
     env = child_env(ACK_FAIL_RATE="0.3")
     args = ("--visibility-timeout", "1")
     workers = [lab.worker(f"worker-{i}", *args, env=env) for i in (1, 2)]
-    orders = make_orders(1200, "wk", seed=2)
-    sender = threading.Thread(target=run_clients, args=(lab.port, orders, 4))
-    sender.start()
+    stop = threading.Event()
+    answers: dict[str, Any] = {}
+
+    def trickle(prefix: str) -> None:  # orders keep arriving while workers die
+        conn = http.client.HTTPConnection(HOST, lab.port, timeout=30)
+        for i in range(100_000):
+            if stop.is_set():
+                break
+            order = {"orderId": f"{prefix}-{i:05d}", "itemId": ITEMS[i % len(ITEMS)],
+                     "qty": 1 + i % 3}
+            answers[order["orderId"]] = request("POST", "/orders", order, port=lab.port,
+                                                conn=conn)[0]
+            time.sleep(0.01)
+        conn.close()
+
+    senders = [threading.Thread(target=trickle, args=(f"wk{n}",)) for n in range(2)]
+    for t in senders:
+        t.start()
+
+    def busy(w: Proc) -> bool:
+        """Wait until ``w`` has leased a message, so the kill lands mid-work."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and w.alive():
+            if " received" in w.output():
+                return True
+            time.sleep(0.02)
+        return False
+
     rng = random.Random(3)
-    kills = 0
+    kills = hits = 0
     try:
         while kills < 12:
-            time.sleep(rng.uniform(0.15, 0.45))
             i = rng.randrange(len(workers))
-            workers[i].p.kill()
+            hits += busy(workers[i])
+            time.sleep(rng.uniform(0.0, 0.3))
+            workers[i].p.kill()  # SIGKILL: wherever it is, mid-transaction or not
             workers[i].p.wait(timeout=10)
             kills += 1
             workers[i] = lab.worker(f"worker-{i + 1}", *args, env=env)
     finally:
-        sender.join(timeout=120)
-    assert kills == 12
-    for w in lab.procs:
-        if w.alive():
-            w.kill()
-    logs = [p for p in lab.procs if p.log.name.startswith("worker")]
-    assert sum("applied projection" in p.output() for p in logs) >= 2
+        stop.set()
+        for t in senders:
+            t.join(timeout=60)
+    assert kills == 12 and hits >= 10
+    for w in workers:
+        w.kill()
+    assert set(answers.values()) == {201}
 
     drain = lab.worker("drain")
     result = lab.wait_drained(timeout=120)
     assert drain.terminate() == 0
-    assert result.orders == 1200 and result.correct == 1200 and result.duplicated == 0
+    assert result.orders == len(answers) and result.correct == len(answers)
+    assert result.duplicated == 0 and result.lost == 0
     assert result.projection_equals_truth, result.verdict
     no_failures(drain)
 
