@@ -181,7 +181,8 @@ def render(report: dict[str, Any], *, db: str | None = None) -> str:
     lines.append("")
     lines.append(f"events       {c['correct']} applied exactly once, {c['duplicated']} duplicated,"
                  f" {c['lost']} lost, {c['pending']} pending, {c['dead_lettered']} dead-lettered")
-    lines.append(f"verdict      {report['verdict']}")
+    lines.append("verdict      " + (report["verdict"] if report["orders"] else
+                                     "no orders yet: POST /orders or 'deliverylab order'"))
     return "\n".join(lines)
 
 
