@@ -1,0 +1,235 @@
+"""Benchmark the deliverylab queue against a plain-sqlite3 lease queue, in one run.
+
+    python benchmarks/bench_engine.py [--messages 10000] [--repeat 3]
+
+Everything runs on a database file in WAL mode with ``synchronous=NORMAL`` in a temporary
+directory, one process, the wall clock, no faults. Each figure is the best of ``--repeat``
+runs on a fresh database (the median is printed beside it). The baseline is the smallest
+correct design: one ``UPDATE … RETURNING`` statement leases a message with a fresh receipt,
+one ``DELETE … WHERE receipt = ?`` acknowledges it — two commits per message.
+
+Targets (from the engine's issue):
+
+* the idempotent consume cycle (receive + inbox and projection + ack: three commits) runs at
+  >= 0.5x the two-commit baseline cycle;
+* with 100,000 messages waiting it runs at >= 0.8x its rate with 1,000 waiting;
+* batched (``max_messages=100``) it consumes >= 50,000 messages/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+try:
+    import deliverylab  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from deliverylab import db
+from deliverylab.clock import SystemClock
+from deliverylab.ids import Ids
+from deliverylab.orders import place_order
+from deliverylab.queue import Queue
+from deliverylab.worker import Worker
+
+ITEMS = [f"item-{i}" for i in range(50)]
+
+
+# -- the baseline: plain sqlite3, a lease by UPDATE … RETURNING, an ack by DELETE --------------
+
+class Baseline:
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("CREATE TABLE q (id INTEGER PRIMARY KEY, body TEXT NOT NULL,"
+                          " visible_at REAL NOT NULL, receipt TEXT,"
+                          " delivery_count INTEGER NOT NULL DEFAULT 0)")
+        self.conn.execute("CREATE INDEX q_visible ON q (visible_at)")
+
+    def send(self, body: str) -> None:
+        self.conn.execute("INSERT INTO q (body, visible_at) VALUES (?, ?)", (body, time.time()))
+
+    def fill(self, n: int) -> None:
+        now = time.time()
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.executemany("INSERT INTO q (body, visible_at) VALUES (?, ?)",
+                              ((body(i), now) for i in range(n)))
+        self.conn.execute("COMMIT")
+
+    def cycle(self) -> bool:
+        now = time.time()
+        row = self.conn.execute(
+            "UPDATE q SET visible_at = ?, receipt = ?, delivery_count = delivery_count + 1"
+            " WHERE id IN (SELECT id FROM q WHERE visible_at <= ? ORDER BY visible_at, id"
+            " LIMIT 1) RETURNING id, body, receipt",
+            (now + 30, uuid.uuid4().hex, now)).fetchone()
+        if row is None:
+            return False
+        self.conn.execute("DELETE FROM q WHERE id = ? AND receipt = ?", (row[0], row[2]))
+        return True
+
+
+def body(i: int) -> str:
+    return f'{{"orderId":"o-{i}","itemId":"{ITEMS[i % len(ITEMS)]}","qty":1}}'
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+class Engine:
+    def __init__(self, path: Path) -> None:
+        self.conn = db.init_db(path)
+        self.clock = SystemClock()
+        self.queue = Queue(self.conn, clock=self.clock, ids=Ids())
+
+    def send(self, i: int) -> None:
+        self.queue.send(f"evt-{i}", "OrderPlaced",
+                        {"orderId": f"o-{i}", "itemId": ITEMS[i % len(ITEMS)], "qty": 1},
+                        correlation_id=f"o-{i}")
+
+    def place(self, i: int) -> None:
+        place_order(self.queue, item_id=ITEMS[i % len(ITEMS)], qty=1, order_id=f"o-{i}")
+
+    def fill(self, n: int, start: int = 0) -> None:
+        with db.transaction(self.conn):
+            for i in range(start, start + n):
+                self.send(i)
+
+    def worker(self, max_messages: int) -> Worker:
+        return Worker(self.conn, clock=self.clock, ids=Ids(), mode="idempotent",
+                      max_messages=max_messages, queue=self.queue)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+def timed(fn: Callable[[], int]) -> float:
+    """Run ``fn`` (which returns how many messages it handled); messages per second."""
+    t0 = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - t0)
+
+
+def best_of(repeat: int, make: Callable[[Path], Callable[[], int]]) -> tuple[float, float]:
+    rates = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = make(Path(tmp) / "bench.db")
+            rates.append(timed(run))
+    return max(rates), statistics.median(rates)
+
+
+def baseline_send(n: int):
+    def make(path: Path):
+        b = Baseline(path)
+
+        def run() -> int:
+            for i in range(n):
+                b.send(body(i))
+            return n
+        return run
+    return make
+
+
+def baseline_cycle(n: int, waiting: int | None = None):
+    def make(path: Path):
+        b = Baseline(path)
+        b.fill(waiting or n)
+
+        def run() -> int:
+            for _ in range(n):
+                assert b.cycle()
+            return n
+        return run
+    return make
+
+
+def engine_send(n: int, verb: str = "send"):
+    def make(path: Path):
+        e = Engine(path)
+        fn = getattr(e, verb)
+
+        def run() -> int:
+            for i in range(n):
+                fn(i)
+            return n
+        return run
+    return make
+
+
+def engine_cycle(n: int, *, waiting: int | None = None, max_messages: int = 1):
+    def make(path: Path):
+        e = Engine(path)
+        e.fill(waiting or n)
+        w = e.worker(max_messages)
+
+        def run() -> int:
+            got = 0
+            while got < n:
+                got += w.step()
+            assert w.stats.applied == got and w.stats.acked == got
+            return got
+        return run
+    return make
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    n, r = args.messages, args.repeat
+
+    print(f"deliverylab benchmark: SQLite {sqlite3.sqlite_version}, Python "
+          f"{sys.version.split()[0]}, WAL + synchronous=NORMAL, {n:,} messages,"
+          f" best of {r}\n", flush=True)
+    rows: list[tuple[str, float, float, str]] = []
+
+    def add(label: str, result: tuple[float, float], against: float | None = None,
+            against_label: str = "") -> float:
+        best, median = result
+        ratio = f"{best / against:.2f}x {against_label}" if against else ""
+        rows.append((label, best, median, ratio))
+        print(f"  {label:<52} {best:>10,.0f} msg/s  (median {median:>9,.0f})  {ratio}",
+              flush=True)
+        return best
+
+    base_send = add("baseline send (INSERT, 1 commit)", best_of(r, baseline_send(n)))
+    base = add("baseline cycle (UPDATE…RETURNING + DELETE, 2 commits)",
+               best_of(r, baseline_cycle(n)))
+    add("send (1 commit)", best_of(r, engine_send(n)), base_send, "baseline send")
+    add("place_order: order + event (1 commit)", best_of(r, engine_send(n, "place")),
+        base_send, "baseline send")
+    cycle = add("idempotent cycle, max_messages=1 (3 commits)", best_of(r, engine_cycle(n)),
+                base, "baseline cycle")
+    shallow = add("  … 1,000 waiting", best_of(r, engine_cycle(1_000, waiting=1_000)),
+                  base, "baseline cycle")
+    deep = add("  … 100,000 waiting (1,000 consumed)",
+               best_of(r, engine_cycle(1_000, waiting=100_000)), shallow, "1,000 waiting")
+    batched = add("idempotent cycle, max_messages=100", best_of(r, engine_cycle(
+        n, max_messages=100)), base, "baseline cycle")
+
+    print("\n| measurement | best msg/s | median msg/s | ratio |")
+    print("|---|---:|---:|---|")
+    for label, best, median, ratio in rows:
+        print(f"| {label.strip(' …')} | {best:,.0f} | {median:,.0f} | {ratio} |")
+
+    targets = [
+        ("single-message idempotent cycle >= 0.5x baseline cycle", cycle / base >= 0.5),
+        ("100,000 waiting >= 0.8x 1,000 waiting", deep / shallow >= 0.8),
+        ("batched cycle >= 50,000 msg/s", batched >= 50_000),
+    ]
+    print()
+    for text, ok in targets:
+        print(f"  [{'met' if ok else 'MISSED'}] {text}")
+
+
+if __name__ == "__main__":
+    main()
