@@ -4,14 +4,18 @@
 (function () {
   "use strict";
 
-  // 1. Where the embed manager's files are. It finds the fonts its bundled CSS refers to
-  //    from its AMD module id, "@jupyter-widgets/html-manager/dist/…", which require.js
-  //    resolves against the page's own folder: wrong for every page. Map that id to the
-  //    folder next to this script, as an absolute URL, so it holds on every page, over
-  //    http:// and file:// alike.
-  var here = document.currentScript.src;
+  // 1. Where the embed manager's files are. Each module of the bundle finds the font files
+  //    its CSS refers to from its own AMD module id ("@jupyter-widgets/controls",
+  //    "@jupyter-widgets/html-manager/dist/libembed-amd", …), which require.js resolves
+  //    against the page's own folder: wrong for every page. Map those ids so that each
+  //    module's folder is the one holding the fonts, next to this script, as an absolute
+  //    URL: it holds on every page, over http:// and file:// alike.
+  var dist = new URL("html-manager", document.currentScript.src).href;
   window.require.config({
-    paths: { "@jupyter-widgets/html-manager/dist": new URL("html-manager", here).href },
+    paths: {
+      "@jupyter-widgets/html-manager/dist": dist,
+      "@jupyter-widgets": dist,
+    },
   });
 
   // 2. MathJax. ipywidgets 8 typesets widget labels with the MathJax 2 call
