@@ -427,3 +427,19 @@ def test_the_claim_keeps_its_plan_on_a_deep_analyzed_queue(file_lab):
             [(f"m{i}", f"e{i}", float(i % 97)) for i in range(20_000)])
     lab.conn.execute("ANALYZE")
     _assert_claim_uses_the_index(_claim_plan(lab.conn))
+
+
+def test_the_batched_ack_looks_each_message_up_by_its_id(file_lab):
+    lab = file_lab
+    with db.transaction(lab.conn):
+        lab.conn.executemany(
+            "INSERT INTO queue_messages (message_id, event_id, type, payload, visible_at,"
+            " created_at) VALUES (?, ?, 'OrderPlaced', '{}', 0, 0)",
+            [(f"m{i}", f"e{i}") for i in range(5_000)])
+    lab.conn.execute("ANALYZE")
+    plan = [r[3] for r in lab.conn.execute("EXPLAIN QUERY PLAN " + Queue._ACK_MANY,
+                                           {"pairs": '[["m1", "r"]]'})]
+    assert any("SCAN j" in d for d in plan), plan  # driven by the (small) list of deliveries
+    assert not any(d.startswith("SCAN q") or d == "SCAN queue_messages" for d in plan), plan
+    assert any("USING INDEX sqlite_autoindex_queue_messages_1 (message_id=?)" in d
+               for d in plan), plan

@@ -16,7 +16,7 @@ from deliverylab.clock import FakeClock
 from deliverylab.errors import InvalidInput
 from deliverylab.faults import Faults
 from deliverylab.ids import Ids
-from deliverylab.worker import Mode, PoisonMessage, Worker
+from deliverylab.worker import Mode, PoisonMessage, Worker, apply_order_placed
 
 MODES = [m.value for m in Mode]
 ITEMS = 7
@@ -205,7 +205,6 @@ def test_a_failed_handler_leaves_no_partial_write_and_the_retry_applies(lab, mod
         if delivery.delivery_count == 1 and delivery.payload["itemId"] == "coffee-beans":
             raise PoisonMessage("not this time")
         conn.execute("DELETE FROM inventory_projection WHERE item_id = 'half-done'")
-        from deliverylab.worker import apply_order_placed
         apply_order_placed(conn, delivery)
 
     w = lab.worker(mode=mode, handler=flaky, max_messages=2)
@@ -358,7 +357,6 @@ def test_a_stale_nack_is_refused_and_traced(file_lab):
     def fails_first_time(conn, delivery):
         if delivery.delivery_count == 1:
             raise RuntimeError("first delivery fails")
-        from deliverylab.worker import apply_order_placed
         apply_order_placed(conn, delivery)
 
     b = lab.worker(conn=lab.connect(), name="B", handler=fails_first_time,
@@ -490,3 +488,46 @@ def test_a_worker_built_by_hand_matches_the_fixture(tmp_path):
         lab.order("tea", i + 1)
     lab.worker(faults=Faults(seed=1, ack_fail=0.5)).run_until_idle()
     assert db.dump(lab.conn) == by_hand()
+
+
+# -- the batch fast path writes exactly what the one-by-one path writes ---------------------------
+
+def _one_by_one(conn, delivery):
+    """The default effect without its batch form: forces the savepoint-per-delivery path."""
+    apply_order_placed(conn, delivery)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("max_messages", [1, 4, 25])
+def test_the_batch_fast_path_is_indistinguishable_from_one_by_one(mode, max_messages):
+    def run(handler):
+        lab = make_lab(seed=31)
+        for i in range(80):
+            lab.order(f"item-{i % 6}", 1 + i % 4)
+            lab.clock.advance(0.01)
+        lab.queue.send("evt-poison", "OrderPlaced", {"orderId": "o-p", "itemId": "", "qty": 1})
+        faults = Faults(seed=2, ack_fail=0.3, crash_after_receive=0.05, crash_after_commit=0.1,
+                        process_error=0.05)
+        ws = [lab.worker(mode=mode, faults=faults, max_messages=max_messages, handler=handler,
+                         name=f"w{k}", max_receives=4) for k in range(2)]
+        lab.drain(*ws)
+        lab.queue.redrive()  # a second message for events already applied: duplicates in a batch
+        lab.drain(*ws)
+        return db.dump(lab.conn), [w.stats.as_dict() for w in ws]
+
+    fast, slow = run(apply_order_placed), run(_one_by_one)
+    assert fast[1] == slow[1]
+    assert fast[0] == slow[0]
+
+
+def test_the_fast_path_takes_a_handful_of_statements_per_batch(lab):
+    for i in range(50):
+        lab.order(f"item-{i % 5}", 1)
+    statements: list[str] = []
+    lab.conn.set_trace_callback(statements.append)
+    assert lab.worker(max_messages=50).step() == 50
+    lab.conn.set_trace_callback(None)
+    assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in statements)
+    # receive (claim + log), apply (inbox + UPSERT per item + log), ack (delete + log)
+    assert sum(1 for s in statements if s.startswith("BEGIN")) == 3
+    assert check(lab.conn).ok

@@ -149,17 +149,31 @@ class Queue:
         stale (the lease ran out and someone else received it, or it was already acked)."""
         return self.ack_many([delivery], worker=worker)[0]
 
+    _ACK_MANY = """
+        DELETE FROM queue_messages
+         WHERE seq IN (SELECT q.seq FROM json_each(:pairs) AS j
+                         JOIN queue_messages AS q
+                           ON q.message_id = json_extract(j.value, '$[0]')
+                          AND q.receipt = json_extract(j.value, '$[1]'))
+        RETURNING message_id
+    """
+
     def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
-        """Ack several deliveries in one transaction; one bool per delivery."""
+        """Ack several deliveries in one transaction (one DELETE); one bool per delivery."""
         now = self.clock.now()
-        results = []
         with transaction(self.conn):
-            logs = []
-            for d in deliveries:
-                cur = self.conn.execute(
+            if len(deliveries) == 1:
+                d = deliveries[0]
+                gone = {d.message_id} if self.conn.execute(
                     "DELETE FROM queue_messages WHERE message_id = ? AND receipt = ?",
-                    (d.message_id, d.receipt))
-                ok = cur.rowcount == 1
+                    (d.message_id, d.receipt)).rowcount == 1 else set()
+            else:
+                pairs = json.dumps([[d.message_id, d.receipt] for d in deliveries])
+                gone = {r[0] for r in self.conn.execute(self._ACK_MANY, {"pairs": pairs})}
+            results, logs = [], []
+            for d in deliveries:
+                ok = d.message_id in gone
+                gone.discard(d.message_id)  # the same delivery twice: only the first acks
                 results.append(ok)
                 logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
                              d.delivery_count, Outcome.ACKED if ok else Outcome.ACK_REJECTED,

@@ -16,6 +16,7 @@ processed"; any other database error propagates.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from .errors import InvalidInput, SimulatedCrash, check_int, check_number, check
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
 from .queue import Delivery, Queue
-from .trace import Outcome, log
+from .trace import Outcome, log, log_many
 
 CONSUMER = "inventory"
 
@@ -53,8 +54,11 @@ class PoisonMessage(ValueError):
     """The message can never be processed as it is (unknown type, bad payload)."""
 
 
-def apply_order_placed(conn: sqlite3.Connection, delivery: Delivery) -> None:
-    """The effect: reserve the order's quantity in ``inventory_projection`` with one UPSERT."""
+_RESERVE = ("INSERT INTO inventory_projection (item_id, reserved_qty) VALUES (?, ?)"
+            " ON CONFLICT (item_id) DO UPDATE SET reserved_qty = reserved_qty + excluded.reserved_qty")
+
+
+def _reservation(delivery: Delivery) -> tuple[str, int]:
     if delivery.type != "OrderPlaced":
         raise PoisonMessage(f"unknown event type {delivery.type!r}")
     item, qty = delivery.payload.get("itemId"), delivery.payload.get("qty")
@@ -62,13 +66,27 @@ def apply_order_placed(conn: sqlite3.Connection, delivery: Delivery) -> None:
         raise PoisonMessage(f"payload itemId must be a non-empty string, got {item!r}")
     if not isinstance(qty, int) or isinstance(qty, bool) or qty < 1:
         raise PoisonMessage(f"payload qty must be an integer >= 1, got {qty!r}")
-    conn.execute(
-        "INSERT INTO inventory_projection (item_id, reserved_qty) VALUES (?, ?)"
-        " ON CONFLICT (item_id) DO UPDATE SET reserved_qty = reserved_qty + excluded.reserved_qty",
-        (item, qty))
+    return item, qty
+
+
+def apply_order_placed(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    """The effect: reserve the order's quantity in ``inventory_projection`` with one UPSERT."""
+    conn.execute(_RESERVE, _reservation(delivery))
+
+
+def apply_order_placed_many(conn: sqlite3.Connection, deliveries: list[Delivery]) -> None:
+    """The same effect for a batch: check every delivery first, then one UPSERT per item."""
+    totals: dict[str, int] = {}
+    for d in deliveries:
+        item, qty = _reservation(d)
+        totals[item] = totals.get(item, 0) + qty
+    conn.executemany(_RESERVE, totals.items())
 
 
 Handler = Callable[[sqlite3.Connection, Delivery], None]
+BatchHandler = Callable[[sqlite3.Connection, list[Delivery]], None]
+# Handlers with a batch form: the worker's fast path applies a whole batch in a few statements.
+BATCH_FORMS: dict[Handler, BatchHandler] = {apply_order_placed: apply_order_placed_many}
 
 
 @dataclass
@@ -113,6 +131,7 @@ class Worker:
         self.conn, self.clock, self.faults = conn, clock, faults
         self.queue = queue or Queue(conn, clock=clock, ids=ids, max_receives=max_receives)
         self.handler, self.echo, self.crash_exits = handler, echo, crash_exits
+        self._handle_many = BATCH_FORMS.get(handler)
         # How long processing takes, on the clock: a lease shorter than this runs out while
         # the worker is still busy (the brief's "visibility timeout shorter than processing").
         self.work_time = check_number("work_time", work_time, minimum=0)
@@ -176,6 +195,49 @@ class Worker:
             return None, f"{type(exc).__name__}: {exc}"
         self.conn.execute("RELEASE message")
         return applied, None
+
+    _INBOX_MANY = ("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                   " SELECT ?, value, ? FROM json_each(?) WHERE true"
+                   " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id")
+
+    def _apply_batch(self, deliveries: list[Delivery]) -> list[bool] | None:
+        """The fast path: apply a whole batch in one transaction with a handful of statements
+        (inbox rows in one INSERT, the effect in one UPSERT per item, the log in one insert).
+        Same rows, same order as applying one by one. None — and nothing written — when a
+        handler fails: the caller then applies one by one, each under its own savepoint."""
+        conn, now = self.conn, self.clock.now()
+        try:
+            with transaction(conn):
+                if self.mode is Mode.IDEMPOTENT:
+                    if len(deliveries) == 1:
+                        fresh = set() if conn.execute(
+                            "INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                            " VALUES (?, ?, ?) ON CONFLICT (consumer, event_id) DO NOTHING",
+                            (self.consumer, deliveries[0].event_id, now)).rowcount == 0 \
+                            else {deliveries[0].event_id}
+                    else:
+                        fresh = {r[0] for r in conn.execute(self._INBOX_MANY, (
+                            self.consumer, now, json.dumps([d.event_id for d in deliveries])))}
+                    applied = []
+                    for d in deliveries:  # a second message for one event is a duplicate
+                        applied.append(d.event_id in fresh)
+                        fresh.discard(d.event_id)
+                else:
+                    applied = [True] * len(deliveries)
+                todo = [d for d, a in zip(deliveries, applied, strict=True) if a]
+                if todo:
+                    self._handle_many(conn, todo)
+                mode = str(self.mode)
+                log_many(conn, [(now, self.name, d.correlation_id, d.event_id, d.message_id,
+                                 d.delivery_count,
+                                 Outcome.APPLIED if a else Outcome.DUPLICATE_SKIPPED,
+                                 mode if a else "")
+                                for d, a in zip(deliveries, applied, strict=True)])
+        except sqlite3.Error:
+            raise
+        except Exception:  # a handler refused one of them: redo one by one, isolating it
+            return None
+        return applied
 
     def _count(self, d: Delivery, applied: bool) -> None:
         if applied:
@@ -247,27 +309,39 @@ class Worker:
         rejected: list[Delivery] = []
         if deliveries:
             self.clock.sleep(self.work_time)
-        try:
-            with transaction(self.conn):
-                for d in deliveries:
-                    if self.faults.fires("crash_after_receive", d.event_id, d.delivery_count):
-                        raise SimulatedCrash("after_receive")
-                    self.conn.execute("SAVEPOINT delivery")
-                    applied, error = self._apply_guarded(d)
-                    if error is not None:
-                        failed.append((d, error))
-                    elif self.mode is Mode.TRANSACTIONAL and not self.queue.ack(
-                            d, worker=self.name):
-                        # The ACK is a row delete in the effect's own transaction, valid only
-                        # while this delivery holds the lease: if it does not, undo the effect.
-                        self.conn.execute("ROLLBACK TO delivery")
-                        rejected.append(d)
-                    else:
-                        done.append((d, bool(applied)))
-                    self.conn.execute("RELEASE delivery")
-        except SimulatedCrash as crash:
-            self._crash(deliveries, crash.point)
-            raise
+        fast = None
+        if (self._handle_many is not None and self.mode is not Mode.TRANSACTIONAL
+                and not any(self.faults.fires(p, d.event_id, d.delivery_count)
+                            for d in deliveries
+                            for p in ("crash_after_receive", "process_error"))):
+            fast = self._apply_batch(deliveries)
+        if fast is not None:
+            done = list(zip(deliveries, fast, strict=True))
+        else:
+            try:
+                with transaction(self.conn):
+                    for d in deliveries:
+                        if self.faults.fires("crash_after_receive", d.event_id,
+                                             d.delivery_count):
+                            raise SimulatedCrash("after_receive")
+                        if self.mode is Mode.TRANSACTIONAL:  # its ACK may undo the effect
+                            self.conn.execute("SAVEPOINT delivery")
+                        applied, error = self._apply_guarded(d)
+                        if error is not None:
+                            failed.append((d, error))
+                        elif self.mode is Mode.TRANSACTIONAL and not self.queue.ack(
+                                d, worker=self.name):
+                            # The ACK is a row delete in the effect's own transaction, valid
+                            # only while this delivery holds the lease: if not, undo the effect.
+                            self.conn.execute("ROLLBACK TO delivery")
+                            rejected.append(d)
+                        else:
+                            done.append((d, bool(applied)))
+                        if self.mode is Mode.TRANSACTIONAL:
+                            self.conn.execute("RELEASE delivery")
+            except SimulatedCrash as crash:
+                self._crash(deliveries, crash.point)
+                raise
         for d in rejected:
             self.stats.ack_rejected += 1
             self._log(d, Outcome.ACK_REJECTED, "lease lost before commit: effect rolled back")
