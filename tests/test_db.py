@@ -39,6 +39,8 @@ def test_file_database_runs_in_wal_with_a_busy_timeout(tmp_path):
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == int(db.BUSY_TIMEOUT_S * 1000)
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] >= 1000
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] <= -2000  # KiB, >= the default
+    assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
     # A fresh connection to the same file sees WAL too: it is a property of the file.
     other = db.connect(tmp_path / "lab.db")
     assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
