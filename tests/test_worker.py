@@ -16,6 +16,8 @@ from deliverylab.clock import FakeClock
 from deliverylab.errors import InvalidInput
 from deliverylab.faults import Faults
 from deliverylab.ids import Ids
+from deliverylab.orders import place_order
+from deliverylab.queue import Queue
 from deliverylab.worker import Mode, PoisonMessage, Worker, apply_order_placed
 
 MODES = [m.value for m in Mode]
@@ -474,8 +476,6 @@ def test_a_worker_built_by_hand_matches_the_fixture(tmp_path):
     def by_hand():
         conn = db.init_db(":memory:")
         clock, ids = FakeClock(), Ids(9)
-        from deliverylab.queue import Queue
-        from deliverylab.orders import place_order
         q = Queue(conn, clock=clock, ids=ids)
         for i in range(10):
             place_order(q, item_id="tea", qty=i + 1)
