@@ -371,14 +371,16 @@ def test_dead_letter_on_receive_is_announced(dbfile: Path) -> None:
     said: list[str] = []
     conn = db.connect(dbfile)
     clock = FakeClock(start=SystemClock().now())
-    queue = cli._loud_queue(said.append)(conn, clock=clock, ids=Ids(), max_receives=1)
-    assert len(queue.receive(1.0)) == 1
-    assert said == []
+    worker = Worker(conn, clock=clock, ids=Ids(), max_receives=1, visibility_timeout=1.0,
+                    faults=Faults(seed=1, ack_fail=1.0), echo=said.append)
+    assert worker.step() == 1
+    assert not any("dead-lettered" in line for line in said)
     clock.advance(2)
-    assert queue.receive(1.0) == []
+    assert worker.step() == 0  # the second receive parks it instead of handing it over
     conn.close()
-    assert len(said) == 1 and "order=o-001 delivery=2 dead-lettered" in said[0]
-    assert "deliverylab redrive" in said[0] and queue.parked_total == 1
+    parked = [line for line in said if "dead-lettered" in line]
+    assert len(parked) == 1 and "order=o-001 delivery=2 dead-lettered" in parked[0]
+    assert "deliverylab redrive" in parked[0] and worker.stats.dead_lettered == 1
 
 
 # -- the status module --------------------------------------------------------------------------

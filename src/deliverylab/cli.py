@@ -197,39 +197,6 @@ def _wall(line: str) -> str:
     return f"{m.group(1)} {stamp} {line[m.end():]}"
 
 
-def _loud_queue(say: Callable[[str], None]) -> Any:
-    """A queue that reports the messages a receive moves to dead letters.
-
-    The claim itself parks a message that used up its receives, so the worker never holds it
-    and would print nothing: the reader would see a message vanish. This says where it went.
-    """
-    from .queue import Queue
-
-    class LoudQueue(Queue):
-        parked: list[tuple[Any, str]] | None = None
-        parked_total = 0
-
-        def receive(self, *args: Any, **kwargs: Any) -> Any:
-            self.parked = []
-            try:
-                out = super().receive(*args, **kwargs)
-                for d, reason in self.parked:  # only once the move has committed
-                    self.parked_total += 1
-                    say(f"event={d.event_id} order={d.correlation_id}"
-                        f" delivery={d.delivery_count} dead-lettered: {reason}"
-                        f" → 'deliverylab redrive' moves it back")
-            finally:
-                self.parked = None
-            return out
-
-        def _move_to_dead_letters(self, d: Any, reason: str, worker: str) -> None:
-            super()._move_to_dead_letters(d, reason, worker)
-            if self.parked is not None:
-                self.parked.append((d, reason))
-
-    return LoudQueue
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     from .clock import SystemClock
     from .faults import Faults
@@ -255,9 +222,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(_wall(line), flush=True)
 
     clock, ids = SystemClock(), Ids()
-    queue = _loud_queue(lambda words: echo(f"[{name}] t={clock.now():.3f} {words}"))(
-        conn, clock=clock, ids=ids, max_receives=args.max_receives)
-    worker = Worker(conn, clock=clock, ids=ids, mode=args.mode, faults=faults, queue=queue,
+    worker = Worker(conn, clock=clock, ids=ids, mode=args.mode, faults=faults,
                     visibility_timeout=args.visibility_timeout, max_messages=args.max_messages,
                     max_receives=args.max_receives, backoff_base=args.backoff_base,
                     backoff_cap=args.backoff_cap, name=name, echo=echo,
@@ -285,7 +250,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     totals = stats.as_dict()
-    totals["dead_lettered"] += queue.parked_total
     counts = " ".join(f"{k}={v}" for k, v in totals.items() if k != "steps")
     print(f"[{name}] stopped: {counts}", flush=True)
     return 0

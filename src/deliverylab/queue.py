@@ -71,6 +71,8 @@ class Queue:
         self.clock = clock
         self.ids = ids
         self.max_receives = check_int("max_receives", max_receives, minimum=1)
+        # (delivery, reason) for each message the last receive moved to dead_letters.
+        self.parked: list[tuple[Delivery, str]] = []
 
     # -- send ------------------------------------------------------------------------------
     def send(self, event_id: str, type: str, payload: dict[str, Any], *,
@@ -129,18 +131,23 @@ class Queue:
             ).fetchall()
             rows.sort(key=lambda r: r["seq"])
             out: list[Delivery] = []
+            parked: list[tuple[Delivery, str]] = []
             logs = []
             for row in rows:
                 d = Delivery.from_row(row)
                 if d.delivery_count > self.max_receives:
-                    self._move_to_dead_letters(
-                        d, f"received {d.delivery_count} times (max_receives={self.max_receives});"
-                           f" last error: {d.last_error or 'none'}", worker)
+                    reason = (f"received {d.delivery_count} times (max_receives="
+                              f"{self.max_receives}); last error: {d.last_error or 'none'}")
+                    self._move_to_dead_letters(d, reason, worker)
+                    parked.append((d, reason))
                     continue
                 out.append(d)
                 logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
                              d.delivery_count, Outcome.RECEIVED, f"lease until {d.lease_until:g}"))
             log_many(self.conn, logs)
+        # Only once the move has committed: what this receive parked, for the caller to report
+        # (the worker never holds these, so without this a message would silently vanish).
+        self.parked = parked
         return out
 
     # -- settle ----------------------------------------------------------------------------

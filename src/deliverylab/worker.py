@@ -254,6 +254,9 @@ class Worker:
         deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
                                         worker=self.name)
         self.stats.steps += 1
+        for d, reason in self.queue.parked:
+            self.stats.dead_lettered += 1
+            self._say(d, f"dead-lettered: {reason} → 'deliverylab redrive' moves it back")
         if not deliveries:
             return 0
         self.stats.received += len(deliveries)
