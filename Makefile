@@ -101,7 +101,10 @@ test: setup assets chromium
 
 # --- using it ----------------------------------------------------------------------------
 
+# The chapters start the project's kernel on open, without a "Select Kernel" dialog.
 lab: setup
+	mkdir -p .venv/share/jupyter/lab/settings
+	cp scripts/jupyterlab/overrides.json .venv/share/jupyter/lab/settings/overrides.json
 	jupyter lab --ServerApp.root_dir=chapters --ServerApp.ip=127.0.0.1 \
 	  --ServerApp.port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
 
