@@ -17,16 +17,14 @@ Screenshots of the page and of the panel go to `test-output/`. Run the book buil
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from book_server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "_build" / "html"
@@ -40,27 +38,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     if not PAGE.is_file():
         pytest.fail(f"the built lab chapter is missing ({PAGE.relative_to(ROOT)}): build the"
                     " book first (`make book`, or `jupyter-book build --all .`); `make test`"
                     " does it for you", pytrace=False)
-    handler = functools.partial(_QuietHandler, directory=str(BUILD))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serve(BUILD) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,15 @@ A screenshot of each page goes to `test-output/`.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from book_server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "_build" / "html"
@@ -102,11 +100,6 @@ def test_every_toc_entry_exists() -> None:
 # --- the built book in a real browser -----------------------------------------------------
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def built_book() -> Path:
     if not (BUILD / "intro.html").is_file():
@@ -121,16 +114,8 @@ def built_book() -> Path:
 
 @pytest.fixture(scope="module")
 def server(built_book: Path) -> Iterator[str]:
-    handler = functools.partial(_QuietHandler, directory=str(built_book))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serve(built_book) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

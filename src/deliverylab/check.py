@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 EVENT_COLUMNS = ["order_id", "item_id", "qty", "event_id", "applications", "state"]
-_EVENTS_SQL = """
+# An order's applications: its event's 'applied' rows after its last 'reconciled' row (CTE
+# ``applied``), plus one for that row (CTE ``last_rec``). Shared with labviews' counters.
+APPLICATIONS_CTE = """
     WITH last_rec AS (
         SELECT event_id, max(seq) AS rs FROM delivery_log
          WHERE outcome = 'reconciled' GROUP BY event_id),
@@ -32,6 +34,8 @@ _EVENTS_SQL = """
           LEFT JOIN last_rec AS r USING (event_id)
          WHERE l.outcome = 'applied' AND l.seq > coalesce(r.rs, 0)
          GROUP BY l.event_id)
+"""
+_EVENTS_SQL = APPLICATIONS_CTE + """
     SELECT o.order_id, o.item_id, o.qty, o.event_id,
            coalesce(a.n, 0) + (r.rs IS NOT NULL) AS applications
       FROM orders AS o

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .check import drift_frame, projection_vs_truth
+from .check import APPLICATIONS_CTE, drift_frame, projection_vs_truth
 from .errors import InvalidInput, check_int, check_number
 from .faults import Faults
 from .lab import Lab
@@ -55,15 +55,7 @@ SERIES: tuple[tuple[str, str, str], ...] = (
 
 # Mirrors check.event_states: an order's applications are its 'applied' rows after its last
 # 'reconciled' row, plus one for that row. Computed in SQL so it stays cheap for the chart.
-_COUNTERS_SQL = """
-    WITH last_rec AS (
-        SELECT event_id, max(seq) AS rs FROM delivery_log
-         WHERE outcome = 'reconciled' GROUP BY event_id),
-    applied AS (
-        SELECT l.event_id, count(*) AS n FROM delivery_log AS l
-          LEFT JOIN last_rec AS r USING (event_id)
-         WHERE l.outcome = 'applied' AND l.seq > coalesce(r.rs, 0)
-         GROUP BY l.event_id),
+_COUNTERS_SQL = APPLICATIONS_CTE + """,
     per_order AS (
         SELECT o.event_id, coalesce(a.n, 0) + (r.rs IS NOT NULL) AS n
           FROM orders AS o
