@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -63,13 +64,17 @@ def test_threads_with_their_own_connections_never_claim_the_same_message(file_la
     claimed: dict[int, list[str]] = {}
     errors: list[Exception] = []
 
+    start = threading.Barrier(4)
+
     def claimer(k: int) -> None:
         try:
             q = Queue(db.connect(lab.path), clock=SystemClock(), ids=Ids(k))  # same-ish seeds
             rng = random.Random(k)
             got = claimed.setdefault(k, [])
+            start.wait(30)  # all connected before anyone claims, so they really compete
             while batch := q.receive(3600, rng.randint(1, 5), worker=f"t{k}"):
                 got.extend(d.message_id for d in batch)
+                time.sleep(0)  # let the other threads in between claims
         except Exception as exc:  # reported below, in the test's own thread
             errors.append(exc)
 
