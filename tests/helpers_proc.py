@@ -62,6 +62,7 @@ def claim(args: argparse.Namespace) -> None:
     conn = db.connect(args.db)
     queue = Queue(conn, clock=SystemClock(), ids=Ids())
     got: list[str] = []
+    time.sleep(max(0.0, args.start_at - time.time()))
     while True:
         batch = queue.receive(3600, args.max_messages, worker=args.name)
         if not batch:
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("db")
     c.add_argument("--name", default="claimer")
     c.add_argument("--max-messages", type=int, default=3)
+    c.add_argument("--start-at", type=float, default=0.0,
+                   help="wall-clock time to start claiming at, so several processes compete")
     args = parser.parse_args(argv)
     {"work": work, "claim": claim}[args.verb](args)
 

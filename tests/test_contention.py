@@ -120,8 +120,9 @@ def test_worker_threads_upserting_the_same_items_reach_the_truth(file_lab):
 def test_processes_never_claim_the_same_message(tmp_path):
     lab = make_lab(tmp_path / "lab.db")
     fill(lab, 1500)
-    results = run_all([command("claim", lab.path, "--name", f"p{k}", "--max-messages", 1 + k)
-                       for k in range(3)])
+    start_at = time.time() + 3  # every process imported and connected before anyone claims
+    results = run_all([command("claim", lab.path, "--name", f"p{k}", "--max-messages", 1 + k,
+                               "--start-at", start_at) for k in range(3)])
     assert_clean_exit(results)
     got = [json.loads(stdout) for _, stdout, _ in results]
     every = [m for g in got for m in g]
