@@ -24,7 +24,7 @@ from .clock import Clock
 from .db import transaction
 from .errors import InvalidInput, check_int, check_number, check_text
 from .ids import Ids
-from .trace import Outcome, log, log_many
+from .trace import Outcome, log, log_delivery, log_many
 
 MAX_VISIBILITY_TIMEOUT_S = 12 * 3600  # the SQS upper bound
 
@@ -199,10 +199,8 @@ class Queue:
                 (now + s, now + s, delivery.message_id, delivery.receipt))
             ok = cur.rowcount == 1
             if ok:
-                log(self.conn, at=now, worker=worker, event_id=delivery.event_id,
-                    correlation_id=delivery.correlation_id, message_id=delivery.message_id,
-                    delivery_count=delivery.delivery_count, outcome=Outcome.EXTENDED,
-                    detail=f"lease until {now + s:g}")
+                log_delivery(self.conn, delivery, at=now, worker=worker,
+                             outcome=Outcome.EXTENDED, detail=f"lease until {now + s:g}")
         return ok
 
     def nack(self, delivery: Delivery, delay: float = 0.0, *, error: str | None = None,
@@ -217,10 +215,9 @@ class Queue:
                 (now + d, error, delivery.message_id, delivery.receipt))
             ok = cur.rowcount == 1
             if ok:
-                log(self.conn, at=now, worker=worker, event_id=delivery.event_id,
-                    correlation_id=delivery.correlation_id, message_id=delivery.message_id,
-                    delivery_count=delivery.delivery_count, outcome=Outcome.NACKED,
-                    detail=f"retry in {d:g}s" + (f"; error: {error}" if error else ""))
+                log_delivery(self.conn, delivery, at=now, worker=worker,
+                             outcome=Outcome.NACKED,
+                             detail=f"retry in {d:g}s" + (f"; error: {error}" if error else ""))
         return ok
 
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
@@ -242,9 +239,8 @@ class Queue:
             " coalesce(last_error, ?), created_at, ? FROM queue_messages WHERE message_id = ?",
             (reason, now, d.message_id))
         self.conn.execute("DELETE FROM queue_messages WHERE message_id = ?", (d.message_id,))
-        log(self.conn, at=now, worker=worker, event_id=d.event_id,
-            correlation_id=d.correlation_id, message_id=d.message_id,
-            delivery_count=d.delivery_count, outcome=Outcome.DEAD_LETTERED, detail=reason)
+        log_delivery(self.conn, d, at=now, worker=worker,
+                     outcome=Outcome.DEAD_LETTERED, detail=reason)
 
     def redrive(self, message_ids: list[str] | None = None, *, worker: str = "operator") -> int:
         """Move dead letters (all, or the given ids) back to the queue as new messages with a

@@ -20,7 +20,7 @@ from .faults import Faults
 from .lab import Lab
 from .orders import PlacedOrder, place_order
 from .queue import Delivery, Queue
-from .trace import Outcome, log
+from .trace import Outcome, log_delivery
 from .worker import CONSUMER, Handler, apply_order_placed
 
 if TYPE_CHECKING:
@@ -113,15 +113,11 @@ def _seen(conn: sqlite3.Connection, d: Delivery) -> bool:
 def _effect(conn: sqlite3.Connection, d: Delivery, now: float, worker: str,
             detail: str) -> None:
     apply_order_placed(conn, d)
-    log(conn, at=now, worker=worker, event_id=d.event_id, correlation_id=d.correlation_id,
-        message_id=d.message_id, delivery_count=d.delivery_count, outcome=Outcome.APPLIED,
-        detail=detail)
+    log_delivery(conn, d, at=now, worker=worker, outcome=Outcome.APPLIED, detail=detail)
 
 
 def _skip(conn: sqlite3.Connection, d: Delivery, now: float, worker: str) -> None:
-    log(conn, at=now, worker=worker, event_id=d.event_id, correlation_id=d.correlation_id,
-        message_id=d.message_id, delivery_count=d.delivery_count,
-        outcome=Outcome.DUPLICATE_SKIPPED)
+    log_delivery(conn, d, at=now, worker=worker, outcome=Outcome.DUPLICATE_SKIPPED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +197,8 @@ def separate_inbox_commit(ordering: str, *, orders: int = 200, crash_rate: float
             except SimulatedCrash:
                 crashes += 1
                 with transaction(conn):
-                    log(conn, at=now, worker=worker, event_id=d.event_id,
-                        correlation_id=d.correlation_id, message_id=d.message_id,
-                        delivery_count=d.delivery_count, outcome=Outcome.CRASHED,
-                        detail=CRASH_POINT)
+                    log_delivery(conn, d, at=now, worker=worker,
+                                 outcome=Outcome.CRASHED, detail=CRASH_POINT)
                 continue  # no ACK: the lease runs out and the message comes back
             queue.ack(d, worker=worker)
         clock.advance(0.01)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .queue import Delivery
+
 
 class Outcome(StrEnum):
     RECEIVED = "received"
@@ -42,6 +44,13 @@ def log(conn: sqlite3.Connection, *, at: float, worker: str, event_id: str,
         " delivery_count, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (at, worker, correlation_id, event_id, message_id, delivery_count, outcome.value, detail),
     )
+
+
+def log_delivery(conn: sqlite3.Connection, d: Delivery, *, at: float, worker: str,
+                 outcome: Outcome, detail: str = "") -> None:
+    """:func:`log` for one delivery: its event, order, message and count."""
+    log(conn, at=at, worker=worker, event_id=d.event_id, correlation_id=d.correlation_id,
+        message_id=d.message_id, delivery_count=d.delivery_count, outcome=outcome, detail=detail)
 
 
 def log_many(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:

@@ -29,7 +29,7 @@ from .errors import InvalidInput, SimulatedCrash, check_int, check_number, check
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
 from .queue import Delivery, Queue
-from .trace import Outcome, log, log_many
+from .trace import Outcome, log_delivery, log_many
 
 CONSUMER = "inventory"
 
@@ -147,9 +147,8 @@ class Worker:
     def _log(self, d: Delivery, outcome: Outcome, detail: str = "") -> None:
         """A log row for something with no transaction of its own (a crash, a lost ACK)."""
         with transaction(self.conn):
-            log(self.conn, at=self.clock.now(), worker=self.name, event_id=d.event_id,
-                correlation_id=d.correlation_id, message_id=d.message_id,
-                delivery_count=d.delivery_count, outcome=outcome, detail=detail)
+            log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
+                         outcome=outcome, detail=detail)
 
     def _crash(self, deliveries: list[Delivery], point: str) -> None:
         self.stats.crashed += 1
@@ -169,14 +168,12 @@ class Worker:
                 " ON CONFLICT (consumer, event_id) DO NOTHING",
                 (self.consumer, d.event_id, self.clock.now()))
             if cur.rowcount == 0:
-                log(self.conn, at=self.clock.now(), worker=self.name, event_id=d.event_id,
-                    correlation_id=d.correlation_id, message_id=d.message_id,
-                    delivery_count=d.delivery_count, outcome=Outcome.DUPLICATE_SKIPPED)
+                log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
+                             outcome=Outcome.DUPLICATE_SKIPPED)
                 return False
         self.handler(self.conn, d)
-        log(self.conn, at=self.clock.now(), worker=self.name, event_id=d.event_id,
-            correlation_id=d.correlation_id, message_id=d.message_id,
-            delivery_count=d.delivery_count, outcome=Outcome.APPLIED, detail=str(self.mode))
+        log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
+                     outcome=Outcome.APPLIED, detail=str(self.mode))
         return True
 
     def _apply_guarded(self, d: Delivery) -> tuple[bool | None, str | None]:
