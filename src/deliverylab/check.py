@@ -121,10 +121,19 @@ class CheckResult:
 
 
 def check(conn: sqlite3.Connection) -> CheckResult:
-    """Compare what happened with the truth. Reads only; safe while workers run."""
-    states = [s[5] for s in event_states(conn)]
-    extra = sum(max(0, s[4] - 1) for s in event_states(conn)) if "duplicated" in states else 0
-    items = projection_vs_truth(conn)
+    """Compare what happened with the truth. Reads only, from one snapshot (a read
+    transaction), so it is consistent while workers run."""
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        events = event_states(conn)
+        items = projection_vs_truth(conn)
+    finally:
+        if own:
+            conn.execute("COMMIT")
+    states = [e[5] for e in events]
+    extra = sum(max(0, e[4] - 1) for e in events)
     drifted = sum(1 for row in items if row[3] != 0)
     return CheckResult(
         orders=len(states), correct=states.count("correct"),
