@@ -26,6 +26,20 @@ def test_init_db_twice_on_a_file_keeps_the_data(tmp_path):
     second.close()
 
 
+def test_a_new_file_gets_small_pages_and_an_old_file_keeps_its_own(tmp_path):
+    fresh = db.init_db(tmp_path / "new.db")
+    assert fresh.execute("PRAGMA page_size").fetchone()[0] == db.PAGE_SIZE == 1024
+    # A file made elsewhere with SQLite's default 4 KiB pages opens and works unchanged.
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("PRAGMA journal_mode = WAL")
+    old.execute("CREATE TABLE note (x INTEGER)")
+    old.close()
+    conn = db.init_db(tmp_path / "old.db")
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    conn.execute("INSERT INTO inventory_projection VALUES ('coffee-beans', 3)")
+    assert conn.execute("SELECT reserved_qty FROM inventory_projection").fetchone()[0] == 3
+
+
 def test_memory_database_has_every_table():
     conn = db.init_db(":memory:")
     db.check_schema(conn)
@@ -47,8 +61,8 @@ def test_file_database_runs_in_wal_with_a_busy_timeout(tmp_path):
 
 
 def test_every_table_is_strict(lab):
-    rows = lab.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'")
-    strict = {name: sql.rstrip().endswith("STRICT") for name, sql in rows}
+    # table_list: schema, name, type, ncol, wr (WITHOUT ROWID), strict
+    strict = {r[1]: r[5] == 1 for r in lab.conn.execute("PRAGMA main.table_list")}
     assert set(db.TABLES) <= set(strict)
     assert all(strict[t] for t in db.TABLES)
     with pytest.raises(sqlite3.IntegrityError):  # STRICT: no text in an INTEGER column

@@ -36,6 +36,8 @@ class Faults:
     lose_message: float = 0.0
     _key: bytes = field(init=False, repr=False, compare=False)
     _rates: dict[str, float] = field(init=False, repr=False, compare=False)
+    active: bool = field(init=False, repr=False, compare=False)
+    """True when any rate is above zero; the worker skips asking when nothing can fire."""
 
     def __post_init__(self) -> None:
         check_int("seed", self.seed)
@@ -43,6 +45,7 @@ class Faults:
             check_number(f"{point} rate", getattr(self, point), minimum=0.0, maximum=1.0)
         object.__setattr__(self, "_key", str(self.seed).encode())
         object.__setattr__(self, "_rates", {p: float(getattr(self, p)) for p in FAULT_POINTS})
+        object.__setattr__(self, "active", any(r > 0 for r in self._rates.values()))
 
     @classmethod
     def from_rates(cls, seed: int | None = None, **rates: float) -> Faults:

@@ -1,14 +1,14 @@
 """Identifiers: random in production, reproducible under a seed.
 
 With a seed, every id comes from one ``random.Random(seed)``, so the same scenario writes the
-same ids on every run and a chapter's tables compare byte for byte. Without one, ids come from
-``uuid4``.
+same ids on every run and a chapter's tables compare byte for byte. Without one, ids are 48 bits
+from the operating system's random source (``os.urandom``, what ``uuid4`` uses).
 """
 
 from __future__ import annotations
 
+import os
 import random
-import uuid
 
 
 class Ids:
@@ -21,7 +21,7 @@ class Ids:
     def new(self, prefix: str) -> str:
         """A fresh id such as ``evt-3f2a9c01d4e7``."""
         if self._rng is None:
-            return f"{prefix}-{uuid.uuid4().hex[:12]}"
+            return f"{prefix}-{os.urandom(6).hex()}"
         return f"{prefix}-{self._rng.getrandbits(48):012x}"
 
     def order_id(self) -> str:
