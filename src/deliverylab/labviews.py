@@ -134,7 +134,8 @@ def inbox_view(conn: sqlite3.Connection, limit: int | None = DEFAULT_LIMIT) -> p
     return _frame(conn.execute(
         "SELECT i.event_id, o.order_id, i.processed_at FROM inbox_processed AS i"
         " LEFT JOIN orders AS o USING (event_id)"
-        " ORDER BY i.processed_at DESC, i.rowid DESC LIMIT ?", (_limit(limit),)))
+        " ORDER BY i.processed_at DESC, o.created_at DESC, i.event_id DESC LIMIT ?",
+        (_limit(limit),)))
 
 
 def projection_view(conn: sqlite3.Connection) -> pd.DataFrame:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .clock import Clock
 from .db import transaction
@@ -29,10 +28,14 @@ from .trace import Outcome, log, log_delivery, log_many
 MAX_VISIBILITY_TIMEOUT_S = 12 * 3600  # the SQS upper bound
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One delivery of one message: what a worker holds until it acks or the lease ends."""
+class Delivery(NamedTuple):
+    """One delivery of one message: what a worker holds until it acks or the lease ends.
 
+    ``seq`` is the message's row in ``queue_messages``: ack, extend and nack find the message by
+    it and act only while ``receipt`` still matches. Immutable; a named tuple because a batch
+    builds a hundred of them per receive (a frozen dataclass costs five times as much)."""
+
+    seq: int
     message_id: str
     event_id: str
     type: str
@@ -43,14 +46,18 @@ class Delivery:
     lease_until: float
     last_error: str | None = None
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Delivery:
-        return cls(
-            message_id=row["message_id"], event_id=row["event_id"], type=row["type"],
-            payload=json.loads(row["payload"]), correlation_id=row["correlation_id"],
-            receipt=row["receipt"], delivery_count=row["delivery_count"],
-            lease_until=row["lease_until"], last_error=row["last_error"],
-        )
+
+# The claim's RETURNING columns, in Delivery's field order.
+_DELIVERY_COLUMNS = ("seq, message_id, event_id, type, payload, correlation_id, receipt,"
+                     " delivery_count, lease_until, last_error")
+
+
+def _deliveries(rows: list[tuple[Any, ...]]) -> list[Delivery]:
+    """Deliveries from claimed rows (tuples in Delivery's field order), payloads decoded with
+    one ``json.loads`` for the whole batch."""
+    payloads = json.loads("[" + ",".join(r[4] for r in rows) + "]")
+    return [Delivery(r[0], r[1], r[2], r[3], payload, *r[5:])
+            for r, payload in zip(rows, payloads, strict=True)]
 
 
 def encode_payload(payload: Any) -> str:
@@ -97,7 +104,7 @@ class Queue:
         return message_id
 
     # -- receive ---------------------------------------------------------------------------
-    _CLAIM = """
+    _CLAIM = f"""
         UPDATE queue_messages
            SET visible_at = :lease_until,
                lease_until = :lease_until,
@@ -107,9 +114,11 @@ class Queue:
                         WHERE visible_at <= :now
                         ORDER BY visible_at, seq
                         LIMIT :n)
-        RETURNING seq, message_id, event_id, type, payload, correlation_id, receipt,
-                  delivery_count, lease_until, last_error
+        RETURNING {_DELIVERY_COLUMNS}
     """
+    # The same claim for one message: a scalar subquery instead of an IN list, which SQLite
+    # runs without building a temporary list (about a third cheaper per call, measured).
+    _CLAIM_ONE = _CLAIM.replace("WHERE seq IN (SELECT", "WHERE seq = (SELECT")
 
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,
                 worker: str = "worker") -> list[Delivery]:
@@ -126,25 +135,28 @@ class Queue:
         now = self.clock.now()
         token = self.ids.receipt()
         with transaction(self.conn):
-            rows = self.conn.execute(
-                self._CLAIM, {"lease_until": now + vt, "token": token, "now": now, "n": n}
-            ).fetchall()
-            rows.sort(key=lambda r: r["seq"])
+            cur = self.conn.cursor()
+            cur.row_factory = None  # plain tuples, in Delivery's field order
+            rows = cur.execute(
+                self._CLAIM_ONE if n == 1 else self._CLAIM,
+                {"lease_until": now + vt, "token": token, "now": now, "n": n}).fetchall()
+            if not rows:
+                self.parked = []
+                return []
+            rows.sort()  # by seq: RETURNING promises no order
             out: list[Delivery] = []
             parked: list[tuple[Delivery, str]] = []
-            logs = []
-            for row in rows:
-                d = Delivery.from_row(row)
+            for d in _deliveries(rows):
                 if d.delivery_count > self.max_receives:
                     reason = (f"received {d.delivery_count} times (max_receives="
                               f"{self.max_receives}); last error: {d.last_error or 'none'}")
                     self._move_to_dead_letters(d, reason, worker)
                     parked.append((d, reason))
-                    continue
-                out.append(d)
-                logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
-                             d.delivery_count, Outcome.RECEIVED, f"lease until {d.lease_until:g}"))
-            log_many(self.conn, logs)
+                else:
+                    out.append(d)
+            detail = f"lease until {now + vt:g}"
+            log_many(self.conn, [(now, worker, d.correlation_id, d.event_id, d.message_id,
+                                  d.delivery_count, Outcome.RECEIVED, detail) for d in out])
         # Only once the move has committed: what this receive parked, for the caller to report
         # (the worker never holds these, so without this a message would silently vanish).
         self.parked = parked
@@ -156,31 +168,32 @@ class Queue:
         stale (the lease ran out and someone else received it, or it was already acked)."""
         return self.ack_many([delivery], worker=worker)[0]
 
+    # The deliveries come as one JSON list of [seq, receipt] pairs: one statement, one lookup
+    # by rowid for each, whatever the batch size.
     _ACK_MANY = """
         DELETE FROM queue_messages
          WHERE seq IN (SELECT q.seq FROM json_each(:pairs) AS j
                          JOIN queue_messages AS q
-                           ON q.message_id = json_extract(j.value, '$[0]')
-                          AND q.receipt = json_extract(j.value, '$[1]'))
-        RETURNING message_id
+                           ON q.seq = j.value ->> 0 AND q.receipt = j.value ->> 1)
+        RETURNING seq
     """
 
     def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
         """Ack several deliveries in one transaction (one DELETE); one bool per delivery."""
         now = self.clock.now()
         with transaction(self.conn):
-            if len(deliveries) == 1:
+            if len(deliveries) == 1:  # the common case, without json_each (~10% faster)
                 d = deliveries[0]
-                gone = {d.message_id} if self.conn.execute(
-                    "DELETE FROM queue_messages WHERE message_id = ? AND receipt = ?",
-                    (d.message_id, d.receipt)).rowcount == 1 else set()
+                gone = {d.seq} if self.conn.execute(
+                    "DELETE FROM queue_messages WHERE seq = ? AND receipt = ?",
+                    (d.seq, d.receipt)).rowcount == 1 else set()
             else:
-                pairs = json.dumps([[d.message_id, d.receipt] for d in deliveries])
+                pairs = json.dumps([[d.seq, d.receipt] for d in deliveries])
                 gone = {r[0] for r in self.conn.execute(self._ACK_MANY, {"pairs": pairs})}
             results, logs = [], []
             for d in deliveries:
-                ok = d.message_id in gone
-                gone.discard(d.message_id)  # the same delivery twice: only the first acks
+                ok = d.seq in gone
+                gone.discard(d.seq)  # the same delivery twice: only the first acks
                 results.append(ok)
                 logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
                              d.delivery_count, Outcome.ACKED if ok else Outcome.ACK_REJECTED,
@@ -195,8 +208,8 @@ class Queue:
         with transaction(self.conn):
             cur = self.conn.execute(
                 "UPDATE queue_messages SET visible_at = ?, lease_until = ?"
-                " WHERE message_id = ? AND receipt = ?",
-                (now + s, now + s, delivery.message_id, delivery.receipt))
+                " WHERE seq = ? AND receipt = ?",
+                (now + s, now + s, delivery.seq, delivery.receipt))
             ok = cur.rowcount == 1
             if ok:
                 log_delivery(self.conn, delivery, at=now, worker=worker,
@@ -211,8 +224,8 @@ class Queue:
         with transaction(self.conn):
             cur = self.conn.execute(
                 "UPDATE queue_messages SET visible_at = ?, lease_until = NULL, receipt = NULL,"
-                " last_error = coalesce(?, last_error) WHERE message_id = ? AND receipt = ?",
-                (now + d, error, delivery.message_id, delivery.receipt))
+                " last_error = coalesce(?, last_error) WHERE seq = ? AND receipt = ?",
+                (now + d, error, delivery.seq, delivery.receipt))
             ok = cur.rowcount == 1
             if ok:
                 log_delivery(self.conn, delivery, at=now, worker=worker,
@@ -224,8 +237,8 @@ class Queue:
         """Move the message to ``dead_letters`` now, with ``error``. False if stale."""
         with transaction(self.conn):
             held = self.conn.execute(
-                "UPDATE queue_messages SET last_error = ? WHERE message_id = ? AND receipt = ?",
-                (error, delivery.message_id, delivery.receipt)).rowcount == 1
+                "UPDATE queue_messages SET last_error = ? WHERE seq = ? AND receipt = ?",
+                (error, delivery.seq, delivery.receipt)).rowcount == 1
             if held:
                 self._move_to_dead_letters(delivery, error, worker)
         return held
@@ -236,9 +249,9 @@ class Queue:
             "INSERT INTO dead_letters (message_id, event_id, type, payload, correlation_id,"
             " delivery_count, last_error, created_at, dead_at)"
             " SELECT message_id, event_id, type, payload, correlation_id, delivery_count,"
-            " coalesce(last_error, ?), created_at, ? FROM queue_messages WHERE message_id = ?",
-            (reason, now, d.message_id))
-        self.conn.execute("DELETE FROM queue_messages WHERE message_id = ?", (d.message_id,))
+            " coalesce(last_error, ?), created_at, ? FROM queue_messages WHERE seq = ?",
+            (reason, now, d.seq))
+        self.conn.execute("DELETE FROM queue_messages WHERE seq = ?", (d.seq,))
         log_delivery(self.conn, d, at=now, worker=worker,
                      outcome=Outcome.DEAD_LETTERED, detail=reason)
 
@@ -281,16 +294,30 @@ class Queue:
         """Delete a message whatever its lease, logging it as ``lost``: fault injection only
         (an auto-ack broker forgetting a message, an operator's mistake). False if absent."""
         check_text("message_id", message_id)
-        now = self.clock.now()
         with transaction(self.conn):
-            row = self.conn.execute("SELECT * FROM queue_messages WHERE message_id = ?",
-                                    (message_id,)).fetchone()
+            row = self.conn.execute(
+                "SELECT seq, event_id, correlation_id, delivery_count FROM queue_messages"
+                " WHERE message_id = ?", (message_id,)).fetchone()
             if row is None:
                 return False
-            self.conn.execute("DELETE FROM queue_messages WHERE message_id = ?", (message_id,))
-            log(self.conn, at=now, worker=worker, event_id=row["event_id"],
-                correlation_id=row["correlation_id"], message_id=message_id,
-                delivery_count=row["delivery_count"], outcome=Outcome.LOST, detail=reason)
+            self._forget(row["seq"], row["event_id"], row["correlation_id"], message_id,
+                         row["delivery_count"], reason, worker)
+        return True
+
+    def lose(self, delivery: Delivery, *, reason: str, worker: str = "chaos") -> bool:
+        """:meth:`drop` for a message the caller has just received: found by its row, the
+        lease not checked (the broker forgets the message, whoever holds it)."""
+        with transaction(self.conn):
+            return self._forget(delivery.seq, delivery.event_id, delivery.correlation_id,
+                                delivery.message_id, delivery.delivery_count, reason, worker)
+
+    def _forget(self, seq: int, event_id: str, correlation_id: str | None, message_id: str,
+                delivery_count: int, reason: str, worker: str) -> bool:
+        if self.conn.execute("DELETE FROM queue_messages WHERE seq = ?", (seq,)).rowcount == 0:
+            return False
+        log(self.conn, at=self.clock.now(), worker=worker, event_id=event_id,
+            correlation_id=correlation_id, message_id=message_id,
+            delivery_count=delivery_count, outcome=Outcome.LOST, detail=reason)
         return True
 
     # -- look ------------------------------------------------------------------------------

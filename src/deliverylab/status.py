@@ -35,15 +35,25 @@ def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 # -- one order ---------------------------------------------------------------------------------
-def event_state(conn: sqlite3.Connection, event_id: str) -> tuple[int, str]:
-    """(applications, state) of one event, counted exactly as :func:`deliverylab.check` does."""
-    last_rec = conn.execute(
-        "SELECT max(seq) FROM delivery_log WHERE event_id = ? AND outcome = 'reconciled'",
-        (event_id,)).fetchone()[0]
-    applied = conn.execute(
-        "SELECT count(*) FROM delivery_log WHERE event_id = ? AND outcome = 'applied'"
-        " AND seq > ?", (event_id, last_rec or 0)).fetchone()[0]
-    n = applied + (last_rec is not None)
+def applications(rows: list[tuple[int, str]]) -> int:
+    """How many times an event took effect, from its log rows as (seq, outcome): its 'applied'
+    rows after its last 'reconciled' row, plus one for that row — the checker's count."""
+    last_rec = max((seq for seq, outcome in rows if outcome == "reconciled"), default=None)
+    applied = sum(1 for seq, outcome in rows if outcome == "applied" and seq > (last_rec or 0))
+    return applied + (last_rec is not None)
+
+
+def event_state(conn: sqlite3.Connection, event_id: str,
+                log_rows: list[tuple[int, str]] | None = None) -> tuple[int, str]:
+    """(applications, state) of one event, counted exactly as :func:`deliverylab.check` does.
+
+    ``delivery_log`` has no index (see schema.sql): this reads it once, or not at all when the
+    caller already holds the event's rows as (seq, outcome)."""
+    if log_rows is None:
+        log_rows = [tuple(r) for r in conn.execute(
+            "SELECT seq, outcome FROM delivery_log WHERE event_id = ?"
+            " AND outcome IN ('applied', 'reconciled')", (event_id,))]
+    n = applications(log_rows)
     if n == 1:
         return n, "correct"
     if n > 1:
@@ -55,9 +65,10 @@ def event_state(conn: sqlite3.Connection, event_id: str) -> tuple[int, str]:
     return n, "lost"
 
 
-def order_view(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+def order_view(conn: sqlite3.Connection, row: sqlite3.Row,
+               log_rows: list[tuple[int, str]] | None = None) -> dict[str, Any]:
     """An order row as the API shows it, with what became of its event."""
-    applications, state = event_state(conn, row["event_id"])
+    applications, state = event_state(conn, row["event_id"], log_rows)
     return {"orderId": row["order_id"], "itemId": row["item_id"], "qty": row["qty"],
             "eventId": row["event_id"], "createdAt": row["created_at"],
             "applications": applications, "state": state}
@@ -85,7 +96,7 @@ def trace(conn: sqlite3.Connection, ref: str) -> dict[str, Any] | None:
         rows = conn.execute(
             "SELECT seq, at, worker, delivery_count, outcome, detail, message_id"
             " FROM delivery_log WHERE event_id = ? ORDER BY seq", (row["event_id"],)).fetchall()
-        return {"order": order_view(conn, row),
+        return {"order": order_view(conn, row, [(r["seq"], r["outcome"]) for r in rows]),
                 "deliveries": [dict(zip(TRACE_KEYS, tuple(r), strict=True)) for r in rows]}
 
 

@@ -403,18 +403,19 @@ def follow(conn: sqlite3.Connection, correlation_id: str) -> pd.DataFrame:
         event_ids.add(order["event_id"])
         rows.append((order["created_at"], 0, "orders", "order written",
                      f"{order['item_id']} x {order['qty']}, event {order['event_id']}"))
+    first_effect: dict[str, int] = {}  # event id -> seq of its first 'applied'/'reconciled'
     for r in conn.execute("SELECT * FROM delivery_log WHERE correlation_id = ? ORDER BY seq",
                           (correlation_id,)):
         event_ids.add(r["event_id"])
+        if r["outcome"] in ("applied", "reconciled"):
+            first_effect.setdefault(r["event_id"], r["seq"])
         where = f"delivery #{r['delivery_count']}" if r["delivery_count"] else "operator"
         rows.append((r["at"], r["seq"], "delivery_log", f"{r['outcome']} ({where})",
                      f"{r['worker']}, {r['message_id']}" + (f": {r['detail']}"
                                                            if r["detail"] else "")))
     for event_id in sorted(event_ids):
         # The inbox row commits with the first effect (or the repair): list it right after.
-        first = conn.execute(
-            "SELECT min(seq) FROM delivery_log WHERE event_id = ?"
-            " AND outcome IN ('applied', 'reconciled')", (event_id,)).fetchone()[0]
+        first = first_effect.get(event_id)
         for r in conn.execute("SELECT * FROM inbox_processed WHERE event_id = ?", (event_id,)):
             rows.append((r["processed_at"], 10**12 if first is None else first + 0.5,
                          "inbox_processed", "inbox row",

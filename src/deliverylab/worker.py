@@ -159,6 +159,10 @@ class Worker:
         if self.crash_exits:
             os._exit(70)
 
+    def _fires(self, point: str, d: Delivery) -> bool:
+        """Whether fault ``point`` strikes this delivery; never asked when no rate is set."""
+        return self.faults.active and self.faults.fires(point, d.event_id, d.delivery_count)
+
     # -- the effect ------------------------------------------------------------------------
     def _apply(self, d: Delivery) -> bool:
         """Run the effect for ``d`` inside the open transaction. False: a duplicate skipped."""
@@ -181,7 +185,7 @@ class Worker:
         whose partial writes are undone. Database errors are not caught: they surface."""
         self.conn.execute("SAVEPOINT message")
         try:
-            if self.faults.fires("process_error", d.event_id, d.delivery_count):
+            if self._fires("process_error", d):
                 raise RuntimeError("injected processing error")
             applied = self._apply(d)
         except sqlite3.Error:
@@ -261,9 +265,8 @@ class Worker:
         kept = []
         for d in deliveries:
             self._say(d, "received")
-            if self.faults.fires("lose_message", d.event_id, d.delivery_count):
-                self.queue.drop(d.message_id, reason="lost in transit (auto-ack)",
-                                worker=self.name)
+            if self._fires("lose_message", d):
+                self.queue.lose(d, reason="lost in transit (auto-ack)", worker=self.name)
                 self.stats.lost += 1
                 self._say(d, "lost before processing → no effect, no redelivery")
             else:
@@ -279,7 +282,7 @@ class Worker:
 
     def _ack_then_apply(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
-            if self.faults.fires("ack_fail", d.event_id, d.delivery_count):
+            if self._fires("ack_fail", d):
                 self.stats.ack_failed += 1
                 self._log(d, Outcome.ACK_FAILED, "not processed: the ACK was not confirmed")
                 self._say(d, "ack failed → not processing, expect redelivery")
@@ -290,7 +293,7 @@ class Worker:
                 continue
             self.stats.acked += 1
             self._say(d, "acked")
-            if self.faults.fires("crash_after_receive", d.event_id, d.delivery_count):
+            if self._fires("crash_after_receive", d):
                 self.stats.lost += 1
                 self._crash([d], "after_ack")
                 continue
@@ -312,9 +315,9 @@ class Worker:
             self.clock.sleep(self.work_time)
         fast = None
         if (self._handle_many is not None and self.mode is not Mode.TRANSACTIONAL
-                and not any(self.faults.fires(p, d.event_id, d.delivery_count)
-                            for d in deliveries
-                            for p in ("crash_after_receive", "process_error"))):
+                and not (self.faults.active
+                         and any(self._fires(p, d) for d in deliveries
+                                 for p in ("crash_after_receive", "process_error")))):
             fast = self._apply_batch(deliveries)
         if fast is not None:
             done = list(zip(deliveries, fast, strict=True))
@@ -322,8 +325,7 @@ class Worker:
             try:
                 with transaction(self.conn):
                     for d in deliveries:
-                        if self.faults.fires("crash_after_receive", d.event_id,
-                                             d.delivery_count):
+                        if self._fires("crash_after_receive", d):
                             raise SimulatedCrash("after_receive")
                         if self.mode is Mode.TRANSACTIONAL:  # its ACK may undo the effect
                             self.conn.execute("SAVEPOINT delivery")
@@ -356,13 +358,13 @@ class Worker:
             done = []
         to_ack = []
         for i, (d, _) in enumerate(done):
-            if self.faults.fires("crash_after_commit", d.event_id, d.delivery_count):
+            if self._fires("crash_after_commit", d):
                 # Every delivery of the batch not settled yet dies with the worker: the ones
                 # waiting for the batched ACK, the rest, and the failed ones never nacked.
                 self._crash([*to_ack, *(x for x, _ in done[i:]), *(x for x, _ in failed)],
                             "after_commit_before_ack")
                 raise SimulatedCrash("after_commit_before_ack")
-            if self.faults.fires("ack_fail", d.event_id, d.delivery_count):
+            if self._fires("ack_fail", d):
                 self.stats.ack_failed += 1
                 self._log(d, Outcome.ACK_FAILED, "the ACK never reached the queue")
                 self._say(d, "ack failed → expect redelivery")
