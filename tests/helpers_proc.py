@@ -62,12 +62,18 @@ def claim(args: argparse.Namespace) -> None:
     conn = db.connect(args.db)
     queue = Queue(conn, clock=SystemClock(), ids=Ids())
     got: list[str] = []
-    time.sleep(max(0.0, args.start_at - time.time()))
+    if args.barrier:  # a barrier across processes: start only once every claimer is connected
+        barrier = Path(args.barrier)
+        (barrier / f"{args.name}.ready").touch()
+        deadline = time.time() + 60
+        while len(list(barrier.glob("*.ready"))) < args.parties and time.time() < deadline:
+            time.sleep(0.001)
     while True:
         batch = queue.receive(3600, args.max_messages, worker=args.name)
         if not batch:
             break
         got.extend(d.message_id for d in batch)
+        time.sleep(args.pause)
     print(json.dumps(got), flush=True)
 
 
@@ -90,8 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("db")
     c.add_argument("--name", default="claimer")
     c.add_argument("--max-messages", type=int, default=3)
-    c.add_argument("--start-at", type=float, default=0.0,
-                   help="wall-clock time to start claiming at, so several processes compete")
+    c.add_argument("--barrier", help="a directory where the claimers meet before claiming,"
+                                      " so several processes really compete")
+    c.add_argument("--parties", type=int, default=1, help="how many claimers meet there")
+    c.add_argument("--pause", type=float, default=0.0,
+                   help="seconds between claims, outside any transaction, as if working: a"
+                        " claimer that never pauses can keep the write lock to itself")
     args = parser.parse_args(argv)
     {"work": work, "claim": claim}[args.verb](args)
 

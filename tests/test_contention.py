@@ -120,9 +120,11 @@ def test_worker_threads_upserting_the_same_items_reach_the_truth(file_lab):
 def test_processes_never_claim_the_same_message(tmp_path):
     lab = make_lab(tmp_path / "lab.db")
     fill(lab, 1500)
-    start_at = time.time() + 3  # every process imported and connected before anyone claims
+    barrier = tmp_path / "barrier"  # every process imported and connected before any claims
+    barrier.mkdir()
     results = run_all([command("claim", lab.path, "--name", f"p{k}", "--max-messages", 1 + k,
-                               "--start-at", start_at) for k in range(3)])
+                               "--barrier", barrier, "--parties", 3, "--pause", 0.001)
+                      for k in range(3)])
     assert_clean_exit(results)
     got = [json.loads(stdout) for _, stdout, _ in results]
     every = [m for g in got for m in g]
