@@ -3,6 +3,7 @@
 #   make book    set up .venv, execute every chapter, build the HTML into _build/html/
 #   make test    everything CI runs: lint, nbval, the strict book build, all tests
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
+#   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
 #
 # Setup is done once and redone only when requirements.txt or pyproject.toml change.
@@ -27,12 +28,13 @@ export JUPYTER_PREFER_ENV_PATH := 1
 # Quiets the debugger's "frozen modules" notice that every kernel prints on start.
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help setup assets chromium book book-strict lint nbval pytest test lab bench clean
+.PHONY: help setup assets chromium book book-strict lint nbval pytest test lab notebooks bench clean
 
 help:
 	@echo "make book    build the HTML book into _build/html/"
 	@echo "make test    lint, nbval on every chapter, strict book build, all tests"
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
+	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
 	@echo "make bench   run the benchmarks"
 	@echo "make clean   remove the built book and fetched assets (keeps .venv)"
 
@@ -105,6 +107,15 @@ lab: setup
 	cp scripts/jupyterlab/overrides.json .venv/share/jupyter/lab/settings/overrides.json
 	jupyter lab --ServerApp.root_dir=chapters --ServerApp.ip=127.0.0.1 \
 	  --ServerApp.port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# After a change to src/: execute every chapter in place, so the saved outputs nbval compares
+# against are the engine's current ones, and give the saved widgets ids that stay put.
+notebooks: setup
+	for nb in chapters/*.ipynb; do \
+	  jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.record_timing=False "$$nb"; \
+	done
+	python scripts/stable_widget_ids.py chapters/*.ipynb
 
 bench: setup
 	@shopt -s nullglob; files=(benchmarks/*.py); \
