@@ -402,6 +402,15 @@ BAD_CALLS = [
     ("payload", {"x": {1, 2}}, lambda q: q.send("evt-x", "OrderPlaced", {"x": {1, 2}})),
     ("message_ids", "msg-1", lambda q: q.redrive("msg-1")),
     ("message_id", "", lambda q: q.drop("")),
+    # A message id where a delivery belongs: the verbs that settle a delivery need the one
+    # receive returned (its row and receipt).
+    ("delivery", "msg-1", lambda q: q.ack("msg-1")),
+    ("delivery", None, lambda q: q.extend(None, 5)),
+    ("delivery", "msg-1", lambda q: q.nack("msg-1", 1)),
+    ("delivery", 42, lambda q: q.dead_letter(42, "boom")),
+    ("delivery", "msg-1", lambda q: q.lose("msg-1", reason="chaos")),
+    ("delivery", "msg-1", lambda q: q.ack_many(["msg-1"])),
+    ("deliveries", "msg-1", lambda q: q.ack_many("msg-1")),
 ]
 
 

@@ -60,6 +60,14 @@ def _deliveries(rows: list[tuple[Any, ...]]) -> list[Delivery]:
             for r, payload in zip(rows, payloads, strict=True)]
 
 
+def check_delivery(value: Any) -> Delivery:
+    """A :class:`Delivery` as :meth:`Queue.receive` returned it, or :class:`InvalidInput` (a
+    message id where a delivery belongs would otherwise fail deep inside with AttributeError)."""
+    if not isinstance(value, Delivery):
+        raise InvalidInput("delivery", value, "a Delivery returned by Queue.receive")
+    return value
+
+
 def encode_payload(payload: Any) -> str:
     if not isinstance(payload, dict):
         raise InvalidInput("payload", payload, "a JSON object (dict)")
@@ -180,6 +188,10 @@ class Queue:
 
     def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
         """Ack several deliveries in one transaction (one DELETE); one bool per delivery."""
+        if not isinstance(deliveries, list | tuple):
+            raise InvalidInput("deliveries", deliveries, "a list of deliveries")
+        for d in deliveries:
+            check_delivery(d)
         now = self.clock.now()
         with transaction(self.conn):
             if len(deliveries) == 1:  # the common case, without json_each (~10% faster)
@@ -203,6 +215,7 @@ class Queue:
 
     def extend(self, delivery: Delivery, seconds: float, *, worker: str = "worker") -> bool:
         """Push the lease ``seconds`` past now (SQS ChangeMessageVisibility). False if stale."""
+        check_delivery(delivery)
         s = check_number("seconds", seconds, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
         now = self.clock.now()
         with transaction(self.conn):
@@ -219,6 +232,7 @@ class Queue:
     def nack(self, delivery: Delivery, delay: float = 0.0, *, error: str | None = None,
              worker: str = "worker") -> bool:
         """Give the message back, visible again after ``delay`` seconds. False if stale."""
+        check_delivery(delivery)
         d = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
         now = self.clock.now()
         with transaction(self.conn):
@@ -235,6 +249,7 @@ class Queue:
 
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
         """Move the message to ``dead_letters`` now, with ``error``. False if stale."""
+        check_delivery(delivery)
         with transaction(self.conn):
             held = self.conn.execute(
                 "UPDATE queue_messages SET last_error = ? WHERE seq = ? AND receipt = ?",
@@ -307,6 +322,7 @@ class Queue:
     def lose(self, delivery: Delivery, *, reason: str, worker: str = "chaos") -> bool:
         """:meth:`drop` for a message the caller has just received: found by its row, the
         lease not checked (the broker forgets the message, whoever holds it)."""
+        check_delivery(delivery)
         with transaction(self.conn):
             return self._forget(delivery.seq, delivery.event_id, delivery.correlation_id,
                                 delivery.message_id, delivery.delivery_count, reason, worker)
