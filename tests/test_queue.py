@@ -469,26 +469,27 @@ def test_the_claim_searches_the_visible_index_without_a_sort(lab, sql):
     _assert_claim_uses_the_index(_claim_plan(lab.conn, sql))
 
 
-def test_the_claim_keeps_its_plan_on_a_deep_analyzed_queue(file_lab):
-    lab = file_lab
+def _fill_and_analyze(lab, n, visible_at):
+    """``n`` raw messages, message ``i`` visible at ``visible_at(i)``, then ANALYZE: the
+    planner's statistics of a deep queue."""
     with db.transaction(lab.conn):
         lab.conn.executemany(
             "INSERT INTO queue_messages (message_id, event_id, type, payload, visible_at,"
             " created_at) VALUES (?, ?, 'OrderPlaced', '{}', ?, 0)",
-            [(f"m{i}", f"e{i}", float(i % 97)) for i in range(20_000)])
+            [(f"m{i}", f"e{i}", visible_at(i)) for i in range(n)])
     lab.conn.execute("ANALYZE")
+
+
+def test_the_claim_keeps_its_plan_on_a_deep_analyzed_queue(file_lab):
+    lab = file_lab
+    _fill_and_analyze(lab, 20_000, lambda i: float(i % 97))
     _assert_claim_uses_the_index(_claim_plan(lab.conn))
     _assert_claim_uses_the_index(_claim_plan(lab.conn, Queue._CLAIM_ONE))
 
 
 def test_the_batched_ack_looks_each_message_up_by_its_row(file_lab):
     lab = file_lab
-    with db.transaction(lab.conn):
-        lab.conn.executemany(
-            "INSERT INTO queue_messages (message_id, event_id, type, payload, visible_at,"
-            " created_at) VALUES (?, ?, 'OrderPlaced', '{}', 0, 0)",
-            [(f"m{i}", f"e{i}") for i in range(5_000)])
-    lab.conn.execute("ANALYZE")
+    _fill_and_analyze(lab, 5_000, lambda i: 0.0)
     plan = [r[3] for r in lab.conn.execute("EXPLAIN QUERY PLAN " + Queue._ACK_MANY,
                                            {"pairs": '[[1, "r"]]'})]
     assert any("SCAN j" in d for d in plan), plan  # driven by the (small) list of deliveries
