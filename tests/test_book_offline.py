@@ -5,7 +5,7 @@ first; `make test` builds it before running them) in headless Chromium, served b
 `http.server`, and check each page in `_toc.yml`:
 
 - every request the page makes goes to the local server (no CDN, fonts, analytics);
-- no request fails and no script throws;
+- no request fails, no script throws and nothing is logged to the console as an error;
 - the page has content; chapter tables and images are visible (collapsed toggles are
   opened first) and images actually loaded;
 - maths, where a page has any, is typeset by the book's own MathJax;
@@ -143,6 +143,7 @@ class PageLog:
         self.requests: list[str] = []
         self.failures: list[str] = []
         self.errors: list[str] = []
+        self.console_errors: list[str] = []
         page.on("request", lambda r: self.requests.append(r.url))
         page.on("requestfailed", lambda r: self.failures.append(f"{r.url} ({r.failure})"))
         page.on(
@@ -152,6 +153,12 @@ class PageLog:
             ),
         )
         page.on("pageerror", lambda e: self.errors.append(str(e)))
+        # Console errors too: a 404 the page never saw as a response (the favicon) and the
+        # theme's complaints show up only here.
+        page.on(
+            "console",
+            lambda m: self.console_errors.append(m.text) if m.type == "error" else None,
+        )
 
     def external(self) -> list[str]:
         out = []
@@ -265,6 +272,7 @@ def test_page_is_offline_and_complete(name: str, built_book: Path, server: str, 
         assert not log.external(), f"{name}: requests off the machine: {log.external()}"
         assert not log.failures, f"{name}: failed requests: {log.failures}"
         assert not log.errors, f"{name}: script errors: {log.errors}"
+        assert not log.console_errors, f"{name}: console errors: {log.console_errors}"
     finally:
         page.close()
 
