@@ -78,8 +78,15 @@ PAGES = [strip_suffix(f) for f in toc_files(TOC)]
 def test_toc_is_a_numbered_book() -> None:
     assert TOC["format"] == "jb-book"
     assert TOC["root"] == "intro"
+    # The chapters are numbered; the reference pages after them (glossary, reading) are not.
     for part in TOC.get("parts", []):
-        assert part.get("numbered") is True, f"part {part.get('caption')!r} is not numbered"
+        files = [c["file"] for c in part["chapters"]]
+        if all(f.startswith("chapters/") for f in files):
+            assert part.get("numbered") is True, f"part {part.get('caption')!r} is not numbered"
+        else:
+            assert all(f.startswith("reference/") for f in files), (
+                f"part {part.get('caption')!r} mixes chapters and reference pages")
+            assert not part.get("numbered"), f"part {part.get('caption')!r} is numbered"
 
 
 def test_every_chapter_notebook_is_in_the_toc() -> None:
