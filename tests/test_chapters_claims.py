@@ -17,6 +17,9 @@ and delivery 2 is acked; the same seed crashes delivery 1 in the crash schedule.
 the naive consumer applies the order twice, the auto-ack consumer loses it, each survives the
 other's fault, the transactional consumer applies it once under both faults, and a transaction
 cannot take back an external side effect (an email sent twice while the database is right).
+It also says this engine is stricter than SQS with a stale receipt: the ACK of a worker whose
+lease ran out changes nothing, is answered ``False`` and leaves an ``ack_rejected`` row, and the
+current holder's delivery is untouched.
 """
 
 from __future__ import annotations
@@ -273,3 +276,17 @@ def test_a_transaction_cannot_take_back_an_email() -> None:
     lab.place_order("coffee-beans", 1, order_id="o-001")
     assert lab.run_until_idle().ok  # the database write happened once
     assert sent == ["o-001", "o-001"]  # the email went out twice
+
+
+def test_a_stale_receipt_is_refused_and_the_refusal_is_recorded() -> None:
+    lab = Lab(seed=STORY_SEED)
+    lab.place_order("coffee-beans", 1, order_id="o-001")
+    [stale] = lab.queue.receive(2.0, worker="worker-1")
+    lab.advance(2.5)  # the lease ran out; the queue hands the message to worker 2
+    [current] = lab.queue.receive(2.0, worker="worker-2")
+    assert lab.queue.ack(stale, worker="worker-1") is False
+    assert len(lab.queue_table()) == 1  # nothing deleted
+    rejected = lab.log("o-001").query("outcome == 'ack_rejected'")
+    assert rejected[["worker", "delivery_count"]].values.tolist() == [["worker-1", 1]]
+    assert lab.queue.ack(current, worker="worker-2") is True
+    assert lab.queue_table().empty

@@ -9,11 +9,22 @@ applies every order once and parks some messages whose effect did happen.
 Chapter 5 loses messages with seed 11 (the same orders lost in every mode), then shows the
 race: seed 5, three messages lost, five orders in flight; the naive rebuild double-counts the
 five, the engine's repair marks eight events and stays correct. A schedule bounds the loss.
+
+Chapter 4's durability section says a commit with ``synchronous=NORMAL`` in WAL mode survives a
+killed process (only a power cut or an operating-system crash can take it back): a real process
+commits an order, is SIGKILLed before it closes anything, and the order is there.
 """
 
 from __future__ import annotations
 
-from deliverylab import labviews, naive
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from deliverylab import db, labviews, naive
 from deliverylab.faults import Faults
 from deliverylab.lab import Lab, guarantee_matrix
 from deliverylab.panel import LabPanel
@@ -135,3 +146,44 @@ def test_chapter_5_only_the_orders_rebuild_the_projection():
     projection = broken.conn.execute(
         "SELECT sum(reserved_qty) FROM inventory_projection").fetchone()[0]
     assert applied == projection != truth
+
+
+COMMIT_THEN_WAIT = textwrap.dedent("""
+    import sys, time
+    from deliverylab import db
+    from deliverylab.clock import SystemClock
+    from deliverylab.ids import Ids
+    from deliverylab.orders import place_order
+    from deliverylab.queue import Queue
+
+    conn = db.connect(sys.argv[1])
+    conn.execute("PRAGMA synchronous = NORMAL")
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    place_order(Queue(conn, clock=SystemClock(), ids=Ids(seed=1)), item_id="coffee-beans",
+                qty=1, order_id="o-001")
+    print("committed", flush=True)
+    time.sleep(60)  # killed long before this ends: nothing is closed or checkpointed
+""")
+
+
+def test_chapter_4_a_normal_commit_survives_a_killed_process(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    db.init_db(path).close()
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    child = subprocess.Popen([sys.executable, "-c", COMMIT_THEN_WAIT, str(path)],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": src})
+    try:
+        assert child.stdout.readline().strip() == "committed"
+        # The commit is in the write-ahead log only; nothing was fsynced or checkpointed.
+        assert Path(f"{path}-wal").stat().st_size > 0
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stdout.close()
+    conn = db.connect(path)
+    assert [tuple(r) for r in conn.execute("SELECT order_id, qty FROM orders")] == [("o-001", 1)]
+    assert conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 1
+    conn.close()

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from deliverylab import trace
+from deliverylab.errors import InvalidInput
 from deliverylab.faults import Faults
 from deliverylab.lab import Lab
 
@@ -81,7 +82,7 @@ def test_the_ack_loss_story_is_drawn_from_the_log() -> None:
     lab = story("at-least-once", ACK_LOSS)
     ax = trace.plot_timeline(lab.conn, "o-001")
     assert [t.get_text() for t in ax.get_yticklabels()] == ["queue", "worker", "database"]
-    assert ax.get_title() == "deliveries of order o-001"
+    assert ax.get_title() == "deliveries of order o-001, at-least-once worker"
     labels = texts(ax)
     for expected in ("received #1", "applied #1", "ACK lost #1", "received #2",
                      "applied #2", "acked #2", "lease expired: visible again"):
@@ -99,6 +100,27 @@ def test_the_auto_ack_crash_shows_the_ack_before_the_effect_and_no_database_arro
     assert {"received #1", "acked #1", "crashed #1"} <= set(labels)
     assert not any(label.startswith("applied") for label in labels)
     assert lab.check().lost == 1
+
+
+@pytest.mark.parametrize("mode", ["at-least-once", "idempotent", "transactional"])
+def test_the_title_names_the_mode_the_log_recorded(mode: str) -> None:
+    lab = story(mode, ACK_LOSS)
+    assert trace.plot_timeline(lab.conn, "o-001").get_title() == \
+        f"deliveries of order o-001, {mode} worker"
+
+
+def test_a_story_with_nothing_applied_is_titled_with_the_mode_it_is_given() -> None:
+    # The auto-ack worker crashed before any effect: the log records no mode.
+    lab = story("at-most-once", CRASH)
+    assert trace.plot_timeline(lab.conn, "o-001").get_title() == "deliveries of order o-001"
+    ax = trace.plot_timeline(lab.conn, "o-001", mode="at-most-once")
+    assert ax.get_title() == "deliveries of order o-001, at-most-once worker"
+
+
+def test_an_unknown_mode_is_refused_by_name() -> None:
+    lab = story("at-least-once", ACK_LOSS)
+    with pytest.raises(InvalidInput, match="mode.*'exactly-once'"):
+        trace.plot_timeline(lab.conn, "o-001", mode="exactly-once")
 
 
 def test_the_transactional_commit_is_drawn_as_one_transaction() -> None:

@@ -56,6 +56,7 @@ import numbers
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -217,7 +218,7 @@ def simulate(
     )
 
 
-def sweep(
+def runs(
     strategies: Iterable[str] = STRATEGIES,
     clients: Iterable[int] = range(10, 101, 10),
     *,
@@ -225,10 +226,10 @@ def sweep(
     base: float = 0.005,
     cap: float = 2.0,
 ) -> pd.DataFrame:
-    """Mean ``work`` and ``completion_time`` over ``seeds`` for each strategy and client count.
+    """One row per (strategy, clients, seed): ``work`` and ``completion_time`` of each run.
 
-    One row per (strategy, clients), in the order given: tidy for plotting work or time
-    against clients with one line per strategy, like the post's figures.
+    The seeds' spread is part of the result: plot it (:func:`plot_sweep`) rather than only
+    the mean, which :func:`sweep` gives.
     """
     strategies, clients, seeds = list(strategies), list(clients), list(seeds)
     for name, values in (("strategies", strategies), ("clients", clients), ("seeds", seeds)):
@@ -243,13 +244,66 @@ def sweep(
     rows = []
     for strategy in strategies:
         for n in clients:
-            runs = [simulate(strategy, n, base=base, cap=cap, seed=s) for s in seeds]
-            rows.append(
-                {
-                    "strategy": strategy,
-                    "clients": n,
-                    "work": sum(r.work for r in runs) / len(runs),
-                    "completion_time": sum(r.completion_time for r in runs) / len(runs),
-                }
-            )
+            for s in seeds:
+                r = simulate(strategy, n, base=base, cap=cap, seed=s)
+                rows.append({"strategy": strategy, "clients": n, "seed": s, "work": r.work,
+                             "completion_time": r.completion_time})
+    return pd.DataFrame(rows, columns=["strategy", "clients", "seed", "work", "completion_time"])
+
+
+def mean_over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """:func:`runs`'s rows averaged over the seeds: one row per (strategy, clients)."""
+    rows = []
+    for (strategy, n), group in per_seed.groupby(["strategy", "clients"], sort=False):
+        rows.append({"strategy": strategy, "clients": n,
+                     "work": sum(group["work"]) / len(group),
+                     "completion_time": sum(group["completion_time"]) / len(group)})
     return pd.DataFrame(rows, columns=["strategy", "clients", "work", "completion_time"])
+
+
+def sweep(
+    strategies: Iterable[str] = STRATEGIES,
+    clients: Iterable[int] = range(10, 101, 10),
+    *,
+    seeds: Iterable[int] = range(3),
+    base: float = 0.005,
+    cap: float = 2.0,
+) -> pd.DataFrame:
+    """Mean ``work`` and ``completion_time`` over ``seeds`` for each strategy and client count.
+
+    One row per (strategy, clients), in the order given: tidy for plotting work or time
+    against clients with one line per strategy, like the post's figures.
+    """
+    return mean_over_seeds(runs(strategies, clients, seeds=seeds, base=base, cap=cap))
+
+
+def plot_sweep(per_seed: pd.DataFrame, axes: Any = None) -> Any:
+    """Work and completion time against clients, one colour per strategy: the mean over the
+    seeds as a line, every seed's run as a dot, and the band from the lowest to the highest.
+
+    ``per_seed`` is :func:`runs`'s frame. Returns the two axes (work, completion time).
+    """
+    import matplotlib.pyplot as plt
+
+    if per_seed.empty:
+        raise ValueError("per_seed must not be empty, got an empty frame")
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax_work, ax_time = axes
+    seeds = per_seed["seed"].nunique()
+    for strategy, rows in per_seed.groupby("strategy", sort=False):
+        for ax, column in ((ax_work, "work"), (ax_time, "completion_time")):
+            by_n = rows.groupby("clients")[column]
+            lo, hi, mean = by_n.min(), by_n.max(), by_n.mean()
+            line, = ax.plot(mean.index, mean.values, lw=1.5, label=strategy)
+            ax.fill_between(lo.index, lo.values, hi.values, color=line.get_color(), alpha=0.18,
+                            lw=0)
+            ax.plot(rows["clients"], rows[column], ".", ms=3, color=line.get_color(),
+                    alpha=0.6)
+    ax_work.set(title="work: calls to the server", xlabel="contending clients", ylabel="calls")
+    ax_time.set(title="completion time", xlabel="contending clients",
+                ylabel="seconds (log scale)", yscale="log")
+    ax_work.legend(title=f"line: mean of {seeds} seeds\nband: lowest to highest", fontsize=8,
+                   title_fontsize=8)
+    ax_work.figure.tight_layout()
+    return axes

@@ -464,3 +464,60 @@ def run_with_schedule(lab: Lab, *, steps: int, every: int | None, order_every: i
     import pandas as pd
 
     return pd.DataFrame(rows, columns=SCHEDULE_COLUMNS)
+
+
+def plot_fault_sweep(sweeps: Mapping[str, pd.DataFrame], *, orders: int, seed: int,
+                     titles: Mapping[str, str] | None = None) -> Any:
+    """Lost and duplicated effects against one fault rate per panel, for every mode.
+
+    ``sweeps`` maps a fault point to its :func:`~deliverylab.lab.fault_sweep` frame. Colour
+    says the mode and the line style says what is counted (solid dots: lost; dashed squares:
+    duplicated), so the legend has one entry per mode and one per count instead of one per
+    curve. Most curves are flat on zero and would hide one another there: each panel names
+    the curves that never leave zero, and draws them as one grey line.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    if not sweeps:
+        raise InvalidInput("sweeps", "{}", "at least one fault point's sweep")
+    titles = dict(titles or {})
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4.4), sharey=True,
+                             squeeze=False)
+    colors: dict[str, Any] = {}
+    styles = {"lost": {"marker": "o", "ls": "-", "mfc": None},
+              "duplicated": {"marker": "s", "ls": "--", "mfc": "none"}}
+    for ax, (point, sweep) in zip(axes[0], sweeps.items(), strict=True):
+        if point not in sweep.columns:
+            raise InvalidInput("sweeps", point, "a fault point that is a column of its sweep")
+        flat = []
+        for k, (mode, rows) in enumerate(sweep.groupby("mode", sort=False)):
+            zero = [count for count in styles if (rows[count] == 0).all()]
+            if zero:
+                flat.append(f"{mode}: {' and '.join(zero)}")
+            for count in styles:
+                if count in zero:
+                    continue
+                color = colors.setdefault(mode, plt.cm.tab10.colors[k % 10])
+                style = styles[count]
+                ax.plot(rows[point], rows[count], color=color, marker=style["marker"],
+                        ls=style["ls"], mfc=style["mfc"] or color, zorder=3)
+        if flat:
+            ax.axhline(0, color="#999999", lw=2, zorder=2)
+            ax.text(0.03, 0.96, "0 at every rate (grey line):\n" + "\n".join(flat),
+                    transform=ax.transAxes, va="top", ha="left", fontsize=8, color="#444444",
+                    bbox={"facecolor": "white", "edgecolor": "#dddddd", "alpha": 0.9})
+        ax.set_title(titles.get(point, point))
+        ax.set_xlabel(f"fault rate ({point})")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"orders out of {orders}")
+    order = dict.fromkeys(m for sweep in sweeps.values() for m in sweep["mode"])
+    handles = [Line2D([], [], color=colors[m], lw=3, label=m) for m in order if m in colors]
+    handles += [Line2D([], [], color="black", marker=st["marker"], ls=st["ls"],
+                       mfc=st["mfc"] or "black", label=count) for count, st in styles.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9,
+               frameon=False)
+    fig.suptitle(f"Lost and duplicated effects against the fault rate ({orders} orders,"
+                 f" seed {seed})")
+    fig.subplots_adjust(bottom=0.22, top=0.86, wspace=0.08)
+    return fig

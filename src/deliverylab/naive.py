@@ -143,7 +143,8 @@ def ack_by_id(conn: sqlite3.Connection, message_id: str) -> bool:
 
     A worker whose lease ran out still "succeeds" and deletes the message another worker is
     processing. Fixed by :meth:`deliverylab.queue.Queue.ack`, which deletes only while the
-    delivery's receipt is the current one (as SQS requires the latest receipt handle).
+    delivery's receipt is the current one, and says so when it is not: stricter than SQS, whose
+    ``DeleteMessage`` with an old receipt handle succeeds and may not delete the message.
     """
     return conn.execute("DELETE FROM queue_messages WHERE message_id = ?",
                         (message_id,)).rowcount == 1

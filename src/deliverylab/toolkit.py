@@ -342,6 +342,36 @@ def delivery_histogram(conn: sqlite3.Connection, p: float, max_receives: int) ->
     return frame
 
 
+def plot_delivery_histogram(histogram: pd.DataFrame, p: float, ax: Any = None) -> Any:
+    """Bars of observed events per delivery count, the geometric expectation as a line.
+
+    ``histogram`` is :func:`delivery_histogram`'s frame. Its last row is not "k deliveries"
+    like the others but "max_receives or more, cut there": after ``max_receives`` receives a
+    message is dead-lettered, so the last bar and the last expected point hold the whole tail.
+    The axis says so, and the last bar is hatched.
+    """
+    import matplotlib.pyplot as plt
+
+    if histogram.empty:
+        raise InvalidInput("histogram", "an empty frame", "delivery_histogram's rows")
+    p = check_number("p", p, minimum=0, maximum=0.999)
+    own = ax is None
+    if own:
+        _, ax = plt.subplots(figsize=(8, 3.8))
+    ks = [int(k) for k in histogram["deliveries"]]
+    last = ks[-1]
+    bars = ax.bar(ks, histogram["observed"], color="tab:blue", alpha=0.7, label="observed")
+    bars[-1].set_hatch("//")
+    ax.plot(ks, histogram["expected"], "o-", color="black", label=f"geometric, p = {p:g}")
+    ax.set_xticks(ks, [str(k) for k in ks[:-1]] + [f"≥ {last}\n(max_receives)"])
+    ax.set(xlabel="deliveries of one event", ylabel="events", yscale="log",
+           title="delivery counts under ACK loss")
+    ax.legend()
+    if own:
+        ax.figure.tight_layout()
+    return ax
+
+
 def ack_loss_run(p: float, *, orders: int = 400, seed: int = 0, max_receives: int = 10,
                  poison: bool = True) -> Lab:
     """An idempotent lab whose ACKs are lost with probability ``p``, run until idle.

@@ -175,18 +175,40 @@ def leases(frame: pd.DataFrame) -> list[tuple[int, float, float, bool]]:
     return out
 
 
-def plot_timeline(conn: sqlite3.Connection, correlation_id: str, ax: Any = None) -> Any:
+def worker_mode(frame: pd.DataFrame) -> str | None:
+    """The worker mode a :func:`timeline` frame was recorded under, when the log says it.
+
+    A worker writes its mode on every ``applied`` row; a story in which nothing was applied
+    (an auto-ack worker that crashed) does not say, and neither do rows from several modes.
+    """
+    from .worker import Mode
+
+    modes = {d for d in frame.loc[frame["outcome"] == "applied", "detail"]
+             if d in {m.value for m in Mode}}
+    return modes.pop() if len(modes) == 1 else None
+
+
+def plot_timeline(conn: sqlite3.Connection, correlation_id: str, ax: Any = None, *,
+                  mode: str | None = None) -> Any:
     """A swimlane picture (queue, worker, database) of one order's deliveries, from the log.
 
     Arrows run between the lanes: the queue hands a delivery to the worker, the worker
     commits to the database and sends its ACK back to the queue (a lost ACK stops halfway,
     marked x). The shaded bar on the queue lane is each delivery's lease; a dotted line marks
     a lease that ran out, after which the queue redelivered. Labels carry the delivery number.
+
+    The title names the worker's ``mode`` (the same story means opposite things under
+    different modes); without it, the mode the log's ``applied`` rows recorded, if any.
     """
     import matplotlib.pyplot as plt
     from matplotlib.transforms import offset_copy
 
+    from .worker import Mode
+
+    if mode is not None:
+        mode = Mode.parse(mode).value
     frame = timeline(conn, correlation_id)
+    mode = mode or (worker_mode(frame) if not frame.empty else None)
     lane_y = {"queue": 2.0, "worker": 1.0, "database": 0.0}
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 3.8))
@@ -195,7 +217,8 @@ def plot_timeline(conn: sqlite3.Connection, correlation_id: str, ax: Any = None)
     ax.set_yticks(list(lane_y.values()), list(lane_y))
     ax.set_ylim(-0.6, 2.8)
     ax.set_xlabel("time on the clock (s)")
-    ax.set_title(f"deliveries of order {correlation_id}")
+    ax.set_title(f"deliveries of order {correlation_id}"
+                 + (f", {mode} worker" if mode else ""))
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     if frame.empty:
