@@ -104,6 +104,15 @@ def test_keys_live_in_the_services_file_across_restarts(tmp_path: Path) -> None:
     assert second.charge_count() == 1
 
 
+def test_without_a_seed_a_reopened_service_keeps_charging_with_fresh_ids(tmp_path: Path) -> None:
+    path = tmp_path / "payments.db"
+    for _ in range(2):
+        service = PaymentService(path, clock=FakeClock())
+        service.charge(order_id="o-1", amount=500)
+        service.conn.close()
+    assert PaymentService(path, clock=FakeClock()).charge_count() == 2
+
+
 def test_charge_ids_do_not_repeat_the_labs_event_ids() -> None:
     lab = Lab(seed=12)
     placed = lab.place_order("coffee-beans", 1)
@@ -219,6 +228,13 @@ def test_relay_refuses_bad_arguments_and_writes_nothing() -> None:
     with pytest.raises(InvalidInput, match="service"):
         relay.relay(lab.conn, object(), clock=lab.clock)  # type: ignore[arg-type]
     assert relay.outbox_frame(lab.conn).attempts.tolist() == [0, 0] and service.calls == 0
+
+
+def test_relay_without_its_table_says_which_install_to_run() -> None:
+    lab = Lab(seed=8)
+    with pytest.raises(InvalidInput, match=r"with payment_outbox \(run deliverylab.relay.install") as refused:
+        relay.relay(lab.conn, PaymentService(clock=lab.clock), clock=lab.clock)
+    assert refused.value.field == "conn"
 
 
 @pytest.mark.slow

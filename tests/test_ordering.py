@@ -70,6 +70,16 @@ def test_an_unknown_order_is_refused_naming_it(lab) -> None:
     assert written(lab) == before
 
 
+def test_without_its_tables_the_module_says_which_install_to_run() -> None:
+    bare = Lab(seed=4)
+    bare.place_order("coffee-beans", 1, order_id="o-1")
+    with pytest.raises(InvalidInput, match="ordering.install") as refused:
+        change_status(bare.queue, "o-1", "paid")
+    assert refused.value.field == "conn"
+    with pytest.raises(InvalidInput, match="order_status_changes, order_status"):
+        status_check(bare.conn)
+
+
 # -- the projection, event by event --------------------------------------------------------------
 
 def delivery(status: str, version: int, n: int = 1) -> Delivery:

@@ -27,6 +27,7 @@ from .errors import InvalidInput, check_int, check_number, check_text
 from .faults import NO_FAULTS, Faults
 from .lab import Lab
 from .queue import Delivery, Queue
+from .tables import install_schema, require_tables
 from .worker import Handler, Mode, PoisonMessage, Worker, apply_order_placed
 
 if TYPE_CHECKING:
@@ -62,10 +63,7 @@ CREATE TABLE IF NOT EXISTS order_status (
 def install(conn: sqlite3.Connection) -> None:
     """Create the status truth (``order_status_changes``, beside ``orders``) and the status
     projection (``order_status``) if they are not there yet (idempotent)."""
-    with transaction(conn):
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+    install_schema(conn, SCHEMA)
 
 
 # -- the producer ---------------------------------------------------------------------------------
@@ -96,6 +94,7 @@ def change_status(queue: Queue, order_id: str, status: str) -> StatusChange:
     if status not in TRANSITIONS or status == "placed":
         raise InvalidInput("status", status, "one of paid, shipped, cancelled")
     conn = queue.conn
+    require_tables(conn, ["order_status_changes"], "deliverylab.ordering.install")
     with transaction(conn):
         current = _current(conn, order_id)
         if current is None:
@@ -198,6 +197,7 @@ def status_rows(conn: sqlite3.Connection) -> list[tuple[str, str, int, str | Non
 
 
 def status_check(conn: sqlite3.Connection) -> StatusCheck:
+    require_tables(conn, ["order_status_changes", "order_status"], "deliverylab.ordering.install")
     rows = status_rows(conn)
     missing = sum(1 for r in rows if r[3] is None)
     correct = sum(1 for r in rows if r[3] == r[1])

@@ -26,6 +26,7 @@ from .errors import InvalidInput, check_int, check_number
 from .faults import Faults
 from .lab import Lab
 from .queue import Delivery
+from .tables import install_schema, require_tables
 from .worker import Handler, Mode, PoisonMessage, apply_order_placed
 
 if TYPE_CHECKING:
@@ -50,10 +51,7 @@ RELAY_CRASH = "relay_crash"  # the fault point: the relay dies after the call, b
 
 def install(conn: sqlite3.Connection) -> None:
     """Create ``payment_outbox`` in the consumer's database if it is not there (idempotent)."""
-    with transaction(conn):
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+    install_schema(conn, SCHEMA)
 
 
 def outbox_handler(*, clock: Clock) -> Handler:
@@ -96,6 +94,7 @@ def relay(conn: sqlite3.Connection, service: PaymentService, *, clock: Clock,
         raise InvalidInput("keyed", keyed, "True or False")
     rate = check_number("crash_rate", crash_rate, minimum=0, maximum=1)
     check_int("limit", limit, minimum=1, maximum=10_000)
+    require_tables(conn, ["payment_outbox"], "deliverylab.relay.install")
     faults = Faults(seed=seed)
     rows = conn.execute(
         "SELECT request_key, order_id, amount FROM payment_outbox WHERE sent_at IS NULL"

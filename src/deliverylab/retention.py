@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .clock import Clock
 from .db import transaction
-from .errors import InvalidInput, check_number, check_text
+from .errors import InvalidInput, check_int, check_number, check_text
+from .faults import Faults
+from .lab import Lab
 from .worker import Worker
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DAY = 86_400.0
 
@@ -167,10 +173,8 @@ def late_redrive(*, redrive_window: float, redrive_after: float = DAY, orders: i
     parked in ``dead_letters``, already applied); ``redrive_after`` seconds later the inbox is
     pruned at the horizon of a queue whose dead letters may be redriven for ``redrive_window``,
     the dead letters are redriven, and a healthy worker consumes them."""
-    from .faults import Faults
-    from .lab import Lab
-
     redrive_after = check_number("redrive_after", redrive_after, minimum=0)
+    check_int("orders", orders, minimum=0, maximum=100_000)
     lab = Lab(seed=seed, faults=Faults(seed=seed, ack_fail=ack_fail))
     lab.place_orders(orders)
     lab.run_until_idle()
@@ -189,13 +193,10 @@ def late_redrive(*, redrive_window: float, redrive_after: float = DAY, orders: i
 
 
 def growth_table(*, days: int = 30, orders_per_day: int = 50, keep_days: float = 7.0,
-                 seed: int = 0):
+                 seed: int = 0) -> pd.DataFrame:
     """Inbox rows at the end of each day, kept forever beside pruned every day at a
     ``keep_days`` horizon (a queue whose dead letters may be redriven for a week, say)."""
     import pandas as pd
-
-    from .errors import check_int
-    from .lab import Lab
 
     check_int("days", days, minimum=1, maximum=3650)
     check_int("orders_per_day", orders_per_day, minimum=1, maximum=100_000)
