@@ -1,0 +1,350 @@
+"""Order matters: an order's status, a projection that is not a sum.
+
+The inventory projection adds quantities, and addition does not care about order: events
+applied in any order give the same total. An order's *status* is different. ``placed → paid →
+shipped`` applied as ``placed → shipped → paid`` ends at ``paid``: the last write wins, and the
+last write is whichever event arrived last, not whichever happened last. A queue reorders
+events whenever one is retried (its first attempt failed, or its ACK was lost and it comes back
+after a newer one) and whenever two workers hold events of the same order at once.
+
+The producer numbers each order's changes (``version``, 1 for ``placed``) in the same
+transaction as the event, and the fixed projection applies an event only if it is newer than
+what it holds: ``UPDATE … WHERE version < ?``, here an UPSERT whose ``DO UPDATE`` has that
+``WHERE``. The result no longer depends on the order of arrival.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .clock import Clock
+from .db import transaction
+from .errors import InvalidInput, check_int, check_number, check_text
+from .faults import NO_FAULTS, Faults
+from .lab import Lab
+from .queue import Delivery, Queue
+from .tables import install_schema, require_tables
+from .worker import Handler, Mode, PoisonMessage, Worker, apply_order_placed
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+STATUS_EVENT = "OrderStatusChanged"
+# Which status may follow which: the producer refuses anything else.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "placed": ("paid", "cancelled"),
+    "paid": ("shipped", "cancelled"),
+    "shipped": (),
+    "cancelled": (),
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS order_status_changes (
+    order_id   TEXT NOT NULL,
+    version    INTEGER NOT NULL CHECK (version >= 2),
+    status     TEXT NOT NULL,
+    event_id   TEXT NOT NULL UNIQUE,
+    changed_at REAL NOT NULL,
+    PRIMARY KEY (order_id, version)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS order_status (
+    order_id   TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+"""
+
+
+def install(conn: sqlite3.Connection) -> None:
+    """Create the status truth (``order_status_changes``, beside ``orders``) and the status
+    projection (``order_status``) if they are not there yet (idempotent)."""
+    install_schema(conn, SCHEMA)
+
+
+# -- the producer ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    order_id: str
+    status: str
+    version: int
+    event_id: str
+
+
+def _current(conn: sqlite3.Connection, order_id: str) -> tuple[str, int] | None:
+    """(status, version) of an order in the truth; None if there is no such order."""
+    row = conn.execute(
+        "SELECT status, version FROM order_status_changes WHERE order_id = ?"
+        " ORDER BY version DESC LIMIT 1", (order_id,)).fetchone()
+    if row is not None:
+        return row[0], row[1]
+    placed = conn.execute("SELECT 1 FROM orders WHERE order_id = ?", (order_id,)).fetchone()
+    return ("placed", 1) if placed else None
+
+
+def change_status(queue: Queue, order_id: str, status: str) -> StatusChange:
+    """Move an order to ``status``: the change row (the truth, with the next version) and its
+    ``OrderStatusChanged`` event commit in one transaction, the outbox again."""
+    check_text("order_id", order_id)
+    if status not in TRANSITIONS or status == "placed":
+        raise InvalidInput("status", status, "one of paid, shipped, cancelled")
+    conn = queue.conn
+    require_tables(conn, ["order_status_changes"], "deliverylab.ordering.install")
+    with transaction(conn):
+        current = _current(conn, order_id)
+        if current is None:
+            raise InvalidInput("order_id", order_id, "the id of a placed order")
+        was, version = current
+        if status not in TRANSITIONS[was]:
+            allowed = " or ".join(TRANSITIONS[was]) or "nothing (it is final)"
+            raise InvalidInput("status", status, f"a status that may follow {was!r}: {allowed}")
+        event_id = queue.ids.event_id()
+        conn.execute(
+            "INSERT INTO order_status_changes (order_id, version, status, event_id, changed_at)"
+            " VALUES (?, ?, ?, ?, ?)", (order_id, version + 1, status, event_id, queue.clock.now()))
+        queue.send(event_id, STATUS_EVENT,
+                   {"orderId": order_id, "status": status, "version": version + 1},
+                   correlation_id=order_id)
+    return StatusChange(order_id, status, version + 1, event_id)
+
+
+# -- the projection -------------------------------------------------------------------------------
+
+LAST_WRITE_WINS = (
+    "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+    " version = excluded.version, updated_at = excluded.updated_at")
+# The fix: the same UPSERT, applied only when the event is newer than the row.
+NEWER_WINS = LAST_WRITE_WINS + " WHERE excluded.version > order_status.version"
+
+
+def _status_of(delivery: Delivery) -> tuple[str, str, int]:
+    p = delivery.payload
+    if delivery.type == "OrderPlaced":
+        order_id, status, version = p.get("orderId"), "placed", 1
+    elif delivery.type == STATUS_EVENT:
+        order_id, status, version = p.get("orderId"), p.get("status"), p.get("version")
+    else:
+        raise PoisonMessage(f"unknown event type {delivery.type!r}")
+    if not isinstance(order_id, str) or status not in TRANSITIONS or not isinstance(
+            version, int) or isinstance(version, bool) or version < 1:
+        raise PoisonMessage(f"payload needs orderId, a status and a version >= 1, got {p!r}")
+    return order_id, status, version
+
+
+def status_handler(*, versioned: bool, clock: Clock) -> Handler:
+    """A handler for both event types: ``OrderPlaced`` reserves (the engine's UPSERT) and
+    sets ``placed``; ``OrderStatusChanged`` sets its status. ``versioned=False`` writes
+    whatever arrives (last write wins); ``versioned=True`` only what is newer."""
+    if not isinstance(versioned, bool):
+        raise InvalidInput("versioned", versioned, "True or False")
+    sql = NEWER_WINS if versioned else LAST_WRITE_WINS
+
+    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
+        order_id, status, version = _status_of(delivery)
+        if delivery.type == "OrderPlaced":
+            apply_order_placed(conn, delivery)
+        conn.execute(sql, (order_id, status, version, clock.now()))
+
+    return handle
+
+
+# -- the check ------------------------------------------------------------------------------------
+
+_STATUS_SQL = """
+    WITH latest AS (
+        SELECT c.order_id, c.status, c.version FROM order_status_changes AS c
+         WHERE c.version = (SELECT max(version) FROM order_status_changes
+                             WHERE order_id = c.order_id))
+    SELECT o.order_id, coalesce(l.status, 'placed'), coalesce(l.version, 1), p.status, p.version
+      FROM orders AS o
+      LEFT JOIN latest AS l USING (order_id)
+      LEFT JOIN order_status AS p USING (order_id)
+     ORDER BY o.created_at, o.order_id
+"""
+STATUS_COLUMNS = ["order_id", "truth", "truth_version", "projection", "projection_version"]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCheck:
+    orders: int
+    correct: int
+    wrong: int  # the projection holds another status than the truth
+    missing: int  # no status yet (its events still queued, or lost)
+
+    @property
+    def ok(self) -> bool:
+        return self.correct == self.orders
+
+    @property
+    def verdict(self) -> str:
+        if self.ok:
+            return f"OK: all {self.orders} order statuses match the truth"
+        parts = [f"{self.wrong} wrong"] if self.wrong else []
+        if self.missing:
+            parts.append(f"{self.missing} missing")
+        return f"BROKEN: {', '.join(parts)} of {self.orders} order statuses"
+
+
+def status_rows(conn: sqlite3.Connection) -> list[tuple[str, str, int, str | None, int | None]]:
+    """(order_id, truth, truth_version, projection, projection_version) per order."""
+    return [tuple(r) for r in conn.execute(_STATUS_SQL)]
+
+
+def status_check(conn: sqlite3.Connection) -> StatusCheck:
+    require_tables(conn, ["order_status_changes", "order_status"], "deliverylab.ordering.install")
+    rows = status_rows(conn)
+    missing = sum(1 for r in rows if r[3] is None)
+    correct = sum(1 for r in rows if r[3] == r[1])
+    return StatusCheck(orders=len(rows), correct=correct, wrong=len(rows) - correct - missing,
+                       missing=missing)
+
+
+def status_frame(conn: sqlite3.Connection) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(status_rows(conn), columns=STATUS_COLUMNS)
+
+
+# -- two workers at once, on one fake clock -------------------------------------------------------
+
+class Overlap:
+    """A worker's clock on which, while that worker works, another takes a step.
+
+    The engine's worker sleeps its ``work_time`` between receiving a message and committing
+    its effect. On this clock each such sleep runs ``step`` (another worker's whole step:
+    receive, apply, ack) with probability ``rate``, drawn from a seeded RNG: two consumers
+    holding messages at the same time, the second one finishing first, repeatably.
+    """
+
+    def __init__(self, clock: Clock, step: Callable[[], object], *, rate: float,
+                 seed: int = 0) -> None:
+        self.clock, self.step = clock, step
+        self.rate = check_number("rate", rate, minimum=0, maximum=1)
+        self.rng = random.Random(check_int("seed", seed))
+        self.overlaps = 0
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def sleep(self, seconds: float) -> None:
+        self.clock.sleep(seconds)
+        if seconds > 0 and self.rng.random() < self.rate:
+            self.overlaps += 1
+            self.step()
+
+    def sleep_until(self, t: float) -> None:
+        self.clock.sleep_until(t)
+
+
+# Each order's life, drawn from the seed: (weight, the statuses after ``placed``).
+LIVES = ((5, ("paid", "shipped")), (2, ("cancelled",)), (2, ("paid", "cancelled")),
+         (1, ("paid",)))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRun:
+    versioned: bool
+    orders: int
+    events: int
+    overlaps: int
+    correct: int
+    wrong: int
+    missing: int
+    verdict: str  # the engine's checker, on the reservations
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def status_lab(*, versioned: bool, seed: int = 0, mode: Mode | str = Mode.IDEMPOTENT,
+               faults: Faults = NO_FAULTS, overlap: float = 0.0) -> tuple[Lab, Overlap]:
+    """A lab whose consumer keeps the status projection: worker 1 on an :class:`Overlap`
+    clock, worker 2 stepping while worker 1 works at rate ``overlap``."""
+    lab = Lab(seed=seed, mode=mode)
+    install(lab.conn)
+    handler = status_handler(versioned=versioned, clock=lab.clock)
+    first = lab.workers[0]
+    kw = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
+          "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
+          "handler": handler}
+    second = Worker(lab.conn, clock=lab.clock, name="worker-2", **kw)
+    clock = Overlap(lab.clock, second.step, rate=overlap, seed=seed)
+    lab.workers = [Worker(lab.conn, clock=clock, name="worker-1", **kw)]
+    return lab, clock
+
+
+def status_run(*, versioned: bool, orders: int = 30, seed: int = 0,
+               mode: Mode | str = Mode.IDEMPOTENT, ack_fail: float = 0.0,
+               process_error: float = 0.0, overlap: float = 0.0) -> StatusRun:
+    """``orders`` orders, each living one of :data:`LIVES` (its events sent one after the
+    other), consumed under the seeded faults and overlaps; the status check at the end."""
+    check_int("orders", orders, minimum=0, maximum=100_000)
+    faults = Faults(seed=seed, ack_fail=ack_fail, process_error=process_error)
+    lab, clock = status_lab(versioned=versioned, seed=seed, mode=mode, faults=faults,
+                            overlap=overlap)
+    rng = random.Random(seed)
+    weights = [w for w, _ in LIVES]
+    events = 0
+    for placed in lab.place_orders(orders):
+        events += 1
+        for status in rng.choices([life for _, life in LIVES], weights)[0]:
+            change_status(lab.queue, placed.order_id, status)
+            events += 1
+    verdict = lab.run_until_idle().verdict
+    result = status_check(lab.conn)
+    lab.conn.close()
+    return StatusRun(versioned=versioned, orders=orders, events=events,
+                     overlaps=clock.overlaps, correct=result.correct, wrong=result.wrong,
+                     missing=result.missing, verdict=verdict)
+
+
+# The scenarios of the chapter's table: (name, mode, fault rates, overlap).
+SCENARIOS = (
+    ("lost ACKs, no inbox", Mode.AT_LEAST_ONCE, {"ack_fail": 0.3}, 0.0),
+    ("lost ACKs, inbox", Mode.IDEMPOTENT, {"ack_fail": 0.3}, 0.0),
+    ("failed first attempts, inbox", Mode.IDEMPOTENT, {"process_error": 0.2}, 0.0),
+    ("two workers at once, inbox", Mode.IDEMPOTENT, {}, 0.5),
+)
+
+
+def status_table(*, seeds: range | list[int], orders: int = 30) -> pd.DataFrame:
+    """For each scenario, last write wins beside newer wins, summed over ``seeds``: orders
+    whose final status is wrong, and runs in which the engine's checker (reservations) said
+    OK."""
+    import pandas as pd
+
+    seeds = list(seeds)
+    if not seeds:
+        raise InvalidInput("seeds", seeds, "at least one seed")
+    rows = []
+    for name, mode, rates, overlap in SCENARIOS:
+        for versioned in (False, True):
+            runs = [status_run(versioned=versioned, orders=orders, seed=s, mode=mode,
+                               overlap=overlap, **rates) for s in seeds]
+            rows.append({"scenario": name,
+                         "projection": "newer wins" if versioned else "last write wins",
+                         "orders": sum(r.orders for r in runs),
+                         "wrong_status": sum(r.wrong for r in runs),
+                         "runs_checker_ok": sum(r.verdict.startswith("OK") for r in runs)})
+    return pd.DataFrame(rows)
+
+
+def status_log(conn: sqlite3.Connection, order_id: str) -> pd.DataFrame:
+    """The delivery log of one order, each row named by the status its event carries."""
+    from .trace import log_frame
+
+    check_text("order_id", order_id)
+    names = dict(conn.execute("SELECT event_id, status || ' (v' || version || ')'"
+                              " FROM order_status_changes WHERE order_id = ?", (order_id,)))
+    for (event_id,) in conn.execute("SELECT event_id FROM orders WHERE order_id = ?",
+                                    (order_id,)):
+        names[event_id] = "placed (v1)"
+    log = log_frame(conn, correlation_id=order_id)
+    log.insert(3, "event", log.event_id.map(names))
+    return log[["at", "worker", "event", "delivery_count", "outcome"]]

@@ -1,0 +1,219 @@
+"""Inbox retention: how long an inbox row must live, and pruning that refuses to cut it short.
+
+Every event a consumer processes leaves a row in ``inbox_processed``. Kept forever, the inbox
+grows with every order ever placed: a disk leak. Pruned too early, it forgets an event that
+can still come back, and the consumer applies it again. A row is safe to delete once its event
+can no longer be delivered, which is a property of the queue, not of the consumer:
+
+* **redelivery**: up to ``max_receives`` deliveries, each holding a lease of
+  ``visibility_timeout`` and maybe waiting ``max_wait`` for a free worker, with a backoff of at
+  most ``backoff_cap`` between them;
+* **redrive**: a dead letter kept for up to ``redrive_window``, then redriven with a fresh
+  receive count (a second round of redeliveries);
+* **replay**: events re-sent from a retained log up to ``replay_window`` old (an offset reset
+  in Kafka, a replay from an archive), again with their redeliveries.
+
+:func:`dedup_horizon` adds these up (an upper bound: the windows are counted one after the
+other), and :func:`prune_inbox` refuses an ``older_than`` shorter than that horizon unless
+told ``force=True``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .clock import Clock
+from .db import transaction
+from .errors import InvalidInput, check_int, check_number, check_text
+from .faults import Faults
+from .lab import Lab
+from .worker import Worker
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """How long after its first application an event can still arrive, in seconds."""
+
+    visibility_timeout: float
+    max_receives: int
+    backoff_cap: float
+    max_wait: float
+    redrive_window: float
+    replay_window: float
+
+    @property
+    def redelivery(self) -> float:
+        """One round of redeliveries: every lease runs out, every retry waits its longest."""
+        return (self.max_receives * (self.visibility_timeout + self.max_wait)
+                + (self.max_receives - 1) * self.backoff_cap)
+
+    @property
+    def total(self) -> float:
+        """Redelivery, plus for each way back (redrive, replay) its window and one more
+        round of redeliveries."""
+        total = self.redelivery
+        for window in (self.redrive_window, self.replay_window):
+            if window > 0:
+                total += window + self.redelivery
+        return total
+
+    def explain(self) -> str:
+        parts = [f"{self.max_receives} receives x ({self.visibility_timeout:g} s lease"
+                 f" + {self.max_wait:g} s wait) + {self.max_receives - 1} x"
+                 f" {self.backoff_cap:g} s backoff = {self.redelivery:g} s"]
+        if self.redrive_window > 0:
+            parts.append(f"redrive window {self.redrive_window:g} s + {self.redelivery:g} s")
+        if self.replay_window > 0:
+            parts.append(f"replay window {self.replay_window:g} s + {self.redelivery:g} s")
+        return "; ".join(parts)
+
+
+def dedup_horizon(*, visibility_timeout: float, max_receives: int, backoff_cap: float,
+                  max_wait: float = 0.0, redrive_window: float = 0.0,
+                  replay_window: float = 0.0) -> Horizon:
+    """The :class:`Horizon` of a queue configured like this. Every argument is in seconds,
+    except ``max_receives`` (the redrive policy's ``maxReceiveCount``)."""
+    if not isinstance(max_receives, int) or isinstance(max_receives, bool) or max_receives < 1:
+        raise InvalidInput("max_receives", max_receives, "an integer >= 1")
+    return Horizon(
+        visibility_timeout=check_number("visibility_timeout", visibility_timeout, minimum=0),
+        max_receives=max_receives,
+        backoff_cap=check_number("backoff_cap", backoff_cap, minimum=0),
+        max_wait=check_number("max_wait", max_wait, minimum=0),
+        redrive_window=check_number("redrive_window", redrive_window, minimum=0),
+        replay_window=check_number("replay_window", replay_window, minimum=0))
+
+
+def horizon_of(worker: Worker, *, max_wait: float = 0.0, redrive_window: float = 0.0,
+               replay_window: float = 0.0) -> Horizon:
+    """The horizon of the queue ``worker`` consumes, read from the worker's own settings
+    (its lease, its queue's ``max_receives``, its backoff cap). The windows are policies the
+    engine cannot know: how long dead letters are kept for a redrive, how far back a replay
+    may go."""
+    if not isinstance(worker, Worker):
+        raise InvalidInput("worker", worker, "a deliverylab.worker.Worker")
+    return dedup_horizon(visibility_timeout=worker.visibility_timeout,
+                         max_receives=worker.queue.max_receives,
+                         backoff_cap=worker.backoff_cap, max_wait=max_wait,
+                         redrive_window=redrive_window, replay_window=replay_window)
+
+
+def prune_inbox(conn: sqlite3.Connection, *, older_than: float, horizon: Horizon,
+                clock: Clock, consumer: str | None = None, force: bool = False) -> int:
+    """Delete inbox rows processed more than ``older_than`` seconds ago (of ``consumer``, or
+    of every consumer); returns how many.
+
+    Refuses, writing nothing, an ``older_than`` shorter than ``horizon.total``: such a row's
+    event may still be redelivered, redriven or replayed, and would then be applied again.
+    ``force=True`` prunes anyway (for a consumer whose effect is idempotent by itself).
+    """
+    if not isinstance(horizon, Horizon):
+        raise InvalidInput("horizon", horizon, "a Horizon (see dedup_horizon)")
+    if not isinstance(force, bool):
+        raise InvalidInput("force", force, "True or False")
+    older_than = check_number("older_than", older_than, minimum=0)
+    if consumer is not None:
+        check_text("consumer", consumer)
+    if older_than < horizon.total and not force:
+        raise InvalidInput(
+            "older_than", older_than,
+            f"at least the dedup horizon of {horizon.total:g} s [{horizon.explain()}]"
+            " unless force=True")
+    cutoff = clock.now() - older_than
+    with transaction(conn):
+        if consumer is None:
+            cur = conn.execute("DELETE FROM inbox_processed WHERE processed_at < ?", (cutoff,))
+        else:
+            cur = conn.execute("DELETE FROM inbox_processed WHERE consumer = ?"
+                               " AND processed_at < ?", (consumer, cutoff))
+        return cur.rowcount
+
+
+def expire_dead_letters(conn: sqlite3.Connection, *, older_than: float, clock: Clock) -> int:
+    """Delete dead letters parked more than ``older_than`` seconds ago; returns how many.
+
+    This is what makes a redrive window a promise rather than a hope: a dead letter older than
+    the window can no longer be redriven, so no inbox row has to outlive it (an SQS dead-letter
+    queue does the same with its message retention period)."""
+    older_than = check_number("older_than", older_than, minimum=0)
+    with transaction(conn):
+        return conn.execute("DELETE FROM dead_letters WHERE dead_at < ?",
+                            (clock.now() - older_than,)).rowcount
+
+
+def inbox_rows(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM inbox_processed").fetchone()[0]
+
+
+# -- the chapter's scenarios --------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LateRedrive:
+    orders: int
+    dead_letters: int  # parked after their ACKs kept failing: every one already applied
+    pruned: int
+    redriven: int
+    duplicated: int
+    verdict: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def late_redrive(*, redrive_window: float, redrive_after: float = DAY, orders: int = 20,
+                 seed: int = 0, ack_fail: float = 0.8) -> LateRedrive:
+    """Orders consumed while most ACKs are lost (some messages use up their receives and are
+    parked in ``dead_letters``, already applied); ``redrive_after`` seconds later the inbox is
+    pruned at the horizon of a queue whose dead letters may be redriven for ``redrive_window``,
+    the dead letters are redriven, and a healthy worker consumes them."""
+    redrive_after = check_number("redrive_after", redrive_after, minimum=0)
+    check_int("orders", orders, minimum=0, maximum=100_000)
+    lab = Lab(seed=seed, faults=Faults(seed=seed, ack_fail=ack_fail))
+    lab.place_orders(orders)
+    lab.run_until_idle()
+    parked = len(lab.dead_letters())
+    horizon = horizon_of(lab.workers[0], redrive_window=redrive_window)
+    lab.advance(redrive_after)
+    pruned = prune_inbox(lab.conn, older_than=horizon.total, horizon=horizon, clock=lab.clock)
+    redriven = lab.queue.redrive()
+    healthy = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
+                     name="worker-healthy")
+    healthy.run_until_idle()
+    result = lab.check()
+    lab.conn.close()
+    return LateRedrive(orders=result.orders, dead_letters=parked, pruned=pruned,
+                       redriven=redriven, duplicated=result.duplicated, verdict=result.verdict)
+
+
+def growth_table(*, days: int = 30, orders_per_day: int = 50, keep_days: float = 7.0,
+                 seed: int = 0) -> pd.DataFrame:
+    """Inbox rows at the end of each day, kept forever beside pruned every day at a
+    ``keep_days`` horizon (a queue whose dead letters may be redriven for a week, say)."""
+    import pandas as pd
+
+    check_int("days", days, minimum=1, maximum=3650)
+    check_int("orders_per_day", orders_per_day, minimum=1, maximum=100_000)
+    keep = check_number("keep_days", keep_days, minimum=0) * DAY
+    forever, pruned = Lab(seed=seed), Lab(seed=seed)
+    horizon = horizon_of(pruned.workers[0], redrive_window=keep)
+    rows = []
+    for day in range(1, days + 1):
+        for lab in (forever, pruned):
+            lab.place_orders(orders_per_day)
+            lab.run_until_idle()
+        prune_inbox(pruned.conn, older_than=horizon.total, horizon=horizon, clock=pruned.clock)
+        rows.append({"day": day, "orders so far": day * orders_per_day,
+                     "inbox rows, kept forever": inbox_rows(forever.conn),
+                     f"inbox rows, pruned at {keep_days:g} days": inbox_rows(pruned.conn)})
+        for lab in (forever, pruned):
+            lab.clock.sleep_until(day * DAY)
+    forever.conn.close()
+    pruned.conn.close()
+    return pd.DataFrame(rows)
