@@ -1,0 +1,11 @@
+"""Exercises the reader writes, graded by the engine: ``grade("ex-id", your_function)``.
+
+Importing the package registers every chapter's exercises in :data:`EXERCISES`.
+"""
+
+from __future__ import annotations
+
+from . import ex01  # noqa: F401  (registers chapter 1's exercises)
+from .grader import EXERCISES, Exercise, Ops, Trial, Verdict, grade, register
+
+__all__ = ["EXERCISES", "Exercise", "Ops", "Trial", "Verdict", "grade", "register"]

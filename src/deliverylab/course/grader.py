@@ -1,0 +1,524 @@
+"""The grader: the reader's code, run by the engine under a seeded fault schedule.
+
+In the spirit of Jepsen's Maelstrom checker: a submission is not read, it is *run*. The
+grader places orders on a real queue (SQLite, in memory), lets one or several workers
+consume them on one :class:`~deliverylab.clock.FakeClock` with the reader's function in the
+loop, injects faults from a seed (lost ACKs, crashes at named points), and asks the engine's
+checker what happened to every order. One run is a :class:`Trial`; :func:`grade` runs one per
+seed and returns a :class:`Verdict` whose text says which orders were lost or duplicated,
+under which faults, and how one failing order's deliveries went.
+
+Everything is a function of (submission, seed): the same submission and seeds give the same
+verdict text, so a chapter can keep its graded output and nbval can compare it.
+
+Two kinds of submission plug into the worker here:
+
+* a **process** function ``process(delivery, ops)``: what a worker does with one delivery,
+  through the verbs of :class:`Ops` (apply the effect, ack, extend, nack, work, one
+  transaction);
+* a **handler** ``handler(conn, delivery)``: the effect itself, run inside the worker's
+  transaction. The grader counts what it did to the projection, so a handler that skips a
+  duplicate is seen skipping it.
+
+Exercises that need another shape (a reconcile, a producer, a projection) write their own
+``run`` and reuse :func:`judge`, :func:`describe_faults` and :func:`order_trace`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..check import CheckResult, check, event_states
+from ..db import transaction
+from ..errors import InvalidInput, SimulatedCrash
+from ..faults import FAULT_POINTS, NO_FAULTS, Faults
+from ..lab import Lab
+from ..queue import Delivery
+from ..trace import Outcome, log_delivery
+from ..worker import Mode, Worker, apply_order_placed
+
+SEEDS = range(20)
+MAX_SEEDS = 1000
+SHOWN_IDS = 5  # order ids listed in a verdict before "(+N more)"
+
+
+# -- results -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trial:
+    """One run of a submission under one seed."""
+
+    seed: int
+    faults: str          # the conditions, e.g. "ack_fail=0.3, crash_after_receive=0.1; 2 workers"
+    passed: bool
+    reason: str          # why it failed ("" when it passed)
+    lost: tuple[str, ...] = ()
+    duplicated: tuple[str, ...] = ()
+    trace: str = ""      # one failing order's deliveries, from the delivery log
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: ``run(submission, seed) -> Trial`` grades one seed.
+
+    ``wrong`` holds plausible wrong answers, each with a substring its FAIL reason must
+    contain; ``params`` names the arguments a submission is called with (checked before
+    anything runs); ``starter`` is the wrong answer the chapter's code cell starts from."""
+
+    id: str
+    chapter: int
+    title: str
+    run: Callable[[Callable[..., Any], int], Trial]
+    solution: Callable[..., Any]
+    wrong: tuple[tuple[str, Callable[..., Any]], ...]
+    params: tuple[str, ...] = ("delivery", "ops")
+    starter: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The grade: passed on every seed, or not. ``str()`` is the learner's report."""
+
+    exercise: Exercise
+    passed: bool
+    trials: tuple[Trial, ...]
+
+    @property
+    def failed(self) -> tuple[Trial, ...]:
+        return tuple(t for t in self.trials if not t.passed)
+
+    def __str__(self) -> str:
+        n = len(self.trials)
+        title = self.exercise.title
+        if self.passed:
+            return (f"PASS: {title} held on all {n} seeds ({_seed_span(self.trials)};"
+                    f" {self.trials[0].faults})")
+        bad = self.failed
+        first = bad[0]
+        lines = [f"FAIL: {title} failed on {len(bad)} of {n} seeds",
+                 f"First failing seed: {first.seed} ({first.faults})",
+                 f"Why: {first.reason}"]
+        if first.lost:
+            lines.append(f"Lost: {_ids(first.lost)}")
+        if first.duplicated:
+            lines.append(f"Duplicated: {_ids(first.duplicated)}")
+        if first.trace:
+            lines.append(first.trace)
+        lines.append(f"Failing seeds: {', '.join(str(t.seed) for t in bad)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
+
+def _ids(ids: tuple[str, ...]) -> str:
+    shown = ", ".join(ids[:SHOWN_IDS])
+    more = len(ids) - SHOWN_IDS
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def _seed_span(trials: tuple[Trial, ...]) -> str:
+    seeds = [t.seed for t in trials]
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))) and len(seeds) > 1:
+        return f"seeds {seeds[0]}-{seeds[-1]}"
+    return "seeds " + ", ".join(map(str, seeds))
+
+
+# -- the registry --------------------------------------------------------------------------
+EXERCISES: dict[str, Exercise] = {}
+
+
+def register(exercise: Exercise) -> Exercise:
+    """Add ``exercise`` to :data:`EXERCISES`; an id used twice is an error."""
+    if not isinstance(exercise, Exercise):
+        raise InvalidInput("exercise", exercise, "a deliverylab.course.grader.Exercise")
+    if exercise.id in EXERCISES and EXERCISES[exercise.id] is not exercise:
+        raise InvalidInput("exercise.id", exercise.id, "an id not registered yet")
+    EXERCISES[exercise.id] = exercise
+    return exercise
+
+
+def exercise(exercise_id: Any) -> Exercise:
+    """The registered exercise ``exercise_id``, or InvalidInput listing the known ids."""
+    if not isinstance(exercise_id, str) or exercise_id not in EXERCISES:
+        raise InvalidInput("exercise_id", exercise_id,
+                           "one of " + ", ".join(sorted(EXERCISES)))
+    return EXERCISES[exercise_id]
+
+
+def check_submission(ex: Exercise, submission: Any) -> Callable[..., Any]:
+    """A callable that accepts the exercise's arguments, or InvalidInput naming it."""
+    expected = f"a function taking ({', '.join(ex.params)})"
+    if not callable(submission):
+        raise InvalidInput("submission", submission, expected)
+    try:
+        sig = inspect.signature(submission)
+    except (TypeError, ValueError):
+        return submission  # a builtin without a signature: let the run say what went wrong
+    try:
+        sig.bind(*ex.params)
+    except TypeError:
+        raise InvalidInput("submission", submission,
+                           f"{expected}; its signature is {sig}") from None
+    return submission
+
+
+def check_seeds(seeds: Any) -> tuple[int, ...]:
+    try:
+        out = tuple(seeds)
+    except TypeError:
+        raise InvalidInput("seeds", seeds, "an iterable of integers >= 0") from None
+    if not out or len(out) > MAX_SEEDS or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in out):
+        raise InvalidInput("seeds", seeds,
+                           f"1 to {MAX_SEEDS} integers >= 0, such as range(20)")
+    return out
+
+
+def grade(exercise_id: str, submission: Callable[..., Any], *,
+          seeds: Iterable[int] = SEEDS) -> Verdict:
+    """Run ``submission`` for exercise ``exercise_id`` once per seed and judge it."""
+    ex = exercise(exercise_id)
+    check_submission(ex, submission)
+    trials = tuple(ex.run(submission, seed) for seed in check_seeds(seeds))
+    return Verdict(ex, all(t.passed for t in trials), trials)
+
+
+# -- describing a run ----------------------------------------------------------------------
+def describe_faults(faults: Faults, *, workers: int = 1, orders: int | None = None,
+                    extra: str = "") -> str:
+    """``"ack_fail=0.3, crash_after_receive=0.1; 2 workers; 30 orders"``: the conditions of a
+    run, without the seed (a trial shows that beside it)."""
+    rates = [f"{p}={faults.rate(p):g}" for p in FAULT_POINTS if faults.rate(p) > 0]
+    parts = [", ".join(rates) or "no faults", f"{workers} worker{'s' if workers != 1 else ''}"]
+    if orders is not None:
+        parts.append(f"{orders} orders")
+    if extra:
+        parts.append(extra)
+    return "; ".join(parts)
+
+
+def order_trace(conn: sqlite3.Connection, order_id: str, *, limit: int = 40) -> str:
+    """One order's deliveries from the delivery log, as aligned text."""
+    rows = conn.execute(
+        "SELECT at, worker, delivery_count, outcome, detail FROM delivery_log"
+        " WHERE correlation_id = ? ORDER BY seq", (order_id,)).fetchall()
+    lines = [f"Trace of order {order_id} (its deliveries, from the delivery log):",
+             f"  {'t':>8}  {'worker':<9} {'delivery':>8}  {'outcome':<17} detail"]
+    for at, worker, count, outcome, detail in rows[:limit]:
+        lines.append(f"  {at:8.3f}  {worker:<9} {count:>8}  {outcome:<17} {detail}".rstrip())
+    if len(rows) > limit:
+        lines.append(f"  … {len(rows) - limit} more rows")
+    if not rows:
+        lines.append("  (no rows: no worker ever received its event)")
+    return "\n".join(lines)
+
+
+def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
+          allow_duplicates: bool = False, errors: Iterable[str] = (),
+          extra_failures: Iterable[str] = (), focus: Iterable[str] = ()) -> Trial:
+    """A Trial from the engine's checker on ``lab``'s database.
+
+    Lost means never applied with no message left to apply it (dead-lettered included: the
+    effect never happened); duplicated means applied more than once. ``errors`` are the
+    submission's own exceptions (reported first: they are the likeliest cause);
+    ``extra_failures`` are an exercise's own findings; ``focus`` orders whose trace to show
+    when nothing is lost or duplicated."""
+    states = event_states(lab.conn)
+    lost = tuple(o for o, _, _, _, _, s in states if s in ("lost", "dead_lettered"))
+    pending = tuple(o for o, _, _, _, _, s in states if s == "pending")
+    dup = tuple(o for o, _, _, _, n, s in states if s == "duplicated")
+    result = check(lab.conn)
+    reasons = [f"your code raised {e}" for e in errors]
+    if lost and not allow_lost:
+        reasons.append(f"{len(lost)} of {len(states)} orders lost: never applied, and no"
+                       " message is left to apply them")
+    if dup and not allow_duplicates:
+        reasons.append(f"{len(dup)} of {len(states)} orders duplicated: applied more than"
+                       f" once ({result.extra_applications} extra applications)")
+    if pending:
+        reasons.append(f"{len(pending)} orders still pending when the run ended")
+    if (not result.projection_equals_truth and not (lost and allow_lost)
+            and not (dup and allow_duplicates)):
+        reasons.append(f"the projection differs from the truth on {result.drifted_items}"
+                       " item(s)")
+    reasons.extend(extra_failures)
+    shown_lost = () if allow_lost else lost
+    shown_dup = () if allow_duplicates else dup
+    candidates = [*shown_lost, *shown_dup, *focus, *pending]
+    trace = order_trace(lab.conn, candidates[0]) if reasons and candidates else ""
+    return Trial(seed=seed, faults=faults, passed=not reasons, reason="; ".join(reasons),
+                 lost=shown_lost, duplicated=shown_dup, trace=trace)
+
+
+# -- the worker with the reader's code in the loop -----------------------------------------
+class Rollback(Exception):  # noqa: N818 - raised on purpose, not an error
+    """Raise inside ``ops.transaction()`` to undo it (the effect and a local ACK together)."""
+
+
+class SubmissionError(Exception):
+    """The submission broke a rule of the harness (said in the message)."""
+
+
+def _reserved(conn: sqlite3.Connection, item: str) -> int:
+    row = conn.execute("SELECT reserved_qty FROM inventory_projection WHERE item_id = ?",
+                       (item,)).fetchone()
+    return row[0] if row is not None else 0
+
+
+class Ops:
+    """What a ``process(delivery, ops)`` function may do, each verb on the real queue.
+
+    * ``apply(d)``: make the effect (reserve the order's stock in the projection) in its own
+      transaction, or inside ``ops.transaction()``. A crash may strike before it
+      (``crash_after_receive``) or right after its commit (``crash_after_commit``).
+    * ``ack(d) -> bool``: delete the message. Outside a transaction the ACK travels to the
+      queue and may be lost (``ack_fail``): then it returns False and the message comes
+      back. Inside ``ops.transaction()`` it is a row delete in the same database: it cannot
+      be lost, and it returns False only when another delivery now holds the message.
+    * ``extend(d, seconds) -> bool``: push the lease ``seconds`` past now (a heartbeat).
+    * ``nack(d, delay=0.0) -> bool``: give the message back, visible after ``delay``.
+    * ``work(seconds)``: time passes while this worker works; the other workers run
+      meanwhile. Never inside a transaction.
+    * ``transaction()``: a context manager; everything inside commits together or not at
+      all. Raise ``ops.Rollback`` inside it to undo it.
+    * ``now()``: the clock; ``visibility_timeout``: the lease a receive gives.
+    """
+
+    Rollback = Rollback
+
+    def __init__(self, worker: CourseWorker) -> None:
+        self._w = worker
+        self.visibility_timeout = worker.visibility_timeout
+
+    def now(self) -> float:
+        return self._w.clock.now()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        w = self._w
+        if w.conn.in_transaction:
+            raise SubmissionError("ops.transaction() inside another transaction")
+        w.in_tx = True
+        committed = False
+        try:
+            with transaction(w.conn):
+                yield
+            committed = True
+        except Rollback:
+            pass
+        finally:
+            w.in_tx = False
+        if committed and w.pending_crash:
+            w.pending_crash = False
+            raise SimulatedCrash("after_commit_before_ack")
+
+    def apply(self, d: Delivery) -> None:
+        w = self._w
+        _check(d)
+        if w._fires("crash_after_receive", d):
+            raise SimulatedCrash("before_effect")
+        if w.in_tx:
+            w.effect(d)
+            w.pending_crash = w.pending_crash or w._fires("crash_after_commit", d)
+            return
+        with transaction(w.conn):
+            w.effect(d)
+        if w._fires("crash_after_commit", d):
+            raise SimulatedCrash("after_commit_before_ack")
+
+    def ack(self, d: Delivery) -> bool:
+        w = self._w
+        _check(d)
+        if w.in_tx:  # a local delete in the effect's transaction: nothing travels
+            ok = w.queue.ack(d, worker=w.name)
+        elif w._fires("ack_fail", d):
+            w.stats.ack_failed += 1
+            w._log(d, Outcome.ACK_FAILED, "the ACK never reached the queue")
+            return False
+        else:
+            ok = w.queue.ack(d, worker=w.name)
+        if ok:
+            w.stats.acked += 1
+        else:
+            w.stats.ack_rejected += 1
+        return ok
+
+    def extend(self, d: Delivery, seconds: float) -> bool:
+        _check(d)
+        return self._w.queue.extend(d, seconds, worker=self._w.name)
+
+    def nack(self, d: Delivery, delay: float = 0.0) -> bool:
+        _check(d)
+        return self._w.queue.nack(d, delay, worker=self._w.name)
+
+    def work(self, seconds: float) -> None:
+        w = self._w
+        if w.conn.in_transaction:
+            raise SubmissionError("ops.work() inside a transaction (it would hold the"
+                                  " database's write lock while working)")
+        w.run_others(seconds)
+
+
+def _check(d: Any) -> None:
+    if not isinstance(d, Delivery):
+        raise SubmissionError(f"expected the delivery the worker received, got {d!r}")
+
+
+def at_least_once(delivery: Delivery, ops: Ops) -> None:
+    """The engine's default process: apply, then ack."""
+    ops.apply(delivery)
+    ops.ack(delivery)
+
+
+class CourseWorker(Worker):
+    """An engine worker whose per-delivery steps are the submission's.
+
+    Receives through the real queue (leases, receipts, max receives, dead letters), decides
+    faults from the real fault schedule, logs every step to the delivery log, and counts
+    an effect as *applied* only when the projection actually moved by the order's quantity,
+    so the engine's checker judges what the code did, not what it meant to do."""
+
+    def __init__(self, *args: Any, process: Callable[[Delivery, Ops], Any],
+                 effect_handler: Callable[[sqlite3.Connection, Delivery], Any],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.process = process
+        self.effect_handler = effect_handler
+        self.in_tx = False
+        self.pending_crash = False
+        self.busy = False
+        self.peers: list[CourseWorker] = []
+        self.errors: list[str] = []
+
+    def effect(self, d: Delivery) -> None:
+        """Run the handler under a savepoint; log one 'applied' row per effect it made."""
+        item, qty = d.payload.get("itemId"), d.payload.get("qty")
+        conn = self.conn
+        before = _reserved(conn, item)
+        conn.execute("SAVEPOINT effect")
+        try:
+            self.effect_handler(conn, d)
+        except Exception:
+            conn.execute("ROLLBACK TO effect")
+            conn.execute("RELEASE effect")
+            raise
+        conn.execute("RELEASE effect")
+        moved = _reserved(conn, item) - before
+        times = moved // qty if moved > 0 and moved % qty == 0 else int(moved != 0)
+        if times == 0:
+            self.stats.duplicates_skipped += 1
+            log_delivery(conn, d, at=self.clock.now(), worker=self.name,
+                         outcome=Outcome.DUPLICATE_SKIPPED, detail="no change to the projection")
+        for _ in range(times):
+            self.stats.applied += 1
+            log_delivery(conn, d, at=self.clock.now(), worker=self.name,
+                         outcome=Outcome.APPLIED, detail="effect made")
+
+    def run_others(self, seconds: float) -> None:
+        """``seconds`` pass in ticks; every idle peer takes a step in each."""
+        from ..errors import check_number
+
+        left = check_number("seconds", seconds, minimum=0, maximum=3600)
+        tick = 0.5
+        while left > 1e-9:
+            dt = min(tick, left)
+            self.clock.advance(dt)
+            left = round(left - dt, 6)
+            for peer in self.peers:
+                if peer is not self and not peer.busy:
+                    peer.step()
+
+    def step(self) -> int:
+        deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
+                                        worker=self.name)
+        self.stats.steps += 1
+        self.stats.dead_lettered += len(self.queue.parked)
+        if not deliveries:
+            return 0
+        self.stats.received += len(deliveries)
+        self.busy = True
+        try:
+            for d in deliveries:
+                if self._fires("lose_message", d):
+                    self.queue.lose(d, reason="lost in transit (auto-ack)", worker=self.name)
+                    self.stats.lost += 1
+                    continue
+                self._process_one(d)
+        finally:
+            self.busy = False
+        return len(deliveries)
+
+    def _process_one(self, d: Delivery) -> None:
+        ops = Ops(self)
+        try:
+            self.process(d, ops)
+        except SimulatedCrash as crash:
+            self._rollback_open()
+            self._crash([d], crash.point)
+        except SubmissionError as exc:
+            self._rollback_open()
+            self._blame(d, f"SubmissionError: {exc}")
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # the reader's code failed: its lease runs out, it retries
+            self._rollback_open()
+            self._blame(d, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.in_tx = False
+            self.pending_crash = False
+
+    def _rollback_open(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.rollback()
+
+    def _blame(self, d: Delivery, error: str) -> None:
+        where = f"{error} (delivery {d.delivery_count} of order {d.correlation_id})"
+        if where not in self.errors:
+            self.errors.append(where)
+        self._log(d, Outcome.CRASHED, f"the code raised {error}")
+
+
+@dataclass
+class Run:
+    """What :func:`run_workers` set up, to judge afterwards."""
+
+    lab: Lab
+    workers: list[CourseWorker] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[str]:
+        out: list[str] = []
+        for w in self.workers:
+            out.extend(e for e in w.errors if e not in out)
+        return out
+
+
+def run_workers(*, process: Callable[[Delivery, Ops], Any] = at_least_once,
+                handler: Callable[[sqlite3.Connection, Delivery], Any] = apply_order_placed,
+                seed: int, faults: Faults = NO_FAULTS, orders: int = 30, workers: int = 1,
+                visibility_timeout: float = 2.0, max_receives: int = 5,
+                mode: Mode | str = Mode.AT_LEAST_ONCE, max_steps: int = 20_000,
+                ) -> tuple[Run, CheckResult]:
+    """Place ``orders`` orders (from ``seed``) and let ``workers`` workers consume them with
+    ``process`` (per delivery) and ``handler`` (the effect), interleaved on one fake clock,
+    under ``faults``; then the engine's checker. ``mode`` only labels the workers' runs."""
+    lab = Lab(seed=seed, mode=mode, faults=faults, workers=1,
+              visibility_timeout=visibility_timeout, max_receives=max_receives)
+    crew = [CourseWorker(lab.conn, clock=lab.clock, ids=lab.ids, mode=lab.mode, faults=faults,
+                         visibility_timeout=visibility_timeout, name=f"worker-{i + 1}",
+                         queue=lab.queue, process=process, effect_handler=handler)
+            for i in range(workers)]
+    for w in crew:
+        w.peers = crew
+    lab.workers = list(crew)
+    lab.place_orders(orders)
+    result = lab.run_until_idle(max_steps=max_steps)
+    return Run(lab, crew), result
