@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from typing import Any
 
 from ..check import CheckResult, check, event_states
 from ..db import transaction
-from ..errors import InvalidInput, SimulatedCrash
+from ..errors import InvalidInput, SimulatedCrash, check_number
 from ..faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..lab import Lab
 from ..queue import Delivery
@@ -286,7 +287,8 @@ class Ops:
     * ``extend(d, seconds) -> bool``: push the lease ``seconds`` past now (a heartbeat).
     * ``nack(d, delay=0.0) -> bool``: give the message back, visible after ``delay``.
     * ``work(seconds)``: time passes while this worker works; the other workers run
-      meanwhile. Never inside a transaction.
+      meanwhile. Never inside a transaction. ``work_left``: the seconds of work this
+      delivery still needs before ``apply`` may run (0 unless the exercise says so).
     * ``transaction()``: a context manager; everything inside commits together or not at
       all. Raise ``ops.Rollback`` inside it to undo it.
     * ``now()``: the clock; ``visibility_timeout``: the lease a receive gives.
@@ -294,9 +296,12 @@ class Ops:
 
     Rollback = Rollback
 
-    def __init__(self, worker: CourseWorker) -> None:
+    def __init__(self, worker: CourseWorker, delivery: Delivery) -> None:
         self._w = worker
         self.visibility_timeout = worker.visibility_timeout
+        work = worker.work
+        self.work_left = float(work(delivery) if callable(work) else work)
+        self._held: Delivery | None = None
 
     def now(self) -> float:
         return self._w.clock.now()
@@ -313,7 +318,8 @@ class Ops:
                 yield
             committed = True
         except Rollback:
-            pass
+            if self._held is not None:
+                w._log(self._held, Outcome.ACK_REJECTED, "rolled back: effect and ACK undone")
         finally:
             w.in_tx = False
         if committed and w.pending_crash:
@@ -322,7 +328,10 @@ class Ops:
 
     def apply(self, d: Delivery) -> None:
         w = self._w
-        _check(d)
+        self._held = _check(d)
+        if self.work_left > 1e-9:
+            raise SubmissionError(f"ops.apply() with {self.work_left:g}s of work left: call"
+                                  " ops.work() until ops.work_left is 0 first")
         if w._fires("crash_after_receive", d):
             raise SimulatedCrash("before_effect")
         if w.in_tx:
@@ -336,7 +345,7 @@ class Ops:
 
     def ack(self, d: Delivery) -> bool:
         w = self._w
-        _check(d)
+        self._held = _check(d)
         if w.in_tx:  # a local delete in the effect's transaction: nothing travels
             ok = w.queue.ack(d, worker=w.name)
         elif w._fires("ack_fail", d):
@@ -364,18 +373,71 @@ class Ops:
         if w.conn.in_transaction:
             raise SubmissionError("ops.work() inside a transaction (it would hold the"
                                   " database's write lock while working)")
-        w.run_others(seconds)
+        try:
+            s = check_number("seconds", seconds, minimum=0, maximum=3600)
+        except InvalidInput as exc:
+            raise SubmissionError(f"ops.work(): {exc}") from None
+        if w.task is None:
+            raise SubmissionError("ops.work() outside the worker's own step")
+        w.task.pause_until(w.clock.now() + s)  # the other workers run meanwhile
+        self.work_left = max(0.0, round(self.work_left - s, 6))
 
 
-def _check(d: Any) -> None:
+def _check(d: Any) -> Delivery:
     if not isinstance(d, Delivery):
         raise SubmissionError(f"expected the delivery the worker received, got {d!r}")
+    return d
 
 
 def at_least_once(delivery: Delivery, ops: Ops) -> None:
     """The engine's default process: apply, then ack."""
     ops.apply(delivery)
     ops.ack(delivery)
+
+
+class _Task:
+    """One delivery's process, in a thread of its own so that it can pause in ``ops.work``
+    while other workers run. Only one thread ever runs at a time: the scheduler hands over
+    and waits until the task pauses or ends, so a run is as deterministic as a
+    single-threaded one."""
+
+    def __init__(self, body: Callable[[], None]) -> None:
+        self._body = body
+        self._go = threading.Semaphore(0)
+        self._back = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._started = False
+        self.resume_at = 0.0
+        self.done = False
+        self.error: BaseException | None = None
+
+    def _main(self) -> None:
+        self._go.acquire()
+        try:
+            self._body()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the scheduler's thread
+            self.error = exc
+        finally:
+            self.done = True
+            self._back.release()
+
+    def resume(self) -> None:
+        """Run the task until it pauses or ends (called by the scheduler)."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        self._go.release()
+        self._back.acquire()
+        if self.done:
+            self._thread.join()
+            if self.error is not None:
+                raise self.error
+
+    def pause_until(self, t: float) -> None:
+        """Hand control back until the clock reaches ``t`` (called in the task's thread)."""
+        self.resume_at = t
+        self._back.release()
+        self._go.acquire()
 
 
 class CourseWorker(Worker):
@@ -388,14 +450,14 @@ class CourseWorker(Worker):
 
     def __init__(self, *args: Any, process: Callable[[Delivery, Ops], Any],
                  effect_handler: Callable[[sqlite3.Connection, Delivery], Any],
-                 **kwargs: Any) -> None:
+                 work: float | Callable[[Delivery], float] = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.work = work
         self.process = process
         self.effect_handler = effect_handler
         self.in_tx = False
         self.pending_crash = False
-        self.busy = False
-        self.peers: list[CourseWorker] = []
+        self.task: _Task | None = None  # the delivery in hand, paused in ops.work
         self.errors: list[str] = []
 
     def effect(self, d: Delivery) -> None:
@@ -422,42 +484,40 @@ class CourseWorker(Worker):
             log_delivery(conn, d, at=self.clock.now(), worker=self.name,
                          outcome=Outcome.APPLIED, detail="effect made")
 
-    def run_others(self, seconds: float) -> None:
-        """``seconds`` pass in ticks; every idle peer takes a step in each."""
-        from ..errors import check_number
-
-        left = check_number("seconds", seconds, minimum=0, maximum=3600)
-        tick = 0.5
-        while left > 1e-9:
-            dt = min(tick, left)
-            self.clock.advance(dt)
-            left = round(left - dt, 6)
-            for peer in self.peers:
-                if peer is not self and not peer.busy:
-                    peer.step()
-
     def step(self) -> int:
-        deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
-                                        worker=self.name)
+        """Go on with the delivery in hand once its work time has passed; with none in hand,
+        receive one and start on it. Returns how many deliveries it moved forward."""
+        if self.task is not None:
+            if self.clock.now() + 1e-9 < self.task.resume_at:
+                return 0
+            self._resume()
+            return 1
+        deliveries = self.queue.receive(self.visibility_timeout, 1, worker=self.name)
         self.stats.steps += 1
         self.stats.dead_lettered += len(self.queue.parked)
         if not deliveries:
             return 0
-        self.stats.received += len(deliveries)
-        self.busy = True
+        self.stats.received += 1
+        d = deliveries[0]
+        if self._fires("lose_message", d):
+            self.queue.lose(d, reason="lost in transit (auto-ack)", worker=self.name)
+            self.stats.lost += 1
+            return 1
+        self.task = _Task(lambda: self._process_one(d))
+        self._resume()
+        return 1
+
+    def _resume(self) -> None:
+        task = self.task
+        assert task is not None
         try:
-            for d in deliveries:
-                if self._fires("lose_message", d):
-                    self.queue.lose(d, reason="lost in transit (auto-ack)", worker=self.name)
-                    self.stats.lost += 1
-                    continue
-                self._process_one(d)
+            task.resume()
         finally:
-            self.busy = False
-        return len(deliveries)
+            if task.done:
+                self.task = None
 
     def _process_one(self, d: Delivery) -> None:
-        ops = Ops(self)
+        ops = Ops(self, d)
         try:
             self.process(d, ops)
         except SimulatedCrash as crash:
@@ -505,20 +565,40 @@ def run_workers(*, process: Callable[[Delivery, Ops], Any] = at_least_once,
                 handler: Callable[[sqlite3.Connection, Delivery], Any] = apply_order_placed,
                 seed: int, faults: Faults = NO_FAULTS, orders: int = 30, workers: int = 1,
                 visibility_timeout: float = 2.0, max_receives: int = 5,
+                work: float | Callable[[Delivery], float] = 0.0,
                 mode: Mode | str = Mode.AT_LEAST_ONCE, max_steps: int = 20_000,
                 ) -> tuple[Run, CheckResult]:
     """Place ``orders`` orders (from ``seed``) and let ``workers`` workers consume them with
     ``process`` (per delivery) and ``handler`` (the effect), interleaved on one fake clock,
-    under ``faults``; then the engine's checker. ``mode`` only labels the workers' runs."""
+    under ``faults``; then the engine's checker. Each delivery needs ``work`` seconds of
+    ``ops.work`` before its effect (a number, or a function of the delivery); ``mode`` only
+    labels the workers' runs."""
     lab = Lab(seed=seed, mode=mode, faults=faults, workers=1,
               visibility_timeout=visibility_timeout, max_receives=max_receives)
     crew = [CourseWorker(lab.conn, clock=lab.clock, ids=lab.ids, mode=lab.mode, faults=faults,
                          visibility_timeout=visibility_timeout, name=f"worker-{i + 1}",
-                         queue=lab.queue, process=process, effect_handler=handler)
+                         queue=lab.queue, process=process, effect_handler=handler, work=work)
             for i in range(workers)]
-    for w in crew:
-        w.peers = crew
     lab.workers = list(crew)
+    # The lab's clock in SQL, for a handler that stamps rows (an inbox's processed_at).
+    lab.conn.create_function("clock_now", 0, lab.clock.now, deterministic=False)
     lab.place_orders(orders)
-    result = lab.run_until_idle(max_steps=max_steps)
-    return Run(lab, crew), result
+    schedule(lab, crew, max_steps=max_steps)
+    return Run(lab, crew), check(lab.conn)
+
+
+def schedule(lab: Lab, crew: list[CourseWorker], *, max_steps: int = 20_000) -> None:
+    """Step the workers in turn on one clock until the queue is empty and nobody holds a
+    delivery. When no one can move, the clock jumps to the next moment someone can: a
+    paused worker's work is done, or a message becomes visible."""
+    clock, queue = lab.clock, lab.queue
+    for _ in range(max_steps):
+        if sum(w.step() for w in crew):
+            continue
+        nxt = queue.next_visible_at()
+        busy = [w.task.resume_at for w in crew if w.task is not None]
+        if nxt is None and not busy:
+            return
+        later = [t for t in (*busy, nxt) if t is not None and t > clock.now()]
+        if later:
+            clock.sleep_until(min(later))
