@@ -1,0 +1,383 @@
+"""Chapter 6's exercises: what an inbox does not cover.
+
+A charge made once through an idempotency key, while the service's answers and the queue's
+ACKs get lost; an order-status projection that must end in the right state whatever order
+its events arrive in; and the nightly job that keeps the inbox (and the dead letters) from
+growing for ever without letting a redriven message be applied twice.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import ordering, retention
+from ..clock import Clock
+from ..effects import UNIT_PRICE, Charge, PaymentService
+from ..faults import Faults
+from ..lab import Lab
+from ..queue import Delivery
+from ..worker import CONSUMER, Mode, Worker, apply_order_placed
+from .crew import call, course_lab, drain, errors_of
+from .grader import Exercise, Trial, describe_faults, judge, order_trace, register
+
+# -- 6.1 one charge per order --------------------------------------------------------------
+CHARGE_FAULTS = dict(ack_fail=0.3, crash_after_commit=0.1)
+LOST_ANSWER = 0.3
+CHARGE_ORDERS = 20
+
+
+class LostAnswer(TimeoutError):
+    """The service charged, but its answer never reached the caller."""
+
+
+class FlakyPayments:
+    """The payment service behind a network that loses answers: ``charge`` reaches the real
+    :class:`~deliverylab.effects.PaymentService` (which may charge), and then, on a seeded
+    schedule, its answer is lost and the caller gets :class:`LostAnswer` instead."""
+
+    def __init__(self, service: PaymentService, *, seed: int, rate: float) -> None:
+        self.service, self.rate = service, rate
+        self._faults = Faults(seed=seed)
+        self._calls: dict[str, int] = {}
+
+    def charge(self, *, order_id: str, amount: int,
+               idempotency_key: str | None = None) -> Charge:
+        answer = self.service.charge(order_id=order_id, amount=amount,
+                                     idempotency_key=idempotency_key)
+        n = self._calls[order_id] = self._calls.get(order_id, 0) + 1
+        if self._faults.uniform("lost_answer", order_id, n) < self.rate:
+            raise LostAnswer("the payment service did not answer in time")
+        return answer
+
+
+def charge_solution(service: Any, delivery: Delivery) -> None:
+    order = delivery.payload
+    service.charge(order_id=order["orderId"], amount=order["qty"] * 500,
+                   idempotency_key=delivery.event_id)  # the same key on every delivery
+
+
+def charge_without_key(service: Any, delivery: Delivery) -> None:
+    order = delivery.payload
+    service.charge(order_id=order["orderId"], amount=order["qty"] * 500)
+
+
+def charge_keyed_by_receipt(service: Any, delivery: Delivery) -> None:
+    order = delivery.payload
+    service.charge(order_id=order["orderId"], amount=order["qty"] * 500,
+                   idempotency_key=delivery.receipt)
+
+
+def charge_keyed_by_attempt(service: Any, delivery: Delivery) -> None:
+    order = delivery.payload
+    service.charge(order_id=order["orderId"], amount=order["qty"] * 500,
+                   idempotency_key=f"{delivery.event_id}-{delivery.delivery_count}")
+
+
+def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
+    faults = Faults(seed=seed, **CHARGE_FAULTS)
+    lab = course_lab(seed=seed, faults=faults, workers=2, max_receives=10)
+    service = PaymentService(clock=lab.clock, seed=seed)
+    flaky = FlakyPayments(service, seed=seed, rate=LOST_ANSWER)
+
+    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
+        # The idempotent consumer: the inbox row, the charge, the reservation, one transaction
+        # (the charge itself is the service's own commit: a rollback here does not undo it).
+        if conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                        " VALUES (?, ?, ?) ON CONFLICT (consumer, event_id) DO NOTHING",
+                        (CONSUMER, delivery.event_id, lab.clock.now())).rowcount:
+            charge(flaky, delivery)
+            apply_order_placed(conn, delivery)
+
+    for w in lab.workers:
+        w.effect_handler = handle
+    lab.place_orders(CHARGE_ORDERS)
+    drain(lab)
+    where = describe_faults(faults, workers=2, orders=CHARGE_ORDERS,
+                            extra=f"answers lost {LOST_ANSWER:g}")
+    # A lost answer is the network's fault, not the reader's: the worker retries it.
+    errors = [e for e in errors_of(lab) if not e.startswith("LostAnswer")]
+    base = judge(lab, seed=seed, faults=where, errors=errors)
+    per_order = service.charged_orders()
+    amounts = {o: q * UNIT_PRICE for o, q in lab.conn.execute("SELECT order_id, qty FROM orders")}
+    orders = [r[0] for r in lab.conn.execute("SELECT order_id FROM orders"
+                                             " ORDER BY created_at, order_id")]
+    never = tuple(o for o in orders if per_order.get(o, 0) == 0)
+    twice = tuple(o for o in orders if per_order.get(o, 0) > 1)
+    wrong_amount = [(o, a) for o, a in service.conn.execute(
+        "SELECT order_id, amount FROM payment_charges ORDER BY rowid") if amounts.get(o) != a]
+    reasons = [base.reason] if base.reason else []
+    if twice:
+        extra = sum(per_order[o] - 1 for o in twice)
+        reasons.append(f"{len(twice)} of {len(orders)} orders charged more than once ({extra}"
+                       " extra charges): a retry reached the service as a new request")
+    if never:
+        reasons.append(f"{len(never)} of {len(orders)} orders never charged")
+    if wrong_amount:
+        o, a = wrong_amount[0]
+        reasons.append(f"{len(wrong_amount)} charges of the wrong amount: order {o} was"
+                       f" charged {a}, its qty x {UNIT_PRICE} is {amounts.get(o)}")
+    if not reasons:
+        service.conn.close()
+        return Trial(seed=seed, faults=where, passed=True, reason="")
+    focus = (twice or never or base.duplicated or base.lost or (wrong_amount[0][0],))[0]
+    trace = "\n".join([order_trace(lab.conn, focus), *_charge_lines(service, focus)])
+    service.conn.close()
+    return Trial(seed=seed, faults=where, passed=False, reason="; ".join(reasons),
+                 lost=never or base.lost, duplicated=twice or base.duplicated, trace=trace)
+
+
+def _charge_lines(service: PaymentService, order_id: str) -> list[str]:
+    rows = service.conn.execute(
+        "SELECT charge_id, amount, idempotency_key, charged_at FROM payment_charges"
+        " WHERE order_id = ? ORDER BY rowid", (order_id,)).fetchall()
+    lines = [f"Charges the payment service made for order {order_id}:"]
+    lines += [f"  {at:8.3f}  {charge_id}  amount {amount}  key {key!r}"
+              for charge_id, amount, key, at in rows]
+    return lines if rows else [*lines, "  (none)"]
+
+
+register(Exercise(
+    id="charge-once", chapter=6, title="One charge per order, whatever gets lost",
+    run=run_charge, solution=charge_solution, starter=charge_without_key,
+    params=("service", "delivery"),
+    wrong=(("charged more than once", charge_without_key),
+           ("charged more than once", charge_keyed_by_receipt),
+           ("charged more than once", charge_keyed_by_attempt))))
+
+
+# -- 6.2 a status projection where newer wins ----------------------------------------------
+STATUS_ORDERS = 12
+OVERLAP = 0.5
+
+
+def status_solution(conn: sqlite3.Connection, order_id: str, status: str, version: int,
+                    now: float) -> None:
+    conn.execute(
+        "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+        " version = excluded.version, updated_at = excluded.updated_at"
+        " WHERE excluded.version > order_status.version",  # only a newer change wins
+        (order_id, status, version, now))
+
+
+def status_last_write_wins(conn: sqlite3.Connection, order_id: str, status: str, version: int,
+                           now: float) -> None:
+    conn.execute(
+        "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+        " version = excluded.version, updated_at = excluded.updated_at",
+        (order_id, status, version, now))
+
+
+def status_newer_by_arrival(conn: sqlite3.Connection, order_id: str, status: str,
+                            version: int, now: float) -> None:
+    conn.execute(
+        "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+        " version = excluded.version, updated_at = excluded.updated_at"
+        " WHERE excluded.updated_at >= order_status.updated_at",
+        (order_id, status, version, now))
+
+
+def status_final_is_sticky(conn: sqlite3.Connection, order_id: str, status: str,
+                           version: int, now: float) -> None:
+    conn.execute(
+        "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+        " version = excluded.version, updated_at = excluded.updated_at"
+        " WHERE order_status.status NOT IN ('shipped', 'cancelled')",
+        (order_id, status, version, now))
+
+
+def _status_change(delivery: Delivery) -> tuple[str, str, int]:
+    p = delivery.payload
+    if delivery.type == "OrderPlaced":
+        return p["orderId"], "placed", 1
+    return p["orderId"], p["status"], p["version"]
+
+
+def _status_trace(conn: sqlite3.Connection, order_id: str) -> str:
+    log = ordering.status_log(conn, order_id)
+    lines = [f"Trace of order {order_id} (each delivery, named by the change it carries):",
+             f"  {'t':>8}  {'worker':<9} {'event':<16} {'delivery':>8}  outcome"]
+    for at, worker, event, count, outcome in log.itertuples(index=False):
+        lines.append(f"  {at:8.3f}  {worker:<9} {event:<16} {count:>8}  {outcome}")
+    return "\n".join(lines)
+
+
+def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
+    mode = Mode.IDEMPOTENT if seed % 2 == 0 else Mode.AT_LEAST_ONCE
+    faults = Faults(seed=seed, ack_fail=0.3, process_error=0.2)
+    lab = Lab(seed=seed, mode=mode)
+    ordering.install(lab.conn)
+    errors: list[str] = []
+
+    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
+        order_id, status, version = _status_change(delivery)
+        if delivery.type == "OrderPlaced":
+            apply_order_placed(conn, delivery)  # the reservation is the grader's part
+        try:
+            apply_status(conn, order_id, status, version, lab.clock.now())
+        except Exception as exc:  # the reader's code: note it; the worker retries later
+            text = f"{type(exc).__name__}: {exc} (order {order_id}, {status} v{version})"
+            if not errors:
+                errors.append(text)
+            raise
+
+    first = lab.workers[0]
+    kw = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
+          "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
+          "handler": handle}
+    # Worker 2 takes a whole step while worker 1 works, on a seeded share of its steps.
+    second = Worker(lab.conn, clock=lab.clock, name="worker-2", **kw)
+    lab.workers = [Worker(lab.conn, name="worker-1", **kw,
+                          clock=ordering.Overlap(lab.clock, second.step, rate=OVERLAP,
+                                                 seed=seed))]
+    rng = random.Random(seed)
+    weights = [w for w, _ in ordering.LIVES]
+    for placed in lab.place_orders(STATUS_ORDERS):
+        for status in rng.choices([life for _, life in ordering.LIVES], weights)[0]:
+            ordering.change_status(lab.queue, placed.order_id, status)
+    lab.run_until_idle()
+    rows = ordering.status_rows(lab.conn)
+    wrong = [r for r in rows if r[3] is not None and r[3] != r[1]]
+    missing = tuple(r[0] for r in rows if r[3] is None)
+    where = (describe_faults(faults, workers=2, orders=STATUS_ORDERS,
+                             extra=f"{mode} consumer; a second worker steps while the first"
+                                   f" works {OVERLAP:.0%} of the time"))
+    reasons = [f"your code raised {e}" for e in errors]
+    if wrong:
+        o, truth, tv, proj, pv = wrong[0]
+        reasons.append(f"{len(wrong)} of {len(rows)} orders end in the wrong status: order {o}"
+                       f" is {truth} (v{tv}) in the truth, {proj} (v{pv}) in your projection")
+    if missing:
+        reasons.append(f"{len(missing)} of {len(rows)} orders have no status at all")
+    if not reasons:
+        return Trial(seed=seed, faults=where, passed=True, reason="")
+    focus = wrong[0][0] if wrong else (missing or (rows[0][0],))[0]
+    return Trial(seed=seed, faults=where, passed=False, reason="; ".join(reasons),
+                 lost=missing, trace=_status_trace(lab.conn, focus))
+
+
+register(Exercise(
+    id="newer-wins", chapter=6, title="An order status where the newer change wins",
+    run=run_status, solution=status_solution, starter=status_last_write_wins,
+    params=("conn", "order_id", "status", "version", "now"),
+    wrong=(("wrong status", status_last_write_wins), ("wrong status", status_newer_by_arrival),
+           ("wrong status", status_final_is_sticky))))
+
+
+# -- 6.3 the nightly cleanup ---------------------------------------------------------------
+DAY = retention.DAY
+HOUR = 3600.0
+DAYS = 6
+ORDERS_PER_DAY = 8
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    """What the queue and its operators promise: a lease of ``visibility_timeout`` seconds,
+    at most ``max_receives`` deliveries with backoffs of at most ``backoff_cap`` seconds
+    between them, and dead letters that may be redriven for ``redrive_window`` seconds."""
+
+    visibility_timeout: float
+    max_receives: int
+    backoff_cap: float
+    redrive_window: float
+
+
+def cleanup_solution(conn: sqlite3.Connection, clock: Clock, policy: QueuePolicy) -> None:
+    horizon = retention.dedup_horizon(
+        visibility_timeout=policy.visibility_timeout, max_receives=policy.max_receives,
+        backoff_cap=policy.backoff_cap, redrive_window=policy.redrive_window)
+    # Dead letters past the window go first: then no inbox row has to outlive the window.
+    retention.expire_dead_letters(conn, older_than=policy.redrive_window, clock=clock)
+    retention.prune_inbox(conn, older_than=horizon.total, horizon=horizon, clock=clock)
+
+
+def cleanup_redelivery_only(conn: sqlite3.Connection, clock: Clock,
+                            policy: QueuePolicy) -> None:
+    horizon = retention.dedup_horizon(
+        visibility_timeout=policy.visibility_timeout, max_receives=policy.max_receives,
+        backoff_cap=policy.backoff_cap)
+    retention.prune_inbox(conn, older_than=horizon.total, horizon=horizon, clock=clock)
+
+
+def cleanup_keeps_dead_letters(conn: sqlite3.Connection, clock: Clock,
+                               policy: QueuePolicy) -> None:
+    horizon = retention.dedup_horizon(
+        visibility_timeout=policy.visibility_timeout, max_receives=policy.max_receives,
+        backoff_cap=policy.backoff_cap, redrive_window=policy.redrive_window)
+    retention.prune_inbox(conn, older_than=horizon.total, horizon=horizon, clock=clock)
+
+
+def cleanup_nothing(conn: sqlite3.Connection, clock: Clock, policy: QueuePolicy) -> None:
+    pass  # keep everything: nothing can come back unrecognised
+
+
+def _dead(conn: sqlite3.Connection) -> dict[str, tuple[str, float]]:
+    return {m: (o, t) for m, o, t in conn.execute(
+        "SELECT message_id, correlation_id, dead_at FROM dead_letters")}
+
+
+def run_cleanup(nightly: Callable[..., Any], seed: int) -> Trial:
+    rng = random.Random(seed)
+    window = rng.choice((1, 2, 3)) * DAY
+    receives = rng.choice((3, 4, 5))
+    lease = rng.choice((2.0, 5.0, 30.0))
+    faults = Faults(seed=seed, ack_fail=0.8)
+    lab = Lab(seed=seed, faults=faults, max_receives=receives, visibility_timeout=lease)
+    first = lab.workers[0]
+    policy = QueuePolicy(visibility_timeout=first.visibility_timeout, max_receives=receives,
+                         backoff_cap=first.backoff_cap, redrive_window=window)
+    horizon = retention.horizon_of(first, redrive_window=window)
+    healthy = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
+                     name="worker-healthy", visibility_timeout=lease)
+    redrive_days = (1, DAYS - 1)  # one redrive inside the window, one long after
+    errors: list[str] = []
+    failures: list[str] = []
+    focus: list[str] = []
+    for day in range(DAYS):
+        lab.clock.sleep_until(day * DAY + HOUR)
+        lab.place_orders(ORDERS_PER_DAY)
+        lab.run_until_idle()
+        if day in redrive_days:
+            lab.clock.sleep_until(day * DAY + 12 * HOUR)
+            lab.queue.redrive()  # the operator redrives whatever the dead letters hold
+            healthy.run_until_idle()
+        lab.clock.sleep_until(day * DAY + 22 * HOUR)
+        now = lab.clock.now()
+        before = _dead(lab.conn)
+        call(errors, nightly, lab.conn, lab.clock, policy)
+        after = _dead(lab.conn)
+        early = sorted((o, t) for m, (o, t) in before.items()
+                       if m not in after and now - t <= window)
+        if early and not failures:
+            o, t = early[0]
+            failures.append(f"{len(early)} dead letters deleted inside the {window / DAY:g}-day"
+                            f" redrive window: order {o}'s was parked {(now - t) / HOUR:.0f} h"
+                            " before, and an operator may still redrive it")
+            focus.append(o)
+        stale = lab.conn.execute("SELECT count(*) FROM inbox_processed WHERE processed_at < ?",
+                                 (now - horizon.total - DAY,)).fetchone()[0]
+        if stale and not failures:
+            failures.append(f"on night {day + 1} the inbox still holds {stale} rows more than a"
+                            f" day past the dedup horizon of {horizon.total:g} s"
+                            f" [{horizon.explain()}]: it grows for ever")
+    where = (f"{describe_faults(faults, orders=DAYS * ORDERS_PER_DAY)}; {DAYS} days;"
+             f" lease {lease:g} s, {receives} receives, redrive window {window / DAY:g} days;"
+             f" the operator redrives on days {redrive_days[0] + 1} and {redrive_days[1] + 1}")
+    return judge(lab, seed=seed, faults=where, errors=errors, extra_failures=failures,
+                 focus=focus)
+
+
+register(Exercise(
+    id="inbox-cleanup", chapter=6, title="The nightly inbox cleanup",
+    run=run_cleanup, solution=cleanup_solution, starter=cleanup_redelivery_only,
+    params=("conn", "clock", "policy"),
+    wrong=(("duplicated", cleanup_redelivery_only), ("duplicated", cleanup_keeps_dead_letters),
+           ("grows for ever", cleanup_nothing))))
