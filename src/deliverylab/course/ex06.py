@@ -365,6 +365,9 @@ def run_cleanup(nightly: Callable[..., Any], seed: int) -> Trial:
         stale = lab.conn.execute("SELECT count(*) FROM inbox_processed WHERE processed_at < ?",
                                  (now - horizon.total - DAY,)).fetchone()[0]
         if stale and not failures:
+            focus.extend(r[0] for r in lab.conn.execute(
+                "SELECT o.order_id FROM inbox_processed AS i JOIN orders AS o USING (event_id)"
+                " ORDER BY i.processed_at LIMIT 1"))
             failures.append(f"on night {day + 1} the inbox still holds {stale} rows more than a"
                             f" day past the dedup horizon of {horizon.total:g} s"
                             f" [{horizon.explain()}]: it grows for ever")
