@@ -19,7 +19,7 @@ from ..db import transaction
 from ..faults import Faults
 from ..lab import Lab
 from ..queue import Delivery
-from ..worker import CONSUMER
+from ..worker import CONSUMER, apply_order_placed
 from .crew import (
     call,
     course_lab,
@@ -167,23 +167,17 @@ def rebuild_with_watermark(conn: sqlite3.Connection) -> int:
         return conn.execute("SELECT last_order FROM rebuild_watermark").fetchone()[0]
 
 
-_RESERVE = ("INSERT INTO inventory_projection (item_id, reserved_qty) VALUES (?, ?)"
-            " ON CONFLICT (item_id) DO UPDATE SET reserved_qty = reserved_qty + ?")
-
-
 def watermark_solution(conn: sqlite3.Connection, delivery: Delivery) -> None:
     order = conn.execute("SELECT rowid FROM orders WHERE event_id = ?",
                          (delivery.event_id,)).fetchone()[0]
     last = conn.execute("SELECT last_order FROM rebuild_watermark").fetchone()[0]
     if order <= last:
         return  # the rebuild already counted this order
-    item, qty = delivery.payload["itemId"], delivery.payload["qty"]
-    conn.execute(_RESERVE, (item, qty, qty))
+    apply_order_placed(conn, delivery)
 
 
 def watermark_ignored(conn: sqlite3.Connection, delivery: Delivery) -> None:
-    item, qty = delivery.payload["itemId"], delivery.payload["qty"]
-    conn.execute(_RESERVE, (item, qty, qty))
+    apply_order_placed(conn, delivery)
 
 
 def watermark_off_by_one(conn: sqlite3.Connection, delivery: Delivery) -> None:
@@ -192,8 +186,7 @@ def watermark_off_by_one(conn: sqlite3.Connection, delivery: Delivery) -> None:
     last = conn.execute("SELECT last_order FROM rebuild_watermark").fetchone()[0]
     if order < last:
         return
-    item, qty = delivery.payload["itemId"], delivery.payload["qty"]
-    conn.execute(_RESERVE, (item, qty, qty))
+    apply_order_placed(conn, delivery)
 
 
 def watermark_by_order_id(conn: sqlite3.Connection, delivery: Delivery) -> None:
@@ -202,8 +195,7 @@ def watermark_by_order_id(conn: sqlite3.Connection, delivery: Delivery) -> None:
                         " ON o.rowid = w.last_order").fetchone()
     if last is not None and delivery.payload["orderId"] <= last[0]:
         return
-    item, qty = delivery.payload["itemId"], delivery.payload["qty"]
-    conn.execute(_RESERVE, (item, qty, qty))
+    apply_order_placed(conn, delivery)
 
 
 def _behind_inbox(handler: Callable[..., Any], clock: Clock) -> Callable[..., None]:

@@ -246,9 +246,10 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
     rows = ordering.status_rows(lab.conn)
     wrong = [r for r in rows if r[3] is not None and r[3] != r[1]]
     missing = tuple(r[0] for r in rows if r[3] is None)
-    where = (describe_faults(faults, workers=2, orders=STATUS_ORDERS,
-                             extra=f"{mode} consumer; a second worker steps while the first"
-                                   f" works {OVERLAP:.0%} of the time"))
+    where = describe_faults(faults, workers=2, orders=STATUS_ORDERS,
+                            extra=f"an inbox on even seeds, none on odd ones (here {mode});"
+                                  f" the second worker steps while the first works"
+                                  f" {OVERLAP:.0%} of the time")
     reasons = [f"your code raised {e}" for e in errors]
     if wrong:
         o, truth, tv, proj, pv = wrong[0]
@@ -371,9 +372,10 @@ def run_cleanup(nightly: Callable[..., Any], seed: int) -> Trial:
             failures.append(f"on night {day + 1} the inbox still holds {stale} rows more than a"
                             f" day past the dedup horizon of {horizon.total:g} s"
                             f" [{horizon.explain()}]: it grows for ever")
-    where = (f"{describe_faults(faults, orders=DAYS * ORDERS_PER_DAY)}; {DAYS} days;"
-             f" lease {lease:g} s, {receives} receives, redrive window {window / DAY:g} days;"
-             f" the operator redrives on days {redrive_days[0] + 1} and {redrive_days[1] + 1}")
+    where = (f"{describe_faults(faults, orders=DAYS * ORDERS_PER_DAY)}; {DAYS} days; the"
+             f" operator redrives on days {redrive_days[0] + 1} and {redrive_days[1] + 1};"
+             " lease, receives and redrive window drawn per seed (here"
+             f" {lease:g} s, {receives}, {window / DAY:g} days)")
     return judge(lab, seed=seed, faults=where, errors=errors, extra_failures=failures,
                  focus=focus)
 
