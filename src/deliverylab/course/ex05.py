@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..check import projection_vs_truth
+from ..check import event_states, projection_vs_truth
 from ..clock import Clock
 from ..db import transaction
 from ..faults import Faults
@@ -55,6 +55,10 @@ def _orders_of(conn: sqlite3.Connection, items: list[str]) -> tuple[str, ...]:
     return tuple(r[0] for r in conn.execute(
         f"SELECT order_id FROM orders WHERE item_id IN ({marks})"
         " ORDER BY created_at, order_id", items))
+
+
+def _applications(conn: sqlite3.Connection, order_id: str) -> int:
+    return next(n for o, *_, n, _ in event_states(conn) if o == order_id)
 
 
 # -- 5.1 a repair that survives the in-flight race -----------------------------------------
@@ -302,11 +306,13 @@ def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
     drain(lab)
     job = _wrong_items(lab.conn)     # the items the diff found drifted: the job's to-do list
     lab.place_orders(6)              # orders keep arriving while the job walks the items
+    repaired: dict[float, str] = {}
     for n, item in enumerate(job):
         if n:
             lab.place_orders(2)
             lab.step()
         now = lab.clock.now()
+        repaired.setdefault(now, item)
         before = {r[0]: r[2] for r in projection_vs_truth(lab.conn) if r[0] != item}
         call(errors, repair_item, lab.conn, item, now)
         after = {r[0]: r[2] for r in projection_vs_truth(lab.conn) if r[0] != item}
@@ -327,9 +333,21 @@ def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
             log_counted(lab.conn, _orders(lab.conn, item), at=now,
                         detail=f"counted by your repair of {item}")
     drain(lab)
-    where = describe_faults(faults, workers=WORKERS, orders=len(_orders(lab.conn)),
+    # A lost order whose inbox row was written by the repair of another item: say so.
+    fenced = [(o, item, repaired[t]) for o, item, t in lab.conn.execute(
+        "SELECT o.order_id, o.item_id, i.processed_at FROM orders AS o"
+        " JOIN inbox_processed AS i USING (event_id) ORDER BY o.created_at, o.order_id")
+        if t in repaired and repaired[t] != item
+        and _applications(lab.conn, o) == 0]
+    if fenced and not failures:
+        o, item, by = fenced[0]
+        failures.append(f"{len(fenced)} events were marked processed by the repair of another"
+                        f" item: order {o} ({item}) by your repair of {by}, which did not"
+                        " count it")
+    where = describe_faults(faults, workers=WORKERS, orders=15,
                             extra="2 messages lost on purpose; the drifted items repaired one"
-                                  " at a time while orders keep arriving")
+                                  " at a time while orders keep arriving (6, then 2 between"
+                                  " repairs)")
     return judge(lab, seed=seed, faults=where, errors=[*errors, *errors_of(lab)],
                  extra_failures=failures, focus=suspects)
 
