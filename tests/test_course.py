@@ -201,3 +201,30 @@ def test_register_refuses_a_second_exercise_with_the_same_id() -> None:
     with pytest.raises(InvalidInput) as err:
         register("ack-after")  # type: ignore[arg-type]
     assert err.value.field == "exercise"
+
+
+def test_a_submission_that_never_finishes_is_stopped_and_reported() -> None:
+    import threading
+
+    def forever(delivery, ops):  # noqa: ANN001
+        while True:
+            ops.work(1.0)
+
+    before = threading.active_count()
+    verdict = grade("ack-after", forever, seeds=[0])
+    assert "still pending when the run ended" in verdict.failed[0].reason
+    assert "received" in verdict.failed[0].trace
+    assert threading.active_count() == before  # no task thread left waiting
+
+
+def test_a_producer_that_retries_without_end_is_stopped_even_if_it_catches_everything() -> None:
+    def stubborn(send, request):  # noqa: ANN001
+        while True:
+            try:
+                send("no-such-item-" + "x" * 200, request["qty"])  # refused every time
+            except Exception:  # noqa: BLE001, S112 - the mistake under test
+                continue
+
+    verdict = grade("producer-retries", stubborn, seeds=[0])
+    assert "no end of retries" in verdict.failed[0].reason
+    assert "never placed" in verdict.failed[0].reason

@@ -245,7 +245,11 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
         reasons.append(f"{len(dup)} of {len(states)} orders duplicated: applied more than"
                        f" once ({result.extra_applications} extra applications)")
     if pending:
-        reasons.append(f"{len(pending)} orders still pending when the run ended")
+        reasons.append(f"{len(pending)} orders still pending when the run ended (a delivery"
+                       " your code never finished holds the worker up)")
+        seen = {r[0] for r in lab.conn.execute(
+            "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'received'")}
+        pending = tuple(sorted(pending, key=lambda o: o not in seen))  # a received one first
     if (not result.projection_equals_truth and not (lost and allow_lost)
             and not (dup and allow_duplicates)):
         reasons.append(f"the projection differs from the truth on {result.drifted_items}"
@@ -266,6 +270,11 @@ class Rollback(Exception):  # noqa: N818 - raised on purpose, not an error
 
 class SubmissionError(Exception):
     """The submission broke a rule of the harness (said in the message)."""
+
+
+class Stopped(BaseException):  # noqa: N818 - not an error of the engine
+    """The harness stops a submission that runs away (retries without end, works forever).
+    A BaseException, so that a submission's own ``except Exception`` cannot swallow it."""
 
 
 def _reserved(conn: sqlite3.Connection, item: str) -> int:
@@ -409,12 +418,15 @@ class _Task:
         self._started = False
         self.resume_at = 0.0
         self.done = False
+        self.cancelled = False
         self.error: BaseException | None = None
 
     def _main(self) -> None:
         self._go.acquire()
         try:
             self._body()
+        except Stopped:
+            pass
         except BaseException as exc:  # noqa: BLE001 - re-raised in the scheduler's thread
             self.error = exc
         finally:
@@ -438,6 +450,14 @@ class _Task:
         self.resume_at = t
         self._back.release()
         self._go.acquire()
+        if self.cancelled:
+            raise Stopped("the run ended while this delivery was still being worked on")
+
+    def cancel(self) -> None:
+        """End a paused task (the run is over): it unwinds from its ``ops.work``."""
+        if self._started and not self.done:
+            self.cancelled = True
+            self.resume()
 
 
 class CourseWorker(Worker):
@@ -592,13 +612,21 @@ def schedule(lab: Lab, crew: list[CourseWorker], *, max_steps: int = 20_000) -> 
     delivery. When no one can move, the clock jumps to the next moment someone can: a
     paused worker's work is done, or a message becomes visible."""
     clock, queue = lab.clock, lab.queue
-    for _ in range(max_steps):
-        if sum(w.step() for w in crew):
-            continue
-        nxt = queue.next_visible_at()
-        busy = [w.task.resume_at for w in crew if w.task is not None]
-        if nxt is None and not busy:
-            return
-        later = [t for t in (*busy, nxt) if t is not None and t > clock.now()]
-        if later:
-            clock.sleep_until(min(later))
+    try:
+        for _ in range(max_steps):
+            if sum(w.step() for w in crew):
+                continue
+            nxt = queue.next_visible_at()
+            busy = [w.task.resume_at for w in crew if w.task is not None]
+            if nxt is None and not busy:
+                return
+            later = [t for t in (*busy, nxt) if t is not None and t > clock.now()]
+            if later:
+                clock.sleep_until(min(later))
+    finally:  # a submission that never finishes its work: no thread is left waiting
+        for w in crew:
+            if w.task is not None:
+                w.task.cancel()
+                w.task = None
+                if w.conn.in_transaction:
+                    w.conn.rollback()
