@@ -228,3 +228,23 @@ def test_a_producer_that_retries_without_end_is_stopped_even_if_it_catches_every
     verdict = grade("producer-retries", stubborn, seeds=[0])
     assert "no end of retries" in verdict.failed[0].reason
     assert "never placed" in verdict.failed[0].reason
+
+
+@pytest.mark.parametrize(("field", "change"), [
+    ("exercise.id", {"id": ""}),
+    ("exercise.chapter", {"chapter": "1"}),
+    ("exercise.title", {"title": None}),
+    ("exercise.run", {"run": "run"}),
+    ("exercise.solution", {"solution": None}),
+    ("exercise.wrong", {"wrong": [("lost", print)]}),
+    ("exercise.wrong", {"wrong": (("", print),)}),
+    ("exercise.params", {"params": ("delivery", "not a name")}),
+])
+def test_register_names_a_bad_exercise_field(field: str, change: dict) -> None:
+    import dataclasses
+
+    ex = dataclasses.replace(EXERCISES["ack-after"], **{"id": "a-new-id", **change})
+    with pytest.raises(InvalidInput) as err:
+        register(ex)
+    assert err.value.field == field
+    assert "a-new-id" not in EXERCISES

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..check import CheckResult, check, event_states
 from ..db import transaction
-from ..errors import InvalidInput, SimulatedCrash, check_number
+from ..errors import InvalidInput, SimulatedCrash, check_int, check_number, check_text
 from ..faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..lab import Lab
 from ..queue import Delivery
@@ -140,6 +140,20 @@ def register(exercise: Exercise) -> Exercise:
     """Add ``exercise`` to :data:`EXERCISES`; an id used twice is an error."""
     if not isinstance(exercise, Exercise):
         raise InvalidInput("exercise", exercise, "a deliverylab.course.grader.Exercise")
+    check_text("exercise.id", exercise.id)
+    check_int("exercise.chapter", exercise.chapter, minimum=1, maximum=99)
+    check_text("exercise.title", exercise.title, max_length=200)
+    for name in ("run", "solution"):
+        if not callable(getattr(exercise, name)):
+            raise InvalidInput(f"exercise.{name}", getattr(exercise, name), "a function")
+    if not isinstance(exercise.wrong, tuple) or not all(
+            isinstance(w, tuple) and len(w) == 2 and isinstance(w[0], str) and w[0]
+            and callable(w[1]) for w in exercise.wrong):
+        raise InvalidInput("exercise.wrong", exercise.wrong,
+                           "a tuple of (reason substring, wrong submission) pairs")
+    if not isinstance(exercise.params, tuple) or not all(
+            isinstance(p, str) and p.isidentifier() for p in exercise.params):
+        raise InvalidInput("exercise.params", exercise.params, "a tuple of argument names")
     if exercise.id in EXERCISES and EXERCISES[exercise.id] is not exercise:
         raise InvalidInput("exercise.id", exercise.id, "an id not registered yet")
     EXERCISES[exercise.id] = exercise
