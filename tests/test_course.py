@@ -248,3 +248,16 @@ def test_register_names_a_bad_exercise_field(field: str, change: dict) -> None:
         register(ex)
     assert err.value.field == field
     assert "a-new-id" not in EXERCISES
+
+
+def test_a_crash_cannot_be_caught_by_the_submission() -> None:
+    """A worker that 'survives' its crash would ack an effect that never happened."""
+    def carry_on(delivery, ops):  # noqa: ANN001
+        try:
+            ops.apply(delivery)
+        except Exception:  # noqa: BLE001, S110 - the mistake under test
+            pass
+        ops.ack(delivery)
+
+    verdict = grade("ack-after", carry_on, seeds=range(5))
+    assert verdict.passed, str(verdict)  # the crash ended it: redelivered, nothing lost

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..check import CheckResult, check, event_states
 from ..db import transaction
-from ..errors import InvalidInput, SimulatedCrash, check_int, check_number, check_text
+from ..errors import InvalidInput, check_int, check_number, check_text
 from ..faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..lab import Lab
 from ..queue import Delivery
@@ -286,6 +286,15 @@ class SubmissionError(Exception):
     """The submission broke a rule of the harness (said in the message)."""
 
 
+class Crashed(BaseException):  # noqa: N818 - a fault, not an error
+    """The worker died at a fault point. A BaseException, so that a submission's own
+    ``except Exception`` cannot catch its own death and carry on."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        super().__init__(f"simulated crash at {point}")
+
+
 class Stopped(BaseException):  # noqa: N818 - not an error of the engine
     """The harness stops a submission that runs away (retries without end, works forever).
     A BaseException, so that a submission's own ``except Exception`` cannot swallow it."""
@@ -347,7 +356,7 @@ class Ops:
             w.in_tx = False
         if committed and w.pending_crash:
             w.pending_crash = False
-            raise SimulatedCrash("after_commit_before_ack")
+            raise Crashed("after_commit_before_ack")
 
     def apply(self, d: Delivery) -> None:
         w = self._w
@@ -356,7 +365,7 @@ class Ops:
             raise SubmissionError(f"ops.apply() with {self.work_left:g}s of work left: call"
                                   " ops.work() until ops.work_left is 0 first")
         if w._fires("crash_after_receive", d):
-            raise SimulatedCrash("before_effect")
+            raise Crashed("before_effect")
         if w.in_tx:
             w.effect(d)
             w.pending_crash = w.pending_crash or w._fires("crash_after_commit", d)
@@ -364,7 +373,7 @@ class Ops:
         with transaction(w.conn):
             w.effect(d)
         if w._fires("crash_after_commit", d):
-            raise SimulatedCrash("after_commit_before_ack")
+            raise Crashed("after_commit_before_ack")
 
     def ack(self, d: Delivery) -> bool:
         w = self._w
@@ -554,7 +563,7 @@ class CourseWorker(Worker):
         ops = Ops(self, d)
         try:
             self.process(d, ops)
-        except SimulatedCrash as crash:
+        except Crashed as crash:
             self._rollback_open()
             self._crash([d], crash.point)
         except SubmissionError as exc:
