@@ -261,3 +261,43 @@ def test_a_crash_cannot_be_caught_by_the_submission() -> None:
 
     verdict = grade("ack-after", carry_on, seeds=range(5))
     assert verdict.passed, str(verdict)  # the crash ended it: redelivered, nothing lost
+
+
+# -- the chapters ----------------------------------------------------------------------------
+def _chapter_cells(chapter: int) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "chapters"
+    (path,) = root.glob(f"{chapter:02d}_*.ipynb")
+    return json.loads(path.read_text())["cells"]
+
+
+def _text(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def _output(cell: dict) -> str:
+    return "".join("".join(o.get("data", {}).get("text/plain", o.get("text", "")))
+                   for o in cell.get("outputs", []))
+
+
+@pytest.mark.parametrize("ex_id", IDS)
+def test_chapter_shows_the_failing_starter_then_the_graded_model_solution(ex_id: str) -> None:
+    """In its chapter: a cell grading the starter (saved FAIL), the model solution in a
+    dropdown, and a hidden-input cell grading exactly that code (saved PASS)."""
+    ex = EXERCISES[ex_id]
+    cells = _chapter_cells(ex.chapter)
+    call = f'grade("{ex_id}", '
+    graded = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and call in _text(c)]
+    assert len(graded) == 2, f"{ex_id}: expected a starter cell and a solution cell"
+    tried, checked = graded
+    assert _output(cells[tried]).startswith(f"FAIL: {ex.title} failed on ")
+    assert "hide-input" in cells[checked]["metadata"].get("tags", [])
+    assert _output(cells[checked]).startswith(f"PASS: {ex.title} held on all 20 seeds")
+    dropdown = [c for c in cells[tried + 1:checked] if c["cell_type"] == "markdown"]
+    assert len(dropdown) == 1
+    text = _text(dropdown[0])
+    assert "{admonition} Model solution" in text and ":class: dropdown" in text
+    solution = _text(cells[checked]).split(call)[0].strip()
+    assert solution and solution in text
