@@ -201,3 +201,103 @@ def test_register_refuses_a_second_exercise_with_the_same_id() -> None:
     with pytest.raises(InvalidInput) as err:
         register("ack-after")  # type: ignore[arg-type]
     assert err.value.field == "exercise"
+
+
+def test_a_submission_that_never_finishes_is_stopped_and_reported() -> None:
+    import threading
+
+    def forever(delivery, ops):  # noqa: ANN001
+        while True:
+            ops.work(1.0)
+
+    before = threading.active_count()
+    verdict = grade("ack-after", forever, seeds=[0])
+    assert "still pending when the run ended" in verdict.failed[0].reason
+    assert "received" in verdict.failed[0].trace
+    assert threading.active_count() == before  # no task thread left waiting
+
+
+def test_a_producer_that_retries_without_end_is_stopped_even_if_it_catches_everything() -> None:
+    def stubborn(send, request):  # noqa: ANN001
+        while True:
+            try:
+                send("no-such-item-" + "x" * 200, request["qty"])  # refused every time
+            except Exception:  # noqa: BLE001, S112 - the mistake under test
+                continue
+
+    verdict = grade("producer-retries", stubborn, seeds=[0])
+    assert "no end of retries" in verdict.failed[0].reason
+    assert "never placed" in verdict.failed[0].reason
+
+
+@pytest.mark.parametrize(("field", "change"), [
+    ("exercise.id", {"id": ""}),
+    ("exercise.chapter", {"chapter": "1"}),
+    ("exercise.title", {"title": None}),
+    ("exercise.run", {"run": "run"}),
+    ("exercise.solution", {"solution": None}),
+    ("exercise.wrong", {"wrong": [("lost", print)]}),
+    ("exercise.wrong", {"wrong": (("", print),)}),
+    ("exercise.params", {"params": ("delivery", "not a name")}),
+])
+def test_register_names_a_bad_exercise_field(field: str, change: dict) -> None:
+    import dataclasses
+
+    ex = dataclasses.replace(EXERCISES["ack-after"], **{"id": "a-new-id", **change})
+    with pytest.raises(InvalidInput) as err:
+        register(ex)
+    assert err.value.field == field
+    assert "a-new-id" not in EXERCISES
+
+
+def test_a_crash_cannot_be_caught_by_the_submission() -> None:
+    """A worker that 'survives' its crash would ack an effect that never happened."""
+    def carry_on(delivery, ops):  # noqa: ANN001
+        try:
+            ops.apply(delivery)
+        except Exception:  # noqa: BLE001, S110 - the mistake under test
+            pass
+        ops.ack(delivery)
+
+    verdict = grade("ack-after", carry_on, seeds=range(5))
+    assert verdict.passed, str(verdict)  # the crash ended it: redelivered, nothing lost
+
+
+# -- the chapters ----------------------------------------------------------------------------
+def _chapter_cells(chapter: int) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "chapters"
+    (path,) = root.glob(f"{chapter:02d}_*.ipynb")
+    return json.loads(path.read_text())["cells"]
+
+
+def _text(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def _output(cell: dict) -> str:
+    return "".join("".join(o.get("data", {}).get("text/plain", o.get("text", "")))
+                   for o in cell.get("outputs", []))
+
+
+@pytest.mark.parametrize("ex_id", IDS)
+def test_chapter_shows_the_failing_starter_then_the_graded_model_solution(ex_id: str) -> None:
+    """In its chapter: a cell grading the starter (saved FAIL), the model solution in a
+    dropdown, and a hidden-input cell grading exactly that code (saved PASS)."""
+    ex = EXERCISES[ex_id]
+    cells = _chapter_cells(ex.chapter)
+    call = f'grade("{ex_id}", '
+    graded = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and call in _text(c)]
+    assert len(graded) == 2, f"{ex_id}: expected a starter cell and a solution cell"
+    tried, checked = graded
+    assert _output(cells[tried]).startswith(f"FAIL: {ex.title} failed on ")
+    assert "hide-input" in cells[checked]["metadata"].get("tags", [])
+    assert _output(cells[checked]).startswith(f"PASS: {ex.title} held on all 20 seeds")
+    dropdown = [c for c in cells[tried + 1:checked] if c["cell_type"] == "markdown"]
+    assert len(dropdown) == 1
+    text = _text(dropdown[0])
+    assert "{admonition} Model solution" in text and ":class: dropdown" in text
+    solution = _text(cells[checked]).split(call)[0].strip()
+    assert solution and solution in text

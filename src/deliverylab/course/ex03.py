@@ -20,7 +20,7 @@ from ..worker import apply_order_placed
 from .grader import (
     Exercise,
     Ops,
-    SubmissionError,
+    Stopped,
     Trial,
     describe_faults,
     judge,
@@ -173,7 +173,7 @@ class _Network:
         self.attempts += 1
         n = self.attempts
         if n > MAX_ATTEMPTS:
-            raise SubmissionError(f"more than {MAX_ATTEMPTS} attempts for one request")
+            raise Stopped(f"more than {MAX_ATTEMPTS} attempts for one request")
         if self.faults.uniform("request", self.request_id, n) < LOST_REQUEST:
             self.log.append(f"  attempt {n}: request lost on the way → TimeoutError")
             raise TimeoutError("no answer from the server")
@@ -202,6 +202,9 @@ def run_producer(submit: Callable[..., Any], seed: int) -> Trial:
         net = _Network(lab, faults, request["request_id"])
         try:
             submit(net.send, dict(request))
+        except Stopped as exc:
+            if not errors:
+                errors.append(f"no end of retries: {exc} (request {request['request_id']})")
         except Exception as exc:  # the reader's code: report it, go on with the next request
             if not errors:
                 errors.append(f"{type(exc).__name__}: {exc} (request {request['request_id']})")

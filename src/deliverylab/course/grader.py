@@ -36,7 +36,7 @@ from typing import Any
 
 from ..check import CheckResult, check, event_states
 from ..db import transaction
-from ..errors import InvalidInput, SimulatedCrash, check_number
+from ..errors import InvalidInput, check_int, check_number, check_text
 from ..faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..lab import Lab
 from ..queue import Delivery
@@ -140,6 +140,20 @@ def register(exercise: Exercise) -> Exercise:
     """Add ``exercise`` to :data:`EXERCISES`; an id used twice is an error."""
     if not isinstance(exercise, Exercise):
         raise InvalidInput("exercise", exercise, "a deliverylab.course.grader.Exercise")
+    check_text("exercise.id", exercise.id)
+    check_int("exercise.chapter", exercise.chapter, minimum=1, maximum=99)
+    check_text("exercise.title", exercise.title, max_length=200)
+    for name in ("run", "solution"):
+        if not callable(getattr(exercise, name)):
+            raise InvalidInput(f"exercise.{name}", getattr(exercise, name), "a function")
+    if not isinstance(exercise.wrong, tuple) or not all(
+            isinstance(w, tuple) and len(w) == 2 and isinstance(w[0], str) and w[0]
+            and callable(w[1]) for w in exercise.wrong):
+        raise InvalidInput("exercise.wrong", exercise.wrong,
+                           "a tuple of (reason substring, wrong submission) pairs")
+    if not isinstance(exercise.params, tuple) or not all(
+            isinstance(p, str) and p.isidentifier() for p in exercise.params):
+        raise InvalidInput("exercise.params", exercise.params, "a tuple of argument names")
     if exercise.id in EXERCISES and EXERCISES[exercise.id] is not exercise:
         raise InvalidInput("exercise.id", exercise.id, "an id not registered yet")
     EXERCISES[exercise.id] = exercise
@@ -245,7 +259,11 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
         reasons.append(f"{len(dup)} of {len(states)} orders duplicated: applied more than"
                        f" once ({result.extra_applications} extra applications)")
     if pending:
-        reasons.append(f"{len(pending)} orders still pending when the run ended")
+        reasons.append(f"{len(pending)} orders still pending when the run ended (a delivery"
+                       " your code never finished holds the worker up)")
+        seen = {r[0] for r in lab.conn.execute(
+            "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'received'")}
+        pending = tuple(sorted(pending, key=lambda o: o not in seen))  # a received one first
     if (not result.projection_equals_truth and not (lost and allow_lost)
             and not (dup and allow_duplicates)):
         reasons.append(f"the projection differs from the truth on {result.drifted_items}"
@@ -266,6 +284,20 @@ class Rollback(Exception):  # noqa: N818 - raised on purpose, not an error
 
 class SubmissionError(Exception):
     """The submission broke a rule of the harness (said in the message)."""
+
+
+class Crashed(BaseException):  # noqa: N818 - a fault, not an error
+    """The worker died at a fault point. A BaseException, so that a submission's own
+    ``except Exception`` cannot catch its own death and carry on."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        super().__init__(f"simulated crash at {point}")
+
+
+class Stopped(BaseException):  # noqa: N818 - not an error of the engine
+    """The harness stops a submission that runs away (retries without end, works forever).
+    A BaseException, so that a submission's own ``except Exception`` cannot swallow it."""
 
 
 def _reserved(conn: sqlite3.Connection, item: str) -> int:
@@ -324,7 +356,7 @@ class Ops:
             w.in_tx = False
         if committed and w.pending_crash:
             w.pending_crash = False
-            raise SimulatedCrash("after_commit_before_ack")
+            raise Crashed("after_commit_before_ack")
 
     def apply(self, d: Delivery) -> None:
         w = self._w
@@ -333,7 +365,7 @@ class Ops:
             raise SubmissionError(f"ops.apply() with {self.work_left:g}s of work left: call"
                                   " ops.work() until ops.work_left is 0 first")
         if w._fires("crash_after_receive", d):
-            raise SimulatedCrash("before_effect")
+            raise Crashed("before_effect")
         if w.in_tx:
             w.effect(d)
             w.pending_crash = w.pending_crash or w._fires("crash_after_commit", d)
@@ -341,7 +373,7 @@ class Ops:
         with transaction(w.conn):
             w.effect(d)
         if w._fires("crash_after_commit", d):
-            raise SimulatedCrash("after_commit_before_ack")
+            raise Crashed("after_commit_before_ack")
 
     def ack(self, d: Delivery) -> bool:
         w = self._w
@@ -409,12 +441,15 @@ class _Task:
         self._started = False
         self.resume_at = 0.0
         self.done = False
+        self.cancelled = False
         self.error: BaseException | None = None
 
     def _main(self) -> None:
         self._go.acquire()
         try:
             self._body()
+        except Stopped:
+            pass
         except BaseException as exc:  # noqa: BLE001 - re-raised in the scheduler's thread
             self.error = exc
         finally:
@@ -438,6 +473,14 @@ class _Task:
         self.resume_at = t
         self._back.release()
         self._go.acquire()
+        if self.cancelled:
+            raise Stopped("the run ended while this delivery was still being worked on")
+
+    def cancel(self) -> None:
+        """End a paused task (the run is over): it unwinds from its ``ops.work``."""
+        if self._started and not self.done:
+            self.cancelled = True
+            self.resume()
 
 
 class CourseWorker(Worker):
@@ -520,7 +563,7 @@ class CourseWorker(Worker):
         ops = Ops(self, d)
         try:
             self.process(d, ops)
-        except SimulatedCrash as crash:
+        except Crashed as crash:
             self._rollback_open()
             self._crash([d], crash.point)
         except SubmissionError as exc:
@@ -592,13 +635,21 @@ def schedule(lab: Lab, crew: list[CourseWorker], *, max_steps: int = 20_000) -> 
     delivery. When no one can move, the clock jumps to the next moment someone can: a
     paused worker's work is done, or a message becomes visible."""
     clock, queue = lab.clock, lab.queue
-    for _ in range(max_steps):
-        if sum(w.step() for w in crew):
-            continue
-        nxt = queue.next_visible_at()
-        busy = [w.task.resume_at for w in crew if w.task is not None]
-        if nxt is None and not busy:
-            return
-        later = [t for t in (*busy, nxt) if t is not None and t > clock.now()]
-        if later:
-            clock.sleep_until(min(later))
+    try:
+        for _ in range(max_steps):
+            if sum(w.step() for w in crew):
+                continue
+            nxt = queue.next_visible_at()
+            busy = [w.task.resume_at for w in crew if w.task is not None]
+            if nxt is None and not busy:
+                return
+            later = [t for t in (*busy, nxt) if t is not None and t > clock.now()]
+            if later:
+                clock.sleep_until(min(later))
+    finally:  # a submission that never finishes its work: no thread is left waiting
+        for w in crew:
+            if w.task is not None:
+                w.task.cancel()
+                w.task = None
+                if w.conn.in_transaction:
+                    w.conn.rollback()
