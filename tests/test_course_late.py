@@ -54,13 +54,14 @@ def test_every_late_chapter_has_three_exercises() -> None:
 
 @pytest.mark.parametrize("ex_id", sorted(SHOWN))
 def test_chapter_shows_the_graded_starter_and_solution(ex_id: str) -> None:
-    """The cell the reader edits is the starter the tests reject, the dropdown is the
-    solution they accept, and the saved outputs are a FAIL and a PASS."""
+    """The cell the reader edits is the starter the tests reject; the dropdown and the hidden
+    cell hold the solution they accept; the saved outputs are a FAIL and a PASS."""
     chapter, name = SHOWN[ex_id]
     ex = EXERCISES[ex_id]
     nb = nbformat.read(CHAPTERS / chapter, as_version=4)
+    call = f'grade("{ex_id}", {name})'
     tried = _cell(nb, f"ex-{ex_id}-try")
-    assert tried.source == f"{cells.plain_source(ex.starter, name)}\n\ngrade({ex_id!r}, {name})"
+    assert tried.source == f"{cells.plain_source(ex.starter, name)}\n\n{call}"
     assert _text(tried).startswith(f"FAIL: {ex.title} failed on ")
     solution = _cell(nb, f"ex-{ex_id}-solution")
     assert solution.cell_type == "markdown"
@@ -68,7 +69,7 @@ def test_chapter_shows_the_graded_starter_and_solution(ex_id: str) -> None:
     assert cells.plain_source(ex.solution, name) in solution.source
     check = _cell(nb, f"ex-{ex_id}-check")
     assert check.metadata.get("tags") == ["hide-input"]
-    assert check.source == f"grade({ex_id!r}, ex0{ex.chapter}.{ex.solution.__name__})"
+    assert check.source == f"{cells.plain_source(ex.solution, name)}\n\n{call}"
     assert _text(check).startswith(f"PASS: {ex.title} held on all 20 seeds (")
 
 
