@@ -173,3 +173,12 @@ def test_missing_counts_applied_dead_letters_as_done() -> None:
     ).fetchone()[0]
     assert applied_dead > 0
     assert not (ex04.missing_solution(lab.conn) & ex04.missing_dead_letters(lab.conn))
+
+
+def test_drain_stops_a_loop_that_never_steps() -> None:
+    def wait_forever(workers, queue, clock):  # noqa: ANN001 - a reader's code
+        while queue.next_visible_at() is not None:
+            clock.advance(1.0)
+
+    verdict = grade("drain", wait_forever, seeds=[0])
+    assert "the loop never ended" in verdict.failed[0].reason

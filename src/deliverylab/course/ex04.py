@@ -27,6 +27,7 @@ DRAIN_ORDERS = 20
 DRAIN_WORKERS = 2
 MAX_IDLE_STEPS = 200    # steps in a row that receive nothing while the clock stands still
 MAX_STEPS = 20_000
+MAX_CALLS = 200_000
 
 
 def drain_solution(workers: list[Any], queue: Queue, clock: FakeClock) -> None:
@@ -81,12 +82,60 @@ class _Watched:
         return f"<worker {self.name}>"
 
 
+class _WatchedQueue:
+    """The queue as the reader's loop sees it: when the next message is visible, its depth."""
+
+    def __init__(self, queue: Queue, guard: _Guard) -> None:
+        self._queue, self._guard = queue, guard
+
+    def next_visible_at(self) -> float | None:
+        self._guard.called()
+        return self._queue.next_visible_at()
+
+    def depth(self) -> dict[str, int]:
+        self._guard.called()
+        return self._queue.depth()
+
+
+class _WatchedClock:
+    """The lab's fake clock as the reader's loop sees it."""
+
+    def __init__(self, clock: FakeClock, guard: _Guard) -> None:
+        self._clock, self._guard = clock, guard
+
+    def now(self) -> float:
+        self._guard.called()
+        return self._clock.now()
+
+    def advance(self, seconds: float) -> float:
+        self._guard.called()
+        return self._clock.advance(seconds)
+
+    def sleep(self, seconds: float) -> None:
+        self._guard.called()
+        self._clock.sleep(seconds)
+
+    def sleep_until(self, t: float) -> None:
+        self._guard.called()
+        self._clock.sleep_until(t)
+
+
 class _Guard:
+    """Stops a loop that would never end: one that steps with the clock standing still, or
+    keeps calling the queue and the clock without the queue emptying."""
+
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.steps = 0
+        self.calls = 0
         self.idle = 0
         self.idle_since = clock.now()
+
+    def called(self) -> None:
+        self.calls += 1
+        if self.calls > MAX_CALLS:
+            raise SubmissionError(f"more than {MAX_CALLS} calls to the queue and the clock:"
+                                  " the loop never ended")
 
     def stepped(self, got: int) -> None:
         self.steps += 1
@@ -109,7 +158,8 @@ def run_drain(drain_fn: Callable[..., Any], seed: int) -> Trial:
     guard = _Guard(lab.clock)
     errors: list[str] = []
     try:
-        drain_fn([_Watched(w, guard) for w in lab.workers], lab.queue, lab.clock)
+        drain_fn([_Watched(w, guard) for w in lab.workers], _WatchedQueue(lab.queue, guard),
+                 _WatchedClock(lab.clock, guard))
     except Exception as exc:  # the reader's loop: report it, judge what it left
         errors.append(f"{type(exc).__name__}: {exc}")
     extra = []
