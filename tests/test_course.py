@@ -301,3 +301,17 @@ def test_chapter_shows_the_failing_starter_then_the_graded_model_solution(ex_id:
     assert "{admonition} Model solution" in text and ":class: dropdown" in text
     solution = _text(cells[checked]).split(call)[0].strip()
     assert solution and solution in text
+
+
+def test_the_meter_decides_what_counts_as_an_effect() -> None:
+    from deliverylab.course import ex03
+
+    faults = Faults(seed=2, ack_fail=0.5)
+    _, metered = run_workers(handler=ex03.idempotent_handler_solution, seed=2, faults=faults,
+                             orders=10)
+    assert metered.ok  # the skipped repeats left the projection alone: not counted
+    run, blind = run_workers(handler=ex03.idempotent_handler_solution, seed=2, faults=faults,
+                             orders=10, meter=None)
+    assert blind.duplicated > 0  # without a meter every return counts, as in the engine
+    assert not run.lab.conn.execute(
+        "SELECT count(*) FROM delivery_log WHERE outcome = 'duplicate_skipped'").fetchone()[0]

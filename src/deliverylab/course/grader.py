@@ -300,10 +300,20 @@ class Stopped(BaseException):  # noqa: N818 - not an error of the engine
     A BaseException, so that a submission's own ``except Exception`` cannot swallow it."""
 
 
-def _reserved(conn: sqlite3.Connection, item: str) -> int:
+Meter = Callable[[sqlite3.Connection, Delivery], "float | None"]
+
+
+def inventory_meter(conn: sqlite3.Connection, d: Delivery) -> float | None:
+    """How many times ``d``'s reservation fits in its item's projection row: a handler that
+    makes the effect once moves it by exactly 1. None for a delivery that is not an order's
+    reservation (then every return of the handler counts as one effect)."""
+    item, qty = d.payload.get("itemId"), d.payload.get("qty")
+    if not isinstance(item, str) or not isinstance(qty, int) or isinstance(qty, bool) \
+            or qty < 1:
+        return None
     row = conn.execute("SELECT reserved_qty FROM inventory_projection WHERE item_id = ?",
                        (item,)).fetchone()
-    return row[0] if row is not None else 0
+    return (row[0] if row is not None else 0) / qty
 
 
 class Ops:
@@ -493,9 +503,11 @@ class CourseWorker(Worker):
 
     def __init__(self, *args: Any, process: Callable[[Delivery, Ops], Any],
                  effect_handler: Callable[[sqlite3.Connection, Delivery], Any],
-                 work: float | Callable[[Delivery], float] = 0.0, **kwargs: Any) -> None:
+                 work: float | Callable[[Delivery], float] = 0.0,
+                 meter: Meter | None = inventory_meter, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.work = work
+        self.meter = meter
         self.process = process
         self.effect_handler = effect_handler
         self.in_tx = False
@@ -504,10 +516,10 @@ class CourseWorker(Worker):
         self.errors: list[str] = []
 
     def effect(self, d: Delivery) -> None:
-        """Run the handler under a savepoint; log one 'applied' row per effect it made."""
-        item, qty = d.payload.get("itemId"), d.payload.get("qty")
-        conn = self.conn
-        before = _reserved(conn, item)
+        """Run the handler under a savepoint and log one 'applied' row per effect it made,
+        as the meter saw it (without a meter: one, whenever the handler returns)."""
+        conn, meter = self.conn, self.meter
+        before = meter(conn, d) if meter is not None else None
         conn.execute("SAVEPOINT effect")
         try:
             self.effect_handler(conn, d)
@@ -516,8 +528,12 @@ class CourseWorker(Worker):
             conn.execute("RELEASE effect")
             raise
         conn.execute("RELEASE effect")
-        moved = _reserved(conn, item) - before
-        times = moved // qty if moved > 0 and moved % qty == 0 else int(moved != 0)
+        if meter is None or before is None:
+            times = 1
+        else:
+            moved = (meter(conn, d) or 0.0) - before
+            times = round(moved) if moved > 0 and abs(moved - round(moved)) < 1e-9 \
+                else int(moved != 0)
         if times == 0:
             self.stats.duplicates_skipped += 1
             log_delivery(conn, d, at=self.clock.now(), worker=self.name,
@@ -609,18 +625,22 @@ def run_workers(*, process: Callable[[Delivery, Ops], Any] = at_least_once,
                 seed: int, faults: Faults = NO_FAULTS, orders: int = 30, workers: int = 1,
                 visibility_timeout: float = 2.0, max_receives: int = 5,
                 work: float | Callable[[Delivery], float] = 0.0,
+                meter: Meter | None = inventory_meter,
                 mode: Mode | str = Mode.AT_LEAST_ONCE, max_steps: int = 20_000,
                 ) -> tuple[Run, CheckResult]:
     """Place ``orders`` orders (from ``seed``) and let ``workers`` workers consume them with
     ``process`` (per delivery) and ``handler`` (the effect), interleaved on one fake clock,
     under ``faults``; then the engine's checker. Each delivery needs ``work`` seconds of
-    ``ops.work`` before its effect (a number, or a function of the delivery); ``mode`` only
-    labels the workers' runs."""
+    ``ops.work`` before its effect (a number, or a function of the delivery). ``meter``
+    reads how many times a delivery's effect is in the state, before and after the handler
+    (default: the inventory projection; None counts every return of the handler as one
+    effect). ``mode`` only labels the workers' runs."""
     lab = Lab(seed=seed, mode=mode, faults=faults, workers=1,
               visibility_timeout=visibility_timeout, max_receives=max_receives)
     crew = [CourseWorker(lab.conn, clock=lab.clock, ids=lab.ids, mode=lab.mode, faults=faults,
                          visibility_timeout=visibility_timeout, name=f"worker-{i + 1}",
-                         queue=lab.queue, process=process, effect_handler=handler, work=work)
+                         queue=lab.queue, process=process, effect_handler=handler, work=work,
+                         meter=meter)
             for i in range(workers)]
     lab.workers = list(crew)
     # The lab's clock in SQL, for a handler that stamps rows (an inbox's processed_at).
