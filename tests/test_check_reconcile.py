@@ -98,21 +98,27 @@ def test_lost_messages_show_as_lost_drift_and_unapplied(drifted):
     assert dict(zip(d.items.item_id, d.items.delta, strict=True)) == missing
 
 
-def test_repair_fixes_it_and_leftover_events_are_skipped(drifted):
+def test_repair_fixes_it_and_leftover_events_are_fenced(drifted):
     lab, placed, lost = drifted
     outcome = repair(lab.conn, clock=lab.clock)
     assert outcome.orders == 30
-    assert outcome.events_marked == 10  # 5 lost + 5 still in flight
+    assert outcome.events_fenced == 30  # every order it counted, applied or not
+    assert outcome.orders_recounted == 10  # 5 lost + 5 still in flight
     assert outcome.items_changed == len({ITEMS[i % 3] for i in range(5)} |
                                         {ITEMS[i % 3] for i in range(25, 30)})
     assert check(lab.conn).ok and diff(lab.conn).clean
     assert lab.projection() == lab.truth()
+    # The repair leaves the inbox to the consumer: it holds what the worker processed.
+    assert db.table_counts(lab.conn)["inbox_processed"] == 20
 
-    # The five in-flight events now arrive: the idempotent consumer skips them.
+    # The five in-flight events now arrive: the fence refuses them, and they are acked.
     w = lab.worker(name="after-repair")
     lab.drain(w)
-    assert (w.stats.received, w.stats.duplicates_skipped, w.stats.applied) == (5, 5, 0)
+    assert (w.stats.received, w.stats.fenced, w.stats.applied, w.stats.acked) == (5, 5, 0, 5)
     assert check(lab.conn).ok and lab.projection() == lab.truth()
+    fenced = lab.conn.execute("SELECT count(*), min(detail), max(detail) FROM delivery_log"
+                              " WHERE outcome = 'fenced'").fetchone()
+    assert tuple(fenced) == (5, "counted by reconcile", "counted by reconcile")
 
     # New orders after the repair apply normally.
     lab.order("tea", 7)
@@ -126,7 +132,7 @@ def test_a_second_repair_changes_nothing(drifted):
     before = db.dump(lab.conn)
     lab.clock.advance(60)
     again = repair(lab.conn, clock=lab.clock)
-    assert (again.items_changed, again.events_marked) == (0, 0)
+    assert (again.items_changed, again.events_fenced, again.orders_recounted) == (0, 0, 0)
     assert db.dump(lab.conn) == before
 
 
@@ -153,12 +159,12 @@ def test_repair_also_fixes_duplicates_and_dead_letters(lab):
     assert before.duplicated > 0 and before.dead_lettered > 0
     repair(lab.conn, clock=lab.clock)
     assert check(lab.conn).ok
-    # A redrive after the repair: the idempotent worker skips what the repair counted.
+    # A redrive after the repair: the fence refuses what the repair counted.
     parked = db.table_counts(lab.conn)["dead_letters"]
     assert lab.queue.redrive() == parked >= before.dead_lettered
     w = lab.worker(name="after-redrive")
     lab.drain(w)
-    assert w.stats.applied == 0 and w.stats.duplicates_skipped == parked
+    assert w.stats.applied == 0 and w.stats.fenced == parked
     assert check(lab.conn).ok
 
 

@@ -78,7 +78,7 @@ def test_chapter_5_a_lost_message_is_lost_in_every_mode():
     lost_qty = int(drift.unapplied.qty.sum())
     assert int(drift.items.delta.sum()) == -lost_qty and set(drift.unapplied.state) == {"lost"}
     repair = lab.reconcile()
-    assert repair.events_marked == 4 and lab.check().ok and lab.diff().clean
+    assert repair.orders_recounted == 4 and lab.check().ok and lab.diff().clean
 
 
 def drifted_lab() -> Lab:
@@ -105,10 +105,10 @@ def test_chapter_5_the_race_between_a_rebuild_and_events_in_flight():
     assert after[after != 0].to_dict() == in_flight_qty.to_dict()  # ... counted twice
 
     fixed = drifted_lab()
-    assert fixed.reconcile().events_marked == 8
+    assert fixed.reconcile().orders_recounted == 8
     assert fixed.run_until_idle().ok
-    skipped = fixed.log().query("outcome == 'duplicate_skipped'")
-    assert sorted(skipped.correlation_id) == sorted(in_flight.order_id)
+    fenced = fixed.log().query("outcome == 'fenced'")
+    assert sorted(fenced.correlation_id) == sorted(in_flight.order_id)
 
 
 def test_chapter_5_a_schedule_bounds_the_loss():

@@ -362,8 +362,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             return 0
         result = repair(conn, clock=SystemClock())
         print(f"repaired: rebuilt the projection from {result.orders} orders"
-              f" ({result.items_changed} item(s) changed); added {result.events_marked}"
-              f" event(s) to the inbox, so a late delivery of one is skipped as a duplicate")
+              f" ({result.items_changed} item(s) changed, {result.orders_recounted} order(s)"
+              f" recounted); fenced {result.events_fenced} event(s): a late delivery of a"
+              f" counted order is not applied again, whatever mode the workers run in")
         print(f"verdict: {check(conn).verdict}")
     finally:
         conn.close()

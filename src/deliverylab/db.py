@@ -25,6 +25,7 @@ TABLES = (
     "inventory_projection",
     "dead_letters",
     "delivery_log",
+    "reconciled_events",
 )
 
 
