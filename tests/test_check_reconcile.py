@@ -192,3 +192,59 @@ def test_events_frame_has_one_row_per_order(drifted):
     # In placement order; all were placed at t=0, so the order id breaks the tie.
     assert list(frame.order_id) == sorted(p.order_id for p in placed)
     assert set(frame.state) == {"lost", "correct", "pending"}
+
+
+# -- the verdict after a repair keeps the history -------------------------------------------------
+
+def broken_then_repaired(lab):
+    """40 orders through an at-least-once worker that loses ACKs and messages, then a repair."""
+    place(lab, 40)
+    lab.drain(lab.worker(mode="at-least-once",
+                         faults=Faults(seed=8, ack_fail=0.5, lose_message=0.1)))
+    before = check(lab.conn)
+    assert before.duplicated > 0 and before.lost > 0 and not before.repaired
+    repair(lab.conn, clock=lab.clock)
+    return before
+
+
+def test_after_a_repair_the_verdict_says_what_happened_before_it(lab):
+    before = broken_then_repaired(lab)
+    after = check(lab.conn)
+    assert after.ok and after.repaired and after.correct == 40
+    assert (after.repaired_duplicated, after.repaired_extra_applications,
+            after.repaired_never_applied) == (before.duplicated, before.extra_applications,
+                                              before.lost)
+    assert after.verdict == (
+        f"OK (repaired): projection equals truth; {before.duplicated} orders had duplicated"
+        f" effects before the repair (+{before.extra_applications} extra);"
+        f" {before.lost} orders were never applied (lost or in flight) and counted by the repair")
+    assert after.as_dict()["repaired_duplicated"] == before.duplicated
+    # A second repair has nothing to repair, and hides nothing either.
+    repair(lab.conn, clock=lab.clock)
+    assert check(lab.conn).verdict == after.verdict
+
+
+def test_the_status_report_and_the_panel_show_the_same_verdict(lab):
+    from deliverylab import labviews, status
+
+    broken_then_repaired(lab)
+    verdict = check(lab.conn).verdict
+    report = status.collect(lab.conn, now=lab.clock.now())
+    assert report["verdict"] == verdict and report["ok"] is True
+    assert report["check"]["repaired_duplicated"] > 0
+    assert f"verdict      {verdict}" in status.render(report)
+    assert 'class="dl-verdict-line dl-verdict-ok"' in labviews.verdict_html(verdict)
+
+
+def test_new_damage_after_a_repair_is_reported_with_the_history(lab):
+    before = broken_then_repaired(lab)
+    for i in range(10):
+        lab.order(ITEMS[i % 3], 1)
+    lab.drain(lab.worker(mode="at-least-once", faults=Faults(seed=2, ack_fail=0.7)))
+    result = check(lab.conn)
+    assert result.duplicated > 0 and not result.ok
+    assert result.verdict.startswith(f"BROKEN: {result.duplicated} duplicated")
+    assert result.verdict.endswith(
+        f"; {before.duplicated} orders had duplicated effects before the repair"
+        f" (+{before.extra_applications} extra); {before.lost} orders were never applied"
+        " (lost or in flight) and counted by the repair")
