@@ -181,3 +181,20 @@ def test_repair_refuses_an_old_file_without_the_fence_and_writes_nothing(tmp_pat
     conn = db.init_db(path)  # what 'deliverylab init-db' does: adds the missing table
     assert repair(conn, clock=clock).events_fenced == 1
     conn.close()
+
+
+def test_the_command_line_on_an_old_file_says_init_db_adds_the_fence(tmp_path, capsys):
+    from deliverylab import cli
+
+    path = tmp_path / "old.db"
+    conn = db.init_db(path)
+    conn.execute("DROP TABLE reconciled_events")
+    conn.close()
+    for verb in ("reconcile", "worker", "status"):
+        code = cli.main([verb, "--db", str(path)])
+        err = capsys.readouterr().err
+        assert code == 2 and "has no reconciled_events table(s)" in err, err
+        assert f"run 'deliverylab init-db --db {path}' to add them; the data is kept" in err
+    assert cli.main(["init-db", "--db", str(path)]) == 0
+    assert cli.main(["reconcile", "--db", str(path)]) == 0
+    assert "nothing to repair" in capsys.readouterr().out

@@ -165,7 +165,10 @@ class CheckResult:
             parts.append(f"{self.pending} pending")
         drift = ("projection equals truth" if self.projection_equals_truth
                  else f"projection differs from truth on {self.drifted_items} item(s)")
-        head = "PENDING" if not (self.lost or self.duplicated or self.dead_lettered) else "BROKEN"
+        # PENDING: only events still on their way. A projection that differs with nothing on
+        # its way (someone wrote to it, or skipped an event) is broken too.
+        waiting = self.pending and not (self.lost or self.duplicated or self.dead_lettered)
+        head = "PENDING" if waiting else "BROKEN"
         history = f"; {self._history()}" if self.repaired else ""
         return f"{head}: {', '.join(parts) or 'no event problems'}; {drift}{history}"
 
