@@ -191,7 +191,7 @@ class Worker:
     def _apply(self, d: Delivery) -> Outcome:
         """Run the effect for ``d`` inside the open transaction: APPLIED, or DUPLICATE_SKIPPED
         (the inbox has it) or FENCED (a repair counted it) with no effect."""
-        if self.mode is Mode.IDEMPOTENT:
+        if self.mode is Mode.IDEMPOTENT:  # the inbox row, unless a repair fenced the event
             fresh = self.conn.execute(_INBOX_ONE, (self.consumer, d.event_id,
                                                    self.clock.now())).rowcount
             skip = None if fresh else self._not_fresh(d.event_id)
