@@ -317,8 +317,9 @@ def test_drop_then_reconcile(capsys: pytest.CaptureFixture[str], dbfile: Path) -
 
     code, out, _ = run(capsys, "reconcile", "--db", str(dbfile))
     assert code == 0
-    assert "added 4 event(s) to the inbox" in out
-    assert "verdict: OK" in out
+    assert "(2 item(s) changed, 4 order(s) recounted); fenced 4 event(s)" in out
+    assert ("verdict: OK (repaired): projection equals truth; 4 orders were never applied"
+            " (lost or in flight) and counted by the repair") in out
     code, out, _ = run(capsys, "reconcile", "--db", str(dbfile))
     assert code == 0 and out.startswith("nothing to repair")
 

@@ -495,7 +495,7 @@ def test_lost_messages_are_reconciled_and_leftovers_do_not_double_count(lab: Lab
     repaired = cli("reconcile", "--db", str(lab.db))
     assert repaired.returncode == 0, repaired.stderr
     assert "3 lost, 7 pending" in repaired.stdout
-    assert "added 10 event(s) to the inbox" in repaired.stdout
+    assert "10 order(s) recounted); fenced 20 event(s)" in repaired.stdout
     after = status()
     assert after["check"]["projection_equals_truth"] and after["ok"]
     projection = {i["itemId"]: i["projection"] for i in after["items"]}
@@ -507,10 +507,13 @@ def test_lost_messages_are_reconciled_and_leftovers_do_not_double_count(lab: Lab
     lab.wait_drained(timeout=30)
     assert leftovers.terminate() == 0
     out = leftovers.output()
-    assert out.count("duplicate skipped") == 7 and "applied projection" not in out
+    assert out.count("fenced: a repair already counted it") == 7
+    assert "applied projection" not in out
     final = status()
     assert final["ok"] and {i["itemId"]: i["projection"] for i in final["items"]} == projection
     assert final["check"]["correct"] == 20
+    assert final["verdict"] == ("OK (repaired): projection equals truth; 10 orders were never"
+                                " applied (lost or in flight) and counted by the repair")
 
 
 # -- clean shutdown -----------------------------------------------------------------------------

@@ -367,12 +367,12 @@ def test_naive_rebuild_double_counts_the_events_in_flight():
     assert not lab.check().projection_equals_truth
 
 
-def test_engine_repair_marks_in_flight_events_processed():
+def test_engine_repair_fences_in_flight_events():
     lab = drifted()
     outcome = lab.reconcile()
-    assert outcome.events_marked == 3 + 5
+    assert outcome.orders_recounted == 3 + 5 and outcome.events_fenced == outcome.orders == 20
     lab.run_until_idle()
-    assert lab.check().ok and lab.stats().duplicates_skipped == 5
+    assert lab.check().ok and lab.stats().fenced == 5
 
 
 # -- 7. no redelivery limit ---------------------------------------------------------------------

@@ -327,8 +327,12 @@ def test_lose_a_message_then_reconcile_repairs_the_projection():
     assert value_of(panel.counter_widgets["lost"]) == 1
     assert "1 lost" in panel.verdict_text and "#fde2e1" in panel.projection_table.value
     panel.reconcile_button.click()
-    assert "1 event(s) marked processed" in panel.status.value
-    assert panel.verdict_text.startswith("OK:")
+    assert "1 item(s) changed, 1 order(s) recounted, 10 event(s) newly fenced" \
+        in panel.status.value
+    # Green, and the history stays on the record: the order's effect never ran.
+    assert panel.verdict_text == ("OK (repaired): projection equals truth; 1 order was never"
+                                  " applied (lost or in flight) and counted by the repair")
+    assert "dl-verdict-ok" in panel.verdict.value
     assert value_of(panel.counter_widgets["lost"]) == 0
 
 

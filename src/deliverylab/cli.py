@@ -108,14 +108,19 @@ def _where(args: argparse.Namespace) -> str:
 
 def open_db(args: argparse.Namespace) -> sqlite3.Connection:
     """Connect to an existing lab database, or explain how to make one."""
-    from .db import check_schema, connect
+    from .db import check_schema, connect, missing_tables
 
     path = db_path(args)
+    init = f"deliverylab init-db{'' if args.db is None else ' --db ' + str(path)}"
     if not path.is_file():
-        raise UsageError(f"no database at {str(path)!r} ({_where(args)}): run 'deliverylab"
-                         f" init-db{'' if args.db is None else ' --db ' + str(path)}' first")
+        raise UsageError(f"no database at {str(path)!r} ({_where(args)}): run '{init}' first")
     try:
         conn = connect(path)
+        missing = missing_tables(conn)
+        if missing and "orders" not in missing:  # an older version's file: keep its data
+            conn.close()
+            raise UsageError(f"{str(path)!r} has no {', '.join(missing)} table(s) (made by an"
+                             f" older deliverylab): run '{init}' to add them; the data is kept")
         check_schema(conn)
     except (sqlite3.DatabaseError, InvalidInput) as exc:
         raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc}); run"
@@ -362,8 +367,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             return 0
         result = repair(conn, clock=SystemClock())
         print(f"repaired: rebuilt the projection from {result.orders} orders"
-              f" ({result.items_changed} item(s) changed); added {result.events_marked}"
-              f" event(s) to the inbox, so a late delivery of one is skipped as a duplicate")
+              f" ({result.items_changed} item(s) changed, {result.orders_recounted} order(s)"
+              f" recounted); fenced {result.events_fenced} event(s): a late delivery of a"
+              f" counted order is not applied again, whatever mode the workers run in")
         print(f"verdict: {check(conn).verdict}")
     finally:
         conn.close()

@@ -25,6 +25,7 @@ TABLES = (
     "inventory_projection",
     "dead_letters",
     "delivery_log",
+    "reconciled_events",
 )
 
 
@@ -97,10 +98,16 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+def missing_tables(conn: sqlite3.Connection) -> list[str]:
+    """The deliverylab tables the file does not have (all of them: not a lab database; some,
+    with ``orders`` present: made by an older version, and ``init_db`` adds them)."""
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return [t for t in TABLES if t not in have]
+
+
 def check_schema(conn: sqlite3.Connection) -> None:
     """Fail with a clear message when the file is not a deliverylab database."""
-    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = [t for t in TABLES if t not in have]
+    missing = missing_tables(conn)
     if missing:
         raise InvalidInput("db", f"missing tables {missing}",
                            "a deliverylab database (run 'deliverylab init-db')")

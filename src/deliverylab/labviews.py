@@ -353,7 +353,7 @@ def counters_html(counts: Mapping[str, int]) -> dict[str, str]:
 
 
 def verdict_html(verdict: str) -> str:
-    kind = verdict.split(":", 1)[0].lower()
+    kind = verdict.split(":", 1)[0].split(" ", 1)[0].lower()  # "OK (repaired)" is an OK
     return (f'<div class="dl-verdict-line dl-verdict-{kind}"><b>checker</b>:'
             f' {html.escape(verdict)}</div>')
 

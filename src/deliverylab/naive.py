@@ -207,7 +207,7 @@ def rebuild_projection(conn: sqlite3.Connection) -> int:
 
     Events still in the queue are not marked processed, so when they arrive the consumer applies
     them on top of a projection that already counts them: a double count made by the repair.
-    Fixed by :func:`deliverylab.reconcile.repair`, which also writes their inbox rows in the same
+    Fixed by :func:`deliverylab.reconcile.repair`, which also fences their events in the same
     transaction. Returns the number of projection rows written.
     """
     conn.execute("BEGIN IMMEDIATE")

@@ -301,8 +301,9 @@ class LabPanel:
         """Repair the projection from the orders (see :func:`deliverylab.reconcile.repair`)."""
         repair = self.lab.reconcile()
         self._say("reconcile", f"Reconciled from the {repair.orders} orders:"
-                  f" {repair.items_changed} item(s) changed, {repair.events_marked} event(s)"
-                  " marked processed in the inbox so a late delivery is skipped as a duplicate.")
+                  f" {repair.items_changed} item(s) changed, {repair.orders_recounted}"
+                  f" order(s) recounted, {repair.events_fenced} event(s) newly fenced: a late"
+                  " delivery of a counted order is not applied again, in any mode.")
         self._record()
         return self.refresh()
 

@@ -44,6 +44,17 @@ CREATE TABLE IF NOT EXISTS inbox_processed (
     PRIMARY KEY (consumer, event_id)
 ) STRICT, WITHOUT ROWID;
 
+-- The fence: the events a repair counted when it rebuilt a consumer's projection from the
+-- orders, written in the repair's transaction. Every worker mode reads it inside its effect's
+-- transaction and does not apply a fenced event again (see reconcile.py). WITHOUT ROWID, as
+-- the inbox: the worker's lookup is one b-tree probe.
+CREATE TABLE IF NOT EXISTS reconciled_events (
+    consumer      TEXT NOT NULL,
+    event_id      TEXT NOT NULL,
+    reconciled_at REAL NOT NULL,
+    PRIMARY KEY (consumer, event_id)
+) STRICT, WITHOUT ROWID;
+
 -- The read model the worker maintains.
 CREATE TABLE IF NOT EXISTS inventory_projection (
     item_id      TEXT PRIMARY KEY,

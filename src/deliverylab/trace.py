@@ -34,6 +34,7 @@ class Outcome(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     REDRIVEN = "redriven"
     RECONCILED = "reconciled"
+    FENCED = "fenced"  # not applied: a repair already counted the event (reconcile.py)
 
 
 _INSERT = ("INSERT INTO delivery_log (at, worker, correlation_id, event_id, message_id,"
@@ -111,6 +112,7 @@ LANES = {
     "received": "queue", "acked": "queue", "ack_rejected": "queue", "nacked": "queue",
     "extended": "queue", "dead_lettered": "queue", "redriven": "queue", "lost": "queue",
     "applied": "database", "duplicate_skipped": "database", "reconciled": "database",
+    "fenced": "database",
     "ack_failed": "worker", "crashed": "worker",
 }
 
@@ -118,7 +120,8 @@ LANES = {
 # How plot_timeline draws each outcome: an arrow between two lanes, or a mark on one lane.
 ARROWS = {
     "received": ("queue", "worker"), "applied": ("worker", "database"),
-    "duplicate_skipped": ("worker", "database"), "acked": ("worker", "queue"),
+    "duplicate_skipped": ("worker", "database"), "fenced": ("worker", "database"),
+    "acked": ("worker", "queue"),
     "ack_failed": ("worker", "queue"), "ack_rejected": ("worker", "queue"),
     "nacked": ("worker", "queue"), "extended": ("worker", "queue"),
 }
@@ -127,12 +130,14 @@ _LABELS = {
     "acked": "acked", "ack_failed": "ACK lost", "ack_rejected": "ACK rejected",
     "nacked": "nacked", "extended": "lease extended", "crashed": "crashed", "lost": "lost",
     "dead_lettered": "dead-lettered", "redriven": "redriven", "reconciled": "reconciled",
+    "fenced": "fenced (counted by reconcile)",
 }
 _COLORS = {
     "received": "#555555", "applied": "tab:green", "duplicate_skipped": "tab:blue",
     "acked": "#222222", "ack_failed": "tab:red", "ack_rejected": "tab:orange",
     "nacked": "tab:orange", "extended": "#555555", "crashed": "tab:red", "lost": "tab:red",
     "dead_lettered": "tab:purple", "redriven": "tab:purple", "reconciled": "tab:green",
+    "fenced": "tab:cyan",
 }
 # A delivery's lease ends early when one of these settles it (the message leaves the queue
 # or becomes visible again on purpose).

@@ -12,6 +12,10 @@ transactional      effect + ack in one transaction              exactly once, in
 Every mode runs the same code path otherwise, with the same fault schedule (see ``faults``).
 The projection update is one UPSERT, never read-then-write. An inbox conflict means "already
 processed"; any other database error propagates.
+
+Every mode also honours the reconcile fence: inside the effect's own transaction, an event a
+repair has already counted (a row in ``reconciled_events``) is not applied again; the delivery
+is logged as ``fenced`` and acknowledged as usual (see :mod:`deliverylab.reconcile`).
 """
 
 from __future__ import annotations
@@ -83,6 +87,18 @@ def apply_order_placed_many(conn: sqlite3.Connection, deliveries: list[Delivery]
     conn.executemany(_RESERVE, totals.items())
 
 
+# The fence, read inside the effect's transaction (so after any repair that committed first).
+_FENCED = "SELECT 1 FROM reconciled_events WHERE consumer = ? AND event_id = ?"
+_FENCED_MANY = ("SELECT event_id FROM reconciled_events WHERE consumer = ?"
+                " AND event_id IN (SELECT value FROM json_each(?))")
+# The idempotent consumer's inbox row, written only for an event no repair has fenced: the
+# fence costs no extra statement on its hot path. No row written: a duplicate, or fenced.
+_INBOX_ONE = ("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+              " SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM reconciled_events"
+              " WHERE consumer = ?1 AND event_id = ?2)"
+              " ON CONFLICT (consumer, event_id) DO NOTHING")
+FENCED_DETAIL = "counted by reconcile"
+
 Handler = Callable[[sqlite3.Connection, Delivery], None]
 BatchHandler = Callable[[sqlite3.Connection, list[Delivery]], None]
 # Handlers with a batch form: the worker's fast path applies a whole batch in a few statements.
@@ -102,6 +118,7 @@ class WorkerStats:
     lost: int = 0
     nacked: int = 0
     dead_lettered: int = 0
+    fenced: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -164,24 +181,33 @@ class Worker:
         return self.faults.active and self.faults.fires(point, d.event_id, d.delivery_count)
 
     # -- the effect ------------------------------------------------------------------------
-    def _apply(self, d: Delivery) -> bool:
-        """Run the effect for ``d`` inside the open transaction. False: a duplicate skipped."""
-        if self.mode is Mode.IDEMPOTENT:
-            cur = self.conn.execute(
-                "INSERT INTO inbox_processed (consumer, event_id, processed_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (consumer, event_id) DO NOTHING",
-                (self.consumer, d.event_id, self.clock.now()))
-            if cur.rowcount == 0:
-                log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
-                             outcome=Outcome.DUPLICATE_SKIPPED)
-                return False
+    def _fenced(self, event_id: str) -> bool:
+        return self.conn.execute(_FENCED, (self.consumer, event_id)).fetchone() is not None
+
+    def _not_fresh(self, event_id: str) -> Outcome:
+        """Why the inbox took no row for ``event_id``: a repair fenced it, or a duplicate."""
+        return Outcome.FENCED if self._fenced(event_id) else Outcome.DUPLICATE_SKIPPED
+
+    def _apply(self, d: Delivery) -> Outcome:
+        """Run the effect for ``d`` inside the open transaction: APPLIED, or DUPLICATE_SKIPPED
+        (the inbox has it) or FENCED (a repair counted it) with no effect."""
+        if self.mode is Mode.IDEMPOTENT:  # the inbox row, unless a repair fenced the event
+            fresh = self.conn.execute(_INBOX_ONE, (self.consumer, d.event_id,
+                                                   self.clock.now())).rowcount
+            skip = None if fresh else self._not_fresh(d.event_id)
+        else:
+            skip = Outcome.FENCED if self._fenced(d.event_id) else None
+        if skip is not None:
+            log_delivery(self.conn, d, at=self.clock.now(), worker=self.name, outcome=skip,
+                         detail=FENCED_DETAIL if skip is Outcome.FENCED else "")
+            return skip
         self.handler(self.conn, d)
         log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
                      outcome=Outcome.APPLIED, detail=str(self.mode))
-        return True
+        return Outcome.APPLIED
 
-    def _apply_guarded(self, d: Delivery) -> tuple[bool | None, str | None]:
-        """Apply under a savepoint: (applied?, None) or (None, error) for a handler error,
+    def _apply_guarded(self, d: Delivery) -> tuple[Outcome | None, str | None]:
+        """Apply under a savepoint: (outcome, None) or (None, error) for a handler error,
         whose partial writes are undone. Database errors are not caught: they surface."""
         self.conn.execute("SAVEPOINT message")
         try:
@@ -198,54 +224,75 @@ class Worker:
         return applied, None
 
     _INBOX_MANY = ("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-                   " SELECT ?, value, ? FROM json_each(?) WHERE true"
+                   " SELECT ?1, value, ?2 FROM json_each(?3) WHERE NOT EXISTS"
+                   " (SELECT 1 FROM reconciled_events AS f"
+                   "   WHERE f.consumer = ?1 AND f.event_id = value)"
                    " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id")
 
-    def _apply_batch(self, deliveries: list[Delivery]) -> list[bool] | None:
+    def _apply_batch(self, deliveries: list[Delivery]) -> list[Outcome] | None:
         """The fast path: apply a whole batch in one transaction with a handful of statements
-        (inbox rows in one INSERT, the effect in one UPSERT per item, the log in one insert).
-        Same rows, same order as applying one by one. None — and nothing written — when a
-        handler fails: the caller then applies one by one, each under its own savepoint."""
+        (inbox rows or the fence in one statement, the effect in one UPSERT per item, the log
+        in one insert). Same rows, same order as applying one by one. None — and nothing
+        written — when a handler fails: the caller then applies one by one, each under its
+        own savepoint."""
         conn, now = self.conn, self.clock.now()
+        ids = [d.event_id for d in deliveries]
         try:
             with transaction(conn):
+                fenced: set[str] = set()
                 if self.mode is Mode.IDEMPOTENT:
                     if len(deliveries) == 1:  # the common case: skip json_each (~10% faster)
-                        event_id = deliveries[0].event_id
-                        inserted = conn.execute(
-                            "INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-                            " VALUES (?, ?, ?) ON CONFLICT (consumer, event_id) DO NOTHING",
-                            (self.consumer, event_id, now)).rowcount
-                        fresh = {event_id} if inserted else set()
+                        inserted = conn.execute(_INBOX_ONE, (self.consumer, ids[0],
+                                                             now)).rowcount
+                        fresh = {ids[0]} if inserted else set()
                     else:
                         fresh = {r[0] for r in conn.execute(self._INBOX_MANY, (
-                            self.consumer, now, json.dumps([d.event_id for d in deliveries])))}
-                    applied = []
-                    for d in deliveries:  # a second message for one event is a duplicate
-                        applied.append(d.event_id in fresh)
-                        fresh.discard(d.event_id)
+                            self.consumer, now, json.dumps(ids)))}
+                    if len(fresh) < len(deliveries):  # only then: fenced, or duplicates?
+                        fenced = self._fenced_among(ids)
                 else:
-                    applied = [True] * len(deliveries)
-                todo = [d for d, a in zip(deliveries, applied, strict=True) if a]
+                    fresh = set(ids)
+                    fenced = self._fenced_among(ids)
+                outcomes = []
+                for d in deliveries:  # a second message for one event is a duplicate
+                    if d.event_id in fenced:
+                        outcomes.append(Outcome.FENCED)
+                    elif d.event_id in fresh:
+                        outcomes.append(Outcome.APPLIED)
+                        if self.mode is Mode.IDEMPOTENT:
+                            fresh.discard(d.event_id)
+                    else:
+                        outcomes.append(Outcome.DUPLICATE_SKIPPED)
+                todo = [d for d, o in zip(deliveries, outcomes, strict=True)
+                        if o is Outcome.APPLIED]
                 if todo:
                     self._handle_many(conn, todo)
-                mode = str(self.mode)
+                details = {Outcome.APPLIED: str(self.mode), Outcome.FENCED: FENCED_DETAIL,
+                           Outcome.DUPLICATE_SKIPPED: ""}
                 log_many(conn, [(now, self.name, d.correlation_id, d.event_id, d.message_id,
-                                 d.delivery_count,
-                                 Outcome.APPLIED if a else Outcome.DUPLICATE_SKIPPED,
-                                 mode if a else "")
-                                for d, a in zip(deliveries, applied, strict=True)])
+                                 d.delivery_count, o, details[o])
+                                for d, o in zip(deliveries, outcomes, strict=True)])
         except sqlite3.Error:
             raise
         except Exception:  # a handler refused one of them: redo one by one, isolating it
             return None
-        return applied
+        return outcomes
 
-    def _count(self, d: Delivery, applied: bool) -> None:
-        if applied:
+    def _fenced_among(self, ids: list[str]) -> set[str]:
+        """The event ids in ``ids`` a repair has fenced, read in the open transaction."""
+        if len(ids) == 1:
+            return set(ids) if self._fenced(ids[0]) else set()
+        return {r[0] for r in self.conn.execute(_FENCED_MANY, (self.consumer,
+                                                               json.dumps(ids)))}
+
+    def _count(self, d: Delivery, outcome: Outcome) -> None:
+        if outcome is Outcome.APPLIED:
             self.stats.applied += 1
             self._say(d, "applied projection (first time)" if self.mode is Mode.IDEMPOTENT
                       else "applied projection")
+        elif outcome is Outcome.FENCED:
+            self.stats.fenced += 1
+            self._say(d, "fenced: a repair already counted it → not applied")
         else:
             self.stats.duplicates_skipped += 1
             self._say(d, "duplicate skipped")
@@ -305,10 +352,10 @@ class Worker:
                 self._log(d, Outcome.LOST, f"failed after the ACK: {error}")
                 self._say(d, f"processing failed after the ACK → effect lost ({error})")
                 continue
-            self._count(d, bool(applied))
+            self._count(d, applied)
 
     def _apply_then_ack(self, deliveries: list[Delivery]) -> None:
-        done: list[tuple[Delivery, bool]] = []
+        done: list[tuple[Delivery, Outcome]] = []
         failed: list[tuple[Delivery, str]] = []
         rejected: list[Delivery] = []
         if deliveries:
@@ -339,7 +386,7 @@ class Worker:
                             self.conn.execute("ROLLBACK TO delivery")
                             rejected.append(d)
                         else:
-                            done.append((d, bool(applied)))
+                            done.append((d, applied))
                         if self.mode is Mode.TRANSACTIONAL:
                             self.conn.execute("RELEASE delivery")
             except SimulatedCrash as crash:
