@@ -70,7 +70,7 @@ WRITE_BUDGET_S = 3.0
 RETRY_AFTER_S = 1
 # /health waits this long for the write lock: longer than a worker's commit, so a busy lab
 # reads as writable, and short enough to answer well within 100 ms.
-HEALTH_LOCK_WAIT_S = 0.05
+HEALTH_LOCK_WAIT_S = 0.02
 HEALTH_TIMEOUT_S = 0.5
 DEFAULT_SYNCHRONOUS = "FULL"
 SYNCHRONOUS_ENV = "DELIVERYLAB_SYNCHRONOUS"
