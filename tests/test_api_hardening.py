@@ -138,6 +138,40 @@ def test_a_held_write_lock_gets_each_request_a_prompt_503_and_health_still_answe
     no_failures(api)
 
 
+def test_orders_that_queued_meanwhile_share_a_commit_and_keep_their_own_answers(
+        db_file: Path) -> None:
+    """Group commit: what waited behind the lock commits together, each order in a savepoint
+    of its own, so a conflict refuses that order alone."""
+    with TestClient(create_app(db_file)) as client:
+        store = client.app.state.store
+        assert post(client, {"orderId": "taken", "itemId": "tea", "qty": 1}).status_code == 201
+        bodies = [{"orderId": f"o-{i}", "itemId": "tea", "qty": 1} for i in range(12)]
+        bodies += [{"orderId": "taken", "itemId": "tea", "qty": 9},  # a conflict: 409
+                   {"orderId": "o-0", "itemId": "tea", "qty": 1}]  # a replay of o-0: 200
+        answers: dict[int, int] = {}
+        holder = db.connect(db_file)
+        holder.execute("BEGIN IMMEDIATE")
+        commits = store.commits
+        threads = [threading.Thread(target=lambda i=i, b=b: answers.__setitem__(
+            i, post(client, b).status_code)) for i, b in enumerate(bodies)]
+        try:
+            for t in threads[:12]:
+                t.start()
+            time.sleep(0.3)  # the twelve are queued behind the lock
+            for t in threads[12:]:
+                t.start()
+            time.sleep(0.3)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+            for t in threads:
+                t.join(timeout=10)
+        assert [answers[i] for i in range(12)] == [201] * 12
+        assert (answers[12], answers[13]) == (409, 200)
+        assert store.commits - commits <= 3  # not one per order
+    assert counts(db_file)["orders"] == 13 and counts(db_file)["queue_messages"] == 13
+
+
 # -- 2. Idempotency-Key, as the IETF draft specifies ---------------------------------------------
 
 def test_a_key_that_replayed_an_order_id_is_recorded_and_never_reused(
