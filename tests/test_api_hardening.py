@@ -515,6 +515,18 @@ def test_allowed_hosts_adds_names(db_file: Path) -> None:
         assert info.value.field == "allowed_hosts"
 
 
+def test_allowed_hosts_from_the_environment_add_to_the_argument(
+        db_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELIVERYLAB_ALLOWED_HOSTS", "shop.test, api.shop.test")
+    with TestClient(create_app(db_file, allowed_hosts=["other.test"])) as c:
+        for host in ("shop.test", "api.shop.test:80", "other.test", "127.0.0.1"):
+            assert c.get("/orders", headers={"host": host}).status_code == 200, host
+    monkeypatch.setenv("DELIVERYLAB_ALLOWED_HOSTS", "shop.test,bad host")
+    with pytest.raises(InvalidInput) as info:
+        create_app(db_file)
+    assert info.value.field == "DELIVERYLAB_ALLOWED_HOSTS" and info.value.value == "bad host"
+
+
 @pytest.mark.slow
 def test_the_api_process_refuses_a_foreign_host(lab: Lab) -> None:
     api = lab.api("--no-access-log", "--allowed-host", "shop.test")
@@ -527,6 +539,11 @@ def test_the_api_process_refuses_a_foreign_host(lab: Lab) -> None:
             assert body["field"] == "Host"
     assert counts(lab.db)["orders"] == 3
     no_failures(api)
+    done = cli("api", "--db", str(lab.db), "--allowed-host", "shop.test:80")
+    assert done.returncode == 2 and "--allowed-host must be a host name" in done.stderr
+    done = cli("api", "--db", str(lab.db),
+               env=child_env(DELIVERYLAB_ALLOWED_HOSTS="shop.test,bad host"))
+    assert done.returncode == 2 and "DELIVERYLAB_ALLOWED_HOSTS must be" in done.stderr
 
 
 def test_an_unwritable_key_table_is_a_store_error_not_a_silent_reuse(db_file: Path) -> None:

@@ -569,8 +569,8 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
 
     ``synchronous``: ``full`` (the default: a 201 survives a power cut) or ``normal``
     (faster; survives a crash of the process only); default from ``$DELIVERYLAB_SYNCHRONOUS``.
-    ``allowed_hosts``: names accepted in ``Host`` besides 127.0.0.1, localhost and [::1];
-    default from ``$DELIVERYLAB_ALLOWED_HOSTS`` (comma-separated).
+    ``allowed_hosts``: names accepted in ``Host`` besides 127.0.0.1, localhost and [::1],
+    and those in ``$DELIVERYLAB_ALLOWED_HOSTS`` (comma-separated).
     ``write_budget``: seconds a write may take from the request's arrival before a 503.
     """
     if synchronous is None:
@@ -578,12 +578,10 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
         synchronous = DEFAULT_SYNCHRONOUS if env is None else check_synchronous(
             env, SYNCHRONOUS_ENV)
     synchronous = check_synchronous(synchronous)
-    if allowed_hosts is None:
-        env = _from_env(ALLOWED_HOSTS_ENV)
-        extra = check_allowed_hosts([h for h in (env or "").split(",") if h.strip()],
-                                    ALLOWED_HOSTS_ENV)
-    else:
-        extra = check_allowed_hosts(allowed_hosts)
+    env = _from_env(ALLOWED_HOSTS_ENV)
+    extra = check_allowed_hosts([h for h in (env or "").split(",") if h.strip()],
+                                ALLOWED_HOSTS_ENV)
+    extra += check_allowed_hosts(allowed_hosts or ())
     write_budget = check_number("write_budget", write_budget, minimum=0.001, maximum=60)
     store = Store(db_path, synchronous=synchronous, write_budget=write_budget)
 
