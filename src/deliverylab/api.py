@@ -299,6 +299,7 @@ class Store:
         self.queue = Queue(self._writer, clock=self.clock, ids=Ids())
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-write")
         self._jobs: deque[_Write] = deque()
+        self.accepted = 0  # orders handed to the write thread
         self.commits = 0  # transactions committed by the write thread (orders share them)
         self._jobs_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
@@ -348,6 +349,7 @@ class Store:
         job = _Write(time.monotonic() + self.write_budget, order, Future())
         with self._jobs_lock:
             self._jobs.append(job)
+            self.accepted += 1
         self._writes.submit(self._write_batch)
         return await asyncio.wrap_future(job.done)
 
