@@ -435,13 +435,13 @@ def test_malformed_requests_get_a_clear_4xx_and_write_nothing(lab: Lab) -> None:
 
     # What a test client cannot send: a lying Content-Length, and a chunked body over 64 KiB.
     with socket.create_connection((HOST, lab.port), timeout=10) as s:
-        s.sendall(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 10000000\r\n\r\n{}")
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413"), head
     chunk = b"p" * 8192
     with socket.create_connection((HOST, lab.port), timeout=10) as s:
-        s.sendall(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n")
         try:
             for _ in range(10):

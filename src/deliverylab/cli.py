@@ -155,10 +155,17 @@ def cmd_api(args: argparse.Namespace) -> int:
     open_db(args).close()  # fail here, with a clear message, not inside the server
     import uvicorn
 
-    from .api import create_app
+    from .api import check_allowed_hosts, create_app
 
+    try:
+        hosts = check_allowed_hosts(args.allowed_host, "--allowed-host")
+        # The address the server was told to bind is a name it answers to (a wildcard is not).
+        if args.host not in ("0.0.0.0", "::"):
+            hosts += check_allowed_hosts([args.host], "--host")
+        app = create_app(path, synchronous=args.synchronous, allowed_hosts=hosts)
+    except InvalidInput as exc:
+        raise UsageError(str(exc)) from None
     sock = listen(args.host, args.port)
-    app = create_app(path)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=5)
     print(f"deliverylab API on http://{args.host}:{args.port}  (database {path};"
@@ -453,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", default=3000, type=_int_arg(1, 65535), help="default 3000")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    p.add_argument("--synchronous", type=str.lower, choices=["full", "normal"], default=None,
+                   help="full (default, or $DELIVERYLAB_SYNCHRONOUS): a 201 survives a power"
+                        " cut; normal: faster, survives a crash of the API only")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   type=_text_arg(255),
+                   help="also answer requests whose Host is NAME (repeatable; besides"
+                        " 127.0.0.1, localhost, [::1]; * for any, behind a proxy that checks)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_api)

@@ -18,8 +18,11 @@ from .errors import InvalidInput
 BUSY_TIMEOUT_S = 30.0
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT_PAGES = 40_000
+# PRAGMA synchronous levels a caller may ask for, by name and by the number SQLite reports.
+SYNCHRONOUS_LEVELS = {"NORMAL": 1, "FULL": 2, "EXTRA": 3}
 TABLES = (
     "orders",
+    "idempotency_keys",
     "queue_messages",
     "inbox_processed",
     "inventory_projection",
@@ -38,15 +41,26 @@ def _is_memory(path: str | Path) -> bool:
     return str(path) == ":memory:" or str(path).startswith("file::memory:")
 
 
+def check_synchronous(value: object, field: str = "synchronous") -> str:
+    """``normal``, ``full`` or ``extra`` (any case), as SQLite's upper-case name."""
+    if isinstance(value, str) and value.upper() in SYNCHRONOUS_LEVELS:
+        return value.upper()
+    raise InvalidInput(field, value, "one of normal, full, extra")
+
+
 def connect(path: str | Path, *, must_exist: bool = True,
-            busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+            busy_timeout: float = BUSY_TIMEOUT_S,
+            synchronous: str = "NORMAL") -> sqlite3.Connection:
     """Open the database at ``path`` in WAL mode with a busy timeout.
 
     With ``must_exist`` (the default) a missing file is an error naming the path, instead of
-    SQLite silently creating an empty database that has no tables.
+    SQLite silently creating an empty database that has no tables. ``synchronous`` is
+    ``NORMAL`` (durable against a crash of the process) or ``FULL`` (also against a power
+    cut: every commit waits for its fsync; the API acknowledges orders this way).
     """
     if not isinstance(path, str | Path) or str(path) == "":
         raise InvalidInput("db", path, "a database file path or ':memory:'")
+    synchronous = check_synchronous(synchronous)
     if not _is_memory(path):
         p = Path(path)
         if must_exist and not p.is_file():
@@ -65,8 +79,9 @@ def connect(path: str | Path, *, must_exist: bool = True,
     if not _is_memory(path):
         conn.execute("PRAGMA journal_mode = WAL")
     # NORMAL is durable against application crashes in WAL mode; only a power loss can roll
-    # back the last commits. https://www.sqlite.org/pragma.html#pragma_synchronous
-    conn.execute("PRAGMA synchronous = NORMAL")
+    # back the last commits. FULL fsyncs the WAL at every commit, so a power loss cannot.
+    # https://www.sqlite.org/pragma.html#pragma_synchronous
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
     # Checkpoint every ~40 MB of WAL (40,000 pages of 1 KiB) instead of every 1,000 pages: a
     # queue rewrites the same hot pages (its tail, its index, the log's tail) all the time, and
     # each checkpoint costs two fsyncs. Fewer, larger checkpoints copy each hot page once. The

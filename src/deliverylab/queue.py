@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from .clock import Clock
 from .db import transaction
-from .errors import InvalidInput, check_int, check_number, check_text
+from .errors import InvalidInput, check_id, check_int, check_number
 from .ids import Ids
 from .trace import Outcome, log, log_delivery, log_many
 
@@ -97,8 +97,10 @@ class Queue:
         Joins the caller's open transaction if there is one: that is the transactional outbox,
         the event commits with the state change that caused it, or neither does.
         """
-        check_text("event_id", event_id)
-        check_text("type", type)
+        check_id("event_id", event_id)
+        check_id("type", type)
+        if correlation_id is not None:
+            check_id("correlation_id", correlation_id)
         body = encode_payload(payload)
         delay = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
         now = self.clock.now()
@@ -308,7 +310,7 @@ class Queue:
     def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
         """Delete a message whatever its lease, logging it as ``lost``: fault injection only
         (an auto-ack broker forgetting a message, an operator's mistake). False if absent."""
-        check_text("message_id", message_id)
+        check_id("message_id", message_id)
         with transaction(self.conn):
             row = self.conn.execute(
                 "SELECT seq, event_id, correlation_id, delivery_count FROM queue_messages"

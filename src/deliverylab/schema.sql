@@ -12,6 +12,18 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at      REAL NOT NULL
 ) STRICT;
 
+-- Every Idempotency-Key a request carried: the fingerprint of that whole request (order id,
+-- item, qty) and the order it was answered with, written in the request's transaction. A key
+-- that replayed an existing order is recorded too (created = 0), so it can never be bound to
+-- another request later. WITHOUT ROWID: looked up by key only.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key          TEXT PRIMARY KEY,
+    request_hash TEXT NOT NULL,
+    order_id     TEXT NOT NULL,
+    created      INTEGER NOT NULL CHECK (created IN (0, 1)),
+    created_at   REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+
 -- The queue. A message is visible when visible_at <= now; receiving it moves visible_at to
 -- the end of its lease, so one index serves the claim (see queue.Queue.receive). ack, extend
 -- and nack find a message by seq, its rowid, and act only while its receipt matches. The

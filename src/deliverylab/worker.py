@@ -29,7 +29,7 @@ from enum import StrEnum
 
 from .clock import Clock
 from .db import transaction
-from .errors import InvalidInput, SimulatedCrash, check_int, check_number, check_text
+from .errors import InvalidInput, SimulatedCrash, check_id, check_int, check_number
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
 from .queue import Delivery, Queue
@@ -143,8 +143,8 @@ class Worker:
         self.max_messages = check_int("max_messages", max_messages, minimum=1, maximum=1000)
         self.backoff_base = check_number("backoff_base", backoff_base, minimum=0)
         self.backoff_cap = check_number("backoff_cap", backoff_cap, minimum=self.backoff_base)
-        self.name = check_text("name", name)
-        self.consumer = check_text("consumer", consumer)
+        self.name = check_id("name", name)
+        self.consumer = check_id("consumer", consumer)
         self.conn, self.clock, self.faults = conn, clock, faults
         self.queue = queue or Queue(conn, clock=clock, ids=ids, max_receives=max_receives)
         self.handler, self.echo, self.crash_exits = handler, echo, crash_exits
