@@ -239,10 +239,10 @@ def test_replay_returns_the_first_answer_and_writes_nothing(
     assert counts(db_file)["queue_messages"] == 1
 
 
-def test_same_order_id_with_a_different_body_is_409(client: TestClient, db_file: Path) -> None:
+def test_same_order_id_with_a_different_body_is_422(client: TestClient, db_file: Path) -> None:
     post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
     r = post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 2})
-    assert r.status_code == 409
+    assert r.status_code == 422
     assert r.json() == {"ok": False, "field": "orderId",
                         "error": "orderId 'o-001' was already used with a different request"}
     assert counts(db_file)["orders"] == 1 and counts(db_file)["queue_messages"] == 1

@@ -146,7 +146,7 @@ def test_orders_that_queued_meanwhile_share_a_commit_and_keep_their_own_answers(
         store = client.app.state.store
         assert post(client, {"orderId": "taken", "itemId": "tea", "qty": 1}).status_code == 201
         bodies = [{"orderId": f"o-{i}", "itemId": "tea", "qty": 1} for i in range(12)]
-        bodies += [{"orderId": "taken", "itemId": "tea", "qty": 9},  # a conflict: 409
+        bodies += [{"orderId": "taken", "itemId": "tea", "qty": 9},  # a conflict: 422
                    {"orderId": "o-0", "itemId": "tea", "qty": 1}]  # a replay of o-0: 200
         answers: dict[int, int] = {}
         holder = db.connect(db_file)
@@ -173,7 +173,7 @@ def test_orders_that_queued_meanwhile_share_a_commit_and_keep_their_own_answers(
             for t in threads:
                 t.join(timeout=10)
         assert [answers[i] for i in range(12)] == [201] * 12
-        assert (answers[12], answers[13]) == (409, 200)
+        assert (answers[12], answers[13]) == (422, 200)
         # The first orders to reach the write thread waited for the lock in one transaction;
         # everything that queued behind them shares the next commit.
         assert store.commits - commits == 2

@@ -17,7 +17,7 @@ FastAPI served by uvicorn (``deliverylab api``). What matters for correctness:
   turn behind the others. Reads use a separate pool, and ``GET /health`` its own thread, so
   neither waits behind a stuck write.
 * **The producer is idempotent**: the same ``orderId`` with the same body returns the first
-  answer (200) and writes nothing, with a different body it is a 409. An ``Idempotency-Key``
+  answer (200) and writes nothing, with a different body it is a 422. An ``Idempotency-Key``
   follows the IETF draft: recorded with every request that carries it; the exact retry gets
   the first status and body again, another request with the key is a 422, and a retry while
   the first request is still being processed is a 409.
@@ -637,10 +637,11 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
             try:
                 placed = await store.place_async(idempotency_key=key, **order)
             except OrderConflict as exc:
-                # The draft: a key reused with another request is 422; an order id reused
-                # with another body stays a 409 (the resource exists, in another state).
-                status = 422 if exc.key_name == "Idempotency-Key" else 409
-                raise ApiError(status, str(exc), exc.key_name) from None
+                # The draft: a key reused with another request is 422. An order id is this
+                # API's natural idempotency key (its retry is replayed like a key's), so an
+                # order id reused with another body is a 422 too; 409 is kept for a key whose
+                # first request is still in flight.
+                raise ApiError(422, str(exc), exc.key_name) from None
             except WriteRefused as exc:
                 raise ApiError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) \
                     from None
