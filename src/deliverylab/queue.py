@@ -159,8 +159,9 @@ class Queue:
                     # The claim counted one more receive, but this one is never handed out:
                     # record the deliveries that really happened, as the nack path does.
                     d = d._replace(delivery_count=d.delivery_count - 1)
-                    reason = (f"received {d.delivery_count} times (max_receives="
-                              f"{self.max_receives}); last error: {d.last_error or 'none'}")
+                    times = "once" if d.delivery_count == 1 else f"{d.delivery_count} times"
+                    reason = (f"received {times} (max_receives={self.max_receives});"
+                              f" last error: {d.last_error or 'none'}")
                     self._move_to_dead_letters(d, reason, worker)
                     parked.append((d, reason))
                 else:
