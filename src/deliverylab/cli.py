@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .display import safe_json, safe_text
 from .errors import InvalidInput, check_int, check_number, check_text
 from .faults import FAULT_POINTS
 from .orders import MAX_ID_LENGTH, MAX_QTY
@@ -139,9 +140,9 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     except sqlite3.DatabaseError as exc:
         raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc})") from None
     if existed:
-        print(f"database {path} is ready (schema already there; {orders} orders kept)")
+        print(safe_text(f"database {path} is ready (schema already there; {orders} orders kept)"))
     else:
-        print(f"created {path} (WAL mode; tables: {', '.join(TABLES)})")
+        print(safe_text(f"created {path} (WAL mode; tables: {', '.join(TABLES)})"))
     return 0
 
 
@@ -156,8 +157,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     app = create_app(path)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=5)
-    print(f"deliverylab API on http://{args.host}:{args.port}  (database {path};"
-          f" Ctrl-C to stop)", flush=True)
+    print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database {path};"
+                    f" Ctrl-C to stop)"), flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -219,7 +220,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     conn = open_db(args)
 
     def echo(line: str) -> None:
-        print(_wall(line), flush=True)
+        print(safe_text(_wall(line)), flush=True)
 
     clock, ids = SystemClock(), Ids()
     worker = Worker(conn, clock=clock, ids=ids, mode=args.mode, faults=faults,
@@ -232,26 +233,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if worker._stopping:  # a second Ctrl-C: stop now; open transactions roll back
             raise KeyboardInterrupt
         worker.stop()
-        print(f"[{name}] {signal.Signals(signum).name}: stopping after the current step",
-              flush=True)
+        print(safe_text(f"[{name}] {signal.Signals(signum).name}: stopping after the current"
+                        f" step"), flush=True)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
     fault_text = ", ".join(f"{p}={r:g}" for p, r in rates.items() if r) or "none"
-    print(f"[{name}] started: mode={worker.mode} visibility_timeout={args.visibility_timeout:g}s"
-          f" max_receives={args.max_receives} faults: {fault_text} (seed {faults.seed})"
-          f" db={db_path(args)}", flush=True)
+    print(safe_text(f"[{name}] started: mode={worker.mode}"
+                    f" visibility_timeout={args.visibility_timeout:g}s"
+                    f" max_receives={args.max_receives} faults: {fault_text}"
+                    f" (seed {faults.seed}) db={db_path(args)}"), flush=True)
     try:
         stats = worker.run_forever(poll_interval=args.poll_interval)
     except KeyboardInterrupt:
-        print(f"[{name}] interrupted", flush=True)
+        print(safe_text(f"[{name}] interrupted"), flush=True)
         return 130
     finally:
         conn.close()
     totals = stats.as_dict()
     counts = " ".join(f"{k}={v}" for k, v in totals.items() if k != "steps")
-    print(f"[{name}] stopped: {counts}", flush=True)
+    print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
     return 0
 
 
@@ -285,8 +287,8 @@ def cmd_order(args: argparse.Namespace) -> int:
         body = {"orderId": args.order_id, **body}
     headers = {} if args.idempotency_key is None else {"Idempotency-Key": args.idempotency_key}
     status, reason, payload = _http("POST", url + "/orders", body, headers)
-    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    print(f"{status} {reason} {text}", flush=True)
+    text = safe_text(payload) if isinstance(payload, str) else safe_json(payload)
+    print(f"{status} {safe_text(reason)} {text}", flush=True)
     return 0 if 200 <= status < 300 else 1
 
 
@@ -298,7 +300,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         while True:
             report = collect(conn)
             if args.json:
-                print(json.dumps(report, ensure_ascii=False), flush=True)
+                print(safe_json(report), flush=True)
             else:
                 if args.watch:
                     print("\033[H\033[2J" + time.strftime("%H:%M:%S"), end="\n\n")
@@ -322,7 +324,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         conn.close()
     if story is None:
         raise Failure(f"no order or event {args.order!r} in {db_path(args)}")
-    print(json.dumps(story, ensure_ascii=False) if args.json else render_trace(story))
+    print(safe_json(story) if args.json else render_trace(story))
     return 0
 
 
@@ -364,7 +366,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(f"repaired: rebuilt the projection from {result.orders} orders"
               f" ({result.items_changed} item(s) changed); added {result.events_marked}"
               f" event(s) to the inbox, so a late delivery of one is skipped as a duplicate")
-        print(f"verdict: {check(conn).verdict}")
+        print(safe_text(f"verdict: {check(conn).verdict}"))
     finally:
         conn.close()
     return 0
@@ -416,8 +418,8 @@ def cmd_drop(args: argparse.Namespace) -> int:
             if queue.drop(r["message_id"], reason="dropped by 'deliverylab drop'",
                           worker="chaos"):
                 dropped += 1
-                print(f"dropped {r['message_id']} event={r['event_id']}"
-                      f" order={r['correlation_id']} (logged as lost)")
+                print(safe_text(f"dropped {r['message_id']} event={r['event_id']}"
+                                f" order={r['correlation_id']} (logged as lost)"))
     finally:
         conn.close()
     print(f"{dropped} message(s) dropped behind the workers' backs; 'deliverylab status' shows"
@@ -539,10 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
         return 2
     except Failure as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
