@@ -50,6 +50,8 @@ URL_ENV = "DELIVERYLAB_URL"
 # One flag and one environment variable per fault point: --ack-fail-rate / ACK_FAIL_RATE, …
 RATE_FLAGS = {p: "--" + p.replace("_", "-") + "-rate" for p in FAULT_POINTS}
 RATE_ENVS = {p: p.upper() + "_RATE" for p in FAULT_POINTS}
+# The commands that only read, and so work on a database nobody here may write.
+READERS = "'deliverylab status', 'deliverylab trace' and 'deliverylab reconcile --dry-run'"
 
 
 class UsageError(Exception):
@@ -196,8 +198,7 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
     read_only = why_read_only(path)
     if read_only and write:
         raise UsageError(f"{str(path)!r} is read-only ({read_only}): 'deliverylab"
-                         f" {args.command}' writes to it; 'deliverylab status' and 'deliverylab"
-                         f" trace' can still read it")
+                         f" {args.command}' writes to it; {READERS} can still read it")
     try:
         conn = (connect_read_only(path, busy_timeout=_busy_timeout(args)) if read_only
                 else connect(path, busy_timeout=_busy_timeout(args)))
@@ -483,7 +484,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from .reconcile import diff, repair
     from .status import snapshot, table
 
-    conn = open_db(args)
+    conn = open_db(args, write=not args.dry_run)  # a dry run only reads
     try:
         with snapshot(conn):
             drift = diff(conn)
@@ -708,8 +709,7 @@ def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> tup
                    f" command was about to write was not written. Try again when it is done,"
                    f" or wait longer with --busy-timeout")
     if is_read_only_error(exc):
-        return 2, (f"{path!r} is read-only ({exc}); 'deliverylab status' and 'deliverylab"
-                   f" trace' can still read it")
+        return 2, f"{path!r} is read-only ({exc}); {READERS} can still read it"
     return 1, f"database error on {path!r}: {exc}"
 
 
