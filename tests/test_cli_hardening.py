@@ -178,12 +178,14 @@ def test_init_db_under_a_regular_file_names_it(capsys: pytest.CaptureFixture[str
     (lambda p: (os.mkfifo(p / "fifo"), p / "fifo")[1], "a named pipe"),
     (lambda p: p, "a directory"),
 ], ids=["dev-null", "fifo", "directory"])
-@pytest.mark.parametrize("command", ["init-db", "status", "reconcile", "worker"])
+@pytest.mark.parametrize("command", [["init-db"], ["api"], ["worker"], ["status"],
+                                     ["trace", "o-1"], ["reconcile"], ["redrive"], ["drop"]],
+                         ids=lambda c: c[0])
 def test_a_db_that_is_not_a_regular_file_is_refused(capsys: pytest.CaptureFixture[str],
                                                    tmp_path: Path, make, kind: str,
-                                                   command: str) -> None:
+                                                   command: list[str]) -> None:
     path = make(tmp_path)
-    code, _, err = run(capsys, command, "--db", str(path))
+    code, _, err = run(capsys, *command, "--db", str(path))
     assert code == 2 and "--db must be a database file" in err and f"({kind})" in err
 
 
@@ -219,14 +221,14 @@ def test_a_bad_idempotency_key_is_refused_before_sending(capsys: pytest.CaptureF
     (["order", "--item", "tea", "--url", "http://bücher:3000"], "--url"),
 ])
 def test_control_characters_in_names_are_refused(capsys: pytest.CaptureFixture[str],
-                                                 dbfile_or_none: None, argv: list[str],
+                                                 lab_in_env: None, argv: list[str],
                                                  flag: str) -> None:
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == "" and flag in err
 
 
 @pytest.fixture
-def dbfile_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def lab_in_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cli.DB_ENV, str(lab_file(tmp_path / "app.db")))
 
 
