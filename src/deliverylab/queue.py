@@ -198,21 +198,24 @@ class Queue:
             check_delivery(d)
         now = self.clock.now()
         with transaction(self.conn):
+            # gone: {seq: receipt} of each row deleted, the receipt that matched.
             if len(deliveries) == 1:  # the common case, without json_each (~10% faster)
                 d = deliveries[0]
-                gone = {(d.seq, d.receipt)} if self.conn.execute(
+                gone = {d.seq: d.receipt} if self.conn.execute(
                     "DELETE FROM queue_messages WHERE seq = ? AND receipt = ?",
-                    (d.seq, d.receipt)).rowcount == 1 else set()
+                    (d.seq, d.receipt)).rowcount == 1 else {}
             else:
                 pairs = json.dumps([[d.seq, d.receipt] for d in deliveries])
-                gone = {(r[0], r[1]) for r in self.conn.execute(self._ACK_MANY,
-                                                                {"pairs": pairs})}
+                cur = self.conn.cursor()
+                cur.row_factory = None  # plain (seq, receipt) tuples, straight into the dict
+                gone = dict(cur.execute(self._ACK_MANY, {"pairs": pairs}))
             results, logs = [], []
             for d in deliveries:
-                # By (row, receipt), as ack does one by one: a stale delivery of a message
+                # By row and receipt, as ack does one by one: a stale delivery of a message
                 # acked in the same batch by its current receipt did not ack anything.
-                ok = (d.seq, d.receipt) in gone
-                gone.discard((d.seq, d.receipt))  # the same delivery twice: only the first acks
+                ok = gone.get(d.seq) == d.receipt
+                if ok:
+                    del gone[d.seq]  # the same delivery twice: only the first acks
                 results.append(ok)
                 logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
                              d.delivery_count, Outcome.ACKED if ok else Outcome.ACK_REJECTED,
