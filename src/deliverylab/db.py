@@ -8,6 +8,7 @@ https://www.sqlite.org/lang_transaction.html
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,34 @@ TABLES = (
     "delivery_log",
     "reconciled_events",
 )
+
+
+# The oldest SQLite the schema and the queries run on. The newest feature they use sets it:
+# the ->> operator (Queue.ack_many) came in 3.38.0, which also built the JSON functions in
+# (json_each); STRICT tables came in 3.37.0, RETURNING (every claim) in 3.35.0, UPSERT in 3.24.0.
+MIN_SQLITE = (3, 38, 0)
+SQLITE_FEATURES = "the ->> operator and built-in JSON 3.38.0, STRICT tables 3.37.0, RETURNING 3.35.0"
+
+
+class SQLiteTooOld(RuntimeError):
+    """The SQLite library Python is linked against predates what the schema needs."""
+
+    def __init__(self, found: tuple[int, ...]) -> None:
+        self.found = tuple(found)
+        need = ".".join(map(str, MIN_SQLITE))
+        super().__init__(f"SQLite {'.'.join(map(str, self.found))} is too old: deliverylab needs"
+                         f" SQLite {need} or newer ({SQLITE_FEATURES}); this Python's sqlite3"
+                         f" module uses the older library, so use a Python built with a newer"
+                         f" one")
+
+
+def check_sqlite_version(found: tuple[int, ...] | None = None) -> None:
+    """Raise :class:`SQLiteTooOld` when ``found`` (default: the library in use) is older than
+    :data:`MIN_SQLITE`, before anything is opened: otherwise the first STRICT table or ``->>``
+    fails as a bare syntax error."""
+    version = tuple(sqlite3.sqlite_version_info if found is None else found)
+    if version < MIN_SQLITE:
+        raise SQLiteTooOld(version)
 
 
 def schema_sql() -> str:
@@ -58,6 +87,7 @@ def connect(path: str | Path, *, must_exist: bool = True,
     ``NORMAL`` (durable against a crash of the process) or ``FULL`` (also against a power
     cut: every commit waits for its fsync; the API acknowledges orders this way).
     """
+    check_sqlite_version()
     if not isinstance(path, str | Path) or str(path) == "":
         raise InvalidInput("db", path, "a database file path or ':memory:'")
     synchronous = check_synchronous(synchronous)
@@ -99,9 +129,10 @@ def connect(path: str | Path, *, must_exist: bool = True,
     return conn
 
 
-def init_db(path: str | Path = ":memory:") -> sqlite3.Connection:
+def init_db(path: str | Path = ":memory:", *,
+            busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Create the schema if it is not there yet and return an open connection. Idempotent."""
-    conn = connect(path, must_exist=False)
+    conn = connect(path, must_exist=False, busy_timeout=busy_timeout)
     with transaction(conn):
         for statement in _statements(schema_sql()):
             conn.execute(statement)
@@ -172,3 +203,90 @@ def dump(conn: sqlite3.Connection) -> str:
         for row in conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2"):
             out.append(repr(tuple(row)))
     return "\n".join(out)
+
+
+# -- errors worth a sentence, and files that cannot be written ---------------------------------
+_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended ones add high bits)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite giving up on a lock: another connection held the write lock
+    for longer than this connection's busy timeout ("database is locked")."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _BUSY_CODES
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def is_read_only_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite refusing a write to a file it could only open for reading."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and (
+        code & 0xFF == 8 if code is not None else "readonly" in str(exc))  # SQLITE_READONLY
+
+
+def why_read_only(path: str | Path) -> str | None:
+    """Why SQLite could not write the database at ``path``, or None when it can.
+
+    A WAL database is written through three files: the database, its ``-wal`` and its
+    ``-shm``, which SQLite creates beside it when they are missing. ``os.access`` answers for
+    the caller's real rights, and, even for root, says no to an immutable file
+    (``chattr +i``) and to a read-only mount.
+    """
+    p = Path(path)
+    if not os.access(p, os.W_OK):
+        return "the file is not writable"
+    for suffix in ("-wal", "-shm"):
+        side = Path(f"{p}{suffix}")
+        if side.exists():
+            if not os.access(side, os.W_OK):
+                return f"its {suffix} file is not writable"
+        elif not os.access(p.parent, os.W_OK | os.X_OK):
+            return (f"its directory is not writable, and SQLite needs to create the {suffix}"
+                    f" file there")
+    return None
+
+
+def connect_read_only(path: str | Path, *,
+                      busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """Open the database at ``path`` for reading only, for a file nobody here may write.
+
+    ``mode=ro`` reads a WAL database correctly, commits still in its ``-wal`` included, but
+    SQLite needs the ``-shm`` index for that, and creates it when missing: in a read-only
+    directory it cannot. Then, if there is no ``-wal`` (or an empty one), every commit is in
+    the database file and nobody can be writing (a writer would need those files too), so
+    ``immutable=1``, which reads the file alone and takes no lock, sees exactly the data.
+    With a non-empty ``-wal`` and no ``-shm`` SQLite cannot read the file without writing,
+    and this says so. https://www.sqlite.org/uri.html https://www.sqlite.org/wal.html#readonly
+    """
+    check_sqlite_version()
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInput("db", str(path), "an existing database file (run 'deliverylab init-db')")
+    uri = p.absolute().as_uri()  # percent-encoded, so '?' or '#' in a name stay in the name
+
+    def open_uri(query: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=busy_timeout,
+                               isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opening is lazy
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    try:
+        return open_uri("mode=ro")
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 14) & 0xFF != 14:  # not SQLITE_CANTOPEN
+            raise
+        wal = Path(f"{p}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise sqlite3.OperationalError(
+                f"cannot read {str(p)!r} without writing: its -wal file holds commits, its"
+                f" -shm index is missing and the directory is read-only; copy the database"
+                f" and its -wal file to a writable directory") from None
+        return open_uri("immutable=1")

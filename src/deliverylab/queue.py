@@ -158,8 +158,12 @@ class Queue:
             parked: list[tuple[Delivery, str]] = []
             for d in _deliveries(rows):
                 if d.delivery_count > self.max_receives:
-                    reason = (f"received {d.delivery_count} times (max_receives="
-                              f"{self.max_receives}); last error: {d.last_error or 'none'}")
+                    # The claim counted one more receive, but this one is never handed out:
+                    # record the deliveries that really happened, as the nack path does.
+                    d = d._replace(delivery_count=d.delivery_count - 1)
+                    times = "once" if d.delivery_count == 1 else f"{d.delivery_count} times"
+                    reason = (f"received {times} (max_receives={self.max_receives});"
+                              f" last error: {d.last_error or 'none'}")
                     self._move_to_dead_letters(d, reason, worker)
                     parked.append((d, reason))
                 else:
@@ -185,7 +189,7 @@ class Queue:
          WHERE seq IN (SELECT q.seq FROM json_each(:pairs) AS j
                          JOIN queue_messages AS q
                            ON q.seq = j.value ->> 0 AND q.receipt = j.value ->> 1)
-        RETURNING seq
+        RETURNING seq, receipt
     """
 
     def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
@@ -196,18 +200,24 @@ class Queue:
             check_delivery(d)
         now = self.clock.now()
         with transaction(self.conn):
+            # gone: {seq: receipt} of each row deleted, the receipt that matched.
             if len(deliveries) == 1:  # the common case, without json_each (~10% faster)
                 d = deliveries[0]
-                gone = {d.seq} if self.conn.execute(
+                gone = {d.seq: d.receipt} if self.conn.execute(
                     "DELETE FROM queue_messages WHERE seq = ? AND receipt = ?",
-                    (d.seq, d.receipt)).rowcount == 1 else set()
+                    (d.seq, d.receipt)).rowcount == 1 else {}
             else:
                 pairs = json.dumps([[d.seq, d.receipt] for d in deliveries])
-                gone = {r[0] for r in self.conn.execute(self._ACK_MANY, {"pairs": pairs})}
+                cur = self.conn.cursor()
+                cur.row_factory = None  # plain (seq, receipt) tuples, straight into the dict
+                gone = dict(cur.execute(self._ACK_MANY, {"pairs": pairs}))
             results, logs = [], []
             for d in deliveries:
-                ok = d.seq in gone
-                gone.discard(d.seq)  # the same delivery twice: only the first acks
+                # By row and receipt, as ack does one by one: a stale delivery of a message
+                # acked in the same batch by its current receipt did not ack anything.
+                ok = gone.get(d.seq) == d.receipt
+                if ok:
+                    del gone[d.seq]  # the same delivery twice: only the first acks
                 results.append(ok)
                 logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
                              d.delivery_count, Outcome.ACKED if ok else Outcome.ACK_REJECTED,
@@ -265,9 +275,9 @@ class Queue:
         self.conn.execute(
             "INSERT INTO dead_letters (message_id, event_id, type, payload, correlation_id,"
             " delivery_count, last_error, created_at, dead_at)"
-            " SELECT message_id, event_id, type, payload, correlation_id, delivery_count,"
+            " SELECT message_id, event_id, type, payload, correlation_id, ?,"
             " coalesce(last_error, ?), created_at, ? FROM queue_messages WHERE seq = ?",
-            (reason, now, d.seq))
+            (d.delivery_count, reason, now, d.seq))
         self.conn.execute("DELETE FROM queue_messages WHERE seq = ?", (d.seq,))
         log_delivery(self.conn, d, at=now, worker=worker,
                      outcome=Outcome.DEAD_LETTERED, detail=reason)

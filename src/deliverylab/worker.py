@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 
 from .clock import Clock
-from .db import transaction
+from .db import is_busy, transaction
 from .errors import InvalidInput, SimulatedCrash, check_id, check_int, check_number
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
@@ -119,6 +119,7 @@ class WorkerStats:
     nacked: int = 0
     dead_lettered: int = 0
     fenced: int = 0
+    lock_waits: int = 0  # times the write lock stayed taken past the busy timeout
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -154,6 +155,7 @@ class Worker:
         self.work_time = check_number("work_time", work_time, minimum=0)
         self.stats = WorkerStats()
         self._stopping = False
+        self._lock_streak = 0  # lock waits in a row: the exponent of the next backoff
 
     # -- output ----------------------------------------------------------------------------
     def _say(self, d: Delivery, words: str) -> None:
@@ -300,8 +302,15 @@ class Worker:
     # -- one step --------------------------------------------------------------------------
     def step(self) -> int:
         """Receive up to ``max_messages`` and handle them. Returns how many were received."""
-        deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
-                                        worker=self.name)
+        try:
+            deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
+                                            worker=self.name)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            self._wait_for_lock("receive: nothing leased")
+            return 0
+        self._lock_streak = 0
         self.stats.steps += 1
         for d, reason in self.queue.parked:
             self.stats.dead_lettered += 1
@@ -450,13 +459,46 @@ class Worker:
         self._log(d, Outcome.ACK_REJECTED, f"{verb} refused: receipt is no longer current")
         self._say(d, f"{verb} rejected (stale receipt) → another delivery holds it")
 
+    # -- the write lock --------------------------------------------------------------------
+    def _wait_for_lock(self, during: str) -> None:
+        """Another connection held the write lock past the busy timeout. Say so in one line,
+        back off (exponential, full jitter, capped at ``backoff_cap``; drawn from the fault
+        seed and this worker's name, so a run replays and two workers spread apart), and let
+        the caller try again. A step cut short by the lock leaves its leases to run out: the
+        queue redelivers those messages, as after a crash."""
+        self.stats.lock_waits += 1
+        self._lock_streak += 1
+        delay = self.faults.backoff(min(self._lock_streak - 1, 62), base=self.backoff_base,
+                                    cap=self.backoff_cap,
+                                    event_id=f"lock|{self.name}|{self.stats.lock_waits}")
+        if self.echo is not None:
+            self.echo(f"[{self.name}] t={self.clock.now():.3f} database is locked ({during}):"
+                      f" another connection held the write lock past the busy timeout"
+                      f" → retry in {delay:.3f}s (wait {self._lock_streak} in a row)")
+        left = delay
+        while left > 0 and not self._stopping:  # in slices, so a stop ends the wait early
+            self.clock.sleep(min(0.1, left))
+            left -= 0.1
+
+    def _step_through_locks(self) -> int | None:
+        """One step; None when the write lock stayed taken past the busy timeout (already
+        waited out)."""
+        try:
+            return self.step()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            self._wait_for_lock("mid-step: its leases will run out and come back")
+            return None
+
     # -- loops -----------------------------------------------------------------------------
     def run_until_idle(self, max_steps: int = 1_000_000) -> WorkerStats:
         """Step until the queue is empty, sleeping on the clock until the next message is
-        visible (a fake clock jumps there at once)."""
+        visible (a fake clock jumps there at once). A lock held past the busy timeout is waited
+        out, with backoff, not raised."""
         check_int("max_steps", max_steps, minimum=1)
         for _ in range(max_steps):
-            if self.step() == 0:
+            if self._step_through_locks() == 0:
                 nxt = self.queue.next_visible_at()
                 if nxt is None:
                     break
@@ -465,10 +507,11 @@ class Worker:
 
     def run_forever(self, *, poll_interval: float = 0.2) -> WorkerStats:
         """Step until :meth:`stop` (the CLI calls it on SIGTERM and Ctrl-C). A step is never cut
-        in half: stopping waits for the current one to finish."""
+        in half: stopping waits for the current one to finish. A lock held past the busy
+        timeout is waited out, with backoff, not raised."""
         check_number("poll_interval", poll_interval, minimum=0.001)
         while not self._stopping:
-            if self.step() == 0:
+            if self._step_through_locks() == 0:
                 nxt = self.queue.next_visible_at()
                 wait = poll_interval if nxt is None else min(poll_interval,
                                                             max(0.0, nxt - self.clock.now()))
