@@ -742,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"deliverylab {args.command}"
     try:
         return args.run(args)
-    except UsageError as exc:
+    except (UsageError, InvalidInput) as exc:  # bad input, wherever it is found: exit 2
         print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
         return 2
     except Failure as exc:

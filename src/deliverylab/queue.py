@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from .clock import Clock
 from .db import transaction
-from .errors import InvalidInput, check_id, check_int, check_number
+from .errors import InvalidInput, check_id, check_int, check_number, check_text
 from .ids import Ids
 from .trace import Outcome, log, log_delivery, log_many
 
@@ -319,8 +319,12 @@ class Queue:
 
     def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
         """Delete a message whatever its lease, logging it as ``lost``: fault injection only
-        (an auto-ack broker forgetting a message, an operator's mistake). False if absent."""
-        check_id("message_id", message_id)
+        (an auto-ack broker forgetting a message, an operator's mistake). False if absent.
+
+        A lookup, not a new id: any non-empty text is accepted, so an operator can drop a
+        message whose id holds characters that ``send`` refuses today (written by an older
+        version, or by hand)."""
+        check_text("message_id", message_id)
         with transaction(self.conn):
             row = self.conn.execute(
                 "SELECT seq, event_id, correlation_id, delivery_count FROM queue_messages"
