@@ -390,3 +390,41 @@ def test_order_to_an_api_that_never_answers_says_what_may_have_happened(
                              "--timeout", "0.3", "--url", f"http://127.0.0.1:{port}")
     assert code == 1 and out == ""
     assert "did not answer within 0.3s" in err and "send the same request again" in err
+
+
+RUN_ALL = """
+import json, subprocess, sys
+runs = []
+for command in json.loads(sys.argv[1]):
+    done = subprocess.run([sys.executable, "-m", "deliverylab", *command], capture_output=True,
+                          text=True, timeout=60)
+    runs.append([command, done.returncode, done.stdout, done.stderr])
+print(json.dumps(runs))
+"""
+
+
+def test_a_database_on_a_read_only_mount(tmp_path: Path) -> None:
+    """The directory bind-mounted read-only in a private mount namespace (gone when the
+    process ends): SQLite gets EROFS, for root too. Readers read; writers say read-only."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = lab_file(folder / "app.db", dead=True)
+    files = digest(path)
+    expected = deliverylab("status", "--json", "--db", str(path)).stdout
+    commands = [["status", "--json"], ["trace", "o-001"], ["reconcile", "--dry-run"],
+                *WRITERS]
+    mount = (f"mount --bind '{folder}' '{folder}' && mount -o remount,ro,bind '{folder}'"
+             f" && exec \"$0\" -c \"$1\" \"$2\"")
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, sys.executable,
+         RUN_ALL, json.dumps([[*c, "--db", str(path)] for c in commands])],
+        env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = {" ".join(c[:-2]): (code, out, err) for c, code, out, err in json.loads(done.stdout)}
+    assert runs["status --json"][0] == 0, runs["status --json"]
+    assert json.loads(runs["status --json"][1]) == json.loads(expected)
+    assert runs["trace o-001"][0] == 0 and runs["reconcile --dry-run"][0] == 0
+    for command in WRITERS:
+        code, _, err = runs[" ".join(command)]
+        assert code == 2 and f"{str(path)!r} is read-only" in err, (command, err)
+    assert digest(path) == files and os.listdir(folder) == ["app.db"]

@@ -165,3 +165,42 @@ def test_a_worker_process_survives_a_lock_held_past_its_busy_timeout(tmp_path: P
     (stopped,) = [line for line in text.splitlines() if " stopped: " in line]
     counts = dict(kv.split("=") for kv in stopped.split(" stopped: ")[1].split())
     assert int(counts["lock_waits"]) == len(locked) and int(counts["applied"]) == 20
+
+
+class LockingClock(FakeClock):
+    """A fake clock that, the first time the worker pretends to work (``work_time``), lets a
+    second connection take the write lock: the step's next transaction then finds it held."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path, self.holder = path, None
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == 0.25 and self.holder is None:
+            self.holder = hold_write_lock(self.path)
+        super().sleep(seconds)
+
+
+def test_a_lock_taken_mid_step_is_waited_out_and_the_message_comes_back(tmp_path: Path) -> None:
+    """Received, then locked out of the effect's transaction: the worker waits, its lease runs
+    out, and the message is delivered again and applied once."""
+    path = lab_file(tmp_path, 2)
+    clock, said = LockingClock(path), []
+    conn = db.connect(path, busy_timeout=BUSY)
+    worker = Worker(conn, clock=clock, ids=Ids(2), faults=Faults(seed=2), name="w-1",
+                    visibility_timeout=1.0, work_time=0.25, backoff_base=0.5, backoff_cap=2.0)
+
+    def echo(line: str) -> None:
+        said.append(line)
+        if "database is locked" in line and clock.holder is not None:
+            clock.holder.execute("ROLLBACK")  # let go while the worker backs off
+
+    worker.echo = echo
+    stats = worker.run_until_idle()
+    (locked,) = [line for line in said if "database is locked" in line]
+    assert "mid-step: its leases will run out and come back" in locked
+    assert stats.lock_waits == 1 and stats.applied == 2 and stats.received == 3
+    assert not conn.in_transaction
+    result = check(conn)
+    assert result.ok and result.correct == 2 and result.duplicated == 0
+    conn.close()

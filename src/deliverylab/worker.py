@@ -466,6 +466,8 @@ class Worker:
         seed and this worker's name, so a run replays and two workers spread apart), and let
         the caller try again. A step cut short by the lock leaves its leases to run out: the
         queue redelivers those messages, as after a crash."""
+        if self.conn.in_transaction:  # a COMMIT refused for the lock: undo, never join it later
+            self.conn.execute("ROLLBACK")
         self.stats.lock_waits += 1
         self._lock_streak += 1
         delay = self.faults.backoff(min(self._lock_streak - 1, 62), base=self.backoff_base,
