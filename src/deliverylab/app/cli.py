@@ -36,12 +36,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .db import SQLiteTooOld
-from .display import safe_json, safe_text
-from .errors import InvalidInput, check_int, check_number, check_text
-from .faults import FAULT_POINTS
-from .orders import MAX_ID_LENGTH, MAX_QTY
+from .. import __version__
+from ..engine.display import safe_json, safe_text
+from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.faults import FAULT_POINTS
+from ..engine.orders import MAX_ID_LENGTH, MAX_QTY
+from ..engine.store import SQLiteTooOld
 
 DEFAULT_DB = "data/app.db"
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -175,7 +175,7 @@ def _kind(path: Path) -> str:
 
 
 def _busy_timeout(args: argparse.Namespace) -> float:
-    from .db import BUSY_TIMEOUT_S
+    from ..engine.store import BUSY_TIMEOUT_S
 
     value = getattr(args, "busy_timeout", None)
     return BUSY_TIMEOUT_S if value is None else value
@@ -186,7 +186,14 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
 
     ``write=False`` (status, trace) opens a database nobody here may write read-only instead
     of refusing it; every other command names why the file cannot be written."""
-    from .db import check_schema, connect, connect_read_only, is_busy, missing_tables, why_read_only
+    from ..engine.store import (
+        check_schema,
+        connect,
+        connect_read_only,
+        is_busy,
+        missing_tables,
+        why_read_only,
+    )
 
     path = db_path(args)
     init = f"deliverylab init-db{'' if args.db is None else ' --db ' + str(path)}"
@@ -253,7 +260,14 @@ def _make_room(path: Path, where: str) -> bool:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_init_db(args: argparse.Namespace) -> int:
-    from .db import TABLES, check_schema, check_sqlite_version, init_db, is_busy, why_read_only
+    from ..engine.store import (
+        TABLES,
+        check_schema,
+        check_sqlite_version,
+        init_db,
+        is_busy,
+        why_read_only,
+    )
 
     check_sqlite_version()  # before anything is created
     path = db_path(args)
@@ -351,10 +365,10 @@ def _wall(line: str) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .faults import Faults
-    from .ids import Ids
-    from .worker import Worker
+    from ..engine.clock import SystemClock
+    from ..engine.faults import Faults
+    from ..engine.ids import Ids
+    from ..engine.worker import Worker
 
     rates = {}
     for point in FAULT_POINTS:
@@ -493,9 +507,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .check import check
-    from .clock import SystemClock
-    from .reconcile import diff, repair
+    from ..engine.check import check
+    from ..engine.clock import SystemClock
+    from ..engine.reconcile import diff, repair
     from .status import snapshot, table
 
     conn = open_db(args, write=not args.dry_run)  # a dry run only reads
@@ -538,9 +552,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .ids import Ids
-    from .queue import Queue
+    from ..brokers.sqlite import Queue
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
 
     conn = open_db(args)
     try:
@@ -556,9 +570,9 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .ids import Ids
-    from .queue import Queue
+    from ..brokers.sqlite import Queue
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
 
     conn = open_db(args)
     try:
@@ -594,7 +608,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 # -- the parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .worker import Mode
+    from ..engine.worker import Mode
 
     parser = argparse.ArgumentParser(
         prog="deliverylab",
@@ -722,7 +736,7 @@ def _safe_output() -> None:
 def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> tuple[int, str]:
     """An error SQLite raised mid-command, as (exit status, one sentence). Each command's
     writes are transactions, so whatever it was doing rolled back: nothing half-written."""
-    from .db import is_busy, is_read_only_error
+    from ..engine.store import is_busy, is_read_only_error
 
     path = str(db_path(args)) if hasattr(args, "db") else "the database"
     if is_busy(exc):
