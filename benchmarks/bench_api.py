@@ -4,14 +4,21 @@ Real processes, as a reader runs them: ``deliverylab api`` and ``deliverylab wor
 fresh database in a temporary directory, on a free loopback port.
 
 1. **POST /orders**: 16 concurrent clients (one keep-alive connection each) send orders as
-   fast as the server answers; throughput and the p50 / p99 latency of each request.
+   fast as the server answers; throughput and the p50 / p99 latency of each request. Once
+   with the API's default ``synchronous=FULL`` (every commit waits for its fsync, so a 201
+   survives a power cut), once with ``--synchronous normal``: the price of that durability.
+   Then the same with a single client, where no two orders can share a commit.
 2. **201 → applied**: the same burst with 1 and then 2 workers running (no faults): for each
    order, the time from its 201 to the worker's ``applied`` row in the delivery log (both
    stamped by the same machine clock), and how long the workers take to drain the burst.
    A trickle of single orders shows the latency of an idle worker (its poll interval).
+3. **A write lock held elsewhere**: another connection holds ``BEGIN IMMEDIATE`` while 45
+   clients POST at once; how long each waits for its 503, and how fast ``GET /health``
+   answers meanwhile (the target is under 100 ms).
 
 Usage: ``python benchmarks/bench_api.py [--orders 3000] [--clients 16] [--e2e-orders 1500]``.
-Prints a Markdown table. Exits with status 1 if any request got a 5xx or a connection error.
+Prints a Markdown table. Exits with status 1 if any request got a 5xx or a connection error
+(the 503s of part 3 excepted: they are what it measures).
 """
 
 from __future__ import annotations
@@ -66,8 +73,9 @@ class Lab:
             [sys.executable, "-m", "deliverylab", *args, "--db", str(self.db)], env=env(),
             stdout=log, stderr=subprocess.STDOUT))
 
-    def api(self) -> None:
-        self.start("api", "--port", str(self.port), "--no-access-log", "--log-level", "warning")
+    def api(self, *extra: str) -> None:
+        self.start("api", "--port", str(self.port), "--no-access-log", "--log-level", "warning",
+                   *extra)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -87,9 +95,9 @@ class Lab:
     def connect(self) -> Any:
         if str(ROOT / "src") not in sys.path:
             sys.path.insert(0, str(ROOT / "src"))
-        from deliverylab import db
+        from deliverylab.engine import store
 
-        return db.connect(self.db)
+        return store.connect(self.db)
 
     def applied_at(self) -> dict[str, float]:
         conn = self.connect()
@@ -169,21 +177,69 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def bench_post(tmp: Path, n: int, clients: int) -> tuple[list[str], int]:
-    lab = Lab(tmp, "post")
+def bench_post(tmp: Path, n: int, clients: int, synchronous: str) -> tuple[list[str], int]:
+    lab = Lab(tmp, f"post-{clients}-{synchronous}")
     try:
-        lab.api()
-        burst(lab.port, make_orders(200, "warm"), clients)
+        lab.api("--synchronous", synchronous)
+        burst(lab.port, make_orders(200, f"warm-{clients}-{synchronous}"), clients)
         t0 = time.perf_counter()
-        rows = burst(lab.port, make_orders(n, "post"), clients)
+        rows = burst(lab.port, make_orders(n, f"post-{clients}-{synchronous}"), clients)
         elapsed = time.perf_counter() - t0
     finally:
         lab.close()
     bad = sum(1 for r in rows if r[1] != 201)
     lat = [r[2] for r in rows]
-    return [f"POST /orders, {clients} clients, {n} orders, no worker",
+    return [f"POST /orders, {clients} client{'s' if clients > 1 else ''}, {n} orders, no worker,"
+            f" synchronous={synchronous.upper()}",
             f"{n / elapsed:,.0f} orders/s", ms(pct(lat, 50)), ms(pct(lat, 99)),
             f"{bad} errors"], bad
+
+
+def get_health(port: int) -> tuple[int, float]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    t0 = time.perf_counter()
+    try:
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
+def bench_locked(tmp: Path, requests: int = 45, probes: int = 20) -> tuple[list[list[str]], int]:
+    """Another process holds the write lock while ``requests`` clients POST at once."""
+    lab = Lab(tmp, "locked")
+    try:
+        lab.api()
+        holder = lab.connect()
+        holder.execute("BEGIN IMMEDIATE")
+        answers: list[tuple[str, int, float, float]] = []
+        threads = [threading.Thread(target=lambda o=o: answers.extend(burst(lab.port, [o], 1)))
+                   for o in make_orders(requests, "locked")]
+        try:
+            for t in threads:
+                t.start()
+            time.sleep(0.3)  # every POST is queued on the server now
+            health = [get_health(lab.port) for _ in range(probes)]
+            for t in threads:
+                t.join()
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+    finally:
+        lab.close()
+    refused = sum(1 for a in answers if a[1] == 503)
+    bad = len(answers) - refused + sum(1 for status, _ in health if status != 503)
+    lat = [a[2] for a in answers]
+    took = [t for _, t in health]
+    return [
+        [f"POST /orders, {requests} at once, write lock held by another process",
+         "", ms(pct(lat, 50)), ms(pct(lat, 99)), f"{refused} × 503"],
+        [f"GET /health meanwhile, {probes} probes (reports writable: false)", "",
+         ms(pct(took, 50)), ms(pct(took, 99)), f"{probes - sum(1 for s, _ in health if s == 503)}"
+         " not 503"],
+    ], bad
 
 
 def bench_e2e(tmp: Path, workers: int, n: int, clients: int) -> tuple[list[list[str]], int]:
@@ -239,13 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows, bad = [], 0
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
-        row, b = bench_post(Path(tmp), args.orders, args.clients)
-        rows.append(row)
-        bad += b
+        # 16 clients: orders that queue up share a commit (group commit). 1 client: every
+        # order pays its own commit, so the latency shows what an fsync costs here.
+        for clients, n in ((args.clients, args.orders), (1, 500)):
+            for synchronous in ("full", "normal"):
+                row, b = bench_post(Path(tmp), n, clients, synchronous)
+                rows.append(row)
+                bad += b
         for workers in (1, 2):
             more, b = bench_e2e(Path(tmp), workers, args.e2e_orders, args.clients)
             rows += more
             bad += b
+        more, b = bench_locked(Path(tmp))
+        rows += more
+        bad += b
     header = ["what", "rate", "p50", "p99", "failures"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
@@ -254,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
     print(f"\n{os.cpu_count()} CPU(s); client, API and workers share them. Python"
-          f" {sys.version.split()[0]}, SQLite WAL with synchronous=NORMAL.")
+          f" {sys.version.split()[0]}; SQLite WAL, the API's writes with synchronous=FULL"
+          f" unless the row says NORMAL, the workers' with NORMAL.")
     return 1 if bad else 0
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from deliverylab import db
-from deliverylab.api import MAX_BODY_BYTES, create_app
-from deliverylab.errors import InvalidInput
+from deliverylab.app.api import MAX_BODY_BYTES, create_app
+from deliverylab.engine import store
+from deliverylab.engine.errors import InvalidInput
 
 with warnings.catch_warnings():
     # Starlette's test client announces a future move to another HTTP package; not ours.
@@ -105,13 +105,28 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, str], bytes | None, int, str]]
     ("limit zero", "GET", "/orders?limit=0", {}, None, 400, "limit must be"),
     ("offset negative", "GET", "/orders?offset=-1", {}, None, 400, "offset must be"),
     ("unknown order", "GET", "/orders/o-404", {}, None, 404, 'no order "o-404"'),
+    ("lone surrogate in itemId", "POST", "/orders", JSON, b'{"itemId": "\\ud800", "qty": 1}',
+     400, "lone UTF-16 surrogate"),
+    ("lone surrogate as a field name", "POST", "/orders", JSON,
+     b'{"\\udfff": 1, "itemId": "x", "qty": 1}', 400, "lone UTF-16 surrogate"),
+    ("newline in orderId", "POST", "/orders", JSON,
+     _j({"orderId": "o-1\n[worker-1] applied projection", "itemId": "x", "qty": 1}), 422,
+     "orderId must be an id without control or invisible characters (U+000A"),
+    ("terminal escape in itemId", "POST", "/orders", JSON, _j({"itemId": "\x1b[2Jx", "qty": 1}),
+     422, "itemId must be an id without control"),
+    ("bidi override in orderId", "POST", "/orders", JSON,
+     _j({"orderId": "o-\u202e1", "itemId": "x", "qty": 1}), 422, "(U+202E at index 2)"),
+    ("idempotency key with a tab", "POST", "/orders", {**JSON, "Idempotency-Key": "k\t1"},
+     _j({"itemId": "x", "qty": 1}), 400, "Idempotency-Key must be an id without control"),
+    ("a foreign Host", "POST", "/orders", {**JSON, "Host": "evil.example:3000"},
+     _j({"itemId": "x", "qty": 1}), 400, 'Host must be one this server answers to'),
 ]
 
 
 @pytest.fixture
 def db_file(tmp_path: Path) -> Path:
     path = tmp_path / "app.db"
-    db.init_db(path).close()
+    store.init_db(path).close()
     return path
 
 
@@ -122,9 +137,9 @@ def client(db_file: Path) -> Iterator[TestClient]:
 
 
 def counts(path: Path) -> dict[str, int]:
-    conn = db.connect(path)
+    conn = store.connect(path)
     try:
-        return db.table_counts(conn)
+        return store.table_counts(conn)
     finally:
         conn.close()
 
@@ -195,7 +210,7 @@ def test_post_writes_the_order_and_its_event(client: TestClient, db_file: Path) 
     answer = r.json()
     assert answer["ok"] is True and answer["orderId"] == "o-001"
     assert answer["eventId"].startswith("evt-") and answer["replayed"] is False
-    conn = db.connect(db_file)
+    conn = store.connect(db_file)
     order = conn.execute("SELECT * FROM orders").fetchone()
     message = conn.execute("SELECT * FROM queue_messages").fetchone()
     conn.close()
@@ -224,10 +239,10 @@ def test_replay_returns_the_first_answer_and_writes_nothing(
     assert counts(db_file)["queue_messages"] == 1
 
 
-def test_same_order_id_with_a_different_body_is_409(client: TestClient, db_file: Path) -> None:
+def test_same_order_id_with_a_different_body_is_422(client: TestClient, db_file: Path) -> None:
     post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
     r = post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 2})
-    assert r.status_code == 409
+    assert r.status_code == 422
     assert r.json() == {"ok": False, "field": "orderId",
                         "error": "orderId 'o-001' was already used with a different request"}
     assert counts(db_file)["orders"] == 1 and counts(db_file)["queue_messages"] == 1
@@ -237,8 +252,10 @@ def test_idempotency_key_replays_and_conflicts(client: TestClient, db_file: Path
     first = post(client, {"itemId": "tea", "qty": 2}, **{"Idempotency-Key": "k-1"})
     again = post(client, {"itemId": "tea", "qty": 2}, **{"Idempotency-Key": "k-1"})
     other = post(client, {"itemId": "tea", "qty": 3}, **{"Idempotency-Key": "k-1"})
-    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
-    assert again.json()["orderId"] == first.json()["orderId"]
+    # The exact retry gets the first status and body; another body with the key is a 422.
+    assert (first.status_code, again.status_code, other.status_code) == (201, 201, 422)
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
     assert other.json()["field"] == "Idempotency-Key"
     assert counts(db_file)["orders"] == 1
 
@@ -267,12 +284,12 @@ def test_order_ids_with_a_slash_can_be_read_back(client: TestClient) -> None:
 
 
 def test_order_state_follows_the_worker(client: TestClient, db_file: Path) -> None:
-    from deliverylab.clock import SystemClock
-    from deliverylab.ids import Ids
-    from deliverylab.worker import Worker
+    from deliverylab.engine.clock import SystemClock
+    from deliverylab.engine.ids import Ids
+    from deliverylab.engine.worker import Worker
 
     post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
-    conn = db.connect(db_file)
+    conn = store.connect(db_file)
     Worker(conn, clock=SystemClock(), ids=Ids(1)).run_until_idle()
     conn.close()
     assert client.get("/orders/o-001").json()["order"]["state"] == "correct"
@@ -293,26 +310,24 @@ def test_missing_database_is_an_error_naming_init_db(tmp_path: Path) -> None:
 
 def test_a_file_without_the_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
-    db.connect(path, must_exist=False).close()
+    store.connect(path, must_exist=False).close()
     with pytest.raises(InvalidInput, match="missing tables"):
         create_app(path)
 
 
-def test_a_database_that_stays_locked_is_a_503_that_wrote_nothing(
-        client: TestClient, db_file: Path) -> None:
-    store = client.app.state.store
-    store._writer.execute("PRAGMA busy_timeout = 50")
-    holder = db.connect(db_file)
-    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    try:
-        r = post(client, {"itemId": "x", "qty": 1})
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    assert "nothing was written" in r.json()["error"]
-    assert counts(db_file)["orders"] == 0
-    assert post(client, {"itemId": "x", "qty": 1}).status_code == 201
+def test_a_database_that_stays_locked_is_a_503_that_wrote_nothing(db_file: Path) -> None:
+    with TestClient(create_app(db_file, write_budget=0.2)) as client:
+        holder = store.connect(db_file)
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            r = post(client, {"itemId": "x", "qty": 1})
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "nothing was written" in r.json()["error"]
+        assert counts(db_file)["orders"] == 0
+        assert post(client, {"itemId": "x", "qty": 1}).status_code == 201
 
 
 def test_read_connections_are_reused(client: TestClient) -> None:

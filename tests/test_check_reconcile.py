@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from deliverylab import db
-from deliverylab.check import EVENT_COLUMNS, check, drift_frame, events_frame
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import Faults
-from deliverylab.reconcile import diff, repair
+from deliverylab.engine import store
+from deliverylab.engine.check import EVENT_COLUMNS, check, drift_frame, events_frame
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.reconcile import diff, repair
 
 ITEMS = ["coffee-beans", "tea", "milk"]
 
@@ -98,21 +98,27 @@ def test_lost_messages_show_as_lost_drift_and_unapplied(drifted):
     assert dict(zip(d.items.item_id, d.items.delta, strict=True)) == missing
 
 
-def test_repair_fixes_it_and_leftover_events_are_skipped(drifted):
+def test_repair_fixes_it_and_leftover_events_are_fenced(drifted):
     lab, placed, lost = drifted
     outcome = repair(lab.conn, clock=lab.clock)
     assert outcome.orders == 30
-    assert outcome.events_marked == 10  # 5 lost + 5 still in flight
+    assert outcome.events_fenced == 30  # every order it counted, applied or not
+    assert outcome.orders_recounted == 10  # 5 lost + 5 still in flight
     assert outcome.items_changed == len({ITEMS[i % 3] for i in range(5)} |
                                         {ITEMS[i % 3] for i in range(25, 30)})
     assert check(lab.conn).ok and diff(lab.conn).clean
     assert lab.projection() == lab.truth()
+    # The repair leaves the inbox to the consumer: it holds what the worker processed.
+    assert store.table_counts(lab.conn)["inbox_processed"] == 20
 
-    # The five in-flight events now arrive: the idempotent consumer skips them.
+    # The five in-flight events now arrive: the fence refuses them, and they are acked.
     w = lab.worker(name="after-repair")
     lab.drain(w)
-    assert (w.stats.received, w.stats.duplicates_skipped, w.stats.applied) == (5, 5, 0)
+    assert (w.stats.received, w.stats.fenced, w.stats.applied, w.stats.acked) == (5, 5, 0, 5)
     assert check(lab.conn).ok and lab.projection() == lab.truth()
+    fenced = lab.conn.execute("SELECT count(*), min(detail), max(detail) FROM delivery_log"
+                              " WHERE outcome = 'fenced'").fetchone()
+    assert tuple(fenced) == (5, "counted by reconcile", "counted by reconcile")
 
     # New orders after the repair apply normally.
     lab.order("tea", 7)
@@ -123,17 +129,17 @@ def test_repair_fixes_it_and_leftover_events_are_skipped(drifted):
 def test_a_second_repair_changes_nothing(drifted):
     lab = drifted[0]
     repair(lab.conn, clock=lab.clock)
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     lab.clock.advance(60)
     again = repair(lab.conn, clock=lab.clock)
-    assert (again.items_changed, again.events_marked) == (0, 0)
-    assert db.dump(lab.conn) == before
+    assert (again.items_changed, again.events_fenced, again.orders_recounted) == (0, 0, 0)
+    assert store.dump(lab.conn) == before
 
 
 def test_the_seeds_naive_rebuild_double_counts_in_flight_events(drifted):
     """The seed's reconcile: empty the projection, SUM the orders — and nothing else."""
     lab = drifted[0]
-    with db.transaction(lab.conn):
+    with store.transaction(lab.conn):
         lab.conn.execute("DELETE FROM inventory_projection")
         lab.conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                          " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
@@ -153,12 +159,12 @@ def test_repair_also_fixes_duplicates_and_dead_letters(lab):
     assert before.duplicated > 0 and before.dead_lettered > 0
     repair(lab.conn, clock=lab.clock)
     assert check(lab.conn).ok
-    # A redrive after the repair: the idempotent worker skips what the repair counted.
-    parked = db.table_counts(lab.conn)["dead_letters"]
+    # A redrive after the repair: the fence refuses what the repair counted.
+    parked = store.table_counts(lab.conn)["dead_letters"]
     assert lab.queue.redrive() == parked >= before.dead_lettered
     w = lab.worker(name="after-redrive")
     lab.drain(w)
-    assert w.stats.applied == 0 and w.stats.duplicates_skipped == parked
+    assert w.stats.applied == 0 and w.stats.fenced == parked
     assert check(lab.conn).ok
 
 
@@ -173,10 +179,10 @@ def test_repair_is_recorded_in_the_trace(drifted):
 
 def test_repair_refuses_a_bad_consumer_and_writes_nothing(drifted):
     lab = drifted[0]
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(InvalidInput, match="^consumer must be a non-empty string .*, got ''$"):
         repair(lab.conn, clock=lab.clock, consumer="")
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 def test_events_frame_has_one_row_per_order(drifted):
@@ -186,3 +192,60 @@ def test_events_frame_has_one_row_per_order(drifted):
     # In placement order; all were placed at t=0, so the order id breaks the tie.
     assert list(frame.order_id) == sorted(p.order_id for p in placed)
     assert set(frame.state) == {"lost", "correct", "pending"}
+
+
+# -- the verdict after a repair keeps the history -------------------------------------------------
+
+def broken_then_repaired(lab):
+    """40 orders through an at-least-once worker that loses ACKs and messages, then a repair."""
+    place(lab, 40)
+    lab.drain(lab.worker(mode="at-least-once",
+                         faults=Faults(seed=8, ack_fail=0.5, lose_message=0.1)))
+    before = check(lab.conn)
+    assert before.duplicated > 0 and before.lost > 0 and not before.repaired
+    repair(lab.conn, clock=lab.clock)
+    return before
+
+
+def test_after_a_repair_the_verdict_says_what_happened_before_it(lab):
+    before = broken_then_repaired(lab)
+    after = check(lab.conn)
+    assert after.ok and after.repaired and after.correct == 40
+    assert (after.repaired_duplicated, after.repaired_extra_applications,
+            after.repaired_never_applied) == (before.duplicated, before.extra_applications,
+                                              before.lost)
+    assert after.verdict == (
+        f"OK (repaired): projection equals truth; {before.duplicated} orders had duplicated"
+        f" effects before the repair (+{before.extra_applications} extra);"
+        f" {before.lost} orders were never applied (lost or in flight) and counted by the repair")
+    assert after.as_dict()["repaired_duplicated"] == before.duplicated
+    # A second repair has nothing to repair, and hides nothing either.
+    repair(lab.conn, clock=lab.clock)
+    assert check(lab.conn).verdict == after.verdict
+
+
+def test_the_status_report_and_the_panel_show_the_same_verdict(lab):
+    from deliverylab.app import status
+    from deliverylab.book import labviews
+
+    broken_then_repaired(lab)
+    verdict = check(lab.conn).verdict
+    report = status.collect(lab.conn, now=lab.clock.now())
+    assert report["verdict"] == verdict and report["ok"] is True
+    assert report["check"]["repaired_duplicated"] > 0
+    assert f"verdict      {verdict}" in status.render(report)
+    assert 'class="dl-verdict-line dl-verdict-ok"' in labviews.verdict_html(verdict)
+
+
+def test_new_damage_after_a_repair_is_reported_with_the_history(lab):
+    before = broken_then_repaired(lab)
+    for i in range(10):
+        lab.order(ITEMS[i % 3], 1)
+    lab.drain(lab.worker(mode="at-least-once", faults=Faults(seed=2, ack_fail=0.7)))
+    result = check(lab.conn)
+    assert result.duplicated > 0 and not result.ok
+    assert result.verdict.startswith(f"BROKEN: {result.duplicated} duplicated")
+    assert result.verdict.endswith(
+        f"; {before.duplicated} orders had duplicated effects before the repair"
+        f" (+{before.extra_applications} extra); {before.lost} orders were never applied"
+        " (lost or in flight) and counted by the repair")

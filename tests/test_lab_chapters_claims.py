@@ -8,7 +8,10 @@ applies every order once and parks some messages whose effect did happen.
 
 Chapter 5 loses messages with seed 11 (the same orders lost in every mode), then shows the
 race: seed 5, three messages lost, five orders in flight; the naive rebuild double-counts the
-five, the engine's repair marks eight events and stays correct. A schedule bounds the loss.
+five, the engine's repair recounts eight orders, fences every counted event and stays correct
+in every worker mode, where a repair that marked only the inbox broke all but the idempotent
+one. A watermark loses an order committed out of id order. A repair leaves the history (seed
+8: 68 emails for 40 orders) and the verdict says so. A schedule bounds the loss.
 
 Chapter 4's durability section says a commit with ``synchronous=NORMAL`` in WAL mode survives a
 killed process (only a power cut or an operating-system crash can take it back): a real process
@@ -22,13 +25,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
-from deliverylab import db, labviews, naive
-from deliverylab.faults import Faults
-from deliverylab.lab import Lab, guarantee_matrix
-from deliverylab.panel import LabPanel
-from deliverylab.trace import timeline
+from deliverylab.book import labviews, naive
+from deliverylab.book.lab import Lab, guarantee_matrix
+from deliverylab.book.panel import LabPanel
+from deliverylab.book.traceviews import timeline
+from deliverylab.engine import store, trace
+from deliverylab.engine.check import event_states
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.worker import apply_order_placed
 
 
 def test_chapter_4_one_order_with_most_acks_lost():
@@ -89,7 +96,7 @@ def test_chapter_5_a_lost_message_is_lost_in_every_mode():
     lost_qty = int(drift.unapplied.qty.sum())
     assert int(drift.items.delta.sum()) == -lost_qty and set(drift.unapplied.state) == {"lost"}
     repair = lab.reconcile()
-    assert repair.events_marked == 4 and lab.check().ok and lab.diff().clean
+    assert repair.orders_recounted == 4 and lab.check().ok and lab.diff().clean
 
 
 def drifted_lab() -> Lab:
@@ -116,10 +123,114 @@ def test_chapter_5_the_race_between_a_rebuild_and_events_in_flight():
     assert after[after != 0].to_dict() == in_flight_qty.to_dict()  # ... counted twice
 
     fixed = drifted_lab()
-    assert fixed.reconcile().events_marked == 8
+    assert fixed.reconcile().orders_recounted == 8
     assert fixed.run_until_idle().ok
-    skipped = fixed.log().query("outcome == 'duplicate_skipped'")
-    assert sorted(skipped.correlation_id) == sorted(in_flight.order_id)
+    fenced = fixed.log().query("outcome == 'fenced'")
+    assert sorted(fenced.correlation_id) == sorted(in_flight.order_id)
+
+
+def drifted_in(mode: str) -> Lab:
+    lab = Lab(seed=5, mode=mode)
+    lab.place_orders(12)
+    lab.lose_messages(3)
+    lab.run_until_idle()
+    lab.place_orders(5)
+    return lab
+
+
+def repair_inbox_only(conn, *, now):
+    """The chapter's deliberately wrong repair: the fence is the inbox (same statements)."""
+    with store.transaction(conn):
+        recount = [(o, e) for o, _, _, e, n, _ in event_states(conn) if n != 1]
+        conn.execute("DELETE FROM inventory_projection")
+        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                     " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
+        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                     " SELECT 'inventory', event_id, ? FROM orders WHERE true"
+                     " ON CONFLICT DO NOTHING", (now,))
+        for order_id, event_id in recount:
+            trace.log(conn, at=now, worker="reconcile", event_id=event_id,
+                      correlation_id=order_id, message_id=None, delivery_count=0,
+                      outcome=trace.Outcome.RECONCILED)
+
+
+def test_chapter_5_the_inbox_protected_only_the_idempotent_worker_the_fence_every_mode():
+    for mode in ("at-most-once", "at-least-once", "idempotent", "transactional"):
+        wrong, right = drifted_in(mode), drifted_in(mode)
+        repair_inbox_only(wrong.conn, now=wrong.clock.now())
+        assert wrong.check().ok  # green right after the repair ...
+        after = wrong.run_until_idle()
+        if mode == "idempotent":
+            assert after.ok
+        else:  # ... until the five queued events are applied on top
+            assert (after.duplicated, after.extra_applications) == (5, 5), mode
+            assert after.verdict.startswith("BROKEN: 5 duplicated (+5 extra)")
+        fixed = right.reconcile()
+        assert (fixed.events_fenced, fixed.orders_recounted) == (17, 8)
+        result = right.run_until_idle()
+        assert result.ok and result.verdict.startswith("OK (repaired): projection equals truth")
+        assert right.stats().fenced == 5 and right.stats().applied == 9
+
+
+def test_chapter_5_a_watermark_loses_an_order_committed_out_of_id_order():
+    watermark = {}
+
+    def skip_up_to_watermark(conn, d):
+        if "order_id" in watermark and d.correlation_id <= watermark["order_id"]:
+            return
+        apply_order_placed(conn, d)
+
+    lab = Lab(seed=21, handler=skip_up_to_watermark)
+    for n in range(1, 11):
+        lab.place_order("green-tea", 1, order_id=f"o-{n:04d}")
+    lab.run_until_idle()
+    lab.place_order("green-tea", 2, order_id="o-0012")
+    with store.transaction(lab.conn):  # the chapter's repair_with_watermark
+        lab.conn.execute("DELETE FROM inventory_projection")
+        lab.conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                         " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
+        watermark["order_id"] = lab.conn.execute("SELECT max(order_id) FROM orders").fetchone()[0]
+    lab.place_order("green-tea", 5, order_id="o-0011")
+    result = lab.run_until_idle()
+    assert watermark == {"order_id": "o-0012"}
+    assert lab.projection().to_dict("records") == [
+        {"item_id": "green-tea", "truth": 17, "projection": 12, "delta": -5}]
+    assert result.verdict == ("BROKEN: no event problems; projection differs from truth on"
+                              " 1 item(s)")
+    # The same two writers with the engine's fence instead: nothing lost.
+    fenced = Lab(seed=21)
+    for n in range(1, 11):
+        fenced.place_order("green-tea", 1, order_id=f"o-{n:04d}")
+    fenced.run_until_idle()
+    fenced.place_order("green-tea", 2, order_id="o-0012")
+    fenced.reconcile()
+    fenced.place_order("green-tea", 5, order_id="o-0011")
+    assert fenced.run_until_idle().ok
+
+
+def test_chapter_5_a_repair_leaves_the_emails_and_the_verdict_says_so():
+    emails = []
+
+    def reserve_and_email(conn, d):
+        apply_order_placed(conn, d)
+        emails.append(d.correlation_id)
+
+    mail = Lab(seed=8, mode="at-least-once", handler=reserve_and_email,
+               faults=Faults(seed=8, ack_fail=0.5, lose_message=0.1))
+    mail.place_orders(40)
+    before = mail.run_until_idle()
+    assert (before.lost, before.duplicated, before.extra_applications) == (2, 14, 30)
+    mail.reconcile()
+    after = mail.check()
+    assert after.ok and after.verdict == (
+        "OK (repaired): projection equals truth; 14 orders had duplicated effects before the"
+        " repair (+30 extra); 2 orders were never applied (lost or in flight) and counted by"
+        " the repair")
+    sent = Counter(emails)
+    ids = list(mail.orders().order_id)
+    assert (len(ids), len(emails)) == (40, 68)
+    assert sum(sent[o] > 1 for o in ids) == after.repaired_duplicated == 14
+    assert sum(sent[o] == 0 for o in ids) == after.repaired_never_applied == 2
 
 
 def test_chapter_5_a_schedule_bounds_the_loss():
@@ -150,13 +261,13 @@ def test_chapter_5_only_the_orders_rebuild_the_projection():
 
 COMMIT_THEN_WAIT = textwrap.dedent("""
     import sys, time
-    from deliverylab import db
-    from deliverylab.clock import SystemClock
-    from deliverylab.ids import Ids
-    from deliverylab.orders import place_order
-    from deliverylab.queue import Queue
+    from deliverylab.engine import store
+    from deliverylab.engine.clock import SystemClock
+    from deliverylab.engine.ids import Ids
+    from deliverylab.engine.orders import place_order
+    from deliverylab.brokers.sqlite import Queue
 
-    conn = db.connect(sys.argv[1])
+    conn = store.connect(sys.argv[1])
     conn.execute("PRAGMA synchronous = NORMAL")
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     place_order(Queue(conn, clock=SystemClock(), ids=Ids(seed=1)), item_id="coffee-beans",
@@ -168,7 +279,7 @@ COMMIT_THEN_WAIT = textwrap.dedent("""
 
 def test_chapter_4_a_normal_commit_survives_a_killed_process(tmp_path: Path) -> None:
     path = tmp_path / "app.db"
-    db.init_db(path).close()
+    store.init_db(path).close()
     src = str(Path(__file__).resolve().parents[1] / "src")
     child = subprocess.Popen([sys.executable, "-c", COMMIT_THEN_WAIT, str(path)],
                              stdout=subprocess.PIPE, text=True,
@@ -183,7 +294,7 @@ def test_chapter_4_a_normal_commit_survives_a_killed_process(tmp_path: Path) -> 
         if child.poll() is None:
             child.kill()
         child.stdout.close()
-    conn = db.connect(path)
+    conn = store.connect(path)
     assert [tuple(r) for r in conn.execute("SELECT order_id, qty FROM orders")] == [("o-001", 1)]
     assert conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 1
     conn.close()

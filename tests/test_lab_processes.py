@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from test_api import BAD_REQUESTS
 
-from deliverylab import db
-from deliverylab.check import check
-from deliverylab.faults import Faults
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.faults import Faults
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HOST = "127.0.0.1"
@@ -129,7 +129,7 @@ class Lab:
                           env=env)
 
     def conn(self) -> Any:
-        return db.connect(self.db)
+        return store.connect(self.db)
 
     def check(self) -> Any:
         conn = self.conn()
@@ -435,13 +435,13 @@ def test_malformed_requests_get_a_clear_4xx_and_write_nothing(lab: Lab) -> None:
 
     # What a test client cannot send: a lying Content-Length, and a chunked body over 64 KiB.
     with socket.create_connection((HOST, lab.port), timeout=10) as s:
-        s.sendall(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 10000000\r\n\r\n{}")
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413"), head
     chunk = b"p" * 8192
     with socket.create_connection((HOST, lab.port), timeout=10) as s:
-        s.sendall(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n")
         try:
             for _ in range(10):
@@ -454,7 +454,7 @@ def test_malformed_requests_get_a_clear_4xx_and_write_nothing(lab: Lab) -> None:
 
     conn = lab.conn()
     try:
-        assert sum(db.table_counts(conn).values()) == 0
+        assert sum(store.table_counts(conn).values()) == 0
     finally:
         conn.close()
     status, body = request("GET", "/health", port=lab.port)
@@ -495,7 +495,7 @@ def test_lost_messages_are_reconciled_and_leftovers_do_not_double_count(lab: Lab
     repaired = cli("reconcile", "--db", str(lab.db))
     assert repaired.returncode == 0, repaired.stderr
     assert "3 lost, 7 pending" in repaired.stdout
-    assert "added 10 event(s) to the inbox" in repaired.stdout
+    assert "10 order(s) recounted); fenced 20 event(s)" in repaired.stdout
     after = status()
     assert after["check"]["projection_equals_truth"] and after["ok"]
     projection = {i["itemId"]: i["projection"] for i in after["items"]}
@@ -507,10 +507,13 @@ def test_lost_messages_are_reconciled_and_leftovers_do_not_double_count(lab: Lab
     lab.wait_drained(timeout=30)
     assert leftovers.terminate() == 0
     out = leftovers.output()
-    assert out.count("duplicate skipped") == 7 and "applied projection" not in out
+    assert out.count("fenced: a repair already counted it") == 7
+    assert "applied projection" not in out
     final = status()
     assert final["ok"] and {i["itemId"]: i["projection"] for i in final["items"]} == projection
     assert final["check"]["correct"] == 20
+    assert final["verdict"] == ("OK (repaired): projection equals truth; 10 orders were never"
+                                " applied (lost or in flight) and counted by the repair")
 
 
 # -- clean shutdown -----------------------------------------------------------------------------

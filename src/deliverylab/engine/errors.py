@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 
@@ -73,4 +74,38 @@ def check_text(field: str, value: Any, *, max_length: int = 100) -> str:
     """A non-empty string of at most ``max_length`` characters, or :class:`InvalidInput`."""
     if not isinstance(value, str) or not value.strip() or len(value) > max_length:
         raise InvalidInput(field, value, f"a non-empty string of at most {max_length} characters")
+    return value
+
+
+# Characters an id may not contain. Cc: control characters (a newline forges a log line, ESC
+# starts a terminal escape sequence, C1 controls such as U+009B do the same on some terminals).
+# Cs: lone UTF-16 surrogates, which are not Unicode text and cannot be stored as UTF-8. Cf:
+# invisible format characters, among them the bidi overrides (U+202E reverses what follows on
+# screen, CVE-2021-42574) and zero-width spaces, which make two ids print the same and differ.
+# Zl, Zp: U+2028 and U+2029 break lines in editors, browsers and some terminals.
+FORBIDDEN_IN_IDS = frozenset({"Cc", "Cs", "Cf", "Zl", "Zp"})
+
+
+def first_forbidden(text: str) -> int | None:
+    """The index of the first character an id may not contain, or None."""
+    for i, ch in enumerate(text):
+        # Printable ASCII is the common case; skip the table lookup for it.
+        if not ("\x20" <= ch <= "\x7e") and unicodedata.category(ch) in FORBIDDEN_IN_IDS:
+            return i
+    return None
+
+
+def check_id(field: str, value: Any, *, max_length: int = 100) -> str:
+    """An identifier: a non-empty string of at most ``max_length`` characters, with no control,
+    format or line-separator character and no lone surrogate, or :class:`InvalidInput`.
+
+    Every id that enters the engine (order, item, event, correlation, idempotency key) goes
+    through here, so whatever later prints or logs an id never prints a control sequence.
+    """
+    check_text(field, value, max_length=max_length)
+    at = first_forbidden(value)
+    if at is not None:
+        code = f"U+{ord(value[at]):04X}"
+        raise InvalidInput(field, value, f"an id without control or invisible characters"
+                                         f" ({code} at index {at})")
     return value

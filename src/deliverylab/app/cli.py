@@ -19,6 +19,7 @@ nothing is written. A failure at run time (the API is down, the server said no) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ import re
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import time
 import urllib.error
@@ -34,10 +36,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import InvalidInput, check_int, check_number, check_text
-from .faults import FAULT_POINTS
-from .orders import MAX_ID_LENGTH, MAX_QTY
+from .. import __version__
+from ..engine.display import safe_json, safe_text
+from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.faults import FAULT_POINTS
+from ..engine.orders import MAX_ID_LENGTH, MAX_QTY
+from ..engine.store import SQLiteTooOld
 
 DEFAULT_DB = "data/app.db"
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -46,6 +50,8 @@ URL_ENV = "DELIVERYLAB_URL"
 # One flag and one environment variable per fault point: --ack-fail-rate / ACK_FAIL_RATE, …
 RATE_FLAGS = {p: "--" + p.replace("_", "-") + "-rate" for p in FAULT_POINTS}
 RATE_ENVS = {p: p.upper() + "_RATE" for p in FAULT_POINTS}
+# The commands that only read, and so work on a database nobody here may write.
+READERS = "'deliverylab status', 'deliverylab trace' and 'deliverylab reconcile --dry-run'"
 
 
 class UsageError(Exception):
@@ -78,8 +84,51 @@ def _num_arg(minimum: float | None = None, maximum: float | None = None) -> Call
     return _typed(float, lambda v: check_number("value", v, minimum=minimum, maximum=maximum))
 
 
-def _text_arg(max_length: int = MAX_ID_LENGTH) -> Callable[[str], str]:
-    return _typed(str, lambda v: check_text("value", v, max_length=max_length))
+def _utf8(text: str) -> str:
+    """Bytes that are not UTF-8 reach Python as lone surrogates (PEP 383): refuse them here,
+    showing the bytes, rather than fail deep inside SQLite or ``print``."""
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        raise argparse.ArgumentTypeError(
+            f"must be valid UTF-8, got {os.fsencode(text)!r}") from None
+    return text
+
+
+def _text_arg(max_length: int = MAX_ID_LENGTH, *,
+              printable: bool = True) -> Callable[[str], str]:
+    """Non-empty UTF-8 text of at most ``max_length`` characters; with ``printable``, also
+    without control characters (a name or an id written to the database and printed)."""
+    check = _typed(str, lambda v: check_text("value", v, max_length=max_length))
+
+    def convert(text: str) -> str:
+        value = check(_utf8(text))
+        if printable and not value.isprintable():
+            raise argparse.ArgumentTypeError(
+                f"must be printable text, without control characters, got {value!r}")
+        return value
+    return convert
+
+
+def _path_text(text: str) -> str:
+    """A file path: UTF-8 (SQLite takes file names as UTF-8), non-empty."""
+    _utf8(text)
+    if not text.strip() or len(text) > 4096 or "\0" in text:
+        raise argparse.ArgumentTypeError(
+            f"must be a file path (1 to 4096 characters), got {text!r}")
+    return text
+
+
+_HEADER_VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]{0,198}[\x21-\x7e])?$")
+
+
+def _key_arg(text: str) -> str:
+    """An ``Idempotency-Key`` header value: 1 to 200 visible ASCII characters (inner spaces
+    allowed). HTTP sends header values as bytes, and a newline would end the header."""
+    _utf8(text)
+    if not _HEADER_VALUE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"must be 1 to 200 visible ASCII characters (letters, digits, punctuation; inner"
+            f" spaces allowed), got {text!r}")
+    return text
 
 
 def _rate(text: str, where: str) -> float:
@@ -98,7 +147,12 @@ def db_path(args: argparse.Namespace) -> Path:
     if args.db is not None:
         return Path(args.db)
     env = os.environ.get(DB_ENV, "")
-    return Path(env) if env.strip() else Path(DEFAULT_DB)
+    if not env.strip():
+        return Path(DEFAULT_DB)
+    try:
+        return Path(_path_text(env))
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"{DB_ENV} {exc}") from None
 
 
 def _where(args: argparse.Namespace) -> str:
@@ -106,42 +160,148 @@ def _where(args: argparse.Namespace) -> str:
                                                else "the default database")
 
 
-def open_db(args: argparse.Namespace) -> sqlite3.Connection:
-    """Connect to an existing lab database, or explain how to make one."""
-    from .db import check_schema, connect
+def _kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return exc.strerror or "not reachable"
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def _busy_timeout(args: argparse.Namespace) -> float:
+    from ..engine.store import BUSY_TIMEOUT_S
+
+    value = getattr(args, "busy_timeout", None)
+    return BUSY_TIMEOUT_S if value is None else value
+
+
+def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connection:
+    """Connect to an existing lab database, or explain how to make one.
+
+    ``write=False`` (status, trace) opens a database nobody here may write read-only instead
+    of refusing it; every other command names why the file cannot be written."""
+    from ..engine.store import (
+        check_schema,
+        connect,
+        connect_read_only,
+        is_busy,
+        missing_tables,
+        why_read_only,
+    )
 
     path = db_path(args)
+    init = f"deliverylab init-db{'' if args.db is None else ' --db ' + str(path)}"
+    if not path.exists():
+        raise UsageError(f"no database at {str(path)!r} ({_where(args)}): run '{init}' first")
     if not path.is_file():
-        raise UsageError(f"no database at {str(path)!r} ({_where(args)}): run 'deliverylab"
-                         f" init-db{'' if args.db is None else ' --db ' + str(path)}' first")
+        raise UsageError(f"{_where(args)} must be a database file, got {str(path)!r}"
+                         f" ({_kind(path)})")
+    read_only = why_read_only(path)
+    if read_only and write:
+        raise UsageError(f"{str(path)!r} is read-only ({read_only}): 'deliverylab"
+                         f" {args.command}' writes to it; {READERS} can still read it")
     try:
-        conn = connect(path)
-        check_schema(conn)
+        conn = (connect_read_only(path, busy_timeout=_busy_timeout(args)) if read_only
+                else connect(path, busy_timeout=_busy_timeout(args)))
+    except sqlite3.OperationalError as exc:
+        if is_busy(exc):
+            raise
+        raise UsageError(f"cannot open {str(path)!r} ({exc})") from None
     except (sqlite3.DatabaseError, InvalidInput) as exc:
+        raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc}); run"
+                         f" 'deliverylab init-db' on a new path") from None
+    try:
+        missing = missing_tables(conn)
+        if missing and "orders" not in missing:  # an older version's file: keep its data
+            conn.close()
+            raise UsageError(f"{str(path)!r} has no {', '.join(missing)} table(s) (made by an"
+                             f" older deliverylab): run '{init}' to add them; the data is kept")
+        check_schema(conn)
+    except UsageError:
+        raise
+    except (sqlite3.DatabaseError, InvalidInput) as exc:
+        conn.close()
+        if is_busy(exc):
+            raise
         raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc}); run"
                          f" 'deliverylab init-db' on a new path") from None
     return conn
 
 
+def _make_room(path: Path, where: str) -> bool:
+    """Create the directories and the empty file for a new database, naming the flag and the
+    reason when the path cannot hold one. True when the file was created here."""
+    missing = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+    blocker = missing[-1].parent if missing else path.parent
+    if blocker.exists() and not blocker.is_dir():
+        raise UsageError(f"{where} cannot be created at {str(path)!r}: {str(blocker)!r} is"
+                         f" {_kind(blocker) if not blocker.is_file() else 'a file'}, not a"
+                         f" directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False  # created meanwhile by someone else: init_db checks what it is
+    except OSError as exc:
+        for d in missing:  # write nothing: undo the directories made for it
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise UsageError(f"{where} cannot be created at {str(path)!r}:"
+                         f" {exc.strerror or exc}") from None
+    os.close(fd)
+    return True
+
+
 # -- commands ---------------------------------------------------------------------------------
 def cmd_init_db(args: argparse.Namespace) -> int:
-    from .db import TABLES, check_schema, init_db
+    from ..engine.store import (
+        TABLES,
+        check_schema,
+        check_sqlite_version,
+        init_db,
+        is_busy,
+        why_read_only,
+    )
 
+    check_sqlite_version()  # before anything is created
     path = db_path(args)
-    if path.exists() and not path.is_file():
-        raise UsageError(f"--db must be a file path, got {str(path)!r} (a directory)")
-    existed = path.is_file()
-    try:
-        conn = init_db(path)
-        check_schema(conn)
-        orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
-        conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc})") from None
-    if existed:
-        print(f"database {path} is ready (schema already there; {orders} orders kept)")
+    where = _where(args)
+    created = False
+    if path.exists():
+        if not path.is_file():
+            raise UsageError(f"{where} must be a database file path, got {str(path)!r}"
+                             f" ({_kind(path)})")
+        read_only = why_read_only(path)
+        if read_only:
+            raise UsageError(f"{str(path)!r} is read-only ({read_only}): 'deliverylab init-db'"
+                             f" cannot check or add its tables")
     else:
-        print(f"created {path} (WAL mode; tables: {', '.join(TABLES)})")
+        created = _make_room(path, where)
+    try:
+        conn = init_db(path, busy_timeout=_busy_timeout(args))
+        try:
+            check_schema(conn)
+            orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+        finally:
+            conn.close()
+    except (sqlite3.DatabaseError, InvalidInput) as exc:
+        if created:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{path}{suffix}")
+        if is_busy(exc):
+            raise
+        raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc})") from None
+    if not created:
+        print(safe_text(f"database {path} is ready (schema already there; {orders} orders kept)"))
+    else:
+        print(safe_text(f"created {path} (WAL mode; tables: {', '.join(TABLES)})"))
     return 0
 
 
@@ -150,14 +310,21 @@ def cmd_api(args: argparse.Namespace) -> int:
     open_db(args).close()  # fail here, with a clear message, not inside the server
     import uvicorn
 
-    from .api import create_app
+    from .api import check_allowed_hosts, create_app
 
+    try:
+        hosts = check_allowed_hosts(args.allowed_host, "--allowed-host")
+        # The address the server was told to bind is a name it answers to (a wildcard is not).
+        if args.host not in ("0.0.0.0", "::"):
+            hosts += check_allowed_hosts([args.host], "--host")
+        app = create_app(path, synchronous=args.synchronous, allowed_hosts=hosts)
+    except InvalidInput as exc:
+        raise UsageError(str(exc)) from None
     sock = listen(args.host, args.port)
-    app = create_app(path)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=5)
-    print(f"deliverylab API on http://{args.host}:{args.port}  (database {path};"
-          f" Ctrl-C to stop)", flush=True)
+    print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database {path};"
+                    f" Ctrl-C to stop)"), flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -198,10 +365,10 @@ def _wall(line: str) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .faults import Faults
-    from .ids import Ids
-    from .worker import Worker
+    from ..engine.clock import SystemClock
+    from ..engine.faults import Faults
+    from ..engine.ids import Ids
+    from ..engine.worker import Worker
 
     rates = {}
     for point in FAULT_POINTS:
@@ -219,7 +386,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     conn = open_db(args)
 
     def echo(line: str) -> None:
-        print(_wall(line), flush=True)
+        print(safe_text(_wall(line)), flush=True)
 
     clock, ids = SystemClock(), Ids()
     worker = Worker(conn, clock=clock, ids=ids, mode=args.mode, faults=faults,
@@ -232,26 +399,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if worker._stopping:  # a second Ctrl-C: stop now; open transactions roll back
             raise KeyboardInterrupt
         worker.stop()
-        print(f"[{name}] {signal.Signals(signum).name}: stopping after the current step",
-              flush=True)
+        print(safe_text(f"[{name}] {signal.Signals(signum).name}: stopping after the current"
+                        f" step"), flush=True)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
     fault_text = ", ".join(f"{p}={r:g}" for p, r in rates.items() if r) or "none"
-    print(f"[{name}] started: mode={worker.mode} visibility_timeout={args.visibility_timeout:g}s"
-          f" max_receives={args.max_receives} faults: {fault_text} (seed {faults.seed})"
-          f" db={db_path(args)}", flush=True)
+    print(safe_text(f"[{name}] started: mode={worker.mode}"
+                    f" visibility_timeout={args.visibility_timeout:g}s"
+                    f" max_receives={args.max_receives} faults: {fault_text}"
+                    f" (seed {faults.seed}) db={db_path(args)}"), flush=True)
     try:
         stats = worker.run_forever(poll_interval=args.poll_interval)
     except KeyboardInterrupt:
-        print(f"[{name}] interrupted", flush=True)
+        print(safe_text(f"[{name}] interrupted"), flush=True)
         return 130
     finally:
         conn.close()
     totals = stats.as_dict()
     counts = " ".join(f"{k}={v}" for k, v in totals.items() if k != "steps")
-    print(f"[{name}] stopped: {counts}", flush=True)
+    print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
     return 0
 
 
@@ -265,9 +433,16 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None,
             status, reason, raw = resp.status, resp.reason, resp.read()
     except urllib.error.HTTPError as exc:
         status, reason, raw = exc.code, exc.reason, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise Failure(f"cannot reach the API at {url} ({reason}); is 'deliverylab api'"
+    except urllib.error.URLError as exc:
+        raise Failure(f"cannot reach the API at {url} ({exc.reason}); is 'deliverylab api'"
+                      f" running? (--url or {URL_ENV} to point elsewhere)") from None
+    except TimeoutError:  # connected and sent, but no answer in time
+        raise Failure(f"the API at {url} did not answer within {timeout:g}s; the order may"
+                      f" or may not be written: send the same request again (same --order-id"
+                      f" or --idempotency-key) to find out, or wait longer with --timeout"
+                      ) from None
+    except OSError as exc:
+        raise Failure(f"cannot reach the API at {url} ({exc}); is 'deliverylab api'"
                       f" running? (--url or {URL_ENV} to point elsewhere)") from None
     try:
         payload = json.loads(raw)
@@ -278,27 +453,32 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None,
 
 def cmd_order(args: argparse.Namespace) -> int:
     url = (args.url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+$", url):
-        raise UsageError(f"--url must look like http://HOST:PORT, got {url!r}")
+    if not re.match(r"^https?://[\x21-\x2e\x30-\x7e]+$", url):  # ASCII, no path
+        raise UsageError(f"{'--url' if args.url else URL_ENV} must look like http://HOST:PORT,"
+                         f" got {url!r}")
     body: dict[str, Any] = {"itemId": args.item, "qty": args.qty}
     if args.order_id is not None:
         body = {"orderId": args.order_id, **body}
     headers = {} if args.idempotency_key is None else {"Idempotency-Key": args.idempotency_key}
-    status, reason, payload = _http("POST", url + "/orders", body, headers)
-    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    print(f"{status} {reason} {text}", flush=True)
+    status, reason, payload = _http("POST", url + "/orders", body, headers,
+                                    timeout=args.timeout)
+    text = safe_text(payload) if isinstance(payload, str) else safe_json(payload)
+    if status == 503:  # the API's database stayed locked past its busy timeout
+        error = payload.get("error") if isinstance(payload, dict) else payload
+        raise UsageError(f"the API could not get its database's write lock: {error}")
+    print(f"{status} {safe_text(reason)} {text}", flush=True)
     return 0 if 200 <= status < 300 else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
-    conn = open_db(args)
+    conn = open_db(args, write=False)
     try:
         while True:
             report = collect(conn)
             if args.json:
-                print(json.dumps(report, ensure_ascii=False), flush=True)
+                print(safe_json(report), flush=True)
             else:
                 if args.watch:
                     print("\033[H\033[2J" + time.strftime("%H:%M:%S"), end="\n\n")
@@ -315,24 +495,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from .status import render_trace, trace
 
-    conn = open_db(args)
+    conn = open_db(args, write=False)
     try:
         story = trace(conn, args.order)
     finally:
         conn.close()
     if story is None:
         raise Failure(f"no order or event {args.order!r} in {db_path(args)}")
-    print(json.dumps(story, ensure_ascii=False) if args.json else render_trace(story))
+    print(safe_json(story) if args.json else render_trace(story))
     return 0
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .check import check
-    from .clock import SystemClock
-    from .reconcile import diff, repair
+    from ..engine.check import check
+    from ..engine.clock import SystemClock
+    from ..engine.reconcile import diff, repair
     from .status import snapshot, table
 
-    conn = open_db(args)
+    conn = open_db(args, write=not args.dry_run)  # a dry run only reads
     try:
         with snapshot(conn):
             drift = diff(conn)
@@ -362,18 +542,19 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             return 0
         result = repair(conn, clock=SystemClock())
         print(f"repaired: rebuilt the projection from {result.orders} orders"
-              f" ({result.items_changed} item(s) changed); added {result.events_marked}"
-              f" event(s) to the inbox, so a late delivery of one is skipped as a duplicate")
-        print(f"verdict: {check(conn).verdict}")
+              f" ({result.items_changed} item(s) changed, {result.orders_recounted} order(s)"
+              f" recounted); fenced {result.events_fenced} event(s): a late delivery of a"
+              f" counted order is not applied again, whatever mode the workers run in")
+        print(safe_text(f"verdict: {check(conn).verdict}"))
     finally:
         conn.close()
     return 0
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .ids import Ids
-    from .queue import Queue
+    from ..brokers.sqlite import Queue
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
 
     conn = open_db(args)
     try:
@@ -389,9 +570,9 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .ids import Ids
-    from .queue import Queue
+    from ..brokers.sqlite import Queue
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
 
     conn = open_db(args)
     try:
@@ -416,8 +597,8 @@ def cmd_drop(args: argparse.Namespace) -> int:
             if queue.drop(r["message_id"], reason="dropped by 'deliverylab drop'",
                           worker="chaos"):
                 dropped += 1
-                print(f"dropped {r['message_id']} event={r['event_id']}"
-                      f" order={r['correlation_id']} (logged as lost)")
+                print(safe_text(f"dropped {r['message_id']} event={r['event_id']}"
+                                f" order={r['correlation_id']} (logged as lost)"))
     finally:
         conn.close()
     print(f"{dropped} message(s) dropped behind the workers' backs; 'deliverylab status' shows"
@@ -427,7 +608,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 # -- the parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .worker import Mode
+    from ..engine.worker import Mode
 
     parser = argparse.ArgumentParser(
         prog="deliverylab",
@@ -435,11 +616,18 @@ def build_parser() -> argparse.ArgumentParser:
                     " status, trace and reconcile, on one SQLite file.")
     parser.add_argument("--version", action="version", version=f"deliverylab {__version__}")
     db = argparse.ArgumentParser(add_help=False)
-    db.add_argument("--db", metavar="PATH", type=_text_arg(4096),
+    db.add_argument("--db", metavar="PATH", type=_path_text,
                     help=f"the database file (default: ${DB_ENV} or {DEFAULT_DB})")
+    # Every command but the API (which keeps SQLite's 30 s) may wait less, or more, for a
+    # write lock another connection holds.
+    busy = argparse.ArgumentParser(add_help=False, parents=[db])
+    busy.add_argument("--busy-timeout", type=_num_arg(0, 3600), default=None,
+                      metavar="SECONDS",
+                      help="how long to wait for another connection's write lock before"
+                           " giving up (default 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("init-db", parents=[db], help="create the database (idempotent)")
+    p = sub.add_parser("init-db", parents=[busy], help="create the database (idempotent)")
     p.set_defaults(run=cmd_init_db)
 
     p = sub.add_parser("api", parents=[db], help="serve the HTTP API (POST /orders, …)")
@@ -447,12 +635,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", default=3000, type=_int_arg(1, 65535), help="default 3000")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    p.add_argument("--synchronous", type=str.lower, choices=["full", "normal"], default=None,
+                   help="full (default, or $DELIVERYLAB_SYNCHRONOUS): a 201 survives a power"
+                        " cut; normal: faster, survives a crash of the API only")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   type=_text_arg(255),
+                   help="also answer requests whose Host is NAME (repeatable; besides"
+                        " 127.0.0.1, localhost, [::1]; * for any, behind a proxy that checks)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_api)
 
     p = sub.add_parser(
-        "worker", parents=[db], help="consume OrderPlaced events, one line per step",
+        "worker", parents=[busy], help="consume OrderPlaced events, one line per step",
         description="Receive, apply, ack — printing one line per step. Fault rates come from"
                     " the flags or from the environment (ACK_FAIL_RATE=0.8, …); default 0."
                     " SIGTERM or Ctrl-C stops after the current step.")
@@ -487,36 +682,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qty", type=_int_arg(1, MAX_QTY), default=1, help="1..10000 (default 1)")
     p.add_argument("--order-id", type=_text_arg(), default=None,
                    help="orderId (default: the server makes one)")
-    p.add_argument("--idempotency-key", type=_text_arg(200), default=None)
+    p.add_argument("--idempotency-key", type=_key_arg, default=None,
+                   help="the Idempotency-Key header: 1 to 200 visible ASCII characters")
+    # Longer than the API's 30 s busy timeout, so a locked database comes back as its 503.
+    p.add_argument("--timeout", type=_num_arg(0.1, 3600), default=45.0, metavar="SECONDS",
+                   help="how long to wait for the answer (default 45)")
     p.add_argument("--url", default=None,
                    help=f"the API (default ${URL_ENV} or {DEFAULT_URL})")
     p.set_defaults(run=cmd_order)
 
-    p = sub.add_parser("status", parents=[db],
+    p = sub.add_parser("status", parents=[busy],
                        help="queue, inbox, projection vs truth, dead letters, the verdict")
     p.add_argument("--json", action="store_true")
     p.add_argument("--watch", type=_num_arg(0.1, 3600), default=None, metavar="SECONDS",
                    help="redraw every SECONDS until Ctrl-C")
     p.set_defaults(run=cmd_status)
 
-    p = sub.add_parser("trace", parents=[db], help="every delivery of one order's event")
-    p.add_argument("order", metavar="ORDER_ID", help="an order id (or an event id)")
+    p = sub.add_parser("trace", parents=[busy], help="every delivery of one order's event")
+    p.add_argument("order", metavar="ORDER_ID", type=_text_arg(4096, printable=False),
+                   help="an order id (or an event id)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_trace)
 
-    p = sub.add_parser("reconcile", parents=[db],
+    p = sub.add_parser("reconcile", parents=[busy],
                        help="show the drift from the truth, then repair the projection")
     p.add_argument("--dry-run", action="store_true", help="show the drift only")
     p.set_defaults(run=cmd_reconcile)
 
-    p = sub.add_parser("redrive", parents=[db], help="move dead letters back to the queue")
+    p = sub.add_parser("redrive", parents=[busy], help="move dead letters back to the queue")
     p.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID",
+                   type=_text_arg(4096, printable=False),
                    help="only these (default: all)")
     p.set_defaults(run=cmd_redrive)
 
-    p = sub.add_parser("drop", parents=[db],
+    p = sub.add_parser("drop", parents=[busy],
                        help="delete queued messages behind the workers' backs (fault injection)")
-    p.add_argument("refs", nargs="*", metavar="ID", help="message, event or order ids")
+    p.add_argument("refs", nargs="*", metavar="ID", type=_text_arg(4096, printable=False),
+                   help="message, event or order ids")
     p.add_argument("--count", type=_int_arg(1, 1_000_000), default=1,
                    help="without ids: drop the N oldest queued messages (default 1)")
     p.set_defaults(run=cmd_drop)
@@ -531,6 +733,22 @@ def _safe_output() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> tuple[int, str]:
+    """An error SQLite raised mid-command, as (exit status, one sentence). Each command's
+    writes are transactions, so whatever it was doing rolled back: nothing half-written."""
+    from ..engine.store import is_busy, is_read_only_error
+
+    path = str(db_path(args)) if hasattr(args, "db") else "the database"
+    if is_busy(exc):
+        return 2, (f"the database {path!r} is locked: another connection held its lock for"
+                   f" longer than the busy timeout ({_busy_timeout(args):g}s); what this"
+                   f" command was about to write was not written. Try again when it is done,"
+                   f" or wait longer with --busy-timeout")
+    if is_read_only_error(exc):
+        return 2, f"{path!r} is read-only ({exc}); {READERS} can still read it"
+    return 1, f"database error on {path!r}: {exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _safe_output()
     parser = build_parser()
@@ -538,12 +756,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"deliverylab {args.command}"
     try:
         return args.run(args)
-    except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except (UsageError, InvalidInput) as exc:  # bad input, wherever it is found: exit 2
+        print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
         return 2
     except Failure as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
         return 1
+    except SQLiteTooOld as exc:
+        print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as exc:
+        code, message = _database_error(args, exc)
+        print(safe_text(f"{prog}: error: {message}"), file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `deliverylab trace … | head`

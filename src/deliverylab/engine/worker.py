@@ -12,6 +12,10 @@ transactional      effect + ack in one transaction              exactly once, in
 Every mode runs the same code path otherwise, with the same fault schedule (see ``faults``).
 The projection update is one UPSERT, never read-then-write. An inbox conflict means "already
 processed"; any other database error propagates.
+
+Every mode also honours the reconcile fence: inside the effect's own transaction, an event a
+repair has already counted (a row in ``reconciled_events``) is not applied again; the delivery
+is logged as ``fenced`` and acknowledged as usual (see :mod:`deliverylab.engine.reconcile`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
+from ..brokers.base import Delivery
+from ..brokers.sqlite import Queue
 from .clock import Clock
-from .db import transaction
-from .errors import InvalidInput, SimulatedCrash, check_int, check_number, check_text
+from .errors import InvalidInput, SimulatedCrash, check_id, check_int, check_number
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
-from .queue import Delivery, Queue
+from .store import is_busy, transaction
 from .trace import Outcome, log_delivery, log_many
 
 CONSUMER = "inventory"
@@ -83,6 +88,18 @@ def apply_order_placed_many(conn: sqlite3.Connection, deliveries: list[Delivery]
     conn.executemany(_RESERVE, totals.items())
 
 
+# The fence, read inside the effect's transaction (so after any repair that committed first).
+_FENCED = "SELECT 1 FROM reconciled_events WHERE consumer = ? AND event_id = ?"
+_FENCED_MANY = ("SELECT event_id FROM reconciled_events WHERE consumer = ?"
+                " AND event_id IN (SELECT value FROM json_each(?))")
+# The idempotent consumer's inbox row, written only for an event no repair has fenced: the
+# fence costs no extra statement on its hot path. No row written: a duplicate, or fenced.
+_INBOX_ONE = ("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+              " SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM reconciled_events"
+              " WHERE consumer = ?1 AND event_id = ?2)"
+              " ON CONFLICT (consumer, event_id) DO NOTHING")
+FENCED_DETAIL = "counted by reconcile"
+
 Handler = Callable[[sqlite3.Connection, Delivery], None]
 BatchHandler = Callable[[sqlite3.Connection, list[Delivery]], None]
 # Handlers with a batch form: the worker's fast path applies a whole batch in a few statements.
@@ -102,6 +119,8 @@ class WorkerStats:
     lost: int = 0
     nacked: int = 0
     dead_lettered: int = 0
+    fenced: int = 0
+    lock_waits: int = 0  # times the write lock stayed taken past the busy timeout
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -120,14 +139,14 @@ class Worker:
                  work_time: float = 0.0, queue: Queue | None = None) -> None:
         self.mode = Mode.parse(mode)
         if not isinstance(faults, Faults):
-            raise InvalidInput("faults", faults, "a deliverylab.faults.Faults")
+            raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
         self.visibility_timeout = check_number("visibility_timeout", visibility_timeout,
                                                minimum=0, maximum=12 * 3600)
         self.max_messages = check_int("max_messages", max_messages, minimum=1, maximum=1000)
         self.backoff_base = check_number("backoff_base", backoff_base, minimum=0)
         self.backoff_cap = check_number("backoff_cap", backoff_cap, minimum=self.backoff_base)
-        self.name = check_text("name", name)
-        self.consumer = check_text("consumer", consumer)
+        self.name = check_id("name", name)
+        self.consumer = check_id("consumer", consumer)
         self.conn, self.clock, self.faults = conn, clock, faults
         self.queue = queue or Queue(conn, clock=clock, ids=ids, max_receives=max_receives)
         self.handler, self.echo, self.crash_exits = handler, echo, crash_exits
@@ -137,6 +156,7 @@ class Worker:
         self.work_time = check_number("work_time", work_time, minimum=0)
         self.stats = WorkerStats()
         self._stopping = False
+        self._lock_streak = 0  # lock waits in a row: the exponent of the next backoff
 
     # -- output ----------------------------------------------------------------------------
     def _say(self, d: Delivery, words: str) -> None:
@@ -164,24 +184,33 @@ class Worker:
         return self.faults.active and self.faults.fires(point, d.event_id, d.delivery_count)
 
     # -- the effect ------------------------------------------------------------------------
-    def _apply(self, d: Delivery) -> bool:
-        """Run the effect for ``d`` inside the open transaction. False: a duplicate skipped."""
-        if self.mode is Mode.IDEMPOTENT:
-            cur = self.conn.execute(
-                "INSERT INTO inbox_processed (consumer, event_id, processed_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (consumer, event_id) DO NOTHING",
-                (self.consumer, d.event_id, self.clock.now()))
-            if cur.rowcount == 0:
-                log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
-                             outcome=Outcome.DUPLICATE_SKIPPED)
-                return False
+    def _fenced(self, event_id: str) -> bool:
+        return self.conn.execute(_FENCED, (self.consumer, event_id)).fetchone() is not None
+
+    def _not_fresh(self, event_id: str) -> Outcome:
+        """Why the inbox took no row for ``event_id``: a repair fenced it, or a duplicate."""
+        return Outcome.FENCED if self._fenced(event_id) else Outcome.DUPLICATE_SKIPPED
+
+    def _apply(self, d: Delivery) -> Outcome:
+        """Run the effect for ``d`` inside the open transaction: APPLIED, or DUPLICATE_SKIPPED
+        (the inbox has it) or FENCED (a repair counted it) with no effect."""
+        if self.mode is Mode.IDEMPOTENT:  # the inbox row, unless a repair fenced the event
+            fresh = self.conn.execute(_INBOX_ONE, (self.consumer, d.event_id,
+                                                   self.clock.now())).rowcount
+            skip = None if fresh else self._not_fresh(d.event_id)
+        else:
+            skip = Outcome.FENCED if self._fenced(d.event_id) else None
+        if skip is not None:
+            log_delivery(self.conn, d, at=self.clock.now(), worker=self.name, outcome=skip,
+                         detail=FENCED_DETAIL if skip is Outcome.FENCED else "")
+            return skip
         self.handler(self.conn, d)
         log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
                      outcome=Outcome.APPLIED, detail=str(self.mode))
-        return True
+        return Outcome.APPLIED
 
-    def _apply_guarded(self, d: Delivery) -> tuple[bool | None, str | None]:
-        """Apply under a savepoint: (applied?, None) or (None, error) for a handler error,
+    def _apply_guarded(self, d: Delivery) -> tuple[Outcome | None, str | None]:
+        """Apply under a savepoint: (outcome, None) or (None, error) for a handler error,
         whose partial writes are undone. Database errors are not caught: they surface."""
         self.conn.execute("SAVEPOINT message")
         try:
@@ -198,54 +227,75 @@ class Worker:
         return applied, None
 
     _INBOX_MANY = ("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-                   " SELECT ?, value, ? FROM json_each(?) WHERE true"
+                   " SELECT ?1, value, ?2 FROM json_each(?3) WHERE NOT EXISTS"
+                   " (SELECT 1 FROM reconciled_events AS f"
+                   "   WHERE f.consumer = ?1 AND f.event_id = value)"
                    " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id")
 
-    def _apply_batch(self, deliveries: list[Delivery]) -> list[bool] | None:
+    def _apply_batch(self, deliveries: list[Delivery]) -> list[Outcome] | None:
         """The fast path: apply a whole batch in one transaction with a handful of statements
-        (inbox rows in one INSERT, the effect in one UPSERT per item, the log in one insert).
-        Same rows, same order as applying one by one. None — and nothing written — when a
-        handler fails: the caller then applies one by one, each under its own savepoint."""
+        (inbox rows or the fence in one statement, the effect in one UPSERT per item, the log
+        in one insert). Same rows, same order as applying one by one. None — and nothing
+        written — when a handler fails: the caller then applies one by one, each under its
+        own savepoint."""
         conn, now = self.conn, self.clock.now()
+        ids = [d.event_id for d in deliveries]
         try:
             with transaction(conn):
+                fenced: set[str] = set()
                 if self.mode is Mode.IDEMPOTENT:
                     if len(deliveries) == 1:  # the common case: skip json_each (~10% faster)
-                        event_id = deliveries[0].event_id
-                        inserted = conn.execute(
-                            "INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-                            " VALUES (?, ?, ?) ON CONFLICT (consumer, event_id) DO NOTHING",
-                            (self.consumer, event_id, now)).rowcount
-                        fresh = {event_id} if inserted else set()
+                        inserted = conn.execute(_INBOX_ONE, (self.consumer, ids[0],
+                                                             now)).rowcount
+                        fresh = {ids[0]} if inserted else set()
                     else:
                         fresh = {r[0] for r in conn.execute(self._INBOX_MANY, (
-                            self.consumer, now, json.dumps([d.event_id for d in deliveries])))}
-                    applied = []
-                    for d in deliveries:  # a second message for one event is a duplicate
-                        applied.append(d.event_id in fresh)
-                        fresh.discard(d.event_id)
+                            self.consumer, now, json.dumps(ids)))}
+                    if len(fresh) < len(deliveries):  # only then: fenced, or duplicates?
+                        fenced = self._fenced_among(ids)
                 else:
-                    applied = [True] * len(deliveries)
-                todo = [d for d, a in zip(deliveries, applied, strict=True) if a]
+                    fresh = set(ids)
+                    fenced = self._fenced_among(ids)
+                outcomes = []
+                for d in deliveries:  # a second message for one event is a duplicate
+                    if d.event_id in fenced:
+                        outcomes.append(Outcome.FENCED)
+                    elif d.event_id in fresh:
+                        outcomes.append(Outcome.APPLIED)
+                        if self.mode is Mode.IDEMPOTENT:
+                            fresh.discard(d.event_id)
+                    else:
+                        outcomes.append(Outcome.DUPLICATE_SKIPPED)
+                todo = [d for d, o in zip(deliveries, outcomes, strict=True)
+                        if o is Outcome.APPLIED]
                 if todo:
                     self._handle_many(conn, todo)
-                mode = str(self.mode)
+                details = {Outcome.APPLIED: str(self.mode), Outcome.FENCED: FENCED_DETAIL,
+                           Outcome.DUPLICATE_SKIPPED: ""}
                 log_many(conn, [(now, self.name, d.correlation_id, d.event_id, d.message_id,
-                                 d.delivery_count,
-                                 Outcome.APPLIED if a else Outcome.DUPLICATE_SKIPPED,
-                                 mode if a else "")
-                                for d, a in zip(deliveries, applied, strict=True)])
+                                 d.delivery_count, o, details[o])
+                                for d, o in zip(deliveries, outcomes, strict=True)])
         except sqlite3.Error:
             raise
         except Exception:  # a handler refused one of them: redo one by one, isolating it
             return None
-        return applied
+        return outcomes
 
-    def _count(self, d: Delivery, applied: bool) -> None:
-        if applied:
+    def _fenced_among(self, ids: list[str]) -> set[str]:
+        """The event ids in ``ids`` a repair has fenced, read in the open transaction."""
+        if len(ids) == 1:
+            return set(ids) if self._fenced(ids[0]) else set()
+        return {r[0] for r in self.conn.execute(_FENCED_MANY, (self.consumer,
+                                                               json.dumps(ids)))}
+
+    def _count(self, d: Delivery, outcome: Outcome) -> None:
+        if outcome is Outcome.APPLIED:
             self.stats.applied += 1
             self._say(d, "applied projection (first time)" if self.mode is Mode.IDEMPOTENT
                       else "applied projection")
+        elif outcome is Outcome.FENCED:
+            self.stats.fenced += 1
+            self._say(d, "fenced: a repair already counted it → not applied")
         else:
             self.stats.duplicates_skipped += 1
             self._say(d, "duplicate skipped")
@@ -253,8 +303,15 @@ class Worker:
     # -- one step --------------------------------------------------------------------------
     def step(self) -> int:
         """Receive up to ``max_messages`` and handle them. Returns how many were received."""
-        deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
-                                        worker=self.name)
+        try:
+            deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
+                                            worker=self.name)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            self._wait_for_lock("receive: nothing leased")
+            return 0
+        self._lock_streak = 0
         self.stats.steps += 1
         for d, reason in self.queue.parked:
             self.stats.dead_lettered += 1
@@ -305,10 +362,10 @@ class Worker:
                 self._log(d, Outcome.LOST, f"failed after the ACK: {error}")
                 self._say(d, f"processing failed after the ACK → effect lost ({error})")
                 continue
-            self._count(d, bool(applied))
+            self._count(d, applied)
 
     def _apply_then_ack(self, deliveries: list[Delivery]) -> None:
-        done: list[tuple[Delivery, bool]] = []
+        done: list[tuple[Delivery, Outcome]] = []
         failed: list[tuple[Delivery, str]] = []
         rejected: list[Delivery] = []
         if deliveries:
@@ -339,7 +396,7 @@ class Worker:
                             self.conn.execute("ROLLBACK TO delivery")
                             rejected.append(d)
                         else:
-                            done.append((d, bool(applied)))
+                            done.append((d, applied))
                         if self.mode is Mode.TRANSACTIONAL:
                             self.conn.execute("RELEASE delivery")
             except SimulatedCrash as crash:
@@ -403,13 +460,48 @@ class Worker:
         self._log(d, Outcome.ACK_REJECTED, f"{verb} refused: receipt is no longer current")
         self._say(d, f"{verb} rejected (stale receipt) → another delivery holds it")
 
+    # -- the write lock --------------------------------------------------------------------
+    def _wait_for_lock(self, during: str) -> None:
+        """Another connection held the write lock past the busy timeout. Say so in one line,
+        back off (exponential, full jitter, capped at ``backoff_cap``; drawn from the fault
+        seed and this worker's name, so a run replays and two workers spread apart), and let
+        the caller try again. A step cut short by the lock leaves its leases to run out: the
+        queue redelivers those messages, as after a crash."""
+        if self.conn.in_transaction:  # a COMMIT refused for the lock: undo, never join it later
+            self.conn.execute("ROLLBACK")
+        self.stats.lock_waits += 1
+        self._lock_streak += 1
+        delay = self.faults.backoff(min(self._lock_streak - 1, 62), base=self.backoff_base,
+                                    cap=self.backoff_cap,
+                                    event_id=f"lock|{self.name}|{self.stats.lock_waits}")
+        if self.echo is not None:
+            self.echo(f"[{self.name}] t={self.clock.now():.3f} database is locked ({during}):"
+                      f" another connection held the write lock past the busy timeout"
+                      f" → retry in {delay:.3f}s (wait {self._lock_streak} in a row)")
+        left = delay
+        while left > 0 and not self._stopping:  # in slices, so a stop ends the wait early
+            self.clock.sleep(min(0.1, left))
+            left -= 0.1
+
+    def _step_through_locks(self) -> int | None:
+        """One step; None when the write lock stayed taken past the busy timeout (already
+        waited out)."""
+        try:
+            return self.step()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            self._wait_for_lock("mid-step: its leases will run out and come back")
+            return None
+
     # -- loops -----------------------------------------------------------------------------
     def run_until_idle(self, max_steps: int = 1_000_000) -> WorkerStats:
         """Step until the queue is empty, sleeping on the clock until the next message is
-        visible (a fake clock jumps there at once)."""
+        visible (a fake clock jumps there at once). A lock held past the busy timeout is waited
+        out, with backoff, not raised."""
         check_int("max_steps", max_steps, minimum=1)
         for _ in range(max_steps):
-            if self.step() == 0:
+            if self._step_through_locks() == 0:
                 nxt = self.queue.next_visible_at()
                 if nxt is None:
                     break
@@ -418,10 +510,11 @@ class Worker:
 
     def run_forever(self, *, poll_interval: float = 0.2) -> WorkerStats:
         """Step until :meth:`stop` (the CLI calls it on SIGTERM and Ctrl-C). A step is never cut
-        in half: stopping waits for the current one to finish."""
+        in half: stopping waits for the current one to finish. A lock held past the busy
+        timeout is waited out, with backoff, not raised."""
         check_number("poll_interval", poll_interval, minimum=0.001)
         while not self._stopping:
-            if self.step() == 0:
+            if self._step_through_locks() == 0:
                 nxt = self.queue.next_visible_at()
                 wait = poll_interval if nxt is None else min(poll_interval,
                                                             max(0.0, nxt - self.clock.now()))

@@ -2,7 +2,8 @@
 
 For every order (the source of truth) it counts how many times the order's event took effect,
 read from ``delivery_log`` rows that were committed in the effect's own transaction. A repair
-by ``reconcile`` counts as one application and restarts the count. Then:
+by ``reconcile`` counts as one application and restarts the count; a delivery the repair's
+fence refused (``fenced``) is not an application. Then:
 
 * **correct**: applied exactly once;
 * **duplicated**: applied more than once;
@@ -10,7 +11,10 @@ by ``reconcile`` counts as one application and restarts the count. Then:
 * **pending**: not applied yet, its message still in the queue;
 * **dead-lettered**: not applied, parked in ``dead_letters``.
 
-It also compares the projection with the truth item by item.
+It also compares the projection with the truth item by item, and reads the history a repair
+cannot undo: the orders whose effect had run more than once, or never, before the repair
+counted them. A repaired projection is correct; the emails sent twice stay sent, and the
+verdict says so.
 """
 
 from __future__ import annotations
@@ -43,6 +47,33 @@ _EVENTS_SQL = APPLICATIONS_CTE + """
       LEFT JOIN last_rec AS r USING (event_id)
      ORDER BY o.created_at, o.order_id
 """
+
+
+# Per repaired order: how many times its effect ran before its last 'reconciled' row. More than
+# once: duplicated effects the rebuild hid from the projection; never: counted by the repair.
+_HISTORY_SQL = """
+    WITH last_rec AS (
+        SELECT event_id, max(seq) AS rs FROM delivery_log
+         WHERE outcome = 'reconciled' GROUP BY event_id),
+    before AS (
+        SELECT l.event_id, count(*) AS n FROM delivery_log AS l
+          JOIN last_rec AS r USING (event_id)
+         WHERE l.outcome = 'applied' AND l.seq < r.rs
+         GROUP BY l.event_id)
+    SELECT coalesce(sum(coalesce(b.n, 0) > 1), 0),
+           coalesce(sum(max(coalesce(b.n, 0) - 1, 0)), 0),
+           coalesce(sum(coalesce(b.n, 0) = 0), 0)
+      FROM orders AS o
+      JOIN last_rec AS r USING (event_id)
+      LEFT JOIN before AS b USING (event_id)
+"""
+
+
+def repair_history(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """(orders duplicated before a repair, their extra applications, orders never applied
+    before a repair counted them), read from the delivery log."""
+    duplicated, extra, never = conn.execute(_HISTORY_SQL).fetchone()
+    return duplicated, extra, never
 
 
 def event_states(conn: sqlite3.Connection) -> list[tuple[str, str, int, str, int, str]]:
@@ -89,6 +120,10 @@ class CheckResult:
     extra_applications: int
     drifted_items: int
     projection_equals_truth: bool
+    # History a repair cannot undo (see repair_history): zero when no repair ever ran.
+    repaired_duplicated: int = 0
+    repaired_extra_applications: int = 0
+    repaired_never_applied: int = 0
 
     @property
     def ok(self) -> bool:
@@ -96,7 +131,26 @@ class CheckResult:
         return self.correct == self.orders and self.projection_equals_truth
 
     @property
+    def repaired(self) -> bool:
+        """A repair hid wrong effects from the projection; they still happened."""
+        return bool(self.repaired_duplicated or self.repaired_never_applied)
+
+    def _history(self) -> str:
+        parts = []
+        if self.repaired_duplicated:
+            n = self.repaired_duplicated
+            parts.append(f"{_orders(n)} had duplicated effects before the repair"
+                         f" (+{self.repaired_extra_applications} extra)")
+        if self.repaired_never_applied:
+            n = self.repaired_never_applied
+            parts.append(f"{_orders(n)} {'was' if n == 1 else 'were'} never applied"
+                         " (lost or in flight) and counted by the repair")
+        return "; ".join(parts)
+
+    @property
     def verdict(self) -> str:
+        if self.ok and self.repaired:
+            return f"OK (repaired): projection equals truth; {self._history()}"
         if self.ok:
             return (f"OK: all {self.orders} orders applied exactly once;"
                     " projection equals truth")
@@ -111,8 +165,12 @@ class CheckResult:
             parts.append(f"{self.pending} pending")
         drift = ("projection equals truth" if self.projection_equals_truth
                  else f"projection differs from truth on {self.drifted_items} item(s)")
-        head = "PENDING" if not (self.lost or self.duplicated or self.dead_lettered) else "BROKEN"
-        return f"{head}: {', '.join(parts) or 'no event problems'}; {drift}"
+        # PENDING: only events still on their way. A projection that differs with nothing on
+        # its way (someone wrote to it, or skipped an event) is broken too.
+        waiting = self.pending and not (self.lost or self.duplicated or self.dead_lettered)
+        head = "PENDING" if waiting else "BROKEN"
+        history = f"; {self._history()}" if self.repaired else ""
+        return f"{head}: {', '.join(parts) or 'no event problems'}; {drift}{history}"
 
     def as_dict(self) -> dict[str, object]:
         d = {name: getattr(self, name) for name in self.__slots__}
@@ -129,6 +187,7 @@ def check(conn: sqlite3.Connection) -> CheckResult:
     try:
         events = event_states(conn)
         items = projection_vs_truth(conn)
+        history = repair_history(conn)
     finally:
         if own:
             conn.execute("COMMIT")
@@ -140,7 +199,13 @@ def check(conn: sqlite3.Connection) -> CheckResult:
         duplicated=states.count("duplicated"), lost=states.count("lost"),
         pending=states.count("pending"), dead_lettered=states.count("dead_lettered"),
         extra_applications=extra, drifted_items=drifted, projection_equals_truth=drifted == 0,
+        repaired_duplicated=history[0], repaired_extra_applications=history[1],
+        repaired_never_applied=history[2],
     )
+
+
+def _orders(n: int) -> str:
+    return f"{n} order" if n == 1 else f"{n} orders"
 
 
 def events_frame(conn: sqlite3.Connection) -> pd.DataFrame:

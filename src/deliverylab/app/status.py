@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .check import check, event_states, projection_vs_truth
-from .worker import CONSUMER
+from ..engine.check import check, event_states, projection_vs_truth
+from ..engine.display import safe_text
+from ..engine.worker import CONSUMER
 
 MAX_ITEM_ROWS = 20   # a status page lists at most this many items (drifted ones first)
 MAX_DEAD_ROWS = 10
@@ -45,7 +46,7 @@ def applications(rows: list[tuple[int, str]]) -> int:
 
 def event_state(conn: sqlite3.Connection, event_id: str,
                 log_rows: list[tuple[int, str]] | None = None) -> tuple[int, str]:
-    """(applications, state) of one event, counted exactly as :func:`deliverylab.check` does.
+    """(applications, state) of one event, counted exactly as :func:`deliverylab.engine.check` does.
 
     ``delivery_log`` has no index (see schema.sql): this reads it once, or not at all when the
     caller already holds the event's rows as (seq, outcome)."""
@@ -138,8 +139,9 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
 
 
 def table(header: list[str], rows: list[list[Any]], right: set[int]) -> list[str]:
-    """Aligned, indented text columns; the columns in ``right`` are right-aligned."""
-    cells = [header] + [[str(c) for c in r] for r in rows]
+    """Aligned, indented text columns; the columns in ``right`` are right-aligned. Cells are
+    escaped first (:func:`~deliverylab.engine.display.safe_text`), so the widths are the printed ones."""
+    cells = [header] + [[safe_text(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     out = []
     for r in cells:
@@ -150,7 +152,8 @@ def table(header: list[str], rows: list[list[Any]], right: set[int]) -> list[str
 
 
 def render(report: dict[str, Any], *, db: str | None = None) -> str:
-    """The status report as text for a terminal."""
+    """The status report as text for a terminal: one line per line, whatever the ids hold
+    (each line goes through :func:`~deliverylab.engine.display.safe_text`)."""
     q, c = report["queue"], report["check"]
     lines = []
     if db is not None:
@@ -194,7 +197,7 @@ def render(report: dict[str, Any], *, db: str | None = None) -> str:
                  f" {c['lost']} lost, {c['pending']} pending, {c['dead_lettered']} dead-lettered")
     lines.append("verdict      " + (report["verdict"] if report["orders"] else
                                      "no orders yet: POST /orders or 'deliverylab order'"))
-    return "\n".join(lines)
+    return "\n".join(map(safe_text, lines))
 
 
 def _clock_time(at: float) -> str:
@@ -213,7 +216,7 @@ def render_trace(story: dict[str, Any]) -> str:
     if not rows:
         lines.append("no deliveries yet: the event is waiting in the queue for a worker"
                      if o["state"] == "pending" else "no deliveries logged")
-        return "\n".join(lines)
+        return "\n".join(map(safe_text, lines))
     t0 = rows[0]["at"]
     cells = []
     for r in rows:
@@ -223,4 +226,4 @@ def render_trace(story: dict[str, Any]) -> str:
     lines.append("")
     lines += table(["time", "since first", "worker", "delivery", "outcome", "detail"],
                     cells, {1, 3})
-    return "\n".join(lines)
+    return "\n".join(map(safe_text, lines))

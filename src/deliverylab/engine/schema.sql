@@ -12,6 +12,18 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at      REAL NOT NULL
 ) STRICT;
 
+-- Every Idempotency-Key a request carried: the fingerprint of that whole request (order id,
+-- item, qty) and the order it was answered with, written in the request's transaction. A key
+-- that replayed an existing order is recorded too (created = 0), so it can never be bound to
+-- another request later. WITHOUT ROWID: looked up by key only.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key          TEXT PRIMARY KEY,
+    request_hash TEXT NOT NULL,
+    order_id     TEXT NOT NULL,
+    created      INTEGER NOT NULL CHECK (created IN (0, 1)),
+    created_at   REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+
 -- The queue. A message is visible when visible_at <= now; receiving it moves visible_at to
 -- the end of its lease, so one index serves the claim (see queue.Queue.receive). ack, extend
 -- and nack find a message by seq, its rowid, and act only while its receipt matches. The
@@ -41,6 +53,17 @@ CREATE TABLE IF NOT EXISTS inbox_processed (
     consumer     TEXT NOT NULL,
     event_id     TEXT NOT NULL,
     processed_at REAL NOT NULL,
+    PRIMARY KEY (consumer, event_id)
+) STRICT, WITHOUT ROWID;
+
+-- The fence: the events a repair counted when it rebuilt a consumer's projection from the
+-- orders, written in the repair's transaction. Every worker mode reads it inside its effect's
+-- transaction and does not apply a fenced event again (see reconcile.py). WITHOUT ROWID, as
+-- the inbox: the worker's lookup is one b-tree probe.
+CREATE TABLE IF NOT EXISTS reconciled_events (
+    consumer      TEXT NOT NULL,
+    event_id      TEXT NOT NULL,
+    reconciled_at REAL NOT NULL,
     PRIMARY KEY (consumer, event_id)
 ) STRICT, WITHOUT ROWID;
 

@@ -17,35 +17,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any, NamedTuple
+from typing import Any
 
-from .clock import Clock
-from .db import transaction
-from .errors import InvalidInput, check_int, check_number, check_text
-from .ids import Ids
-from .trace import Outcome, log, log_delivery, log_many
-
-MAX_VISIBILITY_TIMEOUT_S = 12 * 3600  # the SQS upper bound
-
-
-class Delivery(NamedTuple):
-    """One delivery of one message: what a worker holds until it acks or the lease ends.
-
-    ``seq`` is the message's row in ``queue_messages``: ack, extend and nack find the message by
-    it and act only while ``receipt`` still matches. Immutable; a named tuple because a batch
-    builds a hundred of them per receive (a frozen dataclass costs five times as much)."""
-
-    seq: int
-    message_id: str
-    event_id: str
-    type: str
-    payload: dict[str, Any]
-    correlation_id: str | None
-    receipt: str
-    delivery_count: int
-    lease_until: float
-    last_error: str | None = None
-
+from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
+from ..engine.ids import Ids
+from ..engine.store import transaction
+from ..engine.trace import Outcome, log, log_delivery, log_many
+from .base import MAX_VISIBILITY_TIMEOUT_S, Broker, Delivery, check_delivery
 
 # The claim's RETURNING columns, in Delivery's field order.
 _DELIVERY_COLUMNS = ("seq, message_id, event_id, type, payload, correlation_id, receipt,"
@@ -60,14 +39,6 @@ def _deliveries(rows: list[tuple[Any, ...]]) -> list[Delivery]:
             for r, payload in zip(rows, payloads, strict=True)]
 
 
-def check_delivery(value: Any) -> Delivery:
-    """A :class:`Delivery` as :meth:`Queue.receive` returned it, or :class:`InvalidInput` (a
-    message id where a delivery belongs would otherwise fail deep inside with AttributeError)."""
-    if not isinstance(value, Delivery):
-        raise InvalidInput("delivery", value, "a Delivery returned by Queue.receive")
-    return value
-
-
 def encode_payload(payload: Any) -> str:
     if not isinstance(payload, dict):
         raise InvalidInput("payload", payload, "a JSON object (dict)")
@@ -77,8 +48,9 @@ def encode_payload(payload: Any) -> str:
         raise InvalidInput("payload", payload, f"JSON-serialisable ({exc})") from None
 
 
-class Queue:
-    """A queue on ``conn``. ``max_receives`` is the redrive policy's ``maxReceiveCount``."""
+class SQLiteBroker(Broker):
+    """The SQLite broker: a queue table on ``conn``, the consumer's own database or another
+    file. ``max_receives`` is the redrive policy's ``maxReceiveCount``."""
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
                  max_receives: int = 5) -> None:
@@ -97,8 +69,10 @@ class Queue:
         Joins the caller's open transaction if there is one: that is the transactional outbox,
         the event commits with the state change that caused it, or neither does.
         """
-        check_text("event_id", event_id)
-        check_text("type", type)
+        check_id("event_id", event_id)
+        check_id("type", type)
+        if correlation_id is not None:
+            check_id("correlation_id", correlation_id)
         body = encode_payload(payload)
         delay = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
         now = self.clock.now()
@@ -156,8 +130,12 @@ class Queue:
             parked: list[tuple[Delivery, str]] = []
             for d in _deliveries(rows):
                 if d.delivery_count > self.max_receives:
-                    reason = (f"received {d.delivery_count} times (max_receives="
-                              f"{self.max_receives}); last error: {d.last_error or 'none'}")
+                    # The claim counted one more receive, but this one is never handed out:
+                    # record the deliveries that really happened, as the nack path does.
+                    d = d._replace(delivery_count=d.delivery_count - 1)
+                    times = "once" if d.delivery_count == 1 else f"{d.delivery_count} times"
+                    reason = (f"received {times} (max_receives={self.max_receives});"
+                              f" last error: {d.last_error or 'none'}")
                     self._move_to_dead_letters(d, reason, worker)
                     parked.append((d, reason))
                 else:
@@ -183,7 +161,7 @@ class Queue:
          WHERE seq IN (SELECT q.seq FROM json_each(:pairs) AS j
                          JOIN queue_messages AS q
                            ON q.seq = j.value ->> 0 AND q.receipt = j.value ->> 1)
-        RETURNING seq
+        RETURNING seq, receipt
     """
 
     def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
@@ -194,18 +172,24 @@ class Queue:
             check_delivery(d)
         now = self.clock.now()
         with transaction(self.conn):
+            # gone: {seq: receipt} of each row deleted, the receipt that matched.
             if len(deliveries) == 1:  # the common case, without json_each (~10% faster)
                 d = deliveries[0]
-                gone = {d.seq} if self.conn.execute(
+                gone = {d.seq: d.receipt} if self.conn.execute(
                     "DELETE FROM queue_messages WHERE seq = ? AND receipt = ?",
-                    (d.seq, d.receipt)).rowcount == 1 else set()
+                    (d.seq, d.receipt)).rowcount == 1 else {}
             else:
                 pairs = json.dumps([[d.seq, d.receipt] for d in deliveries])
-                gone = {r[0] for r in self.conn.execute(self._ACK_MANY, {"pairs": pairs})}
+                cur = self.conn.cursor()
+                cur.row_factory = None  # plain (seq, receipt) tuples, straight into the dict
+                gone = dict(cur.execute(self._ACK_MANY, {"pairs": pairs}))
             results, logs = [], []
             for d in deliveries:
-                ok = d.seq in gone
-                gone.discard(d.seq)  # the same delivery twice: only the first acks
+                # By row and receipt, as ack does one by one: a stale delivery of a message
+                # acked in the same batch by its current receipt did not ack anything.
+                ok = gone.get(d.seq) == d.receipt
+                if ok:
+                    del gone[d.seq]  # the same delivery twice: only the first acks
                 results.append(ok)
                 logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
                              d.delivery_count, Outcome.ACKED if ok else Outcome.ACK_REJECTED,
@@ -263,9 +247,9 @@ class Queue:
         self.conn.execute(
             "INSERT INTO dead_letters (message_id, event_id, type, payload, correlation_id,"
             " delivery_count, last_error, created_at, dead_at)"
-            " SELECT message_id, event_id, type, payload, correlation_id, delivery_count,"
+            " SELECT message_id, event_id, type, payload, correlation_id, ?,"
             " coalesce(last_error, ?), created_at, ? FROM queue_messages WHERE seq = ?",
-            (reason, now, d.seq))
+            (d.delivery_count, reason, now, d.seq))
         self.conn.execute("DELETE FROM queue_messages WHERE seq = ?", (d.seq,))
         log_delivery(self.conn, d, at=now, worker=worker,
                      outcome=Outcome.DEAD_LETTERED, detail=reason)
@@ -307,7 +291,11 @@ class Queue:
 
     def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
         """Delete a message whatever its lease, logging it as ``lost``: fault injection only
-        (an auto-ack broker forgetting a message, an operator's mistake). False if absent."""
+        (an auto-ack broker forgetting a message, an operator's mistake). False if absent.
+
+        A lookup, not a new id: any non-empty text is accepted, so an operator can drop a
+        message whose id holds characters that ``send`` refuses today (written by an older
+        version, or by hand)."""
         check_text("message_id", message_id)
         with transaction(self.conn):
             row = self.conn.execute(
@@ -350,3 +338,7 @@ class Queue:
         """When the next message becomes visible (None if the queue is empty)."""
         row = self.conn.execute("SELECT min(visible_at) FROM queue_messages").fetchone()
         return row[0]
+
+
+# The name the chapters and the lab have always used.
+Queue = SQLiteBroker
