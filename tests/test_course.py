@@ -12,8 +12,8 @@ import pytest
 
 from deliverylab.course import EXERCISES, Exercise, grade, register
 from deliverylab.course.grader import describe_faults, run_workers
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import Faults
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
 
 IDS = sorted(EXERCISES)
 WRONG = [(ex_id, i) for ex_id in IDS for i in range(len(EXERCISES[ex_id].wrong))]

@@ -7,7 +7,7 @@ needs one import.
 
 from __future__ import annotations
 
-from ..worker import apply_order_placed
+from ..engine.worker import apply_order_placed
 from . import ex01, ex02, ex03  # noqa: F401  (each registers its exercises)
 from .grader import EXERCISES, Exercise, Ops, Trial, Verdict, grade, register
 

@@ -34,14 +34,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..check import CheckResult, check, event_states
-from ..db import transaction
-from ..errors import InvalidInput, check_int, check_number, check_text
-from ..faults import FAULT_POINTS, NO_FAULTS, Faults
-from ..lab import Lab
-from ..queue import Delivery
-from ..trace import Outcome, log_delivery
-from ..worker import Mode, Worker, apply_order_placed
+from ..book.lab import Lab
+from ..brokers.base import Delivery
+from ..engine.check import CheckResult, check, event_states
+from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.faults import FAULT_POINTS, NO_FAULTS, Faults
+from ..engine.store import transaction
+from ..engine.trace import Outcome, log_delivery
+from ..engine.worker import Mode, Worker, apply_order_placed
 
 SEEDS = range(20)
 MAX_SEEDS = 1000
