@@ -12,8 +12,8 @@ import pytest
 
 from deliverylab.course import EXERCISES, Exercise, grade, register
 from deliverylab.course.grader import describe_faults, run_workers
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import Faults
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
 
 IDS = sorted(EXERCISES)
 WRONG = [(ex_id, i) for ex_id in IDS for i in range(len(EXERCISES[ex_id].wrong))]
@@ -315,3 +315,35 @@ def test_the_meter_decides_what_counts_as_an_effect() -> None:
     assert blind.duplicated > 0  # without a meter every return counts, as in the engine
     assert not run.lab.conn.execute(
         "SELECT count(*) FROM delivery_log WHERE outcome = 'duplicate_skipped'").fetchone()[0]
+
+
+@pytest.mark.parametrize(("field", "kwargs"), [
+    ("process", {"process": "apply then ack"}),
+    ("handler", {"handler": None}),
+    ("meter", {"meter": 3}),
+    ("work", {"work": -1}),
+    ("faults", {"faults": {"ack_fail": 0.5}}),
+    ("orders", {"orders": 2.5}),
+    ("workers", {"workers": 0}),
+    ("seed", {"seed": "7"}),
+    ("mode", {"mode": "exactly-once"}),
+])
+def test_run_workers_names_a_bad_argument(field: str, kwargs: dict) -> None:
+    with pytest.raises(InvalidInput) as err:
+        run_workers(**{"seed": 0, **kwargs})
+    assert err.value.field == field
+
+
+def test_the_text_helpers_name_a_bad_argument() -> None:
+    from deliverylab.course.grader import order_trace
+
+    with pytest.raises(InvalidInput) as err:
+        describe_faults("ack_fail=0.3")  # type: ignore[arg-type]
+    assert err.value.field == "faults"
+    with pytest.raises(InvalidInput) as err:
+        describe_faults(Faults(seed=1), workers=0)
+    assert err.value.field == "workers"
+    run, _ = run_workers(seed=0, orders=1)
+    with pytest.raises(InvalidInput) as err:
+        order_trace(run.lab.conn, "")
+    assert err.value.field == "order_id"

@@ -14,11 +14,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from deliverylab.book.effects import PaymentService
 from deliverylab.course import EXERCISES, cells, ex04, ex05, ex06, grade
 from deliverylab.course.crew import course_lab, drain, hold_one_while, inbox_consumer
-from deliverylab.effects import PaymentService
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import Faults
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
 
 CHAPTERS = Path(__file__).resolve().parent.parent / "chapters"
 # exercise id -> (chapter file, the name the reader's function has in the chapter)

@@ -79,7 +79,7 @@ LOWER = sorted(n for n in MODULES if n.startswith(("deliverylab.engine", "delive
 
 def test_the_layers_are_folders():
     assert {n.split(".")[1] for n in MODULES if n.count(".") >= 2} == {
-        "engine", "brokers", "app", "book"}
+        "engine", "brokers", "app", "book", "course"}
     assert "deliverylab.engine.store" in LOWER and "deliverylab.brokers.base" in LOWER
 
 

@@ -8,9 +8,9 @@ chapter needs one import.
 
 from __future__ import annotations
 
-from .. import retention
-from ..db import transaction
-from ..worker import apply_order_placed
+from ..engine import retention
+from ..engine.store import transaction
+from ..engine.worker import apply_order_placed
 from . import ex01, ex02, ex03, ex04, ex05, ex06  # noqa: F401  (each registers its exercises)
 from .grader import EXERCISES, Exercise, Ops, Trial, Verdict, grade, register
 

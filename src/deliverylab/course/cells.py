@@ -14,7 +14,7 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import InvalidInput, check_text
+from ..engine.errors import InvalidInput, check_text
 
 
 def plain_source(fn: Callable[..., Any], name: str) -> str:

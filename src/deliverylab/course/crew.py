@@ -12,13 +12,13 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..check import projection_vs_truth
-from ..clock import Clock
-from ..faults import NO_FAULTS, Faults
-from ..lab import Lab
-from ..queue import Delivery
-from ..trace import Outcome, log_many
-from ..worker import CONSUMER, Mode, apply_order_placed
+from ..book.lab import Lab
+from ..brokers.base import Delivery
+from ..engine.check import projection_vs_truth
+from ..engine.clock import Clock
+from ..engine.faults import NO_FAULTS, Faults
+from ..engine.trace import Outcome, log_many
+from ..engine.worker import CONSUMER, Mode, apply_order_placed
 from .grader import CourseWorker, Ops, at_least_once, schedule
 
 Handler = Callable[[sqlite3.Connection, Delivery], Any]

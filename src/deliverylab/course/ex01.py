@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..check import event_states
-from ..faults import Faults
-from ..queue import Delivery
+from ..brokers.base import Delivery
+from ..engine.check import event_states
+from ..engine.faults import Faults
 from .grader import Exercise, Ops, Trial, describe_faults, judge, order_trace, register, run_workers
 
 # -- 1.1 apply, then acknowledge -----------------------------------------------------------
@@ -138,7 +138,7 @@ def _engine_process(mode: str) -> Callable[[Delivery, Ops], None]:
 
 
 def _inbox_handler(conn: Any, delivery: Delivery) -> None:
-    from ..worker import apply_order_placed
+    from ..engine.worker import apply_order_placed
 
     if conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
                     " VALUES ('inventory', ?, 0) ON CONFLICT DO NOTHING",

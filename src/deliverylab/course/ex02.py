@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..faults import Faults
-from ..lab import run_scenario
-from ..queue import Delivery
+from ..book.lab import run_scenario
+from ..brokers.base import Delivery
+from ..engine.faults import Faults
 from .grader import Exercise, Ops, Trial, describe_faults, judge, order_trace, register, run_workers
 
 # -- 2.1 effect and ACK in one transaction -------------------------------------------------
@@ -126,7 +126,7 @@ def predict_all_correct(mode: str, fault: str) -> str:
 
 def _truth(lab: Any) -> tuple[str, str | None]:
     """What the checker saw (dead letters aside), and one order that shows it."""
-    from ..check import event_states
+    from ..engine.check import event_states
 
     states = event_states(lab.conn)
     for kind in ("lost", "duplicated"):

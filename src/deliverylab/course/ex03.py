@@ -12,11 +12,11 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..faults import Faults
-from ..lab import ITEMS, Lab
-from ..orders import place_order
-from ..queue import Delivery
-from ..worker import apply_order_placed
+from ..book.lab import ITEMS, Lab
+from ..brokers.base import Delivery
+from ..engine.faults import Faults
+from ..engine.orders import place_order
+from ..engine.worker import apply_order_placed
 from .grader import (
     Exercise,
     Ops,

@@ -12,12 +12,13 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..check import event_states
-from ..clock import FakeClock
-from ..faults import Faults
-from ..lab import Lab
-from ..queue import Delivery, Queue
-from ..worker import Worker, apply_order_placed
+from ..book.lab import Lab
+from ..brokers.base import Delivery
+from ..brokers.sqlite import Queue
+from ..engine.check import event_states
+from ..engine.clock import FakeClock
+from ..engine.faults import Faults
+from ..engine.worker import Worker, apply_order_placed
 from .crew import course_lab, drain
 from .grader import Exercise, SubmissionError, Trial, describe_faults, judge, order_trace, register
 

@@ -13,13 +13,13 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..check import event_states, projection_vs_truth
-from ..clock import Clock
-from ..db import transaction
-from ..faults import Faults
-from ..lab import Lab
-from ..queue import Delivery
-from ..worker import CONSUMER, apply_order_placed
+from ..book.lab import Lab
+from ..brokers.base import Delivery
+from ..engine.check import event_states, projection_vs_truth
+from ..engine.clock import Clock
+from ..engine.faults import Faults
+from ..engine.store import transaction
+from ..engine.worker import CONSUMER, apply_order_placed
 from .crew import (
     call,
     course_lab,

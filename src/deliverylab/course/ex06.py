@@ -14,13 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import ordering, retention
-from ..clock import Clock
-from ..effects import UNIT_PRICE, Charge, PaymentService
-from ..faults import Faults
-from ..lab import Lab
-from ..queue import Delivery
-from ..worker import CONSUMER, Mode, Worker, apply_order_placed
+from ..book import ordering
+from ..book.effects import UNIT_PRICE, Charge, PaymentService
+from ..book.lab import Lab
+from ..brokers.base import Delivery
+from ..engine import retention
+from ..engine.clock import Clock
+from ..engine.faults import Faults
+from ..engine.worker import CONSUMER, Mode, Worker, apply_order_placed
 from .crew import call, course_lab, drain, errors_of
 from .grader import Exercise, Trial, describe_faults, judge, order_trace, register
 

@@ -34,14 +34,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..check import CheckResult, check, event_states
-from ..db import transaction
-from ..errors import InvalidInput, check_int, check_number, check_text
-from ..faults import FAULT_POINTS, NO_FAULTS, Faults
-from ..lab import Lab
-from ..queue import Delivery
-from ..trace import Outcome, log_delivery
-from ..worker import Mode, Worker, apply_order_placed
+from ..book.lab import Lab
+from ..brokers.base import Delivery
+from ..engine.check import CheckResult, check, event_states
+from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.faults import FAULT_POINTS, NO_FAULTS, Faults
+from ..engine.store import transaction
+from ..engine.trace import Outcome, log_delivery
+from ..engine.worker import Mode, Worker, apply_order_placed
 
 SEEDS = range(20)
 MAX_SEEDS = 1000
@@ -211,6 +211,11 @@ def describe_faults(faults: Faults, *, workers: int = 1, orders: int | None = No
                     extra: str = "") -> str:
     """``"ack_fail=0.3, crash_after_receive=0.1; 2 workers; 30 orders"``: the conditions of a
     run, without the seed (a trial shows that beside it)."""
+    if not isinstance(faults, Faults):
+        raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
+    check_int("workers", workers, minimum=1)
+    if orders is not None:
+        check_int("orders", orders, minimum=0)
     rates = [f"{p}={faults.rate(p):g}" for p in FAULT_POINTS if faults.rate(p) > 0]
     parts = [", ".join(rates) or "no faults", f"{workers} worker{'s' if workers != 1 else ''}"]
     if orders is not None:
@@ -222,6 +227,8 @@ def describe_faults(faults: Faults, *, workers: int = 1, orders: int | None = No
 
 def order_trace(conn: sqlite3.Connection, order_id: str, *, limit: int = 40) -> str:
     """One order's deliveries from the delivery log, as aligned text."""
+    check_text("order_id", order_id)
+    check_int("limit", limit, minimum=1)
     rows = conn.execute(
         "SELECT at, worker, delivery_count, outcome, detail FROM delivery_log"
         " WHERE correlation_id = ? ORDER BY seq", (order_id,)).fetchall()
@@ -635,6 +642,18 @@ def run_workers(*, process: Callable[[Delivery, Ops], Any] = at_least_once,
     reads how many times a delivery's effect is in the state, before and after the handler
     (default: the inventory projection; None counts every return of the handler as one
     effect). ``mode`` only labels the workers' runs."""
+    for name, fn in (("process", process), ("handler", handler)):
+        if not callable(fn):
+            raise InvalidInput(name, fn, "a function")
+    if meter is not None and not callable(meter):
+        raise InvalidInput("meter", meter, "a function of (conn, delivery), or None")
+    if not callable(work):
+        check_number("work", work, minimum=0, maximum=3600)
+    if not isinstance(faults, Faults):
+        raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
+    check_int("orders", orders, minimum=0, maximum=10_000)
+    check_int("workers", workers, minimum=1, maximum=16)
+    check_int("max_steps", max_steps, minimum=1)
     lab = Lab(seed=seed, mode=mode, faults=faults, workers=1,
               visibility_timeout=visibility_timeout, max_receives=max_receives)
     crew = [CourseWorker(lab.conn, clock=lab.clock, ids=lab.ids, mode=lab.mode, faults=faults,
