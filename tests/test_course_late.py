@@ -16,7 +16,7 @@ import pytest
 
 from deliverylab.book.effects import PaymentService
 from deliverylab.course import EXERCISES, cells, ex04, ex05, ex06, grade
-from deliverylab.course.crew import course_lab, drain, hold_one_while, inbox_consumer
+from deliverylab.course.crew import course_lab, drain
 from deliverylab.engine.errors import InvalidInput
 from deliverylab.engine.faults import Faults
 
@@ -27,7 +27,7 @@ SHOWN = {
     "redrive-inbox": ("04_lab.ipynb", "handler"),
     "really-missing": ("04_lab.ipynb", "missing"),
     "in-flight-repair": ("05_reconciliation.ipynb", "repair"),
-    "watermark": ("05_reconciliation.ipynb", "handler"),
+    "fenced-worker": ("05_reconciliation.ipynb", "handler"),
     "repair-item": ("05_reconciliation.ipynb", "repair_item"),
     "charge-once": ("06_beyond_the_inbox.ipynb", "charge"),
     "newer-wins": ("06_beyond_the_inbox.ipynb", "apply_status"),
@@ -106,18 +106,25 @@ def test_a_submission_with_the_wrong_signature_is_named() -> None:
 
 # -- the runs contain what the exercises are about -----------------------------------------
 def test_the_repair_runs_while_a_worker_holds_an_event() -> None:
-    """The held event was received before the repair and reaches the inbox after it: with
-    the fence it is skipped, without it applied a second time."""
-    for repair, outcome in ((ex05.repair_solution, "duplicate_skipped"),
-                            (ex05.repair_rebuild_only, "applied")):
-        lab = course_lab(seed=3)
-        lab.place_orders(4)
-        hold_one_while(lab, inbox_consumer(lab.clock),
-                       lambda lab=lab, repair=repair: repair(lab.conn, lab.clock.now()))
-        held = lab.conn.execute(
-            "SELECT outcome FROM delivery_log WHERE worker = 'worker-3'"
-            " AND outcome IN ('applied', 'duplicate_skipped')").fetchall()
-        assert [r[0] for r in held] == [outcome]
+    """The held event was received before the repair and reaches its effect after it: with
+    the fence it is refused, without it applied a second time; in either mode."""
+    for seed in (2, 3):  # an idempotent crew, then a transactional one
+        for repair, outcome in ((ex05.repair_solution, "fenced"),
+                                (ex05.repair_rebuild_only, "applied")):
+            lab, faults, _ = ex05._lab(seed)
+            lab.place_orders(4)
+            ex05._hold_while(lab, Faults(seed=seed),
+                             lambda lab=lab, repair=repair: repair(lab.conn, lab.clock.now()))
+            held = lab.conn.execute(
+                "SELECT outcome FROM delivery_log WHERE worker = 'worker-3'"
+                " AND outcome IN ('applied', 'duplicate_skipped', 'fenced')").fetchall()
+            assert [r[0] for r in held] == [outcome], (seed, repair.__name__)
+
+
+def test_a_fence_in_the_inbox_fails_only_where_no_worker_reads_the_inbox() -> None:
+    verdict = grade("in-flight-repair", ex05.repair_fence_in_inbox, seeds=range(6))
+    assert [t.seed for t in verdict.failed] == [1, 3, 5]  # the transactional crews
+    assert all("transactional workers" in t.faults for t in verdict.failed)
 
 
 def test_a_crashing_submission_is_reported_with_its_error() -> None:

@@ -72,20 +72,21 @@ def crew(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS, workers: int
     return team
 
 
-def holding(action: Callable[[], Any]) -> Callable[[Delivery, Ops], None]:
+def holding(action: Callable[[], Any], then: Callable[[Delivery, Ops], Any] = at_least_once,
+            ) -> Callable[[Delivery, Ops], None]:
     """A process that runs ``action`` while it holds the delivery it received (leased, not
-    applied yet), then applies and acknowledges it: something else happening mid-flight."""
+    applied yet), then goes on with ``then``: something else happening mid-flight."""
 
     def process(delivery: Delivery, ops: Ops) -> None:
         action()
-        ops.apply(delivery)
-        ops.ack(delivery)
+        then(delivery, ops)
 
     return process
 
 
 def hold_one_while(lab: Lab, handler: Handler, action: Callable[[], Any], *,
-                   faults: Faults = NO_FAULTS) -> list[str]:
+                   faults: Faults = NO_FAULTS,
+                   process: Callable[[Delivery, Ops], Any] = at_least_once) -> list[str]:
     """One more worker receives a message and holds it while ``action`` runs; ``action`` runs
     anyway if that worker got nothing to hold. Returns that worker's errors."""
     done: list[bool] = []
@@ -94,7 +95,7 @@ def hold_one_while(lab: Lab, handler: Handler, action: Callable[[], Any], *,
         done.append(True)
         action()
 
-    holder = crew(lab, handler, faults=faults, process=holding(once),
+    holder = crew(lab, handler, faults=faults, process=holding(once, process),
                   first=len(lab.workers) + 1)[0]
     holder.step()
     if not done:

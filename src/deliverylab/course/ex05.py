@@ -1,10 +1,13 @@
 """Chapter 5's exercises: repair what delivery lost, without counting anything twice.
 
 Each run is the chapter's situation: some messages were lost, others are still in flight
-(waiting in the queue, or held by a worker) when the repair runs, and idempotent workers keep
-consuming afterwards. After each repair the grader compares the projection with the truth;
-if they agree it records the repair as each order's one application, so the engine's checker
-then sees an event that still takes effect afterwards as that order's second application.
+(waiting in the queue, or held by a worker between its receive and its commit) when the repair
+runs, and workers keep consuming afterwards. The engine's workers read the repair's fence,
+``reconciled_events``, inside their effect's transaction, whatever their mode: one whose
+effect and ACK share a transaction never reads the inbox, so a fence written to the inbox does
+not stop it. After each of the reader's repairs the grader compares the projection with the
+truth; if they agree it records the repair as each order's one application, so the engine's
+checker sees an event that still takes effect afterwards as that order's second application.
 """
 
 from __future__ import annotations
@@ -14,26 +17,45 @@ from collections.abc import Callable
 from typing import Any
 
 from ..book.lab import Lab
+from ..book.toolkit import WhileWorking
 from ..brokers.base import Delivery
+from ..engine import reconcile
 from ..engine.check import event_states, projection_vs_truth
-from ..engine.clock import Clock
 from ..engine.faults import Faults
 from ..engine.store import transaction
-from ..engine.worker import CONSUMER, apply_order_placed
-from .crew import (
-    call,
-    course_lab,
-    drain,
-    drift_text,
-    errors_of,
-    hold_one_while,
-    inbox_consumer,
-    log_counted,
-)
-from .grader import Exercise, Trial, describe_faults, judge, register
+from ..engine.worker import Mode, Worker, apply_order_placed
+from .crew import call, course_lab, drain, drift_text, errors_of, hold_one_while, log_counted
+from .grader import Exercise, Ops, Trial, describe_faults, judge, register
 
-FAULTS = dict(ack_fail=0.3, crash_after_receive=0.1, crash_after_commit=0.05)
+# The workers' faults: each mode gets the ones that strike it.
+FAULTS = {Mode.IDEMPOTENT: dict(ack_fail=0.3, crash_after_receive=0.1, crash_after_commit=0.05),
+          Mode.TRANSACTIONAL: dict(crash_after_receive=0.2)}
 WORKERS = 2
+
+
+def _mode(seed: int) -> Mode:
+    """Even seeds: idempotent workers (an inbox); odd seeds: transactional ones (effect and
+    ACK in one transaction, no inbox)."""
+    return Mode.IDEMPOTENT if seed % 2 == 0 else Mode.TRANSACTIONAL
+
+
+def _lab(seed: int) -> tuple[Lab, Faults, str]:
+    mode = _mode(seed)
+    faults = Faults(seed=seed, **FAULTS[mode])
+    lab = Lab(seed=seed, mode=mode, faults=faults, workers=WORKERS)
+    return lab, faults, f"{mode} workers on this seed (idempotent on even seeds, transactional" \
+                        " on odd ones)"
+
+
+def _hold_while(lab: Lab, faults: Faults, action: Callable[[], Any]) -> None:
+    """One more worker of the lab's mode receives a message and runs ``action`` while it holds
+    it (between its receive and its commit); ``action`` runs anyway if it got nothing."""
+    clock = WhileWorking(lab.clock, action)
+    Worker(lab.conn, clock=clock, ids=lab.ids, queue=lab.queue, mode=lab.mode, faults=faults,
+           name=f"worker-{len(lab.workers) + 1}", work_time=lab.tick / 2).step()
+    if clock.action is not None:
+        clock.action = None
+        action()
 
 
 def _orders(conn: sqlite3.Connection, item: str | None = None) -> list[tuple[str, str]]:
@@ -67,8 +89,8 @@ def repair_solution(conn: sqlite3.Connection, now: float) -> None:
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-        # The fence: every order's event is now processed, so one still in flight is skipped.
-        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+        # The fence: every order counted here; a worker does not apply its event again.
+        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM orders WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
 
@@ -82,20 +104,19 @@ def repair_rebuild_only(conn: sqlite3.Connection, now: float) -> None:
 
 def repair_fence_only(conn: sqlite3.Connection, now: float) -> None:
     with transaction(conn):
-        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM orders WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
 
 
-def repair_fence_the_lost(conn: sqlite3.Connection, now: float) -> None:
+def repair_fence_in_inbox(conn: sqlite3.Connection, now: float) -> None:
     with transaction(conn):
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-        # Only the events that will never arrive: the ones no longer in the queue.
+        # The idempotent consumer skips what its inbox holds...
         conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-                     " SELECT 'inventory', event_id, ? FROM orders"
-                     " WHERE event_id NOT IN (SELECT event_id FROM queue_messages)"
+                     " SELECT 'inventory', event_id, ? FROM orders WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
 
 
@@ -113,11 +134,10 @@ class _Repairs:
         now = lab.clock.now()
         call(self.errors, self.repair, lab.conn, now)
         wrong = _wrong_items(lab.conn)
-        if wrong:
-            if not self.failures:
-                self.failures.append(f"right after your repair at t={now:g} the projection"
-                                     f" differs from the truth ({drift_text(lab.conn)})")
-                self.suspects.extend(_orders_of(lab.conn, wrong))
+        if wrong and not self.failures:
+            self.failures.append(f"right after your repair at t={now:g} the projection"
+                                 f" differs from the truth ({drift_text(lab.conn)})")
+            self.suspects.extend(_orders_of(lab.conn, wrong))
         off = set(_orders_of(lab.conn, wrong)) if wrong else set()
         with transaction(lab.conn):
             log_counted(lab.conn, [o for o in _orders(lab.conn) if o[0] not in off], at=now,
@@ -125,24 +145,22 @@ class _Repairs:
 
 
 def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
-    faults = Faults(seed=seed, **FAULTS)
-    lab = course_lab(seed=seed, faults=faults, workers=WORKERS)
-    handler = inbox_consumer(lab.clock)
+    lab, faults, modes = _lab(seed)
     repairs = _Repairs(lab, repair)
     lab.place_orders(10)
     lab.lose_messages(2)      # deleted behind the workers' backs: only a repair brings them back
-    drain(lab)
+    lab.run_until_idle()
     lab.place_orders(6)       # in flight: waiting in the queue when the repair runs...
-    held = hold_one_while(lab, handler, repairs, faults=faults)  # ...and one held by a worker
-    drain(lab)
+    _hold_while(lab, faults, repairs)  # ...and one held by a worker, received, not committed
+    lab.run_until_idle()
     lab.place_orders(4)       # a second incident later: new events in flight again
     repairs()
     repairs()                 # a repair run twice must change nothing the second time
-    drain(lab)
+    lab.run_until_idle()
     where = describe_faults(faults, workers=WORKERS, orders=20,
-                            extra="2 messages lost on purpose; your repair runs 3 times with"
-                                  " events in flight")
-    return judge(lab, seed=seed, faults=where, errors=[*repairs.errors, *held, *errors_of(lab)],
+                            extra=f"{modes}; 2 messages lost on purpose; your repair runs 3"
+                                  " times with events in flight")
+    return judge(lab, seed=seed, faults=where, errors=repairs.errors,
                  extra_failures=repairs.failures, focus=repairs.suspects)
 
 
@@ -151,105 +169,77 @@ register(Exercise(
     run=run_repair, solution=repair_solution, starter=repair_rebuild_only,
     params=("conn", "now"),
     wrong=(("duplicated", repair_rebuild_only), ("differs from the truth", repair_fence_only),
-           ("duplicated", repair_fence_the_lost))))
+           ("duplicated", repair_fence_in_inbox))))
 
 
-# -- 5.2 the consumer's side of a watermark ------------------------------------------------
-WATERMARK_SCHEMA = ("CREATE TABLE IF NOT EXISTS rebuild_watermark ("
-                    " last_order INTEGER NOT NULL) STRICT")
+# -- 5.2 the worker's side of the fence ----------------------------------------------------
+def fence_solution(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    # Read inside the effect's transaction: a repair that committed first is seen.
+    fenced = conn.execute("SELECT 1 FROM reconciled_events"
+                          " WHERE consumer = 'inventory' AND event_id = ?",
+                          (delivery.event_id,)).fetchone()
+    if fenced is None:
+        apply_order_placed(conn, delivery)
 
 
-def rebuild_with_watermark(conn: sqlite3.Connection) -> int:
-    """The rebuild of the watermark design: the projection from ``orders``, and the rowid of
-    the last order it counted, in one transaction. Returns that watermark."""
-    with transaction(conn):
-        conn.execute("DELETE FROM inventory_projection")
-        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                     " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-        conn.execute("UPDATE rebuild_watermark"
-                     " SET last_order = (SELECT coalesce(max(rowid), 0) FROM orders)")
-        return conn.execute("SELECT last_order FROM rebuild_watermark").fetchone()[0]
-
-
-def watermark_solution(conn: sqlite3.Connection, delivery: Delivery) -> None:
-    order = conn.execute("SELECT rowid FROM orders WHERE event_id = ?",
-                         (delivery.event_id,)).fetchone()[0]
-    last = conn.execute("SELECT last_order FROM rebuild_watermark").fetchone()[0]
-    if order <= last:
-        return  # the rebuild already counted this order
+def fence_ignored(conn: sqlite3.Connection, delivery: Delivery) -> None:
     apply_order_placed(conn, delivery)
 
 
-def watermark_ignored(conn: sqlite3.Connection, delivery: Delivery) -> None:
-    apply_order_placed(conn, delivery)
+def fence_read_from_inbox(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    seen = conn.execute("SELECT 1 FROM inbox_processed"
+                        " WHERE consumer = 'inventory' AND event_id = ?",
+                        (delivery.event_id,)).fetchone()
+    if seen is None:
+        apply_order_placed(conn, delivery)
 
 
-def watermark_off_by_one(conn: sqlite3.Connection, delivery: Delivery) -> None:
-    order = conn.execute("SELECT rowid FROM orders WHERE event_id = ?",
-                         (delivery.event_id,)).fetchone()[0]
-    last = conn.execute("SELECT last_order FROM rebuild_watermark").fetchone()[0]
-    if order < last:
-        return
-    apply_order_placed(conn, delivery)
+def fence_by_order_of_the_last_repair(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    # "Skip what is older than the last repair": a watermark by order id.
+    last = conn.execute("SELECT max(o.order_id) FROM reconciled_events AS f"
+                        " JOIN orders AS o USING (event_id)").fetchone()[0]
+    if last is None or delivery.payload["orderId"] > last:
+        apply_order_placed(conn, delivery)
 
 
-def watermark_by_order_id(conn: sqlite3.Connection, delivery: Delivery) -> None:
-    # Compares order ids instead of the table's order of insertion.
-    last = conn.execute("SELECT o.order_id FROM orders AS o JOIN rebuild_watermark AS w"
-                        " ON o.rowid = w.last_order").fetchone()
-    if last is not None and delivery.payload["orderId"] <= last[0]:
-        return
-    apply_order_placed(conn, delivery)
+def tx_process(delivery: Delivery, ops: Ops) -> None:
+    """Effect and ACK in one transaction: exactly once inside one database, no inbox."""
+    with ops.transaction():
+        ops.apply(delivery)
+        ops.ack(delivery)
 
 
-def _behind_inbox(handler: Callable[..., Any], clock: Clock) -> Callable[..., None]:
-    """The reader's effect behind the engine's inbox (lost ACKs are not this exercise's)."""
+def run_fence(handler: Callable[..., Any], seed: int) -> Trial:
+    faults = Faults(seed=seed, crash_after_receive=0.2)
+    lab = course_lab(seed=seed, handler=handler, faults=faults, workers=WORKERS,
+                     process=tx_process, mode=Mode.TRANSACTIONAL)
 
-    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
-        if conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-                        " VALUES (?, ?, ?) ON CONFLICT (consumer, event_id) DO NOTHING",
-                        (CONSUMER, delivery.event_id, clock.now())).rowcount:
-            handler(conn, delivery)
-
-    return handle
-
-
-def run_watermark(handler: Callable[..., Any], seed: int) -> Trial:
-    faults = Faults(seed=seed, **FAULTS)
-    lab = course_lab(seed=seed, faults=faults, workers=WORKERS)
-    consumer = _behind_inbox(handler, lab.clock)
-    for w in lab.workers:
-        w.effect_handler = consumer
-    lab.conn.execute(WATERMARK_SCHEMA)
-    lab.conn.execute("INSERT INTO rebuild_watermark (last_order) VALUES (0)")
-
-    def rebuild() -> None:
-        rebuild_with_watermark(lab.conn)
-        with transaction(lab.conn):
-            log_counted(lab.conn, _orders(lab.conn), at=lab.clock.now(),
-                        detail="counted by the rebuild (watermark)")
+    def repair() -> None:
+        reconcile.repair(lab.conn, clock=lab.clock)  # the engine's repair: rebuild and fence
 
     lab.place_orders(10)
     lab.lose_messages(2)
     drain(lab)
     lab.place_orders(6)
-    held = hold_one_while(lab, consumer, rebuild, faults=faults)
+    held = hold_one_while(lab, handler, repair, faults=faults, process=tx_process)
     drain(lab)
     lab.place_orders(4)
-    rebuild()
-    lab.place_orders(3)       # placed after the rebuild: their events must still count
+    repair()
+    lab.place_orders(3)       # placed after the last repair: their events must still count
     drain(lab)
     where = describe_faults(faults, workers=WORKERS, orders=23,
-                            extra="2 messages lost on purpose; rebuilt twice with events in flight")
+                            extra="effect and ACK in one transaction, no inbox; 2 messages lost"
+                                  " on purpose; the engine's repair runs twice with events in"
+                                  " flight")
     return judge(lab, seed=seed, faults=where, errors=[*held, *errors_of(lab)])
 
 
 register(Exercise(
-    id="watermark", chapter=5, title="The consumer's side of a rebuild watermark",
-    run=run_watermark, solution=watermark_solution, starter=watermark_ignored,
+    id="fenced-worker", chapter=5, title="The worker's side of the fence",
+    run=run_fence, solution=fence_solution, starter=fence_ignored,
     params=("conn", "delivery"),
-    wrong=(("duplicated", watermark_ignored), ("duplicated", watermark_off_by_one),
-           ("lost", watermark_by_order_id))))
+    wrong=(("duplicated", fence_ignored), ("duplicated", fence_read_from_inbox),
+           ("lost", fence_by_order_of_the_last_repair))))
 
 
 # -- 5.3 one item at a time ----------------------------------------------------------------
@@ -260,7 +250,7 @@ def repair_item_solution(conn: sqlite3.Connection, item_id: str, now: float) -> 
                      " SELECT item_id, sum(qty) FROM orders WHERE item_id = ?"
                      " GROUP BY item_id", (item_id,))
         # Fence this item's events, and only this item's: the others are not rebuilt here.
-        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM orders WHERE item_id = ?"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now, item_id))
 
@@ -271,7 +261,7 @@ def repair_item_fence_all(conn: sqlite3.Connection, item_id: str, now: float) ->
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders WHERE item_id = ?"
                      " GROUP BY item_id", (item_id,))
-        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM orders WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
 
@@ -282,7 +272,7 @@ def repair_item_clears_all(conn: sqlite3.Connection, item_id: str, now: float) -
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders WHERE item_id = ?"
                      " GROUP BY item_id", (item_id,))
-        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM orders WHERE item_id = ?"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now, item_id))
 
@@ -296,14 +286,13 @@ def repair_item_unfenced(conn: sqlite3.Connection, item_id: str, now: float) -> 
 
 
 def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
-    faults = Faults(seed=seed, **FAULTS)
-    lab = course_lab(seed=seed, faults=faults, workers=WORKERS)
+    lab, faults, modes = _lab(seed)
     errors: list[str] = []
     failures: list[str] = []
     suspects: list[str] = []
     lab.place_orders(15)
     lab.lose_messages(2)
-    drain(lab)
+    lab.run_until_idle()
     job = _wrong_items(lab.conn)     # the items the diff found drifted: the job's to-do list
     lab.place_orders(6)              # orders keep arriving while the job walks the items
     repaired: dict[float, str] = {}
@@ -332,24 +321,25 @@ def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
         with transaction(lab.conn):
             log_counted(lab.conn, _orders(lab.conn, item), at=now,
                         detail=f"counted by your repair of {item}")
-    drain(lab)
-    # A lost order whose inbox row was written by the repair of another item: say so.
+    lab.run_until_idle()
+    # A lost order whose event was fenced by the repair of another item: say so.
     fenced = [(o, item, repaired[t]) for o, item, t in lab.conn.execute(
-        "SELECT o.order_id, o.item_id, i.processed_at FROM orders AS o"
-        " JOIN inbox_processed AS i USING (event_id) ORDER BY o.created_at, o.order_id")
+        "SELECT o.order_id, o.item_id, f.reconciled_at FROM orders AS o"
+        " JOIN reconciled_events AS f USING (event_id) ORDER BY o.created_at, o.order_id")
         if t in repaired and repaired[t] != item
         and _applications(lab.conn, o) == 0]
     if fenced and not failures:
         o, item, by = fenced[0]
-        failures.append(f"{len(fenced)} events were marked processed by the repair of another"
+        failures.append(f"{len(fenced)} events were fenced by the repair of another"
                         f" item: order {o} ({item}) by your repair of {by}, which did not"
                         " count it")
     where = describe_faults(faults, workers=WORKERS, orders=15,
-                            extra="2 messages lost on purpose; the drifted items repaired one"
+                            extra=f"{modes}; 2 messages lost on purpose; the drifted items"
+                                  " repaired one"
                                   " at a time while orders keep arriving (6, then 2 between"
                                   " repairs)")
-    return judge(lab, seed=seed, faults=where, errors=[*errors, *errors_of(lab)],
-                 extra_failures=failures, focus=suspects)
+    return judge(lab, seed=seed, faults=where, errors=errors, extra_failures=failures,
+                 focus=suspects)
 
 
 register(Exercise(
