@@ -189,3 +189,25 @@ def test_drain_stops_a_loop_that_never_steps() -> None:
 
     verdict = grade("drain", wait_forever, seeds=[0])
     assert "the loop never ended" in verdict.failed[0].reason
+
+
+def test_helpers_name_a_bad_argument() -> None:
+    from deliverylab.course import crew
+
+    with pytest.raises(InvalidInput) as err:
+        crew.course_lab(seed=0, handler="apply")
+    assert err.value.field == "handler"
+    with pytest.raises(InvalidInput) as err:
+        crew.crew(course_lab(seed=0), crew.inbox_consumer(None), workers=0)
+    assert err.value.field == "workers"
+    with pytest.raises(InvalidInput) as err:
+        ex06.FlakyPayments("stripe", seed=0, rate=0.3)
+    assert err.value.field == "service"
+    lab = course_lab(seed=0)
+    with pytest.raises(InvalidInput) as err:
+        ex06.FlakyPayments(PaymentService(clock=lab.clock), seed=0, rate=1.5)
+    assert err.value.field == "rate"
+    with pytest.raises(InvalidInput) as err:
+        ex06.QueuePolicy(visibility_timeout=2.0, max_receives=0, backoff_cap=10.0,
+                         redrive_window=0.0)
+    assert err.value.field == "max_receives"

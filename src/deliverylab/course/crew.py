@@ -16,6 +16,7 @@ from ..book.lab import Lab
 from ..brokers.base import Delivery
 from ..engine.check import projection_vs_truth
 from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, check_int
 from ..engine.faults import NO_FAULTS, Faults
 from ..engine.trace import Outcome, log_many
 from ..engine.worker import CONSUMER, Mode, apply_order_placed
@@ -44,6 +45,9 @@ def course_lab(*, seed: int, handler: Handler | None = None, faults: Faults = NO
     """A lab whose ``workers`` are :class:`CourseWorker` objects running ``process`` with
     ``handler`` (default: :func:`inbox_consumer`) under ``faults``, interleaved on one fake
     clock. Nothing is placed or run yet."""
+    for name, fn in (("handler", handler), ("process", process)):
+        if fn is not None and not callable(fn):
+            raise InvalidInput(name, fn, "a function")
     lab = Lab(seed=seed, mode=mode, faults=faults, visibility_timeout=visibility_timeout,
               max_receives=max_receives)
     lab.workers = crew(lab, handler or inbox_consumer(lab.clock), faults=faults,
@@ -62,6 +66,10 @@ def crew(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS, workers: int
          process: Callable[[Delivery, Ops], Any] = at_least_once,
          first: int = 1) -> list[CourseWorker]:
     """``workers`` course workers on ``lab``'s queue and clock, each the others' peer."""
+    if not isinstance(lab, Lab):
+        raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
+    check_int("workers", workers, minimum=1, maximum=16)
+    check_int("first", first, minimum=1)
     team = [CourseWorker(lab.conn, clock=lab.clock, ids=lab.ids, mode=lab.mode, faults=faults,
                          visibility_timeout=lab.workers[0].visibility_timeout,
                          name=f"worker-{first + i}", queue=lab.queue, process=process,

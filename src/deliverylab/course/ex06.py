@@ -20,6 +20,7 @@ from ..book.lab import Lab
 from ..brokers.base import Delivery
 from ..engine import retention
 from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import Faults
 from ..engine.worker import CONSUMER, Mode, Worker, apply_order_placed
 from .crew import call, course_lab, drain, errors_of
@@ -41,7 +42,9 @@ class FlakyPayments:
     schedule, its answer is lost and the caller gets :class:`LostAnswer` instead."""
 
     def __init__(self, service: PaymentService, *, seed: int, rate: float) -> None:
-        self.service, self.rate = service, rate
+        if not isinstance(service, PaymentService):
+            raise InvalidInput("service", service, "a PaymentService")
+        self.service, self.rate = service, check_number("rate", rate, minimum=0, maximum=1)
         self._faults = Faults(seed=seed)
         self._calls: dict[str, int] = {}
 
@@ -290,6 +293,12 @@ class QueuePolicy:
     max_receives: int
     backoff_cap: float
     redrive_window: float
+
+    def __post_init__(self) -> None:
+        check_number("visibility_timeout", self.visibility_timeout, minimum=0)
+        check_int("max_receives", self.max_receives, minimum=1)
+        check_number("backoff_cap", self.backoff_cap, minimum=0)
+        check_number("redrive_window", self.redrive_window, minimum=0)
 
 
 def cleanup_solution(conn: sqlite3.Connection, clock: Clock, policy: QueuePolicy) -> None:
