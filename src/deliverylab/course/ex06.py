@@ -54,7 +54,7 @@ class FlakyPayments:
                                      idempotency_key=idempotency_key)
         n = self._calls[order_id] = self._calls.get(order_id, 0) + 1
         if self._faults.uniform("lost_answer", order_id, n) < self.rate:
-            raise LostAnswer("the payment service did not answer in time")
+            raise LostAnswer("the service charged, but its answer was lost on the way back")
         return answer
 
 
