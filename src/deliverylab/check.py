@@ -41,7 +41,7 @@ APPLICATIONS_CTE = """
 """
 _EVENTS_SQL = APPLICATIONS_CTE + """
     SELECT o.order_id, o.item_id, o.qty, o.event_id,
-           coalesce(a.n, 0) + (r.rs IS NOT NULL) AS applications
+           coalesce(a.n, 0) + (CASE WHEN r.rs IS NULL THEN 0 ELSE 1 END) AS applications
       FROM orders AS o
       LEFT JOIN applied AS a USING (event_id)
       LEFT JOIN last_rec AS r USING (event_id)

@@ -59,7 +59,8 @@ class PoisonMessage(ValueError):
 
 
 _RESERVE = ("INSERT INTO inventory_projection (item_id, reserved_qty) VALUES (?, ?)"
-            " ON CONFLICT (item_id) DO UPDATE SET reserved_qty = reserved_qty + excluded.reserved_qty")
+            " ON CONFLICT (item_id) DO UPDATE"
+            " SET reserved_qty = inventory_projection.reserved_qty + excluded.reserved_qty")
 
 
 def _reservation(delivery: Delivery) -> tuple[str, int]:
