@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 
 import pytest
@@ -23,6 +21,7 @@ from pg import schema
 from deliverylab import pgstore
 from deliverylab.clock import FakeClock
 from deliverylab.ids import Ids
+from deliverylab.pgdemo import claim_race, race
 from deliverylab.pgqueue import _CLAIM, NAIVE_CLAIM, PostgresQueue
 
 
@@ -39,42 +38,10 @@ def _send(url: str, n: int) -> None:
             q.send(f"evt-{i}", "OrderPlaced", {"i": i})
 
 
-def _claim(conn: pgstore.PgConnection, sql: str, token: str) -> list[tuple]:
-    cur = conn.cursor()
-    cur.row_factory = None
-    return cur.execute(sql, {"lease_until": 30.0, "token": token, "now": 0.0, "n": 1}).fetchall()
-
-
 def _race(url: str, sql: str) -> tuple[list[tuple], list[tuple], bool]:
-    """A claims in an open transaction; B claims meanwhile; A commits. (A's rows, B's rows,
-    whether B had to wait for A's row lock)."""
-    # A third connection watches: pg_stat_activity is read once per transaction, and A's
-    # transaction is open all along.
-    a, b, watch = pgstore.connect(url), pgstore.connect(url), pgstore.connect(url)
-    try:
-        assert a.execute("SHOW transaction_isolation").fetchone()[0] == "read committed"
-        b_pid = b.raw.info.backend_pid
-        a.execute("BEGIN")
-        got_a = _claim(a, sql, "rcpt-a")
-        got_b: list[tuple] = []
-        t = threading.Thread(target=lambda: got_b.extend(_claim(b, sql, "rcpt-b")))
-        t.start()
-        waited = False
-        deadline = time.monotonic() + 10
-        while t.is_alive() and time.monotonic() < deadline:
-            row = watch.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = ?",
-                            (b_pid,)).fetchone()
-            if row is not None and row[0] == "Lock":
-                waited = True
-                break
-            time.sleep(0.005)
-        a.execute("COMMIT")
-        t.join(10)
-        assert not t.is_alive(), "B's claim never finished"
-        return got_a, got_b, waited
-    finally:
-        for conn in (a, b, watch):
-            conn.close()
+    with pgstore.connect(url) as conn:
+        assert conn.execute("SHOW transaction_isolation").fetchone()[0] == "read committed"
+    return race(url, sql)
 
 
 def test_sqlite_claim_hands_one_message_to_two_workers_on_postgres(pg_url):
@@ -104,6 +71,12 @@ def test_skip_locked_claim_with_one_message_leaves_the_second_worker_empty(pg_ur
     got_a, got_b, _ = _race(pg_url, _CLAIM)
     assert [r[0] for r in got_a] == [1]
     assert got_b == []
+
+
+def test_the_book_table_shows_the_double_claim_and_its_absence():
+    naive, locked = claim_race("sqlite"), claim_race("skip_locked")
+    assert list(naive["message"]) == [1, 1] and list(naive["waited_for_lock"]) == [False, True]
+    assert list(locked["message"]) == [1, 2] and list(locked["delivery_count"]) == [1, 1]
 
 
 CLAIMER = """

@@ -1,0 +1,110 @@
+"""The book's PostgreSQL demonstrations: the claim race, run for real on a live server.
+
+Each function makes its own schema on the server, runs, and drops it. When no server answers,
+they raise :class:`PostgresUnavailable` saying how to start one: the book page that uses them
+is rendered from its saved outputs, and re-executed (by nbval) where PostgreSQL runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import pgstore
+from .clock import FakeClock
+from .ids import Ids
+from .pgqueue import _CLAIM, NAIVE_CLAIM, PostgresQueue
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SERVER = os.environ.get("DELIVERYLAB_PG", "postgresql://127.0.0.1:5432/test")
+CLAIMS = {"sqlite": NAIVE_CLAIM, "skip_locked": _CLAIM}
+
+
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL server answered where the demonstration needs one."""
+
+
+def new_schema(prefix: str = "dl_book") -> str:
+    """A fresh deliverylab schema on the server, as a store URL."""
+    url = pgstore.url_for(SERVER, f"{prefix}_{secrets.token_hex(4)}")
+    try:
+        pgstore.init_db(url).close()
+    except Exception as exc:
+        raise PostgresUnavailable(f"this needs PostgreSQL at {SERVER} ({exc}); start it with"
+                                  f" 'make services'") from None
+    return url
+
+
+def with_schema(fn: Callable[[str], Any]) -> Any:
+    """``fn(url)`` on a fresh schema, dropped afterwards whatever happens."""
+    url = new_schema()
+    try:
+        return fn(url)
+    finally:
+        pgstore.drop_schema(url)
+
+
+def _claim(conn: pgstore.PgConnection, sql: str, token: str) -> list[tuple[Any, ...]]:
+    cur = conn.cursor()
+    cur.row_factory = None
+    return cur.execute(sql, {"lease_until": 30.0, "token": token, "now": 0.0,
+                             "n": 1}).fetchall()
+
+
+def race(url: str, sql: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], bool]:
+    """Force the interleaving: worker A claims with ``sql`` inside an open transaction; worker
+    B claims with it on another connection; A commits once B waits for A's row lock (as
+    ``pg_stat_activity`` shows) or is done. Returns A's rows, B's rows and whether B waited."""
+    a, b, watch = (pgstore.connect(url) for _ in range(3))
+    try:
+        a.execute("BEGIN")  # READ COMMITTED, PostgreSQL's default
+        got_a = _claim(a, sql, "rcpt-a")
+        got_b: list[tuple[Any, ...]] = []
+        t = threading.Thread(target=lambda: got_b.extend(_claim(b, sql, "rcpt-b")))
+        t.start()
+        waited, deadline = False, time.monotonic() + 10
+        # A third connection watches: pg_stat_activity is read once per transaction.
+        while t.is_alive() and time.monotonic() < deadline:
+            row = watch.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = ?",
+                                (b.raw.info.backend_pid,)).fetchone()
+            if row is not None and row[0] == "Lock":
+                waited = True
+                break
+            time.sleep(0.005)
+        a.execute("COMMIT")
+        t.join(10)
+        if t.is_alive():
+            raise RuntimeError("worker B's claim never finished")
+        return got_a, got_b, waited
+    finally:
+        for conn in (a, b, watch):
+            conn.close()
+
+
+def claim_race(claim: str, *, messages: int = 2) -> pd.DataFrame:
+    """Two workers claim at once from a queue of ``messages`` with ``claim`` ("sqlite": the
+    SQLite broker's statement; "skip_locked": the PostgreSQL broker's). One row per message
+    handed out: who got it, its receipt and delivery count, and whether that worker first
+    waited for the other's row lock."""
+    import pandas as pd
+
+    sql = CLAIMS[claim]
+
+    def run(url: str) -> pd.DataFrame:
+        with pgstore.connect(url) as conn:
+            q = PostgresQueue(conn, clock=FakeClock(), ids=Ids(1))
+            for i in range(messages):
+                q.send(f"evt-{i + 1}", "OrderPlaced", {"n": i + 1})
+        got_a, got_b, waited = race(url, sql)
+        rows = [("A", r[0], r[6], r[7], False) for r in got_a]
+        rows += [("B", r[0], r[6], r[7], waited) for r in got_b]
+        return pd.DataFrame(rows, columns=["worker", "message", "receipt", "delivery_count",
+                                           "waited_for_lock"])
+
+    return with_schema(run)
