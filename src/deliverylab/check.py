@@ -51,6 +51,7 @@ _EVENTS_SQL = APPLICATIONS_CTE + """
 
 # Per repaired order: how many times its effect ran before its last 'reconciled' row. More than
 # once: duplicated effects the rebuild hid from the projection; never: counted by the repair.
+# (CASE, not SQLite's sum of a comparison or its two-argument max: the same on PostgreSQL.)
 _HISTORY_SQL = """
     WITH last_rec AS (
         SELECT event_id, max(seq) AS rs FROM delivery_log
@@ -60,9 +61,9 @@ _HISTORY_SQL = """
           JOIN last_rec AS r USING (event_id)
          WHERE l.outcome = 'applied' AND l.seq < r.rs
          GROUP BY l.event_id)
-    SELECT coalesce(sum(coalesce(b.n, 0) > 1), 0),
-           coalesce(sum(max(coalesce(b.n, 0) - 1, 0)), 0),
-           coalesce(sum(coalesce(b.n, 0) = 0), 0)
+    SELECT coalesce(sum(CASE WHEN b.n > 1 THEN 1 ELSE 0 END), 0),
+           CAST(coalesce(sum(CASE WHEN b.n > 1 THEN b.n - 1 ELSE 0 END), 0) AS INTEGER),
+           coalesce(sum(CASE WHEN b.n IS NULL THEN 1 ELSE 0 END), 0)
       FROM orders AS o
       JOIN last_rec AS r USING (event_id)
       LEFT JOIN before AS b USING (event_id)

@@ -63,7 +63,7 @@ def race(url: str, sql: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...
     ``pg_stat_activity`` shows) or is done. Returns A's rows, B's rows and whether B waited."""
     a, b, watch = (pgstore.connect(url) for _ in range(3))
     try:
-        a.execute("BEGIN")  # READ COMMITTED, PostgreSQL's default
+        a.raw.execute("BEGIN")  # READ COMMITTED, PostgreSQL's default
         got_a = _claim(a, sql, "rcpt-a")
         got_b: list[tuple[Any, ...]] = []
         t = threading.Thread(target=lambda: got_b.extend(_claim(b, sql, "rcpt-b")))

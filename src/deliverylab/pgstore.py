@@ -6,7 +6,9 @@ spell differently is translated here, once per statement text:
 
 * parameters: sqlite3's ``?``, ``?1`` and ``:name`` become psycopg's ``%s`` / ``%(name)s``;
 * ``BEGIN IMMEDIATE`` (take SQLite's write lock up front) is a plain ``BEGIN``: PostgreSQL
-  locks rows, not the database, so there is no lock to take early;
+  locks rows, not the database, so there is no lock to take early; a plain ``BEGIN``, which
+  the engine's readers (the checker, status) use to read one snapshot, is ``REPEATABLE READ``
+  (under READ COMMITTED every statement would see a newer snapshot);
 * ``json_each(param)``, the engine's way to pass a list as one parameter, becomes
   ``json_array_elements_text``, whose rows have the same ``value`` column.
 
@@ -125,8 +127,11 @@ def translate(sql: str) -> tuple[str, tuple[int, ...] | None]:
         return "%%"
 
     out = _TOKEN.sub(sub, sql)
-    if out.strip().upper() == "BEGIN IMMEDIATE":
+    begin = out.strip().upper()
+    if begin == "BEGIN IMMEDIATE":  # a write transaction: row locks, READ COMMITTED
         out = "BEGIN"
+    elif begin == "BEGIN":  # SQLite's deferred transaction, which readers use for a snapshot
+        out = "BEGIN ISOLATION LEVEL REPEATABLE READ"
     out = _JSON_EACH.sub(r"json_array_elements_text(CAST(\1 AS json)) AS value", out)
     return out, (tuple(sorted(set(numbered))) if numbered else None)
 
