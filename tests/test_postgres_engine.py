@@ -123,3 +123,26 @@ def test_repair_then_late_deliveries_are_fenced(pg_url):
     assert lab.projection() == lab.truth()
     assert w.stats.fenced == ORDERS - 5
     assert check(lab.conn).ok
+
+
+def test_a_queue_or_worker_on_a_postgres_connection_claims_with_skip_locked(pg_url):
+    from deliverylab.queue import Queue
+
+    with pgstore.connect(pg_url) as conn:
+        assert type(Queue(conn, clock=FakeClock(), ids=Ids(1))) is PostgresQueue
+        assert type(Worker(conn, clock=FakeClock(), ids=Ids(1)).queue) is PostgresQueue
+
+
+def test_a_database_error_is_raised_not_retried_as_the_handlers_failure(pg_url):
+    """A handler failure is nacked for a retry; an error of the database itself is not the
+    message's fault and must surface (as on SQLite, where it is a sqlite3.Error)."""
+    lab = PgLab(pg_url)
+    lab.place(1)
+
+    def broken(conn, delivery):
+        conn.execute("SELECT no_such_column FROM orders")
+
+    w = lab.worker("w0", mode="at-least-once", handler=broken)
+    with pytest.raises(pgstore.PgError, match="no_such_column"):
+        w.step()
+    assert w.stats.nacked == 0

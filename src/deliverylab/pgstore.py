@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import functools
 import re
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import psycopg
 
 from .errors import InvalidInput
 
@@ -142,6 +145,17 @@ def _args(numbers: tuple[int, ...] | None, params: Any) -> Any:
     return {f"_{n}": params[n - 1] for n in numbers}
 
 
+class PgError(sqlite3.DatabaseError):
+    """A PostgreSQL error, raised where the engine expects its database's errors: the engine
+    tells a database failure (re-raised, never retried as the handler's own) from a handler
+    failure by catching :class:`sqlite3.DatabaseError`. ``sqlstate`` is PostgreSQL's code;
+    the psycopg error is the ``__cause__``."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.sqlstate = getattr(exc, "sqlstate", None)
+        super().__init__(str(exc).strip())
+
+
 class PgCursor:
     """The part of :class:`sqlite3.Cursor` the engine uses. ``row_factory = None`` gives
     plain tuples, as on a sqlite3 cursor."""
@@ -153,12 +167,18 @@ class PgCursor:
     def execute(self, sql: str, params: Any = ()) -> PgCursor:
         text, numbers = translate(sql)
         self._cur.row_factory = _row_factory if self.row_factory is not None else _tuples
-        self._cur.execute(text, _args(numbers, params))
+        try:
+            self._cur.execute(text, _args(numbers, params))
+        except psycopg.Error as exc:
+            raise PgError(exc) from exc
         return self
 
     def executemany(self, sql: str, seq: Iterable[Any]) -> PgCursor:
         text, numbers = translate(sql)
-        self._cur.executemany(text, [_args(numbers, p) for p in seq])
+        try:
+            self._cur.executemany(text, [_args(numbers, p) for p in seq])
+        except psycopg.Error as exc:
+            raise PgError(exc) from exc
         return self
 
     def fetchone(self) -> Any:
@@ -187,6 +207,9 @@ def _tuples(cursor: Any) -> Any:
     return tuple
 
 
+_IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
+
+
 class PgConnection:
     """A psycopg connection with the interface of the engine's sqlite3 connections."""
 
@@ -207,10 +230,7 @@ class PgConnection:
 
     @property
     def in_transaction(self) -> bool:
-        from psycopg.pq import TransactionStatus
-
-        return self.raw.info.transaction_status in (TransactionStatus.INTRANS,
-                                                    TransactionStatus.INERROR)
+        return self.raw.info.transaction_status in _IN_TRANSACTION
 
     def close(self) -> None:
         self.raw.close()
@@ -226,8 +246,6 @@ def connect(url: str, *, field: str = "db", must_exist: bool = True) -> PgConnec
     """Open the store at ``url``. InvalidInput naming ``field`` for a bad URL, an unreachable
     server, or (with ``must_exist``) a schema that ``init-db`` has not created."""
     schema = schema_of(url, field)
-    import psycopg
-
     try:
         raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.Error as exc:
@@ -260,8 +278,6 @@ def init_db(url: str, *, field: str = "db") -> PgConnection:
 def drop_schema(url: str) -> None:
     """Remove the URL's schema and everything in it (tests clean up with this)."""
     schema = schema_of(url)
-    import psycopg
-
     with psycopg.connect(url, autocommit=True) as raw:
         raw.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 

@@ -80,6 +80,15 @@ def encode_payload(payload: Any) -> str:
 class Queue:
     """A queue on ``conn``. ``max_receives`` is the redrive policy's ``maxReceiveCount``."""
 
+    def __new__(cls, conn: sqlite3.Connection, *args: Any, **kw: Any) -> Queue:
+        # On a PostgreSQL connection the queue is PostgreSQL's: this class's claim would hand
+        # one message to two workers there (see brokers on PostgreSQL, pgqueue.py).
+        if cls is Queue and getattr(conn, "dialect", "sqlite") == "postgresql":
+            from .pgqueue import PostgresQueue
+
+            cls = PostgresQueue
+        return super().__new__(cls)
+
     def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
                  max_receives: int = 5) -> None:
         self.conn = conn
