@@ -155,6 +155,19 @@ def db_path(args: argparse.Namespace) -> Path:
         raise UsageError(f"{DB_ENV} {exc}") from None
 
 
+def db_url(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL URL ``--db`` (or the environment) names, None for a SQLite file."""
+    from .pgstore import is_url
+
+    text = args.db if args.db is not None else os.environ.get(DB_ENV, "").strip()
+    return text if is_url(text) else None
+
+
+def db_label(args: argparse.Namespace) -> str:
+    """The database as the user named it: a file path, or a PostgreSQL URL kept whole."""
+    return db_url(args) or str(db_path(args))
+
+
 def _where(args: argparse.Namespace) -> str:
     return "--db" if args.db is not None else (DB_ENV if os.environ.get(DB_ENV, "").strip()
                                                else "the default database")
@@ -188,6 +201,11 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
     of refusing it; every other command names why the file cannot be written."""
     from .db import check_schema, connect, connect_read_only, is_busy, missing_tables, why_read_only
 
+    url = db_url(args)
+    if url is not None:  # a PostgreSQL schema: a bad URL or no server is InvalidInput, exit 2
+        from .pgstore import connect as pg_connect
+
+        return pg_connect(url, field=_where(args))  # type: ignore[return-value]
     path = db_path(args)
     init = f"deliverylab init-db{'' if args.db is None else ' --db ' + str(path)}"
     if not path.exists():
@@ -255,6 +273,18 @@ def _make_room(path: Path, where: str) -> bool:
 def cmd_init_db(args: argparse.Namespace) -> int:
     from .db import TABLES, check_schema, check_sqlite_version, init_db, is_busy, why_read_only
 
+    url = db_url(args)
+    if url is not None:
+        from .pgstore import init_db as pg_init_db
+
+        pg = pg_init_db(url, field=_where(args))
+        try:
+            orders = pg.execute("SELECT count(*) FROM orders").fetchone()[0]
+        finally:
+            pg.close()
+        print(safe_text(f"PostgreSQL schema {pg.schema!r} is ready at {url} ({orders} orders;"
+                        f" tables: {', '.join(TABLES)})"))
+        return 0
     check_sqlite_version()  # before anything is created
     path = db_path(args)
     where = _where(args)
@@ -292,6 +322,10 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    if db_url(args) is not None:
+        raise UsageError(f"{_where(args)}: the HTTP API serves a SQLite file only; on"
+                         f" PostgreSQL, place orders from Python (orders.place_order) or run"
+                         f" the API on a file")
     path = db_path(args)
     open_db(args).close()  # fail here, with a clear message, not inside the server
     import uvicorn
@@ -395,7 +429,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(safe_text(f"[{name}] started: mode={worker.mode}"
                     f" visibility_timeout={args.visibility_timeout:g}s"
                     f" max_receives={args.max_receives} faults: {fault_text}"
-                    f" (seed {faults.seed}) db={db_path(args)}"), flush=True)
+                    f" (seed {faults.seed}) db={db_label(args)}"), flush=True)
     try:
         stats = worker.run_forever(poll_interval=args.poll_interval)
     except KeyboardInterrupt:
@@ -468,7 +502,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             else:
                 if args.watch:
                     print("\033[H\033[2J" + time.strftime("%H:%M:%S"), end="\n\n")
-                print(render(report, db=str(db_path(args))), flush=True)
+                print(render(report, db=db_label(args)), flush=True)
             if not args.watch:
                 return 0
             time.sleep(args.watch)
@@ -487,7 +521,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     if story is None:
-        raise Failure(f"no order or event {args.order!r} in {db_path(args)}")
+        raise Failure(f"no order or event {args.order!r} in {db_label(args)}")
     print(safe_json(story) if args.json else render_trace(story))
     return 0
 
@@ -603,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"deliverylab {__version__}")
     db = argparse.ArgumentParser(add_help=False)
     db.add_argument("--db", metavar="PATH", type=_path_text,
-                    help=f"the database file (default: ${DB_ENV} or {DEFAULT_DB})")
+                    help=f"the database file (default: ${DB_ENV} or {DEFAULT_DB}), or a"
+                         f" PostgreSQL schema as postgresql://HOST/DB?options=-csearch_path%%3DNAME")
     # Every command but the API (which keeps SQLite's 30 s) may wait less, or more, for a
     # write lock another connection holds.
     busy = argparse.ArgumentParser(add_help=False, parents=[db])
@@ -724,7 +759,7 @@ def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> tup
     writes are transactions, so whatever it was doing rolled back: nothing half-written."""
     from .db import is_busy, is_read_only_error
 
-    path = str(db_path(args)) if hasattr(args, "db") else "the database"
+    path = db_label(args) if hasattr(args, "db") else "the database"
     if is_busy(exc):
         return 2, (f"the database {path!r} is locked: another connection held its lock for"
                    f" longer than the busy timeout ({_busy_timeout(args):g}s); what this"

@@ -249,7 +249,11 @@ def connect(url: str, *, field: str = "db", must_exist: bool = True) -> PgConnec
     try:
         raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        # The first line says what failed ("connection to server at … failed: Connection
+        # refused"); libpq's hint on the next line adds nothing the argument's name does not.
+        text = str(exc).strip()
+        reason = text.splitlines()[0].removeprefix("connection failed: ") if text else \
+            type(exc).__name__
         raise InvalidInput(field, url, f"a reachable PostgreSQL server ({reason})") from None
     conn = PgConnection(raw, url=url, schema=schema)
     if must_exist and missing_tables(conn):
