@@ -146,3 +146,33 @@ def test_a_database_error_is_raised_not_retried_as_the_handlers_failure(pg_url):
     with pytest.raises(pgstore.PgError, match="no_such_column"):
         w.step()
     assert w.stats.nacked == 0
+
+
+def test_a_repair_waits_for_an_effect_that_read_the_fence_before_it(pg_url):
+    """The interleaving SQLite's write lock rules out, forced on PostgreSQL: a worker's effect
+    transaction reads the fence (its inbox insert), then a repair starts, then the effect
+    writes the projection and commits. The repair must wait for that commit (it locks the
+    fence table): otherwise it rebuilds first and the effect lands on top, counted twice."""
+    import threading
+
+    from deliverylab.pgdemo import wait_until_blocked
+    from deliverylab.worker import _INBOX_ONE, _RESERVE
+
+    lab = PgLab(pg_url)
+    lab.place(1)
+    (event_id,) = lab.conn.execute("SELECT event_id FROM orders").fetchone()
+    effect = pgstore.connect(pg_url)
+    repairer = pgstore.connect(pg_url)
+    try:
+        with db.transaction(effect):
+            assert effect.execute(_INBOX_ONE, ("inventory", event_id, 0.0)).rowcount == 1
+            t = threading.Thread(target=repair, args=(repairer,), kwargs={"clock": lab.clock})
+            t.start()
+            assert wait_until_blocked(pg_url, repairer.raw.info.backend_pid, t)
+            effect.execute(_RESERVE, ("item-0", 1))
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        effect.close()
+        repairer.close()
+    assert lab.projection() == lab.truth() == {"item-0": 1}

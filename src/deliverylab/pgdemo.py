@@ -57,34 +57,42 @@ def _claim(conn: pgstore.PgConnection, sql: str, token: str) -> list[tuple[Any, 
                              "n": 1}).fetchall()
 
 
+def wait_until_blocked(url: str, pid: int, thread: threading.Thread,
+                       timeout: float = 10.0) -> bool:
+    """Wait until the backend ``pid`` (driven by ``thread``) waits for a lock: True; or until
+    the thread is done without waiting: False. Watched from a connection of its own, because
+    ``pg_stat_activity`` is read once per transaction."""
+    with pgstore.connect(url) as watch:
+        deadline = time.monotonic() + timeout
+        while thread.is_alive() and time.monotonic() < deadline:
+            row = watch.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = ?",
+                                (pid,)).fetchone()
+            if row is not None and row[0] == "Lock":
+                return True
+            time.sleep(0.005)
+    return False
+
+
 def race(url: str, sql: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], bool]:
     """Force the interleaving: worker A claims with ``sql`` inside an open transaction; worker
     B claims with it on another connection; A commits once B waits for A's row lock (as
     ``pg_stat_activity`` shows) or is done. Returns A's rows, B's rows and whether B waited."""
-    a, b, watch = (pgstore.connect(url) for _ in range(3))
+    a, b = pgstore.connect(url), pgstore.connect(url)
     try:
         a.raw.execute("BEGIN")  # READ COMMITTED, PostgreSQL's default
         got_a = _claim(a, sql, "rcpt-a")
         got_b: list[tuple[Any, ...]] = []
         t = threading.Thread(target=lambda: got_b.extend(_claim(b, sql, "rcpt-b")))
         t.start()
-        waited, deadline = False, time.monotonic() + 10
-        # A third connection watches: pg_stat_activity is read once per transaction.
-        while t.is_alive() and time.monotonic() < deadline:
-            row = watch.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = ?",
-                                (b.raw.info.backend_pid,)).fetchone()
-            if row is not None and row[0] == "Lock":
-                waited = True
-                break
-            time.sleep(0.005)
+        waited = wait_until_blocked(url, b.raw.info.backend_pid, t)
         a.execute("COMMIT")
         t.join(10)
         if t.is_alive():
             raise RuntimeError("worker B's claim never finished")
         return got_a, got_b, waited
     finally:
-        for conn in (a, b, watch):
-            conn.close()
+        a.close()
+        b.close()
 
 
 def claim_race(claim: str, *, messages: int = 2) -> pd.DataFrame:
