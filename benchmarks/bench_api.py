@@ -95,9 +95,9 @@ class Lab:
     def connect(self) -> Any:
         if str(ROOT / "src") not in sys.path:
             sys.path.insert(0, str(ROOT / "src"))
-        from deliverylab import db
+        from deliverylab.engine import store
 
-        return db.connect(self.db)
+        return store.connect(self.db)
 
     def applied_at(self) -> dict[str, float]:
         conn = self.connect()

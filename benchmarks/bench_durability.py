@@ -8,7 +8,7 @@ kernel panic. ``synchronous=FULL`` fsyncs the WAL at every commit, so a commit t
 on the disk. https://www.sqlite.org/pragma.html#pragma_synchronous
 
 Two measurements, each with both settings, on a database file in WAL mode with the engine's
-connection settings (``db.connect``), in a directory on a real file system (``--dir``; by
+connection settings (``store.connect``), in a directory on a real file system (``--dir``; by
 default the system's temporary directory, which must not be a RAM disk for the numbers to
 mean anything: the script prints the file system it ran on):
 
@@ -41,11 +41,11 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from deliverylab import db
-from deliverylab.clock import SystemClock
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
 
 SETTINGS = ("NORMAL", "FULL")
 ITEMS = [f"item-{i}" for i in range(50)]
@@ -60,13 +60,13 @@ def set_synchronous(conn: sqlite3.Connection, setting: str) -> None:
 
 def one_row_writes(n: int, setting: str) -> Callable[[Path], Callable[[], int]]:
     def make(path: Path) -> Callable[[], int]:
-        conn = db.connect(path, must_exist=False)
+        conn = store.connect(path, must_exist=False)
         conn.execute("CREATE TABLE w (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
         set_synchronous(conn, setting)
 
         def run() -> int:
             for i in range(n):
-                with db.transaction(conn):
+                with store.transaction(conn):
                     conn.execute("INSERT INTO w (body) VALUES (?)", (f"row {i}",))
             conn.close()
             return n
@@ -76,7 +76,7 @@ def one_row_writes(n: int, setting: str) -> Callable[[Path], Callable[[], int]]:
 
 def place_orders(n: int, setting: str) -> Callable[[Path], Callable[[], int]]:
     def make(path: Path) -> Callable[[], int]:
-        conn = db.init_db(path)
+        conn = store.init_db(path)
         set_synchronous(conn, setting)
         queue = Queue(conn, clock=SystemClock(), ids=Ids(seed=0))
 

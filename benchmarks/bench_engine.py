@@ -38,12 +38,12 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from deliverylab import db
-from deliverylab.clock import SystemClock
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
-from deliverylab.worker import Worker
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+from deliverylab.engine.worker import Worker
 
 ITEMS = [f"item-{i}" for i in range(50)]
 # The baseline cycle's rate on the machine the 50,000 msg/s target was set on.
@@ -105,7 +105,7 @@ def body(i: int) -> str:
 
 class Engine:
     def __init__(self, path: Path) -> None:
-        self.conn = db.init_db(path)
+        self.conn = store.init_db(path)
         self.clock = SystemClock()
         self.queue = Queue(self.conn, clock=self.clock, ids=Ids())
 
@@ -118,7 +118,7 @@ class Engine:
         place_order(self.queue, item_id=ITEMS[i % len(ITEMS)], qty=1, order_id=f"o-{i}")
 
     def fill(self, n: int, start: int = 0) -> None:
-        with db.transaction(self.conn):
+        with store.transaction(self.conn):
             for i in range(start, start + n):
                 self.send(i)
         settle(self.conn)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     n, r = args.messages, args.repeat
     with tempfile.TemporaryDirectory() as tmp:  # the engine's page size and checkpoint interval
-        probe = db.connect(Path(tmp) / "probe.db", must_exist=False)
+        probe = store.connect(Path(tmp) / "probe.db", must_exist=False)
         probe.execute("CREATE TABLE t (x INTEGER)")
         page = probe.execute("PRAGMA page_size").fetchone()[0]
         ckpt = probe.execute("PRAGMA wal_autocheckpoint").fetchone()[0]

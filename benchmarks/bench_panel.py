@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-from deliverylab.panel import LabPanel
+from deliverylab.book.panel import LabPanel
 
 BUDGET_S = 0.100
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from deliverylab import db
-from deliverylab.clock import FakeClock
-from deliverylab.ids import Ids
-from deliverylab.orders import PlacedOrder, place_order
-from deliverylab.queue import Queue
-from deliverylab.worker import Worker
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import PlacedOrder, place_order
+from deliverylab.engine.worker import Worker
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Lab:
     def connect(self) -> sqlite3.Connection:
         """A second connection to the same file (file labs only)."""
         assert self.path is not None, "an in-memory lab has a single connection"
-        return db.connect(self.path)
+        return store.connect(self.path)
 
     def projection(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
@@ -68,7 +68,7 @@ class Lab:
 
 
 def make_lab(path: str | Path = ":memory:", *, seed: int = 1, max_receives: int = 5) -> Lab:
-    conn = db.init_db(path)
+    conn = store.init_db(path)
     clock = FakeClock()
     ids = Ids(seed)
     queue = Queue(conn, clock=clock, ids=ids, max_receives=max_receives)

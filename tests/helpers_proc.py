@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from deliverylab import db
-from deliverylab.clock import SystemClock
-from deliverylab.faults import Faults
-from deliverylab.ids import Ids
-from deliverylab.queue import Queue
-from deliverylab.worker import Worker
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.worker import Worker
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +42,7 @@ def queue_empty(conn) -> bool:
 
 
 def work(args: argparse.Namespace) -> None:
-    conn = db.connect(args.db)
+    conn = store.connect(args.db)
     faults = Faults(seed=args.fault_seed, ack_fail=args.ack_fail)
     worker = Worker(conn, clock=SystemClock(), ids=Ids(), mode=args.mode, faults=faults,
                     visibility_timeout=args.visibility_timeout,
@@ -59,7 +59,7 @@ def work(args: argparse.Namespace) -> None:
 
 
 def claim(args: argparse.Namespace) -> None:
-    conn = db.connect(args.db)
+    conn = store.connect(args.db)
     queue = Queue(conn, clock=SystemClock(), ids=Ids())
     got: list[str] = []
     if args.barrier:  # a barrier across processes: start only once every claimer is connected

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from deliverylab import db
-from deliverylab.api import MAX_BODY_BYTES, create_app
-from deliverylab.errors import InvalidInput
+from deliverylab.app.api import MAX_BODY_BYTES, create_app
+from deliverylab.engine import store
+from deliverylab.engine.errors import InvalidInput
 
 with warnings.catch_warnings():
     # Starlette's test client announces a future move to another HTTP package; not ours.
@@ -126,7 +126,7 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, str], bytes | None, int, str]]
 @pytest.fixture
 def db_file(tmp_path: Path) -> Path:
     path = tmp_path / "app.db"
-    db.init_db(path).close()
+    store.init_db(path).close()
     return path
 
 
@@ -137,9 +137,9 @@ def client(db_file: Path) -> Iterator[TestClient]:
 
 
 def counts(path: Path) -> dict[str, int]:
-    conn = db.connect(path)
+    conn = store.connect(path)
     try:
-        return db.table_counts(conn)
+        return store.table_counts(conn)
     finally:
         conn.close()
 
@@ -210,7 +210,7 @@ def test_post_writes_the_order_and_its_event(client: TestClient, db_file: Path) 
     answer = r.json()
     assert answer["ok"] is True and answer["orderId"] == "o-001"
     assert answer["eventId"].startswith("evt-") and answer["replayed"] is False
-    conn = db.connect(db_file)
+    conn = store.connect(db_file)
     order = conn.execute("SELECT * FROM orders").fetchone()
     message = conn.execute("SELECT * FROM queue_messages").fetchone()
     conn.close()
@@ -284,12 +284,12 @@ def test_order_ids_with_a_slash_can_be_read_back(client: TestClient) -> None:
 
 
 def test_order_state_follows_the_worker(client: TestClient, db_file: Path) -> None:
-    from deliverylab.clock import SystemClock
-    from deliverylab.ids import Ids
-    from deliverylab.worker import Worker
+    from deliverylab.engine.clock import SystemClock
+    from deliverylab.engine.ids import Ids
+    from deliverylab.engine.worker import Worker
 
     post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
-    conn = db.connect(db_file)
+    conn = store.connect(db_file)
     Worker(conn, clock=SystemClock(), ids=Ids(1)).run_until_idle()
     conn.close()
     assert client.get("/orders/o-001").json()["order"]["state"] == "correct"
@@ -310,14 +310,14 @@ def test_missing_database_is_an_error_naming_init_db(tmp_path: Path) -> None:
 
 def test_a_file_without_the_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
-    db.connect(path, must_exist=False).close()
+    store.connect(path, must_exist=False).close()
     with pytest.raises(InvalidInput, match="missing tables"):
         create_app(path)
 
 
 def test_a_database_that_stays_locked_is_a_503_that_wrote_nothing(db_file: Path) -> None:
     with TestClient(create_app(db_file, write_budget=0.2)) as client:
-        holder = db.connect(db_file)
+        holder = store.connect(db_file)
         holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         try:
             r = post(client, {"itemId": "x", "qty": 1})

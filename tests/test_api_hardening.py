@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 from test_lab_processes import HOST, Lab, child_env, cli, no_failures, request
 
-from deliverylab import db
-from deliverylab.api import WRITE_BUDGET_S, create_app
-from deliverylab.clock import FakeClock
-from deliverylab.errors import InvalidInput, OrderConflict, check_id
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
+from deliverylab.app.api import WRITE_BUDGET_S, create_app
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import InvalidInput, OrderConflict, check_id
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*starlette.testclient")
@@ -39,7 +39,7 @@ JSON = {"content-type": "application/json"}
 @pytest.fixture
 def db_file(tmp_path: Path) -> Path:
     path = tmp_path / "app.db"
-    db.init_db(path).close()
+    store.init_db(path).close()
     return path
 
 
@@ -59,9 +59,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 def counts(path: Path) -> dict[str, int]:
-    conn = db.connect(path)
+    conn = store.connect(path)
     try:
-        return db.table_counts(conn)
+        return store.table_counts(conn)
     finally:
         conn.close()
 
@@ -143,22 +143,22 @@ def test_orders_that_queued_meanwhile_share_a_commit_and_keep_their_own_answers(
     """Group commit: what waited behind the lock commits together, each order in a savepoint
     of its own, so a conflict refuses that order alone."""
     with TestClient(create_app(db_file)) as client:
-        store = client.app.state.store
+        writer = client.app.state.store
         assert post(client, {"orderId": "taken", "itemId": "tea", "qty": 1}).status_code == 201
         bodies = [{"orderId": f"o-{i}", "itemId": "tea", "qty": 1} for i in range(12)]
         bodies += [{"orderId": "taken", "itemId": "tea", "qty": 9},  # a conflict: 422
                    {"orderId": "o-0", "itemId": "tea", "qty": 1}]  # a replay of o-0: 200
         answers: dict[int, int] = {}
-        holder = db.connect(db_file)
+        holder = store.connect(db_file)
         holder.execute("BEGIN IMMEDIATE")
-        commits, accepted = store.commits, store.accepted
+        commits, accepted = writer.commits, writer.accepted
         threads = [threading.Thread(target=lambda i=i, b=b: answers.__setitem__(
             i, post(client, b).status_code)) for i, b in enumerate(bodies)]
         def queued(n: int) -> None:  # until n more orders reached the write thread
             deadline = time.monotonic() + 2
-            while store.accepted - accepted < n and time.monotonic() < deadline:
+            while writer.accepted - accepted < n and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert store.accepted - accepted == n
+            assert writer.accepted - accepted == n
 
         try:
             for t in threads[:12]:
@@ -176,7 +176,7 @@ def test_orders_that_queued_meanwhile_share_a_commit_and_keep_their_own_answers(
         assert (answers[12], answers[13]) == (422, 200)
         # The first orders to reach the write thread waited for the lock in one transaction;
         # everything that queued behind them shares the next commit.
-        assert store.commits - commits == 2
+        assert writer.commits - commits == 2
     assert counts(db_file)["orders"] == 13 and counts(db_file)["queue_messages"] == 13
 
 
@@ -259,10 +259,10 @@ def test_place_order_records_every_key_it_is_given(file_lab) -> None:
     assert not replay.created and replay.key_first_created is None
     again = lab.order("tea", 1, order_id="A1", idempotency_key="K2")
     assert again.key_first_created is False  # the first answer with K2 was a replay
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(OrderConflict, match="Idempotency-Key 'K2'"):
         lab.order("tea", 1, order_id="B7", idempotency_key="K2")
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 # -- 3. bytes that must never reach a 500, a log or a terminal -----------------------------------
@@ -321,7 +321,7 @@ def test_control_and_invisible_characters_in_ids_are_refused_by_the_api(
 def test_control_and_invisible_characters_in_ids_are_refused_by_place_order(
         file_lab, field: str, value: str) -> None:
     lab = file_lab
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     kwargs = {"item_id": "tea", "qty": 1, {"orderId": "order_id", "itemId": "item_id"}[field]:
               value}
     with pytest.raises(InvalidInput) as info:
@@ -330,20 +330,20 @@ def test_control_and_invisible_characters_in_ids_are_refused_by_place_order(
     with pytest.raises(InvalidInput) as info:
         place_order(lab.queue, item_id="tea", qty=1, idempotency_key=value)
     assert info.value.field == "Idempotency-Key"
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 @pytest.mark.parametrize("value", ["e-1\n", "e\x1b[2J", "e\u202e", "e\ud800"])
 def test_queue_send_refuses_hostile_event_and_correlation_ids(file_lab, value: str) -> None:
     lab = file_lab
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(InvalidInput) as info:
         lab.queue.send(value, "OrderPlaced", {})
     assert info.value.field == "event_id"
     with pytest.raises(InvalidInput) as info:
         lab.queue.send("evt-1", "OrderPlaced", {}, correlation_id=value)
     assert info.value.field == "correlation_id"
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 def test_check_id_keeps_ordinary_text_and_says_what_it_found() -> None:
@@ -360,7 +360,7 @@ def test_check_id_keeps_ordinary_text_and_says_what_it_found() -> None:
 
 def test_an_internal_error_answers_a_generic_500(db_file: Path, tmp_path: Path) -> None:
     with TestClient(create_app(db_file), raise_server_exceptions=False) as c:
-        conn = db.connect(db_file)
+        conn = store.connect(db_file)
         conn.execute("DROP TABLE inventory_projection")  # the engine's reads now fail
         conn.close()
         r = c.get("/projection")
@@ -423,7 +423,7 @@ def test_writes_are_refused_once_the_database_file_is_deleted(lab: Lab) -> None:
 def test_writes_are_refused_once_the_database_file_is_replaced(lab: Lab) -> None:
     api = lab.api("--no-access-log")
     other = lab.tmp / "other.db"
-    db.init_db(other).close()
+    store.init_db(other).close()
     os.replace(other, lab.db)  # a restore from backup while the API runs
     status, _, body, _ = raw_post(lab.port, {"orderId": "o-1", "itemId": "x", "qty": 1})
     assert status == 503 and "replaced" in body["error"]
@@ -463,15 +463,15 @@ def test_a_bad_synchronous_value_is_refused_naming_where_it_came_from(
 
 def test_connect_sets_synchronous_and_validates_it(db_file: Path) -> None:
     for name, level in (("normal", 1), ("FULL", 2), ("Extra", 3)):
-        conn = db.connect(db_file, synchronous=name)
+        conn = store.connect(db_file, synchronous=name)
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == level
         conn.close()
-    conn = db.connect(db_file)  # workers keep NORMAL
+    conn = store.connect(db_file)  # workers keep NORMAL
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1
     conn.close()
     for bad in ("OFF", "0", "", None, 2):
         with pytest.raises(InvalidInput) as info:
-            db.connect(db_file, synchronous=bad)  # type: ignore[arg-type]
+            store.connect(db_file, synchronous=bad)  # type: ignore[arg-type]
         assert info.value.field == "synchronous"
 
 
@@ -565,7 +565,7 @@ def test_an_unwritable_key_table_is_a_store_error_not_a_silent_reuse(db_file: Pa
 
 def test_a_key_recorded_before_the_key_table_still_replays(tmp_path: Path) -> None:
     """An order row that carries a key from before the key table existed keeps it bound."""
-    conn = db.init_db(tmp_path / "old.db")
+    conn = store.init_db(tmp_path / "old.db")
     queue = Queue(conn, clock=FakeClock(), ids=Ids(1))
     first = place_order(queue, item_id="tea", qty=1, idempotency_key="k-old")
     conn.execute("DELETE FROM idempotency_keys")  # as the file was before the table

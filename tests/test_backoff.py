@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deliverylab.backoff import STRATEGIES, SimResult, delay, simulate, sweep
+from deliverylab.book.backoff import STRATEGIES, SimResult, delay, simulate, sweep
 
 CLIENTS = (25, 50, 75, 100)
 CONTENDED = (50, 75, 100)  # where the post's differences are large enough to see

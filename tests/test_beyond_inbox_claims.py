@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import pytest
 
-from deliverylab import ordering, relay, retention
-from deliverylab.clock import FakeClock
-from deliverylab.effects import PaymentService, charge_table, worker_for
-from deliverylab.errors import InvalidInput, OrderConflict
-from deliverylab.faults import Faults
-from deliverylab.lab import Lab
-from deliverylab.ordering import change_status, status_check, status_lab, status_log
-from deliverylab.toolkit import WhileWorking
-from deliverylab.worker import Worker
+from deliverylab.book import ordering, relay
+from deliverylab.book.effects import PaymentService, charge_table, worker_for
+from deliverylab.book.lab import Lab
+from deliverylab.book.ordering import change_status, status_check, status_lab, status_log
+from deliverylab.book.toolkit import WhileWorking
+from deliverylab.engine import retention
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import InvalidInput, OrderConflict
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.worker import Worker
 
 pytestmark = pytest.mark.slow  # the chapter's tables: about fifteen seconds
 

@@ -9,11 +9,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from deliverylab import backoff
-from deliverylab.errors import InvalidInput
-from deliverylab.lab import fault_sweep
-from deliverylab.labviews import plot_fault_sweep
-from deliverylab.toolkit import ack_loss_run, delivery_histogram, plot_delivery_histogram
+from deliverylab.book import backoff
+from deliverylab.book.lab import fault_sweep
+from deliverylab.book.labviews import plot_fault_sweep
+from deliverylab.book.toolkit import ack_loss_run, delivery_histogram, plot_delivery_histogram
+from deliverylab.engine.errors import InvalidInput
 
 MODES = ["at-most-once", "at-least-once", "idempotent", "transactional"]
 

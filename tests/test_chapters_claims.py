@@ -27,9 +27,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from deliverylab.faults import Faults
-from deliverylab.lab import Lab, fault_sweep, guarantee_matrix
-from deliverylab.worker import apply_order_placed
+from deliverylab.book.lab import Lab, fault_sweep, guarantee_matrix
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.worker import apply_order_placed
 
 MODES = ("at-most-once", "at-least-once", "idempotent", "transactional")
 pytestmark = pytest.mark.slow  # about twenty seconds of guarantee matrices

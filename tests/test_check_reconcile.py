@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from deliverylab import db
-from deliverylab.check import EVENT_COLUMNS, check, drift_frame, events_frame
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import Faults
-from deliverylab.reconcile import diff, repair
+from deliverylab.engine import store
+from deliverylab.engine.check import EVENT_COLUMNS, check, drift_frame, events_frame
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.reconcile import diff, repair
 
 ITEMS = ["coffee-beans", "tea", "milk"]
 
@@ -109,7 +109,7 @@ def test_repair_fixes_it_and_leftover_events_are_fenced(drifted):
     assert check(lab.conn).ok and diff(lab.conn).clean
     assert lab.projection() == lab.truth()
     # The repair leaves the inbox to the consumer: it holds what the worker processed.
-    assert db.table_counts(lab.conn)["inbox_processed"] == 20
+    assert store.table_counts(lab.conn)["inbox_processed"] == 20
 
     # The five in-flight events now arrive: the fence refuses them, and they are acked.
     w = lab.worker(name="after-repair")
@@ -129,17 +129,17 @@ def test_repair_fixes_it_and_leftover_events_are_fenced(drifted):
 def test_a_second_repair_changes_nothing(drifted):
     lab = drifted[0]
     repair(lab.conn, clock=lab.clock)
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     lab.clock.advance(60)
     again = repair(lab.conn, clock=lab.clock)
     assert (again.items_changed, again.events_fenced, again.orders_recounted) == (0, 0, 0)
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 def test_the_seeds_naive_rebuild_double_counts_in_flight_events(drifted):
     """The seed's reconcile: empty the projection, SUM the orders — and nothing else."""
     lab = drifted[0]
-    with db.transaction(lab.conn):
+    with store.transaction(lab.conn):
         lab.conn.execute("DELETE FROM inventory_projection")
         lab.conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                          " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
@@ -160,7 +160,7 @@ def test_repair_also_fixes_duplicates_and_dead_letters(lab):
     repair(lab.conn, clock=lab.clock)
     assert check(lab.conn).ok
     # A redrive after the repair: the fence refuses what the repair counted.
-    parked = db.table_counts(lab.conn)["dead_letters"]
+    parked = store.table_counts(lab.conn)["dead_letters"]
     assert lab.queue.redrive() == parked >= before.dead_lettered
     w = lab.worker(name="after-redrive")
     lab.drain(w)
@@ -179,10 +179,10 @@ def test_repair_is_recorded_in_the_trace(drifted):
 
 def test_repair_refuses_a_bad_consumer_and_writes_nothing(drifted):
     lab = drifted[0]
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(InvalidInput, match="^consumer must be a non-empty string .*, got ''$"):
         repair(lab.conn, clock=lab.clock, consumer="")
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 def test_events_frame_has_one_row_per_order(drifted):
@@ -225,7 +225,8 @@ def test_after_a_repair_the_verdict_says_what_happened_before_it(lab):
 
 
 def test_the_status_report_and_the_panel_show_the_same_verdict(lab):
-    from deliverylab import labviews, status
+    from deliverylab.app import status
+    from deliverylab.book import labviews
 
     broken_then_repaired(lab)
     verdict = check(lab.conn).verdict

@@ -16,15 +16,16 @@ from typing import Any
 
 import pytest
 
-from deliverylab import cli, db
-from deliverylab.check import check, event_states
-from deliverylab.clock import FakeClock, SystemClock
-from deliverylab.faults import Faults
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
-from deliverylab.status import collect, event_state, render, render_trace, trace
-from deliverylab.worker import Worker
+from deliverylab.app import cli
+from deliverylab.app.status import collect, event_state, render, render_trace, trace
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.check import check, event_states
+from deliverylab.engine.clock import FakeClock, SystemClock
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+from deliverylab.engine.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +49,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 def dbfile(tmp_path: Path) -> Path:
     path = tmp_path / "app.db"
-    db.init_db(path).close()
+    store.init_db(path).close()
     return path
 
 
 def seed_orders(path: Path, n: int = 4, *, process: bool = True) -> list[Any]:
-    conn = db.connect(path)
+    conn = store.connect(path)
     queue = Queue(conn, clock=SystemClock(), ids=Ids())
     placed = [place_order(queue, item_id=("coffee-beans", "tea")[i % 2], qty=i + 1,
                           order_id=f"o-{i + 1:03d}") for i in range(n)]
@@ -65,9 +66,9 @@ def seed_orders(path: Path, n: int = 4, *, process: bool = True) -> list[Any]:
 
 
 def dump(path: Path) -> str:
-    conn = db.connect(path)
+    conn = store.connect(path)
     try:
-        return db.dump(conn)
+        return store.dump(conn)
     finally:
         conn.close()
 
@@ -75,7 +76,7 @@ def dump(path: Path) -> str:
 # -- the command itself -------------------------------------------------------------------------
 def test_console_script_points_at_main() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["deliverylab"] == "deliverylab.cli:main"
+    assert project["project"]["scripts"]["deliverylab"] == "deliverylab.app.cli:main"
 
 
 def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
@@ -151,7 +152,7 @@ def test_a_file_that_is_not_a_lab_database_is_refused(capsys: pytest.CaptureFixt
     assert code == 2 and "is not a deliverylab database" in err
     assert run(capsys, "init-db", "--db", str(junk))[0] == 2
     empty = tmp_path / "empty.db"
-    db.connect(empty, must_exist=False).close()
+    store.connect(empty, must_exist=False).close()
     code, _, err = run(capsys, "status", "--db", str(empty))
     assert code == 2 and "missing tables" in err
 
@@ -337,7 +338,7 @@ def test_drop_by_count_and_unknown_ids(capsys: pytest.CaptureFixture[str], dbfil
 
 def test_redrive(capsys: pytest.CaptureFixture[str], dbfile: Path) -> None:
     seed_orders(dbfile, 1, process=False)
-    conn = db.connect(dbfile)
+    conn = store.connect(dbfile)
     clock = FakeClock(start=SystemClock().now())
     queue = Queue(conn, clock=clock, ids=Ids(), max_receives=1)
     queue.receive(1.0)
@@ -370,7 +371,7 @@ def test_wall_clock_stamps() -> None:
 def test_dead_letter_on_receive_is_announced(dbfile: Path) -> None:
     seed_orders(dbfile, 1, process=False)
     said: list[str] = []
-    conn = db.connect(dbfile)
+    conn = store.connect(dbfile)
     clock = FakeClock(start=SystemClock().now())
     worker = Worker(conn, clock=clock, ids=Ids(), max_receives=1, visibility_timeout=1.0,
                     faults=Faults(seed=1, ack_fail=1.0), echo=said.append)
@@ -386,7 +387,7 @@ def test_dead_letter_on_receive_is_announced(dbfile: Path) -> None:
 
 # -- the status module --------------------------------------------------------------------------
 def test_event_state_agrees_with_the_checker(tmp_path: Path) -> None:
-    conn = db.init_db(tmp_path / "s.db")
+    conn = store.init_db(tmp_path / "s.db")
     clock = FakeClock()
     queue = Queue(conn, clock=clock, ids=Ids(5), max_receives=3)
     for i in range(40):
@@ -412,7 +413,7 @@ def test_event_state_agrees_with_the_checker(tmp_path: Path) -> None:
 
 
 def test_status_lists_only_drifted_items_when_there_are_many(tmp_path: Path) -> None:
-    conn = db.init_db(tmp_path / "many.db")
+    conn = store.init_db(tmp_path / "many.db")
     queue = Queue(conn, clock=FakeClock(), ids=Ids(1))
     for i in range(30):
         place_order(queue, item_id=f"item-{i:02d}", qty=1)

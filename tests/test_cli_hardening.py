@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from deliverylab import cli, db
-from deliverylab.clock import SystemClock
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
+from deliverylab.app import cli
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -62,7 +63,7 @@ def deliverylab(*args: str | bytes, env: dict[bytes, bytes] | None = None,
 
 
 def lab_file(path: Path, orders: int = 3, *, dead: bool = False) -> Path:
-    conn = db.init_db(path)
+    conn = store.init_db(path)
     queue = Queue(conn, clock=SystemClock(), ids=Ids(3), max_receives=1)
     for i in range(orders):
         place_order(queue, item_id="tea", qty=1, order_id=f"o-{i:03d}")
@@ -74,9 +75,9 @@ def lab_file(path: Path, orders: int = 3, *, dead: bool = False) -> Path:
 
 
 def dump(path: Path) -> str:
-    conn = db.connect(path)
+    conn = store.connect(path)
     try:
-        return db.dump(conn)
+        return store.dump(conn)
     finally:
         conn.close()
 
@@ -265,12 +266,12 @@ def test_a_database_variable_that_is_not_utf8_is_named(tmp_path: Path) -> None:
 
 # -- 4. an SQLite older than the schema needs -------------------------------------------------------
 def test_the_version_check_names_found_and_needed() -> None:
-    with pytest.raises(db.SQLiteTooOld) as info:
-        db.check_sqlite_version((3, 37, 2))
+    with pytest.raises(store.SQLiteTooOld) as info:
+        store.check_sqlite_version((3, 37, 2))
     assert "SQLite 3.37.2 is too old" in str(info.value)
     assert "needs SQLite 3.38.0 or newer" in str(info.value)
-    db.check_sqlite_version((3, 38, 0))
-    db.check_sqlite_version()  # the library here is new enough
+    store.check_sqlite_version((3, 38, 0))
+    store.check_sqlite_version()  # the library here is new enough
 
 
 @pytest.mark.parametrize("command", ["status", "init-db", "reconcile"])
@@ -343,7 +344,7 @@ def test_status_sees_commits_still_in_the_wal_of_a_read_only_database(tmp_path: 
     folder = tmp_path / "ro"
     folder.mkdir()
     path = lab_file(folder / "app.db", orders=0)
-    writer = db.connect(path)
+    writer = store.connect(path)
     writer.execute("PRAGMA wal_autocheckpoint = 0")
     place_order(Queue(writer, clock=SystemClock(), ids=Ids(1)), item_id="tea", qty=3,
                 order_id="o-wal")
@@ -361,7 +362,7 @@ def test_status_sees_commits_still_in_the_wal_of_a_read_only_database(tmp_path: 
 def test_a_wal_without_its_index_in_a_read_only_directory_is_explained(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     source = lab_file(tmp_path / "live.db", orders=0)
-    writer = db.connect(source)
+    writer = store.connect(source)
     writer.execute("PRAGMA wal_autocheckpoint = 0")
     place_order(Queue(writer, clock=SystemClock(), ids=Ids(1)), item_id="tea", qty=1)
     folder = tmp_path / "copy"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from deliverylab import db
-from deliverylab.display import safe_json, safe_text
+from deliverylab.engine import store
+from deliverylab.engine.display import safe_json, safe_text
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FORGED = "\n[worker-9] 00:00:00.000 event=evt-x order=o-x delivery=1 acked"
@@ -59,7 +59,7 @@ def assert_clean(out: bytes) -> list[str]:
 def hostile(tmp_path: Path) -> Path:
     """A lab database whose ids and errors hold control characters, written with plain SQL."""
     path = tmp_path / "app.db"
-    conn = db.init_db(path)
+    conn = store.init_db(path)
     payload = json.dumps({"itemId": ITEM, "qty": 2})
     conn.executescript("BEGIN")
     conn.execute("INSERT INTO orders VALUES (?, ?, 2, ?, NULL, 'h', 1.0)", (ORDER, ITEM, EVENT))

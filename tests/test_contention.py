@@ -15,18 +15,18 @@ import pytest
 from conftest import make_lab
 from helpers_proc import command, env
 
-from deliverylab import db
-from deliverylab.check import check
-from deliverylab.clock import SystemClock
-from deliverylab.ids import Ids
-from deliverylab.queue import Queue
-from deliverylab.worker import Worker
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.worker import Worker
 
 ITEMS = [f"item-{i}" for i in range(10)]
 
 
 def fill(lab, n):
-    with db.transaction(lab.conn):  # one commit for the whole setup
+    with store.transaction(lab.conn):  # one commit for the whole setup
         for i in range(n):
             lab.order(ITEMS[i % len(ITEMS)], 1 + i % 5)
 
@@ -68,7 +68,7 @@ def test_threads_with_their_own_connections_never_claim_the_same_message(file_la
 
     def claimer(k: int) -> None:
         try:
-            q = Queue(db.connect(lab.path), clock=SystemClock(), ids=Ids(k))  # same-ish seeds
+            q = Queue(store.connect(lab.path), clock=SystemClock(), ids=Ids(k))  # same-ish seeds
             rng = random.Random(k)
             got = claimed.setdefault(k, [])
             start.wait(30)  # all connected before anyone claims, so they really compete
@@ -97,7 +97,7 @@ def test_worker_threads_upserting_the_same_items_reach_the_truth(file_lab):
     stats = []
 
     def run(k: int) -> None:
-        conn = db.connect(lab.path)
+        conn = store.connect(lab.path)
         w = Worker(conn, clock=SystemClock(), ids=Ids(), mode="at-least-once",
                    visibility_timeout=60, name=f"t{k}")
         while w.step():
@@ -155,4 +155,4 @@ def test_three_worker_processes_with_lost_acks_apply_every_event_once(tmp_path):
     assert (result.duplicated, result.lost, result.pending) == (0, 0, 0)
     assert lab.projection() == lab.truth()
     assert_each_delivery_received_once(lab.conn)
-    assert db.table_counts(lab.conn)["queue_messages"] == 0
+    assert store.table_counts(lab.conn)["queue_messages"] == 0

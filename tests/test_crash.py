@@ -13,8 +13,8 @@ import pytest
 from conftest import make_lab
 from helpers_proc import command, env
 
-from deliverylab import db
-from deliverylab.check import check
+from deliverylab.engine import store
+from deliverylab.engine.check import check
 
 WORKERS = 3
 KILLS = 24
@@ -23,7 +23,7 @@ SETTLED = {"acked", "ack_failed", "ack_rejected", "crashed", "lost", "nacked", "
 
 
 def place(lab, n, start):
-    with db.transaction(lab.conn):
+    with store.transaction(lab.conn):
         for i in range(start, start + n):
             lab.order(f"item-{i % 8}", 1 + i % 4, order_id=f"o-{i:05d}")
     return start + n
@@ -65,7 +65,7 @@ def test_sigkilled_workers_restart_and_the_guarantee_holds(tmp_path, mode):
     while kills < KILLS:
         time.sleep(rng.uniform(0.02, 0.12))
         # The producer keeps going through the crashes, topping the backlog up.
-        queued = db.table_counts(lab.conn)["queue_messages"]
+        queued = store.table_counts(lab.conn)["queue_messages"]
         placed = place(lab, max(10, BACKLOG - queued), placed)
         k = rng.randrange(WORKERS)
         victim = procs[k]
@@ -95,4 +95,4 @@ def test_sigkilled_workers_restart_and_the_guarantee_holds(tmp_path, mode):
         assert result.ok, result.verdict
         assert result.duplicated == 0
         assert lab.projection() == lab.truth()
-    assert db.table_counts(lab.conn)["queue_messages"] == 0
+    assert store.table_counts(lab.conn)["queue_messages"] == 0

@@ -8,19 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from deliverylab import relay
-from deliverylab.clock import FakeClock
-from deliverylab.db import transaction
-from deliverylab.effects import (
-    PaymentService,
-    charge_handler,
-    charge_run,
-    worker_for,
-)
-from deliverylab.errors import InvalidInput, OrderConflict
-from deliverylab.faults import Faults
-from deliverylab.lab import Lab
-from deliverylab.worker import PoisonMessage
+from deliverylab.book import relay
+from deliverylab.book.effects import PaymentService, charge_handler, charge_run, worker_for
+from deliverylab.book.lab import Lab
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import InvalidInput, OrderConflict
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.store import transaction
+from deliverylab.engine.worker import PoisonMessage
 
 SEEDS = range(50)
 
@@ -232,7 +227,7 @@ def test_relay_refuses_bad_arguments_and_writes_nothing() -> None:
 
 def test_relay_without_its_table_says_which_install_to_run() -> None:
     lab = Lab(seed=8)
-    with pytest.raises(InvalidInput, match=r"with payment_outbox \(run deliverylab.relay.install") as refused:
+    with pytest.raises(InvalidInput, match=r"with payment_outbox \(run deliverylab.book.relay.install") as refused:
         relay.relay(lab.conn, PaymentService(clock=lab.clock), clock=lab.clock)
     assert refused.value.field == "conn"
 

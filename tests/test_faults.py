@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from deliverylab.clock import FakeClock, SystemClock
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import FAULT_POINTS, NO_FAULTS, Faults
-from deliverylab.ids import Ids
+from deliverylab.engine.clock import FakeClock, SystemClock
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import FAULT_POINTS, NO_FAULTS, Faults
+from deliverylab.engine.ids import Ids
 
 EVENTS = [f"evt-{i:04d}" for i in range(4000)]
 

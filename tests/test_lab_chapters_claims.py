@@ -28,13 +28,14 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
-from deliverylab import db, labviews, naive, trace
-from deliverylab.check import event_states
-from deliverylab.faults import Faults
-from deliverylab.lab import Lab, guarantee_matrix
-from deliverylab.panel import LabPanel
-from deliverylab.trace import timeline
-from deliverylab.worker import apply_order_placed
+from deliverylab.book import labviews, naive
+from deliverylab.book.lab import Lab, guarantee_matrix
+from deliverylab.book.panel import LabPanel
+from deliverylab.book.traceviews import timeline
+from deliverylab.engine import store, trace
+from deliverylab.engine.check import event_states
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.worker import apply_order_placed
 
 
 def test_chapter_4_one_order_with_most_acks_lost():
@@ -139,7 +140,7 @@ def drifted_in(mode: str) -> Lab:
 
 def repair_inbox_only(conn, *, now):
     """The chapter's deliberately wrong repair: the fence is the inbox (same statements)."""
-    with db.transaction(conn):
+    with store.transaction(conn):
         recount = [(o, e) for o, _, _, e, n, _ in event_states(conn) if n != 1]
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
@@ -184,7 +185,7 @@ def test_chapter_5_a_watermark_loses_an_order_committed_out_of_id_order():
         lab.place_order("green-tea", 1, order_id=f"o-{n:04d}")
     lab.run_until_idle()
     lab.place_order("green-tea", 2, order_id="o-0012")
-    with db.transaction(lab.conn):  # the chapter's repair_with_watermark
+    with store.transaction(lab.conn):  # the chapter's repair_with_watermark
         lab.conn.execute("DELETE FROM inventory_projection")
         lab.conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                          " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
@@ -260,13 +261,13 @@ def test_chapter_5_only_the_orders_rebuild_the_projection():
 
 COMMIT_THEN_WAIT = textwrap.dedent("""
     import sys, time
-    from deliverylab import db
-    from deliverylab.clock import SystemClock
-    from deliverylab.ids import Ids
-    from deliverylab.orders import place_order
-    from deliverylab.queue import Queue
+    from deliverylab.engine import store
+    from deliverylab.engine.clock import SystemClock
+    from deliverylab.engine.ids import Ids
+    from deliverylab.engine.orders import place_order
+    from deliverylab.brokers.sqlite import Queue
 
-    conn = db.connect(sys.argv[1])
+    conn = store.connect(sys.argv[1])
     conn.execute("PRAGMA synchronous = NORMAL")
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     place_order(Queue(conn, clock=SystemClock(), ids=Ids(seed=1)), item_id="coffee-beans",
@@ -278,7 +279,7 @@ COMMIT_THEN_WAIT = textwrap.dedent("""
 
 def test_chapter_4_a_normal_commit_survives_a_killed_process(tmp_path: Path) -> None:
     path = tmp_path / "app.db"
-    db.init_db(path).close()
+    store.init_db(path).close()
     src = str(Path(__file__).resolve().parents[1] / "src")
     child = subprocess.Popen([sys.executable, "-c", COMMIT_THEN_WAIT, str(path)],
                              stdout=subprocess.PIPE, text=True,
@@ -293,7 +294,7 @@ def test_chapter_4_a_normal_commit_survives_a_killed_process(tmp_path: Path) -> 
         if child.poll() is None:
             child.kill()
         child.stdout.close()
-    conn = db.connect(path)
+    conn = store.connect(path)
     assert [tuple(r) for r in conn.execute("SELECT order_id, qty FROM orders")] == [("o-001", 1)]
     assert conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 1
     conn.close()

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from test_api import BAD_REQUESTS
 
-from deliverylab import db
-from deliverylab.check import check
-from deliverylab.faults import Faults
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.faults import Faults
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HOST = "127.0.0.1"
@@ -129,7 +129,7 @@ class Lab:
                           env=env)
 
     def conn(self) -> Any:
-        return db.connect(self.db)
+        return store.connect(self.db)
 
     def check(self) -> Any:
         conn = self.conn()
@@ -454,7 +454,7 @@ def test_malformed_requests_get_a_clear_4xx_and_write_nothing(lab: Lab) -> None:
 
     conn = lab.conn()
     try:
-        assert sum(db.table_counts(conn).values()) == 0
+        assert sum(store.table_counts(conn).values()) == 0
     finally:
         conn.close()
     status, body = request("GET", "/health", port=lab.port)

@@ -28,10 +28,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from deliverylab.check import check, event_states
-from deliverylab.db import transaction
-from deliverylab.errors import SimulatedCrash
-from deliverylab.worker import Mode
+from deliverylab.engine.check import check, event_states
+from deliverylab.engine.errors import SimulatedCrash
+from deliverylab.engine.store import transaction
+from deliverylab.engine.worker import Mode
 
 VT = 2.0
 MAX_RECEIVES = 4

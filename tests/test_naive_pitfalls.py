@@ -1,7 +1,7 @@
 """Spot the bug: every pitfall of the seed's design, FAILING on the naive variant and FIXED on
 the engine — both asserted, so neither the lesson nor the fix can rot.
 
-The naive variants live in ``deliverylab.naive`` (wrong on purpose). Chapter 3 shows the same
+The naive variants live in ``deliverylab.book.naive`` (wrong on purpose). Chapter 3 shows the same
 scenarios; the SELECT-then-UPDATE race runs here with two real processes on one SQLite file.
 """
 
@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from deliverylab import db, naive
-from deliverylab.check import check
-from deliverylab.clock import SystemClock
-from deliverylab.errors import SimulatedCrash
-from deliverylab.ids import Ids
-from deliverylab.lab import Lab
-from deliverylab.queue import Queue
-from deliverylab.toolkit import WhileWorking, catalogue_handler, place_order_with_crash
-from deliverylab.worker import Worker, apply_order_placed
+from deliverylab.book import naive
+from deliverylab.book.lab import Lab
+from deliverylab.book.toolkit import WhileWorking, catalogue_handler, place_order_with_crash
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.errors import SimulatedCrash
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.worker import Worker, apply_order_placed
 
 FORK = multiprocessing.get_context("fork")
 
@@ -39,7 +40,7 @@ def test_naive_dual_write_crash_loses_the_event_for_good(lab):
         naive.dual_write_place_order(lab.conn, clock=lab.clock, ids=lab.ids,
                                      item_id="coffee-beans", qty=1, order_id="o-100",
                                      crash_between=True)
-    counts = db.table_counts(lab.conn)
+    counts = store.table_counts(lab.conn)
     assert (counts["orders"], counts["queue_messages"]) == (1, 0)  # an order with no event
     # The client retries the same order: the primary key refuses it, the event is never written.
     with pytest.raises(sqlite3.IntegrityError, match="orders.order_id"):
@@ -59,7 +60,7 @@ def test_naive_dual_write_without_a_crash_works_so_the_bug_hides(lab):
 def test_engine_outbox_crash_writes_nothing_and_the_retry_succeeds(lab):
     with pytest.raises(SimulatedCrash, match="between_order_and_event"):
         place_order_with_crash(lab.queue, item_id="coffee-beans", qty=1, order_id="o-100")
-    counts = db.table_counts(lab.conn)
+    counts = store.table_counts(lab.conn)
     assert (counts["orders"], counts["queue_messages"]) == (0, 0)  # both or neither
     placed = lab.order("coffee-beans", 1, order_id="o-100")
     assert placed.created
@@ -72,7 +73,7 @@ def test_engine_outbox_crash_writes_nothing_and_the_retry_succeeds(lab):
 def test_naive_select_then_update_two_connections_lease_the_same_message(tmp_path):
     lab, path = file_lab(tmp_path)
     lab.place_order("coffee-beans", 1, order_id="o-200")
-    a, b = db.connect(path), db.connect(path)
+    a, b = store.connect(path), store.connect(path)
     found_a, found_b = naive.select_visible(a, 0.0), naive.select_visible(b, 0.0)
     got_a = naive.lease(a, found_a, now=0.0, visibility_timeout=2.0, worker="worker-a")
     got_b = naive.lease(b, found_b, now=0.0, visibility_timeout=2.0, worker="worker-b")
@@ -83,8 +84,8 @@ def test_naive_select_then_update_two_connections_lease_the_same_message(tmp_pat
 def test_engine_claim_two_connections_never_share(tmp_path):
     lab, path = file_lab(tmp_path)
     lab.place_order("coffee-beans", 1, order_id="o-200")
-    qa = Queue(db.connect(path), clock=lab.clock, ids=Ids(1))
-    qb = Queue(db.connect(path), clock=lab.clock, ids=Ids(2))
+    qa = Queue(store.connect(path), clock=lab.clock, ids=Ids(1))
+    qb = Queue(store.connect(path), clock=lab.clock, ids=Ids(2))
     assert len(qa.receive(2.0, worker="worker-a")) == 1
     assert qb.receive(2.0, worker="worker-b") == []
 
@@ -94,7 +95,7 @@ ROUNDS = 40
 
 def _claim_in_lockstep(path: str, kind: str, barrier, out) -> None:
     """Each round: both processes find a message at the same moment, then both claim it."""
-    conn = db.connect(path)
+    conn = store.connect(path)
     queue = Queue(conn, clock=SystemClock(), ids=Ids())
     got = []
     for _ in range(ROUNDS):
@@ -114,7 +115,7 @@ def _claim_in_lockstep(path: str, kind: str, barrier, out) -> None:
 def _claim_free_running(path: str, kind: str, pause: float, out) -> None:
     """Claim until nothing is left, with ``pause`` seconds between the naive SELECT and UPDATE
     (the seed's worker made a round trip to the database between them)."""
-    conn = db.connect(path)
+    conn = store.connect(path)
     queue = Queue(conn, clock=SystemClock(), ids=Ids())
     got = []
     while True:
@@ -148,7 +149,7 @@ def _two_processes(target, path: Path, *args) -> tuple[list[str], list[str]]:
 
 
 def _message_ids(path: Path) -> set[str]:
-    conn = db.connect(path)
+    conn = store.connect(path)
     try:
         return {r[0] for r in conn.execute("SELECT message_id FROM queue_messages")}
     finally:
@@ -234,7 +235,7 @@ def two_orders_two_connections(tmp_path):
     lab, path = file_lab(tmp_path)
     lab.place_order("coffee-beans", 1, order_id="o-401")
     lab.place_order("coffee-beans", 2, order_id="o-402")
-    a, b = db.connect(path), db.connect(path)
+    a, b = store.connect(path), store.connect(path)
     qa, qb = (Queue(c, clock=lab.clock, ids=Ids(i)) for i, c in enumerate((a, b)))
     return lab, (a, qa.receive(2.0)[0]), (b, qb.receive(2.0)[0])
 
@@ -289,8 +290,8 @@ def test_engine_upsert_adds_inside_the_database(tmp_path):
 def test_naive_catch_all_turns_a_locked_database_into_a_lost_event(tmp_path):
     lab, path = file_lab(tmp_path)
     lab.place_order("coffee-beans", 2, order_id="o-500")
-    api = db.connect(path)
-    seed = naive.SeedWorker(db.connect(path, busy_timeout=0), clock=lab.clock)
+    api = store.connect(path)
+    seed = naive.SeedWorker(store.connect(path, busy_timeout=0), clock=lab.clock)
     m = seed.receive()
     api.execute("BEGIN IMMEDIATE")  # the API is writing an order at this very moment
     assert seed.process(m) is False  # "duplicate skipped": the error was "database is locked"
@@ -298,15 +299,15 @@ def test_naive_catch_all_turns_a_locked_database_into_a_lost_event(tmp_path):
     assert seed.ack(m)
     result = check(lab.conn)
     assert (result.lost, result.correct) == (1, 0)
-    assert db.table_counts(lab.conn)["inbox_processed"] == 0  # never processed, yet acked
+    assert store.table_counts(lab.conn)["inbox_processed"] == 0  # never processed, yet acked
 
 
 def test_engine_lets_the_locked_database_surface_and_applies_the_event_later(tmp_path):
     lab, path = file_lab(tmp_path)
     lab.place_order("coffee-beans", 2, order_id="o-500")
-    api = db.connect(path)
+    api = store.connect(path)
     clock = WhileWorking(lab.clock, lambda: api.execute("BEGIN IMMEDIATE"))
-    worker = Worker(db.connect(path, busy_timeout=0.05), clock=clock, ids=Ids(9),
+    worker = Worker(store.connect(path, busy_timeout=0.05), clock=clock, ids=Ids(9),
                     work_time=0.05)
     with pytest.raises(sqlite3.OperationalError, match="database is locked"):
         worker.step()  # received, then the API took the lock while the worker worked

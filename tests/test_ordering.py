@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from deliverylab import ordering
-from deliverylab.clock import FakeClock
-from deliverylab.errors import InvalidInput
-from deliverylab.lab import Lab
-from deliverylab.ordering import change_status, status_check, status_run
-from deliverylab.queue import Delivery
-from deliverylab.worker import PoisonMessage
+from deliverylab.book import ordering
+from deliverylab.book.lab import Lab
+from deliverylab.book.ordering import change_status, status_check, status_run
+from deliverylab.brokers.base import Delivery
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.worker import PoisonMessage
 
 SEEDS = range(30)
 

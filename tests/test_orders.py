@@ -7,10 +7,11 @@ import sqlite3
 
 import pytest
 
-from deliverylab import db
-from deliverylab.check import check
-from deliverylab.errors import InvalidInput, OrderConflict, SimulatedCrash
-from deliverylab.orders import (
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.errors import InvalidInput, OrderConflict, SimulatedCrash
+from deliverylab.engine.orders import (
     EVENT_TYPE,
     MAX_QTY,
     get_order,
@@ -18,11 +19,10 @@ from deliverylab.orders import (
     place_order,
     request_hash,
 )
-from deliverylab.queue import Queue
 
 
 def counts(lab):
-    c = db.table_counts(lab.conn)
+    c = store.table_counts(lab.conn)
     return c["orders"], c["queue_messages"]
 
 
@@ -51,11 +51,11 @@ def test_a_database_error_on_the_event_insert_rolls_back_the_order(any_lab):
     lab = any_lab
     lab.conn.execute("CREATE TRIGGER outbox_fails BEFORE INSERT ON queue_messages"
                      " BEGIN SELECT RAISE(ABORT, 'disk full (simulated)'); END")
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(sqlite3.IntegrityError, match="disk full"):
         lab.order("coffee-beans", 1, order_id="o-001")
     assert counts(lab) == (0, 0)
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
     assert not lab.conn.in_transaction
 
 
@@ -83,7 +83,7 @@ def test_a_crash_after_the_order_insert_leaves_neither(any_lab, monkeypatch):
 
 def test_the_seeds_dual_write_loses_the_event_and_the_checker_sees_it(lab):
     """Contrast: order committed on its own, then the process dies before the second write."""
-    with db.transaction(lab.conn):
+    with store.transaction(lab.conn):
         lab.conn.execute(
             "INSERT INTO orders (order_id, item_id, qty, event_id, request_hash, created_at)"
             " VALUES ('o-001', 'coffee-beans', 1, 'evt-1', ?, 0)",
@@ -99,29 +99,29 @@ def test_the_seeds_dual_write_loses_the_event_and_the_checker_sees_it(lab):
 def test_replaying_the_same_order_returns_the_first_result_and_writes_nothing(any_lab):
     lab = any_lab
     first = lab.order("coffee-beans", 1, order_id="o-001")
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     lab.clock.advance(3)
     again = lab.order("coffee-beans", 1, order_id="o-001")
     assert (again.order_id, again.event_id, again.created) == ("o-001", first.event_id, False)
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
     assert counts(lab) == (1, 1)
 
 
 def test_the_same_order_id_with_a_different_body_is_a_conflict(any_lab):
     lab = any_lab
     lab.order("coffee-beans", 1, order_id="o-001")
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(OrderConflict, match="orderId 'o-001' was already used"):
         lab.order("coffee-beans", 2, order_id="o-001")
     with pytest.raises(OrderConflict):
         lab.order("tea", 1, order_id="o-001")
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 def test_idempotency_key_replay_and_conflict(any_lab):
     lab = any_lab
     first = lab.order("coffee-beans", 1, idempotency_key="req-42")
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     again = lab.order("coffee-beans", 1, idempotency_key="req-42")
     assert (again.order_id, again.event_id, again.created) == (first.order_id, first.event_id,
                                                                False)
@@ -129,7 +129,7 @@ def test_idempotency_key_replay_and_conflict(any_lab):
         lab.order("coffee-beans", 5, idempotency_key="req-42")
     with pytest.raises(OrderConflict, match="Idempotency-Key 'req-42'"):
         lab.order("coffee-beans", 1, idempotency_key="req-42", order_id="o-other")
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
     # A new key is a new order, even with the same body.
     assert lab.order("coffee-beans", 1, idempotency_key="req-43").created
     assert counts(lab) == (2, 2)
@@ -161,7 +161,7 @@ BAD_ORDERS = [
 def test_bad_order_names_the_field_and_value_and_writes_nothing(any_lab, field, change):
     lab = any_lab
     lab.order("coffee-beans", 1, order_id="o-000")
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     kwargs = {"item_id": "coffee-beans", "qty": 1, **change}
     (value,) = change.values()
     with pytest.raises(InvalidInput) as info:
@@ -169,7 +169,7 @@ def test_bad_order_names_the_field_and_value_and_writes_nothing(any_lab, field, 
     assert info.value.field == field and info.value.value == value
     assert str(info.value).startswith(f"{field} must be ")
     assert str(info.value).endswith(f"got {value!r}")
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 def test_qty_message_states_the_bounds(lab):

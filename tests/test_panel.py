@@ -8,12 +8,12 @@ import re
 
 import pytest
 
-from deliverylab import labviews
-from deliverylab.check import check
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import Faults
-from deliverylab.lab import Lab
-from deliverylab.panel import LabPanel, Snapshot
+from deliverylab.book import labviews
+from deliverylab.book.lab import Lab
+from deliverylab.book.panel import LabPanel, Snapshot
+from deliverylab.engine.check import check
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
 
 SCENARIOS = [
     ("idempotent", {"ack_fail": 0.8}),
@@ -172,7 +172,7 @@ def test_reconfigure_changes_the_knobs_and_keeps_the_data():
                             " transactional, got 'sometimes'$"),
     ({"workers": 0}, "^workers must be an integer >= 1 and <= 16, got 0$"),
     ({"visibility_timeout": -1}, "^visibility_timeout must be a number in \\[0, 43200\\], got -1$"),
-    ({"faults": {"ack_fail": 1}}, "^faults must be a deliverylab.faults.Faults"),
+    ({"faults": {"ack_fail": 1}}, "^faults must be a deliverylab.engine.faults.Faults"),
 ])
 def test_reconfigure_names_the_bad_knob(kwargs, message):
     lab = Lab()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from deliverylab import db
-from deliverylab.errors import InvalidInput
-from deliverylab.queue import Queue
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.errors import InvalidInput
 
 VT = 2.0
 
@@ -62,7 +62,7 @@ def test_each_receive_increments_the_count_and_issues_a_fresh_receipt(any_lab):
 def test_receipts_differ_even_between_two_queues_sharing_a_seed(file_lab):
     """Two processes started with the same seed draw the same tokens; the count keeps the
     receipts of one message apart."""
-    from deliverylab.ids import Ids
+    from deliverylab.engine.ids import Ids
 
     send(file_lab)
     twin = Queue(file_lab.connect(), clock=file_lab.clock, ids=Ids(file_lab.ids.seed))
@@ -342,11 +342,11 @@ def test_redrive_of_an_unknown_id_writes_nothing(any_lab):
     send(lab)
     (d,) = lab.queue.receive(VT)
     lab.queue.dead_letter(d, "boom")
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(InvalidInput, match=r"message_ids must be the id of a dead letter, got "
                                            r"'msg-nope'"):
         lab.queue.redrive([d.message_id, "msg-nope"])
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 def test_drop_deletes_behind_the_workers_back_and_logs_lost(any_lab):
@@ -419,14 +419,14 @@ BAD_CALLS = [
 def test_bad_input_names_the_field_and_value_and_writes_nothing(any_lab, field, value, call):
     lab = any_lab
     send(lab)
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(InvalidInput) as info:
         call(lab.queue)
     assert info.value.field == field
     message = str(info.value)
     assert message.startswith(f"{field} must be ")
     assert message.endswith(f"got {value!r}")
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
     assert not lab.conn.in_transaction
 
 
@@ -435,10 +435,10 @@ def test_negative_times_on_a_held_delivery_are_refused(any_lab, verb, field):
     lab = any_lab
     send(lab)
     (d,) = lab.queue.receive(VT)
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     with pytest.raises(InvalidInput, match=rf"^{field} must be a number in \[0, 43200\], got -1$"):
         getattr(lab.queue, verb)(d, -1)
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, "5", None])
@@ -472,7 +472,7 @@ def test_the_claim_searches_the_visible_index_without_a_sort(lab, sql):
 def _fill_and_analyze(lab, n, visible_at):
     """``n`` raw messages, message ``i`` visible at ``visible_at(i)``, then ANALYZE: the
     planner's statistics of a deep queue."""
-    with db.transaction(lab.conn):
+    with store.transaction(lab.conn):
         lab.conn.executemany(
             "INSERT INTO queue_messages (message_id, event_id, type, payload, visible_at,"
             " created_at) VALUES (?, ?, 'OrderPlaced', '{}', ?, 0)",

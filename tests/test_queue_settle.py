@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from deliverylab.queue import Queue
-from deliverylab.status import collect
+from deliverylab.app.status import collect
+from deliverylab.brokers.sqlite import Queue
 
 VT = 2.0
 

@@ -17,15 +17,15 @@ from collections.abc import Callable
 import pytest
 from conftest import Lab
 
-from deliverylab import db
-from deliverylab.check import check
-from deliverylab.clock import FakeClock
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import Faults
-from deliverylab.ids import Ids
-from deliverylab.queue import Queue
-from deliverylab.reconcile import repair
-from deliverylab.worker import Mode
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.reconcile import repair
+from deliverylab.engine.worker import Mode
 
 ITEMS = ["coffee-beans", "tea", "milk", "oat-milk"]
 TEAMS = [
@@ -57,7 +57,7 @@ def race(seed: int, modes: tuple[str, ...], *, max_messages: int) -> tuple[Lab, 
     and how many deliveries were in a worker's hands at the last repair."""
     rng = random.Random(seed)
     clock = RacingClock()
-    conn = db.init_db(":memory:")
+    conn = store.init_db(":memory:")
     ids = Ids(seed)
     lab = Lab(conn, clock, ids, Queue(conn, clock=clock, ids=ids, max_receives=50))
     faults = Faults(seed=seed, ack_fail=0.3, crash_after_receive=0.1, crash_after_commit=0.1,
@@ -122,7 +122,7 @@ def test_a_repair_between_receive_and_effect_is_not_undone(mode):
     """The window itself, deterministically: the worker has received the delivery (and, at
     most once, acknowledged it); the repair commits; then the effect transaction runs."""
     clock = RacingClock()
-    conn = db.init_db(":memory:")
+    conn = store.init_db(":memory:")
     ids = Ids(3)
     lab = Lab(conn, clock, ids, Queue(conn, clock=clock, ids=ids))
     lab.order("tea", 2)
@@ -166,29 +166,29 @@ def test_the_fence_is_per_consumer(lab):
 
 def test_repair_refuses_an_old_file_without_the_fence_and_writes_nothing(tmp_path):
     path = tmp_path / "old.db"
-    conn = db.init_db(path)
+    conn = store.init_db(path)
     clock = FakeClock()
     Queue(conn, clock=clock, ids=Ids(1)).send("evt-1", "OrderPlaced", {"itemId": "tea", "qty": 1})
     conn.execute("INSERT INTO orders VALUES ('o-1', 'tea', 1, 'evt-1', NULL, 'h', 0)")
     conn.execute("DROP TABLE reconciled_events")  # a file made before the fence existed
     before = [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-              for t in db.TABLES if t != "reconciled_events"]
+              for t in store.TABLES if t != "reconciled_events"]
     with pytest.raises(InvalidInput, match=r"missing tables \['reconciled_events'\]"):
         repair(conn, clock=clock)
     assert [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in db.TABLES if t != "reconciled_events"] == before
+            for t in store.TABLES if t != "reconciled_events"] == before
     assert conn.execute("SELECT count(*) FROM inventory_projection").fetchone()[0] == 0
     conn.close()
-    conn = db.init_db(path)  # what 'deliverylab init-db' does: adds the missing table
+    conn = store.init_db(path)  # what 'deliverylab init-db' does: adds the missing table
     assert repair(conn, clock=clock).events_fenced == 1
     conn.close()
 
 
 def test_the_command_line_on_an_old_file_says_init_db_adds_the_fence(tmp_path, capsys):
-    from deliverylab import cli
+    from deliverylab.app import cli
 
     path = tmp_path / "old.db"
-    conn = db.init_db(path)
+    conn = store.init_db(path)
     conn.execute("DROP TABLE reconciled_events")
     conn.close()
     for verb in ("reconcile", "worker", "status"):

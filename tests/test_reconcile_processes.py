@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from test_lab_processes import HOST, Lab, Proc, cli, no_failures
 
-from deliverylab.check import check
-from deliverylab.clock import SystemClock
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
-from deliverylab.reconcile import repair
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+from deliverylab.engine.reconcile import repair
 
 CRASH_EXIT = 70
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from helpers_proc import env
 
-from deliverylab import db
-from deliverylab.check import check
-from deliverylab.clock import FakeClock
-from deliverylab.ids import Ids
-from deliverylab.reconcile import diff, repair
-from deliverylab.worker import Worker
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.reconcile import diff, repair
+from deliverylab.engine.worker import Worker
 
 N = 100_000
 
@@ -29,7 +29,7 @@ N = 100_000
 def build_drift(conn: sqlite3.Connection, n: int = N) -> dict[str, int]:
     """``n`` orders over 50 items: i % 3 == 0 queued, == 1 applied (every 7th twice), == 2
     lost. Returns how many orders are in each state."""
-    with db.transaction(conn):
+    with store.transaction(conn):
         conn.execute("""
             INSERT INTO orders (order_id, item_id, qty, event_id, idempotency_key,
                                 request_hash, created_at)
@@ -63,7 +63,7 @@ def build_drift(conn: sqlite3.Connection, n: int = N) -> dict[str, int]:
 @pytest.fixture
 def big(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     path = tmp_path / "big.db"
-    conn = db.init_db(path)
+    conn = store.init_db(path)
     counts = build_drift(conn)
     conn.close()
     return path, counts
@@ -72,7 +72,7 @@ def big(tmp_path: Path) -> tuple[Path, dict[str, int]]:
 @pytest.mark.slow
 def test_diff_and_repair_of_100000_drifted_orders(big) -> None:
     path, counts = big
-    conn = db.connect(path)
+    conn = store.connect(path)
     before = check(conn)
     assert (before.pending, before.duplicated, before.lost) == (
         counts["pending"], counts["duplicated"], counts["lost"])
@@ -109,13 +109,13 @@ def deliverylab(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_reconcile_command_on_100000_drifted_orders(big) -> None:
     path, counts = big
     log = "SELECT count(*) FROM delivery_log"
-    logged = db.connect(path).execute(log).fetchone()[0]
+    logged = store.connect(path).execute(log).fetchone()[0]
     dry = deliverylab("reconcile", "--dry-run", "--db", str(path))
     assert dry.returncode == 0, dry.stderr
     assert (f"events not applied: {counts['lost']} lost, {counts['pending']} pending"
             in dry.stdout)
     assert dry.stdout.rstrip().endswith("dry run: nothing written")
-    assert db.connect(path).execute(log).fetchone()[0] == logged  # nothing written
+    assert store.connect(path).execute(log).fetchone()[0] == logged  # nothing written
 
     done = deliverylab("reconcile", "--db", str(path))
     assert done.returncode == 0, done.stderr

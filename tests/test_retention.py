@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from deliverylab import retention
-from deliverylab.errors import InvalidInput
-from deliverylab.lab import Lab
-from deliverylab.queue import Queue
-from deliverylab.retention import DAY, dedup_horizon, horizon_of, prune_inbox
-from deliverylab.worker import Worker
+from deliverylab.book.lab import Lab
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import retention
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.retention import DAY, dedup_horizon, horizon_of, prune_inbox
+from deliverylab.engine.worker import Worker
 
 HORIZON = dedup_horizon(visibility_timeout=2, max_receives=5, backoff_cap=10)
 
@@ -127,7 +127,7 @@ def test_bad_prune_arguments_name_the_field_and_write_nothing(lab, kwargs, field
 
 def test_expiring_dead_letters_deletes_only_the_old_ones() -> None:
     lab = Lab(seed=2, max_receives=1)
-    from deliverylab.toolkit import catalogue_handler
+    from deliverylab.book.toolkit import catalogue_handler
 
     lab.workers = [Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
                           handler=catalogue_handler([]))]

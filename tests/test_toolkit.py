@@ -9,13 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deliverylab import db
-from deliverylab.check import check
-from deliverylab.clock import FakeClock
-from deliverylab.errors import InvalidInput, OrderConflict, SimulatedCrash
-from deliverylab.faults import Faults
-from deliverylab.lab import Lab
-from deliverylab.toolkit import (
+from deliverylab.book.lab import Lab
+from deliverylab.book.toolkit import (
     CRASH_POINT,
     INBOX_ORDERINGS,
     RETRY_POLICIES,
@@ -33,6 +28,11 @@ from deliverylab.toolkit import (
     retry_load,
     separate_inbox_commit,
 )
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import InvalidInput, OrderConflict, SimulatedCrash
+from deliverylab.engine.faults import Faults
 
 # -- WhileWorking -------------------------------------------------------------------------------
 
@@ -65,7 +65,7 @@ def test_while_working_ignores_a_zero_sleep_and_checks_after():
 def test_place_order_with_crash_writes_nothing(lab):
     with pytest.raises(SimulatedCrash, match="between_order_and_event"):
         place_order_with_crash(lab.queue, item_id="tea", qty=1, idempotency_key="k-1")
-    assert db.table_counts(lab.conn) == dict.fromkeys(db.TABLES, 0)
+    assert store.table_counts(lab.conn) == dict.fromkeys(store.TABLES, 0)
     # The key was never used, so the retry is a first request, and a replay after it is not.
     assert lab.order("tea", 1, idempotency_key="k-1").created
     assert not lab.order("tea", 1, idempotency_key="k-1").created

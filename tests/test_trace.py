@@ -7,10 +7,11 @@ from collections import defaultdict
 import pytest
 from conftest import make_lab
 
-from deliverylab.faults import Faults
-from deliverylab.reconcile import repair
-from deliverylab.trace import COLUMNS, Outcome, delivery_counts, log_frame, timeline
-from deliverylab.worker import Mode
+from deliverylab.book.traceviews import COLUMNS, delivery_counts, log_frame, timeline
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.reconcile import repair
+from deliverylab.engine.trace import Outcome
+from deliverylab.engine.worker import Mode
 
 # How a delivery can end: one of these must follow every 'received' row of that delivery.
 SETTLED = {"acked", "ack_failed", "ack_rejected", "crashed", "lost", "nacked", "dead_lettered"}

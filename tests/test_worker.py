@@ -10,15 +10,15 @@ from collections import defaultdict
 import pytest
 from conftest import make_lab
 
-from deliverylab import db
-from deliverylab.check import check, event_states
-from deliverylab.clock import FakeClock
-from deliverylab.errors import InvalidInput
-from deliverylab.faults import Faults
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
-from deliverylab.worker import Mode, PoisonMessage, Worker, apply_order_placed
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.check import check, event_states
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+from deliverylab.engine.worker import Mode, PoisonMessage, Worker, apply_order_placed
 
 MODES = [m.value for m in Mode]
 ITEMS = 7
@@ -429,7 +429,7 @@ BAD_WORKERS = [
                          ids=[f"{f}={next(iter(c.values()))!r}" for f, c in BAD_WORKERS])
 def test_bad_worker_settings_name_the_field_and_value_and_write_nothing(lab, field, change):
     lab.order("coffee-beans", 1)
-    before = db.dump(lab.conn)
+    before = store.dump(lab.conn)
     kwargs = {"clock": lab.clock, "ids": lab.ids, **change}
     with pytest.raises(InvalidInput) as info:
         Worker(lab.conn, **kwargs)
@@ -437,7 +437,7 @@ def test_bad_worker_settings_name_the_field_and_value_and_write_nothing(lab, fie
     assert info.value.field == field
     assert str(info.value).startswith(f"{field} must be ")
     assert str(info.value).endswith(f"got {value!r}")
-    assert db.dump(lab.conn) == before
+    assert store.dump(lab.conn) == before
 
 
 def test_mode_message_lists_the_modes():
@@ -460,7 +460,7 @@ def replay(path, seed, mode="idempotent"):
     lab.drain(*ws)
     lab.queue.redrive()
     lab.drain(*ws)
-    text = db.dump(lab.conn)
+    text = store.dump(lab.conn)
     lab.conn.close()
     return text
 
@@ -480,20 +480,20 @@ def test_a_different_seed_gives_a_different_run():
 def test_a_worker_built_by_hand_matches_the_fixture(tmp_path):
     """No hidden state: a worker assembled from parts replays a fixture-built one."""
     def by_hand():
-        conn = db.init_db(":memory:")
+        conn = store.init_db(":memory:")
         clock, ids = FakeClock(), Ids(9)
         q = Queue(conn, clock=clock, ids=ids)
         for i in range(10):
             place_order(q, item_id="tea", qty=i + 1)
         Worker(conn, clock=clock, ids=ids, queue=q, faults=Faults(seed=1, ack_fail=0.5)) \
             .run_until_idle()
-        return db.dump(conn)
+        return store.dump(conn)
 
     lab = make_lab(seed=9)
     for i in range(10):
         lab.order("tea", i + 1)
     lab.worker(faults=Faults(seed=1, ack_fail=0.5)).run_until_idle()
-    assert db.dump(lab.conn) == by_hand()
+    assert store.dump(lab.conn) == by_hand()
 
 
 # -- the batch fast path writes exactly what the one-by-one path writes ---------------------------
@@ -519,7 +519,7 @@ def test_the_batch_fast_path_is_indistinguishable_from_one_by_one(mode, max_mess
         lab.drain(*ws)
         lab.queue.redrive()  # a second message for events already applied: duplicates in a batch
         lab.drain(*ws)
-        return db.dump(lab.conn), [w.stats.as_dict() for w in ws]
+        return store.dump(lab.conn), [w.stats.as_dict() for w in ws]
 
     fast, slow = run(apply_order_placed), run(_one_by_one)
     assert fast[1] == slow[1]

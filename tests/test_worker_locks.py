@@ -18,14 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-from deliverylab import db
-from deliverylab.check import check
-from deliverylab.clock import FakeClock, SystemClock
-from deliverylab.faults import Faults
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
-from deliverylab.worker import Worker
+from deliverylab.brokers.sqlite import Queue
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import FakeClock, SystemClock
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+from deliverylab.engine.worker import Worker
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BUSY = 0.05  # the worker's busy timeout in these tests, in seconds
@@ -33,7 +33,7 @@ BUSY = 0.05  # the worker's busy timeout in these tests, in seconds
 
 def lab_file(tmp_path: Path, orders: int) -> Path:
     path = tmp_path / "app.db"
-    conn = db.init_db(path)
+    conn = store.init_db(path)
     queue = Queue(conn, clock=SystemClock(), ids=Ids(7))
     for i in range(orders):
         place_order(queue, item_id=("tea", "coffee-beans")[i % 2], qty=i + 1,
@@ -50,7 +50,7 @@ def hold_write_lock(path: Path) -> sqlite3.Connection:
 
 
 def locked_worker(path: Path, clock: FakeClock, said: list[str], seed: int, name: str = "w-1"):
-    conn = db.connect(path, busy_timeout=BUSY)
+    conn = store.connect(path, busy_timeout=BUSY)
     return Worker(conn, clock=clock, ids=Ids(seed), faults=Faults(seed=seed), name=name,
                   backoff_base=0.1, backoff_cap=0.8, echo=said.append)
 
@@ -140,7 +140,7 @@ def test_a_worker_process_survives_a_lock_held_past_its_busy_timeout(tmp_path: P
             assert proc.poll() is None, log.read_text()
             assert holder.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 20
             holder.execute("ROLLBACK")  # held for at least three busy timeouts; now let go
-            conn = db.connect(path)
+            conn = store.connect(path)
             try:
                 while time.monotonic() < deadline:
                     if conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 0:
@@ -186,7 +186,7 @@ def test_a_lock_taken_mid_step_is_waited_out_and_the_message_comes_back(tmp_path
     out, and the message is delivered again and applied once."""
     path = lab_file(tmp_path, 2)
     clock, said = LockingClock(path), []
-    conn = db.connect(path, busy_timeout=BUSY)
+    conn = store.connect(path, busy_timeout=BUSY)
     worker = Worker(conn, clock=clock, ids=Ids(2), faults=Faults(seed=2), name="w-1",
                     visibility_timeout=1.0, work_time=0.25, backoff_base=0.5, backoff_cap=2.0)
 

@@ -1,24 +1,24 @@
 """The seed chapter's design, kept **wrong on purpose** for teaching. Never use it for real work.
 
 Every function here reproduces one mistake of the original chapter's TypeScript lab, on the same
-tables as the engine, so the checker (:mod:`deliverylab.check`) can say what went wrong and a
+tables as the engine, so the checker (:mod:`deliverylab.engine.check`) can say what went wrong and a
 chapter can put the naive version and the engine's fix side by side. Each docstring names the
 bug and the engine function that fixes it.
 
 ==========================================  ===============================================
 naive (here)                                the fix in the engine
 ==========================================  ===============================================
-:func:`dual_write_place_order`              :func:`deliverylab.orders.place_order` (outbox)
-:func:`select_visible` + :func:`lease`      :meth:`deliverylab.queue.Queue.receive`
-:func:`ack_by_id`                           :meth:`~deliverylab.queue.Queue.ack` (receipt)
-:func:`add_reserved` (read, then write)     :func:`deliverylab.worker.apply_order_placed`
+:func:`dual_write_place_order`              :func:`deliverylab.engine.orders.place_order` (outbox)
+:func:`select_visible` + :func:`lease`      :meth:`deliverylab.brokers.sqlite.Queue.receive`
+:func:`ack_by_id`                           :meth:`~deliverylab.brokers.sqlite.Queue.ack` (receipt)
+:func:`add_reserved` (read, then write)     :func:`deliverylab.engine.worker.apply_order_placed`
 :func:`try_mark_processed` (catch-all)      ``INSERT … ON CONFLICT DO NOTHING`` + row count
-:func:`rebuild_projection`                  :func:`deliverylab.reconcile.repair`
-:class:`SeedWorker` (no redelivery limit)   :class:`deliverylab.worker.Worker`
+:func:`rebuild_projection`                  :func:`deliverylab.engine.reconcile.repair`
+:class:`SeedWorker` (no redelivery limit)   :class:`deliverylab.engine.worker.Worker`
 ==========================================  ===============================================
 
 The visibility-timeout pitfall needs no naive code: it is a setting (a lease shorter than the
-work), shown with the engine's own verbs and fixed with :meth:`~deliverylab.queue.Queue.extend`.
+work), shown with the engine's own verbs and fixed with :meth:`~deliverylab.brokers.sqlite.Queue.extend`.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .clock import Clock
-from .errors import SimulatedCrash, check_int, check_number, check_text
-from .faults import NO_FAULTS, Faults
-from .ids import Ids
-from .orders import EVENT_TYPE, request_hash
-from .trace import Outcome, log, log_many
-from .worker import CONSUMER, PoisonMessage
+from ..engine.clock import Clock
+from ..engine.errors import SimulatedCrash, check_int, check_number, check_text
+from ..engine.faults import NO_FAULTS, Faults
+from ..engine.ids import Ids
+from ..engine.orders import EVENT_TYPE, request_hash
+from ..engine.trace import Outcome, log, log_many
+from ..engine.worker import CONSUMER, PoisonMessage
 
 CRASH_BETWEEN_WRITES = "between_order_and_event"
 
@@ -66,9 +66,9 @@ def dual_write_place_order(conn: sqlite3.Connection, *, clock: Clock, ids: Ids, 
 
     Each ``INSERT`` commits on its own (autocommit, as in the seed's API). With
     ``crash_between`` the process "dies" after the order committed and before the event was
-    written: :class:`~deliverylab.errors.SimulatedCrash` is raised and the event is gone for good
+    written: :class:`~deliverylab.engine.errors.SimulatedCrash` is raised and the event is gone for good
     — the order exists, nothing will ever tell the consumer about it, and a client retrying the
-    same ``orderId`` only hits the primary key. Fixed by :func:`deliverylab.orders.place_order`,
+    same ``orderId`` only hits the primary key. Fixed by :func:`deliverylab.engine.orders.place_order`,
     which writes both rows in one transaction (the transactional outbox).
     Returns ``(order_id, event_id)``.
     """
@@ -98,7 +98,7 @@ def select_visible(conn: sqlite3.Connection, now: float) -> SeedMessage | None:
     """WRONG ON PURPOSE, step 1 of 2 of the seed's ``receiveOne``: find a visible message.
 
     Nothing is claimed yet: another worker running the same ``SELECT`` before our ``UPDATE``
-    finds the same row. Fixed by :meth:`deliverylab.queue.Queue.receive`, one ``UPDATE … WHERE
+    finds the same row. Fixed by :meth:`deliverylab.brokers.sqlite.Queue.receive`, one ``UPDATE … WHERE
     seq IN (SELECT … LIMIT n) RETURNING …`` statement.
     """
     row = conn.execute(
@@ -142,7 +142,7 @@ def ack_by_id(conn: sqlite3.Connection, message_id: str) -> bool:
     """WRONG ON PURPOSE: delete the message by its id, whoever holds it now.
 
     A worker whose lease ran out still "succeeds" and deletes the message another worker is
-    processing. Fixed by :meth:`deliverylab.queue.Queue.ack`, which deletes only while the
+    processing. Fixed by :meth:`deliverylab.brokers.sqlite.Queue.ack`, which deletes only while the
     delivery's receipt is the current one, and says so when it is not: stricter than SQS, whose
     ``DeleteMessage`` with an old receipt handle succeeds and may not delete the message.
     """
@@ -162,7 +162,7 @@ def read_reserved(conn: sqlite3.Connection, item_id: str) -> int | None:
 def write_reserved(conn: sqlite3.Connection, item_id: str, seen: int | None, qty: int) -> None:
     """WRONG ON PURPOSE, step 2: write ``seen + qty`` — whatever changed since ``seen`` is lost.
 
-    Fixed by :func:`deliverylab.worker.apply_order_placed`: one UPSERT,
+    Fixed by :func:`deliverylab.engine.worker.apply_order_placed`: one UPSERT,
     ``reserved_qty = reserved_qty + excluded.reserved_qty``, computed inside the database.
     """
     if seen is None:
@@ -190,7 +190,7 @@ def try_mark_processed(conn: sqlite3.Connection, event_id: str, *, now: float,
     Even ``except sqlite3.IntegrityError`` would be too wide (a CHECK or NOT NULL failure is one
     too). The engine inserts with ``ON CONFLICT (consumer, event_id) DO NOTHING``, reads the row
     count (0 means duplicate) and lets every other error surface (see
-    :class:`deliverylab.worker.Worker`).
+    :class:`deliverylab.engine.worker.Worker`).
     """
     try:
         conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
@@ -257,7 +257,7 @@ class SeedWorker:
     ``addReserved`` (read, then write) → ``COMMIT`` → ACK by message id, failing at the rate of
     ``faults.ack_fail``. A message whose processing fails is rolled back and simply waits for
     its lease to run out: **there is no redelivery limit**, so a poison message comes back
-    forever. Fixed by :class:`deliverylab.worker.Worker` (``max_receives``, then
+    forever. Fixed by :class:`deliverylab.engine.worker.Worker` (``max_receives``, then
     ``dead_letters``; nack with backoff). Rows go to ``delivery_log`` like the engine's, so the
     checker and the trace work on a seed run too.
     """

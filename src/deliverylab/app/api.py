@@ -54,13 +54,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__
-from .clock import SystemClock
-from .db import SYNCHRONOUS_LEVELS, check_schema, check_synchronous, connect
-from .errors import InvalidInput, OrderConflict, check_id, check_int, check_number
-from .ids import Ids
-from .orders import MAX_KEY_LENGTH, PlacedOrder, list_orders, place_order, validate_order
-from .queue import Queue
+from .. import __version__
+from ..brokers.sqlite import Queue
+from ..engine.clock import SystemClock
+from ..engine.errors import InvalidInput, OrderConflict, check_id, check_int, check_number
+from ..engine.ids import Ids
+from ..engine.orders import MAX_KEY_LENGTH, PlacedOrder, list_orders, place_order, validate_order
+from ..engine.store import SYNCHRONOUS_LEVELS, check_schema, check_synchronous, connect
 from .status import collect, order_view, snapshot
 
 MAX_BODY_BYTES = 64 * 1024

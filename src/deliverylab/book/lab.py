@@ -1,7 +1,7 @@
 """The lab: one reproducible scenario on the engine, as plain functions returning DataFrames.
 
 Chapters, the widget panel and the tests all drive the engine through :class:`Lab`, so what a
-reader sees in a table is what a test asserts. Time is a :class:`~deliverylab.clock.FakeClock`
+reader sees in a table is what a test asserts. Time is a :class:`~deliverylab.engine.clock.FakeClock`
 and every id and fault comes from the seed: the same arguments give the same tables.
 
 >>> lab = Lab(seed=7, mode="idempotent", faults=Faults(seed=7, ack_fail=0.8))
@@ -18,17 +18,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import reconcile
-from .check import CheckResult, check, drift_frame, events_frame
-from .clock import FakeClock
-from .db import init_db
-from .errors import check_int, check_number
-from .faults import NO_FAULTS, Faults
-from .ids import Ids
-from .orders import PlacedOrder, place_order
-from .queue import Queue
-from .trace import log_frame
-from .worker import Mode, Worker, WorkerStats
+from ..brokers.sqlite import Queue
+from ..engine import reconcile
+from ..engine.check import CheckResult, check, drift_frame, events_frame
+from ..engine.clock import FakeClock
+from ..engine.errors import check_int, check_number
+from ..engine.faults import NO_FAULTS, Faults
+from ..engine.ids import Ids
+from ..engine.orders import PlacedOrder, place_order
+from ..engine.store import init_db
+from ..engine.worker import Mode, Worker, WorkerStats
+from .traceviews import log_frame
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -17,35 +17,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any, NamedTuple
+from typing import Any
 
-from .clock import Clock
-from .db import transaction
-from .errors import InvalidInput, check_id, check_int, check_number, check_text
-from .ids import Ids
-from .trace import Outcome, log, log_delivery, log_many
-
-MAX_VISIBILITY_TIMEOUT_S = 12 * 3600  # the SQS upper bound
-
-
-class Delivery(NamedTuple):
-    """One delivery of one message: what a worker holds until it acks or the lease ends.
-
-    ``seq`` is the message's row in ``queue_messages``: ack, extend and nack find the message by
-    it and act only while ``receipt`` still matches. Immutable; a named tuple because a batch
-    builds a hundred of them per receive (a frozen dataclass costs five times as much)."""
-
-    seq: int
-    message_id: str
-    event_id: str
-    type: str
-    payload: dict[str, Any]
-    correlation_id: str | None
-    receipt: str
-    delivery_count: int
-    lease_until: float
-    last_error: str | None = None
-
+from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
+from ..engine.ids import Ids
+from ..engine.store import transaction
+from ..engine.trace import Outcome, log, log_delivery, log_many
+from .base import MAX_VISIBILITY_TIMEOUT_S, Broker, Delivery, check_delivery
 
 # The claim's RETURNING columns, in Delivery's field order.
 _DELIVERY_COLUMNS = ("seq, message_id, event_id, type, payload, correlation_id, receipt,"
@@ -60,14 +39,6 @@ def _deliveries(rows: list[tuple[Any, ...]]) -> list[Delivery]:
             for r, payload in zip(rows, payloads, strict=True)]
 
 
-def check_delivery(value: Any) -> Delivery:
-    """A :class:`Delivery` as :meth:`Queue.receive` returned it, or :class:`InvalidInput` (a
-    message id where a delivery belongs would otherwise fail deep inside with AttributeError)."""
-    if not isinstance(value, Delivery):
-        raise InvalidInput("delivery", value, "a Delivery returned by Queue.receive")
-    return value
-
-
 def encode_payload(payload: Any) -> str:
     if not isinstance(payload, dict):
         raise InvalidInput("payload", payload, "a JSON object (dict)")
@@ -77,8 +48,9 @@ def encode_payload(payload: Any) -> str:
         raise InvalidInput("payload", payload, f"JSON-serialisable ({exc})") from None
 
 
-class Queue:
-    """A queue on ``conn``. ``max_receives`` is the redrive policy's ``maxReceiveCount``."""
+class SQLiteBroker(Broker):
+    """The SQLite broker: a queue table on ``conn``, the consumer's own database or another
+    file. ``max_receives`` is the redrive policy's ``maxReceiveCount``."""
 
     def __new__(cls, conn: sqlite3.Connection, *args: Any, **kw: Any) -> Queue:
         # On a PostgreSQL connection the queue is PostgreSQL's: this class's claim would hand
@@ -375,3 +347,7 @@ class Queue:
         """When the next message becomes visible (None if the queue is empty)."""
         row = self.conn.execute("SELECT min(visible_at) FROM queue_messages").fetchone()
         return row[0]
+
+
+# The name the chapters and the lab have always used.
+Queue = SQLiteBroker

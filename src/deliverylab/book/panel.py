@@ -1,4 +1,4 @@
-"""The live lab: an ipywidgets control panel over a :class:`~deliverylab.lab.Lab`.
+"""The live lab: an ipywidgets control panel over a :class:`~deliverylab.book.lab.Lab`.
 
 Sliders set the fault rates, the visibility timeout, the number of orders and workers; a
 dropdown picks the worker mode; buttons place orders, step, run until idle, auto-run, lose a
@@ -8,7 +8,7 @@ letters, the counters, a chart and the checker's verdict redraw after every acti
 Everything runs on the real engine: an in-memory SQLite database, a fake clock and one seed.
 A step is one worker step on the fake clock, and auto-run is one step per timer tick, so the
 same seed and the same clicks give the same tables, live or replayed. The panel only wires
-widgets to :mod:`deliverylab.labviews`, whose plain functions the tests call directly.
+widgets to :mod:`deliverylab.book.labviews`, whose plain functions the tests call directly.
 
 >>> panel = LabPanel(seed=7, ack_fail=0.8, orders=5)
 >>> panel.place_button.click(); panel.run_button.click()
@@ -25,11 +25,11 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from ..engine.errors import check_int, check_number
+from ..engine.faults import Faults
+from ..engine.worker import Mode
 from . import labviews
-from .errors import check_int, check_number
-from .faults import Faults
 from .lab import Lab
-from .worker import Mode
 
 MODES = tuple(m.value for m in Mode)
 LOG_LINES = 8
@@ -298,7 +298,7 @@ class LabPanel:
         return lost
 
     def reconcile(self) -> labviews.Views:
-        """Repair the projection from the orders (see :func:`deliverylab.reconcile.repair`)."""
+        """Repair the projection from the orders (see :func:`deliverylab.engine.reconcile.repair`)."""
         repair = self.lab.reconcile()
         self._say("reconcile", f"Reconciled from the {repair.orders} orders:"
                   f" {repair.items_changed} item(s) changed, {repair.orders_recounted}"

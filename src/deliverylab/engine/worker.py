@@ -15,7 +15,7 @@ processed"; any other database error propagates.
 
 Every mode also honours the reconcile fence: inside the effect's own transaction, an event a
 repair has already counted (a row in ``reconciled_events``) is not applied again; the delivery
-is logged as ``fenced`` and acknowledged as usual (see :mod:`deliverylab.reconcile`).
+is logged as ``fenced`` and acknowledged as usual (see :mod:`deliverylab.engine.reconcile`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
+from ..brokers.base import Delivery
+from ..brokers.sqlite import Queue
 from .clock import Clock
-from .db import is_busy, transaction
 from .errors import InvalidInput, SimulatedCrash, check_id, check_int, check_number
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
-from .queue import Delivery, Queue
+from .store import is_busy, transaction
 from .trace import Outcome, log_delivery, log_many
 
 CONSUMER = "inventory"
@@ -139,7 +140,7 @@ class Worker:
                  work_time: float = 0.0, queue: Queue | None = None) -> None:
         self.mode = Mode.parse(mode)
         if not isinstance(faults, Faults):
-            raise InvalidInput("faults", faults, "a deliverylab.faults.Faults")
+            raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
         self.visibility_timeout = check_number("visibility_timeout", visibility_timeout,
                                                minimum=0, maximum=12 * 3600)
         self.max_messages = check_int("max_messages", max_messages, minimum=1, maximum=1000)

@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING
 
 from .check import APPLICATIONS_CTE, drift_frame, event_states
 from .clock import Clock
-from .db import check_schema, transaction
 from .errors import check_text
+from .store import check_schema, transaction
 from .trace import Outcome
 from .worker import CONSUMER
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from .db import transaction
-from .errors import InvalidInput
+from ..engine.errors import InvalidInput
+from ..engine.store import transaction
 
 
 def install_schema(conn: sqlite3.Connection, schema: str) -> None:

@@ -21,14 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .clock import Clock
-from .db import transaction
-from .errors import InvalidInput, check_int, check_number, check_text
-from .faults import NO_FAULTS, Faults
+from ..brokers.base import Delivery
+from ..brokers.sqlite import Queue
+from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.faults import NO_FAULTS, Faults
+from ..engine.store import transaction
+from ..engine.worker import Handler, Mode, PoisonMessage, Worker, apply_order_placed
 from .lab import Lab
-from .queue import Delivery, Queue
 from .tables import install_schema, require_tables
-from .worker import Handler, Mode, PoisonMessage, Worker, apply_order_placed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,7 +95,7 @@ def change_status(queue: Queue, order_id: str, status: str) -> StatusChange:
     if status not in TRANSITIONS or status == "placed":
         raise InvalidInput("status", status, "one of paid, shipped, cancelled")
     conn = queue.conn
-    require_tables(conn, ["order_status_changes"], "deliverylab.ordering.install")
+    require_tables(conn, ["order_status_changes"], "deliverylab.book.ordering.install")
     with transaction(conn):
         current = _current(conn, order_id)
         if current is None:
@@ -197,7 +198,7 @@ def status_rows(conn: sqlite3.Connection) -> list[tuple[str, str, int, str | Non
 
 
 def status_check(conn: sqlite3.Connection) -> StatusCheck:
-    require_tables(conn, ["order_status_changes", "order_status"], "deliverylab.ordering.install")
+    require_tables(conn, ["order_status_changes", "order_status"], "deliverylab.book.ordering.install")
     rows = status_rows(conn)
     missing = sum(1 for r in rows if r[3] is None)
     correct = sum(1 for r in rows if r[3] == r[1])
@@ -337,7 +338,7 @@ def status_table(*, seeds: range | list[int], orders: int = 30) -> pd.DataFrame:
 
 def status_log(conn: sqlite3.Connection, order_id: str) -> pd.DataFrame:
     """The delivery log of one order, each row named by the status its event carries."""
-    from .trace import log_frame
+    from .traceviews import log_frame
 
     check_text("order_id", order_id)
     names = dict(conn.execute("SELECT event_id, status || ' (v' || version || ')'"

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .clock import Clock
-from .db import connect, transaction
-from .errors import InvalidInput, OrderConflict, check_int, check_number, check_text
-from .faults import NO_FAULTS, Faults
-from .ids import Ids
+from ..brokers.base import Delivery
+from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, OrderConflict, check_int, check_number, check_text
+from ..engine.faults import NO_FAULTS, Faults
+from ..engine.ids import Ids
+from ..engine.store import connect, transaction
+from ..engine.worker import Handler, Mode, PoisonMessage, Worker, apply_order_placed
 from .lab import Lab
-from .queue import Delivery
 from .tables import install_schema
-from .worker import Handler, Mode, PoisonMessage, Worker, apply_order_placed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -106,7 +106,7 @@ class PaymentService:
 
         The same key with the same order and amount returns the first charge (``replayed``)
         and charges nothing; with a different order or amount it raises
-        :class:`~deliverylab.errors.OrderConflict` and writes nothing.
+        :class:`~deliverylab.engine.errors.OrderConflict` and writes nothing.
         """
         check_text("order_id", order_id)
         check_int("amount", amount, minimum=1, maximum=10**9)
@@ -192,7 +192,7 @@ def charge_handler(service: PaymentService, *, keyed: bool, lost_answer: float =
 def worker_for(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS) -> Worker:
     """A worker like the lab's own (its mode, clock, queue and pace) with ``handler``."""
     if not isinstance(lab, Lab):
-        raise InvalidInput("lab", lab, "a deliverylab.lab.Lab")
+        raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
     first = lab.workers[0]
     return Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue, mode=lab.mode,
                   faults=faults, visibility_timeout=first.visibility_timeout,

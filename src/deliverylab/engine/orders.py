@@ -6,7 +6,7 @@ together or neither does, and the queue table *is* the outbox.
 
 The producer is idempotent too. Placing the same order id with the same request again returns
 the first result and writes nothing; with a different request it is an
-:class:`~deliverylab.errors.OrderConflict`. An ``Idempotency-Key`` (the IETF draft
+:class:`~deliverylab.engine.errors.OrderConflict`. An ``Idempotency-Key`` (the IETF draft
 draft-ietf-httpapi-idempotency-key-header) is recorded in ``idempotency_keys`` whenever a
 request carries one, with a fingerprint of the whole request and the answer it got, even when
 that answer was a replay of an existing order. So a key is never silently reused: the same key
@@ -22,9 +22,9 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from .db import transaction
+from ..brokers.sqlite import Queue
 from .errors import OrderConflict, check_id, check_int
-from .queue import Queue
+from .store import transaction
 
 EVENT_TYPE = "OrderPlaced"
 MAX_QTY = 10_000
@@ -59,7 +59,7 @@ class Order:
 
 def validate_order(item_id: Any, qty: Any, order_id: Any = None,
                    idempotency_key: Any = None) -> None:
-    """Raise :class:`~deliverylab.errors.InvalidInput` naming the first bad field."""
+    """Raise :class:`~deliverylab.engine.errors.InvalidInput` naming the first bad field."""
     if order_id is not None:
         check_id("orderId", order_id, max_length=MAX_ID_LENGTH)
     check_id("itemId", item_id, max_length=MAX_ID_LENGTH)

@@ -1,11 +1,11 @@
 """What the lab panel shows, as plain functions: DataFrames for the tables, a dict of counters,
 a growing chart, and the HTML of each; and a run with reconciliation on a schedule.
 
-The widget panel (:mod:`deliverylab.panel`) is a thin layer over these functions. The tests call
+The widget panel (:mod:`deliverylab.book.panel`) is a thin layer over these functions. The tests call
 them directly, and the chapters print them as ordinary cell outputs, so a static page shows the
 same tables a reader sees live.
 
->>> from deliverylab.faults import Faults
+>>> from deliverylab.engine.faults import Faults
 >>> lab = Lab(seed=7, faults=Faults(seed=7, ack_fail=0.8))
 >>> _ = lab.place_orders(3)
 >>> _ = lab.run_until_idle()
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .check import APPLICATIONS_CTE, drift_frame, projection_vs_truth
-from .errors import InvalidInput, check_int, check_number
-from .faults import Faults
+from ..engine.check import APPLICATIONS_CTE, drift_frame, projection_vs_truth
+from ..engine.errors import InvalidInput, check_int, check_number
+from ..engine.faults import Faults
+from ..engine.worker import Mode, Worker
 from .lab import Lab
-from .worker import Mode, Worker
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,7 +78,7 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     """Counts for the whole run so far, read from the database.
 
     ``deliveries``, ``applied`` and ``duplicates_skipped`` count delivery-log rows;
-    ``duplicated`` and ``lost`` agree with :func:`deliverylab.check.check` (its
+    ``duplicated`` and ``lost`` agree with :func:`deliverylab.engine.check.check` (its
     ``extra_applications`` and ``lost``); ``orders``, ``queued``, ``dead_lettered`` and
     ``inbox`` are table sizes.
     """
@@ -162,10 +162,10 @@ def reconfigure(lab: Lab, *, mode: Mode | str | None = None, faults: Faults | No
     Returns the lab.
     """
     if not isinstance(lab, Lab):
-        raise InvalidInput("lab", lab, "a deliverylab.lab.Lab")
+        raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
     new_mode = Mode.parse(mode) if mode is not None else lab.mode
     if faults is not None and not isinstance(faults, Faults):
-        raise InvalidInput("faults", faults, "a deliverylab.faults.Faults")
+        raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
     vt = (check_number("visibility_timeout", visibility_timeout, minimum=0, maximum=12 * 3600)
           if visibility_timeout is not None else None)
     n = check_int("workers", workers, minimum=1, maximum=16) if workers is not None else None
@@ -430,7 +430,7 @@ def run_with_schedule(lab: Lab, *, steps: int, every: int | None, order_every: i
     """Run ``lab`` for ``steps`` worker steps while orders keep arriving (one every
     ``order_every`` steps), and every ``every`` steps ask the checker whether any order was
     lost, duplicated or dead-lettered, and if so repair the projection from the orders
-    (:func:`deliverylab.reconcile.repair`). ``every=None``: never.
+    (:func:`deliverylab.engine.reconcile.repair`). ``every=None``: never.
 
     Orders whose events are merely still in the queue do not trigger a repair: they are on
     their way, not lost (a production job would look only at orders older than a grace period).
@@ -440,7 +440,7 @@ def run_with_schedule(lab: Lab, *, steps: int, every: int | None, order_every: i
     of repairs so far.
     """
     if not isinstance(lab, Lab):
-        raise InvalidInput("lab", lab, "a deliverylab.lab.Lab")
+        raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
     check_int("steps", steps, minimum=1, maximum=1_000_000)
     if every is not None:
         check_int("every", every, minimum=1)
@@ -470,7 +470,7 @@ def plot_fault_sweep(sweeps: Mapping[str, pd.DataFrame], *, orders: int, seed: i
                      titles: Mapping[str, str] | None = None) -> Any:
     """Lost and duplicated effects against one fault rate per panel, for every mode.
 
-    ``sweeps`` maps a fault point to its :func:`~deliverylab.lab.fault_sweep` frame. Colour
+    ``sweeps`` maps a fault point to its :func:`~deliverylab.book.lab.fault_sweep` frame. Colour
     says the mode and the line style says what is counted (solid dots: lost; dashed squares:
     duplicated), so the legend has one entry per mode and one per count instead of one per
     curve. Most curves are flat on zero and would hide one another there: each panel names

@@ -36,12 +36,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .db import SQLiteTooOld
-from .display import safe_json, safe_text
-from .errors import InvalidInput, check_int, check_number, check_text
-from .faults import FAULT_POINTS
-from .orders import MAX_ID_LENGTH, MAX_QTY
+from .. import __version__
+from ..engine.display import safe_json, safe_text
+from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.faults import FAULT_POINTS
+from ..engine.orders import MAX_ID_LENGTH, MAX_QTY
+from ..engine.store import SQLiteTooOld
 
 DEFAULT_DB = "data/app.db"
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -188,7 +188,7 @@ def _kind(path: Path) -> str:
 
 
 def _busy_timeout(args: argparse.Namespace) -> float:
-    from .db import BUSY_TIMEOUT_S
+    from ..engine.store import BUSY_TIMEOUT_S
 
     value = getattr(args, "busy_timeout", None)
     return BUSY_TIMEOUT_S if value is None else value
@@ -199,7 +199,14 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
 
     ``write=False`` (status, trace) opens a database nobody here may write read-only instead
     of refusing it; every other command names why the file cannot be written."""
-    from .db import check_schema, connect, connect_read_only, is_busy, missing_tables, why_read_only
+    from ..engine.store import (
+        check_schema,
+        connect,
+        connect_read_only,
+        is_busy,
+        missing_tables,
+        why_read_only,
+    )
 
     url = db_url(args)
     if url is not None:  # a PostgreSQL schema: a bad URL or no server is InvalidInput, exit 2
@@ -271,7 +278,14 @@ def _make_room(path: Path, where: str) -> bool:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_init_db(args: argparse.Namespace) -> int:
-    from .db import TABLES, check_schema, check_sqlite_version, init_db, is_busy, why_read_only
+    from ..engine.store import (
+        TABLES,
+        check_schema,
+        check_sqlite_version,
+        init_db,
+        is_busy,
+        why_read_only,
+    )
 
     url = db_url(args)
     if url is not None:
@@ -385,10 +399,10 @@ def _wall(line: str) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .faults import Faults
-    from .ids import Ids
-    from .worker import Worker
+    from ..engine.clock import SystemClock
+    from ..engine.faults import Faults
+    from ..engine.ids import Ids
+    from ..engine.worker import Worker
 
     rates = {}
     for point in FAULT_POINTS:
@@ -527,9 +541,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .check import check
-    from .clock import SystemClock
-    from .reconcile import diff, repair
+    from ..engine.check import check
+    from ..engine.clock import SystemClock
+    from ..engine.reconcile import diff, repair
     from .status import snapshot, table
 
     conn = open_db(args, write=not args.dry_run)  # a dry run only reads
@@ -572,9 +586,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .ids import Ids
-    from .queue import Queue
+    from ..brokers.sqlite import Queue
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
 
     conn = open_db(args)
     try:
@@ -590,9 +604,9 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    from .clock import SystemClock
-    from .ids import Ids
-    from .queue import Queue
+    from ..brokers.sqlite import Queue
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
 
     conn = open_db(args)
     try:
@@ -628,7 +642,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 # -- the parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .worker import Mode
+    from ..engine.worker import Mode
 
     parser = argparse.ArgumentParser(
         prog="deliverylab",
@@ -757,7 +771,7 @@ def _safe_output() -> None:
 def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> tuple[int, str]:
     """An error SQLite raised mid-command, as (exit status, one sentence). Each command's
     writes are transactions, so whatever it was doing rolled back: nothing half-written."""
-    from .db import is_busy, is_read_only_error
+    from ..engine.store import is_busy, is_read_only_error
 
     path = db_label(args) if hasattr(args, "db") else "the database"
     if is_busy(exc):

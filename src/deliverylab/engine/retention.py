@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .clock import Clock
-from .db import transaction
 from .errors import InvalidInput, check_int, check_number, check_text
 from .faults import Faults
-from .lab import Lab
+from .store import transaction
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ def horizon_of(worker: Worker, *, max_wait: float = 0.0, redrive_window: float =
     engine cannot know: how long dead letters are kept for a redrive, how far back a replay
     may go."""
     if not isinstance(worker, Worker):
-        raise InvalidInput("worker", worker, "a deliverylab.worker.Worker")
+        raise InvalidInput("worker", worker, "a deliverylab.engine.worker.Worker")
     return dedup_horizon(visibility_timeout=worker.visibility_timeout,
                          max_receives=worker.queue.max_receives,
                          backoff_cap=worker.backoff_cap, max_wait=max_wait,
@@ -173,6 +172,8 @@ def late_redrive(*, redrive_window: float, redrive_after: float = DAY, orders: i
     parked in ``dead_letters``, already applied); ``redrive_after`` seconds later the inbox is
     pruned at the horizon of a queue whose dead letters may be redriven for ``redrive_window``,
     the dead letters are redriven, and a healthy worker consumes them."""
+    from ..book.lab import Lab  # the scenario lives with the book; pruning does not need it
+
     redrive_after = check_number("redrive_after", redrive_after, minimum=0)
     check_int("orders", orders, minimum=0, maximum=100_000)
     lab = Lab(seed=seed, faults=Faults(seed=seed, ack_fail=ack_fail))
@@ -197,6 +198,8 @@ def growth_table(*, days: int = 30, orders_per_day: int = 50, keep_days: float =
     """Inbox rows at the end of each day, kept forever beside pruned every day at a
     ``keep_days`` horizon (a queue whose dead letters may be redriven for a week, say)."""
     import pandas as pd
+
+    from ..book.lab import Lab  # the scenario lives with the book; pruning does not need it
 
     check_int("days", days, minimum=1, maximum=3650)
     check_int("orders_per_day", orders_per_day, minimum=1, maximum=100_000)

@@ -19,15 +19,15 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .clock import Clock
-from .db import transaction
+from ..brokers.base import Delivery
+from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, check_int, check_number
+from ..engine.faults import Faults
+from ..engine.store import transaction
+from ..engine.worker import Handler, Mode, PoisonMessage, apply_order_placed
 from .effects import UNIT_PRICE, PaymentService, worker_for
-from .errors import InvalidInput, check_int, check_number
-from .faults import Faults
 from .lab import Lab
-from .queue import Delivery
 from .tables import install_schema, require_tables
-from .worker import Handler, Mode, PoisonMessage, apply_order_placed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,7 +94,7 @@ def relay(conn: sqlite3.Connection, service: PaymentService, *, clock: Clock,
         raise InvalidInput("keyed", keyed, "True or False")
     rate = check_number("crash_rate", crash_rate, minimum=0, maximum=1)
     check_int("limit", limit, minimum=1, maximum=10_000)
-    require_tables(conn, ["payment_outbox"], "deliverylab.relay.install")
+    require_tables(conn, ["payment_outbox"], "deliverylab.book.relay.install")
     faults = Faults(seed=seed)
     rows = conn.execute(
         "SELECT request_key, order_id, amount FROM payment_outbox WHERE sent_at IS NULL"

@@ -1,7 +1,7 @@
 """Small measurements for the four-part toolkit: inbox, retries, reconciliation, tracing.
 
 Each function runs the engine (queue, worker verbs, checker, trace) under a seed and a
-:class:`~deliverylab.clock.FakeClock` and returns plain values or a DataFrame, so a chapter can
+:class:`~deliverylab.engine.clock.FakeClock` and returns plain values or a DataFrame, so a chapter can
 show the result and ``tests/test_toolkit.py`` can assert it.
 """
 
@@ -13,15 +13,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .clock import Clock
-from .db import transaction
-from .errors import InvalidInput, SimulatedCrash, check_int, check_number
-from .faults import Faults
+from ..brokers.base import Delivery
+from ..brokers.sqlite import Queue
+from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, SimulatedCrash, check_int, check_number
+from ..engine.faults import Faults
+from ..engine.orders import PlacedOrder, place_order
+from ..engine.store import transaction
+from ..engine.trace import Outcome, log_delivery
+from ..engine.worker import CONSUMER, Handler, apply_order_placed
 from .lab import Lab
-from .orders import PlacedOrder, place_order
-from .queue import Delivery, Queue
-from .trace import Outcome, log_delivery
-from .worker import CONSUMER, Handler, apply_order_placed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,12 +33,12 @@ if TYPE_CHECKING:
 class WhileWorking:
     """A clock for one worker, on which something else happens while that worker works.
 
-    The engine's :class:`~deliverylab.worker.Worker` and the seed's worker sleep their
+    The engine's :class:`~deliverylab.engine.worker.Worker` and the seed's worker sleep their
     ``work_time`` on the clock between receiving a message and committing its effect.
     ``WhileWorking(clock, action)`` advances ``clock`` like any sleep and then runs ``action``
     once (the first time the worker works for at least ``after`` seconds): another worker
     polling while the first one is still busy, or another process taking the write lock. It
-    turns a single-threaded run on a :class:`~deliverylab.clock.FakeClock` into a precise,
+    turns a single-threaded run on a :class:`~deliverylab.engine.clock.FakeClock` into a precise,
     repeatable interleaving.
     """
 
@@ -82,12 +83,12 @@ class _CrashOnSend:
 def place_order_with_crash(queue: Queue, *, item_id: str, qty: int,
                            order_id: str | None = None,
                            idempotency_key: str | None = None) -> PlacedOrder:
-    """Run the engine's :func:`~deliverylab.orders.place_order` and crash at the very point
+    """Run the engine's :func:`~deliverylab.engine.orders.place_order` and crash at the very point
     where the seed lost its event: after the order ``INSERT``, before the event is written.
 
-    Always raises :class:`~deliverylab.errors.SimulatedCrash`. Because both writes share one
+    Always raises :class:`~deliverylab.engine.errors.SimulatedCrash`. Because both writes share one
     transaction, the crash rolls the order back too: nothing was written, and the client's retry
-    of the same ``orderId`` succeeds. Compare :func:`deliverylab.naive.dual_write_place_order`.
+    of the same ``orderId`` succeeds. Compare :func:`deliverylab.book.naive.dual_write_place_order`.
     """
     return place_order(_CrashOnSend(queue), item_id=item_id, qty=qty,  # type: ignore[arg-type]
                        order_id=order_id, idempotency_key=idempotency_key)
@@ -301,7 +302,7 @@ def catalogue_handler(items: Iterable[str]) -> Handler:
 
     With an outdated catalogue it fails on every delivery of a new item's orders: after
     ``max_receives`` they land in ``dead_letters``. Deploying the handler with the catalogue
-    fixed (a new :class:`~deliverylab.worker.Worker`) and redriving applies them.
+    fixed (a new :class:`~deliverylab.engine.worker.Worker`) and redriving applies them.
     """
     known = frozenset(items)
 
@@ -333,7 +334,7 @@ def geometric_expected(n: int, p: float, max_receives: int) -> pd.DataFrame:
 
 def delivery_histogram(conn: sqlite3.Connection, p: float, max_receives: int) -> pd.DataFrame:
     """Observed events per delivery count (from the trace) beside :func:`geometric_expected`."""
-    from .trace import delivery_counts
+    from .traceviews import delivery_counts
 
     counts = delivery_counts(conn)
     frame = geometric_expected(len(counts), p, max_receives)

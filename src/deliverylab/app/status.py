@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .check import check, event_states, projection_vs_truth
-from .display import safe_text
-from .worker import CONSUMER
+from ..engine.check import check, event_states, projection_vs_truth
+from ..engine.display import safe_text
+from ..engine.worker import CONSUMER
 
 MAX_ITEM_ROWS = 20   # a status page lists at most this many items (drifted ones first)
 MAX_DEAD_ROWS = 10
@@ -46,7 +46,7 @@ def applications(rows: list[tuple[int, str]]) -> int:
 
 def event_state(conn: sqlite3.Connection, event_id: str,
                 log_rows: list[tuple[int, str]] | None = None) -> tuple[int, str]:
-    """(applications, state) of one event, counted exactly as :func:`deliverylab.check` does.
+    """(applications, state) of one event, counted exactly as :func:`deliverylab.engine.check` does.
 
     ``delivery_log`` has no index (see schema.sql): this reads it once, or not at all when the
     caller already holds the event's rows as (seq, outcome)."""
@@ -140,7 +140,7 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
 
 def table(header: list[str], rows: list[list[Any]], right: set[int]) -> list[str]:
     """Aligned, indented text columns; the columns in ``right`` are right-aligned. Cells are
-    escaped first (:func:`~deliverylab.display.safe_text`), so the widths are the printed ones."""
+    escaped first (:func:`~deliverylab.engine.display.safe_text`), so the widths are the printed ones."""
     cells = [header] + [[safe_text(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     out = []
@@ -153,7 +153,7 @@ def table(header: list[str], rows: list[list[Any]], right: set[int]) -> list[str
 
 def render(report: dict[str, Any], *, db: str | None = None) -> str:
     """The status report as text for a terminal: one line per line, whatever the ids hold
-    (each line goes through :func:`~deliverylab.display.safe_text`)."""
+    (each line goes through :func:`~deliverylab.engine.display.safe_text`)."""
     q, c = report["queue"], report["check"]
     lines = []
     if db is not None:

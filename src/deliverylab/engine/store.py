@@ -63,7 +63,7 @@ def check_sqlite_version(found: tuple[int, ...] | None = None) -> None:
 
 def schema_sql() -> str:
     """The text of ``schema.sql``, shipped inside the package."""
-    return resources.files("deliverylab").joinpath("schema.sql").read_text(encoding="utf-8")
+    return resources.files("deliverylab.engine").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
 def _is_memory(path: str | Path) -> bool:

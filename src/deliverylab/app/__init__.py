@@ -1,0 +1,1 @@
+"""The lab as processes: the HTTP API, the ``deliverylab`` command and its reports."""
