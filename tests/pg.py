@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deliverylab import pgstore
+from deliverylab.engine import store_postgres as pgstore
 
 SERVER = os.environ.get("DELIVERYLAB_PG", "postgresql://127.0.0.1:5432/test")
 

@@ -18,11 +18,11 @@ import pytest
 from helpers_proc import env
 from pg import schema
 
-from deliverylab import pgstore
-from deliverylab.clock import FakeClock
-from deliverylab.ids import Ids
-from deliverylab.pgdemo import claim_race, race
-from deliverylab.pgqueue import _CLAIM, NAIVE_CLAIM, PostgresQueue
+from deliverylab.book.pgdemo import claim_race, race
+from deliverylab.brokers.postgres import _CLAIM, NAIVE_CLAIM, PostgresBroker
+from deliverylab.engine import store_postgres as pgstore
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.ids import Ids
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def pg_url():
 
 def _send(url: str, n: int) -> None:
     with pgstore.connect(url) as conn:
-        q = PostgresQueue(conn, clock=FakeClock(), ids=Ids(1))
+        q = PostgresBroker(conn, clock=FakeClock(), ids=Ids(1))
         for i in range(n):
             q.send(f"evt-{i}", "OrderPlaced", {"i": i})
 
@@ -82,13 +82,13 @@ def test_the_book_table_shows_the_double_claim_and_its_absence():
 CLAIMER = """
 import json, sys, time
 from pathlib import Path
-from deliverylab import pgstore
-from deliverylab.clock import SystemClock
-from deliverylab.ids import Ids
-from deliverylab.pgqueue import PostgresQueue
+from deliverylab.engine import store_postgres as pgstore
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.brokers.postgres import PostgresBroker
 url, name, n, barrier, parties = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
 conn = pgstore.connect(url)
-q = PostgresQueue(conn, clock=SystemClock(), ids=Ids())
+q = PostgresBroker(conn, clock=SystemClock(), ids=Ids())
 (barrier / (name + ".ready")).touch()
 deadline = time.time() + 60
 while len(list(barrier.glob("*.ready"))) < parties and time.time() < deadline:

@@ -10,11 +10,12 @@ import pytest
 from helpers_proc import env
 from pg import new_url, schema
 
-from deliverylab import cli, pgstore
-from deliverylab.clock import SystemClock
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
+from deliverylab.app import cli
+from deliverylab.brokers.postgres import PostgresBroker
+from deliverylab.engine import store_postgres as pgstore
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def test_init_db_creates_the_schema_once_and_keeps_its_data(capsys):
         code, out, _ = run(capsys, "init-db", "--db", url)
         assert code == 0 and f"schema {pgstore.schema_of(url)!r} is ready" in out
         with pgstore.connect(url) as conn:
-            place_order(Queue(conn, clock=SystemClock(), ids=Ids(1)), item_id="beans", qty=2)
+            place_order(PostgresBroker(conn, clock=SystemClock(), ids=Ids(1)), item_id="beans", qty=2)
         code, out, _ = run(capsys, "init-db", "--db", url)
         assert code == 0 and "(1 orders;" in out
     finally:
@@ -76,7 +77,7 @@ def test_the_api_says_it_serves_sqlite_only(capsys):
 def test_a_worker_process_with_lost_acks_then_status_trace_and_reconcile(capsys):
     with schema() as url:
         with pgstore.connect(url) as conn:
-            q = Queue(conn, clock=SystemClock(), ids=Ids(5))
+            q = PostgresBroker(conn, clock=SystemClock(), ids=Ids(5))
             orders = [place_order(q, item_id=f"item-{i % 3}", qty=1).order_id for i in range(12)]
         worker = subprocess.Popen(
             [sys.executable, "-m", "deliverylab", "worker", "--db", url, "--ack-fail-rate", "0.5",

@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 from pg import schema
 
-from deliverylab import db, pgstore
-from deliverylab.check import check
-from deliverylab.clock import FakeClock
-from deliverylab.faults import Faults
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.pgqueue import PostgresQueue
-from deliverylab.reconcile import repair
-from deliverylab.worker import Worker
+from deliverylab.brokers.postgres import PostgresBroker
+from deliverylab.engine import store as db
+from deliverylab.engine import store_postgres as pgstore
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+from deliverylab.engine.reconcile import repair
+from deliverylab.engine.worker import Worker
 
 ORDERS = 60
 
@@ -29,7 +30,7 @@ class PgLab:
     def __init__(self, url: str, seed: int = 1) -> None:
         self.url, self.clock, self.ids = url, FakeClock(), Ids(seed)
         self.conn = pgstore.connect(url)
-        self.queue = PostgresQueue(self.conn, clock=self.clock, ids=self.ids)
+        self.queue = PostgresBroker(self.conn, clock=self.clock, ids=self.ids)
 
     def place(self, n: int) -> None:
         with db.transaction(self.conn):
@@ -39,7 +40,7 @@ class PgLab:
 
     def worker(self, name: str, **kw) -> Worker:
         conn = pgstore.connect(self.url)  # each worker its own connection, as processes have
-        queue = PostgresQueue(conn, clock=self.clock, ids=self.ids,
+        queue = PostgresBroker(conn, clock=self.clock, ids=self.ids,
                               max_receives=kw.pop("max_receives", 50))
         return Worker(conn, clock=self.clock, ids=self.ids, queue=queue, name=name, **kw)
 
@@ -125,12 +126,23 @@ def test_repair_then_late_deliveries_are_fenced(pg_url):
     assert check(lab.conn).ok
 
 
-def test_a_queue_or_worker_on_a_postgres_connection_claims_with_skip_locked(pg_url):
-    from deliverylab.queue import Queue
+def test_the_sqlite_broker_refuses_a_postgres_connection_and_back(pg_url, tmp_path):
+    """SQLite's claim would double-deliver on PostgreSQL: the SQLite broker (and a worker
+    left to build it) refuses a PostgreSQL connection, naming why; and the other way round."""
+    from deliverylab.brokers.sqlite import Queue
+    from deliverylab.engine.errors import InvalidInput
 
     with pgstore.connect(pg_url) as conn:
-        assert type(Queue(conn, clock=FakeClock(), ids=Ids(1))) is PostgresQueue
-        assert type(Worker(conn, clock=FakeClock(), ids=Ids(1)).queue) is PostgresQueue
+        with pytest.raises(InvalidInput, match="a sqlite connection for SQLiteBroker"):
+            Queue(conn, clock=FakeClock(), ids=Ids(1))
+        with pytest.raises(InvalidInput, match="a postgresql store takes its own broker"):
+            Worker(conn, clock=FakeClock(), ids=Ids(1))
+        assert type(Worker(conn, clock=FakeClock(), ids=Ids(1), queue=PostgresBroker(
+            conn, clock=FakeClock(), ids=Ids(1))).queue) is PostgresBroker
+    sqlite_conn = db.init_db(tmp_path / "lab.db")
+    with pytest.raises(InvalidInput, match="a postgresql connection for PostgresBroker"):
+        PostgresBroker(sqlite_conn, clock=FakeClock(), ids=Ids(1))
+    sqlite_conn.close()
 
 
 def test_a_database_error_is_raised_not_retried_as_the_handlers_failure(pg_url):
@@ -155,8 +167,8 @@ def test_a_repair_waits_for_an_effect_that_read_the_fence_before_it(pg_url):
     fence table): otherwise it rebuilds first and the effect lands on top, counted twice."""
     import threading
 
-    from deliverylab.pgdemo import wait_until_blocked
-    from deliverylab.worker import _INBOX_ONE, _RESERVE
+    from deliverylab.book.pgdemo import wait_until_blocked
+    from deliverylab.engine.worker import _INBOX_ONE, _RESERVE
 
     lab = PgLab(pg_url)
     lab.place(1)

@@ -18,13 +18,14 @@ import pytest
 from pg import schema
 from test_lab_processes import Proc, no_failures
 
-from deliverylab import db, pgstore
-from deliverylab.check import check
-from deliverylab.clock import SystemClock
-from deliverylab.ids import Ids
-from deliverylab.orders import place_order
-from deliverylab.queue import Queue
-from deliverylab.reconcile import repair
+from deliverylab.brokers.postgres import PostgresBroker
+from deliverylab.engine import store as db
+from deliverylab.engine import store_postgres as pgstore
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+from deliverylab.engine.reconcile import repair
 
 CRASH_EXIT = 70
 ITEMS = ["coffee-beans", "tea", "milk", "oat-milk"]
@@ -36,7 +37,7 @@ class PgLab:
     def __init__(self, url: str, tmp: Path, seed: int) -> None:
         self.url, self.tmp, self.rng = url, tmp, random.Random(seed)
         self.conn = pgstore.connect(url)
-        self.queue = Queue(self.conn, clock=SystemClock(), ids=Ids(seed))
+        self.queue = PostgresBroker(self.conn, clock=SystemClock(), ids=Ids(seed))
         self.procs: list[Proc] = []
         self.placed = 0
 

@@ -157,7 +157,7 @@ def db_path(args: argparse.Namespace) -> Path:
 
 def db_url(args: argparse.Namespace) -> str | None:
     """The PostgreSQL URL ``--db`` (or the environment) names, None for a SQLite file."""
-    from .pgstore import is_url
+    from ..engine.store_postgres import is_url
 
     text = args.db if args.db is not None else os.environ.get(DB_ENV, "").strip()
     return text if is_url(text) else None
@@ -166,6 +166,18 @@ def db_url(args: argparse.Namespace) -> str | None:
 def db_label(args: argparse.Namespace) -> str:
     """The database as the user named it: a file path, or a PostgreSQL URL kept whole."""
     return db_url(args) or str(db_path(args))
+
+
+def broker_on(conn: Any, **kw: Any) -> Any:
+    """The queue table in the store's own database: the broker written for that database
+    (SQLite's claim would hand one message to two workers on PostgreSQL)."""
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        from ..brokers.postgres import PostgresBroker
+
+        return PostgresBroker(conn, **kw)
+    from ..brokers.sqlite import Queue
+
+    return Queue(conn, **kw)
 
 
 def _where(args: argparse.Namespace) -> str:
@@ -210,7 +222,7 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
 
     url = db_url(args)
     if url is not None:  # a PostgreSQL schema: a bad URL or no server is InvalidInput, exit 2
-        from .pgstore import connect as pg_connect
+        from ..engine.store_postgres import connect as pg_connect
 
         return pg_connect(url, field=_where(args))  # type: ignore[return-value]
     path = db_path(args)
@@ -289,7 +301,7 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
     url = db_url(args)
     if url is not None:
-        from .pgstore import init_db as pg_init_db
+        from ..engine.store_postgres import init_db as pg_init_db
 
         pg = pg_init_db(url, field=_where(args))
         try:
@@ -427,7 +439,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                     visibility_timeout=args.visibility_timeout, max_messages=args.max_messages,
                     max_receives=args.max_receives, backoff_base=args.backoff_base,
                     backoff_cap=args.backoff_cap, name=name, echo=echo,
-                    crash_exits=args.crash_exits, work_time=args.work_time)
+                    crash_exits=args.crash_exits, work_time=args.work_time,
+                    queue=broker_on(conn, clock=clock, ids=ids, max_receives=args.max_receives))
 
     def on_signal(signum: int, frame: Any) -> None:
         if worker._stopping:  # a second Ctrl-C: stop now; open transactions roll back
@@ -586,13 +599,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    from ..brokers.sqlite import Queue
     from ..engine.clock import SystemClock
     from ..engine.ids import Ids
 
     conn = open_db(args)
     try:
-        queue = Queue(conn, clock=SystemClock(), ids=Ids())
+        queue = broker_on(conn, clock=SystemClock(), ids=Ids())
         try:
             moved = queue.redrive(args.message_ids or None)
         except InvalidInput as exc:
@@ -604,7 +616,6 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    from ..brokers.sqlite import Queue
     from ..engine.clock import SystemClock
     from ..engine.ids import Ids
 
@@ -625,7 +636,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
             rows = conn.execute(
                 "SELECT message_id, event_id, correlation_id FROM queue_messages"
                 " ORDER BY seq LIMIT ?", (args.count,)).fetchall()
-        queue = Queue(conn, clock=SystemClock(), ids=Ids())
+        queue = broker_on(conn, clock=SystemClock(), ids=Ids())
         dropped = 0
         for r in rows:
             if queue.drop(r["message_id"], reason="dropped by 'deliverylab drop'",

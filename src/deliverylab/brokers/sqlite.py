@@ -52,17 +52,18 @@ class SQLiteBroker(Broker):
     """The SQLite broker: a queue table on ``conn``, the consumer's own database or another
     file. ``max_receives`` is the redrive policy's ``maxReceiveCount``."""
 
-    def __new__(cls, conn: sqlite3.Connection, *args: Any, **kw: Any) -> Queue:
-        # On a PostgreSQL connection the queue is PostgreSQL's: this class's claim would hand
-        # one message to two workers there (see brokers on PostgreSQL, pgqueue.py).
-        if cls is Queue and getattr(conn, "dialect", "sqlite") == "postgresql":
-            from .pgqueue import PostgresQueue
-
-            cls = PostgresQueue
-        return super().__new__(cls)
+    # The database this broker's SQL is written for. Its claim is safe with SQLite's single
+    # writer only: on a PostgreSQL connection it would hand one message to two workers, so a
+    # connection of another database is refused (brokers/postgres.py is PostgreSQL's broker).
+    dialect = "sqlite"
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
                  max_receives: int = 5) -> None:
+        found = getattr(conn, "dialect", "sqlite")
+        if found != self.dialect:
+            raise InvalidInput("conn", f"a {found} connection",
+                               f"a {self.dialect} connection for {type(self).__name__}"
+                               f" (a {found} store takes its own broker)")
         self.conn = conn
         self.clock = clock
         self.ids = ids

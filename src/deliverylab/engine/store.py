@@ -148,9 +148,7 @@ def missing_tables(conn: sqlite3.Connection) -> list[str]:
     """The deliverylab tables the file does not have (all of them: not a lab database; some,
     with ``orders`` present: made by an older version, and ``init_db`` adds them)."""
     if getattr(conn, "dialect", "sqlite") == "postgresql":  # a PostgreSQL store
-        from .pgstore import missing_tables as pg_missing
-
-        return pg_missing(conn)  # type: ignore[arg-type]
+        return conn.missing_tables()  # type: ignore[attr-defined]
     have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return [t for t in TABLES if t not in have]
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .pgstore import PgConnection
-from .queue import _DELIVERY_COLUMNS, Queue
+from ..engine.store_postgres import PgConnection
+from .sqlite import _DELIVERY_COLUMNS, Queue
 
 # The claim, as on SQLite, plus the row lock: the subquery locks what it picks and skips what
 # another claim has locked. LIMIT before the lock: it locks only the rows it returns.
@@ -54,13 +54,18 @@ _ACK_MANY = """
 """
 
 
-class PostgresQueue(Queue):
-    """The queue table in a PostgreSQL schema (a :class:`~deliverylab.pgstore.PgConnection`).
+class PostgresBroker(Queue):
+    """The queue table in a PostgreSQL schema (a :class:`~deliverylab.engine.store_postgres.PgConnection`).
     Every verb but the claim and the batched ack runs the SQLite broker's own SQL."""
 
+    dialect = "postgresql"
     _CLAIM = _CLAIM
     _CLAIM_ONE = _CLAIM
     _ACK_MANY = _ACK_MANY
 
     def __init__(self, conn: PgConnection, **kw: Any) -> None:
         super().__init__(conn, **kw)  # type: ignore[arg-type]
+
+
+# The name the SQLite broker's alias (Queue) suggests.
+PostgresQueue = PostgresBroker

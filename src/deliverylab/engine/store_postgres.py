@@ -232,6 +232,9 @@ class PgConnection:
     def in_transaction(self) -> bool:
         return self.raw.info.transaction_status in _IN_TRANSACTION
 
+    def missing_tables(self) -> list[str]:
+        return missing_tables(self)
+
     def close(self) -> None:
         self.raw.close()
 
@@ -264,13 +267,13 @@ def connect(url: str, *, field: str = "db", must_exist: bool = True) -> PgConnec
 
 
 def schema_sql() -> str:
-    return resources.files("deliverylab").joinpath("schema_postgres.sql").read_text("utf-8")
+    return resources.files("deliverylab.engine").joinpath("schema_postgres.sql").read_text("utf-8")
 
 
 def init_db(url: str, *, field: str = "db") -> PgConnection:
     """Create the URL's schema and its tables if they are not there yet. Idempotent."""
     conn = connect(url, field=field, must_exist=False)
-    from .db import _statements, transaction
+    from .store import _statements, transaction
 
     with transaction(conn):  # type: ignore[arg-type]
         conn.raw.execute(f'CREATE SCHEMA IF NOT EXISTS "{conn.schema}"')
@@ -287,7 +290,7 @@ def drop_schema(url: str) -> None:
 
 
 def missing_tables(conn: PgConnection) -> list[str]:
-    from .db import TABLES
+    from .store import TABLES
 
     rows = conn.raw.execute("SELECT table_name FROM information_schema.tables"
                             " WHERE table_schema = %s", (conn.schema,)).fetchall()

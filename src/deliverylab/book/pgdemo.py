@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import pgstore
-from .clock import FakeClock
-from .ids import Ids
-from .pgqueue import _CLAIM, NAIVE_CLAIM, PostgresQueue
+from ..brokers.postgres import _CLAIM, NAIVE_CLAIM, PostgresBroker
+from ..engine import store_postgres
+from ..engine.clock import FakeClock
+from ..engine.ids import Ids
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,9 +32,9 @@ class PostgresUnavailable(RuntimeError):
 
 def new_schema(prefix: str = "dl_book") -> str:
     """A fresh deliverylab schema on the server, as a store URL."""
-    url = pgstore.url_for(SERVER, f"{prefix}_{secrets.token_hex(4)}")
+    url = store_postgres.url_for(SERVER, f"{prefix}_{secrets.token_hex(4)}")
     try:
-        pgstore.init_db(url).close()
+        store_postgres.init_db(url).close()
     except Exception as exc:
         raise PostgresUnavailable(f"this needs PostgreSQL at {SERVER} ({exc}); start it with"
                                   f" 'make services'") from None
@@ -47,10 +47,10 @@ def with_schema(fn: Callable[[str], Any]) -> Any:
     try:
         return fn(url)
     finally:
-        pgstore.drop_schema(url)
+        store_postgres.drop_schema(url)
 
 
-def _claim(conn: pgstore.PgConnection, sql: str, token: str) -> list[tuple[Any, ...]]:
+def _claim(conn: store_postgres.PgConnection, sql: str, token: str) -> list[tuple[Any, ...]]:
     cur = conn.cursor()
     cur.row_factory = None
     return cur.execute(sql, {"lease_until": 30.0, "token": token, "now": 0.0,
@@ -62,7 +62,7 @@ def wait_until_blocked(url: str, pid: int, thread: threading.Thread,
     """Wait until the backend ``pid`` (driven by ``thread``) waits for a lock: True; or until
     the thread is done without waiting: False. Watched from a connection of its own, because
     ``pg_stat_activity`` is read once per transaction."""
-    with pgstore.connect(url) as watch:
+    with store_postgres.connect(url) as watch:
         deadline = time.monotonic() + timeout
         while thread.is_alive() and time.monotonic() < deadline:
             row = watch.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = ?",
@@ -77,7 +77,7 @@ def race(url: str, sql: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...
     """Force the interleaving: worker A claims with ``sql`` inside an open transaction; worker
     B claims with it on another connection; A commits once B waits for A's row lock (as
     ``pg_stat_activity`` shows) or is done. Returns A's rows, B's rows and whether B waited."""
-    a, b = pgstore.connect(url), pgstore.connect(url)
+    a, b = store_postgres.connect(url), store_postgres.connect(url)
     try:
         a.raw.execute("BEGIN")  # READ COMMITTED, PostgreSQL's default
         got_a = _claim(a, sql, "rcpt-a")
@@ -105,8 +105,8 @@ def claim_race(claim: str, *, messages: int = 2) -> pd.DataFrame:
     sql = CLAIMS[claim]
 
     def run(url: str) -> pd.DataFrame:
-        with pgstore.connect(url) as conn:
-            q = PostgresQueue(conn, clock=FakeClock(), ids=Ids(1))
+        with store_postgres.connect(url) as conn:
+            q = PostgresBroker(conn, clock=FakeClock(), ids=Ids(1))
             for i in range(messages):
                 q.send(f"evt-{i + 1}", "OrderPlaced", {"n": i + 1})
         got_a, got_b, waited = race(url, sql)
