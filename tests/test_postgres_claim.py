@@ -19,7 +19,10 @@ from helpers_proc import env
 from pg import schema
 
 from deliverylab.book.pgdemo import claim_race, race
-from deliverylab.brokers.postgres import _CLAIM, NAIVE_CLAIM, PostgresBroker
+from deliverylab.brokers.postgres import CLAIM, NAIVE_CLAIM, PostgresBroker
+from deliverylab.brokers.sqlite import SQLiteBroker
+
+NAIVE_BATCH_CLAIM = SQLiteBroker._CLAIM
 from deliverylab.engine import store_postgres as pgstore
 from deliverylab.engine.clock import FakeClock
 from deliverylab.engine.ids import Ids
@@ -38,10 +41,10 @@ def _send(url: str, n: int) -> None:
             q.send(f"evt-{i}", "OrderPlaced", {"i": i})
 
 
-def _race(url: str, sql: str) -> tuple[list[tuple], list[tuple], bool]:
+def _race(url: str, sql: str, n: int = 1) -> tuple[list[tuple], list[tuple], bool]:
     with pgstore.connect(url) as conn:
         assert conn.execute("SHOW transaction_isolation").fetchone()[0] == "read committed"
-    return race(url, sql)
+    return race(url, sql, n)
 
 
 def test_sqlite_claim_hands_one_message_to_two_workers_on_postgres(pg_url):
@@ -59,7 +62,7 @@ def test_sqlite_claim_hands_one_message_to_two_workers_on_postgres(pg_url):
 
 def test_skip_locked_claim_gives_the_second_worker_another_message(pg_url):
     _send(pg_url, 2)
-    got_a, got_b, waited = _race(pg_url, _CLAIM)
+    got_a, got_b, waited = _race(pg_url, CLAIM)
     assert not waited  # SKIP LOCKED: B passed A's locked row without waiting
     assert [r[0] for r in got_a] == [1]
     assert [r[0] for r in got_b] == [2]
@@ -68,9 +71,23 @@ def test_skip_locked_claim_gives_the_second_worker_another_message(pg_url):
 
 def test_skip_locked_claim_with_one_message_leaves_the_second_worker_empty(pg_url):
     _send(pg_url, 1)
-    got_a, got_b, _ = _race(pg_url, _CLAIM)
+    got_a, got_b, _ = _race(pg_url, CLAIM)
     assert [r[0] for r in got_a] == [1]
     assert got_b == []
+
+
+def test_the_brokers_batch_claim_locks_too(pg_url):
+    """The broker's receive runs one claim for a batch: the batch form must lock too (it did
+    not once, and only the process test below noticed)."""
+    _send(pg_url, 3)
+    got_a, got_b, waited = _race(pg_url, PostgresBroker._CLAIM, n=2)
+    assert not waited and [r[0] for r in got_a] == [1, 2] and [r[0] for r in got_b] == [3]
+
+
+def test_a_batch_claim_of_sqlite_takes_the_same_messages_twice(pg_url):
+    _send(pg_url, 3)
+    got_a, got_b, waited = _race(pg_url, NAIVE_BATCH_CLAIM, n=2)
+    assert waited and [r[0] for r in got_a] == [r[0] for r in got_b] == [1, 2]
 
 
 def test_the_book_table_shows_the_double_claim_and_its_absence():

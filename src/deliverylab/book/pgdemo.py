@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..brokers.postgres import _CLAIM, NAIVE_CLAIM, PostgresBroker
+from ..brokers.postgres import CLAIM, NAIVE_CLAIM, PostgresBroker
 from ..engine import store_postgres
 from ..engine.clock import FakeClock
 from ..engine.ids import Ids
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SERVER = os.environ.get("DELIVERYLAB_PG", "postgresql://127.0.0.1:5432/test")
-CLAIMS = {"sqlite": NAIVE_CLAIM, "skip_locked": _CLAIM}
+CLAIMS = {"sqlite": NAIVE_CLAIM, "skip_locked": CLAIM}
 
 
 class PostgresUnavailable(RuntimeError):
@@ -50,11 +50,13 @@ def with_schema(fn: Callable[[str], Any]) -> Any:
         store_postgres.drop_schema(url)
 
 
-def _claim(conn: store_postgres.PgConnection, sql: str, token: str) -> list[tuple[Any, ...]]:
+def _claim(conn: store_postgres.PgConnection, sql: str, token: str,
+           n: int) -> list[tuple[Any, ...]]:
     cur = conn.cursor()
     cur.row_factory = None
-    return cur.execute(sql, {"lease_until": 30.0, "token": token, "now": 0.0,
-                             "n": 1}).fetchall()
+    rows = cur.execute(sql, {"lease_until": 30.0, "token": token, "now": 0.0,
+                             "n": n}).fetchall()
+    return sorted(rows)
 
 
 def wait_until_blocked(url: str, pid: int, thread: threading.Thread,
@@ -73,16 +75,18 @@ def wait_until_blocked(url: str, pid: int, thread: threading.Thread,
     return False
 
 
-def race(url: str, sql: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], bool]:
+def race(url: str, sql: str, n: int = 1) -> tuple[list[tuple[Any, ...]],
+                                                 list[tuple[Any, ...]], bool]:
     """Force the interleaving: worker A claims with ``sql`` inside an open transaction; worker
     B claims with it on another connection; A commits once B waits for A's row lock (as
-    ``pg_stat_activity`` shows) or is done. Returns A's rows, B's rows and whether B waited."""
+    ``pg_stat_activity`` shows) or is done; each claims up to ``n`` messages. Returns A's
+    rows, B's rows (by seq) and whether B waited."""
     a, b = store_postgres.connect(url), store_postgres.connect(url)
     try:
         a.raw.execute("BEGIN")  # READ COMMITTED, PostgreSQL's default
-        got_a = _claim(a, sql, "rcpt-a")
+        got_a = _claim(a, sql, "rcpt-a", n)
         got_b: list[tuple[Any, ...]] = []
-        t = threading.Thread(target=lambda: got_b.extend(_claim(b, sql, "rcpt-b")))
+        t = threading.Thread(target=lambda: got_b.extend(_claim(b, sql, "rcpt-b", n)))
         t.start()
         waited = wait_until_blocked(url, b.raw.info.backend_pid, t)
         a.execute("COMMIT")
@@ -116,3 +120,86 @@ def claim_race(claim: str, *, messages: int = 2) -> pd.DataFrame:
                                            "waited_for_lock"])
 
     return with_schema(run)
+
+
+def _lab(url: str, seed: int) -> tuple[store_postgres.PgConnection, FakeClock, Ids,
+                                        PostgresBroker]:
+    conn = store_postgres.connect(url)
+    clock, ids = FakeClock(), Ids(seed)
+    return conn, clock, ids, PostgresBroker(conn, clock=clock, ids=ids, max_receives=50)
+
+
+def poison_run(*, max_receives: int = 3) -> pd.DataFrame:
+    """One order whose every delivery crashes the worker before it acks: the trace, one row
+    per thing that happened. The lease (and the delivery count) committed at each claim, so
+    the crashes count, and the message is dead-lettered at ``max_receives``."""
+    import pandas as pd
+
+    from ..engine.faults import Faults
+    from ..engine.orders import place_order
+    from ..engine.worker import Worker
+
+    def run(url: str) -> pd.DataFrame:
+        conn, clock, ids, _ = _lab(url, 3)
+        try:
+            broker = PostgresBroker(conn, clock=clock, ids=ids, max_receives=max_receives)
+            place_order(broker, item_id="coffee-beans", qty=1, order_id="o-poison")
+            worker = Worker(conn, clock=clock, ids=ids, queue=broker, name="worker-1",
+                            faults=Faults(seed=1, crash_after_receive=1.0))
+            worker.run_until_idle()
+            rows = conn.execute("SELECT at, worker, delivery_count, outcome, detail"
+                                " FROM delivery_log ORDER BY seq").fetchall()
+            return pd.DataFrame([tuple(r) for r in rows],
+                                columns=["at", "worker", "delivery_count", "outcome", "detail"])
+        finally:
+            conn.close()
+
+    return with_schema(run)
+
+
+def modes_table(*, orders: int = 60, workers: int = 3, seed: int = 7) -> pd.DataFrame:
+    """Each worker mode on PostgreSQL: ``workers`` workers, each on its own connection, drain
+    ``orders`` orders under lost ACKs (30%) and crashes before and after the effect's commit
+    (10% each), on a FakeClock; then the checker's counts, one row per mode."""
+    import pandas as pd
+
+    from ..engine import store
+    from ..engine.check import check
+    from ..engine.faults import Faults
+    from ..engine.orders import place_order
+    from ..engine.worker import Worker
+
+    faults = Faults(seed=seed, ack_fail=0.3, crash_after_receive=0.1, crash_after_commit=0.1)
+    rows = []
+    for mode in ("at-most-once", "at-least-once", "idempotent", "transactional"):
+        def run(url: str, mode: str = mode) -> tuple[Any, ...]:
+            conn, clock, ids, broker = _lab(url, seed)
+            team = []
+            try:
+                with store.transaction(conn):
+                    for i in range(orders):
+                        place_order(broker, item_id=f"item-{i % 5}", qty=1 + i % 3,
+                                    order_id=f"o-{i:03d}")
+                for k in range(workers):
+                    c = store_postgres.connect(url)
+                    team.append(Worker(c, clock=clock, ids=ids, mode=mode, faults=faults,
+                                       name=f"w{k}", max_messages=1 + 2 * (k % 2),
+                                       queue=PostgresBroker(c, clock=clock, ids=ids,
+                                                            max_receives=50)))
+                for _ in range(100_000):
+                    if sum(w.step() for w in team) == 0:
+                        nxt = broker.next_visible_at()
+                        if nxt is None:
+                            break
+                        clock.sleep_until(nxt)
+                r = check(conn)
+                return (mode, r.orders, r.correct, r.duplicated, r.lost,
+                        r.projection_equals_truth)
+            finally:
+                for w in team:
+                    w.conn.close()
+                conn.close()
+
+        rows.append(with_schema(run))
+    return pd.DataFrame(rows, columns=["mode", "orders", "exactly once", "duplicated", "lost",
+                                       "projection = truth"])

@@ -27,7 +27,7 @@ from .sqlite import _DELIVERY_COLUMNS, Queue
 
 # The claim, as on SQLite, plus the row lock: the subquery locks what it picks and skips what
 # another claim has locked. LIMIT before the lock: it locks only the rows it returns.
-_CLAIM = f"""
+CLAIM = f"""
     UPDATE queue_messages
        SET visible_at = :lease_until,
            lease_until = :lease_until,
@@ -59,8 +59,8 @@ class PostgresBroker(Queue):
     Every verb but the claim and the batched ack runs the SQLite broker's own SQL."""
 
     dialect = "postgresql"
-    _CLAIM = _CLAIM
-    _CLAIM_ONE = _CLAIM
+    _CLAIM = CLAIM  # what the SQLite broker's receive runs, for a batch and for one
+    _CLAIM_ONE = CLAIM
     _ACK_MANY = _ACK_MANY
 
     def __init__(self, conn: PgConnection, **kw: Any) -> None:
