@@ -7,14 +7,15 @@ test once against each, so a contract holds for both configurations.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deliverylab.brokers.sqlite import Queue
+from deliverylab.brokers.base import Broker
+from deliverylab.brokers.sqlite import Queue, SQLiteBroker
 from deliverylab.engine import store
 from deliverylab.engine.clock import FakeClock
 from deliverylab.engine.ids import Ids
@@ -99,3 +100,73 @@ def any_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
     lab = make_lab(":memory:" if request.param == "memory" else tmp_path / "lab.db")
     yield lab
     lab.conn.close()
+
+
+# -- brokers ---------------------------------------------------------------------------------
+# Every broker engine the contract suite (tests/test_broker_contract.py) and the worker's
+# broker tests run against. An engine is a function (directory, clock, ids, max_receives) ->
+# (broker, close); add one here and every contract case runs against it.
+def _sqlite_memory(where: Path, clock: FakeClock, ids: Ids,
+                   max_receives: int) -> tuple[Broker, Callable[[], None]]:
+    """The lab's broker: the queue table on the connection it shares with the store."""
+    conn = store.init_db()
+    return SQLiteBroker(conn, clock=clock, ids=ids, max_receives=max_receives), conn.close
+
+
+def _sqlite_file(where: Path, clock: FakeClock, ids: Ids,
+                 max_receives: int) -> tuple[Broker, Callable[[], None]]:
+    """A broker in its own SQLite file, apart from any store; it writes no trace."""
+    conn = store.init_db(where / "broker.db")
+    return (SQLiteBroker(conn, clock=clock, ids=ids, max_receives=max_receives, trace=False),
+            conn.close)
+
+
+def _postgres(where: Path, clock: FakeClock, ids: Ids,
+              max_receives: int) -> tuple[Broker, Callable[[], None]]:
+    """The PostgreSQL queue table, in a schema of its own on the shared server (see
+    tests/pg.py), dropped on close; it writes its trace in its own schema, as the lab's does."""
+    from contextlib import ExitStack
+
+    from pg import schema
+
+    from deliverylab.brokers.postgres import PostgresBroker
+    from deliverylab.engine import store_postgres
+
+    stack = ExitStack()
+    conn = store_postgres.connect(stack.enter_context(schema()))
+    stack.callback(conn.close)
+    return PostgresBroker(conn, clock=clock, ids=ids, max_receives=max_receives), stack.close
+
+
+BROKER_ENGINES: dict[str, Callable[..., tuple[Broker, Callable[[], None]]]] = {
+    "sqlite-memory": _sqlite_memory,
+    "sqlite-file": _sqlite_file,
+    "postgres": _postgres,
+}
+
+
+@pytest.fixture(params=list(BROKER_ENGINES))
+def make_broker(request: pytest.FixtureRequest,
+                tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """``make_broker(clock=…, seed=…, max_receives=…)``: a fresh broker of this param's engine
+    (each call its own queue), closed after the test."""
+    closers: list[Callable[[], None]] = []
+
+    def make(*, clock: FakeClock | None = None, seed: int = 1, max_receives: int = 3) -> Broker:
+        where = tmp_path / f"broker-{len(closers)}"
+        where.mkdir()
+        broker, close = BROKER_ENGINES[request.param](where, clock or FakeClock(), Ids(seed),
+                                                      max_receives)
+        closers.append(close)
+        return broker
+
+    yield make
+    for close in closers:
+        close()
+
+
+@pytest.fixture
+def broker(make_broker: Callable[..., Broker]) -> Broker:
+    """A fresh broker of each engine, on its own FakeClock (``broker.clock``), with
+    ``max_receives=3``."""
+    return make_broker()

@@ -15,9 +15,13 @@ hands out a *delivery* with a fresh *receipt*; only the current receipt may sett
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..engine.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from ..engine.clock import Clock
+    from ..engine.ids import Ids
 
 MAX_VISIBILITY_TIMEOUT_S = 12 * 3600  # the SQS upper bound
 
@@ -25,9 +29,10 @@ MAX_VISIBILITY_TIMEOUT_S = 12 * 3600  # the SQS upper bound
 class Delivery(NamedTuple):
     """One delivery of one message: what a worker holds until it acks or the lease ends.
 
-    ``seq`` is the message's row in ``queue_messages``: ack, extend and nack find the message by
-    it and act only while ``receipt`` still matches. Immutable; a named tuple because a batch
-    builds a hundred of them per receive (a frozen dataclass costs five times as much)."""
+    ``seq`` is the engine's handle on the message (in SQLite, its row in ``queue_messages``):
+    ack, extend and nack find the message by it and act only while ``receipt`` still matches.
+    Immutable; a named tuple because a batch builds a hundred of them per receive (a frozen
+    dataclass costs five times as much)."""
 
     seq: int
     message_id: str
@@ -50,18 +55,37 @@ def check_delivery(value: Any) -> Delivery:
 
 
 class Broker(abc.ABC):
-    """What every broker engine must do. ``max_receives`` is the redrive policy's
-    ``maxReceiveCount``; ``parked`` lists (delivery, reason) for each message the last
-    :meth:`receive` moved to the dead letters instead of handing it out.
+    """What every broker engine must do.
+
+    Attributes every engine has: ``clock`` and ``ids`` (the injected clock and id source:
+    leases are measured on ``clock``, message ids and receipts come from ``ids``);
+    ``max_receives``, the redrive policy's ``maxReceiveCount``; ``parked``, the (delivery,
+    reason) of each message the last :meth:`receive` moved to the dead letters instead of
+    handing it out; ``writes_trace``, whether the verbs write their own trace rows (below).
 
     Every verb validates its arguments first and, on bad input, raises ``InvalidInput``
-    naming the argument and the value, having changed nothing. Every verb that changes a
-    message records it in the trace (``delivery_log``): in the same transaction where the
-    broker and the trace share a database, otherwise right after the verb.
+    naming the argument and the value, having changed nothing.
+
+    The trace. The rows that record what a verb did (``received``, ``acked``,
+    ``ack_rejected``, ``nacked``, ``extended``, ``dead_lettered``, ``redriven``, ``lost``)
+    belong in the consumer's store, beside the effects. A broker that :meth:`joins` the store
+    and ``writes_trace`` writes them into ``delivery_log`` inside the verb's own transaction.
+    Any other broker cannot (the verb commits in another system): the worker writes them into
+    the store right after the verb, which is not atomic with it, as with any external broker.
     """
 
+    clock: Clock
+    ids: Ids
     max_receives: int
     parked: list[tuple[Delivery, str]]
+    writes_trace: bool = False
+
+    def joins(self, store: Any) -> bool:
+        """True only when this broker's verbs run on ``store`` itself (the same connection),
+        so a verb and the consumer's writes can commit in one transaction: what the
+        ``transactional`` worker mode needs. A broker in another database answers False
+        (the default): its ACK is a write in another system."""
+        return False
 
     @abc.abstractmethod
     def send(self, event_id: str, type: str, payload: dict[str, Any], *,
@@ -79,8 +103,8 @@ class Broker(abc.ABC):
         seconds, oldest visible first, and return one :class:`Delivery` each.
 
         Must: never hand the same message to two concurrent receivers while a lease holds;
-        count each receive in ``delivery_count`` (1 on the first); give every delivery a receipt
-        that no earlier delivery had; make the message visible again when the lease runs out
+        count each receive in ``delivery_count`` (1 on the first); give each delivery a receipt
+        no earlier delivery of that message had; make it visible again when the lease runs out
         unsettled. A message whose receive would exceed ``max_receives`` is moved to the dead
         letters instead, with the count of the deliveries that really happened, and listed in
         ``parked``. Logs ``received`` for each delivery returned."""
@@ -141,3 +165,14 @@ class Broker(abc.ABC):
     def next_visible_at(self) -> float | None:
         """When the earliest queued message becomes visible (None if nothing is queued); a
         worker with nothing to do sleeps until then."""
+
+    # -- what the checker needs ------------------------------------------------------------
+    @abc.abstractmethod
+    def queued_event_ids(self) -> set[str]:
+        """The event ids of every message still queued (visible, leased or delayed): the
+        checker calls an unapplied order with one of these *pending*, not lost."""
+
+    @abc.abstractmethod
+    def dead_lettered_event_ids(self) -> set[str]:
+        """The event ids of every dead letter: the checker calls an unapplied order with one
+        of these *dead-lettered*, not lost."""

@@ -49,8 +49,15 @@ def encode_payload(payload: Any) -> str:
 
 
 class SQLiteBroker(Broker):
-    """The SQLite broker: a queue table on ``conn``, the consumer's own database or another
-    file. ``max_receives`` is the redrive policy's ``maxReceiveCount``."""
+    """The SQLite broker: the ``queue_messages`` and ``dead_letters`` tables on ``conn``.
+
+    On the consumer's own connection (the lab, the chapters, the four terminals) it
+    :meth:`joins` the store: ``send`` joins the caller's transaction (the outbox) and a verb
+    can commit with an effect. On another database file it is an external broker like any
+    other. ``max_receives`` is the redrive policy's ``maxReceiveCount``. ``trace=True`` writes
+    each verb's trace rows into ``delivery_log`` on ``conn`` in the verb's transaction;
+    ``trace=False`` leaves them to the worker (for a broker that is not the store).
+    """
 
     # The database this broker's SQL is written for. Its claim is safe with SQLite's single
     # writer only: on a PostgreSQL connection it would hand one message to two workers, so a
@@ -58,16 +65,22 @@ class SQLiteBroker(Broker):
     dialect = "sqlite"
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
-                 max_receives: int = 5) -> None:
-        found = getattr(conn, "dialect", "sqlite")
+                 max_receives: int = 5, trace: bool = True) -> None:
+        found = getattr(conn, "dialect",
+                        "sqlite" if isinstance(conn, sqlite3.Connection) else None)
+        if found is None:
+            raise InvalidInput("conn", conn, "a sqlite3 connection (deliverylab.engine.store)")
         if found != self.dialect:
             raise InvalidInput("conn", f"a {found} connection",
                                f"a {self.dialect} connection for {type(self).__name__}"
                                f" (a {found} store takes its own broker)")
+        if not isinstance(trace, bool):
+            raise InvalidInput("trace", trace, "True or False")
         self.conn = conn
         self.clock = clock
         self.ids = ids
         self.max_receives = check_int("max_receives", max_receives, minimum=1)
+        self.writes_trace = trace
         # (delivery, reason) for each message the last receive moved to dead_letters.
         self.parked: list[tuple[Delivery, str]] = []
 
@@ -151,8 +164,10 @@ class SQLiteBroker(Broker):
                 else:
                     out.append(d)
             detail = f"lease until {now + vt:g}"
-            log_many(self.conn, [(now, worker, d.correlation_id, d.event_id, d.message_id,
-                                  d.delivery_count, Outcome.RECEIVED, detail) for d in out])
+            if self.writes_trace:
+                log_many(self.conn, [(now, worker, d.correlation_id, d.event_id, d.message_id,
+                                      d.delivery_count, Outcome.RECEIVED, detail)
+                                     for d in out])
         # Only once the move has committed: what this receive parked, for the caller to report
         # (the worker never holds these, so without this a message would silently vanish).
         self.parked = parked
@@ -204,7 +219,8 @@ class SQLiteBroker(Broker):
                 logs.append((now, worker, d.correlation_id, d.event_id, d.message_id,
                              d.delivery_count, Outcome.ACKED if ok else Outcome.ACK_REJECTED,
                              "" if ok else "receipt is no longer current"))
-            log_many(self.conn, logs)
+            if self.writes_trace:
+                log_many(self.conn, logs)
         return results
 
     def extend(self, delivery: Delivery, seconds: float, *, worker: str = "worker") -> bool:
@@ -218,7 +234,7 @@ class SQLiteBroker(Broker):
                 " WHERE seq = ? AND receipt = ?",
                 (now + s, now + s, delivery.seq, delivery.receipt))
             ok = cur.rowcount == 1
-            if ok:
+            if ok and self.writes_trace:
                 log_delivery(self.conn, delivery, at=now, worker=worker,
                              outcome=Outcome.EXTENDED, detail=f"lease until {now + s:g}")
         return ok
@@ -235,7 +251,7 @@ class SQLiteBroker(Broker):
                 " last_error = coalesce(?, last_error) WHERE seq = ? AND receipt = ?",
                 (now + d, error, delivery.seq, delivery.receipt))
             ok = cur.rowcount == 1
-            if ok:
+            if ok and self.writes_trace:
                 log_delivery(self.conn, delivery, at=now, worker=worker,
                              outcome=Outcome.NACKED,
                              detail=f"retry in {d:g}s" + (f"; error: {error}" if error else ""))
@@ -261,8 +277,9 @@ class SQLiteBroker(Broker):
             " coalesce(last_error, ?), created_at, ? FROM queue_messages WHERE seq = ?",
             (d.delivery_count, reason, now, d.seq))
         self.conn.execute("DELETE FROM queue_messages WHERE seq = ?", (d.seq,))
-        log_delivery(self.conn, d, at=now, worker=worker,
-                     outcome=Outcome.DEAD_LETTERED, detail=reason)
+        if self.writes_trace:
+            log_delivery(self.conn, d, at=now, worker=worker,
+                         outcome=Outcome.DEAD_LETTERED, detail=reason)
 
     def redrive(self, message_ids: list[str] | None = None, *, worker: str = "operator") -> int:
         """Move dead letters (all, or the given ids) back to the queue as new messages with a
@@ -294,9 +311,11 @@ class SQLiteBroker(Broker):
                      row["correlation_id"], now, now))
                 self.conn.execute("DELETE FROM dead_letters WHERE message_id = ?",
                                   (row["message_id"],))
-                log(self.conn, at=now, worker=worker, event_id=row["event_id"],
-                    correlation_id=row["correlation_id"], message_id=new_id, delivery_count=0,
-                    outcome=Outcome.REDRIVEN, detail=f"from dead letter {row['message_id']}")
+                if self.writes_trace:
+                    log(self.conn, at=now, worker=worker, event_id=row["event_id"],
+                        correlation_id=row["correlation_id"], message_id=new_id,
+                        delivery_count=0, outcome=Outcome.REDRIVEN,
+                        detail=f"from dead letter {row['message_id']}")
         return len(rows)
 
     def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
@@ -329,10 +348,16 @@ class SQLiteBroker(Broker):
                 delivery_count: int, reason: str, worker: str) -> bool:
         if self.conn.execute("DELETE FROM queue_messages WHERE seq = ?", (seq,)).rowcount == 0:
             return False
-        log(self.conn, at=self.clock.now(), worker=worker, event_id=event_id,
-            correlation_id=correlation_id, message_id=message_id,
-            delivery_count=delivery_count, outcome=Outcome.LOST, detail=reason)
+        if self.writes_trace:
+            log(self.conn, at=self.clock.now(), worker=worker, event_id=event_id,
+                correlation_id=correlation_id, message_id=message_id,
+                delivery_count=delivery_count, outcome=Outcome.LOST, detail=reason)
         return True
+
+    def joins(self, store: object) -> bool:
+        """True when ``store`` is this broker's own connection: one SQLite transaction can
+        then hold an effect and an ACK (another connection, even to the same file, cannot)."""
+        return store is self.conn
 
     # -- look ------------------------------------------------------------------------------
     def depth(self) -> dict[str, int]:
@@ -348,6 +373,12 @@ class SQLiteBroker(Broker):
         """When the next message becomes visible (None if the queue is empty)."""
         row = self.conn.execute("SELECT min(visible_at) FROM queue_messages").fetchone()
         return row[0]
+
+    def queued_event_ids(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT event_id FROM queue_messages")}
+
+    def dead_lettered_event_ids(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT event_id FROM dead_letters")}
 
 
 # The name the chapters and the lab have always used.

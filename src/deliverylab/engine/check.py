@@ -15,6 +15,11 @@ It also compares the projection with the truth item by item, and reads the histo
 cannot undo: the orders whose effect had run more than once, or never, before the repair
 counted them. A repaired projection is correct; the emails sent twice stay sent, and the
 verdict says so.
+
+Where messages wait is the broker's business: by default the queue tables on the same
+connection; pass ``broker=`` (any :class:`~deliverylab.brokers.base.Broker`) when they wait
+elsewhere. The broker is then read outside the store's snapshot, so while workers run an
+event may move between *pending* and *correct* between the two reads.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from ..brokers.base import Broker
 
 EVENT_COLUMNS = ["order_id", "item_id", "qty", "event_id", "applications", "state"]
 # An order's applications: its event's 'applied' rows after its last 'reconciled' row (CTE
@@ -77,10 +84,15 @@ def repair_history(conn: sqlite3.Connection) -> tuple[int, int, int]:
     return duplicated, extra, never
 
 
-def event_states(conn: sqlite3.Connection) -> list[tuple[str, str, int, str, int, str]]:
-    """(order_id, item_id, qty, event_id, applications, state) for every order."""
-    queued = {r[0] for r in conn.execute("SELECT event_id FROM queue_messages")}
-    dead = {r[0] for r in conn.execute("SELECT event_id FROM dead_letters")}
+def event_states(conn: sqlite3.Connection, broker: Broker | None = None,
+                 ) -> list[tuple[str, str, int, str, int, str]]:
+    """(order_id, item_id, qty, event_id, applications, state) for every order; the queued
+    and dead-lettered events are read from ``broker``, or from the queue tables on ``conn``."""
+    if broker is None:
+        queued = {r[0] for r in conn.execute("SELECT event_id FROM queue_messages")}
+        dead = {r[0] for r in conn.execute("SELECT event_id FROM dead_letters")}
+    else:
+        queued, dead = broker.queued_event_ids(), broker.dead_lettered_event_ids()
     out = []
     for order_id, item_id, qty, event_id, n in conn.execute(_EVENTS_SQL):
         if n == 1:
@@ -179,14 +191,15 @@ class CheckResult:
         return d
 
 
-def check(conn: sqlite3.Connection) -> CheckResult:
+def check(conn: sqlite3.Connection, broker: Broker | None = None) -> CheckResult:
     """Compare what happened with the truth. Reads only, from one snapshot (a read
-    transaction), so it is consistent while workers run."""
+    transaction) of the store, so it is consistent while workers run; ``broker``: where the
+    messages wait, when not in the queue tables on ``conn``."""
     own = not conn.in_transaction
     if own:
         conn.execute("BEGIN")
     try:
-        events = event_states(conn)
+        events = event_states(conn, broker)
         items = projection_vs_truth(conn)
         history = repair_history(conn)
     finally:
@@ -209,10 +222,10 @@ def _orders(n: int) -> str:
     return f"{n} order" if n == 1 else f"{n} orders"
 
 
-def events_frame(conn: sqlite3.Connection) -> pd.DataFrame:
+def events_frame(conn: sqlite3.Connection, broker: Broker | None = None) -> pd.DataFrame:
     import pandas as pd
 
-    return pd.DataFrame(event_states(conn), columns=EVENT_COLUMNS)
+    return pd.DataFrame(event_states(conn, broker), columns=EVENT_COLUMNS)
 
 
 def drift_frame(conn: sqlite3.Connection) -> pd.DataFrame:

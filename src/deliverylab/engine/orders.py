@@ -22,9 +22,9 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..brokers.sqlite import Queue
-from .errors import OrderConflict, check_id, check_int
-from .store import transaction
+from ..brokers.base import Broker
+from .errors import InvalidInput, OrderConflict, check_id, check_int
+from .store import is_store, transaction
 
 EVENT_TYPE = "OrderPlaced"
 MAX_QTY = 10_000
@@ -80,11 +80,20 @@ def key_fingerprint(item_id: str, qty: int, order_id: str | None) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def place_order(queue: Queue, *, item_id: str, qty: int, order_id: str | None = None,
-                idempotency_key: str | None = None) -> PlacedOrder:
-    """Write the order and enqueue its ``OrderPlaced`` event atomically."""
+def place_order(queue: Broker, *, item_id: str, qty: int, order_id: str | None = None,
+                idempotency_key: str | None = None,
+                store: sqlite3.Connection | None = None) -> PlacedOrder:
+    """Write the order and enqueue its ``OrderPlaced`` event.
+
+    Atomically when the broker shares the order's database (the default: the order goes to
+    ``queue.conn``, and ``send`` joins its transaction: the transactional outbox). With
+    ``store=`` on a broker elsewhere, the event is sent inside the order's transaction but
+    commits on its own: should the order's commit then fail, the event was sent for an order
+    that does not exist. That gap is why the outbox exists."""
     validate_order(item_id, qty, order_id, idempotency_key)
-    conn = queue.conn
+    conn = store if store is not None else getattr(queue, "conn", None)
+    if not is_store(conn):
+        raise InvalidInput("store", store, "the store connection the order is written to")
     digest = request_hash(item_id, qty)
     with transaction(conn):
         if idempotency_key is not None:
@@ -92,7 +101,7 @@ def place_order(queue: Queue, *, item_id: str, qty: int, order_id: str | None = 
             replay = _replay_key(conn, idempotency_key, fingerprint, digest, order_id)
             if replay is not None:
                 return replay
-        placed = _place(queue, digest, item_id, qty, order_id, idempotency_key)
+        placed = _place(conn, queue, digest, item_id, qty, order_id, idempotency_key)
         if idempotency_key is not None:
             conn.execute(
                 "INSERT INTO idempotency_keys (key, request_hash, order_id, created, created_at)"
@@ -121,10 +130,9 @@ def _replay_key(conn: sqlite3.Connection, key: str, fingerprint: str, digest: st
     return PlacedOrder(old["order_id"], old["event_id"], created=False, key_first_created=True)
 
 
-def _place(queue: Queue, digest: str, item_id: str, qty: int, order_id: str | None,
-           idempotency_key: str | None) -> PlacedOrder:
+def _place(conn: sqlite3.Connection, queue: Broker, digest: str, item_id: str, qty: int,
+           order_id: str | None, idempotency_key: str | None) -> PlacedOrder:
     """Inside the caller's transaction: replay the order ``order_id`` or write a new one."""
-    conn = queue.conn
     if order_id is not None:
         existing = conn.execute("SELECT * FROM orders WHERE order_id = ?",
                                 (order_id,)).fetchone()

@@ -54,6 +54,8 @@ from .worker import CONSUMER
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ..brokers.base import Broker
+
 
 @dataclass(frozen=True)
 class Drift:
@@ -65,14 +67,16 @@ class Drift:
         return self.items.empty and self.unapplied.empty
 
 
-def diff(conn: sqlite3.Connection) -> Drift:
+def diff(conn: sqlite3.Connection, broker: Broker | None = None) -> Drift:
     """The drift, read-only: items whose projection differs from the truth, and the events
-    never applied (lost, dead-lettered, or still pending)."""
+    never applied (lost, dead-lettered, or still pending in the queue tables on ``conn`` or
+    in ``broker``). The repair itself needs no broker: it reads and writes the store only."""
     import pandas as pd
 
     items = drift_frame(conn)
     items = items[items["delta"] != 0].reset_index(drop=True)
-    rows = [(o, i, q, e, s) for o, i, q, e, n, s in event_states(conn) if n == 0]
+    rows = [(o, i, q, e, s) for o, i, q, e, n, s in event_states(conn, broker)
+            if n == 0]
     unapplied = pd.DataFrame(rows, columns=["order_id", "item_id", "qty", "event_id", "state"])
     return Drift(items=items, unapplied=unapplied)
 

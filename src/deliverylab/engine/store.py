@@ -61,6 +61,13 @@ def check_sqlite_version(found: tuple[int, ...] | None = None) -> None:
         raise SQLiteTooOld(version)
 
 
+def is_store(value: object) -> bool:
+    """Whether ``value`` is a store's connection: sqlite3's, or the PostgreSQL store's
+    (``store_postgres.PgConnection``, which has the part of sqlite3's interface the engine
+    uses and names its ``dialect``)."""
+    return isinstance(value, sqlite3.Connection) or getattr(value, "dialect", None) == "postgresql"
+
+
 def schema_sql() -> str:
     """The text of ``schema.sql``, shipped inside the package."""
     return resources.files("deliverylab.engine").joinpath("schema.sql").read_text(encoding="utf-8")

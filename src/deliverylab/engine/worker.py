@@ -13,6 +13,13 @@ Every mode runs the same code path otherwise, with the same fault schedule (see 
 The projection update is one UPSERT, never read-then-write. An inbox conflict means "already
 processed"; any other database error propagates.
 
+A worker runs over a broker (where messages wait, :mod:`deliverylab.brokers`) and a store
+(the consumer's own database: orders, inbox, projection, fence, trace). On the lab's single
+SQLite file they are one connection; the broker may also be another database, in which case
+``transactional`` is refused (its ACK would be a write in another system, which cannot commit
+in the effect's transaction) and the worker writes the trace rows of the broker's verbs into
+the store itself, right after each verb.
+
 Every mode also honours the reconcile fence: inside the effect's own transaction, an event a
 repair has already counted (a row in ``reconciled_events``) is not applied again; the delivery
 is logged as ``fenced`` and acknowledged as usual (see :mod:`deliverylab.engine.reconcile`).
@@ -27,13 +34,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
-from ..brokers.base import Delivery
-from ..brokers.sqlite import Queue
+from ..brokers.base import Broker, Delivery
+from ..brokers.sqlite import SQLiteBroker
 from .clock import Clock
 from .errors import InvalidInput, SimulatedCrash, check_id, check_int, check_number
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
-from .store import is_busy, transaction
+from .store import is_busy, is_store, transaction
 from .trace import Outcome, log_delivery, log_many
 
 CONSUMER = "inventory"
@@ -128,17 +135,44 @@ class WorkerStats:
 
 
 class Worker:
-    """One consumer of the queue. ``echo`` receives one human-readable line per step."""
+    """One consumer: it receives from ``broker`` and applies to ``store``. ``echo`` receives one
+    human-readable line per step.
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
+    ``Worker(conn, clock=…, ids=…)`` is the lab's form: the store is ``conn`` and the broker
+    the SQLite queue table on that same connection. ``Worker(store=…, broker=…, clock=…)``
+    names both (``queue=`` is the older name of ``broker=``).
+    """
+
+    def __init__(self, conn: sqlite3.Connection | None = None, *, clock: Clock,
+                 ids: Ids | None = None,
                  mode: Mode | str = Mode.IDEMPOTENT, faults: Faults = NO_FAULTS,
                  visibility_timeout: float = 2.0, max_messages: int = 1,
                  max_receives: int = 5, backoff_base: float = 0.1, backoff_cap: float = 10.0,
                  name: str = "worker-1", consumer: str = CONSUMER,
                  handler: Handler = apply_order_placed,
                  echo: Callable[[str], None] | None = None, crash_exits: bool = False,
-                 work_time: float = 0.0, queue: Queue | None = None) -> None:
+                 work_time: float = 0.0, queue: Broker | None = None,
+                 broker: Broker | None = None,
+                 store: sqlite3.Connection | None = None) -> None:
+        store = _one_of("store", store, "conn", conn)
+        broker = _one_of("broker", broker, "queue", queue)
+        if not is_store(store):
+            raise InvalidInput("store", store, "a store connection (deliverylab.engine.store,"
+                                               " or engine.store_postgres)")
+        if broker is None:
+            if ids is None:
+                raise InvalidInput("ids", ids, "an Ids when no broker is given (it builds one)")
+            broker = SQLiteBroker(store, clock=clock, ids=ids, max_receives=max_receives)
+        elif not isinstance(broker, Broker):
+            raise InvalidInput("broker", broker, "a deliverylab.brokers.base.Broker")
         self.mode = Mode.parse(mode)
+        joined = broker.joins(store)
+        if self.mode is Mode.TRANSACTIONAL and not joined:
+            raise InvalidInput(
+                "mode", self.mode.value,
+                "a mode other than transactional when the broker is not the store's own"
+                " database: the ACK is a write in another system, so it cannot commit in the"
+                " effect's transaction (use idempotent: inbox and effect in one transaction)")
         if not isinstance(faults, Faults):
             raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
         self.visibility_timeout = check_number("visibility_timeout", visibility_timeout,
@@ -148,8 +182,11 @@ class Worker:
         self.backoff_cap = check_number("backoff_cap", backoff_cap, minimum=self.backoff_base)
         self.name = check_id("name", name)
         self.consumer = check_id("consumer", consumer)
-        self.conn, self.clock, self.faults = conn, clock, faults
-        self.queue = queue or Queue(conn, clock=clock, ids=ids, max_receives=max_receives)
+        self.conn, self.clock, self.faults = store, clock, faults
+        self.queue = broker
+        # Who writes the trace rows of the broker's verbs: the broker, inside each verb's
+        # transaction on the store; or this worker, into the store right after the verb.
+        self._trace_verbs = not (joined and broker.writes_trace)
         self.handler, self.echo, self.crash_exits = handler, echo, crash_exits
         self._handle_many = BATCH_FORMS.get(handler)
         # How long processing takes, on the clock: a lease shorter than this runs out while
@@ -158,6 +195,14 @@ class Worker:
         self.stats = WorkerStats()
         self._stopping = False
         self._lock_streak = 0  # lock waits in a row: the exponent of the next backoff
+
+    @property
+    def broker(self) -> Broker:
+        return self.queue
+
+    @property
+    def store(self) -> sqlite3.Connection:
+        return self.conn
 
     # -- output ----------------------------------------------------------------------------
     def _say(self, d: Delivery, words: str) -> None:
@@ -170,6 +215,23 @@ class Worker:
         with transaction(self.conn):
             log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
                          outcome=outcome, detail=detail)
+
+    def _trace(self, rows: list[tuple[Outcome, Delivery, str]]) -> None:
+        """The trace rows of a broker verb that wrote none itself (a broker that is not the
+        store): written into the store after the verb, so not atomic with it."""
+        if self._trace_verbs and rows:
+            now = self.clock.now()
+            with transaction(self.conn):
+                log_many(self.conn, [(now, self.name, d.correlation_id, d.event_id,
+                                      d.message_id, d.delivery_count, outcome, detail)
+                                     for outcome, d, detail in rows])
+
+    def _acked(self, deliveries: list[Delivery], results: list[bool]) -> None:
+        if not self._trace_verbs:  # the hot path: the broker logged them in the ACK's commit
+            return
+        self._trace([(Outcome.ACKED, d, "") if ok
+                     else (Outcome.ACK_REJECTED, d, "receipt is no longer current")
+                     for d, ok in zip(deliveries, results, strict=True)])
 
     def _crash(self, deliveries: list[Delivery], point: str) -> None:
         self.stats.crashed += 1
@@ -314,6 +376,10 @@ class Worker:
             return 0
         self._lock_streak = 0
         self.stats.steps += 1
+        if self._trace_verbs:
+            self._trace([(Outcome.DEAD_LETTERED, d, reason) for d, reason in self.queue.parked]
+                        + [(Outcome.RECEIVED, d, f"lease until {d.lease_until:g}")
+                           for d in deliveries])
         for d, reason in self.queue.parked:
             self.stats.dead_lettered += 1
             self._say(d, f"dead-lettered: {reason} → 'deliverylab redrive' moves it back")
@@ -324,7 +390,8 @@ class Worker:
         for d in deliveries:
             self._say(d, "received")
             if self._fires("lose_message", d):
-                self.queue.lose(d, reason="lost in transit (auto-ack)", worker=self.name)
+                if self.queue.lose(d, reason="lost in transit (auto-ack)", worker=self.name):
+                    self._trace([(Outcome.LOST, d, "lost in transit (auto-ack)")])
                 self.stats.lost += 1
                 self._say(d, "lost before processing → no effect, no redelivery")
             else:
@@ -345,7 +412,9 @@ class Worker:
                 self._log(d, Outcome.ACK_FAILED, "not processed: the ACK was not confirmed")
                 self._say(d, "ack failed → not processing, expect redelivery")
                 continue
-            if not self.queue.ack(d, worker=self.name):
+            ok = self.queue.ack(d, worker=self.name)
+            self._acked([d], [ok])
+            if not ok:
                 self.stats.ack_rejected += 1
                 self._say(d, "ack rejected (stale receipt) → not processing")
                 continue
@@ -429,7 +498,9 @@ class Worker:
                 continue
             to_ack.append(d)
         if to_ack:
-            for d, ok in zip(to_ack, self.queue.ack_many(to_ack, worker=self.name), strict=True):
+            results = self.queue.ack_many(to_ack, worker=self.name)
+            self._acked(to_ack, results)
+            for d, ok in zip(to_ack, results, strict=True):
                 if ok:
                     self.stats.acked += 1
                     self._say(d, "acked")
@@ -442,6 +513,7 @@ class Worker:
     def _retry_or_dead_letter(self, d: Delivery, error: str) -> None:
         if d.delivery_count >= self.queue.max_receives:
             if self.queue.dead_letter(d, error, worker=self.name):
+                self._trace([(Outcome.DEAD_LETTERED, d, error)])
                 self.stats.dead_lettered += 1
                 self._say(d, f"dead-lettered after {d.delivery_count} receives ({error})")
             else:
@@ -450,6 +522,7 @@ class Worker:
         delay = self.faults.backoff(d.delivery_count - 1, base=self.backoff_base,
                                     cap=self.backoff_cap, event_id=d.event_id)
         if self.queue.nack(d, delay, error=error, worker=self.name):
+            self._trace([(Outcome.NACKED, d, f"retry in {delay:g}s; error: {error}")])
             self.stats.nacked += 1
             self._say(d, f"nacked ({error}) → retry in {delay:.3f}s (backoff with full jitter)")
         else:
@@ -525,3 +598,9 @@ class Worker:
     def stop(self) -> None:
         self._stopping = True
 
+
+def _one_of(name: str, value: object, old_name: str, old_value: object) -> object:
+    """``value`` or ``old_value`` (two names for one argument), never two different ones."""
+    if value is not None and old_value is not None and value is not old_value:
+        raise InvalidInput(old_name, old_value, f"left out when {name} is given")
+    return value if value is not None else old_value
