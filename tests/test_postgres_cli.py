@@ -101,3 +101,61 @@ def test_a_worker_process_with_lost_acks_then_status_trace_and_reconcile(capsys)
         assert code == 0 and "received" in out and "acked" in out
         code, out, _ = run(capsys, "reconcile", "--db", url)
         assert code == 0 and "nothing to repair" in out
+
+
+def test_transactional_is_refused_for_a_broker_that_is_not_the_store(capsys, tmp_path):
+    store_file = tmp_path / "store.db"
+    assert run(capsys, "init-db", "--db", str(store_file))[0] == 0
+    with schema() as url:
+        code, _, err = run(capsys, "worker", "--broker", url, "--store", str(store_file),
+                           "--mode", "transactional")
+    assert code == 2 and "deliverylab worker: error: mode must be a mode other than" \
+        " transactional when the broker is not the store's own database" in err
+
+
+@pytest.mark.parametrize("flag", ["--broker", "--store"])
+def test_a_bad_broker_or_store_url_is_exit_2_naming_it(capsys, tmp_path, flag):
+    store_file = tmp_path / "store.db"
+    run(capsys, "init-db", "--db", str(store_file))
+    other = {"--broker": "--store", "--store": "--broker"}[flag]
+    code, _, err = run(capsys, "worker", flag, "postgresql://127.0.0.1:1/test?options="
+                       "-csearch_path%3Ddl_x", other, str(store_file))
+    assert code == 2 and f"error: {flag} must be a reachable PostgreSQL server" in err
+
+
+@pytest.mark.slow
+def test_a_worker_on_a_postgres_broker_and_a_sqlite_store(capsys, tmp_path):
+    """The broker in PostgreSQL, the store in a SQLite file: idempotent under lost ACKs
+    applies every order once; the worker writes the broker's verbs into the store's trace."""
+    from deliverylab.engine import store
+
+    store_file = tmp_path / "store.db"
+    with schema() as url:
+        conn = store.init_db(store_file)
+        with pgstore.connect(url) as bconn:
+            broker = PostgresBroker(bconn, clock=SystemClock(), ids=Ids(9))
+            for i in range(10):
+                place_order(broker, item_id=f"item-{i % 3}", qty=1, store=conn)
+        conn.close()
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "deliverylab", "worker", "--broker", url, "--store",
+             str(store_file), "--ack-fail-rate", "0.5", "--seed", "4",
+             "--visibility-timeout", "0.2", "--poll-interval", "0.01"],
+            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            with pgstore.connect(url) as bconn:
+                for _ in range(400):
+                    if bconn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 0:
+                        break
+                    subprocess.run(["sleep", "0.05"], check=True)
+        finally:
+            worker.terminate()
+            out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert f"broker={url}" in out and "duplicate skipped" in out
+    code, out, _ = run(capsys, "status", "--db", str(store_file))
+    assert code == 0 and "10 applied exactly once, 0 duplicated, 0 lost" in out
+    conn = store.connect(store_file)
+    outcomes = {r[0] for r in conn.execute("SELECT outcome FROM delivery_log")}
+    conn.close()
+    assert {"received", "applied", "duplicate_skipped", "acked", "ack_failed"} <= outcomes

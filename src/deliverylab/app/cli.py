@@ -181,7 +181,7 @@ def broker_on(conn: Any, **kw: Any) -> Any:
 
 
 def _where(args: argparse.Namespace) -> str:
-    return "--db" if args.db is not None else (DB_ENV if os.environ.get(DB_ENV, "").strip()
+    return getattr(args, "flag", "--db") if args.db is not None else (DB_ENV if os.environ.get(DB_ENV, "").strip()
                                                else "the default database")
 
 
@@ -429,18 +429,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          f" got {args.backoff_cap:g}")
     faults = Faults.from_rates(seed=args.seed, **rates)
     name = args.name or f"worker-{os.getpid()}"
+    if args.store is not None:
+        if args.db is not None and args.db != args.store:
+            raise UsageError(f"--store and --db name the same thing, the consumer's database;"
+                             f" got {args.store!r} and {args.db!r}")
+        args.db, args.flag = args.store, "--store"
+    broker_args = None
+    if args.broker is not None and args.broker != (args.db or os.environ.get(DB_ENV, "")):
+        broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
+        open_db(broker_args).close()  # a bad --broker fails here, before anything starts
     conn = open_db(args)
 
     def echo(line: str) -> None:
         print(safe_text(_wall(line)), flush=True)
 
     clock, ids = SystemClock(), Ids()
-    worker = Worker(conn, clock=clock, ids=ids, mode=args.mode, faults=faults,
-                    visibility_timeout=args.visibility_timeout, max_messages=args.max_messages,
-                    max_receives=args.max_receives, backoff_base=args.backoff_base,
-                    backoff_cap=args.backoff_cap, name=name, echo=echo,
-                    crash_exits=args.crash_exits, work_time=args.work_time,
-                    queue=broker_on(conn, clock=clock, ids=ids, max_receives=args.max_receives))
+    # The broker: the queue table in the store's own database, or (--broker) a queue in
+    # another database, which leaves the trace rows of its verbs to the worker.
+    broker_conn = conn if broker_args is None else open_db(broker_args)
+    broker = broker_on(broker_conn, clock=clock, ids=ids, max_receives=args.max_receives,
+                       trace=broker_args is None)
+    try:
+        worker = Worker(store=conn, broker=broker, clock=clock, ids=ids, mode=args.mode,
+                        faults=faults, visibility_timeout=args.visibility_timeout,
+                        max_messages=args.max_messages, max_receives=args.max_receives,
+                        backoff_base=args.backoff_base, backoff_cap=args.backoff_cap,
+                        name=name, echo=echo, crash_exits=args.crash_exits,
+                        work_time=args.work_time)
+    except InvalidInput:
+        conn.close()
+        if broker_conn is not conn:
+            broker_conn.close()
+        raise
 
     def on_signal(signum: int, frame: Any) -> None:
         if worker._stopping:  # a second Ctrl-C: stop now; open transactions roll back
@@ -456,7 +476,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(safe_text(f"[{name}] started: mode={worker.mode}"
                     f" visibility_timeout={args.visibility_timeout:g}s"
                     f" max_receives={args.max_receives} faults: {fault_text}"
-                    f" (seed {faults.seed}) db={db_label(args)}"), flush=True)
+                    f" (seed {faults.seed}) db={db_label(args)}"
+                    + ("" if broker_args is None else f" broker={db_label(broker_args)}")),
+          flush=True)
     try:
         stats = worker.run_forever(poll_interval=args.poll_interval)
     except KeyboardInterrupt:
@@ -464,6 +486,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 130
     finally:
         conn.close()
+        if broker_conn is not conn:
+            broker_conn.close()
     totals = stats.as_dict()
     counts = " ".join(f"{k}={v}" for k, v in totals.items() if k != "steps")
     print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
@@ -721,6 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the fault schedule (default: random, printed at start)")
     p.add_argument("--name", type=_text_arg(), default=None,
                    help="name in the output and the trace (default worker-PID)")
+    p.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
+                   help="the consumer's database (orders, inbox, projection, trace): the same"
+                        " as --db")
+    p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
+                   help="where the messages wait (default: the queue table of the store's"
+                        " own database); another database makes it an external broker, and"
+                        " --mode transactional is refused there")
     p.set_defaults(run=cmd_worker)
 
     p = sub.add_parser("order", help="POST /orders to the running API (curl not needed)")
