@@ -88,14 +88,14 @@ lint: setup
 
 # Every chapter runs top to bottom and reproduces its saved outputs exactly. With notebooks
 # present, collecting no cell (pytest's exit 5) is a failure, not a pass.
-nbval: setup
+nbval: setup services
 	@if ! compgen -G 'chapters/*.ipynb' >/dev/null; then \
 	  echo "nbval: no notebooks in chapters/ yet"; exit 0; fi; \
 	pytest --nbval --nbval-current-env \
 	  $(if $(NBVAL_SANITIZE),--nbval-sanitize-with $(NBVAL_SANITIZE)) chapters/
 
 # All of tests/, slow and browser tests included (the browser tests read _build/html/).
-pytest: setup
+pytest: setup services
 	pytest tests/
 
 # In this order, one step at a time: the tests run last, so that the browser tests check
@@ -117,7 +117,7 @@ lab: setup
 
 # After a change to src/: execute every chapter in place, so the saved outputs nbval compares
 # against are the engine's current ones, and give the saved widgets ids that stay put.
-notebooks: setup
+notebooks: setup services
 	for nb in chapters/*.ipynb; do \
 	  jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.record_timing=False "$$nb"; \
