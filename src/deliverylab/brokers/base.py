@@ -64,7 +64,9 @@ class Broker(abc.ABC):
     handing it out; ``writes_trace``, whether the verbs write their own trace rows (below).
 
     Every verb validates its arguments first and, on bad input, raises ``InvalidInput``
-    naming the argument and the value, having changed nothing.
+    naming the argument and the value, having changed nothing. An engine that cannot do a
+    verb as stated says so in that verb's docstring and either documents its substitute or
+    raises ``NotImplementedError`` naming the verb and the engine: never a silent no-op.
 
     The trace. The rows that record what a verb did (``received``, ``acked``,
     ``ack_rejected``, ``nacked``, ``extended``, ``dead_lettered``, ``redriven``, ``lost``)
