@@ -5,6 +5,7 @@
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
+#   make services  start (or install) the servers the tests use: PostgreSQL
 #
 # Setup is done once and redone only when requirements.txt or pyproject.toml change.
 
@@ -28,7 +29,7 @@ export JUPYTER_PREFER_ENV_PATH := 1
 # Quiets the debugger's "frozen modules" notice that every kernel prints on start.
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help setup assets chromium book book-strict lint nbval pytest test lab notebooks bench clean
+.PHONY: help setup assets chromium services book book-strict lint nbval pytest test lab notebooks bench clean
 
 help:
 	@echo "make book    build the HTML book into _build/html/"
@@ -36,6 +37,7 @@ help:
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
 	@echo "make bench   run the benchmarks"
+	@echo "make services  start PostgreSQL for the tests (install it if missing)"
 	@echo "make clean   remove the built book and fetched assets (keeps .venv)"
 
 # --- setup -------------------------------------------------------------------------------
@@ -62,6 +64,11 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; \
 	fi
 
+# The servers the tests talk to (PostgreSQL on 127.0.0.1:5432): started if installed and
+# stopped, installed with apt-get if missing. The book does not need them.
+services:
+	bash scripts/services.sh
+
 # --- the book ----------------------------------------------------------------------------
 
 book: assets
@@ -81,19 +88,19 @@ lint: setup
 
 # Every chapter runs top to bottom and reproduces its saved outputs exactly. With notebooks
 # present, collecting no cell (pytest's exit 5) is a failure, not a pass.
-nbval: setup
+nbval: setup services
 	@if ! compgen -G 'chapters/*.ipynb' >/dev/null; then \
 	  echo "nbval: no notebooks in chapters/ yet"; exit 0; fi; \
 	pytest --nbval --nbval-current-env \
 	  $(if $(NBVAL_SANITIZE),--nbval-sanitize-with $(NBVAL_SANITIZE)) chapters/
 
 # All of tests/, slow and browser tests included (the browser tests read _build/html/).
-pytest: setup
+pytest: setup services
 	pytest tests/
 
 # In this order, one step at a time: the tests run last, so that the browser tests check
 # the book just built.
-test: setup assets chromium
+test: setup assets chromium services
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory nbval
 	$(MAKE) --no-print-directory book-strict
@@ -110,7 +117,7 @@ lab: setup
 
 # After a change to src/: execute every chapter in place, so the saved outputs nbval compares
 # against are the engine's current ones, and give the saved widgets ids that stay put.
-notebooks: setup
+notebooks: setup services
 	for nb in chapters/*.ipynb; do \
 	  jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.record_timing=False "$$nb"; \

@@ -19,6 +19,15 @@ Targets:
 * with 100,000 messages waiting it runs at >= 0.8x its rate with 1,000 waiting;
 * batched (``max_messages=100``) it consumes >= 50,000 messages/s, a target set where the
   baseline cycle ran at about 28,000 messages/s.
+
+The same idempotent cycle runs on PostgreSQL too (``--postgres URL``, default the local
+server; ``--postgres none`` to leave it out), broker and store in one schema made for each run
+and dropped after it, at the server's own settings (``synchronous_commit`` on: every commit
+waits for its WAL flush, like SQLite's ``FULL``, stricter than the ``NORMAL`` of the SQLite
+rows); and with ``synchronous_commit=off`` for this session (commits return before their
+flush: a crash of the server can lose the last fraction of a second of them, as a power cut
+can lose SQLite's under ``NORMAL``). Those rows are compared with the SQLite baseline cycle of
+the same run. No target: they say what the move costs.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
 from deliverylab.engine.worker import Worker
+
+PG_DEFAULT = "postgresql://127.0.0.1:5432/test"
 
 ITEMS = [f"item-{i}" for i in range(50)]
 # The baseline cycle's rate on the machine the 50,000 msg/s target was set on.
@@ -126,6 +137,62 @@ class Engine:
     def worker(self, max_messages: int) -> Worker:
         return Worker(self.conn, clock=self.clock, ids=Ids(), mode="idempotent",
                       max_messages=max_messages, queue=self.queue)
+
+
+class PgEngine(Engine):
+    """The engine on a fresh PostgreSQL schema: the broker and the store in one database."""
+
+    made: list[str] = []  # every schema made, dropped at the end of the run
+
+    def __init__(self, server: str, *, sync: bool = True) -> None:
+        from deliverylab.brokers.postgres import PostgresBroker
+        from deliverylab.engine import store_postgres
+
+        url = store_postgres.url_for(server, f"dl_bench_{uuid.uuid4().hex[:12]}")
+        if not sync:  # this session's commits do not wait for their WAL flush
+            url += "%20-csynchronous_commit%3Doff"
+        PgEngine.made.append(url)
+        self.conn = store_postgres.init_db(url)
+        self.clock = SystemClock()
+        self.queue = PostgresBroker(self.conn, clock=self.clock, ids=Ids())
+
+    def fill(self, n: int, start: int = 0) -> None:
+        with store.transaction(self.conn):
+            for i in range(start, start + n):
+                self.send(i)
+        self.conn.execute("VACUUM ANALYZE queue_messages")  # the planner sees the backlog
+
+
+def pg_cycle(server: str, n: int, *, max_messages: int = 1, sync: bool = True):
+    def make(_path: Path):
+        e = PgEngine(server, sync=sync)
+        e.fill(n)
+        w = e.worker(max_messages)
+
+        def run() -> int:
+            got = 0
+            while got < n:
+                got += w.step()
+            assert w.stats.applied == got and w.stats.acked == got
+            e.conn.close()
+            return got
+        return run
+    return make
+
+
+def pg_server(url: str) -> str | None:
+    """``url`` when a PostgreSQL server answers there, else None (said on stdout)."""
+    if url == "none":
+        return None
+    try:
+        import psycopg
+
+        psycopg.connect(url, connect_timeout=3).close()
+    except Exception as exc:  # no driver, no server: the SQLite rows still run
+        print(f"PostgreSQL rows left out: {url} did not answer ({str(exc).splitlines()[0]});"
+              f" 'make services' starts it\n")
+        return None
+    return url
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -218,8 +285,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--postgres", default=PG_DEFAULT, metavar="URL",
+                        help=f"the PostgreSQL server for the PostgreSQL rows (default"
+                             f" {PG_DEFAULT}; 'none' leaves them out)")
     args = parser.parse_args(argv)
     n, r = args.messages, args.repeat
+    try:
+        run(n, r, pg_server(args.postgres))
+    finally:
+        from deliverylab.engine import store_postgres
+
+        for url in PgEngine.made:
+            store_postgres.drop_schema(url)
+
+
+def run(n: int, r: int, pg: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the engine's page size and checkpoint interval
         probe = store.connect(Path(tmp) / "probe.db", must_exist=False)
         probe.execute("CREATE TABLE t (x INTEGER)")
@@ -250,6 +330,18 @@ def main(argv: list[str] | None = None) -> None:
         deep: (engine_cycle(1_000, waiting=100_000), shallow),
         batched: (engine_cycle(n, max_messages=100), base),
     }
+    if pg is not None:
+        # At most 2,000 messages: with every commit waiting for its flush, 10,000 single
+        # cycles would take minutes a round. A rate is a rate.
+        m = min(n, 2_000)
+        plan["PostgreSQL: idempotent cycle, max_messages=1 (3 commits)"] = (
+            pg_cycle(pg, m), base)
+        plan["PostgreSQL: idempotent cycle, max_messages=100"] = (
+            pg_cycle(pg, n, max_messages=100), base)
+        plan["PostgreSQL, synchronous_commit=off: idempotent cycle, max_messages=1"] = (
+            pg_cycle(pg, m, sync=False), base)
+        plan["PostgreSQL, synchronous_commit=off: idempotent cycle, max_messages=100"] = (
+            pg_cycle(pg, n, max_messages=100, sync=False), base)
     rates = measure(r, {label: make for label, (make, _) in plan.items()})
     med = {label: statistics.median(v) for label, v in rates.items()}
 

@@ -121,9 +121,27 @@ def _sqlite_file(where: Path, clock: FakeClock, ids: Ids,
             conn.close)
 
 
+def _postgres(where: Path, clock: FakeClock, ids: Ids,
+              max_receives: int) -> tuple[Broker, Callable[[], None]]:
+    """The PostgreSQL queue table, in a schema of its own on the shared server (see
+    tests/pg.py), dropped on close; it writes its trace in its own schema, as the lab's does."""
+    from contextlib import ExitStack
+
+    from pg import schema
+
+    from deliverylab.brokers.postgres import PostgresBroker
+    from deliverylab.engine import store_postgres
+
+    stack = ExitStack()
+    conn = store_postgres.connect(stack.enter_context(schema()))
+    stack.callback(conn.close)
+    return PostgresBroker(conn, clock=clock, ids=ids, max_receives=max_receives), stack.close
+
+
 BROKER_ENGINES: dict[str, Callable[..., tuple[Broker, Callable[[], None]]]] = {
     "sqlite-memory": _sqlite_memory,
     "sqlite-file": _sqlite_file,
+    "postgres": _postgres,
 }
 
 

@@ -303,8 +303,8 @@ def test_the_effect_is_one_upsert_never_a_read_then_write(lab):
     for s in touching:
         normal = " ".join(s.split())
         assert normal.startswith("INSERT INTO inventory_projection")
-        assert "ON CONFLICT (item_id) DO UPDATE SET reserved_qty = reserved_qty +" \
-               " excluded.reserved_qty" in normal
+        assert "ON CONFLICT (item_id) DO UPDATE SET reserved_qty =" \
+               " inventory_projection.reserved_qty + excluded.reserved_qty" in normal
     assert lab.projection() == {"coffee-beans": 6}
 
 

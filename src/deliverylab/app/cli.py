@@ -155,8 +155,33 @@ def db_path(args: argparse.Namespace) -> Path:
         raise UsageError(f"{DB_ENV} {exc}") from None
 
 
+def db_url(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL URL ``--db`` (or the environment) names, None for a SQLite file."""
+    from ..engine.store_postgres import is_url
+
+    text = args.db if args.db is not None else os.environ.get(DB_ENV, "").strip()
+    return text if is_url(text) else None
+
+
+def db_label(args: argparse.Namespace) -> str:
+    """The database as the user named it: a file path, or a PostgreSQL URL kept whole."""
+    return db_url(args) or str(db_path(args))
+
+
+def broker_on(conn: Any, **kw: Any) -> Any:
+    """The queue table in the store's own database: the broker written for that database
+    (SQLite's claim would hand one message to two workers on PostgreSQL)."""
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        from ..brokers.postgres import PostgresBroker
+
+        return PostgresBroker(conn, **kw)
+    from ..brokers.sqlite import Queue
+
+    return Queue(conn, **kw)
+
+
 def _where(args: argparse.Namespace) -> str:
-    return "--db" if args.db is not None else (DB_ENV if os.environ.get(DB_ENV, "").strip()
+    return getattr(args, "flag", "--db") if args.db is not None else (DB_ENV if os.environ.get(DB_ENV, "").strip()
                                                else "the default database")
 
 
@@ -195,6 +220,11 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
         why_read_only,
     )
 
+    url = db_url(args)
+    if url is not None:  # a PostgreSQL schema: a bad URL or no server is InvalidInput, exit 2
+        from ..engine.store_postgres import connect as pg_connect
+
+        return pg_connect(url, field=_where(args))  # type: ignore[return-value]
     path = db_path(args)
     init = f"deliverylab init-db{'' if args.db is None else ' --db ' + str(path)}"
     if not path.exists():
@@ -269,6 +299,18 @@ def cmd_init_db(args: argparse.Namespace) -> int:
         why_read_only,
     )
 
+    url = db_url(args)
+    if url is not None:
+        from ..engine.store_postgres import init_db as pg_init_db
+
+        pg = pg_init_db(url, field=_where(args))
+        try:
+            orders = pg.execute("SELECT count(*) FROM orders").fetchone()[0]
+        finally:
+            pg.close()
+        print(safe_text(f"PostgreSQL schema {pg.schema!r} is ready at {url} ({orders} orders;"
+                        f" tables: {', '.join(TABLES)})"))
+        return 0
     check_sqlite_version()  # before anything is created
     path = db_path(args)
     where = _where(args)
@@ -306,6 +348,10 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    if db_url(args) is not None:
+        raise UsageError(f"{_where(args)}: the HTTP API serves a SQLite file only; on"
+                         f" PostgreSQL, place orders from Python (orders.place_order) or run"
+                         f" the API on a file")
     path = db_path(args)
     open_db(args).close()  # fail here, with a clear message, not inside the server
     import uvicorn
@@ -383,17 +429,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          f" got {args.backoff_cap:g}")
     faults = Faults.from_rates(seed=args.seed, **rates)
     name = args.name or f"worker-{os.getpid()}"
+    if args.store is not None:
+        if args.db is not None and args.db != args.store:
+            raise UsageError(f"--store and --db name the same thing, the consumer's database;"
+                             f" got {args.store!r} and {args.db!r}")
+        args.db, args.flag = args.store, "--store"
+    broker_args = None
+    if args.broker is not None and args.broker != (args.db or os.environ.get(DB_ENV, "")):
+        broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
+        open_db(broker_args).close()  # a bad --broker fails here, before anything starts
     conn = open_db(args)
 
     def echo(line: str) -> None:
         print(safe_text(_wall(line)), flush=True)
 
     clock, ids = SystemClock(), Ids()
-    worker = Worker(conn, clock=clock, ids=ids, mode=args.mode, faults=faults,
-                    visibility_timeout=args.visibility_timeout, max_messages=args.max_messages,
-                    max_receives=args.max_receives, backoff_base=args.backoff_base,
-                    backoff_cap=args.backoff_cap, name=name, echo=echo,
-                    crash_exits=args.crash_exits, work_time=args.work_time)
+    # The broker: the queue table in the store's own database, or (--broker) a queue in
+    # another database, which leaves the trace rows of its verbs to the worker.
+    broker_conn = conn if broker_args is None else open_db(broker_args)
+    broker = broker_on(broker_conn, clock=clock, ids=ids, max_receives=args.max_receives,
+                       trace=broker_args is None)
+    try:
+        worker = Worker(store=conn, broker=broker, clock=clock, ids=ids, mode=args.mode,
+                        faults=faults, visibility_timeout=args.visibility_timeout,
+                        max_messages=args.max_messages, max_receives=args.max_receives,
+                        backoff_base=args.backoff_base, backoff_cap=args.backoff_cap,
+                        name=name, echo=echo, crash_exits=args.crash_exits,
+                        work_time=args.work_time)
+    except InvalidInput:
+        conn.close()
+        if broker_conn is not conn:
+            broker_conn.close()
+        raise
 
     def on_signal(signum: int, frame: Any) -> None:
         if worker._stopping:  # a second Ctrl-C: stop now; open transactions roll back
@@ -409,7 +476,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(safe_text(f"[{name}] started: mode={worker.mode}"
                     f" visibility_timeout={args.visibility_timeout:g}s"
                     f" max_receives={args.max_receives} faults: {fault_text}"
-                    f" (seed {faults.seed}) db={db_path(args)}"), flush=True)
+                    f" (seed {faults.seed}) db={db_label(args)}"
+                    + ("" if broker_args is None else f" broker={db_label(broker_args)}")),
+          flush=True)
     try:
         stats = worker.run_forever(poll_interval=args.poll_interval)
     except KeyboardInterrupt:
@@ -417,6 +486,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 130
     finally:
         conn.close()
+        if broker_conn is not conn:
+            broker_conn.close()
     totals = stats.as_dict()
     counts = " ".join(f"{k}={v}" for k, v in totals.items() if k != "steps")
     print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
@@ -482,7 +553,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             else:
                 if args.watch:
                     print("\033[H\033[2J" + time.strftime("%H:%M:%S"), end="\n\n")
-                print(render(report, db=str(db_path(args))), flush=True)
+                print(render(report, db=db_label(args)), flush=True)
             if not args.watch:
                 return 0
             time.sleep(args.watch)
@@ -501,7 +572,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     if story is None:
-        raise Failure(f"no order or event {args.order!r} in {db_path(args)}")
+        raise Failure(f"no order or event {args.order!r} in {db_label(args)}")
     print(safe_json(story) if args.json else render_trace(story))
     return 0
 
@@ -552,13 +623,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    from ..brokers.sqlite import Queue
     from ..engine.clock import SystemClock
     from ..engine.ids import Ids
 
     conn = open_db(args)
     try:
-        queue = Queue(conn, clock=SystemClock(), ids=Ids())
+        queue = broker_on(conn, clock=SystemClock(), ids=Ids())
         try:
             moved = queue.redrive(args.message_ids or None)
         except InvalidInput as exc:
@@ -570,7 +640,6 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    from ..brokers.sqlite import Queue
     from ..engine.clock import SystemClock
     from ..engine.ids import Ids
 
@@ -591,7 +660,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
             rows = conn.execute(
                 "SELECT message_id, event_id, correlation_id FROM queue_messages"
                 " ORDER BY seq LIMIT ?", (args.count,)).fetchall()
-        queue = Queue(conn, clock=SystemClock(), ids=Ids())
+        queue = broker_on(conn, clock=SystemClock(), ids=Ids())
         dropped = 0
         for r in rows:
             if queue.drop(r["message_id"], reason="dropped by 'deliverylab drop'",
@@ -617,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"deliverylab {__version__}")
     db = argparse.ArgumentParser(add_help=False)
     db.add_argument("--db", metavar="PATH", type=_path_text,
-                    help=f"the database file (default: ${DB_ENV} or {DEFAULT_DB})")
+                    help=f"the database file (default: ${DB_ENV} or {DEFAULT_DB}), or a"
+                         f" PostgreSQL schema as postgresql://HOST/DB?options=-csearch_path%%3DNAME")
     # Every command but the API (which keeps SQLite's 30 s) may wait less, or more, for a
     # write lock another connection holds.
     busy = argparse.ArgumentParser(add_help=False, parents=[db])
@@ -675,6 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the fault schedule (default: random, printed at start)")
     p.add_argument("--name", type=_text_arg(), default=None,
                    help="name in the output and the trace (default worker-PID)")
+    p.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
+                   help="the consumer's database (orders, inbox, projection, trace): the same"
+                        " as --db")
+    p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
+                   help="where the messages wait (default: the queue table of the store's"
+                        " own database); another database makes it an external broker, and"
+                        " --mode transactional is refused there")
     p.set_defaults(run=cmd_worker)
 
     p = sub.add_parser("order", help="POST /orders to the running API (curl not needed)")
@@ -738,7 +815,7 @@ def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> tup
     writes are transactions, so whatever it was doing rolled back: nothing half-written."""
     from ..engine.store import is_busy, is_read_only_error
 
-    path = str(db_path(args)) if hasattr(args, "db") else "the database"
+    path = db_label(args) if hasattr(args, "db") else "the database"
     if is_busy(exc):
         return 2, (f"the database {path!r} is locked: another connection held its lock for"
                    f" longer than the busy timeout ({_busy_timeout(args):g}s); what this"

@@ -59,10 +59,21 @@ class SQLiteBroker(Broker):
     ``trace=False`` leaves them to the worker (for a broker that is not the store).
     """
 
+    # The database this broker's SQL is written for. Its claim is safe with SQLite's single
+    # writer only: on a PostgreSQL connection it would hand one message to two workers, so a
+    # connection of another database is refused (brokers/postgres.py is PostgreSQL's broker).
+    dialect = "sqlite"
+
     def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
                  max_receives: int = 5, trace: bool = True) -> None:
-        if not isinstance(conn, sqlite3.Connection):
+        found = getattr(conn, "dialect",
+                        "sqlite" if isinstance(conn, sqlite3.Connection) else None)
+        if found is None:
             raise InvalidInput("conn", conn, "a sqlite3 connection (deliverylab.engine.store)")
+        if found != self.dialect:
+            raise InvalidInput("conn", f"a {found} connection",
+                               f"a {self.dialect} connection for {type(self).__name__}"
+                               f" (a {found} store takes its own broker)")
         if not isinstance(trace, bool):
             raise InvalidInput("trace", trace, "True or False")
         self.conn = conn

@@ -48,7 +48,7 @@ APPLICATIONS_CTE = """
 """
 _EVENTS_SQL = APPLICATIONS_CTE + """
     SELECT o.order_id, o.item_id, o.qty, o.event_id,
-           coalesce(a.n, 0) + (r.rs IS NOT NULL) AS applications
+           coalesce(a.n, 0) + (CASE WHEN r.rs IS NULL THEN 0 ELSE 1 END) AS applications
       FROM orders AS o
       LEFT JOIN applied AS a USING (event_id)
       LEFT JOIN last_rec AS r USING (event_id)
@@ -58,6 +58,7 @@ _EVENTS_SQL = APPLICATIONS_CTE + """
 
 # Per repaired order: how many times its effect ran before its last 'reconciled' row. More than
 # once: duplicated effects the rebuild hid from the projection; never: counted by the repair.
+# (CASE, not SQLite's sum of a comparison or its two-argument max: the same on PostgreSQL.)
 _HISTORY_SQL = """
     WITH last_rec AS (
         SELECT event_id, max(seq) AS rs FROM delivery_log
@@ -67,9 +68,9 @@ _HISTORY_SQL = """
           JOIN last_rec AS r USING (event_id)
          WHERE l.outcome = 'applied' AND l.seq < r.rs
          GROUP BY l.event_id)
-    SELECT coalesce(sum(coalesce(b.n, 0) > 1), 0),
-           coalesce(sum(max(coalesce(b.n, 0) - 1, 0)), 0),
-           coalesce(sum(coalesce(b.n, 0) = 0), 0)
+    SELECT coalesce(sum(CASE WHEN b.n > 1 THEN 1 ELSE 0 END), 0),
+           CAST(coalesce(sum(CASE WHEN b.n > 1 THEN b.n - 1 ELSE 0 END), 0) AS INTEGER),
+           coalesce(sum(CASE WHEN b.n IS NULL THEN 1 ELSE 0 END), 0)
       FROM orders AS o
       JOIN last_rec AS r USING (event_id)
       LEFT JOIN before AS b USING (event_id)

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..brokers.base import Broker
 from .errors import InvalidInput, OrderConflict, check_id, check_int
-from .store import transaction
+from .store import is_store, transaction
 
 EVENT_TYPE = "OrderPlaced"
 MAX_QTY = 10_000
@@ -92,8 +92,8 @@ def place_order(queue: Broker, *, item_id: str, qty: int, order_id: str | None =
     that does not exist. That gap is why the outbox exists."""
     validate_order(item_id, qty, order_id, idempotency_key)
     conn = store if store is not None else getattr(queue, "conn", None)
-    if not isinstance(conn, sqlite3.Connection):
-        raise InvalidInput("store", store, "the sqlite3 connection the order is written to")
+    if not is_store(conn):
+        raise InvalidInput("store", store, "the store connection the order is written to")
     digest = request_hash(item_id, qty)
     with transaction(conn):
         if idempotency_key is not None:

@@ -93,10 +93,10 @@ _CHANGED = """
     WITH truth AS (SELECT item_id, sum(qty) AS qty FROM orders GROUP BY item_id)
     SELECT count(*) FROM (
         SELECT item_id FROM truth AS t LEFT JOIN inventory_projection AS p USING (item_id)
-         WHERE p.reserved_qty IS NOT t.qty
+         WHERE p.reserved_qty IS NULL OR p.reserved_qty != t.qty
         UNION
         SELECT item_id FROM inventory_projection AS p LEFT JOIN truth AS t USING (item_id)
-         WHERE t.item_id IS NULL)
+         WHERE t.item_id IS NULL) AS changed
 """
 _FENCE = """
     INSERT INTO reconciled_events (consumer, event_id, reconciled_at)
@@ -112,7 +112,7 @@ _LOG_RECOUNTED = ("INSERT INTO delivery_log (at, worker, correlation_id, event_i
       FROM orders AS o
       LEFT JOIN applied AS a USING (event_id)
       LEFT JOIN last_rec AS r USING (event_id)
-     WHERE coalesce(a.n, 0) + (r.rs IS NOT NULL) != 1
+     WHERE coalesce(a.n, 0) + (CASE WHEN r.rs IS NULL THEN 0 ELSE 1 END) != 1
      ORDER BY o.created_at, o.order_id
 """)
 
@@ -126,6 +126,13 @@ def repair(conn: sqlite3.Connection, *, clock: Clock, consumer: str = CONSUMER,
     check_text("worker", worker)
     check_schema(conn)  # before any write: without the fence table no mode is protected
     with transaction(conn):
+        if getattr(conn, "dialect", "sqlite") == "postgresql":
+            # PostgreSQL has no database-wide write lock to order the repair against the
+            # workers' effects. Every effect reads the fence table inside its transaction, and
+            # holds that read's lock (ACCESS SHARE) until it commits; this lock waits for those
+            # transactions to end and makes every later read of the fence wait for the repair.
+            # So, as on SQLite, an effect commits wholly before the repair or reads its fence.
+            conn.execute("LOCK TABLE reconciled_events IN ACCESS EXCLUSIVE MODE")
         changed = conn.execute(_CHANGED).fetchone()[0]
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"

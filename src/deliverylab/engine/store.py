@@ -61,6 +61,13 @@ def check_sqlite_version(found: tuple[int, ...] | None = None) -> None:
         raise SQLiteTooOld(version)
 
 
+def is_store(value: object) -> bool:
+    """Whether ``value`` is a store's connection: sqlite3's, or the PostgreSQL store's
+    (``store_postgres.PgConnection``, which has the part of sqlite3's interface the engine
+    uses and names its ``dialect``)."""
+    return isinstance(value, sqlite3.Connection) or getattr(value, "dialect", None) == "postgresql"
+
+
 def schema_sql() -> str:
     """The text of ``schema.sql``, shipped inside the package."""
     return resources.files("deliverylab.engine").joinpath("schema.sql").read_text(encoding="utf-8")
@@ -147,6 +154,8 @@ def _statements(script: str) -> list[str]:
 def missing_tables(conn: sqlite3.Connection) -> list[str]:
     """The deliverylab tables the file does not have (all of them: not a lab database; some,
     with ``orders`` present: made by an older version, and ``init_db`` adds them)."""
+    if getattr(conn, "dialect", "sqlite") == "postgresql":  # a PostgreSQL store
+        return conn.missing_tables()  # type: ignore[attr-defined]
     have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return [t for t in TABLES if t not in have]
 

@@ -40,7 +40,7 @@ from .clock import Clock
 from .errors import InvalidInput, SimulatedCrash, check_id, check_int, check_number
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
-from .store import is_busy, transaction
+from .store import is_busy, is_store, transaction
 from .trace import Outcome, log_delivery, log_many
 
 CONSUMER = "inventory"
@@ -67,7 +67,8 @@ class PoisonMessage(ValueError):
 
 
 _RESERVE = ("INSERT INTO inventory_projection (item_id, reserved_qty) VALUES (?, ?)"
-            " ON CONFLICT (item_id) DO UPDATE SET reserved_qty = reserved_qty + excluded.reserved_qty")
+            " ON CONFLICT (item_id) DO UPDATE"
+            " SET reserved_qty = inventory_projection.reserved_qty + excluded.reserved_qty")
 
 
 def _reservation(delivery: Delivery) -> tuple[str, int]:
@@ -155,8 +156,9 @@ class Worker:
                  store: sqlite3.Connection | None = None) -> None:
         store = _one_of("store", store, "conn", conn)
         broker = _one_of("broker", broker, "queue", queue)
-        if not isinstance(store, sqlite3.Connection):
-            raise InvalidInput("store", store, "a sqlite3 connection (deliverylab.engine.store)")
+        if not is_store(store):
+            raise InvalidInput("store", store, "a store connection (deliverylab.engine.store,"
+                                               " or engine.store_postgres)")
         if broker is None:
             if ids is None:
                 raise InvalidInput("ids", ids, "an Ids when no broker is given (it builds one)")

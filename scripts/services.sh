@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Bring up the servers the tests need, and say what was done or why it cannot be.
+#
+#   scripts/services.sh            every service below
+#   scripts/services.sh postgres   just the named ones
+#
+# Each service is three functions: <name>_up (is it answering?), <name>_start (start an
+# installed server) and <name>_install (install it). To add RabbitMQ or NATS, write those three
+# and add the name to ALL. Installing needs root or sudo, as Chromium's install does.
+set -euo pipefail
+
+ALL=(postgres)
+PG_HOST=127.0.0.1
+PG_PORT=5432
+
+say() { echo "services: $*"; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"
+  else return 99; fi
+}
+
+# Whether something accepts TCP connections on host:port (bash's /dev/tcp: no client needed).
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null; }
+
+wait_for() {  # name, check command...: up to 30 s
+  local name=$1; shift
+  for _ in $(seq 60); do "$@" && return 0; sleep 0.5; done
+  say "$name did not come up within 30 s"; return 1
+}
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+postgres_up() {
+  if command -v pg_isready >/dev/null; then pg_isready -q -h "$PG_HOST" -p "$PG_PORT"
+  else port_open "$PG_HOST" "$PG_PORT"; fi
+}
+
+postgres_installed() { [ -d /etc/postgresql ] && [ -n "$(ls /etc/postgresql 2>/dev/null)" ]; }
+
+postgres_start() {
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  say "PostgreSQL $version is installed but not answering on $PG_HOST:$PG_PORT: starting its cluster 'main'"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+}
+
+postgres_install() {
+  say "PostgreSQL is not installed: installing it with apt-get"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+  PG_INSTALLED_HERE=1
+}
+
+# A cluster installed here takes local connections without a password, as the tests expect
+# (Debian's default asks TCP clients for one). A server that was already there is left as it
+# was configured: if the tests cannot connect to it, this says what to change.
+postgres_trust_local() {
+  local version hba
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  hba=/etc/postgresql/$version/main/pg_hba.conf
+  say "allowing local connections without a password in $hba (a cluster installed just now)"
+  as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$hba"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+}
+
+# The tests connect as the user running them, without a password, to the database 'test'.
+postgres_prepare() {
+  local me
+  me=$(id -un)
+  command -v psql >/dev/null || return 0
+  if ! psql -h "$PG_HOST" -p "$PG_PORT" -d test -Atc "SELECT 1" >/dev/null 2>&1; then
+    [ "${PG_INSTALLED_HERE:-0}" = 1 ] && postgres_trust_local
+    say "creating the role '$me' and the database 'test'"
+    as_root su postgres -c "createuser --superuser '$me'" 2>/dev/null || true  # may exist
+    as_root su postgres -c "createdb -O '$me' test" 2>/dev/null || true
+    if ! psql -h "$PG_HOST" -p "$PG_PORT" -d test -Atc "SELECT 1" >/dev/null 2>&1; then
+      say "PostgreSQL answers, but '$me' cannot connect to the database 'test' on $PG_HOST:$PG_PORT without a password;"
+      say "  allow it in pg_hba.conf (host test all 127.0.0.1/32 trust) and reload"
+      return 1
+    fi
+  fi
+}
+
+# --- the driver --------------------------------------------------------------------------------
+bring_up() {
+  local name=$1 rc=0
+  if "${name}_up"; then
+    say "$name is running"
+  else
+    if ! "${name}_installed"; then
+      "${name}_install" || rc=$?
+      if [ "$rc" -eq 99 ]; then
+        say "cannot install $name: it needs root or passwordless sudo (apt-get install -y postgresql)"
+        return 1
+      elif [ "$rc" -ne 0 ]; then say "installing $name failed (exit $rc)"; return 1; fi
+    fi
+    rc=0; "${name}_start" || rc=$?
+    if [ "$rc" -eq 99 ]; then say "cannot start $name: it needs root or passwordless sudo"; return 1; fi
+    wait_for "$name" "${name}_up" || return 1
+    say "$name started"
+  fi
+  if declare -F "${name}_prepare" >/dev/null; then "${name}_prepare"; fi
+}
+
+main() {
+  local names=("$@") failed=0
+  [ ${#names[@]} -eq 0 ] && names=("${ALL[@]}")
+  for name in "${names[@]}"; do
+    if ! declare -F "${name}_up" >/dev/null; then
+      say "unknown service '$name' (known: ${ALL[*]})"; exit 2
+    fi
+    bring_up "$name" || failed=1
+  done
+  exit "$failed"
+}
+
+main "$@"

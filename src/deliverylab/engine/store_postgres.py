@@ -1,0 +1,302 @@
+"""The PostgreSQL store: a connection the engine drives exactly as it drives SQLite's.
+
+The engine's SQL is written once, in the subset both databases share (UPSERT ``ON CONFLICT``,
+``INSERT … ON CONFLICT DO NOTHING`` and its rowcount, ``RETURNING``, savepoints). What the two
+spell differently is translated here, once per statement text:
+
+* parameters: sqlite3's ``?``, ``?1`` and ``:name`` become psycopg's ``%s`` / ``%(name)s``;
+* ``BEGIN IMMEDIATE`` (take SQLite's write lock up front) is a plain ``BEGIN``: PostgreSQL
+  locks rows, not the database, so there is no lock to take early; a plain ``BEGIN``, which
+  the engine's readers (the checker, status) use to read one snapshot, is ``REPEATABLE READ``
+  (under READ COMMITTED every statement would see a newer snapshot);
+* ``json_each(param)``, the engine's way to pass a list as one parameter, becomes
+  ``json_array_elements_text``, whose rows have the same ``value`` column.
+
+:class:`PgConnection` has the part of :class:`sqlite3.Connection` the engine uses (``execute``,
+``executemany``, ``cursor``, ``in_transaction``, rows readable by name and by index), in
+autocommit mode with explicit ``BEGIN``/``COMMIT``, as the SQLite connections are opened with
+``isolation_level=None``. Transactions run at READ COMMITTED, PostgreSQL's default.
+
+Where a store lives: a libpq URL whose ``options`` set the ``search_path`` to the lab's own
+schema, e.g. ``postgresql://127.0.0.1/test?options=-csearch_path%3Ddl_demo``. The same URL works
+with ``psql``. Every lab gets its own schema, so labs and tests share one server.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import psycopg
+
+from .errors import InvalidInput
+
+URL_SCHEMES = ("postgresql", "postgres")
+SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+CONNECT_TIMEOUT_S = 5
+
+
+def is_url(value: object) -> bool:
+    """Whether ``value`` names a PostgreSQL database (``postgresql://…``) rather than a file."""
+    return isinstance(value, str) and value.split("://", 1)[0] in URL_SCHEMES and "://" in value
+
+
+def schema_of(url: str, field: str = "db") -> str:
+    """The schema a store URL puts first on its ``search_path``; InvalidInput naming ``field``
+    when the URL is not a PostgreSQL URL or names no schema (the server is shared: a lab
+    without its own schema would write into another's tables)."""
+    if not is_url(url):
+        raise InvalidInput(field, url, "a postgresql:// URL")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a non-numeric port raises here
+    except ValueError as exc:
+        raise InvalidInput(field, url, f"a valid postgresql:// URL ({exc})") from None
+    options = " ".join(parse_qs(parts.query).get("options", []))
+    m = re.search(r"-c\s*search_path\s*=\s*([^\s,]+)", unquote(options))
+    if m is None:
+        raise InvalidInput(field, url, "a postgresql:// URL naming its schema, e.g."
+                           " postgresql://127.0.0.1/test?options=-csearch_path%3Ddl_demo")
+    schema = m.group(1)
+    if not SCHEMA_RE.fullmatch(schema):
+        raise InvalidInput(field, url, "a schema name of lower-case letters, digits and _")
+    return schema
+
+
+def url_for(base: str, schema: str) -> str:
+    """``base`` (``postgresql://host/db``) with ``schema`` as its search_path."""
+    if not SCHEMA_RE.fullmatch(schema):
+        raise InvalidInput("schema", schema, "lower-case letters, digits and _")
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
+# -- the sqlite3-shaped connection --------------------------------------------------------------
+class Row(tuple):
+    """A result row readable by index and by column name, like :class:`sqlite3.Row`."""
+
+    __slots__ = ()
+    _names: dict[str, int] = {}
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_class(names: tuple[str, ...]) -> type[Row]:
+    return type("Row", (Row,), {"__slots__": (), "_names": {n: i for i, n in enumerate(names)}})
+
+
+def _row_factory(cursor: Any) -> Any:
+    desc = cursor.description
+    if desc is None:
+        return tuple
+    cls = _row_class(tuple(c.name for c in desc))
+    return lambda values: cls(values)
+
+
+_TOKEN = re.compile(r"""('(?:[^']|'')*')|(--[^\n]*)|(\?\d+)|(\?)|(?<![:\w]):(\w+)|(%)""")
+_JSON_EACH = re.compile(r"json_each\(\s*(%s|%\(\w+\)s)\s*\)(?!\s+AS\b)", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=512)
+def translate(sql: str) -> tuple[str, tuple[int, ...] | None]:
+    """SQLite's spelling of ``sql`` in PostgreSQL's, and how to pass its parameters: None for
+    positional (``?``) or named (``:name``) ones, else the 1-based numbers of ``?N``
+    parameters, which become named ``%(_N)s`` so one value can be used twice."""
+    numbered: list[int] = []
+
+    def sub(m: re.Match[str]) -> str:
+        quoted, comment, num, qmark, name, percent = m.groups()
+        if quoted is not None or comment is not None:
+            return m.group(0)
+        if num is not None:
+            numbered.append(int(num[1:]))
+            return f"%(_{num[1:]})s"
+        if qmark is not None:
+            return "%s"
+        if name is not None:
+            return f"%({name})s"
+        return "%%"
+
+    out = _TOKEN.sub(sub, sql)
+    begin = out.strip().upper()
+    if begin == "BEGIN IMMEDIATE":  # a write transaction: row locks, READ COMMITTED
+        out = "BEGIN"
+    elif begin == "BEGIN":  # SQLite's deferred transaction, which readers use for a snapshot
+        out = "BEGIN ISOLATION LEVEL REPEATABLE READ"
+    out = _JSON_EACH.sub(r"json_array_elements_text(CAST(\1 AS json)) AS value", out)
+    return out, (tuple(sorted(set(numbered))) if numbered else None)
+
+
+def _args(numbers: tuple[int, ...] | None, params: Any) -> Any:
+    if numbers is None:
+        return params
+    return {f"_{n}": params[n - 1] for n in numbers}
+
+
+class PgError(sqlite3.DatabaseError):
+    """A PostgreSQL error, raised where the engine expects its database's errors: the engine
+    tells a database failure (re-raised, never retried as the handler's own) from a handler
+    failure by catching :class:`sqlite3.DatabaseError`. ``sqlstate`` is PostgreSQL's code;
+    the psycopg error is the ``__cause__``."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.sqlstate = getattr(exc, "sqlstate", None)
+        super().__init__(str(exc).strip())
+
+
+class PgCursor:
+    """The part of :class:`sqlite3.Cursor` the engine uses. ``row_factory = None`` gives
+    plain tuples, as on a sqlite3 cursor."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+        self.row_factory: Any = Row
+
+    def execute(self, sql: str, params: Any = ()) -> PgCursor:
+        text, numbers = translate(sql)
+        self._cur.row_factory = _row_factory if self.row_factory is not None else _tuples
+        try:
+            self._cur.execute(text, _args(numbers, params))
+        except psycopg.Error as exc:
+            raise PgError(exc) from exc
+        return self
+
+    def executemany(self, sql: str, seq: Iterable[Any]) -> PgCursor:
+        text, numbers = translate(sql)
+        try:
+            self._cur.executemany(text, [_args(numbers, p) for p in seq])
+        except psycopg.Error as exc:
+            raise PgError(exc) from exc
+        return self
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone() if self._cur.description is not None else None
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall() if self._cur.description is not None else []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    @property
+    def description(self) -> Any:
+        return self._cur.description
+
+    @property
+    def lastrowid(self) -> None:
+        return None
+
+
+def _tuples(cursor: Any) -> Any:
+    return tuple
+
+
+_IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
+
+
+class PgConnection:
+    """A psycopg connection with the interface of the engine's sqlite3 connections."""
+
+    dialect = "postgresql"
+
+    def __init__(self, raw: Any, *, url: str, schema: str) -> None:
+        self.raw, self.url, self.schema = raw, url, schema
+        self.row_factory: Any = Row
+
+    def execute(self, sql: str, params: Any = ()) -> PgCursor:
+        return self.cursor().execute(sql, params)
+
+    def executemany(self, sql: str, seq: Iterable[Any]) -> PgCursor:
+        return self.cursor().executemany(sql, seq)
+
+    def cursor(self) -> PgCursor:
+        return PgCursor(self.raw.cursor())
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status in _IN_TRANSACTION
+
+    def missing_tables(self) -> list[str]:
+        return missing_tables(self)
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> PgConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(url: str, *, field: str = "db", must_exist: bool = True) -> PgConnection:
+    """Open the store at ``url``. InvalidInput naming ``field`` for a bad URL, an unreachable
+    server, or (with ``must_exist``) a schema that ``init-db`` has not created."""
+    schema = schema_of(url, field)
+    try:
+        raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+    except psycopg.Error as exc:
+        # The first line says what failed ("connection to server at … failed: Connection
+        # refused"); libpq's hint on the next line adds nothing the argument's name does not.
+        text = str(exc).strip()
+        reason = text.splitlines()[0].removeprefix("connection failed: ") if text else \
+            type(exc).__name__
+        raise InvalidInput(field, url, f"a reachable PostgreSQL server ({reason})") from None
+    conn = PgConnection(raw, url=url, schema=schema)
+    if must_exist and missing_tables(conn):
+        conn.close()
+        raise InvalidInput(field, url, f"a deliverylab schema {schema!r} (run 'deliverylab"
+                           f" init-db --db URL')")
+    return conn
+
+
+def schema_sql() -> str:
+    return resources.files("deliverylab.engine").joinpath("schema_postgres.sql").read_text("utf-8")
+
+
+def init_db(url: str, *, field: str = "db") -> PgConnection:
+    """Create the URL's schema and its tables if they are not there yet. Idempotent."""
+    conn = connect(url, field=field, must_exist=False)
+    from .store import _statements, transaction
+
+    with transaction(conn):  # type: ignore[arg-type]
+        conn.raw.execute(f'CREATE SCHEMA IF NOT EXISTS "{conn.schema}"')
+        for statement in _statements(schema_sql()):
+            conn.raw.execute(statement)
+    return conn
+
+
+def drop_schema(url: str) -> None:
+    """Remove the URL's schema and everything in it (tests clean up with this)."""
+    schema = schema_of(url)
+    with psycopg.connect(url, autocommit=True) as raw:
+        raw.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def missing_tables(conn: PgConnection) -> list[str]:
+    from .store import TABLES
+
+    rows = conn.raw.execute("SELECT table_name FROM information_schema.tables"
+                            " WHERE table_schema = %s", (conn.schema,)).fetchall()
+    have = {r[0] for r in rows}
+    return [t for t in TABLES if t not in have]
+
+
+def dump_rows(conn: PgConnection, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in conn.execute(sql, params)]
