@@ -35,20 +35,27 @@ if TYPE_CHECKING:
 
 EVENT_COLUMNS = ["order_id", "item_id", "qty", "event_id", "applications", "state"]
 # An order's applications: its event's 'applied' rows after its last 'reconciled' row (CTE
-# ``applied``), plus one for that row (CTE ``last_rec``). Shared with labviews' counters.
+# ``applied``, column ``n``), plus one for that row (CTE ``last_rec``). The same scan counts the
+# 'applied' rows before that row (``before``): the history a repair hid from the projection.
+# Shared with labviews' counters and the repair. (CASE, not SQLite's sum of a comparison: the
+# same SQL runs on PostgreSQL.)
 APPLICATIONS_CTE = """
     WITH last_rec AS (
         SELECT event_id, max(seq) AS rs FROM delivery_log
          WHERE outcome = 'reconciled' GROUP BY event_id),
     applied AS (
-        SELECT l.event_id, count(*) AS n FROM delivery_log AS l
+        SELECT l.event_id,
+               sum(CASE WHEN l.seq > coalesce(r.rs, 0) THEN 1 ELSE 0 END) AS n,
+               sum(CASE WHEN l.seq < r.rs THEN 1 ELSE 0 END) AS before
+          FROM delivery_log AS l
           LEFT JOIN last_rec AS r USING (event_id)
-         WHERE l.outcome = 'applied' AND l.seq > coalesce(r.rs, 0)
+         WHERE l.outcome = 'applied'
          GROUP BY l.event_id)
 """
 _EVENTS_SQL = APPLICATIONS_CTE + """
     SELECT o.order_id, o.item_id, o.qty, o.event_id,
-           coalesce(a.n, 0) + (CASE WHEN r.rs IS NULL THEN 0 ELSE 1 END) AS applications
+           coalesce(a.n, 0) + (CASE WHEN r.rs IS NULL THEN 0 ELSE 1 END) AS applications,
+           r.rs IS NOT NULL AS repaired, coalesce(a.before, 0) AS before
       FROM orders AS o
       LEFT JOIN applied AS a USING (event_id)
       LEFT JOIN last_rec AS r USING (event_id)
@@ -56,45 +63,22 @@ _EVENTS_SQL = APPLICATIONS_CTE + """
 """
 
 
-# Per repaired order: how many times its effect ran before its last 'reconciled' row. More than
-# once: duplicated effects the rebuild hid from the projection; never: counted by the repair.
-# (CASE, not SQLite's sum of a comparison or its two-argument max: the same on PostgreSQL.)
-_HISTORY_SQL = """
-    WITH last_rec AS (
-        SELECT event_id, max(seq) AS rs FROM delivery_log
-         WHERE outcome = 'reconciled' GROUP BY event_id),
-    before AS (
-        SELECT l.event_id, count(*) AS n FROM delivery_log AS l
-          JOIN last_rec AS r USING (event_id)
-         WHERE l.outcome = 'applied' AND l.seq < r.rs
-         GROUP BY l.event_id)
-    SELECT coalesce(sum(CASE WHEN b.n > 1 THEN 1 ELSE 0 END), 0),
-           CAST(coalesce(sum(CASE WHEN b.n > 1 THEN b.n - 1 ELSE 0 END), 0) AS INTEGER),
-           coalesce(sum(CASE WHEN b.n IS NULL THEN 1 ELSE 0 END), 0)
-      FROM orders AS o
-      JOIN last_rec AS r USING (event_id)
-      LEFT JOIN before AS b USING (event_id)
-"""
-
-
-def repair_history(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """(orders duplicated before a repair, their extra applications, orders never applied
-    before a repair counted them), read from the delivery log."""
-    duplicated, extra, never = conn.execute(_HISTORY_SQL).fetchone()
-    return duplicated, extra, never
-
-
-def event_states(conn: sqlite3.Connection, broker: Broker | None = None,
-                 ) -> list[tuple[str, str, int, str, int, str]]:
-    """(order_id, item_id, qty, event_id, applications, state) for every order; the queued
-    and dead-lettered events are read from ``broker``, or from the queue tables on ``conn``."""
+def _read_events(conn: sqlite3.Connection, broker: Broker | None,
+                 ) -> tuple[list[tuple[str, str, int, str, int, str]], tuple[int, int, int]]:
+    """Every order's state, and the history of its repairs, from one read of the log."""
     if broker is None:
         queued = {r[0] for r in conn.execute("SELECT event_id FROM queue_messages")}
         dead = {r[0] for r in conn.execute("SELECT event_id FROM dead_letters")}
     else:
         queued, dead = broker.queued_event_ids(), broker.dead_lettered_event_ids()
     out = []
-    for order_id, item_id, qty, event_id, n in conn.execute(_EVENTS_SQL):
+    duplicated = extra = never = 0
+    for order_id, item_id, qty, event_id, n, repaired, before in conn.execute(_EVENTS_SQL):
+        if repaired:  # ran more than once before its repair, or never: the repair hid it
+            if before > 1:
+                duplicated, extra = duplicated + 1, extra + before - 1
+            elif before == 0:
+                never += 1
         if n == 1:
             state = "correct"
         elif n > 1:
@@ -106,7 +90,14 @@ def event_states(conn: sqlite3.Connection, broker: Broker | None = None,
         else:
             state = "lost"
         out.append((order_id, item_id, qty, event_id, n, state))
-    return out
+    return out, (duplicated, extra, never)
+
+
+def event_states(conn: sqlite3.Connection, broker: Broker | None = None,
+                 ) -> list[tuple[str, str, int, str, int, str]]:
+    """(order_id, item_id, qty, event_id, applications, state) for every order; the queued
+    and dead-lettered events are read from ``broker``, or from the queue tables on ``conn``."""
+    return _read_events(conn, broker)[0]
 
 
 def projection_vs_truth(conn: sqlite3.Connection) -> list[tuple[str, int, int, int]]:
@@ -133,7 +124,7 @@ class CheckResult:
     extra_applications: int
     drifted_items: int
     projection_equals_truth: bool
-    # History a repair cannot undo (see repair_history): zero when no repair ever ran.
+    # History a repair cannot undo (see _read_events): zero when no repair ever ran.
     repaired_duplicated: int = 0
     repaired_extra_applications: int = 0
     repaired_never_applied: int = 0
@@ -199,9 +190,8 @@ def check(conn: sqlite3.Connection, broker: Broker | None = None) -> CheckResult
     if own:
         conn.execute("BEGIN")
     try:
-        events = event_states(conn, broker)
+        events, history = _read_events(conn, broker)
         items = projection_vs_truth(conn)
-        history = repair_history(conn)
     finally:
         if own:
             conn.execute("COMMIT")
