@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from deliverylab.book import ordering, relay
+from deliverylab.book import ordering, relay, retention_runs
 from deliverylab.book.effects import PaymentService, charge_table, worker_for
 from deliverylab.book.lab import Lab
 from deliverylab.book.ordering import change_status, status_check, status_lab, status_log
@@ -180,7 +180,7 @@ def test_the_status_table() -> None:
 # -- 3. retention ---------------------------------------------------------------------------------
 
 def test_pruning_levels_the_inbox_at_eight_days_of_orders() -> None:
-    growth = retention.growth_table(days=30, orders_per_day=50, keep_days=7)
+    growth = retention_runs.growth_table(days=30, orders_per_day=50, keep_days=7)
     assert growth["inbox rows, kept forever"].iloc[-1] == 1500
     assert growth["inbox rows, pruned at 7 days"].iloc[7:].eq(400).all()
 
@@ -233,7 +233,7 @@ def test_seed_3_the_horizon_with_the_redrive_window_keeps_the_rows() -> None:
 
 def test_ten_seeds_of_late_redrives() -> None:
     for seed in range(10):
-        short = retention.late_redrive(redrive_window=0.0, seed=seed, orders=20)
-        kept = retention.late_redrive(redrive_window=7 * retention.DAY, seed=seed, orders=20)
+        short = retention_runs.late_redrive(redrive_window=0.0, seed=seed, orders=20)
+        kept = retention_runs.late_redrive(redrive_window=7 * retention.DAY, seed=seed, orders=20)
         assert short.duplicated == short.dead_letters > 0, seed
         assert kept.dead_letters == short.dead_letters and kept.duplicated == 0, seed

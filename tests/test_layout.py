@@ -2,7 +2,8 @@
 
 The folders name the layers (``engine/``, ``brokers/``, ``app/``, ``book/``). A consumer
 runs the engine over a broker; the lab's processes and the book sit on top. So the engine
-and the brokers never import the app or the book at import time, and no module imports
+and the brokers never import the app, the book or the course, not even lazily inside a
+function, and no module imports
 itself back through others, even lazily or for type checking only (a cycle there is one
 refactor away from an import error).
 """
@@ -81,6 +82,15 @@ def test_the_layers_are_folders():
     assert {n.split(".")[1] for n in MODULES if n.count(".") >= 2} == {
         "engine", "brokers", "app", "book", "course"}
     assert "deliverylab.engine.store" in LOWER and "deliverylab.brokers.base" in LOWER
+
+
+@pytest.mark.parametrize("name", LOWER)
+def test_engine_and_broker_modules_never_reach_up(name):
+    """Not at import time, and not lazily inside a function either: a scenario that needs the
+    book's lab belongs to the book."""
+    upper = sorted(m for m in imports_of(name)
+                   if m.split(".")[1:2] and m.split(".")[1] in ("app", "book", "course"))
+    assert not upper, f"{name} imports {upper}"
 
 
 @pytest.mark.parametrize("name", LOWER)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from deliverylab.book import retention_runs
 from deliverylab.book.lab import Lab
 from deliverylab.brokers.sqlite import Queue
 from deliverylab.engine import retention
@@ -147,7 +148,7 @@ def test_expiring_dead_letters_deletes_only_the_old_ones() -> None:
 
 def test_a_horizon_without_the_redrive_window_lets_every_redriven_dead_letter_apply_twice() -> None:
     for seed in range(30):
-        run = retention.late_redrive(redrive_window=0.0, seed=seed, orders=20)
+        run = retention_runs.late_redrive(redrive_window=0.0, seed=seed, orders=20)
         assert run.dead_letters > 0 and run.pruned == 20, seed
         assert run.duplicated == run.redriven == run.dead_letters, seed
         assert run.verdict.startswith(f"BROKEN: {run.duplicated} duplicated"), seed
@@ -155,13 +156,13 @@ def test_a_horizon_without_the_redrive_window_lets_every_redriven_dead_letter_ap
 
 def test_a_horizon_with_the_redrive_window_keeps_the_rows_and_the_redrive_is_skipped() -> None:
     for seed in range(30):
-        run = retention.late_redrive(redrive_window=7 * DAY, seed=seed, orders=20)
+        run = retention_runs.late_redrive(redrive_window=7 * DAY, seed=seed, orders=20)
         assert run.dead_letters > 0 and run.pruned == 0 and run.duplicated == 0, seed
         assert run.verdict.startswith("OK"), seed
 
 
 def test_pruning_bounds_the_inbox_while_keeping_it_forever_grows_with_the_orders() -> None:
-    growth = retention.growth_table(days=12, orders_per_day=10, keep_days=3)
+    growth = retention_runs.growth_table(days=12, orders_per_day=10, keep_days=3)
     assert growth["inbox rows, kept forever"].tolist() == growth["orders so far"].tolist()
     pruned = growth["inbox rows, pruned at 3 days"]
     assert pruned.max() == 40 and pruned.tolist()[-1] == 40  # three days and the current one
