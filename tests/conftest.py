@@ -170,3 +170,25 @@ def broker(make_broker: Callable[..., Broker]) -> Broker:
     """A fresh broker of each engine, on its own FakeClock (``broker.clock``), with
     ``max_receives=3``."""
     return make_broker()
+
+
+@pytest.fixture
+def db_file(tmp_path: Path) -> Path:
+    """A fresh lab database file, for the API tests."""
+    path = tmp_path / "app.db"
+    store.init_db(path).close()
+    return path
+
+
+@pytest.fixture
+def client(db_file: Path) -> Iterator[Any]:
+    """The API on ``db_file``, in process (FastAPI's TestClient)."""
+    import warnings
+
+    from deliverylab.app.api import create_app
+
+    with warnings.catch_warnings():  # Starlette's notice about a future HTTP client
+        warnings.filterwarnings("ignore", message=".*starlette.testclient")
+        from fastapi.testclient import TestClient
+    with TestClient(create_app(db_file)) as c:
+        yield c

@@ -123,18 +123,6 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, str], bytes | None, int, str]]
 ]
 
 
-@pytest.fixture
-def db_file(tmp_path: Path) -> Path:
-    path = tmp_path / "app.db"
-    store.init_db(path).close()
-    return path
-
-
-@pytest.fixture
-def client(db_file: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(db_file)) as c:
-        yield c
-
 
 def counts(path: Path) -> dict[str, int]:
     conn = store.connect(path)

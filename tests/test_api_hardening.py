@@ -36,18 +36,6 @@ with warnings.catch_warnings():
 JSON = {"content-type": "application/json"}
 
 
-@pytest.fixture
-def db_file(tmp_path: Path) -> Path:
-    path = tmp_path / "app.db"
-    store.init_db(path).close()
-    return path
-
-
-@pytest.fixture
-def client(db_file: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(db_file)) as c:
-        yield c
-
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
