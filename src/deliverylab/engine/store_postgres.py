@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -198,10 +198,6 @@ class PgCursor:
     def description(self) -> Any:
         return self._cur.description
 
-    @property
-    def lastrowid(self) -> None:
-        return None
-
 
 def _tuples(cursor: Any) -> Any:
     return tuple
@@ -297,6 +293,3 @@ def missing_tables(conn: PgConnection) -> list[str]:
     have = {r[0] for r in rows}
     return [t for t in TABLES if t not in have]
 
-
-def dump_rows(conn: PgConnection, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    return [tuple(r) for r in conn.execute(sql, params)]
