@@ -39,7 +39,6 @@ import re
 import sqlite3
 import threading
 import time
-import unicodedata
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +56,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__
 from ..brokers.sqlite import Queue
 from ..engine.clock import SystemClock
+from ..engine.display import escape_unprintable
 from ..engine.errors import InvalidInput, OrderConflict, check_id, check_int, check_number
 from ..engine.ids import Ids
 from ..engine.orders import MAX_KEY_LENGTH, PlacedOrder, list_orders, place_order, validate_order
@@ -96,15 +96,11 @@ class ApiError(Exception):
         self.status, self.error, self.field, self.headers = status, error, field, headers
 
 
-_UNSAFE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-
-
 def _escape(text: str) -> str:
-    """``text`` with every control, format or line-separator character and every lone
-    surrogate written as ``\\uXXXX``: an error message quotes what the client sent, and
-    whoever reads it (a log, a terminal) must not be driven by it."""
-    return "".join(f"\\u{ord(c):04x}" if not (" " <= c <= "~")
-                   and unicodedata.category(c) in _UNSAFE else c for c in text)
+    """``text`` with every non-printable character (controls, format characters, line
+    separators, lone surrogates) written as ``\\uXXXX``: an error message quotes what the
+    client sent, and whoever reads it (a log, a terminal) must not be driven by it."""
+    return escape_unprintable(text)
 
 
 def _show(value: Any, limit: int = 40) -> str:

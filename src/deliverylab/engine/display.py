@@ -40,7 +40,13 @@ def safe_json(value: Any) -> str:
     """JSON on one line, Unicode kept readable, every non-printable character as ``\\uXXXX``
     (``json.dumps`` already escapes C0 controls, but not DEL, C1 controls such as the 8-bit
     CSI, line separators or lone surrogates). Parses back to the same value."""
-    text = json.dumps(value, ensure_ascii=False)
+    return escape_unprintable(json.dumps(value, ensure_ascii=False))
+
+
+def escape_unprintable(text: str) -> str:
+    """``text`` with every non-printable character written as JSON writes it (``\\uXXXX``):
+    for text that goes inside a JSON string or beside one, such as an error message that
+    quotes what a client sent."""
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else _json_escape(ch) for ch in text)
