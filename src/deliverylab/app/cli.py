@@ -434,8 +434,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise UsageError(f"--store and --db name the same thing, the consumer's database;"
                              f" got {args.store!r} and {args.db!r}")
         args.db, args.flag = args.store, "--store"
+    from ..brokers.registry import is_broker_url, open_broker
+
     broker_args = None
-    if args.broker is not None and args.broker != (args.db or os.environ.get(DB_ENV, "")):
+    external = is_broker_url(args.broker)  # RabbitMQ, NATS: not a database
+    if external:
+        pass
+    elif args.broker is not None and args.broker != (args.db or os.environ.get(DB_ENV, "")):
         broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
         open_db(broker_args).close()  # a bad --broker fails here, before anything starts
     conn = open_db(args)
@@ -446,9 +451,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     clock, ids = SystemClock(), Ids()
     # The broker: the queue table in the store's own database, or (--broker) a queue in
     # another database, which leaves the trace rows of its verbs to the worker.
-    broker_conn = conn if broker_args is None else open_db(broker_args)
-    broker = broker_on(broker_conn, clock=clock, ids=ids, max_receives=args.max_receives,
-                       trace=broker_args is None)
+    if external:
+        broker_conn = conn
+        try:
+            broker = open_broker(args.broker, field="--broker", clock=clock, ids=ids,
+                                 max_receives=args.max_receives, worker=name)
+        except InvalidInput:
+            conn.close()
+            raise
+    else:
+        broker_conn = conn if broker_args is None else open_db(broker_args)
+        broker = broker_on(broker_conn, clock=clock, ids=ids, max_receives=args.max_receives,
+                           trace=broker_args is None)
     try:
         worker = Worker(store=conn, broker=broker, clock=clock, ids=ids, mode=args.mode,
                         faults=faults, visibility_timeout=args.visibility_timeout,
@@ -460,6 +474,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         conn.close()
         if broker_conn is not conn:
             broker_conn.close()
+        broker.close()
         raise
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -477,7 +492,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                     f" visibility_timeout={args.visibility_timeout:g}s"
                     f" max_receives={args.max_receives} faults: {fault_text}"
                     f" (seed {faults.seed}) db={db_label(args)}"
-                    + ("" if broker_args is None else f" broker={db_label(broker_args)}")),
+                    + (f" broker={args.broker}" if external else
+                       "" if broker_args is None else f" broker={db_label(broker_args)}")),
           flush=True)
     try:
         stats = worker.run_forever(poll_interval=args.poll_interval)
@@ -485,6 +501,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(safe_text(f"[{name}] interrupted"), flush=True)
         return 130
     finally:
+        broker.close()
         conn.close()
         if broker_conn is not conn:
             broker_conn.close()
@@ -750,8 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " as --db")
     p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
                    help="where the messages wait (default: the queue table of the store's"
-                        " own database); another database makes it an external broker, and"
-                        " --mode transactional is refused there")
+                        " own database); another database, amqp://… (RabbitMQ) or nats://…"
+                        " (JetStream) makes it an external broker, and --mode transactional"
+                        " is refused there")
     p.set_defaults(run=cmd_worker)
 
     p = sub.add_parser("order", help="POST /orders to the running API (curl not needed)")

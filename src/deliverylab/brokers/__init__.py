@@ -1,2 +1,3 @@
 """Brokers: where messages wait. ``base`` is the contract every engine implements; one module
-per engine (``sqlite``: the queue table)."""
+per engine (``sqlite`` and ``postgres``: the queue table; ``rabbitmq``; ``jetstream``);
+``registry`` opens an engine by URL."""

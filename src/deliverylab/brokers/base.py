@@ -81,6 +81,15 @@ class Broker(abc.ABC):
     max_receives: int
     parked: list[tuple[Delivery, str]]
     writes_trace: bool = False
+    # Producer dedup: how long (seconds) the engine remembers a ``dedup_id`` given to
+    # :meth:`send` and drops a second send carrying it; None when the engine has none.
+    dedup_window: float | None = None
+
+    def close(self) -> None:
+        """Release what the broker holds of its own (connections, channels, threads). A broker
+        on the caller's connection (SQLite, PostgreSQL) leaves that connection open: its owner
+        closes it."""
+        return None
 
     def joins(self, store: Any) -> bool:
         """True only when this broker's verbs run on ``store`` itself (the same connection),
@@ -91,12 +100,19 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def send(self, event_id: str, type: str, payload: dict[str, Any], *,
-             correlation_id: str | None = None, delay: float = 0.0) -> str:
+             correlation_id: str | None = None, delay: float = 0.0,
+             dedup_id: str | None = None) -> str:
         """Enqueue one message, visible after ``delay`` seconds, and return its new message id.
 
         ``payload`` must be a JSON object. An engine that shares the caller's database joins
         the caller's open transaction (the transactional outbox); any other engine sends at
-        once, and says so."""
+        once, and says so.
+
+        ``dedup_id`` is the producer's name for this send (an outbox relay passes the event
+        id, so a re-publish after a crash carries the same one). An engine with producer dedup
+        (``dedup_window`` not None) stores a second send with the same ``dedup_id`` within its
+        window once, and returns the first send's message id; an engine without it checks the
+        value and sends again: the consumer's inbox is then the only defence."""
 
     @abc.abstractmethod
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,

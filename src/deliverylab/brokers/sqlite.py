@@ -86,13 +86,18 @@ class SQLiteBroker(Broker):
 
     # -- send ------------------------------------------------------------------------------
     def send(self, event_id: str, type: str, payload: dict[str, Any], *,
-             correlation_id: str | None = None, delay: float = 0.0) -> str:
+             correlation_id: str | None = None, delay: float = 0.0,
+             dedup_id: str | None = None) -> str:
         """Enqueue one message and return its id.
 
         Joins the caller's open transaction if there is one: that is the transactional outbox,
-        the event commits with the state change that caused it, or neither does.
+        the event commits with the state change that caused it, or neither does. The queue
+        table has no producer dedup (``dedup_window`` is None): ``dedup_id`` is checked, then
+        a second send with it is a second message, as the contract says.
         """
         check_id("event_id", event_id)
+        if dedup_id is not None:
+            check_id("dedup_id", dedup_id)
         check_id("type", type)
         if correlation_id is not None:
             check_id("correlation_id", correlation_id)
