@@ -1,0 +1,355 @@
+"""Chapter 7, "Beyond one machine": the same consumer on every engine, measured side by side.
+
+An *engine* here is a store (the consumer's own database) and a broker (where messages
+wait), opened together on a throwaway queue, stream or schema that is removed afterwards:
+
+==========  ================================  ==========================================
+engine      broker                            store
+==========  ================================  ==========================================
+sqlite      the queue table in the store      an in-memory SQLite database (the lab's)
+postgres    the queue table in the store      a fresh schema on the PostgreSQL server
+rabbitmq    a quorum queue on RabbitMQ        an in-memory SQLite database
+jetstream   a stream and consumer on NATS     an in-memory SQLite database
+==========  ================================  ==========================================
+
+On SQLite and PostgreSQL time is a :class:`~deliverylab.engine.clock.FakeClock` (leases are
+rows the engine compares with the clock); on RabbitMQ and JetStream the server keeps the
+leases in real time, so those runs wait for real and are kept short (a lease of one second).
+A fault still fires by (seed, point, event, delivery count), so the counts a run ends with are
+the same on every run and on every engine; only the time it takes differs. Every function
+here returns counts and verdicts; timings are the benchmark's (``benchmarks/bench_brokers.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..brokers.base import Broker, Delivery
+from ..engine import store as sqlite_store
+from ..engine.check import CheckResult, check
+from ..engine.clock import Clock, FakeClock, SystemClock
+from ..engine.errors import InvalidInput, check_int, check_number
+from ..engine.faults import Faults
+from ..engine.ids import Ids
+from ..engine.orders import place_order
+from ..engine.worker import Mode, Worker
+from .lab import ITEMS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ENGINES = ("sqlite", "postgres", "rabbitmq", "jetstream")
+MODES = ("at-most-once", "at-least-once", "idempotent", "transactional")
+# Where the servers are: the ones `make services` brings up (overridable, as pgdemo's is).
+POSTGRES = os.environ.get("DELIVERYLAB_PG", "postgresql://127.0.0.1:5432/test")
+RABBITMQ = os.environ.get("DELIVERYLAB_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+NATS = os.environ.get("DELIVERYLAB_NATS", "nats://127.0.0.1:4222")
+# Chapter 1's scenario: its seed and its faults (a fifth of the ACKs lost, a tenth of the
+# deliveries crashing the worker before its work commits).
+CHAPTER_SEED = 29
+CHAPTER_FAULTS = {"ack_fail": 0.2, "crash_after_receive": 0.1}
+LEASE_S = 1.0  # the visibility timeout / AckWait of every run here
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine's server did not answer; the message says how to start it."""
+
+
+@dataclass
+class Engine:
+    """One engine, open: the consumer's ``store``, the ``broker``, and the clock both use.
+    ``realtime`` is True where the server keeps the leases (the clock is the wall clock)."""
+
+    name: str
+    store: Any
+    broker: Broker
+    clock: Clock
+    realtime: bool
+    where: str = ""  # the queue, stream or schema made for this run
+    _closers: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    def close(self) -> None:
+        self._closers.close()
+
+
+def check_engine(name: object) -> str:
+    """``name`` if it is one of :data:`ENGINES`, else InvalidInput naming ``engine``."""
+    if name not in ENGINES:
+        raise InvalidInput("engine", name, "one of " + ", ".join(ENGINES))
+    return name  # type: ignore[return-value]
+
+
+def _unavailable(name: str, where: str, exc: BaseException) -> EngineUnavailable:
+    return EngineUnavailable(f"the {name} engine needs its server at {where}, which did not"
+                             f" answer ({exc}); start it with 'make services'")
+
+
+def _open_sqlite(e: Engine, ids: Ids, max_receives: int) -> None:
+    from ..brokers.sqlite import SQLiteBroker
+
+    e.store = sqlite_store.init_db()
+    e._closers.callback(e.store.close)
+    e.broker = SQLiteBroker(e.store, clock=e.clock, ids=ids, max_receives=max_receives)
+    e.where = ":memory:"
+
+
+def _open_postgres(e: Engine, ids: Ids, max_receives: int) -> None:
+    from ..brokers.postgres import PostgresBroker
+    from ..engine import store_postgres
+
+    url = store_postgres.url_for(POSTGRES, f"dl_beyond_{secrets.token_hex(4)}")
+    try:
+        e.store = store_postgres.init_db(url)
+    except InvalidInput as exc:
+        raise _unavailable("postgres", POSTGRES, exc) from None
+    e._closers.callback(store_postgres.drop_schema, url)
+    e._closers.callback(e.store.close)
+    e.broker = PostgresBroker(e.store, clock=e.clock, ids=ids, max_receives=max_receives)
+    e.where = store_postgres.schema_of(url)
+
+
+def _open_remote(e: Engine, ids: Ids, max_receives: int) -> None:
+    """RabbitMQ or JetStream, by URL (``brokers.registry``), with a SQLite store."""
+    from ..brokers.registry import open_broker
+
+    name = f"dl_beyond_{secrets.token_hex(4)}"
+    if e.name == "rabbitmq":
+        url, server = f"{RABBITMQ}?queue={name}", RABBITMQ
+    else:
+        url, server = f"{NATS}?stream={name}&ack_wait={LEASE_S:g}", NATS
+    e.store = sqlite_store.init_db()
+    e._closers.callback(e.store.close)
+    try:
+        e.broker = open_broker(url, clock=e.clock, ids=ids, max_receives=max_receives)
+    except InvalidInput as exc:
+        raise _unavailable(e.name, server, exc) from None
+    e._closers.callback(_remove, e.broker)
+    e.where = name
+
+
+def _remove(broker: Broker) -> None:
+    """Delete what a run made on a server (its queue or stream), then disconnect."""
+    try:
+        broker.destroy()  # type: ignore[attr-defined]
+    finally:
+        broker.close()
+
+
+_OPENERS = {"sqlite": _open_sqlite, "postgres": _open_postgres, "rabbitmq": _open_remote,
+            "jetstream": _open_remote}
+
+
+@contextmanager
+def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
+                clock: Clock | None = None) -> Iterator[Engine]:
+    """The engine ``name`` on a fresh queue, stream or schema, removed on exit. ``clock``
+    defaults to a FakeClock where the engine keeps its leases as rows, and must be the wall
+    clock where the server keeps them."""
+    check_engine(name)
+    check_int("seed", seed)
+    check_int("max_receives", max_receives, minimum=1, maximum=1000)
+    realtime = name in ("rabbitmq", "jetstream")
+    if clock is None:
+        clock = SystemClock() if realtime else FakeClock()
+    elif realtime and not isinstance(clock, SystemClock):
+        raise InvalidInput("clock", clock, f"the wall clock (SystemClock): {name} keeps its"
+                                           f" leases on the server, in real time")
+    e = Engine(name, None, None, clock, realtime)  # type: ignore[arg-type]
+    try:
+        _OPENERS[name](e, Ids(seed), max_receives)
+        yield e
+    finally:
+        e.close()
+
+
+# -- running ------------------------------------------------------------------------------
+def place_orders(e: Engine, n: int, *, seed: int = CHAPTER_SEED) -> None:
+    """``n`` orders drawn as chapter 1's lab draws them (items and quantities from
+    ``random.Random(seed)``), each with its ``OrderPlaced`` event: in one transaction with the
+    order where the broker is the store's (the outbox), sent beside it elsewhere."""
+    check_int("n", n, minimum=0, maximum=100_000)
+    rng = random.Random(seed)
+    store = None if e.broker.joins(e.store) else e.store
+    for _ in range(n):
+        place_order(e.broker, item_id=rng.choice(list(ITEMS)), qty=rng.randint(1, 3),
+                    store=store)
+
+
+def drain(e: Engine, *workers: Worker, timeout: float = 120.0) -> None:
+    """Step the workers in turn until nothing is queued (visible or leased), sleeping on the
+    engine's clock until the next message is due whenever no worker got one. A run that
+    does not drain within ``timeout`` seconds on that clock raises RuntimeError."""
+    check_number("timeout", timeout, minimum=0)
+    deadline = e.clock.now() + timeout
+    while e.clock.now() <= deadline:
+        if sum(w.step() for w in workers):
+            continue
+        nxt = e.broker.next_visible_at()
+        if nxt is None:
+            return
+        e.clock.sleep_until(min(nxt, deadline + 0.001) if not e.realtime
+                            else min(nxt, e.clock.now() + 0.05))
+    raise RuntimeError(f"the {e.name} queue did not drain in {timeout:g}s: {e.broker.depth()}")
+
+
+def refusal(e: Engine, mode: str) -> str | None:
+    """Why the worker refuses ``mode`` on this engine (its InvalidInput's reason), or None."""
+    try:
+        Worker(store=e.store, broker=e.broker, clock=e.clock, mode=mode)
+    except InvalidInput as exc:
+        return exc.expected
+    return None
+
+
+def run_mode(name: str, mode: str, *, orders: int, faults: Faults,
+             seed: int = CHAPTER_SEED, max_messages: int = 1) -> tuple[CheckResult | None,
+                                                                      int, str | None]:
+    """One run on a fresh engine: place ``orders`` orders, drain them with one worker in
+    ``mode`` under ``faults``, and return (the checker's result, deliveries received, None);
+    or (None, 0, the worker's reason) when the engine cannot run that mode."""
+    with open_engine(name, seed=seed) as e:
+        why = refusal(e, mode)
+        if why is not None:
+            return None, 0, why
+        place_orders(e, orders, seed=seed)
+        worker = Worker(store=e.store, broker=e.broker, clock=e.clock, mode=mode,
+                        faults=faults, visibility_timeout=LEASE_S if e.realtime else 2.0,
+                        max_messages=max_messages, name="worker-1")
+        drain(e, worker)
+        return check(e.store, e.broker), worker.stats.received, None
+
+
+def guarantee_matrix(engines: Sequence[str] = ENGINES, *, orders: int = 200,
+                     faults: Faults | None = None, seed: int = CHAPTER_SEED,
+                     modes: Sequence[str] = MODES) -> pd.DataFrame:
+    """Chapter 1's guarantee matrix on each engine: the same orders, the same fault schedule
+    (chapter 1's by default), each mode; one row per (engine, mode) with the checker's counts
+    and verdict. A mode the engine cannot run (``transactional`` where the broker is not the
+    store's database) gets no counts and the worker's reason as its verdict."""
+    import pandas as pd
+
+    for name in engines:
+        check_engine(name)
+    modes = [str(Mode.parse(m)) for m in modes]
+    faults = faults if faults is not None else Faults(seed=seed, **CHAPTER_FAULTS)
+    rows = []
+    for name in engines:
+        for mode in modes:
+            result, received, why = run_mode(name, mode, orders=orders, faults=faults,
+                                             seed=seed)
+            if result is None:
+                reason = why.split(": ", 1)[-1].split(" (")[0]
+                rows.append({"engine": name, "mode": mode, "verdict": f"refused: {reason}"})
+                continue
+            rows.append({"engine": name, "mode": mode, "orders": result.orders,
+                         "correct": result.correct, "lost": result.lost,
+                         "duplicated": result.duplicated,
+                         "extra_applications": result.extra_applications,
+                         "dead_lettered": result.dead_lettered, "deliveries": received,
+                         "verdict": result.verdict})
+    frame = pd.DataFrame(rows)
+    counts = ["orders", "correct", "lost", "duplicated", "extra_applications",
+              "dead_lettered", "deliveries"]
+    frame[counts] = frame[counts].astype("Int64")
+    return frame[["engine", "mode", *counts, "verdict"]]
+
+
+# -- the real-systems table, measured ----------------------------------------------------
+def _receive_one(e: Engine, *, timeout: float = 10.0) -> Delivery | None:
+    """The next delivery, waiting on the engine's clock up to ``timeout`` seconds for a
+    message to come due; None if none did."""
+    deadline = e.clock.now() + timeout
+    while True:
+        got = e.broker.receive(LEASE_S, 1, worker="probe")
+        if got:
+            return got[0]
+        nxt = e.broker.next_visible_at()
+        if nxt is None or e.clock.now() >= deadline:
+            return None
+        e.clock.sleep_until(min(nxt, deadline) if not e.realtime
+                            else min(nxt, e.clock.now() + 0.02))
+
+
+@dataclass(frozen=True)
+class LostAck:
+    """What a lost ACK led to: the redelivery's count, and how long it took on the clock."""
+
+    first_count: int
+    redelivered_count: int | None
+    seconds: float
+
+
+def lost_ack(e: Engine) -> LostAck:
+    """Send one message, receive it, never ACK it; receive until it comes back."""
+    e.broker.send("evt-lost-ack", "OrderPlaced", {"orderId": "o-1", "itemId": "tea", "qty": 1})
+    first = _receive_one(e)
+    if first is None:
+        raise RuntimeError(f"{e.name}: the message sent was never delivered")
+    t0 = e.clock.now()
+    again = _receive_one(e, timeout=10 * LEASE_S)
+    if again is not None:
+        e.broker.ack(again, worker="probe")
+    return LostAck(first.delivery_count, None if again is None else again.delivery_count,
+                   e.clock.now() - t0)
+
+
+def dead_letter_probe(e: Engine) -> dict[str, Any]:
+    """One message that fails every delivery (nacked at once) under ``max_receives``: how many
+    deliveries happened, whether it landed in the dead letters, and what a redrive gives."""
+    e.broker.send("evt-poison", "OrderPlaced", {"orderId": "o-2", "itemId": "tea", "qty": 1})
+    deliveries = 0
+    while (d := _receive_one(e, timeout=3 * LEASE_S)) is not None:
+        deliveries += 1
+        e.broker.nack(d, 0.0, error="always fails", worker="probe")
+        if deliveries > e.broker.max_receives + 1:
+            break
+    dead = "evt-poison" in e.broker.dead_lettered_event_ids()
+    moved = e.broker.redrive() if dead else 0
+    back = _receive_one(e) if moved else None
+    if back is not None:
+        e.broker.ack(back, worker="probe")
+    return {"deliveries before dead letter": deliveries, "dead-lettered": dead,
+            "redriven": moved,
+            "delivery count after redrive": None if back is None else back.delivery_count}
+
+
+def producer_dedup_probe(e: Engine) -> dict[str, Any]:
+    """Two sends with the same ``dedup_id`` (a relay re-publishing after a crash): how many
+    messages the consumer then receives, and the engine's dedup window."""
+    for _ in range(2):
+        e.broker.send("evt-twice", "OrderPlaced", {"orderId": "o-3", "itemId": "tea",
+                                                   "qty": 1}, dedup_id="evt-twice")
+    received = 0
+    while (d := _receive_one(e, timeout=0.5)) is not None:
+        received += 1
+        e.broker.ack(d, worker="probe")
+    return {"messages from two sends": received, "dedup window (s)": e.broker.dedup_window}
+
+
+def real_systems(engines: Sequence[str] = ENGINES, *, max_receives: int = 3) -> pd.DataFrame:
+    """The measured half of the real-systems table: per engine, what a lost ACK, a message that
+    always fails and a duplicate send do, each on a fresh queue. Counts and yes/no only."""
+    import pandas as pd
+
+    rows = {}
+    for name in engines:
+        with open_engine(name, max_receives=max_receives) as e:
+            ack = lost_ack(e)
+            row: dict[str, Any] = {
+                "redelivered after a lost ACK": ack.redelivered_count is not None,
+                "delivery count: first, redelivery": f"{ack.first_count}, "
+                                                     f"{ack.redelivered_count}",
+                "transactional mode": refusal(e, "transactional") is None}
+        with open_engine(name, max_receives=max_receives) as e:
+            row.update(dead_letter_probe(e))
+        with open_engine(name, max_receives=max_receives) as e:
+            row.update(producer_dedup_probe(e))
+        rows[name] = row
+    return pd.DataFrame(rows).T.rename_axis("engine")
+
