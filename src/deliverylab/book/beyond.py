@@ -28,6 +28,7 @@ import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..brokers.base import Broker, Delivery
@@ -71,7 +72,7 @@ class Engine:
     broker: Broker
     clock: Clock
     realtime: bool
-    where: str = ""  # the queue, stream or schema made for this run
+    where: str = ""  # the queue, stream, schema or file made for this run
     _closers: ExitStack = field(default_factory=ExitStack, repr=False)
 
     def close(self) -> None:
@@ -90,16 +91,22 @@ def _unavailable(name: str, where: str, exc: BaseException) -> EngineUnavailable
                              f" answer ({exc}); start it with 'make services'")
 
 
-def _open_sqlite(e: Engine, ids: Ids, max_receives: int) -> None:
+def _sqlite_store(e: Engine, directory: Path | None) -> None:
+    """The SQLite store: in memory, or a WAL file in ``directory``."""
+    path = ":memory:" if directory is None else directory / f"{e.name}-store.db"
+    e.store = sqlite_store.init_db(path)
+    e._closers.callback(e.store.close)
+    e.where = str(path)
+
+
+def _open_sqlite(e: Engine, ids: Ids, max_receives: int, directory: Path | None) -> None:
     from ..brokers.sqlite import SQLiteBroker
 
-    e.store = sqlite_store.init_db()
-    e._closers.callback(e.store.close)
+    _sqlite_store(e, directory)
     e.broker = SQLiteBroker(e.store, clock=e.clock, ids=ids, max_receives=max_receives)
-    e.where = ":memory:"
 
 
-def _open_postgres(e: Engine, ids: Ids, max_receives: int) -> None:
+def _open_postgres(e: Engine, ids: Ids, max_receives: int, directory: Path | None) -> None:
     from ..brokers.postgres import PostgresBroker
     from ..engine import store_postgres
 
@@ -114,7 +121,7 @@ def _open_postgres(e: Engine, ids: Ids, max_receives: int) -> None:
     e.where = store_postgres.schema_of(url)
 
 
-def _open_remote(e: Engine, ids: Ids, max_receives: int) -> None:
+def _open_remote(e: Engine, ids: Ids, max_receives: int, directory: Path | None) -> None:
     """RabbitMQ or JetStream, by URL (``brokers.registry``), with a SQLite store."""
     from ..brokers.registry import open_broker
 
@@ -123,8 +130,7 @@ def _open_remote(e: Engine, ids: Ids, max_receives: int) -> None:
         url, server = f"{RABBITMQ}?queue={name}", RABBITMQ
     else:
         url, server = f"{NATS}?stream={name}&ack_wait={LEASE_S:g}", NATS
-    e.store = sqlite_store.init_db()
-    e._closers.callback(e.store.close)
+    _sqlite_store(e, directory)
     try:
         e.broker = open_broker(url, clock=e.clock, ids=ids, max_receives=max_receives)
     except InvalidInput as exc:
@@ -147,10 +153,11 @@ _OPENERS = {"sqlite": _open_sqlite, "postgres": _open_postgres, "rabbitmq": _ope
 
 @contextmanager
 def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
-                clock: Clock | None = None) -> Iterator[Engine]:
+                clock: Clock | None = None, directory: Path | None = None) -> Iterator[Engine]:
     """The engine ``name`` on a fresh queue, stream or schema, removed on exit. ``clock``
     defaults to a FakeClock where the engine keeps its leases as rows, and must be the wall
-    clock where the server keeps them."""
+    clock where the server keeps them. A SQLite store is in memory, or a file in
+    ``directory`` (the caller's to remove)."""
     check_engine(name)
     check_int("seed", seed)
     check_int("max_receives", max_receives, minimum=1, maximum=1000)
@@ -162,7 +169,7 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
                                            f" leases on the server, in real time")
     e = Engine(name, None, None, clock, realtime)  # type: ignore[arg-type]
     try:
-        _OPENERS[name](e, Ids(seed), max_receives)
+        _OPENERS[name](e, Ids(seed), max_receives, directory)
         yield e
     finally:
         e.close()
