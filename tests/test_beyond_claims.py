@@ -1,0 +1,155 @@
+"""What chapter 7 ("Beyond one machine") says in prose, asserted on the engines themselves.
+
+The chapter claims:
+
+* the guarantee is the consumer's order of work, not the broker's: chapter 1's orders and
+  fault schedule give chapter 1's counts, mode by mode, on every engine (SQLite, PostgreSQL,
+  RabbitMQ, JetStream): at-most-once loses, at-least-once duplicates, idempotent does
+  neither, although it receives as many messages as at-least-once;
+* ``transactional`` runs exactly where the broker is the store's own database (SQLite and
+  PostgreSQL) and is refused by the worker elsewhere, because the ACK is a write in another
+  system;
+* on every engine a lost ACK brings the message back with its delivery count one higher, a
+  message that fails every delivery reaches the dead letters after ``max_receives``
+  deliveries, and a redrive hands it out again as a first delivery;
+* of the four, only JetStream drops a second send with the same producer dedup id (its
+  ``Nats-Msg-Id`` window); the others store both, and the inbox is then the only defence;
+* every run removes what it made on the servers.
+
+The RabbitMQ and JetStream runs wait for real leases (one second), so those cases are slow.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from deliverylab.book import beyond
+from deliverylab.book.lab import guarantee_matrix as chapter_1_matrix
+from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
+
+THREE = ("at-most-once", "at-least-once", "idempotent")
+COUNTS = ["orders", "correct", "lost", "duplicated", "extra_applications", "dead_lettered",
+          "deliveries"]
+FAST = ("sqlite", "postgres")
+REALTIME = ("rabbitmq", "jetstream")
+
+
+def engine_params(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in REALTIME else n for n in names]
+
+
+def chapter_1(orders: int, seed: int, faults: Faults) -> pd.DataFrame:
+    return chapter_1_matrix(orders=orders, faults=faults, seed=seed,
+                            modes=beyond.MODES).set_index("mode")
+
+
+@pytest.mark.parametrize("engine", engine_params(beyond.ENGINES))
+def test_every_engine_gives_chapter_1s_counts_for_the_same_orders_and_faults(engine):
+    seeds = (beyond.CHAPTER_SEED, 7) if engine in FAST else (beyond.CHAPTER_SEED,)
+    orders = 80 if engine in FAST else 40
+    for seed in seeds:
+        faults = Faults(seed=seed, ack_fail=0.2, crash_after_receive=0.1,
+                        crash_after_commit=0.05)
+        got = beyond.guarantee_matrix([engine], orders=orders, faults=faults, seed=seed)
+        got = got.set_index("mode")
+        want = chapter_1(orders, seed, faults)
+        for mode in THREE:
+            assert [int(got.loc[mode, c]) for c in COUNTS] == \
+                [int(want.loc[mode, c]) for c in COUNTS], (engine, seed, mode)
+        # The pattern the chapter reads off the table, and that the faults did fire.
+        assert got.loc["at-most-once", "lost"] > 0
+        assert got.loc["at-most-once", "duplicated"] == 0
+        assert got.loc["at-least-once", "duplicated"] > 0
+        assert got.loc["at-least-once", "lost"] == 0
+        assert got.loc["idempotent", "correct"] == orders
+        assert got.loc["idempotent", "verdict"].startswith(f"OK: all {orders} orders")
+        assert got.loc["idempotent", "deliveries"] == got.loc["at-least-once", "deliveries"]
+        assert got.loc["idempotent", "deliveries"] > orders
+
+
+@pytest.mark.parametrize("engine", engine_params(beyond.ENGINES))
+def test_transactional_runs_only_where_the_broker_is_the_stores_database(engine):
+    table = beyond.guarantee_matrix([engine], orders=20, modes=["transactional"])
+    row = table.iloc[0]
+    if engine in FAST:
+        assert row["correct"] == 20 and row["verdict"].startswith("OK: all 20 orders")
+    else:
+        assert pd.isna(row["correct"]) and pd.isna(row["deliveries"])
+        assert row["verdict"] == ("refused: the ACK is a write in another system, so it"
+                                  " cannot commit in the effect's transaction")
+
+
+@pytest.fixture(scope="module")
+def probes() -> dict[str, pd.Series]:
+    table = beyond.real_systems(FAST)
+    return {name: table.loc[name] for name in FAST}
+
+
+@pytest.fixture(scope="module")
+def remote_probes() -> dict[str, pd.Series]:
+    table = beyond.real_systems(REALTIME)
+    return {name: table.loc[name] for name in REALTIME}
+
+
+def check_probe(name: str, row: pd.Series) -> None:
+    assert row["redelivered after a lost ACK"] is True or row["redelivered after a lost ACK"]
+    assert row["delivery count: first, redelivery"] == "1, 2"
+    assert bool(row["transactional mode"]) is (name in FAST)
+    assert row["deliveries before dead letter"] == 3  # max_receives=3
+    assert bool(row["dead-lettered"])
+    assert row["redriven"] == 1 and row["delivery count after redrive"] == 1
+    if name == "jetstream":
+        assert row["messages from two sends"] == 1
+        assert row["dedup window (s)"] > 0
+    else:
+        assert row["messages from two sends"] == 2
+        assert row["dedup window (s)"] is None
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_the_measured_real_systems_table_on_the_databases(probes, name):
+    check_probe(name, probes[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REALTIME)
+def test_the_measured_real_systems_table_on_the_servers(remote_probes, name):
+    check_probe(name, remote_probes[name])
+
+
+def test_a_postgres_run_drops_its_schema():
+    from deliverylab.engine import store_postgres
+
+    with beyond.open_engine("postgres") as e:
+        url = e.store.url
+        assert e.broker.joins(e.store)
+    with pytest.raises(InvalidInput, match="init-db"):
+        store_postgres.connect(url)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(InvalidInput) as bad:
+        with beyond.open_engine("kafka"):
+            pass
+    assert bad.value.field == "engine" and bad.value.value == "kafka"
+    with pytest.raises(InvalidInput) as bad:
+        beyond.guarantee_matrix(["sqlite", "sqs"], orders=1)
+    assert bad.value.field == "engine" and bad.value.value == "sqs"
+    with pytest.raises(InvalidInput) as bad:
+        with beyond.open_engine("rabbitmq", clock=FakeClock()):
+            pass
+    assert bad.value.field == "clock"
+    with pytest.raises(InvalidInput) as bad:
+        beyond.guarantee_matrix(["sqlite"], orders=1, modes=["exactly-once"])
+    assert bad.value.field == "mode"
+
+
+def test_without_a_server_the_engine_says_how_to_start_it(monkeypatch):
+    monkeypatch.setattr(beyond, "POSTGRES", "postgresql://127.0.0.1:1/test")
+    with pytest.raises(beyond.EngineUnavailable, match="make services") as gone:
+        with beyond.open_engine("postgres"):
+            pass
+    assert "127.0.0.1:1" in str(gone.value)
