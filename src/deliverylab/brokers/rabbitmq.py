@@ -259,12 +259,10 @@ class RabbitMQBroker(Broker):
                     lease.channel.close()
             except _CHANNEL_GONE:
                 pass  # closed already (by the server): the message went back then
-        for d in last:
+        for d in last:  # the reason in the SQLite broker's words: the same trace
             times = "once" if d.delivery_count == 1 else f"{d.delivery_count} times"
-            self._parking.append((d, f"received {times} (max_receives={self.max_receives},"
-                                     f" {why}); dead-lettered by RabbitMQ (x-delivery-limit="
-                                     f"{self.max_receives - 1}); last error:"
-                                     f" {d.last_error or 'none'}"))
+            self._parking.append((d, f"received {times} (max_receives={self.max_receives});"
+                                     f" last error: {d.last_error or 'none'}"))
         if last:
             deadline = time.monotonic() + DEAD_LETTER_WAIT_S
             while self._count(self.dlq) < before + len(last) and time.monotonic() < deadline:
@@ -375,15 +373,21 @@ class RabbitMQBroker(Broker):
                 return out
             out.append((method.delivery_tag, props, body))
 
-    def _return_dead_letters(self) -> None:
-        """Give back every dead letter still taken on the dead-letter channel; a later read on
-        the same channel sees them (one channel keeps the order)."""
+    def _return_dead_letters(self, taken: int) -> None:
+        """Give back the ``taken`` dead letters still held on the dead-letter channel, and
+        wait (up to :data:`DEAD_LETTER_WAIT_S`) until the queue counts them ready again: the
+        return is asynchronous, and a count right after it would miss them."""
+        if not taken:
+            return
         self._dead.basic_nack(0, multiple=True, requeue=True)
+        deadline = time.monotonic() + DEAD_LETTER_WAIT_S
+        while self._count(self.dlq) < taken and time.monotonic() < deadline:
+            self._conn.sleep(0.002)
 
     def dead_lettered_event_ids(self) -> set[str]:
         """Read from the dead-letter queue (taken and given back on one channel)."""
         letters = self._read_dead_letters()
-        self._return_dead_letters()
+        self._return_dead_letters(len(letters))
         return {str((props.headers or {}).get(EVENT_ID, props.message_id))
                 for _, props, _ in letters}
 
@@ -401,7 +405,7 @@ class RabbitMQBroker(Broker):
         else:
             missing = [m for m in message_ids if m not in by_id]
             if missing:
-                self._return_dead_letters()
+                self._return_dead_letters(len(letters))
                 raise InvalidInput("message_ids", missing[0], "the id of a dead letter")
             chosen = [by_id[m] for m in dict.fromkeys(message_ids)]
         for tag, props, body in chosen:
@@ -409,7 +413,7 @@ class RabbitMQBroker(Broker):
                           event_id=str((props.headers or {}).get(EVENT_ID, props.message_id)),
                           type=props.type or "", correlation_id=props.correlation_id)
             self._dead.basic_ack(tag)
-        self._return_dead_letters()
+        self._return_dead_letters(len(letters) - len(chosen))
         return len(chosen)
 
     # -- fault injection ---------------------------------------------------------------------
