@@ -27,6 +27,10 @@ from deliverylab.engine.worker import Worker
 
 FAULTS = {"ack_fail": 0.3, "crash_after_receive": 0.02, "crash_after_commit": 0.02,
           "process_error": 0.2, "lose_message": 0.05}
+# Engines whose server dead-letters a message when its last delivery comes back (RabbitMQ's
+# x-delivery-limit): the receive that reports it still hands out a message, where the SQLite
+# claim spends a receive on it, so only the count of steps differs; the trace is the same.
+PARKS_ON_RETURN = {"RabbitMQBroker"}
 TRACE = ("SELECT at, worker, correlation_id, event_id, message_id, delivery_count, outcome,"
          " detail FROM delivery_log ORDER BY seq")
 
@@ -59,7 +63,10 @@ def test_a_broker_apart_from_the_store_gives_the_same_run(make_broker, mode, max
 
     # The same fault schedule, hence the same run, row for row: the worker wrote the trace
     # rows of the broker's verbs into the store itself.
-    assert a.stats == b.stats
+    if type(apart).__name__ in PARKS_ON_RETURN:
+        assert a.stats.as_dict() | {"steps": 0} == b.stats.as_dict() | {"steps": 0}
+    else:
+        assert a.stats == b.stats
     assert b.stats.crashed + b.stats.ack_failed + b.stats.lost > 0  # the faults did fire
     trace_a = [tuple(r) for r in one_db.execute(TRACE)]
     assert trace_a == [tuple(r) for r in apart_store.execute(TRACE)]
