@@ -74,7 +74,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
@@ -96,6 +96,8 @@ ERROR = "Deliverylab-Error"
 CONSUMER = "workers"  # the durable pull consumer every worker of a stream shares
 PARKER = "parker"  # the durable consumer on the advisories stream
 ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+# The server's error codes for "no such message": get (10037) and delete (10057) differ.
+NO_MESSAGE = {10037, 10057}
 STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,48}\Z")
 DEFAULT_PORT = 4222
 # Advisories fetched per receive at most, and how long a fetch of them may wait.
@@ -412,15 +414,21 @@ class JetStreamBroker(Broker):
                         self.clock.now(), self._errors.get(seq))
 
     async def _get(self, stream: str, seq: int) -> Any:
+        """Message ``seq`` of ``stream``, or None if there is none."""
         try:
             return await self._retrying(lambda: self.js.get_msg(stream, seq))
-        except NotFoundError:
+        except APIError as exc:
+            if exc.err_code not in NO_MESSAGE:
+                raise
             return None
 
     async def _delete(self, stream: str, seq: int) -> bool:
+        """Delete message ``seq`` of ``stream``; False if there was none."""
         try:
             return await self._retrying(lambda: self.js.delete_msg(stream, seq))
-        except NotFoundError:
+        except APIError as exc:
+            if exc.err_code not in NO_MESSAGE:
+                raise
             return False
 
     def _forget(self, seq: int) -> None:
