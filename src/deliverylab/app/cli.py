@@ -38,7 +38,7 @@ from typing import Any
 
 from .. import __version__
 from ..engine.display import safe_json, safe_text
-from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.errors import STORE_ERRORS, InvalidInput, check_int, check_number, check_text
 from ..engine.faults import FAULT_POINTS
 from ..engine.orders import MAX_ID_LENGTH, MAX_QTY
 from ..engine.store import SQLiteTooOld
@@ -243,7 +243,7 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
         if is_busy(exc):
             raise
         raise UsageError(f"cannot open {str(path)!r} ({exc})") from None
-    except (sqlite3.DatabaseError, InvalidInput) as exc:
+    except (*STORE_ERRORS, InvalidInput) as exc:
         raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc}); run"
                          f" 'deliverylab init-db' on a new path") from None
     try:
@@ -255,7 +255,7 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
         check_schema(conn)
     except UsageError:
         raise
-    except (sqlite3.DatabaseError, InvalidInput) as exc:
+    except (*STORE_ERRORS, InvalidInput) as exc:
         conn.close()
         if is_busy(exc):
             raise
@@ -332,7 +332,7 @@ def cmd_init_db(args: argparse.Namespace) -> int:
             orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
         finally:
             conn.close()
-    except (sqlite3.DatabaseError, InvalidInput) as exc:
+    except (*STORE_ERRORS, InvalidInput) as exc:
         if created:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
@@ -828,9 +828,10 @@ def _safe_output() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> tuple[int, str]:
-    """An error SQLite raised mid-command, as (exit status, one sentence). Each command's
-    writes are transactions, so whatever it was doing rolled back: nothing half-written."""
+def _database_error(args: argparse.Namespace, exc: Exception) -> tuple[int, str]:
+    """An error the store's database (SQLite, PostgreSQL) raised mid-command, as (exit status,
+    one sentence). Each command's writes are transactions, so whatever it was doing rolled
+    back: nothing half-written."""
     from ..engine.store import is_busy, is_read_only_error
 
     path = db_label(args) if hasattr(args, "db") else "the database"
@@ -860,7 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SQLiteTooOld as exc:
         print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
         return 1
-    except sqlite3.DatabaseError as exc:
+    except STORE_ERRORS as exc:
         code, message = _database_error(args, exc)
         print(safe_text(f"{prog}: error: {message}"), file=sys.stderr)
         return code
