@@ -226,8 +226,8 @@ class PgConnection:
     def in_transaction(self) -> bool:
         return self.raw.info.transaction_status in _IN_TRANSACTION
 
-    def missing_tables(self) -> list[str]:
-        return missing_tables(self)
+    def missing_tables(self, tables: tuple[str, ...] | None = None) -> list[str]:
+        return missing_tables(self, tables)
 
     def close(self) -> None:
         self.raw.close()
@@ -283,11 +283,12 @@ def drop_schema(url: str) -> None:
         raw.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-def missing_tables(conn: PgConnection) -> list[str]:
+def missing_tables(conn: PgConnection, tables: tuple[str, ...] | None = None) -> list[str]:
+    """Which of ``tables`` (default: every table a lab needs) the URL's schema lacks."""
     from .store import TABLES
 
     rows = conn.raw.execute("SELECT table_name FROM information_schema.tables"
                             " WHERE table_schema = %s", (conn.schema,)).fetchall()
     have = {r[0] for r in rows}
-    return [t for t in TABLES if t not in have]
+    return [t for t in (TABLES if tables is None else tables) if t not in have]
 
