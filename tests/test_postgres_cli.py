@@ -16,6 +16,7 @@ from deliverylab.engine import store_postgres as pgstore
 from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
+from deliverylab.engine.relay import Relay
 
 
 @pytest.fixture(autouse=True)
@@ -136,6 +137,7 @@ def test_a_worker_on_a_postgres_broker_and_a_sqlite_store(capsys, tmp_path):
             broker = PostgresBroker(bconn, clock=SystemClock(), ids=Ids(9))
             for i in range(10):
                 place_order(broker, item_id=f"item-{i % 3}", qty=1, store=conn)
+            Relay(conn, broker, clock=broker.clock).run_until_idle()
         conn.close()
         worker = subprocess.Popen(
             [sys.executable, "-m", "deliverylab", "worker", "--broker", url, "--store",
