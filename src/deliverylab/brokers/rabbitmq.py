@@ -62,6 +62,8 @@ DELIVERIES = "x-deliverylab-deliveries"  # a dead letter's delivery count
 # How long a receive waits for the dead letters it caused to reach the dead-letter queue
 # (at-least-once dead-lettering publishes them from the queue's leader, after the return).
 DEAD_LETTER_WAIT_S = 5.0
+# How long a return waits for the queue to count the messages it gave back as ready.
+RETURN_WAIT_S = 1.0
 _CHANNEL_GONE = (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError)
 
 
@@ -250,6 +252,8 @@ class RabbitMQBroker(Broker):
         last = [lease.delivery for lease in leases
                 if lease.delivery.delivery_count >= self.max_receives]
         before = self._count(self.dlq) if last else 0
+        back = len(leases) - len(last)
+        ready = self._count(self.queue) if back else 0
         for lease in leases:
             try:
                 if why == "nacked":
@@ -267,6 +271,12 @@ class RabbitMQBroker(Broker):
             deadline = time.monotonic() + DEAD_LETTER_WAIT_S
             while self._count(self.dlq) < before + len(last) and time.monotonic() < deadline:
                 self._conn.sleep(0.005)
+        # The queue takes a message back through its Raft log, after the channel closed or the
+        # reject left: wait until it counts them ready, or next_visible_at and depth would say
+        # nothing is queued meanwhile. Bounded: another connection may take them first.
+        deadline = time.monotonic() + RETURN_WAIT_S
+        while back and self._count(self.queue) < ready + back and time.monotonic() < deadline:
+            self._conn.sleep(0.005)
 
     # -- settle ----------------------------------------------------------------------------
     def _take(self, delivery: Delivery) -> _Lease | None:
