@@ -120,6 +120,23 @@ def test_the_measured_real_systems_table_on_the_servers(remote_probes, name):
     check_probe(name, remote_probes[name])
 
 
+@pytest.mark.parametrize("engine", REALTIME)
+def test_a_message_whose_lease_ran_out_is_seen_as_queued_until_it_is_received_again(engine):
+    """What ``drain`` relies on to run to completion: the broker never says "nothing queued"
+    (``next_visible_at`` None) while a message it gave back is on its way back to the queue."""
+    with beyond.open_engine(engine) as e:
+        for i in range(5):
+            e.broker.send(f"evt-{i}", "OrderPlaced", {"orderId": "o", "itemId": "x", "qty": 1})
+            first = e.broker.receive(beyond.LEASE_S, 1)[0]
+            e.clock.sleep(first.lease_until - e.clock.now() + 0.05)
+            assert e.broker.next_visible_at() is not None
+            again = beyond.receive_one(e, timeout=5)
+            assert again is not None
+            assert (again.event_id, again.delivery_count) == (f"evt-{i}", 2)
+            assert e.broker.ack(again)
+        assert e.broker.next_visible_at() is None
+
+
 def test_a_postgres_run_drops_its_schema():
     from deliverylab.engine import store_postgres
 

@@ -39,6 +39,7 @@ from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import Faults
 from ..engine.ids import Ids
 from ..engine.orders import place_order
+from ..engine.relay import Relay
 from ..engine.worker import Mode, Worker
 from .lab import ITEMS
 
@@ -177,15 +178,21 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
 
 # -- running ------------------------------------------------------------------------------
 def place_orders(e: Engine, n: int, *, seed: int = CHAPTER_SEED) -> None:
-    """``n`` orders drawn as chapter 1's lab draws them (items and quantities from
-    ``random.Random(seed)``), each with its ``OrderPlaced`` event: in one transaction with the
-    order where the broker is the store's (the outbox), sent beside it elsewhere."""
+    """Chapter 1's ``n`` orders: items and quantities from ``random.Random(seed)`` and ids from
+    ``Ids(seed)``, drawn in the order chapter 1's lab draws them (an order id, an event id,
+    then the id of the event's queue row), so every event has chapter 1's id and meets
+    chapter 1's fault schedule, whatever ids the engine gives its messages. Where the broker is
+    the store's own database the event is sent in the order's transaction (the queue table is
+    the outbox); elsewhere it is written to the store's outbox, and the relay publishes it."""
     check_int("n", n, minimum=0, maximum=100_000)
-    rng = random.Random(seed)
-    store = None if e.broker.joins(e.store) else e.store
+    rng, producer = random.Random(seed), Ids(seed)
+    joined = e.broker.joins(e.store)
     for _ in range(n):
         place_order(e.broker, item_id=rng.choice(list(ITEMS)), qty=rng.randint(1, 3),
-                    store=store)
+                    store=None if joined else e.store, ids=producer)
+        producer.message_id()  # the id chapter 1's queue row takes from the same source
+    if not joined:
+        Relay(e.store, e.broker, clock=e.clock).run_until_idle()
 
 
 def drain(e: Engine, *workers: Worker, timeout: float = 120.0) -> None:
@@ -260,15 +267,15 @@ def guarantee_matrix(engines: Sequence[str] = ENGINES, *, orders: int = 200,
                          "extra_applications": result.extra_applications,
                          "dead_lettered": result.dead_lettered, "deliveries": received,
                          "verdict": result.verdict})
-    frame = pd.DataFrame(rows)
     counts = ["orders", "correct", "lost", "duplicated", "extra_applications",
               "dead_lettered", "deliveries"]
+    frame = pd.DataFrame(rows, columns=["engine", "mode", *counts, "verdict"])
     frame[counts] = frame[counts].astype("Int64")
-    return frame[["engine", "mode", *counts, "verdict"]]
+    return frame
 
 
 # -- the real-systems table, measured ----------------------------------------------------
-def _receive_one(e: Engine, *, timeout: float = 10.0) -> Delivery | None:
+def receive_one(e: Engine, *, timeout: float = 10.0) -> Delivery | None:
     """The next delivery, waiting on the engine's clock up to ``timeout`` seconds for a
     message to come due; None if none did."""
     deadline = e.clock.now() + timeout
@@ -295,11 +302,11 @@ class LostAck:
 def lost_ack(e: Engine) -> LostAck:
     """Send one message, receive it, never ACK it; receive until it comes back."""
     e.broker.send("evt-lost-ack", "OrderPlaced", {"orderId": "o-1", "itemId": "tea", "qty": 1})
-    first = _receive_one(e)
+    first = receive_one(e)
     if first is None:
         raise RuntimeError(f"{e.name}: the message sent was never delivered")
     t0 = e.clock.now()
-    again = _receive_one(e, timeout=10 * LEASE_S)
+    again = receive_one(e, timeout=10 * LEASE_S)
     if again is not None:
         e.broker.ack(again, worker="probe")
     return LostAck(first.delivery_count, None if again is None else again.delivery_count,
@@ -311,14 +318,14 @@ def dead_letter_probe(e: Engine) -> dict[str, Any]:
     deliveries happened, whether it landed in the dead letters, and what a redrive gives."""
     e.broker.send("evt-poison", "OrderPlaced", {"orderId": "o-2", "itemId": "tea", "qty": 1})
     deliveries = 0
-    while (d := _receive_one(e, timeout=3 * LEASE_S)) is not None:
+    while (d := receive_one(e, timeout=3 * LEASE_S)) is not None:
         deliveries += 1
         e.broker.nack(d, 0.0, error="always fails", worker="probe")
         if deliveries > e.broker.max_receives + 1:
             break
     dead = "evt-poison" in e.broker.dead_lettered_event_ids()
     moved = e.broker.redrive() if dead else 0
-    back = _receive_one(e) if moved else None
+    back = receive_one(e) if moved else None
     if back is not None:
         e.broker.ack(back, worker="probe")
     return {"deliveries before dead letter": deliveries, "dead-lettered": dead,
@@ -333,7 +340,7 @@ def producer_dedup_probe(e: Engine) -> dict[str, Any]:
         e.broker.send("evt-twice", "OrderPlaced", {"orderId": "o-3", "itemId": "tea",
                                                    "qty": 1}, dedup_id="evt-twice")
     received = 0
-    while (d := _receive_one(e, timeout=0.5)) is not None:
+    while (d := receive_one(e, timeout=0.5)) is not None:
         received += 1
         e.broker.ack(d, worker="probe")
     return {"messages from two sends": received, "dedup window (s)": e.broker.dedup_window}
