@@ -8,8 +8,10 @@ What the engine gives, checked against RabbitMQ 3.10.8:
   gives its messages back at once. There is no per-message visibility timeout (the consumer
   timeout, 30 minutes by default and checked on a 60 s tick, is no lease). So each delivery
   gets a channel of its own, and the broker keeps the lease's end on its injected clock: the
-  first verb after that time (a receive, ``depth``, …) closes the channel, which is how a
-  worker's lost ACK or a lease too short for the work brings the message back here.
+  first verb after that time (a receive, ``depth``, …) closes the channel, so a lease too
+  short for the work brings the message back here too. A lost ACK or a crash in the worker
+  closes the channel at once (:meth:`RabbitMQBroker.abandon`): the message is back within
+  milliseconds, with no timer to wait for.
 * **The delivery count** is the queue's ``x-delivery-count`` header plus one. On 3.10.8 the
   header is 0 on a first ``basic.get`` (the documentation says a first pushed delivery has
   none: both read as 0), and every return counts: a channel close, ``basic.reject`` and
@@ -343,6 +345,18 @@ class RabbitMQBroker(Broker):
             lease.release_at = self.clock.now() + d
             self._held.append(lease)
         return True
+
+    def abandon(self, deliveries: list[Delivery]) -> None:
+        """Close the channel of each delivery still held (a lost ACK, a crash): the queue
+        takes the message back at once, with ``redelivered=true`` and its count bumped, as
+        when the consumer's connection drops. This is how the worker's lost ACK is injected:
+        the effect has committed, then the channel closes before ``basic.ack``."""
+        if not isinstance(deliveries, list | tuple):
+            raise InvalidInput("deliveries", deliveries, "a list of deliveries")
+        for d in deliveries:
+            check_delivery(d)
+        self._give_back([lease for lease in map(self._take, deliveries) if lease is not None],
+                        "abandoned")
 
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
         """Publish the message to the dead-letter queue (confirmed), then ack it: at least
