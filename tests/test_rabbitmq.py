@@ -310,3 +310,27 @@ def test_sigkilled_worker_processes_on_one_queue_lose_nothing_idempotent(tmp_pat
             p.stop()
         producer.close()
         conn.close()
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    (URL, "naming one queue"),
+    (f"{URL}?queue=amq.reserved", "valid queue name"),
+    ("amqp://guest:guest@127.0.0.1:1/%2F?queue=q", "Connection refused"),
+])
+def test_the_worker_command_refuses_a_bad_broker_url_with_exit_2(tmp_path, url, says):
+    import subprocess
+    import sys
+
+    from test_lab_processes import child_env
+
+    db = tmp_path / "lab.db"
+    store.init_db(db).close()
+    done = subprocess.run([sys.executable, "-m", "deliverylab", "worker", "--broker", url,
+                           "--store", str(db)], env=child_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--broker must be" in done.stderr and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    conn = store.connect(db)
+    assert conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0] == 0
+    conn.close()

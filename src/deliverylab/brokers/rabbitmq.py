@@ -590,6 +590,6 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
                                          " use (access refused)") from None
     except pika.exceptions.AMQPConnectionError as exc:
         # pika wraps the cause: AMQPConnectorSocketConnectError: ConnectionRefusedError(…)
-        reason = "; ".join(str(a) for a in exc.args) or type(exc).__name__
+        reason = "; ".join(str(a) or repr(a) for a in exc.args) or type(exc).__name__
         raise InvalidInput(field, shown, f"the URL of a reachable RabbitMQ server"
                                          f" ({reason})") from None
