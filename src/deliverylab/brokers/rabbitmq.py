@@ -8,8 +8,10 @@ What the engine gives, checked against RabbitMQ 3.10.8:
   gives its messages back at once. There is no per-message visibility timeout (the consumer
   timeout, 30 minutes by default and checked on a 60 s tick, is no lease). So each delivery
   gets a channel of its own, and the broker keeps the lease's end on its injected clock: the
-  first verb after that time (a receive, ``depth``, …) closes the channel, which is how a
-  worker's lost ACK or a lease too short for the work brings the message back here.
+  first verb after that time (a receive, ``depth``, …) closes the channel, so a lease too
+  short for the work brings the message back here too. A lost ACK or a crash in the worker
+  closes the channel at once (:meth:`RabbitMQBroker.abandon`): the message is back within
+  milliseconds, with no timer to wait for.
 * **The delivery count** is the queue's ``x-delivery-count`` header plus one. On 3.10.8 the
   header is 0 on a first ``basic.get`` (the documentation says a first pushed delivery has
   none: both read as 0), and every return counts: a channel close, ``basic.reject`` and
@@ -59,11 +61,11 @@ DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 EVENT_ID = "x-deliverylab-event-id"
 ERROR = "x-deliverylab-error"  # a dead letter's reason
 DELIVERIES = "x-deliverylab-deliveries"  # a dead letter's delivery count
-# How long a receive waits for the dead letters it caused to reach the dead-letter queue
-# (at-least-once dead-lettering publishes them from the queue's leader, after the return).
+# How long a verb that gave messages back waits for the queue to count them (see _await),
+# and for the dead letters it caused to reach the dead-letter queue (at-least-once
+# dead-lettering publishes them from the queue's leader, after the return).
+RETURN_WAIT_S = 0.25
 DEAD_LETTER_WAIT_S = 5.0
-# How long a return waits for the queue to count the messages it gave back as ready.
-RETURN_WAIT_S = 1.0
 _CHANNEL_GONE = (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError)
 
 
@@ -251,9 +253,9 @@ class RabbitMQBroker(Broker):
             return
         last = [lease.delivery for lease in leases
                 if lease.delivery.delivery_count >= self.max_receives]
-        before = self._count(self.dlq) if last else 0
         back = len(leases) - len(last)
         ready = self._count(self.queue) if back else 0
+        dead = self._count(self.dlq) if last else 0
         for lease in leases:
             try:
                 if why == "nacked":
@@ -267,16 +269,18 @@ class RabbitMQBroker(Broker):
             times = "once" if d.delivery_count == 1 else f"{d.delivery_count} times"
             self._parking.append((d, f"received {times} (max_receives={self.max_receives});"
                                      f" last error: {d.last_error or 'none'}"))
-        if last:
-            deadline = time.monotonic() + DEAD_LETTER_WAIT_S
-            while self._count(self.dlq) < before + len(last) and time.monotonic() < deadline:
-                self._conn.sleep(0.005)
-        # The queue takes a message back through its Raft log, after the channel closed or the
-        # reject left: wait until it counts them ready, or next_visible_at and depth would say
-        # nothing is queued meanwhile. Bounded: another connection may take them first.
-        deadline = time.monotonic() + RETURN_WAIT_S
-        while back and self._count(self.queue) < ready + back and time.monotonic() < deadline:
-            self._conn.sleep(0.005)
+        self._await(self.queue, ready + back, RETURN_WAIT_S)
+        self._await(self.dlq, dead + len(last), DEAD_LETTER_WAIT_S)
+
+    def _await(self, queue: str, count: int, timeout: float) -> None:
+        """Wait until ``queue`` counts ``count`` ready messages, for at most ``timeout``
+        seconds. A return is asynchronous (measured on 3.10.8: about 2 ms, under 10 ms), so
+        without this a count or a ``next_visible_at`` right after it would not see the
+        message, and a worker would think the queue empty. Another consumer taking the
+        message meanwhile ends the wait only at the timeout."""
+        deadline = time.monotonic() + timeout
+        while self._count(queue) < count and time.monotonic() < deadline:
+            self._conn.sleep(0.001)
 
     # -- settle ----------------------------------------------------------------------------
     def _take(self, delivery: Delivery) -> _Lease | None:
@@ -354,6 +358,18 @@ class RabbitMQBroker(Broker):
             self._held.append(lease)
         return True
 
+    def abandon(self, deliveries: list[Delivery]) -> None:
+        """Close the channel of each delivery still held (a lost ACK, a crash): the queue
+        takes the message back at once, with ``redelivered=true`` and its count bumped, as
+        when the consumer's connection drops. This is how the worker's lost ACK is injected:
+        the effect has committed, then the channel closes before ``basic.ack``."""
+        if not isinstance(deliveries, list | tuple):
+            raise InvalidInput("deliveries", deliveries, "a list of deliveries")
+        for d in deliveries:
+            check_delivery(d)
+        self._give_back([lease for lease in map(self._take, deliveries) if lease is not None],
+                        "abandoned")
+
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
         """Publish the message to the dead-letter queue (confirmed), then ack it: at least
         once, like the server's own dead-lettering (a crash between the two leaves it in both
@@ -390,9 +406,7 @@ class RabbitMQBroker(Broker):
         if not taken:
             return
         self._dead.basic_nack(0, multiple=True, requeue=True)
-        deadline = time.monotonic() + DEAD_LETTER_WAIT_S
-        while self._count(self.dlq) < taken and time.monotonic() < deadline:
-            self._conn.sleep(0.002)
+        self._await(self.dlq, taken, DEAD_LETTER_WAIT_S)
 
     def dead_lettered_event_ids(self) -> set[str]:
         """Read from the dead-letter queue (taken and given back on one channel)."""
@@ -524,9 +538,8 @@ def _shown(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
 
 
 def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_receives: int = 5,
@@ -577,6 +590,6 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
                                          " use (access refused)") from None
     except pika.exceptions.AMQPConnectionError as exc:
         # pika wraps the cause: AMQPConnectorSocketConnectError: ConnectionRefusedError(…)
-        reason = "; ".join(str(a) for a in exc.args) or type(exc).__name__
+        reason = "; ".join(str(a) or repr(a) for a in exc.args) or type(exc).__name__
         raise InvalidInput(field, shown, f"the URL of a reachable RabbitMQ server"
                                          f" ({reason})") from None

@@ -248,6 +248,7 @@ class Worker:
                       else f"crashed ({point}) → lease will expire, expect redelivery")
         if self.crash_exits:
             os._exit(70)
+        self.queue.abandon(deliveries)  # what the broker sees of a crash (a process exit too)
 
     def _fires(self, point: str, d: Delivery) -> bool:
         """Whether fault ``point`` strikes this delivery; never asked when no rate is set."""
@@ -417,6 +418,7 @@ class Worker:
             if self._fires("ack_fail", d):
                 self.stats.ack_failed += 1
                 self._log(d, Outcome.ACK_FAILED, "not processed: the ACK was not confirmed")
+                self.queue.abandon([d])
                 self._say(d, "ack failed → not processing, expect redelivery")
                 continue
             ok = self.queue.ack(d, worker=self.name)
@@ -501,6 +503,7 @@ class Worker:
             if self._fires("ack_fail", d):
                 self.stats.ack_failed += 1
                 self._log(d, Outcome.ACK_FAILED, "the ACK never reached the queue")
+                self.queue.abandon([d])  # the effect has committed; the ACK is never sent
                 self._say(d, "ack failed → expect redelivery")
                 continue
             to_ack.append(d)
