@@ -100,14 +100,16 @@ def _sqlite_store(e: Engine, directory: Path | None) -> None:
     e.where = str(path)
 
 
-def _open_sqlite(e: Engine, ids: Ids, max_receives: int, directory: Path | None) -> None:
+def _open_sqlite(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
+                 dedup_window: float | None) -> None:
     from ..brokers.sqlite import SQLiteBroker
 
     _sqlite_store(e, directory)
     e.broker = SQLiteBroker(e.store, clock=e.clock, ids=ids, max_receives=max_receives)
 
 
-def _open_postgres(e: Engine, ids: Ids, max_receives: int, directory: Path | None) -> None:
+def _open_postgres(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
+                   dedup_window: float | None) -> None:
     from ..brokers.postgres import PostgresBroker
     from ..engine import store_postgres
 
@@ -122,7 +124,8 @@ def _open_postgres(e: Engine, ids: Ids, max_receives: int, directory: Path | Non
     e.where = store_postgres.schema_of(url)
 
 
-def _open_remote(e: Engine, ids: Ids, max_receives: int, directory: Path | None) -> None:
+def _open_remote(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
+                 dedup_window: float | None) -> None:
     """RabbitMQ or JetStream, by URL (``brokers.registry``), with a SQLite store."""
     from ..brokers.registry import open_broker
 
@@ -131,6 +134,8 @@ def _open_remote(e: Engine, ids: Ids, max_receives: int, directory: Path | None)
         url, server = f"{RABBITMQ}?queue={name}", RABBITMQ
     else:
         url, server = f"{NATS}?stream={name}&ack_wait={LEASE_S:g}", NATS
+        if dedup_window is not None:
+            url += f"&dedup_window={dedup_window:g}"
     _sqlite_store(e, directory)
     try:
         e.broker = open_broker(url, clock=e.clock, ids=ids, max_receives=max_receives)
@@ -154,14 +159,21 @@ _OPENERS = {"sqlite": _open_sqlite, "postgres": _open_postgres, "rabbitmq": _ope
 
 @contextmanager
 def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
-                clock: Clock | None = None, directory: Path | None = None) -> Iterator[Engine]:
+                clock: Clock | None = None, directory: Path | None = None,
+                dedup_window: float | None = None) -> Iterator[Engine]:
     """The engine ``name`` on a fresh queue, stream or schema, removed on exit. ``clock``
     defaults to a FakeClock where the engine keeps its leases as rows, and must be the wall
     clock where the server keeps them. A SQLite store is in memory, or a file in
-    ``directory`` (the caller's to remove)."""
+    ``directory`` (the caller's to remove). ``dedup_window`` (seconds) sets the producer
+    dedup window of an engine that has one (JetStream's stream duplicate window)."""
     check_engine(name)
     check_int("seed", seed)
     check_int("max_receives", max_receives, minimum=1, maximum=1000)
+    if dedup_window is not None:
+        if name != "jetstream":
+            raise InvalidInput("dedup_window", dedup_window,
+                               f"None for {name}: only jetstream has producer dedup")
+        check_number("dedup_window", dedup_window, minimum=0.1, maximum=3600)
     realtime = name in ("rabbitmq", "jetstream")
     if clock is None:
         clock = SystemClock() if realtime else FakeClock()
@@ -170,7 +182,7 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
                                            f" leases on the server, in real time")
     e = Engine(name, None, None, clock, realtime)  # type: ignore[arg-type]
     try:
-        _OPENERS[name](e, Ids(seed), max_receives, directory)
+        _OPENERS[name](e, Ids(seed), max_receives, directory, dedup_window)
         yield e
     finally:
         e.close()
@@ -367,3 +379,52 @@ def real_systems(engines: Sequence[str] = ENGINES, *, max_receives: int = 3) -> 
         rows[name] = row
     return pd.DataFrame(rows).T.rename_axis("engine")
 
+
+
+# -- the outbox relay's duplicate ----------------------------------------------------------
+def relay_run(name: str, *, mode: str, orders: int = 20, crash_after_publish: float = 0.3,
+              seed: int = CHAPTER_SEED, dedup_window: float | None = None,
+              restart_after: float = 0.0) -> dict[str, Any]:
+    """Orders through the outbox and a relay that dies between a publish and its mark (the
+    ``crash_after_publish`` fault, decided by seed, event and attempt), restarted
+    ``restart_after`` seconds later on the engine's clock; then one worker in ``mode``, with no
+    fault of its own. The relay publishes one row per step, so a crash republishes exactly
+    the row it had published. Counts: publishes, messages the worker received, and the
+    checker's."""
+    check_number("restart_after", restart_after, minimum=0, maximum=60)
+    with open_engine(name, seed=seed, dedup_window=dedup_window) as e:
+        if e.broker.joins(e.store):
+            raise InvalidInput("engine", name, "a broker outside the store: with the queue"
+                                               " table in the store there is no relay")
+        rng, producer = random.Random(seed), Ids(seed)
+        for _ in range(orders):
+            place_order(e.broker, item_id=rng.choice(list(ITEMS)), qty=rng.randint(1, 3),
+                        store=e.store, ids=producer)
+        relay = Relay(e.store, e.broker, clock=e.clock, seed=seed,
+                      crash_after_publish=crash_after_publish)
+        crashed = 0
+        while relay.step(batch=1):
+            if relay.stats.crashed > crashed:  # died after a publish: back after a while
+                crashed = relay.stats.crashed
+                e.clock.sleep(restart_after)
+        worker = Worker(store=e.store, broker=e.broker, clock=e.clock, mode=mode,
+                        visibility_timeout=LEASE_S, name="worker-1")
+        drain(e, worker)
+        result = check(e.store, e.broker)
+        return {"engine": name, "mode": mode, "orders": result.orders,
+                "publishes": relay.stats.published, "relay crashes": relay.stats.crashed,
+                "messages received": worker.stats.received,
+                "duplicates skipped": worker.stats.duplicates_skipped,
+                "duplicated": result.duplicated, "verdict": result.verdict}
+
+
+def relay_table(engines: Sequence[str] = ("rabbitmq", "jetstream"), *, orders: int = 20,
+                crash_after_publish: float = 0.3, seed: int = CHAPTER_SEED,
+                modes: Sequence[str] = ("at-least-once", "idempotent")) -> pd.DataFrame:
+    """:func:`relay_run` for each engine and worker mode: the relay's duplicate publishes,
+    what producer dedup kept of them, and what the consumer made of the rest."""
+    import pandas as pd
+
+    return pd.DataFrame([relay_run(name, mode=mode, orders=orders, seed=seed,
+                                   crash_after_publish=crash_after_publish)
+                         for name in engines for mode in modes])
