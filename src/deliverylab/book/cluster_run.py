@@ -1,0 +1,367 @@
+"""Orders through a three-node JetStream cluster while its stream leader is SIGKILLed.
+
+The run, as real processes on this machine:
+
+1. a three-node cluster (:mod:`deliverylab.brokers.nats_cluster`) and a stream replicated on
+   all three;
+2. ``orders`` orders placed in a SQLite store with the transactional outbox: each order and its
+   ``OrderPlaced`` event commit together in the store's queue table;
+3. a *relay* (a thread here) moves the events from that outbox to the stream at a steady rate,
+   each publish confirmed by the stream's leader before the outbox row is deleted; a publish
+   that fails is retried with the same ``dedup_id`` (the event id), so a retry whose first
+   attempt was stored after all is dropped by the stream's duplicate window;
+4. three ``deliverylab worker --broker nats://… --store lab.db`` processes with lost ACKs;
+5. mid-run, the stream's leader gets SIGKILL; once a new leader serves, the killed node is
+   restarted and catches up; later the leader of the moment (another node) gets SIGKILL too.
+   With three replicas a stream needs two alive, so the first node is back before the second
+   goes down;
+6. when every event has been published and the checker has nothing pending, the workers stop
+   and the checker gives its verdict.
+
+The *publish pause* of a kill is the longest gap between two confirmed publishes from the last
+one before the kill until the new leader has confirmed for a while: how long producers waited
+while the replicas noticed the death and elected a leader.
+
+Run it with ``mode="idempotent"`` (every order applied exactly once) and with
+``mode="at-least-once"`` (the lost ACKs apply orders twice: the cluster's replication does
+nothing for a consumer without an inbox).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import deliverylab
+
+from ..brokers.nats_cluster import DEFAULT_BASE_PORT, NatsCluster, check_base_port
+from ..brokers.registry import open_broker
+from ..brokers.sqlite import SQLiteBroker
+from ..engine.check import CheckResult, check
+from ..engine.clock import SystemClock
+from ..engine.errors import InvalidInput, check_id, check_int, check_number
+from ..engine.ids import Ids
+from ..engine.orders import place_order
+from ..engine.store import connect, init_db, transaction
+from ..engine.worker import Mode
+from .lab import ITEMS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..brokers.base import Broker
+
+WORKERS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    """One SIGKILL of a stream leader: which node, when (seconds into the run), who led
+    next, and how long publishing paused around it."""
+
+    node: str
+    at: float
+    new_leader: str
+    pause: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRun:
+    """What a run did, counted from the store's trace and the checker."""
+
+    mode: str
+    orders: int
+    applied: int  # 'applied' rows: effects that committed
+    double_applied: int  # orders whose effect committed more than once
+    extra_applications: int
+    duplicates_skipped: int  # deliveries the inbox recognised
+    deliveries: int
+    redeliveries: int  # deliveries with a count above 1
+    publish_retries: int  # relay publishes that failed and were tried again
+    kills: tuple[Kill, ...]
+    check: CheckResult
+    timeline: tuple[tuple[float, str], ...] = field(repr=False)  # (seconds, outcome) per row
+
+    @property
+    def verdict(self) -> str:
+        return self.check.verdict
+
+    @property
+    def leader_changed(self) -> bool:
+        return all(k.new_leader != k.node for k in self.kills)
+
+    def counts(self) -> dict[str, object]:
+        """What a chapter prints: counts and the verdict, never times."""
+        return {"mode": self.mode, "orders": self.orders, "applied": self.applied,
+                "double_applied": self.double_applied,
+                "duplicates_skipped": self.duplicates_skipped,
+                "redeliveries": self.redeliveries, "leader_kills": len(self.kills),
+                "leader_changed": self.leader_changed, "verdict": self.verdict}
+
+    def timeline_frame(self, bin_seconds: float = 1.0) -> pd.DataFrame:
+        """Deliveries per ``bin_seconds`` by outcome (received, applied, duplicate_skipped,
+        ack_failed), for a plot with the kill times (``kills``) drawn over it."""
+        import pandas as pd
+
+        frame = pd.DataFrame(list(self.timeline), columns=["t", "outcome"])
+        frame["t"] = (frame["t"] // bin_seconds) * bin_seconds
+        return frame.pivot_table(index="t", columns="outcome", aggfunc="size", fill_value=0)
+
+
+class Relay(threading.Thread):
+    """The outbox relay: events leave the store's queue table for ``url``'s broker, one at a
+    time at ``rate`` per second. A failed publish is retried (same ``dedup_id``) after
+    ``retry_wait``; only a confirmed publish deletes the outbox row. ``acks`` holds the time
+    of every confirmation, ``retries`` the time of every failure."""
+
+    def __init__(self, store_path: Path, url: str, *, rate: float, seed: int,
+                 retry_wait: float = 0.05) -> None:
+        super().__init__(name="relay", daemon=True)
+        self.store_path, self.url = store_path, url
+        self.rate = check_number("rate", rate, minimum=1, maximum=100_000)
+        self.retry_wait = retry_wait
+        self.seed = seed
+        self.acks: list[float] = []
+        self.retries: list[float] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        clock = SystemClock()
+        conn = connect(self.store_path)
+        broker = None
+        try:
+            outbox = SQLiteBroker(conn, clock=clock, ids=Ids(), trace=False)
+            broker = open_broker(self.url, field="url", clock=clock, ids=Ids(),
+                                 max_receives=1000, worker="relay")
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                batch = outbox.receive(3600, 1, worker="relay")
+                if not batch:
+                    break
+                d = batch[0]
+                while not self._stop.is_set():
+                    try:
+                        broker.send(d.event_id, d.type, d.payload,
+                                    correlation_id=d.correlation_id, dedup_id=d.event_id)
+                    except InvalidInput:
+                        raise
+                    except Exception:  # no leader, timeout, reconnecting: try again
+                        self.retries.append(time.time())
+                        time.sleep(self.retry_wait)
+                        continue
+                    self.acks.append(time.time())
+                    outbox.ack(d, worker="relay")
+                    break
+                next_at = max(next_at + 1 / self.rate, time.monotonic() - 1)
+                time.sleep(max(0.0, next_at - time.monotonic()))
+        except BaseException as exc:  # reported by the run, which waits on ``done``
+            self.error = exc
+        finally:
+            if broker is not None:
+                broker.close()
+            conn.close()
+            self.done.set()
+
+
+def longest_gap(acks: list[float], since: float, until: float) -> float:
+    """The longest wait between consecutive confirmations, counting from the last one at or
+    before ``since`` up to the first one after ``until``."""
+    before = [t for t in acks if t <= since]
+    start = before[-1] if before else since
+    times = [start] + [t for t in acks if start < t]
+    gaps = [b - a for a, b in zip(times, times[1:]) if a <= until]
+    return max(gaps, default=0.0)
+
+
+def _worker_command(url: str, store_path: Path, *, mode: Mode, name: str, seed: int,
+                    ack_fail: float, ack_wait: float) -> list[str]:
+    return [sys.executable, "-m", "deliverylab", "worker", "--broker", url,
+            "--store", str(store_path), "--mode", mode.value, "--name", name,
+            "--seed", str(seed), "--ack-fail-rate", f"{ack_fail:g}",
+            "--visibility-timeout", f"{ack_wait:g}", "--max-receives", "100",
+            "--poll-interval", "0.05"]
+
+
+def _env() -> dict[str, str]:
+    """The workers import this very package (a checkout's ``src`` wins over an install)."""
+    src = str(Path(deliverylab.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else "")}
+
+
+def _stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _counts(conn: sqlite3.Connection) -> dict[str, int]:
+    row = conn.execute(
+        "SELECT sum(CASE WHEN outcome = 'applied' THEN 1 ELSE 0 END),"
+        " sum(CASE WHEN outcome = 'duplicate_skipped' THEN 1 ELSE 0 END),"
+        " sum(CASE WHEN outcome = 'received' THEN 1 ELSE 0 END),"
+        " sum(CASE WHEN outcome = 'received' AND delivery_count > 1 THEN 1 ELSE 0 END)"
+        " FROM delivery_log").fetchone()
+    return dict(zip(["applied", "duplicates_skipped", "deliveries", "redeliveries"],
+                    (v or 0 for v in row)))
+
+
+def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
+                orders: int = 2000, seed: int = 0, ack_fail: float = 0.2,
+                rate: float = 150.0, ack_wait: float = 1.0,
+                base_port: int = DEFAULT_BASE_PORT, second_kill: bool = True,
+                timeout: float = 150.0, echo: Any = None) -> ClusterRun:
+    """The run described above, in ``directory`` (the cluster's files and ``lab.db``).
+
+    ``rate``: events relayed per second (the run lasts about ``orders / rate`` seconds, and
+    the kills land at a quarter and at about two thirds of it). ``ack_wait``: seconds before
+    JetStream redelivers an unacknowledged message. The cluster and the workers are stopped
+    when the run ends, whatever happens; ``timeout`` bounds the whole run."""
+    mode = Mode.parse(mode)
+    if mode is Mode.TRANSACTIONAL:
+        raise InvalidInput("mode", mode.value, "a mode for an external broker (at-most-once,"
+                                               " at-least-once or idempotent)")
+    check_int("orders", orders, minimum=1, maximum=100_000)
+    check_int("seed", seed, minimum=0)
+    check_number("ack_fail", ack_fail, minimum=0, maximum=0.9)
+    check_number("rate", rate, minimum=1, maximum=10_000)
+    check_number("ack_wait", ack_wait, minimum=0.1, maximum=60)
+    check_base_port(base_port)
+    check_number("timeout", timeout, minimum=1)
+    say = echo or (lambda text: None)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stream = check_id("stream", f"DL_{mode.name}_{seed}")
+    store_path = directory / "lab.db"
+    if store_path.exists():
+        raise InvalidInput("directory", str(directory), "a directory without a lab.db")
+    deadline = time.monotonic() + timeout
+
+    cluster = NatsCluster(directory / "cluster", base_port=base_port)
+    procs: list[subprocess.Popen[bytes]] = []
+    relay: Relay | None = None
+    conn = init_db(store_path)
+    try:
+        cluster.start()
+        url = cluster.url(stream=stream, replicas=3, ack_wait=f"{ack_wait:g}")
+        # The stream exists, replicated on three nodes, before anyone publishes to it.
+        probe = open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
+                            max_receives=100, worker="run")
+        start_leader = cluster.wait_stream_leader(stream, timeout=30)
+        say(f"stream {stream} on 3 replicas, leader {start_leader}")
+        # Orders and their events, committed together in the store (the outbox).
+        clock, ids, rng = SystemClock(), Ids(seed), random.Random(seed)
+        outbox = SQLiteBroker(conn, clock=clock, ids=ids, trace=False)
+        with transaction(conn):
+            for _ in range(orders):
+                place_order(outbox, item_id=rng.choice(ITEMS), qty=rng.randint(1, 3),
+                            store=conn)
+        t0 = time.time()
+        logs = directory / "workers"
+        logs.mkdir(exist_ok=True)
+        for i in range(WORKERS):
+            name = f"w{i + 1}"
+            with open(logs / f"{name}.log", "wb") as out:
+                procs.append(subprocess.Popen(
+                    _worker_command(url, store_path, mode=mode, name=name, seed=seed + i,
+                                    ack_fail=ack_fail, ack_wait=ack_wait),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    env=_env(), start_new_session=True))
+        relay = Relay(store_path, url, rate=rate, seed=seed)
+        relay.start()
+
+        def relayed() -> int:
+            return len(relay.acks)
+
+        def wait(what: str, ready: Any) -> None:
+            while not ready():
+                if relay.error is not None:
+                    raise relay.error
+                dead = [p.args[p.args.index("--name") + 1] for p in procs
+                        if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"worker(s) {dead} exited while waiting for {what};"
+                                       f" see {logs}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the run took longer than {timeout:g}s, waiting for"
+                                       f" {what}")
+                time.sleep(0.02)
+
+        kills: list[Kill] = []
+
+        def kill_leader(at_fraction: float) -> str:
+            wait(f"{at_fraction:.0%} of the events relayed",
+                 lambda: relayed() >= at_fraction * orders)
+            leader = cluster.wait_stream_leader(stream, timeout=30)
+            cluster.kill(leader)
+            at = time.time()
+            say(f"t={at - t0:.1f}s SIGKILL {leader}, the leader of {stream}")
+            new = cluster.wait_stream_leader(stream, other_than=leader, timeout=30)
+            settled = len(relay.acks) + 50  # the new leader has confirmed for a while
+            wait("publishes on the new leader", lambda: relayed() >= min(settled, orders))
+            pause = longest_gap(relay.acks, at, time.time())
+            say(f"t={time.time() - t0:.1f}s new leader {new}; publishing paused {pause:.2f}s")
+            kills.append(Kill(leader, at - t0, new, pause))
+            return leader
+
+        first = kill_leader(0.25)
+        cluster.restart(first)
+        # Back in the stream's group (it names the leader again) before another node dies.
+        wait(f"{first} back in the stream",
+             lambda: cluster.stream_leaders(stream).get(first) is not None)
+        say(f"t={time.time() - t0:.1f}s {first} restarted")
+        if second_kill:
+            second = kill_leader(0.65)
+            cluster.restart(second)
+            say(f"t={time.time() - t0:.1f}s {second} restarted")
+        wait("every event relayed", relay.done.is_set)
+        if relay.error is not None:
+            raise relay.error
+
+        def settled() -> bool:
+            result = check(conn, probe)
+            return result.pending == 0 and result.correct + result.duplicated == orders
+
+        wait("every order applied", settled)
+        _stop_workers(procs)
+        result = check(conn, probe)
+        probe.close()
+        counts = _counts(conn)
+        timeline = tuple((at - t0, outcome) for at, outcome in conn.execute(
+            "SELECT at, outcome FROM delivery_log ORDER BY seq"))
+        say(f"t={time.time() - t0:.1f}s {result.verdict}")
+        return ClusterRun(mode=mode.value, orders=orders, applied=counts["applied"],
+                          double_applied=result.duplicated,
+                          extra_applications=result.extra_applications,
+                          duplicates_skipped=counts["duplicates_skipped"],
+                          deliveries=counts["deliveries"], redeliveries=counts["redeliveries"],
+                          publish_retries=len(relay.retries), kills=tuple(kills),
+                          check=result, timeline=timeline)
+    finally:
+        if relay is not None:
+            relay.stop()
+            relay.join(10)
+        _stop_workers(procs)
+        cluster.stop()
+        conn.close()
