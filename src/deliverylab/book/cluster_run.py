@@ -29,6 +29,8 @@ nothing for a consumer without an inbox).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import random
 import signal
@@ -37,9 +39,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import deliverylab
 
@@ -48,7 +51,7 @@ from ..brokers.registry import open_broker
 from ..brokers.sqlite import SQLiteBroker
 from ..engine.check import CheckResult, check
 from ..engine.clock import SystemClock
-from ..engine.errors import InvalidInput, check_id, check_int, check_number
+from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.ids import Ids
 from ..engine.orders import place_order
 from ..engine.store import connect, init_db, transaction
@@ -58,9 +61,10 @@ from .lab import ITEMS
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ..brokers.base import Broker
-
 WORKERS = 3
+# Every client of the stream shares its one durable consumer, whose MaxDeliver is set by the
+# first to open it: the relay, the checker and the workers must all ask for the same.
+MAX_RECEIVES = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,7 @@ class ClusterRun:
     deliveries: int
     redeliveries: int  # deliveries with a count above 1
     publish_retries: int  # relay publishes that failed and were tried again
+    worker_restarts: int  # worker processes that exited on an error and were started again
     kills: tuple[Kill, ...]
     check: CheckResult
     timeline: tuple[tuple[float, str], ...] = field(repr=False)  # (seconds, outcome) per row
@@ -123,21 +128,20 @@ class Relay(threading.Thread):
     ``retry_wait``; only a confirmed publish deletes the outbox row. ``acks`` holds the time
     of every confirmation, ``retries`` the time of every failure."""
 
-    def __init__(self, store_path: Path, url: str, *, rate: float, seed: int,
+    def __init__(self, store_path: Path, url: str, *, rate: float,
                  retry_wait: float = 0.05) -> None:
         super().__init__(name="relay", daemon=True)
         self.store_path, self.url = store_path, url
         self.rate = check_number("rate", rate, minimum=1, maximum=100_000)
         self.retry_wait = retry_wait
-        self.seed = seed
         self.acks: list[float] = []
         self.retries: list[float] = []
         self.error: BaseException | None = None
         self.done = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def halt(self) -> None:
+        self._halt.set()
 
     def run(self) -> None:
         clock = SystemClock()
@@ -146,14 +150,14 @@ class Relay(threading.Thread):
         try:
             outbox = SQLiteBroker(conn, clock=clock, ids=Ids(), trace=False)
             broker = open_broker(self.url, field="url", clock=clock, ids=Ids(),
-                                 max_receives=1000, worker="relay")
+                                 max_receives=MAX_RECEIVES, worker="relay")
             next_at = time.monotonic()
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 batch = outbox.receive(3600, 1, worker="relay")
                 if not batch:
                     break
                 d = batch[0]
-                while not self._stop.is_set():
+                while not self._halt.is_set():
                     try:
                         broker.send(d.event_id, d.type, d.payload,
                                     correlation_id=d.correlation_id, dedup_id=d.event_id)
@@ -183,17 +187,8 @@ def longest_gap(acks: list[float], since: float, until: float) -> float:
     before = [t for t in acks if t <= since]
     start = before[-1] if before else since
     times = [start] + [t for t in acks if start < t]
-    gaps = [b - a for a, b in zip(times, times[1:]) if a <= until]
+    gaps = [b - a for a, b in itertools.pairwise(times) if a <= until]
     return max(gaps, default=0.0)
-
-
-def _worker_command(url: str, store_path: Path, *, mode: Mode, name: str, seed: int,
-                    ack_fail: float, ack_wait: float) -> list[str]:
-    return [sys.executable, "-m", "deliverylab", "worker", "--broker", url,
-            "--store", str(store_path), "--mode", mode.value, "--name", name,
-            "--seed", str(seed), "--ack-fail-rate", f"{ack_fail:g}",
-            "--visibility-timeout", f"{ack_wait:g}", "--max-receives", "100",
-            "--poll-interval", "0.05"]
 
 
 def _env() -> dict[str, str]:
@@ -203,17 +198,54 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else "")}
 
 
-def _stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+class Workers:
+    """``deliverylab worker`` processes, kept running as a service manager would
+    (``Restart=on-failure``): one that exits with an error (a broker request that timed out
+    during an election ends the process) is started again, and counted in ``restarts``."""
+
+    def __init__(self, url: str, store_path: Path, logs: Path, *, mode: Mode, seed: int,
+                 ack_fail: float, ack_wait: float, count: int = WORKERS) -> None:
+        self.logs = logs
+        self.commands = {
+            f"w{i + 1}": [sys.executable, "-m", "deliverylab", "worker", "--broker", url,
+                          "--store", str(store_path), "--mode", mode.value,
+                          "--name", f"w{i + 1}", "--seed", str(seed + i),
+                          "--ack-fail-rate", f"{ack_fail:g}",
+                          "--visibility-timeout", f"{ack_wait:g}",
+                          "--max-receives", str(MAX_RECEIVES), "--poll-interval", "0.05"]
+            for i in range(count)}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts = 0
+
+    def _start(self, name: str) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as out:
+            self.procs[name] = subprocess.Popen(
+                self.commands[name], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+
+    def start(self) -> None:
+        for name in self.commands:
+            self._start(name)
+
+    def keep_running(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                self.restarts += 1
+                self._start(name)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (each stops after its current step), then SIGKILL after ``timeout``."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, int]:
@@ -223,21 +255,24 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
         " sum(CASE WHEN outcome = 'received' THEN 1 ELSE 0 END),"
         " sum(CASE WHEN outcome = 'received' AND delivery_count > 1 THEN 1 ELSE 0 END)"
         " FROM delivery_log").fetchone()
-    return dict(zip(["applied", "duplicates_skipped", "deliveries", "redeliveries"],
-                    (v or 0 for v in row)))
+    names = ["applied", "duplicates_skipped", "deliveries", "redeliveries"]
+    return {name: value or 0 for name, value in zip(names, row, strict=True)}
 
 
 def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                 orders: int = 2000, seed: int = 0, ack_fail: float = 0.2,
                 rate: float = 150.0, ack_wait: float = 1.0,
                 base_port: int = DEFAULT_BASE_PORT, second_kill: bool = True,
-                timeout: float = 150.0, echo: Any = None) -> ClusterRun:
-    """The run described above, in ``directory`` (the cluster's files and ``lab.db``).
+                timeout: float = 150.0, echo: Callable[[str], None] | None = None,
+                ) -> ClusterRun:
+    """The run described above, in ``directory`` (the cluster's files, ``lab.db`` and the
+    workers' logs; it must not hold a ``lab.db`` yet).
 
-    ``rate``: events relayed per second (the run lasts about ``orders / rate`` seconds, and
-    the kills land at a quarter and at about two thirds of it). ``ack_wait``: seconds before
-    JetStream redelivers an unacknowledged message. The cluster and the workers are stopped
-    when the run ends, whatever happens; ``timeout`` bounds the whole run."""
+    ``rate``: events relayed per second (the run lasts about ``orders / rate`` seconds plus
+    the pauses; the kills land when a quarter and two thirds of the events are out).
+    ``ack_wait``: seconds before JetStream redelivers an unacknowledged message. The cluster,
+    the relay and the workers are stopped when the run ends, whatever happens; ``timeout``
+    bounds the whole run."""
     mode = Mode.parse(mode)
     if mode is Mode.TRANSACTIONAL:
         raise InvalidInput("mode", mode.value, "a mode for an external broker (at-most-once,"
@@ -249,104 +284,94 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
     check_number("ack_wait", ack_wait, minimum=0.1, maximum=60)
     check_base_port(base_port)
     check_number("timeout", timeout, minimum=1)
-    say = echo or (lambda text: None)
+    if not isinstance(directory, str | Path) or not str(directory).strip():
+        raise InvalidInput("directory", directory, "a directory path")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    stream = check_id("stream", f"DL_{mode.name}_{seed}")
     store_path = directory / "lab.db"
     if store_path.exists():
         raise InvalidInput("directory", str(directory), "a directory without a lab.db")
+    say = echo or (lambda text: None)
+    stream = f"DL_{mode.name}_{seed}"
     deadline = time.monotonic() + timeout
+    directory.mkdir(parents=True, exist_ok=True)
 
-    cluster = NatsCluster(directory / "cluster", base_port=base_port)
-    procs: list[subprocess.Popen[bytes]] = []
-    relay: Relay | None = None
-    conn = init_db(store_path)
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse, each step even if one fails
+        conn = init_db(store_path)
+        cleanup.callback(conn.close)
+        cluster = NatsCluster(directory / "cluster", base_port=base_port)
+        cleanup.callback(cluster.stop)
         cluster.start()
         url = cluster.url(stream=stream, replicas=3, ack_wait=f"{ack_wait:g}")
-        # The stream exists, replicated on three nodes, before anyone publishes to it.
-        probe = open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
-                            max_receives=100, worker="run")
-        start_leader = cluster.wait_stream_leader(stream, timeout=30)
-        say(f"stream {stream} on 3 replicas, leader {start_leader}")
-        # Orders and their events, committed together in the store (the outbox).
-        clock, ids, rng = SystemClock(), Ids(seed), random.Random(seed)
-        outbox = SQLiteBroker(conn, clock=clock, ids=ids, trace=False)
+        # Opening the broker creates the stream, on three replicas, before anyone publishes.
+        checker = open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
+                              max_receives=MAX_RECEIVES, worker="checker")
+        cleanup.callback(checker.close)
+        say(f"stream {stream} on 3 replicas, leader {cluster.wait_stream_leader(stream)}")
+        # The orders and their events, committed together in the store (the outbox).
+        rng = random.Random(seed)
+        outbox = SQLiteBroker(conn, clock=SystemClock(), ids=Ids(seed), trace=False)
         with transaction(conn):
             for _ in range(orders):
                 place_order(outbox, item_id=rng.choice(ITEMS), qty=rng.randint(1, 3),
                             store=conn)
         t0 = time.time()
-        logs = directory / "workers"
-        logs.mkdir(exist_ok=True)
-        for i in range(WORKERS):
-            name = f"w{i + 1}"
-            with open(logs / f"{name}.log", "wb") as out:
-                procs.append(subprocess.Popen(
-                    _worker_command(url, store_path, mode=mode, name=name, seed=seed + i,
-                                    ack_fail=ack_fail, ack_wait=ack_wait),
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    env=_env(), start_new_session=True))
-        relay = Relay(store_path, url, rate=rate, seed=seed)
+        workers = Workers(url, store_path, directory / "workers", mode=mode, seed=seed,
+                          ack_fail=ack_fail, ack_wait=ack_wait)
+        cleanup.callback(workers.stop)
+        workers.start()
+        relay = Relay(store_path, url, rate=rate)
+        cleanup.callback(relay.join, 15)
+        cleanup.callback(relay.halt)
         relay.start()
 
-        def relayed() -> int:
-            return len(relay.acks)
-
-        def wait(what: str, ready: Any) -> None:
+        def wait(what: str, ready: Callable[[], bool], poll: float = 0.02) -> None:
             while not ready():
                 if relay.error is not None:
                     raise relay.error
-                dead = [p.args[p.args.index("--name") + 1] for p in procs
-                        if p.poll() is not None]
-                if dead:
-                    raise RuntimeError(f"worker(s) {dead} exited while waiting for {what};"
-                                       f" see {logs}")
+                workers.keep_running()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the run took longer than {timeout:g}s, waiting for"
-                                       f" {what}")
-                time.sleep(0.02)
+                                       f" {what} (logs in {directory})")
+                time.sleep(poll)
 
         kills: list[Kill] = []
 
-        def kill_leader(at_fraction: float) -> str:
-            wait(f"{at_fraction:.0%} of the events relayed",
-                 lambda: relayed() >= at_fraction * orders)
-            leader = cluster.wait_stream_leader(stream, timeout=30)
+        def kill_leader(fraction: float) -> str:
+            wait(f"{fraction:.0%} of the events relayed",
+                 lambda: len(relay.acks) >= fraction * orders)
+            leader = cluster.wait_stream_leader(stream)
             cluster.kill(leader)
             at = time.time()
             say(f"t={at - t0:.1f}s SIGKILL {leader}, the leader of {stream}")
-            new = cluster.wait_stream_leader(stream, other_than=leader, timeout=30)
-            settled = len(relay.acks) + 50  # the new leader has confirmed for a while
-            wait("publishes on the new leader", lambda: relayed() >= min(settled, orders))
+            new = cluster.wait_stream_leader(stream, other_than=leader)
+            confirmed = min(len(relay.acks) + 50, orders)  # the new leader has served a while
+            wait("publishes on the new leader", lambda: len(relay.acks) >= confirmed)
             pause = longest_gap(relay.acks, at, time.time())
-            say(f"t={time.time() - t0:.1f}s new leader {new}; publishing paused {pause:.2f}s")
+            say(f"t={time.time() - t0:.1f}s {new} leads; publishing paused {pause:.2f}s")
             kills.append(Kill(leader, at - t0, new, pause))
             return leader
 
-        first = kill_leader(0.25)
-        cluster.restart(first)
-        # Back in the stream's group (it names the leader again) before another node dies.
-        wait(f"{first} back in the stream",
-             lambda: cluster.stream_leaders(stream).get(first) is not None)
-        say(f"t={time.time() - t0:.1f}s {first} restarted")
+        def rejoin(name: str) -> None:
+            cluster.restart(name)
+            # In the stream's group again (it names the leader) before another node dies.
+            wait(f"{name} back in the stream",
+                 lambda: cluster.stream_leaders(stream).get(name) is not None)
+            say(f"t={time.time() - t0:.1f}s {name} restarted")
+
+        rejoin(kill_leader(0.25))
         if second_kill:
-            second = kill_leader(0.65)
-            cluster.restart(second)
-            say(f"t={time.time() - t0:.1f}s {second} restarted")
+            rejoin(kill_leader(0.65))
         wait("every event relayed", relay.done.is_set)
         if relay.error is not None:
             raise relay.error
 
         def settled() -> bool:
-            result = check(conn, probe)
+            result = check(conn, checker)
             return result.pending == 0 and result.correct + result.duplicated == orders
 
-        wait("every order applied", settled)
-        _stop_workers(procs)
-        result = check(conn, probe)
-        probe.close()
+        wait("every order applied", settled, poll=0.5)
+        workers.stop()
+        result = check(conn, checker)
         counts = _counts(conn)
         timeline = tuple((at - t0, outcome) for at, outcome in conn.execute(
             "SELECT at, outcome FROM delivery_log ORDER BY seq"))
@@ -356,12 +381,6 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                           extra_applications=result.extra_applications,
                           duplicates_skipped=counts["duplicates_skipped"],
                           deliveries=counts["deliveries"], redeliveries=counts["redeliveries"],
-                          publish_retries=len(relay.retries), kills=tuple(kills),
+                          publish_retries=len(relay.retries),
+                          worker_restarts=workers.restarts, kills=tuple(kills),
                           check=result, timeline=timeline)
-    finally:
-        if relay is not None:
-            relay.stop()
-            relay.join(10)
-        _stop_workers(procs)
-        cluster.stop()
-        conn.close()
