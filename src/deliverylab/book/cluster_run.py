@@ -30,6 +30,7 @@ nothing for a consumer without an inbox).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import random
@@ -40,7 +41,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,18 +67,21 @@ WORKERS = 3
 MAX_RECEIVES = 100
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Kill:
     """One SIGKILL of a stream leader: which node, when (seconds into the run), who led
-    next, and how long publishing paused around it."""
+    next, how long publishing paused around it (``pause``), and how long the workers received
+    nothing (``delivery_pause``: the consumer elects its own leader, and a worker whose
+    request outlasts its broker's timeout exits and is started again)."""
 
     node: str
     at: float
     new_leader: str
     pause: float
+    delivery_pause: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ClusterRun:
     """What a run did, counted from the store's trace and the checker."""
 
@@ -94,7 +97,8 @@ class ClusterRun:
     worker_restarts: int  # worker processes that exited on an error and were started again
     kills: tuple[Kill, ...]
     check: CheckResult
-    timeline: tuple[tuple[float, str], ...] = field(repr=False)  # (seconds, outcome) per row
+    # (seconds into the run, outcome) for every row of the store's delivery_log
+    timeline: tuple[tuple[float, str], ...] = dataclasses.field(repr=False)
 
     @property
     def verdict(self) -> str:
@@ -375,6 +379,10 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
         counts = _counts(conn)
         timeline = tuple((at - t0, outcome) for at, outcome in conn.execute(
             "SELECT at, outcome FROM delivery_log ORDER BY seq"))
+        received = sorted(t for t, outcome in timeline if outcome == "received")
+        ends = [k.at for k in kills[1:]] + [received[-1] if received else 0.0]
+        kills = [dataclasses.replace(k, delivery_pause=longest_gap(received, k.at, end))
+                 for k, end in zip(kills, ends, strict=True)]
         say(f"t={time.time() - t0:.1f}s {result.verdict}")
         return ClusterRun(mode=mode.value, orders=orders, applied=counts["applied"],
                           double_applied=result.duplicated,
