@@ -428,3 +428,83 @@ def relay_table(engines: Sequence[str] = ("rabbitmq", "jetstream"), *, orders: i
     return pd.DataFrame([relay_run(name, mode=mode, orders=orders, seed=seed,
                                    crash_after_publish=crash_after_publish)
                          for name in engines for mode in modes])
+
+
+# -- the cluster run ----------------------------------------------------------------------
+def free_base_port(rng: random.Random | None = None) -> int:
+    """A base port whose client, route and monitoring ports are all free, below Linux's
+    ephemeral range (so no client connection takes one before the servers start)."""
+    from ..brokers.nats_cluster import HTTP_OFFSET, ROUTE_OFFSET, SIZE, port_free
+
+    rng = rng or random.Random()
+    for base in rng.sample(range(20_000, 32_768 - HTTP_OFFSET - SIZE, 10), 200):
+        if all(port_free(base + off + i) for off in (0, ROUTE_OFFSET, HTTP_OFFSET)
+               for i in range(SIZE)):
+            return base
+    raise EngineUnavailable("no free ports for a three-node cluster between 20000 and 32768")
+
+
+def cluster_demo(mode: str = "idempotent", *, orders: int = 1000, seed: int = 1,
+                 ack_fail: float = 0.2) -> Any:
+    """The cluster run (:func:`deliverylab.book.cluster_run.cluster_run`) in a temporary
+    directory, on free ports: three nodes on this machine, three worker processes with lost
+    ACKs, two leader SIGKILLs. Returns its :class:`~deliverylab.book.cluster_run.ClusterRun`."""
+    import tempfile
+
+    from .cluster_run import cluster_run
+
+    with tempfile.TemporaryDirectory(prefix="dl-cluster-") as tmp:
+        return cluster_run(tmp, mode=mode, orders=orders, seed=seed, ack_fail=ack_fail,
+                           base_port=free_base_port())
+
+
+def cluster_summary(run: Any) -> pd.Series:
+    """What the chapter prints of a cluster run: the counts that do not depend on timing, and
+    the verdict. (How many deliveries came back, and when, depends on where the kills land;
+    the pauses are timings: both are in the figure, not in the table.)"""
+    import pandas as pd
+
+    return pd.Series({"mode": run.mode, "orders": run.orders, "leader kills": len(run.kills),
+                      "a new leader each time": run.leader_changed,
+                      "orders applied at least once": run.orders - run.check.lost
+                      - run.check.pending - run.check.dead_lettered,
+                      "some orders applied twice": run.double_applied > 0,
+                      "verdict": run.verdict}, name=run.mode)
+
+
+def plot_cluster_run(run: Any, *, bin_seconds: float = 0.5) -> Any:
+    """Deliveries over time in a cluster run: what the workers received, applied and skipped
+    as duplicates per ``bin_seconds``, a red line at each leader SIGKILL, and the publish
+    pause after it shaded (from the kill until the new leader confirmed again)."""
+    import matplotlib.pyplot as plt
+
+    check_number("bin_seconds", bin_seconds, minimum=0.05, maximum=60)
+    frame = run.timeline_frame(bin_seconds)
+    if frame.empty:
+        raise InvalidInput("run", run.mode, "a run whose trace has deliveries")
+    # Every bin, the empty ones included: a stretch with no delivery is the point of the plot.
+    steps = int(round(frame.index.max() / bin_seconds)) + 1
+    frame = frame.reindex([round(i * bin_seconds, 6) for i in range(steps)], fill_value=0)
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    styles = {"received": ("#1f77b4", "-"), "applied": ("#2ca02c", "-"),
+              "duplicate_skipped": ("#ff7f0e", "--"), "ack_failed": ("#7f7f7f", ":")}
+    for outcome, (color, ls) in styles.items():
+        if outcome in frame.columns:
+            ax.step(frame.index, frame[outcome] / bin_seconds, where="post", color=color,
+                    ls=ls, lw=1.4, label=outcome.replace("_", " "))
+    top = ax.get_ylim()[1]
+    for k, kill in enumerate(run.kills):
+        ax.axvspan(kill.at, kill.at + kill.pause, color="#d62728", alpha=0.12,
+                   label="publishing paused" if k == 0 else None)
+        ax.axvline(kill.at, color="#d62728", lw=2, label="leader SIGKILLed" if k == 0 else None)
+        ax.text(kill.at, top * 0.97, f" SIGKILL {kill.node}\n new leader {kill.new_leader}",
+                color="#d62728", va="top", ha="left", fontsize=8)
+    ax.set_xlabel("seconds into the run")
+    ax.set_ylabel("deliveries per second")
+    ax.set_title(f"{run.orders} orders through a three-node JetStream cluster, {run.mode}"
+                 f" workers\n{run.verdict}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=6,
+              frameon=False)
+    fig.tight_layout()
+    return fig
