@@ -379,12 +379,25 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    if db_url(args) is not None:
-        raise UsageError(f"{_where(args)}: the HTTP API serves a SQLite file only; on"
-                         f" PostgreSQL, place orders from Python (orders.place_order) or run"
-                         f" the API on a file")
-    path = db_path(args)
-    open_db(args).close()  # fail here, with a clear message, not inside the server
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
+    from ..engine.store import require_outbox
+
+    database = db_url(args) or db_path(args)
+    # Fail here, with a clear message, not inside the server.
+    conn = open_db(args)
+    try:
+        outbox = args.broker is not None
+        if outbox:
+            require_outbox(conn, _where(args))
+            if args.broker == (args.db or os.environ.get(DB_ENV, "")):
+                raise UsageError(f"--broker must be a broker outside the store, got the store"
+                                 f" itself ({args.broker!r}); leave --broker out to use its"
+                                 f" queue table")
+            # The API never sends on it (the relay does): opened once to check it is there.
+            _close_broker(*open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())[:2])
+    finally:
+        conn.close()
     import uvicorn
 
     from .api import check_allowed_hosts, create_app
@@ -394,14 +407,17 @@ def cmd_api(args: argparse.Namespace) -> int:
         # The address the server was told to bind is a name it answers to (a wildcard is not).
         if args.host not in ("0.0.0.0", "::"):
             hosts += check_allowed_hosts([args.host], "--host")
-        app = create_app(path, synchronous=args.synchronous, allowed_hosts=hosts)
+        app = create_app(database, synchronous=args.synchronous, allowed_hosts=hosts,
+                         outbox=outbox)
     except InvalidInput as exc:
         raise UsageError(str(exc)) from None
     sock = listen(args.host, args.port)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=5)
-    print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database {path};"
-                    f" Ctrl-C to stop)"), flush=True)
+    events = (f"events to its outbox: run 'deliverylab relay --broker {args.broker}'"
+              if outbox else "events to its queue table")
+    print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database"
+                    f" {db_label(args)}; {events}; Ctrl-C to stop)"), flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -516,11 +532,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _close(conn: Any, broker: Any, broker_conn: Any) -> None:
-    """Close what :func:`open_broker_arg` opened, then the store."""
+def _close_broker(broker: Any, broker_conn: Any) -> None:
+    """Close what :func:`open_broker_arg` opened."""
     broker.close()
     if broker_conn is not None:
         broker_conn.close()
+
+
+def _close(conn: Any, broker: Any, broker_conn: Any) -> None:
+    """Close what :func:`open_broker_arg` opened, then the store."""
+    _close_broker(broker, broker_conn)
     conn.close()
 
 
@@ -893,6 +914,11 @@ def build_parser() -> argparse.ArgumentParser:
                         " 127.0.0.1, localhost, [::1]; * for any, behind a proxy that checks)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
+                   help="the workers' broker, outside the store (another database, amqp://…,"
+                        " nats://…): each order's event goes to the store's outbox, and"
+                        " 'deliverylab relay' publishes it (default: the store's own queue"
+                        " table, in the order's transaction)")
     p.set_defaults(run=cmd_api)
 
     p = sub.add_parser(

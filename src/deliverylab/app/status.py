@@ -16,6 +16,7 @@ from typing import Any
 
 from ..engine.check import check, event_states, projection_vs_truth
 from ..engine.display import safe_text
+from ..engine.store import OUTBOX_TABLE, missing_tables
 from ..engine.worker import CONSUMER
 
 MAX_ITEM_ROWS = 20   # a status page lists at most this many items (drifted ones first)
@@ -60,6 +61,9 @@ def event_state(conn: sqlite3.Connection, event_id: str,
     if n > 1:
         return n, "duplicated"
     if conn.execute("SELECT 1 FROM queue_messages WHERE event_id = ?", (event_id,)).fetchone():
+        return n, "pending"
+    if not missing_tables(conn, (OUTBOX_TABLE,)) and conn.execute(  # not yet relayed
+            "SELECT 1 FROM outbox WHERE event_id = ? AND sent_at IS NULL", (event_id,)).fetchone():
         return n, "pending"
     if conn.execute("SELECT 1 FROM dead_letters WHERE event_id = ?", (event_id,)).fetchone():
         return n, "dead_lettered"
