@@ -460,16 +460,25 @@ def cluster_demo(mode: str = "idempotent", *, orders: int = 1000, seed: int = 1,
 
 def cluster_summary(run: Any) -> pd.Series:
     """What the chapter prints of a cluster run: the counts that do not depend on timing, and
-    the verdict. (How many deliveries came back, and when, depends on where the kills land;
-    the pauses are timings: both are in the figure, not in the table.)"""
+    the verdict, naming what went wrong rather than how often. (How many deliveries came
+    back, and when, depends on where the kills land; the pauses are timings: both are in the
+    figure, not in the table.)"""
     import pandas as pd
 
+    result = run.check
+    if result.ok:
+        verdict = run.verdict  # every count in it is the number of orders
+    else:  # which kinds of wrong, not how many: that depends on where the kills land
+        wrong = [kind for kind, n in (("duplicated", result.duplicated), ("lost", result.lost),
+                                      ("pending", result.pending),
+                                      ("dead-lettered", result.dead_lettered)) if n]
+        verdict = f"BROKEN: some orders {' and '.join(wrong) or 'wrong'}"
     return pd.Series({"mode": run.mode, "orders": run.orders, "leader kills": len(run.kills),
                       "a new leader each time": run.leader_changed,
-                      "orders applied at least once": run.orders - run.check.lost
-                      - run.check.pending - run.check.dead_lettered,
+                      "orders applied at least once": result.orders - result.lost
+                      - result.pending - result.dead_lettered,
                       "some orders applied twice": run.double_applied > 0,
-                      "verdict": run.verdict}, name=run.mode)
+                      "verdict": verdict}, name=run.mode)
 
 
 def plot_cluster_run(run: Any, *, bin_seconds: float = 0.5) -> Any:
