@@ -239,16 +239,16 @@ class RabbitMQBroker(Broker):
             del self._leases[lease.delivery.receipt]
         due = [lease for lease in self._held if lease.release_at <= now]  # type: ignore[operator]
         if due:
-            self._held = [lease for lease in self._held if lease not in due]
-        if expired or due:
-            self._give_back(expired, "lease ran out")
-            self._give_back(due, "nacked")
+            self._held = [lease for lease in self._held if lease.release_at > now]  # type: ignore[operator]
+        self._give_back(expired, reject=False)
+        self._give_back(due, reject=True)
 
-    def _give_back(self, leases: list[_Lease], why: str) -> None:
-        """Return messages to the queue: a lease that ran out by closing its channel, a nack
-        by ``basic.reject`` with requeue (which counts a delivery in every version; 4.3 stops
-        counting ``basic.nack``). A message at its last delivery is dead-lettered by the
-        server: wait until it is in the dead-letter queue, and park it."""
+    def _give_back(self, leases: list[_Lease], *, reject: bool) -> None:
+        """Return messages to the queue: by closing their channels (a lease that ran out, a
+        consumer that went away), or, for a nack, by ``basic.reject`` with requeue on a channel
+        that stays open (it counts a delivery in every version; 4.3 stops counting
+        ``basic.nack``). A message at its last delivery is dead-lettered by the server: wait
+        until it is in the dead-letter queue, and park it."""
         if not leases:
             return
         last = [lease.delivery for lease in leases
@@ -258,7 +258,7 @@ class RabbitMQBroker(Broker):
         dead = self._count(self.dlq) if last else 0
         for lease in leases:
             try:
-                if why == "nacked":
+                if reject:
                     lease.channel.basic_reject(lease.tag, requeue=True)
                     self._idle.append(lease.channel)
                 else:
@@ -266,6 +266,7 @@ class RabbitMQBroker(Broker):
             except _CHANNEL_GONE:
                 pass  # closed already (by the server): the message went back then
         for d in last:  # the reason in the SQLite broker's words: the same trace
+            self._errors.pop(d.message_id, None)
             times = "once" if d.delivery_count == 1 else f"{d.delivery_count} times"
             self._parking.append((d, f"received {times} (max_receives={self.max_receives});"
                                      f" last error: {d.last_error or 'none'}"))
@@ -352,7 +353,7 @@ class RabbitMQBroker(Broker):
             self._errors[delivery.message_id] = error
         lease.delivery = delivery._replace(last_error=error or delivery.last_error)
         if d == 0:
-            self._give_back([lease], "nacked")
+            self._give_back([lease], reject=True)
         else:
             lease.release_at = self.clock.now() + d
             self._held.append(lease)
@@ -368,7 +369,7 @@ class RabbitMQBroker(Broker):
         for d in deliveries:
             check_delivery(d)
         self._give_back([lease for lease in map(self._take, deliveries) if lease is not None],
-                        "abandoned")
+                        reject=False)
 
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
         """Publish the message to the dead-letter queue (confirmed), then ack it: at least
