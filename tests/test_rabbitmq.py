@@ -144,6 +144,16 @@ def test_a_delayed_nack_is_held_and_a_dying_holder_gives_it_back_early(rabbit):
     assert b.receive(60)[0].delivery_count == 2
 
 
+def test_the_server_knows_the_dead_letter_strategy_it_accepted(queue_name):
+    """3.10.8 validates x-dead-letter-strategy (an unknown x-argument would be ignored), so
+    the at-least-once strategy the broker declares is in effect."""
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="invalid_dlx_strategy"):
+        conn.channel().queue_declare(queue_name, durable=True, arguments={
+            "x-queue-type": "quorum", "x-dead-letter-strategy": "sometimes"})
+    conn.close()
+
+
 def test_another_max_receives_on_the_same_queue_is_refused(rabbit, queue_name):
     rabbit(max_receives=3)
     with pytest.raises(InvalidInput) as refused:

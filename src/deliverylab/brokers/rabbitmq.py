@@ -21,7 +21,9 @@ What the engine gives, checked against RabbitMQ 3.10.8:
   ``max_receives``-th delivery comes back unacked (measured: limit 2 hands out 3 deliveries).
   Dead letters go through the exchange ``<queue>.dlx`` to the quorum queue ``<queue>.dlq``
   with ``x-dead-letter-strategy=at-least-once`` and ``x-overflow=reject-publish``, both
-  accepted by 3.10.8: the server keeps a dead letter until the dead-letter queue confirmed it.
+  accepted by 3.10.8 (which knows the argument: a bogus strategy is refused with
+  ``PRECONDITION_FAILED``): the server keeps a dead letter until the dead-letter queue
+  confirmed it.
 * **Publisher confirms** on every send: ``send`` returns once a quorum of replicas has the
   message. RabbitMQ has no producer dedup (``dedup_window`` is None).
 
@@ -108,6 +110,8 @@ class RabbitMQBroker(Broker):
     (default: ``amqp://guest:guest@127.0.0.1:5672/%2F``); ``name`` labels the connection in
     ``rabbitmqctl list_connections``. A queue that already exists with other arguments (another
     ``max_receives``) is refused, naming both."""
+
+    dedup_window = None  # RabbitMQ has no producer dedup: the consumer's inbox is the defence
 
     def __init__(self, queue: str, *, clock: Clock, ids: Ids, max_receives: int = 5,
                  parameters: pika.ConnectionParameters | None = None,
@@ -341,6 +345,11 @@ class RabbitMQBroker(Broker):
         plugin, so the broker keeps the message unacked on its channel, invisible to every
         consumer, and rejects it at its first verb after the delay. If this process dies
         first, the closed channel gives it back early, never late, and never loses it.
+
+        Why not the usual substitute, a retry queue per delay whose TTL dead-letters back:
+        the message would come back as a copy, and ``x-delivery-count`` is counted per queue
+        (a dead-lettered copy starts again at 0, measured), so ``max_receives`` would no longer
+        hold; and one queue per delay value, since a per-message TTL expires only at the head.
 
         ``error`` cannot travel with a requeued message: this broker keeps it and sets it as
         ``last_error`` on the message's next delivery here."""
