@@ -35,6 +35,14 @@ messages are ready; ``drop`` forgets only a message this broker holds. Reading t
 letters takes them and gives them back on one channel (the dead-letter queue has no delivery
 limit, so this costs nothing but their order's count).
 
+The price of a lease per delivery: messages are taken with ``basic.get``, one round trip and
+one Raft command each (measured on 3.10.8: about 3 ms per get and ack on a quorum queue,
+0.5 ms on a classic one), so a batch costs as many round trips as it has messages. A consumer
+with a prefetch window is far faster (about 27,000 messages/s with prefetch 100 on the same
+machine) but leases a whole window per channel, and pika's ``basic_cancel`` rejects the
+messages that arrived but were not dispatched, which a quorum queue counts as deliveries
+that no worker ever saw.
+
 One broker object is used from one thread (pika's ``BlockingConnection`` is not thread-safe).
 :meth:`RabbitMQBroker.destroy` deletes the queue, its dead-letter queue and exchange (tests and
 benchmarks call it after a run).
