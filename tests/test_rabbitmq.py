@@ -344,3 +344,24 @@ def test_the_worker_command_refuses_a_bad_broker_url_with_exit_2(tmp_path, url, 
     conn = store.connect(db)
     assert conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0] == 0
     conn.close()
+
+
+def test_the_worker_command_refuses_transactional_before_declaring_anything(tmp_path,
+                                                                            queue_name):
+    import subprocess
+    import sys
+
+    from test_lab_processes import child_env
+
+    db = tmp_path / "lab.db"
+    store.init_db(db).close()
+    done = subprocess.run([sys.executable, "-m", "deliverylab", "worker", "--broker",
+                           f"{URL}?queue={queue_name}", "--store", str(db), "--mode",
+                           "transactional"], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "mode must be a mode other than transactional" in done.stderr
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+        conn.channel().queue_declare(queue_name, passive=True)
+    conn.close()
