@@ -5,7 +5,7 @@
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
-#   make services  start (or install) the servers the tests use: PostgreSQL
+#   make services  start (or install) the servers the tests use: PostgreSQL, RabbitMQ
 #
 # Setup is done once and redone only when requirements.txt or pyproject.toml change.
 
@@ -37,7 +37,7 @@ help:
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
 	@echo "make bench   run the benchmarks"
-	@echo "make services  start PostgreSQL for the tests (install it if missing)"
+	@echo "make services  start PostgreSQL and RabbitMQ for the tests (install them if missing)"
 	@echo "make clean   remove the built book and fetched assets (keeps .venv)"
 
 # --- setup -------------------------------------------------------------------------------

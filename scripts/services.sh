@@ -2,16 +2,18 @@
 # Bring up the servers the tests need, and say what was done or why it cannot be.
 #
 #   scripts/services.sh            every service below
-#   scripts/services.sh postgres   just the named ones
+#   scripts/services.sh postgres   just the named ones (postgres, rabbitmq)
 #
 # Each service is three functions: <name>_up (is it answering?), <name>_start (start an
-# installed server) and <name>_install (install it). To add RabbitMQ or NATS, write those three
-# and add the name to ALL. Installing needs root or sudo, as Chromium's install does.
+# installed server) and <name>_install (install it), and its name in ALL. Installing needs
+# root or sudo, as Chromium's install does.
 set -euo pipefail
 
-ALL=(postgres)
+ALL=(postgres rabbitmq)
 PG_HOST=127.0.0.1
 PG_PORT=5432
+AMQP_HOST=127.0.0.1
+AMQP_PORT=5672
 
 say() { echo "services: $*"; }
 
@@ -82,6 +84,48 @@ postgres_prepare() {
   fi
 }
 
+# --- RabbitMQ --------------------------------------------------------------------------------
+# Up when the port answers the AMQP 0-9-1 protocol header with a Connection.Start frame (frame
+# type 1 on channel 0, class 10 method 10): a RabbitMQ that is up, not just an open port.
+rabbitmq_up() {
+  port_open "$AMQP_HOST" "$AMQP_PORT" || return 1
+  local frame
+  frame=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"; printf "AMQP\x00\x00\x09\x01" >&3
+                             head -c 11 <&3' "$AMQP_HOST" "$AMQP_PORT" 2>/dev/null \
+          | od -An -tx1 | tr -d ' \n')
+  [[ $frame =~ ^010000[0-9a-f]{8}000a000a$ ]]
+}
+
+rabbitmq_installed() { command -v rabbitmq-server >/dev/null; }
+
+rabbitmq_start() {
+  say "RabbitMQ is installed but not answering on $AMQP_HOST:$AMQP_PORT: starting it"
+  as_root rabbitmq-server -detached
+}
+
+rabbitmq_install() {
+  say "RabbitMQ is not installed: installing it with apt-get"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server
+}
+
+# The tests log in as guest/guest (RabbitMQ allows that user from localhost only). With the
+# project's Python at hand, try it, and say what to change if the login is refused.
+rabbitmq_prepare() {
+  local py=.venv/bin/python
+  [ -x "$py" ] && "$py" -c "import pika" 2>/dev/null || return 0
+  if ! "$py" - "$AMQP_HOST" "$AMQP_PORT" <<'PY' 2>/dev/null; then
+import sys, pika
+pika.BlockingConnection(pika.ConnectionParameters(
+    sys.argv[1], int(sys.argv[2]), credentials=pika.PlainCredentials("guest", "guest"),
+    connection_attempts=1, socket_timeout=5)).close()
+PY
+    say "RabbitMQ answers, but the login guest/guest on $AMQP_HOST:$AMQP_PORT is refused;"
+    say "  the tests need it (or set DELIVERYLAB_AMQP_URL to a user that may declare queues)"
+    return 1
+  fi
+}
+
 # --- the driver --------------------------------------------------------------------------------
 bring_up() {
   local name=$1 rc=0
@@ -91,7 +135,7 @@ bring_up() {
     if ! "${name}_installed"; then
       "${name}_install" || rc=$?
       if [ "$rc" -eq 99 ]; then
-        say "cannot install $name: it needs root or passwordless sudo (apt-get install -y postgresql)"
+        say "cannot install $name: it needs root or passwordless sudo (apt-get install)"
         return 1
       elif [ "$rc" -ne 0 ]; then say "installing $name failed (exit $rc)"; return 1; fi
     fi

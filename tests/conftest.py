@@ -138,10 +138,27 @@ def _postgres(where: Path, clock: FakeClock, ids: Ids,
     return PostgresBroker(conn, clock=clock, ids=ids, max_receives=max_receives), stack.close
 
 
+def _rabbitmq(where: Path, clock: FakeClock, ids: Ids,
+              max_receives: int) -> tuple[Broker, Callable[[], None]]:
+    """A RabbitMQ quorum queue of its own on the shared server (127.0.0.1:5672, or
+    ``DELIVERYLAB_AMQP_URL``), deleted on close with its dead-letter queue and exchange. Fails,
+    never skips, when the server does not answer (``make services`` starts it)."""
+    import os
+    import uuid
+
+    from deliverylab.brokers.rabbitmq import DEFAULT_URL, open_url
+
+    url = os.environ.get("DELIVERYLAB_AMQP_URL", DEFAULT_URL)
+    broker = open_url(f"{url}?queue=test-{uuid.uuid4().hex}", clock=clock, ids=ids,
+                      max_receives=max_receives, worker="pytest")
+    return broker, broker.destroy
+
+
 BROKER_ENGINES: dict[str, Callable[..., tuple[Broker, Callable[[], None]]]] = {
     "sqlite-memory": _sqlite_memory,
     "sqlite-file": _sqlite_file,
     "postgres": _postgres,
+    "rabbitmq": _rabbitmq,
 }
 
 

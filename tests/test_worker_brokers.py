@@ -4,7 +4,10 @@ The lab's broker is the queue table on the store's own connection. Any other bro
 engine of ``make_broker`` in ``tests/conftest.py``, in a database of its own) must give the
 same run: the same fault schedule for the same seed, the same trace in the store, the same
 checker verdict and the same repair. Only ``transactional`` differs: it needs the ACK and the
-effect in one transaction, so it is refused where the broker is not the store.
+effect in one transaction, so it is refused where the broker is not the store. An engine
+whose lease is a connection (RabbitMQ) gives a message back at once after a lost ACK or a
+crash, so its run interleaves differently: there every event's story is compared, and in
+batches the mode's guarantee (see ``GIVES_BACK_AT_ONCE``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ from deliverylab.engine.worker import Worker
 
 FAULTS = {"ack_fail": 0.3, "crash_after_receive": 0.02, "crash_after_commit": 0.02,
           "process_error": 0.2, "lose_message": 0.05}
+# Engines whose lease is a connection (RabbitMQ: the channel): a lost ACK or a crash gives the
+# message back at once (``Broker.abandon``), not when a lease timer runs out, so the run
+# interleaves differently from the lab's. Faults are drawn per event and delivery, so with one
+# message per receive every event lives the same story; in batches a crash takes another batch
+# with it, and only the mode's guarantee is compared.
+GIVES_BACK_AT_ONCE = {"RabbitMQBroker"}
+
+
+def stories(trace: list[tuple]) -> dict[str, list[tuple[int, str]]]:
+    """Each event's (delivery count, outcome) rows, in order: its story, whatever the timing."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for row in trace:
+        out.setdefault(row[3], []).append((row[5], row[6]))
+    return out
 TRACE = ("SELECT at, worker, correlation_id, event_id, message_id, delivery_count, outcome,"
          " detail FROM delivery_log ORDER BY seq")
 
@@ -57,21 +74,34 @@ def test_a_broker_apart_from_the_store_gives_the_same_run(make_broker, mode, max
     assert not apart.joins(apart_store)
     b = run(apart_store, apart, mode=mode, max_messages=max_messages, seed=seed)
 
-    # The same fault schedule, hence the same run, row for row: the worker wrote the trace
-    # rows of the broker's verbs into the store itself.
-    assert a.stats == b.stats
     assert b.stats.crashed + b.stats.ack_failed + b.stats.lost > 0  # the faults did fire
     trace_a = [tuple(r) for r in one_db.execute(TRACE)]
-    assert trace_a == [tuple(r) for r in apart_store.execute(TRACE)]
+    trace_b = [tuple(r) for r in apart_store.execute(TRACE)]
     assert {"received", "acked"} <= {r[6] for r in trace_a}
     verdict = check(one_db)
-    assert check(apart_store, apart) == verdict
-    assert diff(apart_store, apart).unapplied.equals(diff(one_db).unapplied)
+    if type(apart).__name__ in GIVES_BACK_AT_ONCE:
+        got = check(apart_store, apart)
+        if max_messages == 1:  # the same story for every event; only the steps differ
+            assert stories(trace_a) == stories(trace_b)
+            assert a.stats.as_dict() | {"steps": 0} == b.stats.as_dict() | {"steps": 0}
+            assert got == verdict
+        else:  # lost: only what the broker was told to lose (maybe a message already applied)
+            assert got.lost <= b.stats.lost and got.pending == 0
+            if mode == "idempotent":
+                assert got.duplicated == 0
+    else:
+        # The same fault schedule, hence the same run, row for row: the worker wrote the
+        # trace rows of the broker's verbs into the store itself.
+        assert a.stats == b.stats
+        assert trace_a == trace_b
+        assert check(apart_store, apart) == verdict
+        assert diff(apart_store, apart).unapplied.equals(diff(one_db).unapplied)
 
     # The repair works on the store alone, whatever the broker.
     repair(one_db, clock=clock)
     repair(apart_store, clock=apart.clock)
-    assert check(apart_store, apart) == check(one_db)
+    if type(apart).__name__ not in GIVES_BACK_AT_ONCE or max_messages == 1:
+        assert check(apart_store, apart) == check(one_db)  # the same history, repaired
     assert check(apart_store, apart).projection_equals_truth
     one_db.close()
     apart_store.close()

@@ -414,7 +414,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from ..engine.clock import SystemClock
     from ..engine.faults import Faults
     from ..engine.ids import Ids
-    from ..engine.worker import Worker
+    from ..engine.worker import Worker, refuse_apart
 
     rates = {}
     for point in FAULT_POINTS:
@@ -438,8 +438,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     broker_args = None
     external = is_broker_url(args.broker)  # RabbitMQ, NATS: not a database
-    if external:
-        pass
+    if external:  # refused before connecting: a refusal declares no queue there
+        refuse_apart(args.mode)
     elif args.broker is not None and args.broker != (args.db or os.environ.get(DB_ENV, "")):
         broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
         open_db(broker_args).close()  # a bad --broker fails here, before anything starts

@@ -153,6 +153,15 @@ class Broker(abc.ABC):
         its last error; False, with nothing changed, if the receipt is stale. The delivery
         count is kept: the next receive counts on from it."""
 
+    def abandon(self, deliveries: list[Delivery]) -> None:
+        """The consumer holding ``deliveries`` lost its link to the broker before settling them
+        (its ACK was lost, or it crashed): do what the engine does when a consumer goes away.
+        The worker calls it at those fault points, so an injected fault is the engine's own.
+        An engine whose lease is a timer does nothing (this default): the lease runs out and
+        the message comes back then. An engine whose lease is a connection (RabbitMQ: the
+        channel) closes it, and the message comes back at once, counted."""
+        return None
+
     @abc.abstractmethod
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
         """Move the message to the dead letters now, with ``error``; False if the receipt is

@@ -167,12 +167,8 @@ class Worker:
             raise InvalidInput("broker", broker, "a deliverylab.brokers.base.Broker")
         self.mode = Mode.parse(mode)
         joined = broker.joins(store)
-        if self.mode is Mode.TRANSACTIONAL and not joined:
-            raise InvalidInput(
-                "mode", self.mode.value,
-                "a mode other than transactional when the broker is not the store's own"
-                " database: the ACK is a write in another system, so it cannot commit in the"
-                " effect's transaction (use idempotent: inbox and effect in one transaction)")
+        if not joined:
+            refuse_apart(self.mode)
         if not isinstance(faults, Faults):
             raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
         self.visibility_timeout = check_number("visibility_timeout", visibility_timeout,
@@ -241,6 +237,7 @@ class Worker:
                       else f"crashed ({point}) → lease will expire, expect redelivery")
         if self.crash_exits:
             os._exit(70)
+        self.queue.abandon(deliveries)  # what the broker sees of a crash (a process exit too)
 
     def _fires(self, point: str, d: Delivery) -> bool:
         """Whether fault ``point`` strikes this delivery; never asked when no rate is set."""
@@ -410,6 +407,7 @@ class Worker:
             if self._fires("ack_fail", d):
                 self.stats.ack_failed += 1
                 self._log(d, Outcome.ACK_FAILED, "not processed: the ACK was not confirmed")
+                self.queue.abandon([d])
                 self._say(d, "ack failed → not processing, expect redelivery")
                 continue
             ok = self.queue.ack(d, worker=self.name)
@@ -494,6 +492,7 @@ class Worker:
             if self._fires("ack_fail", d):
                 self.stats.ack_failed += 1
                 self._log(d, Outcome.ACK_FAILED, "the ACK never reached the queue")
+                self.queue.abandon([d])  # the effect has committed; the ACK is never sent
                 self._say(d, "ack failed → expect redelivery")
                 continue
             to_ack.append(d)
@@ -597,6 +596,18 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping = True
+
+
+def refuse_apart(mode: Mode | str) -> None:
+    """:class:`InvalidInput` for ``transactional`` over a broker that is not the store's own
+    database (the CLI asks before it connects to such a broker, so a refusal declares nothing
+    there)."""
+    if Mode.parse(mode) is Mode.TRANSACTIONAL:
+        raise InvalidInput(
+            "mode", Mode.TRANSACTIONAL.value,
+            "a mode other than transactional when the broker is not the store's own"
+            " database: the ACK is a write in another system, so it cannot commit in the"
+            " effect's transaction (use idempotent: inbox and effect in one transaction)")
 
 
 def _one_of(name: str, value: object, old_name: str, old_value: object) -> object:
