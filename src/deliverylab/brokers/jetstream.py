@@ -74,7 +74,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
@@ -203,13 +203,14 @@ class JetStreamBroker(Broker):
         return self._loop.run(coro, self.timeout + 1)
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """``attempt()`` again after a timeout or a missing responder (a server restarting, a
-        cluster electing a leader) until ``timeout`` runs out; the last error then."""
+        """``attempt()`` again after a timeout, a missing responder or JetStream unavailable
+        (a server restarting, a cluster electing a leader) until ``timeout`` runs out; the
+        last error then."""
         deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
             try:
                 return await attempt()
-            except (TimeoutError, NatsTimeout, NoRespondersError):
+            except (TimeoutError, NatsTimeout, NoRespondersError, ServiceUnavailableError):
                 if asyncio.get_running_loop().time() + 0.25 >= deadline:
                     raise
                 await asyncio.sleep(0.25)
@@ -729,7 +730,6 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
     try:
         return JetStreamBroker(servers, clock=clock, ids=ids, max_receives=max_receives,
                                name=worker, field=field, **kw)
-    except InvalidInput as exc:
-        if exc.field == field:
-            raise
-        raise InvalidInput(field, url, f"valid options ({exc})") from None
+    except InvalidInput as exc:  # named by the URL the caller gave, whatever part was wrong
+        raise InvalidInput(field, url, exc.expected if exc.field == field
+                           else f"valid options ({exc})") from None
