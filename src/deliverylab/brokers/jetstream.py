@@ -74,7 +74,13 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
@@ -210,7 +216,8 @@ class JetStreamBroker(Broker):
         while True:
             try:
                 return await attempt()
-            except (TimeoutError, NatsTimeout, NoRespondersError, ServiceUnavailableError):
+            except (TimeoutError, NatsTimeout, NoRespondersError, NoStreamResponseError,
+                    ServiceUnavailableError):
                 if asyncio.get_running_loop().time() + 0.25 >= deadline:
                     raise
                 await asyncio.sleep(0.25)
