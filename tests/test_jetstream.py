@@ -164,6 +164,31 @@ def test_at_least_once_worker_applies_a_lost_acks_event_twice(make_js):
     conn.close()
 
 
+def test_a_message_the_server_gives_up_on_is_a_dead_letter_recorded_in_the_store(make_js):
+    """A worker that dies holding the lease every time never acks or nacks: the server stops
+    at MaxDeliver and announces it; the next receive moves the message to the dead letters,
+    and the worker records that in the store, where the checker finds it."""
+    conn = store.init_db()
+    broker = make_js(max_receives=2, ack_wait=0.3)
+    placed = place_order(broker, item_id="tea", qty=1, store=conn)
+    worker = Worker(store=conn, broker=broker, clock=broker.clock, name="w-1",
+                    faults=Faults(seed=1, crash_after_receive=1.0))
+    deadline = time.monotonic() + 10
+    while not worker.stats.dead_lettered and time.monotonic() < deadline:
+        worker.step()
+    assert (worker.stats.crashed, worker.stats.dead_lettered) == (2, 1)
+    rows = conn.execute("SELECT outcome, delivery_count, detail FROM delivery_log"
+                        " WHERE event_id = ? ORDER BY seq", (placed.event_id,)).fetchall()
+    assert [(r[0], r[1]) for r in rows] == [("received", 1), ("crashed", 1), ("received", 2),
+                                            ("crashed", 2), ("dead_lettered", 2)]
+    assert "max_receives=2" in rows[-1][2]
+    assert broker.dead_lettered_event_ids() == {placed.event_id}
+    assert broker.queued_event_ids() == set()
+    result = check(conn, broker)
+    assert (result.dead_lettered, result.lost, result.pending) == (1, 0, 0), result.verdict
+    conn.close()
+
+
 # -- the producer's Nats-Msg-Id ----------------------------------------------------------------
 def test_a_dedup_id_within_the_window_is_stored_once_even_after_the_first_was_acked(make_js):
     broker = make_js(dedup_window=5.0)
