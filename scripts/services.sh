@@ -2,18 +2,20 @@
 # Bring up the servers the tests need, and say what was done or why it cannot be.
 #
 #   scripts/services.sh            every service below
-#   scripts/services.sh postgres   just the named ones (postgres, rabbitmq)
+#   scripts/services.sh postgres   just the named ones (postgres, rabbitmq, nats)
 #
 # Each service is three functions: <name>_up (is it answering?), <name>_start (start an
 # installed server) and <name>_install (install it), and its name in ALL. Installing needs
 # root or sudo, as Chromium's install does.
 set -euo pipefail
 
-ALL=(postgres rabbitmq)
+ALL=(postgres rabbitmq nats)
 PG_HOST=127.0.0.1
 PG_PORT=5432
 AMQP_HOST=127.0.0.1
 AMQP_PORT=5672
+NATS_HOST=127.0.0.1
+NATS_PORT=4222
 
 say() { echo "services: $*"; }
 
@@ -124,6 +126,32 @@ PY
     say "  the tests need it (or set DELIVERYLAB_AMQP_URL to a user that may declare queues)"
     return 1
   fi
+}
+
+# --- NATS with JetStream ------------------------------------------------------------------------
+# Up means: a server answers on the port and its INFO line says JetStream is on (a NATS server
+# without -js would accept connections, and every stream request would fail).
+nats_info() { timeout 2 bash -c "exec 3<>/dev/tcp/$NATS_HOST/$NATS_PORT && head -n1 <&3" 2>/dev/null; }
+
+nats_up() { nats_info | grep -q '"jetstream":true'; }
+
+nats_installed() { [ -x /usr/sbin/nats-server ]; }
+
+nats_start() {
+  if port_open "$NATS_HOST" "$NATS_PORT"; then
+    say "something answers on $NATS_HOST:$NATS_PORT without JetStream: restart it with -js"
+    return 1
+  fi
+  say "nats-server is installed but not answering on $NATS_HOST:$NATS_PORT: starting it with JetStream"
+  as_root mkdir -p /var/lib/nats-server
+  as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a "$NATS_HOST" -p "$NATS_PORT" -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+}
+
+nats_install() {
+  say "nats-server is not installed: installing it with apt-get"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
 }
 
 # --- the driver --------------------------------------------------------------------------------
