@@ -146,6 +146,16 @@ def test_a_delayed_nack_is_held_and_a_dying_holder_gives_it_back_early(rabbit):
     assert b.receive(60)[0].delivery_count == 2
 
 
+def test_the_server_knows_the_dead_letter_strategy_it_accepted(queue_name):
+    """3.10.8 validates x-dead-letter-strategy (an unknown x-argument would be ignored), so
+    the at-least-once strategy the broker declares is in effect."""
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="invalid_dlx_strategy"):
+        conn.channel().queue_declare(queue_name, durable=True, arguments={
+            "x-queue-type": "quorum", "x-dead-letter-strategy": "sometimes"})
+    conn.close()
+
+
 def test_another_max_receives_on_the_same_queue_is_refused(rabbit, queue_name):
     rabbit(max_receives=3)
     with pytest.raises(InvalidInput) as refused:
@@ -337,4 +347,25 @@ def test_the_worker_command_refuses_a_bad_broker_url_with_exit_2(tmp_path, url, 
     assert "Traceback" not in done.stderr
     conn = store.connect(db)
     assert conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0] == 0
+    conn.close()
+
+
+def test_the_worker_command_refuses_transactional_before_declaring_anything(tmp_path,
+                                                                            queue_name):
+    import subprocess
+    import sys
+
+    from test_lab_processes import child_env
+
+    db = tmp_path / "lab.db"
+    store.init_db(db).close()
+    done = subprocess.run([sys.executable, "-m", "deliverylab", "worker", "--broker",
+                           f"{URL}?queue={queue_name}", "--store", str(db), "--mode",
+                           "transactional"], env=child_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "mode must be a mode other than transactional" in done.stderr
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+        conn.channel().queue_declare(queue_name, passive=True)
     conn.close()

@@ -4,7 +4,10 @@ The lab's broker is the queue table on the store's own connection. Any other bro
 engine of ``make_broker`` in ``tests/conftest.py``, in a database of its own) must give the
 same run: the same fault schedule for the same seed, the same trace in the store, the same
 checker verdict and the same repair. Only ``transactional`` differs: it needs the ACK and the
-effect in one transaction, so it is refused where the broker is not the store.
+effect in one transaction, so it is refused where the broker is not the store. An engine
+whose lease is a connection (RabbitMQ) gives a message back at once after a lost ACK or a
+crash, so its run interleaves differently: there every event's story is compared, and in
+batches the mode's guarantee (see ``GIVES_BACK_AT_ONCE``).
 """
 
 from __future__ import annotations

@@ -461,7 +461,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from ..engine.clock import SystemClock
     from ..engine.faults import Faults
     from ..engine.ids import Ids
-    from ..engine.worker import Worker
+    from ..engine.worker import Worker, refuse_apart
 
     rates = {}
     for point in FAULT_POINTS:
@@ -477,6 +477,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     faults = Faults.from_rates(seed=args.seed, **rates)
     name = args.name or f"worker-{os.getpid()}"
     store_flag(args)
+    from ..brokers.registry import is_broker_url
+
+    if is_broker_url(args.broker):  # refused before connecting: a refusal declares no queue there
+        refuse_apart(args.mode)
     conn = open_db(args)
 
     def echo(line: str) -> None:

@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..brokers.postgres import PostgresBroker
 from ..brokers.sqlite import Queue
-from ..engine import reconcile
+from ..engine import reconcile, store_postgres
 from ..engine.check import CheckResult, check, drift_frame, events_frame
 from ..engine.clock import FakeClock
 from ..engine.errors import check_int, check_number
@@ -37,7 +38,13 @@ ITEMS = ("coffee-beans", "green-tea", "oat-milk", "croissant", "espresso-cups")
 
 
 class Lab:
-    """A database, a queue, ``workers`` workers in one mode, one fake clock, one seed."""
+    """A database, a queue, ``workers`` workers in one mode, one fake clock, one seed.
+
+    ``path`` is a SQLite file or ``":memory:"`` (the default), or a PostgreSQL URL naming a
+    schema (``postgresql://HOST/DB?options=-csearch_path%3DNAME``), created if missing: the same
+    scenario then runs on PostgreSQL, its queue table claiming with ``FOR UPDATE SKIP LOCKED``.
+    Give each lab a schema of its own: a lab adds to what the schema already holds.
+    """
 
     def __init__(self, path: str | Path = ":memory:", *, seed: int = 0,
                  mode: Mode | str = Mode.IDEMPOTENT, faults: Faults = NO_FAULTS,
@@ -54,8 +61,17 @@ class Lab:
         self.clock = FakeClock()
         self.ids = Ids(seed)
         self.rng = random.Random(seed)
-        self.conn: sqlite3.Connection = init_db(path)
-        self.queue = Queue(self.conn, clock=self.clock, ids=self.ids, max_receives=max_receives)
+        if store_postgres.is_url(path):  # a PostgreSQL schema: its queue table locks its claims
+            self.engine = "postgresql"
+            self.conn: sqlite3.Connection = store_postgres.init_db(str(path),
+                                                                   field="path")  # type: ignore[assignment]
+            self.queue: Queue = PostgresBroker(self.conn, clock=self.clock, ids=self.ids,
+                                               max_receives=max_receives)  # type: ignore[arg-type]
+        else:
+            self.engine = "sqlite"
+            self.conn = init_db(path)
+            self.queue = Queue(self.conn, clock=self.clock, ids=self.ids,
+                               max_receives=max_receives)
         extra = {"handler": handler} if handler is not None else {}
         self.workers = [
             Worker(self.conn, clock=self.clock, ids=self.ids, mode=self.mode, faults=faults,

@@ -57,13 +57,13 @@ SERIES: tuple[tuple[str, str, str], ...] = (
 # 'reconciled' row, plus one for that row. Computed in SQL so it stays cheap for the chart.
 _COUNTERS_SQL = APPLICATIONS_CTE + """,
     per_order AS (
-        SELECT o.event_id, coalesce(a.n, 0) + (r.rs IS NOT NULL) AS n
+        SELECT o.event_id, coalesce(a.n, 0) + CASE WHEN r.rs IS NULL THEN 0 ELSE 1 END AS n
           FROM orders AS o
           LEFT JOIN applied AS a USING (event_id)
           LEFT JOIN last_rec AS r USING (event_id))
     SELECT
         (SELECT count(*) FROM orders),
-        (SELECT coalesce(sum(n - 1), 0) FROM per_order WHERE n > 1),
+        (SELECT CAST(coalesce(sum(n - 1), 0) AS INTEGER) FROM per_order WHERE n > 1),
         (SELECT count(*) FROM per_order AS p
           WHERE p.n = 0
             AND p.event_id NOT IN (SELECT event_id FROM queue_messages)

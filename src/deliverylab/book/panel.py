@@ -5,7 +5,8 @@ dropdown picks the worker mode; buttons place orders, step, run until idle, auto
 message, reconcile and reset. The queue, the inbox, the projection beside the truth, the dead
 letters, the counters, a chart and the checker's verdict redraw after every action.
 
-Everything runs on the real engine: an in-memory SQLite database, a fake clock and one seed.
+Everything runs on the real engine: an in-memory SQLite database (or, chosen in the engine
+dropdown, a fresh schema on a PostgreSQL server), a fake clock and one seed.
 A step is one worker step on the fake clock, and auto-run is one step per timer tick, so the
 same seed and the same clicks give the same tables, live or replayed. The panel only wires
 widgets to :mod:`deliverylab.book.labviews`, whose plain functions the tests call directly.
@@ -25,13 +26,15 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..engine.errors import check_int, check_number
+from ..engine import store_postgres
+from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import Faults
 from ..engine.worker import Mode
-from . import labviews
+from . import labviews, pgdemo
 from .lab import Lab
 
 MODES = tuple(m.value for m in Mode)
+ENGINES = {"SQLite (in memory)": "sqlite", "PostgreSQL": "postgresql"}  # label -> engine
 LOG_LINES = 8
 MAX_RUN_STEPS = 1_000_000
 CHART_POINTS_PER_RUN = 100
@@ -65,8 +68,11 @@ class LabPanel:
     def __init__(self, *, seed: int = 7, mode: Mode | str = Mode.IDEMPOTENT,
                  ack_fail: float = 0.0, crash_rate: float = 0.0,
                  visibility_timeout: float = 2.0, orders: int = 20, workers: int = 1,
-                 limit: int = labviews.DEFAULT_LIMIT, autorun_interval_ms: int = 400) -> None:
+                 limit: int = labviews.DEFAULT_LIMIT, autorun_interval_ms: int = 400,
+                 engine: str = "sqlite") -> None:
         check_int("seed", seed, minimum=0)
+        if engine not in ENGINES.values():
+            raise InvalidInput("engine", engine, " or ".join(map(repr, ENGINES.values())))
         mode = Mode.parse(mode).value
         check_number("ack_fail", ack_fail, minimum=0, maximum=1)
         check_number("crash_rate", crash_rate, minimum=0, maximum=1)
@@ -107,6 +113,11 @@ class LabPanel:
             options=MODES, value=mode, description="mode", style=wide,
             tooltip="the order of work: see the table in chapter 3", layout=box),
             "dl-mode-dropdown")
+        self.engine = _css(widgets.Dropdown(
+            options=list(ENGINES.items()), value=engine, description="engine", style=wide,
+            tooltip="where the queue and the tables live: an in-memory SQLite database, or a"
+                    " fresh schema on the PostgreSQL server (make services starts one)",
+            layout=box), "dl-engine-dropdown")
         self.seed = _css(widgets.BoundedIntText(
             value=seed, min=0, max=2**31 - 1, description="seed (restarts)",
             tooltip="ids, orders and the fault schedule all come from the seed; changing it"
@@ -166,6 +177,7 @@ class LabPanel:
             widgets.HBox([self.ack_fail, self.crash_rate, self.visibility_timeout],
                          layout=row),
             widgets.HBox([self.orders, self.workers, self.mode, self.seed], layout=row),
+            widgets.HBox([self.engine], layout=row),
             widgets.HBox([self.place_button, self.step_button, self.run_button,
                           self.autorun_button, self.autorun, self.lose_button,
                           self.reconcile_button, self.reset_button],
@@ -187,6 +199,7 @@ class LabPanel:
         self._step_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.history = labviews.History()
         self.steps = 0
+        self._schema_url: str | None = None  # the PostgreSQL schema this panel made, if any
         self.lab = self._new_lab()
         self.views: labviews.Views | None = None
         self._drawn_key: tuple[Any, ...] | None = None
@@ -197,6 +210,7 @@ class LabPanel:
             control.observe(self._on_knob, names="value")
         self.orders.observe(self._on_orders, names="value")
         self.seed.observe(self._on_seed, names="value")
+        self.engine.observe(self._on_engine, names="value")
         self.autorun.observe(self._on_tick, names="value")
         self.place_button.on_click(lambda _: self.place_orders())
         self.step_button.on_click(lambda _: self.step())
@@ -222,9 +236,23 @@ class LabPanel:
                 "orders": self.orders.value, "workers": self.workers.value}
 
     def _new_lab(self) -> Lab:
-        return Lab(seed=self.seed.value, mode=self.mode.value, faults=self.faults(),
+        """A fresh lab on the chosen engine: an in-memory SQLite database, or a new schema on
+        the PostgreSQL server (:data:`deliverylab.book.pgdemo.SERVER`); raises
+        :class:`~deliverylab.book.pgdemo.PostgresUnavailable` when no server answers."""
+        path = ":memory:"
+        if self.engine.value == "postgresql":
+            path = self._schema_url = pgdemo.new_schema("dl_panel")
+        return Lab(path, seed=self.seed.value, mode=self.mode.value, faults=self.faults(),
                    workers=self.workers.value,
                    visibility_timeout=self.visibility_timeout.value, echo=self._echo)
+
+    def close(self) -> None:
+        """Close the lab's database and drop the PostgreSQL schema this panel made, if any."""
+        self.autorun.playing = False
+        self.lab.conn.close()
+        if self._schema_url is not None:
+            store_postgres.drop_schema(self._schema_url)
+            self._schema_url = None
 
     def _echo(self, line: str) -> None:
         self._log.append(line)
@@ -309,8 +337,7 @@ class LabPanel:
 
     def reset(self) -> None:
         """A fresh, empty lab with the current settings (the seed decides everything)."""
-        self.autorun.playing = False
-        self.lab.conn.close()
+        self.close()
         self._log.clear()
         self.history = labviews.History()
         self.steps = 0
@@ -338,6 +365,22 @@ class LabPanel:
     def _on_seed(self, change: dict[str, Any]) -> None:
         self.reset()
 
+    def _on_engine(self, change: dict[str, Any]) -> None:
+        try:
+            self.reset()
+        except pgdemo.PostgresUnavailable as exc:  # stay on SQLite, and say why
+            self.engine.unobserve(self._on_engine, names="value")
+            self.engine.value = change["old"]
+            self.engine.observe(self._on_engine, names="value")
+            self.reset()
+            self._say("engine", html.escape(str(exc)))
+            self.refresh(force=True)
+            return
+        self._say("engine", f"Reset on {html.escape(self.engine.label)}: a fresh lab with seed"
+                  f" {self.seed.value}; the same seed and clicks give the same tables on every"
+                  " engine.")
+        self.refresh(force=True)
+
     def _on_tick(self, change: dict[str, Any]) -> None:
         if change["new"] <= change["old"]:
             return  # a rewound timer (a reset) is not a tick
@@ -364,7 +407,9 @@ class LabPanel:
         """Redraw every view from the database. Skipped when nothing changed since the last
         redraw (no row written, the clock and the chart unchanged), unless ``force``."""
         start = time.perf_counter()
-        key = (id(self.lab), self.lab.conn.total_changes, self.lab.clock.now(),
+        # SQLite counts the rows written; on PostgreSQL every action redraws.
+        written = getattr(self.lab.conn, "total_changes", self._actions)
+        key = (id(self.lab), written, self.lab.clock.now(),
                len(self.history), self.history.rows[-1] if len(self.history) else None,
                tuple(self._log))
         if force or self.views is None or key != self._drawn_key:

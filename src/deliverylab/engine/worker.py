@@ -174,12 +174,8 @@ class Worker:
             raise InvalidInput("broker", broker, "a deliverylab.brokers.base.Broker")
         self.mode = Mode.parse(mode)
         joined = broker.joins(store)
-        if self.mode is Mode.TRANSACTIONAL and not joined:
-            raise InvalidInput(
-                "mode", self.mode.value,
-                "a mode other than transactional when the broker is not the store's own"
-                " database: the ACK is a write in another system, so it cannot commit in the"
-                " effect's transaction (use idempotent: inbox and effect in one transaction)")
+        if not joined:
+            refuse_apart(self.mode)
         if not isinstance(faults, Faults):
             raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
         self.visibility_timeout = check_number("visibility_timeout", visibility_timeout,
@@ -607,6 +603,18 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping = True
+
+
+def refuse_apart(mode: Mode | str) -> None:
+    """:class:`InvalidInput` for ``transactional`` over a broker that is not the store's own
+    database (the CLI asks before it connects to such a broker, so a refusal declares nothing
+    there)."""
+    if Mode.parse(mode) is Mode.TRANSACTIONAL:
+        raise InvalidInput(
+            "mode", Mode.TRANSACTIONAL.value,
+            "a mode other than transactional when the broker is not the store's own"
+            " database: the ACK is a write in another system, so it cannot commit in the"
+            " effect's transaction (use idempotent: inbox and effect in one transaction)")
 
 
 def _one_of(name: str, value: object, old_name: str, old_value: object) -> object:
