@@ -14,15 +14,27 @@ The chapter claims:
   deliveries, and a redrive hands it out again as a first delivery;
 * of the four, only JetStream drops a second send with the same producer dedup id (its
   ``Nats-Msg-Id`` window); the others store both, and the inbox is then the only defence;
-* every run removes what it made on the servers.
+* an outbox relay that dies between a publish and its mark publishes the row again: RabbitMQ
+  stores every publish, JetStream drops the repeats within its duplicate window and stores
+  them after it; an at-least-once worker then applies the repeats twice, an idempotent one
+  never does;
+* a three-node JetStream cluster whose stream leader is SIGKILLed twice gets a new leader each
+  time and loses nothing; idempotent workers apply every order once, at-least-once workers
+  apply some twice; the picture marks each kill and its publish pause;
+* every run removes what it made on the servers, and the book shows the page's saved outputs
+  without executing it.
 
 The RabbitMQ and JetStream runs wait for real leases (one second), so those cases are slow.
 """
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
+import nbformat
 import pandas as pd
 import pytest
+import yaml
 
 from deliverylab.book import beyond
 from deliverylab.book.lab import guarantee_matrix as chapter_1_matrix
@@ -170,3 +182,70 @@ def test_without_a_server_the_engine_says_how_to_start_it(monkeypatch):
         with beyond.open_engine("postgres"):
             pass
     assert "127.0.0.1:1" in str(gone.value)
+
+
+@pytest.mark.slow
+def test_the_relay_republishes_and_the_two_defences_hold():
+    table = beyond.relay_table(orders=20).set_index(["engine", "mode"])
+    for engine in REALTIME:
+        for mode in ("at-least-once", "idempotent"):
+            row = table.loc[(engine, mode)]
+            assert row["publishes"] == 20 + row["relay crashes"] > 20  # every crash republished
+    rabbit, nats = table.loc["rabbitmq"], table.loc["jetstream"]
+    assert (rabbit["messages received"] == rabbit["publishes"]).all()  # no producer dedup
+    assert (nats["messages received"] == 20).all()  # Nats-Msg-Id dropped every repeat
+    assert rabbit.loc["at-least-once", "duplicated"] > 0
+    assert rabbit.loc["idempotent", "duplicates skipped"] == rabbit.loc["idempotent",
+                                                                          "relay crashes"]
+    for verdict in (rabbit.loc["idempotent", "verdict"], *nats["verdict"]):
+        assert verdict.startswith("OK: all 20 orders")
+    # Past the window, JetStream stores the repeats as RabbitMQ does.
+    late = beyond.relay_run("jetstream", mode="at-least-once", orders=20, dedup_window=1.0,
+                            restart_after=1.5)
+    assert late["messages received"] == late["publishes"] > 20
+    assert late["duplicated"] == rabbit.loc["at-least-once", "duplicated"]
+
+
+def test_a_relay_needs_a_broker_outside_the_store():
+    with pytest.raises(InvalidInput) as bad:
+        beyond.relay_run("sqlite", mode="idempotent")
+    assert bad.value.field == "engine"
+    with pytest.raises(InvalidInput) as bad:
+        with beyond.open_engine("rabbitmq", dedup_window=5.0):
+            pass
+    assert bad.value.field == "dedup_window"
+
+
+@pytest.mark.slow
+def test_a_cluster_run_keeps_every_order_through_two_leader_kills_and_its_picture_shows_them():
+    run = beyond.cluster_demo("idempotent", orders=400)
+    summary = beyond.cluster_summary(run)
+    assert summary["leader kills"] == 2 and summary["a new leader each time"]
+    assert summary["orders applied at least once"] == 400
+    assert not summary["some orders applied twice"]
+    assert summary["verdict"] == "OK: all 400 orders applied exactly once; projection equals truth"
+    fig = beyond.plot_cluster_run(run)
+    ax = fig.axes[0]
+    vertical = [line for line in ax.lines if len(set(line.get_xdata())) == 1]
+    assert sorted(line.get_xdata()[0] for line in vertical) == sorted(k.at for k in run.kills)
+    assert len(ax.patches) == len(run.kills)  # one shaded publish pause per kill
+    labels = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {"received", "applied", "leader SIGKILLed", "publishing paused"} <= labels
+
+
+ROOT = PurePosixPath(__file__).parent.parent
+PAGE = "chapters/07_beyond_one_machine.ipynb"
+
+
+def test_the_book_does_not_execute_the_page_and_the_page_carries_its_outputs():
+    from jupyter_book.config import get_final_config
+
+    user = yaml.safe_load(open(ROOT / "_config.yml", encoding="utf-8"))
+    config = get_final_config(user_yaml=user, cli_config={"latex_individualpages": False},
+                              sourcedir=str(ROOT))[0]
+    assert any(PurePosixPath(ROOT / PAGE).match(p) for p in config["nb_execution_excludepatterns"])
+    nb = nbformat.read(ROOT / PAGE, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs for c in code if "import" not in c.source)
+    assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
