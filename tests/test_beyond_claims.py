@@ -168,7 +168,7 @@ def test_bad_arguments_are_named():
         beyond.guarantee_matrix(["sqlite", "sqs"], orders=1)
     assert bad.value.field == "engine" and bad.value.value == "sqs"
     with pytest.raises(InvalidInput) as bad:
-        with beyond.open_engine("rabbitmq", clock=FakeClock()):
+        with beyond.open_engine("jetstream", clock=FakeClock()):
             pass
     assert bad.value.field == "clock"
     with pytest.raises(InvalidInput) as bad:

@@ -8,13 +8,15 @@ engine      broker                            store
 ==========  ================================  ==========================================
 sqlite      the queue table in the store      an in-memory SQLite database (the lab's)
 postgres    the queue table in the store      a fresh schema on the PostgreSQL server
-rabbitmq    a quorum queue on RabbitMQ        an in-memory SQLite database
-jetstream   a stream and consumer on NATS     an in-memory SQLite database
+rabbitmq    a quorum queue on RabbitMQ        an in-memory SQLite database (or a file)
+jetstream   a stream and consumer on NATS     an in-memory SQLite database (or a file)
 ==========  ================================  ==========================================
 
 On SQLite and PostgreSQL time is a :class:`~deliverylab.engine.clock.FakeClock` (leases are
-rows the engine compares with the clock); on RabbitMQ and JetStream the server keeps the
-leases in real time, so those runs wait for real and are kept short (a lease of one second).
+rows the engine compares with the clock). On RabbitMQ and JetStream it is the wall clock: the
+JetStream server times its ``AckWait`` itself, and RabbitMQ's lease is a channel, which the
+broker closes when the lease's time has passed. Those runs wait for real, and are kept short
+(a lease of one second).
 A fault still fires by (seed, point, event, delivery count), so the counts a run ends with are
 the same on every run and on every engine; only the time it takes differs. Every function
 here returns counts and verdicts; timings are the benchmark's (``benchmarks/bench_brokers.py``).
@@ -50,7 +52,7 @@ ENGINES = ("sqlite", "postgres", "rabbitmq", "jetstream")
 MODES = ("at-most-once", "at-least-once", "idempotent", "transactional")
 # Where the servers are: the ones `make services` brings up (overridable, as pgdemo's is).
 POSTGRES = os.environ.get("DELIVERYLAB_PG", "postgresql://127.0.0.1:5432/test")
-RABBITMQ = os.environ.get("DELIVERYLAB_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+RABBITMQ = os.environ.get("DELIVERYLAB_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 NATS = os.environ.get("DELIVERYLAB_NATS", "nats://127.0.0.1:4222")
 # Chapter 1's scenario: its seed and its faults (a fifth of the ACKs lost, a tenth of the
 # deliveries crashing the worker before its work commits).
@@ -66,14 +68,13 @@ class EngineUnavailable(RuntimeError):
 @dataclass
 class Engine:
     """One engine, open: the consumer's ``store``, the ``broker``, and the clock both use.
-    ``realtime`` is True where the server keeps the leases (the clock is the wall clock)."""
+    ``realtime`` is True when that clock is the wall clock: a wait is a real one."""
 
     name: str
     store: Any
     broker: Broker
     clock: Clock
     realtime: bool
-    where: str = ""  # the queue, stream, schema or file made for this run
     _closers: ExitStack = field(default_factory=ExitStack, repr=False)
 
     def close(self) -> None:
@@ -97,7 +98,6 @@ def _sqlite_store(e: Engine, directory: Path | None) -> None:
     path = ":memory:" if directory is None else directory / f"{e.name}-store.db"
     e.store = sqlite_store.init_db(path)
     e._closers.callback(e.store.close)
-    e.where = str(path)
 
 
 def _open_sqlite(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
@@ -121,7 +121,6 @@ def _open_postgres(e: Engine, ids: Ids, max_receives: int, directory: Path | Non
     e._closers.callback(store_postgres.drop_schema, url)
     e._closers.callback(e.store.close)
     e.broker = PostgresBroker(e.store, clock=e.clock, ids=ids, max_receives=max_receives)
-    e.where = store_postgres.schema_of(url)
 
 
 def _open_remote(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
@@ -142,7 +141,6 @@ def _open_remote(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
     except InvalidInput as exc:
         raise _unavailable(e.name, server, exc) from None
     e._closers.callback(_remove, e.broker)
-    e.where = name
 
 
 def _remove(broker: Broker) -> None:
@@ -162,8 +160,8 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
                 clock: Clock | None = None, directory: Path | None = None,
                 dedup_window: float | None = None) -> Iterator[Engine]:
     """The engine ``name`` on a fresh queue, stream or schema, removed on exit. ``clock``
-    defaults to a FakeClock where the engine keeps its leases as rows, and must be the wall
-    clock where the server keeps them. A SQLite store is in memory, or a file in
+    defaults to a FakeClock where the engine keeps its leases as rows and to the wall clock on
+    RabbitMQ and JetStream; JetStream takes no other (its server times the leases). A SQLite store is in memory, or a file in
     ``directory`` (the caller's to remove). ``dedup_window`` (seconds) sets the producer
     dedup window of an engine that has one (JetStream's stream duplicate window)."""
     check_engine(name)
@@ -174,13 +172,12 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
             raise InvalidInput("dedup_window", dedup_window,
                                f"None for {name}: only jetstream has producer dedup")
         check_number("dedup_window", dedup_window, minimum=0.1, maximum=3600)
-    realtime = name in ("rabbitmq", "jetstream")
     if clock is None:
-        clock = SystemClock() if realtime else FakeClock()
-    elif realtime and not isinstance(clock, SystemClock):
-        raise InvalidInput("clock", clock, f"the wall clock (SystemClock): {name} keeps its"
-                                           f" leases on the server, in real time")
-    e = Engine(name, None, None, clock, realtime)  # type: ignore[arg-type]
+        clock = SystemClock() if name in ("rabbitmq", "jetstream") else FakeClock()
+    elif name == "jetstream" and not isinstance(clock, SystemClock):
+        raise InvalidInput("clock", clock, "the wall clock (SystemClock): the JetStream server"
+                                           " times its leases itself")
+    e = Engine(name, None, None, clock, isinstance(clock, SystemClock))  # type: ignore[arg-type]
     try:
         _OPENERS[name](e, Ids(seed), max_receives, directory, dedup_window)
         yield e
