@@ -36,6 +36,7 @@ import os
 import random
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -78,6 +79,7 @@ class Kill:
     at: float
     new_leader: str
     pause: float
+    usual_gap: float  # the median gap between confirmations before the kill: the baseline
     delivery_pause: float = 0.0
 
 
@@ -263,6 +265,77 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {name: value or 0 for name, value in zip(names, row, strict=True)}
 
 
+def _place_orders(conn: sqlite3.Connection, orders: int, seed: int) -> None:
+    """``orders`` orders, each with its event in the store's queue table (the outbox), in one
+    transaction; items and quantities from ``seed``."""
+    rng = random.Random(seed)
+    outbox = SQLiteBroker(conn, clock=SystemClock(), ids=Ids(seed), trace=False)
+    with transaction(conn):
+        for _ in range(orders):
+            place_order(outbox, item_id=rng.choice(ITEMS), qty=rng.randint(1, 3), store=conn)
+
+
+Wait = Callable[[str, Callable[[], bool]], None]
+
+
+def _waiter(relay: Relay, deadline: float, timeout: float, where: Path,
+            tick: Callable[[], None] = lambda: None) -> Callable[..., None]:
+    """``wait(what, ready, poll=0.02)``: poll until ``ready()``, calling ``tick`` each time;
+    raise the relay's error if it failed, TimeoutError past ``deadline``."""
+    def wait(what: str, ready: Callable[[], bool], poll: float = 0.02) -> None:
+        while not ready():
+            if relay.error is not None:
+                raise relay.error
+            tick()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run took longer than {timeout:g}s, waiting for {what}"
+                                   f" (logs in {where})")
+            time.sleep(poll)
+    return wait
+
+
+def kill_stream_leader(cluster: NatsCluster, stream: str, relay: Relay, wait: Wait, *,
+                       after: int, t0: float, say: Callable[[str], None]) -> Kill:
+    """Once the relay has ``after`` confirmed publishes, SIGKILL ``stream``'s leader; wait for
+    another leader and for 50 more confirmations (or the relay's end); return the kill with
+    the publish pause around it."""
+    wait(f"{after} events relayed", lambda: len(relay.acks) >= after or relay.done.is_set())
+    leader = cluster.wait_stream_leader(stream)
+    cluster.kill(leader)
+    at = time.time()
+    say(f"t={at - t0:.1f}s SIGKILL {leader}, the leader of {stream}")
+    new = cluster.wait_stream_leader(stream, other_than=leader)
+    confirmed = len(relay.acks) + 50
+    wait("publishes on the new leader",
+         lambda: len(relay.acks) >= confirmed or relay.done.is_set())
+    pause = longest_gap(relay.acks, at, time.time())
+    say(f"t={time.time() - t0:.1f}s {new} leads; publishing paused {pause:.2f}s")
+    before = [t for t in relay.acks if t <= at]
+    usual = statistics.median(b - a for a, b in itertools.pairwise(before)) \
+        if len(before) > 1 else 0.0
+    return Kill(leader, at - t0, new, pause, usual)
+
+
+def rejoin(cluster: NatsCluster, stream: str, name: str, wait: Wait) -> None:
+    """Restart node ``name`` and wait until it is in ``stream``'s group again (it names the
+    leader): with three replicas, no other node may die before that."""
+    cluster.restart(name)
+    wait(f"{name} back in the stream",
+         lambda: cluster.stream_leaders(stream).get(name) is not None)
+
+
+def _check_common(orders: int, seed: int, rate: float, base_port: int, timeout: float,
+                  directory: object) -> Path:
+    check_int("orders", orders, minimum=1, maximum=100_000)
+    check_int("seed", seed, minimum=0)
+    check_number("rate", rate, minimum=1, maximum=10_000)
+    check_base_port(base_port)
+    check_number("timeout", timeout, minimum=1)
+    if not isinstance(directory, str | Path) or not str(directory).strip():
+        raise InvalidInput("directory", directory, "a directory path")
+    return Path(directory)
+
+
 def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                 orders: int = 2000, seed: int = 0, ack_fail: float = 0.2,
                 rate: float = 150.0, ack_wait: float = 1.0,
@@ -281,16 +354,9 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
     if mode is Mode.TRANSACTIONAL:
         raise InvalidInput("mode", mode.value, "a mode for an external broker (at-most-once,"
                                                " at-least-once or idempotent)")
-    check_int("orders", orders, minimum=1, maximum=100_000)
-    check_int("seed", seed, minimum=0)
+    directory = _check_common(orders, seed, rate, base_port, timeout, directory)
     check_number("ack_fail", ack_fail, minimum=0, maximum=0.9)
-    check_number("rate", rate, minimum=1, maximum=10_000)
     check_number("ack_wait", ack_wait, minimum=0.1, maximum=60)
-    check_base_port(base_port)
-    check_number("timeout", timeout, minimum=1)
-    if not isinstance(directory, str | Path) or not str(directory).strip():
-        raise InvalidInput("directory", directory, "a directory path")
-    directory = Path(directory)
     store_path = directory / "lab.db"
     if store_path.exists():
         raise InvalidInput("directory", str(directory), "a directory without a lab.db")
@@ -311,13 +377,7 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                               max_receives=MAX_RECEIVES, worker="checker")
         cleanup.callback(checker.close)
         say(f"stream {stream} on 3 replicas, leader {cluster.wait_stream_leader(stream)}")
-        # The orders and their events, committed together in the store (the outbox).
-        rng = random.Random(seed)
-        outbox = SQLiteBroker(conn, clock=SystemClock(), ids=Ids(seed), trace=False)
-        with transaction(conn):
-            for _ in range(orders):
-                place_order(outbox, item_id=rng.choice(ITEMS), qty=rng.randint(1, 3),
-                            store=conn)
+        _place_orders(conn, orders, seed)
         t0 = time.time()
         workers = Workers(url, store_path, directory / "workers", mode=mode, seed=seed,
                           ack_fail=ack_fail, ack_wait=ack_wait)
@@ -327,44 +387,14 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
         cleanup.callback(relay.join, 15)
         cleanup.callback(relay.halt)
         relay.start()
+        wait = _waiter(relay, deadline, timeout, directory, workers.keep_running)
 
-        def wait(what: str, ready: Callable[[], bool], poll: float = 0.02) -> None:
-            while not ready():
-                if relay.error is not None:
-                    raise relay.error
-                workers.keep_running()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the run took longer than {timeout:g}s, waiting for"
-                                       f" {what} (logs in {directory})")
-                time.sleep(poll)
-
-        kills: list[Kill] = []
-
-        def kill_leader(fraction: float) -> str:
-            wait(f"{fraction:.0%} of the events relayed",
-                 lambda: len(relay.acks) >= fraction * orders)
-            leader = cluster.wait_stream_leader(stream)
-            cluster.kill(leader)
-            at = time.time()
-            say(f"t={at - t0:.1f}s SIGKILL {leader}, the leader of {stream}")
-            new = cluster.wait_stream_leader(stream, other_than=leader)
-            confirmed = min(len(relay.acks) + 50, orders)  # the new leader has served a while
-            wait("publishes on the new leader", lambda: len(relay.acks) >= confirmed)
-            pause = longest_gap(relay.acks, at, time.time())
-            say(f"t={time.time() - t0:.1f}s {new} leads; publishing paused {pause:.2f}s")
-            kills.append(Kill(leader, at - t0, new, pause))
-            return leader
-
-        def rejoin(name: str) -> None:
-            cluster.restart(name)
-            # In the stream's group again (it names the leader) before another node dies.
-            wait(f"{name} back in the stream",
-                 lambda: cluster.stream_leaders(stream).get(name) is not None)
-            say(f"t={time.time() - t0:.1f}s {name} restarted")
-
-        rejoin(kill_leader(0.25))
-        if second_kill:
-            rejoin(kill_leader(0.65))
+        kills = []
+        for fraction in (0.25, 0.65) if second_kill else (0.25,):
+            kills.append(kill_stream_leader(cluster, stream, relay, wait,
+                                            after=int(fraction * orders), t0=t0, say=say))
+            rejoin(cluster, stream, kills[-1].node, wait)
+            say(f"t={time.time() - t0:.1f}s {kills[-1].node} restarted")
         wait("every event relayed", relay.done.is_set)
         if relay.error is not None:
             raise relay.error
@@ -392,3 +422,74 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                           publish_retries=len(relay.retries),
                           worker_restarts=workers.restarts, kills=tuple(kills),
                           check=result, timeline=timeline)
+
+
+def publish_pauses(directory: str | Path, *, repetitions: int = 5, events: int = 1200,
+                   rate: float = 200.0, base_port: int = DEFAULT_BASE_PORT,
+                   timeout: float = 300.0, echo: Callable[[str], None] | None = None,
+                   ) -> list[Kill]:
+    """The publish pause alone, ``repetitions`` times on one cluster: each time a fresh R3
+    stream, the relay publishing ``events`` events at ``rate`` (no workers), the stream's
+    leader SIGKILLed after a quarter of them, then restarted before the next repetition."""
+    directory = _check_common(events, 0, rate, base_port, timeout, directory)
+    check_int("repetitions", repetitions, minimum=1, maximum=100)
+    say = echo or (lambda text: None)
+    deadline = time.monotonic() + timeout
+    directory.mkdir(parents=True, exist_ok=True)
+    kills = []
+    with contextlib.ExitStack() as cleanup:
+        cluster = NatsCluster(directory / "cluster", base_port=base_port)
+        cleanup.callback(cluster.stop)
+        cluster.start()
+        for rep in range(repetitions):
+            stream = f"DL_PAUSE_{rep}"
+            url = cluster.url(stream=stream, replicas=3)
+            with contextlib.ExitStack() as this:
+                keeper = open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
+                                     max_receives=MAX_RECEIVES, worker="bench")
+                this.callback(keeper.destroy)
+                store_path = directory / f"pause-{rep}.db"
+                conn = init_db(store_path)
+                this.callback(conn.close)
+                _place_orders(conn, events, rep)
+                relay = Relay(store_path, url, rate=rate)
+                this.callback(relay.join, 15)
+                this.callback(relay.halt)
+                relay.start()
+                wait = _waiter(relay, deadline, timeout, directory)
+                kills.append(kill_stream_leader(cluster, stream, relay, wait, after=events // 4,
+                                                t0=time.time(), say=say))
+                rejoin(cluster, stream, kills[-1].node, wait)
+    return kills
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deliverylab.book.cluster_run DIR [--mode M] [--orders N] …``: one run,
+    narrated, then its counts."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m deliverylab.book.cluster_run",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", help="where the cluster, lab.db and the logs go (new)")
+    parser.add_argument("--mode", default=Mode.IDEMPOTENT.value,
+                        choices=[m.value for m in Mode if m is not Mode.TRANSACTIONAL])
+    parser.add_argument("--orders", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ack-fail-rate", type=float, default=0.2)
+    parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    args = parser.parse_args(argv)
+    try:
+        run = cluster_run(args.directory, mode=args.mode, orders=args.orders, seed=args.seed,
+                          ack_fail=args.ack_fail_rate, base_port=args.base_port, echo=print)
+    except InvalidInput as exc:
+        flag = {"ack_fail": "--ack-fail-rate", "directory": "DIR"}.get(
+            exc.field, "--" + exc.field.replace("_", "-"))
+        print(f"{parser.prog}: error: {flag}: {exc}", file=sys.stderr)
+        return 2
+    for key, value in run.counts().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
