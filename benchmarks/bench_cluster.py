@@ -1,6 +1,6 @@
 """How long publishing stops when a replicated queue loses its leader, on a three-node cluster.
 
-    python benchmarks/bench_cluster.py [--repeat 5] [--rate 200] [--base-port 14222]
+    python benchmarks/bench_cluster.py [--repeat 5] [--rate 200] [--base-port N]
                                        [--rabbitmq] [--dir PATH]
 
 NATS JetStream: one three-node cluster (``deliverylab.brokers.nats_cluster``) on 127.0.0.1.
@@ -44,7 +44,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from deliverylab.book.cluster_run import longest_gap, publish_pauses
-from deliverylab.brokers.nats_cluster import NatsCluster
+from deliverylab.brokers.nats_cluster import NatsCluster, free_base_port
 
 
 def summary(name: str, pauses: list[float], baselines: list[float]) -> str:
@@ -244,12 +244,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rate", type=float, default=200.0, help="publishes per second")
-    parser.add_argument("--base-port", type=int, default=14222)
+    parser.add_argument("--base-port", type=int, default=None,
+                        help="the NATS cluster's base port (default: free ports)")
     parser.add_argument("--rabbitmq", action="store_true",
                         help="also measure a three-node RabbitMQ cluster")
     parser.add_argument("--rabbit-base-port", type=int, default=25700)
     parser.add_argument("--dir", default=None, help="where the clusters' files go (temporary)")
     args = parser.parse_args()
+    if args.base_port is None:
+        args.base_port = free_base_port()
     where = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     try:
         rows, notes = [], []

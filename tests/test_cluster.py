@@ -12,7 +12,6 @@ a run finite.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -26,26 +25,14 @@ from helpers_proc import env
 from deliverylab.book.cluster_run import cluster_run, longest_gap
 from deliverylab.brokers.jetstream import JetStreamBroker
 from deliverylab.brokers.nats_cluster import (
-    HTTP_OFFSET,
     ROUTE_OFFSET,
-    SIZE,
     ClusterError,
     NatsCluster,
-    port_free,
+    free_base_port,
 )
 from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.errors import InvalidInput
 from deliverylab.engine.ids import Ids
-
-
-def free_base_port() -> int:
-    """A base port whose nine ports are free, below Linux's ephemeral range (32768 up), so a
-    client connection cannot take one of them between this check and the servers' start."""
-    for base in random.sample(range(20_000, 32_768 - HTTP_OFFSET - SIZE, 10), 200):
-        ports = [base + off + i for off in (0, ROUTE_OFFSET, HTTP_OFFSET) for i in range(SIZE)]
-        if all(port_free(p) for p in ports):
-            return base
-    raise AssertionError("no free base port for a test cluster")
 
 
 def servers_of(directory: Path) -> list[int]:
