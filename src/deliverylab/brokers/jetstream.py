@@ -74,7 +74,13 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
@@ -203,13 +209,15 @@ class JetStreamBroker(Broker):
         return self._loop.run(coro, self.timeout + 1)
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """``attempt()`` again after a timeout or a missing responder (a server restarting, a
-        cluster electing a leader) until ``timeout`` runs out; the last error then."""
+        """``attempt()`` again after a timeout, a missing responder or JetStream unavailable
+        (a server restarting, a cluster electing a leader) until ``timeout`` runs out; the
+        last error then."""
         deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
             try:
                 return await attempt()
-            except (TimeoutError, NatsTimeout, NoRespondersError):
+            except (TimeoutError, NatsTimeout, NoRespondersError, NoStreamResponseError,
+                    ServiceUnavailableError):
                 if asyncio.get_running_loop().time() + 0.25 >= deadline:
                     raise
                 await asyncio.sleep(0.25)
@@ -251,21 +259,40 @@ class JetStreamBroker(Broker):
         self._signal = await self.nc.subscribe(self.advisory_subject, cb=self._on_advisory)
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        """Create the stream, or check that the one there has this broker's settings."""
         try:
-            await self.js.add_stream(config)
-        except BadRequestError as exc:  # exists with another configuration
+            have = (await self.js.stream_info(config.name)).config
+        except NotFoundError:
+            try:
+                await self.js.add_stream(config)
+                return
+            except BadRequestError:  # another process created it meanwhile: check it
+                have = (await self.js.stream_info(config.name)).config
+        mine = (config.subjects, config.retention, config.num_replicas,
+                config.duplicate_window if config.name == self.stream else None)
+        theirs = (have.subjects, have.retention, have.num_replicas,
+                  have.duplicate_window if config.name == self.stream else None)
+        if mine != theirs:
             raise InvalidInput("stream", config.name,
-                               f"a stream name not in use with another configuration"
-                               f" ({exc.description})") from None
+                               f"a stream with this broker's settings (subjects, retention,"
+                               f" replicas, dedup_window {mine}), not {theirs}")
 
     async def _ensure_consumer(self, stream: str, config: api.ConsumerConfig) -> None:
+        """Create the durable consumer, or check the one there: on 2.9.10 a create with
+        another MaxDeliver or AckWait would silently *update* the consumer every worker of the
+        stream shares, so a broker with other settings is refused instead."""
         try:
-            await self.js.add_consumer(stream, config)
-        except BadRequestError as exc:  # exists with another configuration
-            raise InvalidInput("stream", stream,
-                               f"a stream whose consumer {config.durable_name!r} has this"
-                               f" broker's settings (ack_wait, max_receives):"
-                               f" {exc.description}") from None
+            have = (await self.js.consumer_info(stream, config.durable_name)).config
+        except NotFoundError:
+            await self.js.add_consumer(stream, config)  # the same config twice is no error
+            return
+        if config.durable_name == CONSUMER and (have.max_deliver, round(have.ack_wait or 0, 6)) != (config.max_deliver,
+                                                                 config.ack_wait):
+            raise InvalidInput(
+                "max_receives", self.max_receives,
+                f"the settings of the stream's consumer {config.durable_name!r}"
+                f" (max_receives={have.max_deliver}, ack_wait={have.ack_wait:g}),"
+                f" which every worker of stream {stream!r} shares")
 
     async def _on_advisory(self, msg: Any) -> None:
         self._advised = True
@@ -437,22 +464,28 @@ class JetStreamBroker(Broker):
 
     # -- settle ----------------------------------------------------------------------------
     async def _settle(self, d: Delivery, body: bytes, confirm: bool) -> bool:
-        """Send ``body`` (``+ACK``, ``-NAK…``, ``+WPI``, ``+TERM``) on ``d``'s reply subject
-        if the message is still in the stream; whether it was. The server does not check that
-        the reply subject is the message's latest delivery (see the module docstring)."""
+        """Send ``body`` (``+ACK``, ``-NAK…``, ``+WPI``, ``+TERM``) on ``d``'s reply subject.
+
+        ``confirm``: if the message is still in the stream, as a request whose reply the
+        broker waits for; whether it was. The server does not check that the reply subject is
+        the message's latest delivery (see the module docstring). Not ``confirm`` (``ack()``,
+        fire and forget): handed to the client's buffer and True, without asking the server
+        anything, not even whether the message is still there."""
+        if not confirm:
+            await self.nc.publish(d.receipt, body)
+            return True
         if await self._get(self.stream, d.seq) is None:
             return False
-        if confirm:
-            await self._retrying(lambda: self.nc.request(d.receipt, body,
-                                                         timeout=min(self.timeout, 2.0)))
-        else:
-            await self.nc.publish(d.receipt, body)
+        await self._retrying(lambda: self.nc.request(d.receipt, body,
+                                                     timeout=min(self.timeout, 2.0)))
         return True
 
     def ack(self, delivery: Delivery, *, worker: str = "worker") -> bool:
-        """Ack the message (``ack_sync()``, or ``ack()`` with ``confirm_acks=False``); False if
-        it is no longer in the stream. A stale delivery's ack is *accepted* by the server and
-        deletes the message whoever holds it now (an engine difference)."""
+        """Ack the message with ``ack_sync()``: False if it is no longer in the stream, True
+        once the server answered. A stale delivery's ack is *accepted* by the server and
+        deletes the message whoever holds it now (an engine difference). With
+        ``confirm_acks=False``, ``ack()``: always True, the server asked nothing; a connection
+        that drops before the client flushes loses the ack, and the message comes back."""
         return self.ack_many([delivery], worker=worker)[0]
 
     def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
@@ -603,6 +636,9 @@ class JetStreamBroker(Broker):
         redelivered."""
         queued, pending, _ = self._run(self._counts())
         now = self.clock.now()
+        # Forget what ended an AckWait ago: the server has redelivered it since (to whoever
+        # asked), so it says nothing about this broker's messages any more.
+        self._due = {seq: t for seq, t in self._due.items() if t > now - self.ack_wait}
         if pending:
             return now
         if not queued:
@@ -701,7 +737,6 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
     try:
         return JetStreamBroker(servers, clock=clock, ids=ids, max_receives=max_receives,
                                name=worker, field=field, **kw)
-    except InvalidInput as exc:
-        if exc.field == field:
-            raise
-        raise InvalidInput(field, url, f"valid options ({exc})") from None
+    except InvalidInput as exc:  # named by the URL the caller gave, whatever part was wrong
+        raise InvalidInput(field, url, exc.expected if exc.field == field
+                           else f"valid options ({exc})") from None
