@@ -176,6 +176,18 @@ def test_the_cli_refuses_a_file_as_the_cluster_directory(tmp_path):
     assert path.read_text() == "x"
 
 
+@pytest.mark.parametrize("state", ['{"base_port": 24900, "pids": {"node1": "../x"}}', "[1]",
+                                   "not json", '{"base_port": 80, "pids": {}}'])
+def test_a_state_file_that_is_not_a_clusters_is_refused_and_left_alone(tmp_path, state):
+    (tmp_path / "cluster.json").write_text(state)
+    for action in ("status", "stop", "start"):
+        done = deliverylab("cluster", action, "--dir", tmp_path)
+        assert done.returncode == 2
+        assert "--dir must be a cluster directory with a readable cluster.json" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["cluster.json"]
+    assert (tmp_path / "cluster.json").read_text() == state
+
+
 def test_status_and_stop_of_no_cluster_say_so(tmp_path):
     status = deliverylab("cluster", "status", "--dir", tmp_path / "none")
     assert status.returncode == 1 and "no cluster in" in status.stdout

@@ -155,8 +155,12 @@ class NatsCluster:
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
             cluster = cls(directory, base_port=state["base_port"])
-            cluster._pids.update({k: v for k, v in state["pids"].items() if k in cluster._pids})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            pids = {k: v for k, v in state["pids"].items() if k in cluster._pids}
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+                       for v in pids.values()):
+                raise ValueError(f"process ids must be positive integers, got {pids}")
+            cluster._pids.update(pids)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidInput("directory", str(directory),
                                f"a cluster directory with a readable {STATE_FILE} ({exc})"
                                ) from None
