@@ -118,6 +118,14 @@ def test_a_cluster_refuses_ports_in_use_and_writes_nothing(tmp_path, cluster_dir
     assert not cluster_dir.exists()
 
 
+def test_a_missing_server_binary_is_named_and_nothing_is_left(cluster_dir):
+    missing = cluster_dir.parent / "no-such-nats-server"
+    with pytest.raises(ClusterError, match=rf"cannot run '{missing}' \(No such file"
+                                           rf" or directory\): install nats-server"):
+        NatsCluster(cluster_dir, base_port=free_base_port(), binary=str(missing)).start()
+    assert not cluster_dir.exists()
+
+
 @pytest.mark.parametrize("bad", [80, 65000, "14222", True, None])
 def test_a_bad_base_port_is_named(tmp_path, bad):
     with pytest.raises(InvalidInput, match="base_port must be an integer"):

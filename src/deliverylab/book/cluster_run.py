@@ -493,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for key, value in run.counts().items():
         print(f"{key}: {value}")
+    for k in run.kills:
+        print(f"SIGKILL {k.node} at {k.at:.1f}s: {k.new_leader} led next; publishing paused"
+              f" {k.pause:.2f}s (usually {k.usual_gap * 1000:.1f} ms between confirmations),"
+              f" deliveries paused {k.delivery_pause:.2f}s")
+    print(f"worker restarts: {run.worker_restarts}; publishes retried: {run.publish_retries}")
     return 0
 
 

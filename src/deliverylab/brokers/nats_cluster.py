@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,6 +49,7 @@ SIZE = 3
 CLUSTER_NAME = "deliverylab"
 STATE_FILE = "cluster.json"
 HOST = "127.0.0.1"
+DEBIAN_BINARY = "/usr/sbin/nats-server"
 # A test cluster stores little: cap each node well below the machine's defaults (a fraction
 # of all memory and disk), so three nodes stay small.
 MAX_MEMORY_STORE = "64MB"
@@ -136,12 +138,14 @@ class NatsCluster:
     this object are reaped by it; the others are watched through ``/proc``."""
 
     def __init__(self, directory: str | Path, *, base_port: int = DEFAULT_BASE_PORT,
-                 binary: str = "nats-server") -> None:
+                 binary: str | None = None) -> None:
         if not isinstance(directory, str | Path) or not str(directory).strip():
             raise InvalidInput("directory", directory, "a directory path")
         self.directory = Path(directory).absolute()
         self.base_port = check_base_port(base_port)
-        self.binary = check_text("binary", binary, max_length=4096)
+        # Debian installs the server in /usr/sbin, which is not on a user's PATH.
+        self.binary = (check_text("binary", binary, max_length=4096) if binary is not None
+                       else shutil.which("nats-server") or DEBIAN_BINARY)
         self.nodes = [Node(f"node{i + 1}", self.base_port + i,
                            self.base_port + ROUTE_OFFSET + i, self.base_port + HTTP_OFFSET + i,
                            self.directory) for i in range(SIZE)]
@@ -243,7 +247,8 @@ class NatsCluster:
                                     stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             raise ClusterError(f"cannot run {self.binary!r} ({exc.strerror}): install"
-                               f" nats-server (apt-get install nats-server)") from None
+                               f" nats-server ('make services' does, or apt-get install"
+                               f" nats-server)") from None
         self._procs[node.name] = proc
         self._pids[node.name] = proc.pid
         self._save()
@@ -254,13 +259,16 @@ class NatsCluster:
         check_number("timeout", timeout, minimum=0.1, maximum=600)
         missing = [n for n in self.nodes if self.pid(n.name) is None]
         self._check_ports(missing)  # before anything is written
+        created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
             for node in missing:
                 self._spawn(node)
             self.wait_ready(timeout=timeout)
         except BaseException:
-            self.stop()  # leave nothing half-started behind
+            self.stop()  # leave nothing half-started behind (the error quotes the log)
+            if created:
+                shutil.rmtree(self.directory, ignore_errors=True)
             raise
 
     def wait_ready(self, *, timeout: float = 30.0) -> str:
