@@ -452,7 +452,7 @@ def publish_pauses(directory: str | Path, *, repetitions: int = 5, events: int =
             with contextlib.ExitStack() as this:
                 keeper = open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
                                      max_receives=MAX_RECEIVES, worker="bench")
-                this.callback(keeper.destroy)
+                this.callback(keeper.close)  # the streams go with the cluster's directory
                 store_path = directory / f"pause-{rep}.db"
                 conn = init_db(store_path)
                 this.callback(conn.close)

@@ -272,7 +272,8 @@ class NatsCluster:
             raise
 
     def wait_ready(self, *, timeout: float = 30.0) -> str:
-        """Wait until every node answers and all name the same meta leader; return its name."""
+        """Wait until every running node answers and all name the same meta leader (a node
+        that is down, having been killed, is not waited for); return the leader's name."""
         deadline = time.monotonic() + timeout
         while True:
             for node in self.nodes:
@@ -280,7 +281,7 @@ class NatsCluster:
                 if proc is not None and proc.poll() is not None:
                     raise ClusterError(f"{node.name} exited with status {proc.returncode}:"
                                        f" {self._log_tail(node)}")
-            leaders = {s.meta_leader for s in self.status()}
+            leaders = {s.meta_leader for s in self.status() if s.running}
             if len(leaders) == 1 and None not in leaders:
                 return leaders.pop()  # type: ignore[return-value]
             if time.monotonic() > deadline:
