@@ -12,9 +12,9 @@ The run, as real processes on this machine:
    attempt was stored after all is dropped by the stream's duplicate window;
 4. three ``deliverylab worker --broker nats://… --store lab.db`` processes with lost ACKs;
 5. mid-run, the stream's leader gets SIGKILL; once a new leader serves, the killed node is
-   restarted and catches up; later the leader of the moment (another node) gets SIGKILL too.
-   With three replicas a stream needs two alive, so the first node is back before the second
-   goes down;
+   restarted and catches up; later, once the workers receive again, the leader of the moment
+   (another node) gets SIGKILL too. With three replicas a stream needs two alive, so the first
+   node is back before the second goes down;
 6. when every event has been published and the checker has nothing pending, the workers stop
    and the checker gives its verdict.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import random
@@ -270,6 +271,11 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {name: value or 0 for name, value in zip(names, row, strict=True)}
 
 
+def _received_since(conn: sqlite3.Connection, at: float) -> bool:
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM delivery_log WHERE outcome = 'received'"
+                        " AND at > ?)", (at,)).fetchone()[0] == 1
+
+
 def _place_orders(conn: sqlite3.Connection, orders: int, seed: int) -> None:
     """``orders`` orders, each with its event in the store's queue table (the outbox), in one
     transaction; items and quantities from ``seed``."""
@@ -343,7 +349,7 @@ def _check_common(orders: int, seed: int, rate: float, base_port: int, timeout: 
 
 def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                 orders: int = 2000, seed: int = 0, ack_fail: float = 0.2,
-                rate: float = 150.0, ack_wait: float = 1.0,
+                rate: float = 100.0, ack_wait: float = 1.0,
                 base_port: int = DEFAULT_BASE_PORT, second_kill: bool = True,
                 timeout: float = 150.0, echo: Callable[[str], None] | None = None,
                 ) -> ClusterRun:
@@ -351,7 +357,9 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
     workers' logs; it must not hold a ``lab.db`` yet).
 
     ``rate``: events relayed per second (the run lasts about ``orders / rate`` seconds plus
-    the pauses; the kills land when a quarter and two thirds of the events are out).
+    the pauses). The first kill lands when a quarter of the events are out, the second when
+    60% are and the workers receive again since the first (a worker that exited during the
+    election is back).
     ``ack_wait``: seconds before JetStream redelivers an unacknowledged message. The cluster,
     the relay and the workers are stopped when the run ends, whatever happens; ``timeout``
     bounds the whole run."""
@@ -395,7 +403,10 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
         wait = _waiter(relay, deadline, timeout, directory, workers.keep_running)
 
         kills = []
-        for fraction in (0.25, 0.65) if second_kill else (0.25,):
+        for fraction in (0.25, 0.6) if second_kill else (0.25,):
+            if kills:  # deliveries resumed since the last kill, before another node dies
+                wait("deliveries after the last kill",
+                     functools.partial(_received_since, conn, t0 + kills[-1].at))
             kills.append(kill_stream_leader(cluster, stream, relay, wait,
                                             after=int(fraction * orders), t0=t0, say=say))
             rejoin(cluster, stream, kills[-1].node, wait)
