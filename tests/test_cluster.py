@@ -36,7 +36,8 @@ from deliverylab.engine.ids import Ids
 
 
 def servers_of(directory: Path) -> list[int]:
-    """Process ids of every ``nats-server`` running a configuration under ``directory``."""
+    """Process ids of every process with an argument under ``directory``: the nats-servers of
+    a cluster there (their configuration) and the workers of a run there (their store)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -238,7 +239,7 @@ ORDERS = 2000
 def test_idempotent_workers_apply_every_order_once_through_two_leader_kills(tmp_path):
     run = cluster_run(tmp_path, mode="idempotent", orders=ORDERS, seed=1, ack_fail=0.2,
                       base_port=free_base_port(), timeout=150)
-    assert servers_of(tmp_path / "cluster") == []
+    assert servers_of(tmp_path) == []  # no server, no worker left
     assert len(run.kills) == 2
     for kill in run.kills:
         assert kill.new_leader != kill.node  # the leader really changed
@@ -257,7 +258,7 @@ def test_idempotent_workers_apply_every_order_once_through_two_leader_kills(tmp_
 def test_at_least_once_workers_apply_orders_twice_through_the_same_run(tmp_path):
     run = cluster_run(tmp_path, mode="at-least-once", orders=ORDERS, seed=1, ack_fail=0.2,
                       base_port=free_base_port(), timeout=150)
-    assert servers_of(tmp_path / "cluster") == []
+    assert servers_of(tmp_path) == []  # no server, no worker left
     assert all(k.new_leader != k.node for k in run.kills) and len(run.kills) == 2
     assert run.double_applied > 0
     assert run.check.lost == 0 and run.check.pending == 0  # nothing lost: duplicated only
