@@ -30,6 +30,8 @@ from deliverylab.brokers.nats_cluster import (
     NatsCluster,
     free_base_port,
 )
+from deliverylab.brokers.rabbitmq_cluster import RabbitCluster
+from deliverylab.brokers.rabbitmq_cluster import free_base_port as rabbit_base_port
 from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.errors import InvalidInput
 from deliverylab.engine.ids import Ids
@@ -265,3 +267,47 @@ def test_at_least_once_workers_apply_orders_twice_through_the_same_run(tmp_path)
     assert run.applied == ORDERS + run.extra_applications
     assert run.duplicates_skipped == 0
     assert run.verdict.startswith(f"BROKEN: {run.double_applied} duplicated")
+
+
+# -- RabbitMQ: the same cluster, three nodes of its own ----------------------------------------
+@pytest.mark.slow
+def test_a_quorum_queue_on_three_rabbitmq_nodes_survives_a_leader_sigkill(tmp_path):
+    import pika
+
+    cluster = RabbitCluster(tmp_path / "rabbit", base_port=rabbit_base_port())
+    queue = f"dl-test-{uuid.uuid4().hex[:12]}"
+    try:
+        cluster.start()
+        assert all(cluster.pid(i) is not None for i in range(3))
+        conn = pika.BlockingConnection(pika.URLParameters(cluster.url(0)))
+        channel = conn.channel()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        conn.close()
+        leader = cluster.queue_leader(queue)
+        assert leader is not None
+        via = next(i for i in range(3) if i != leader)
+        conn = pika.BlockingConnection(pika.URLParameters(cluster.url(via)))
+        channel = conn.channel()
+        channel.confirm_delivery()  # each publish returns once the queue's quorum has it
+        for i in range(50):
+            channel.basic_publish("", queue, str(i).encode(),
+                                  pika.BasicProperties(delivery_mode=2))
+        cluster.kill(leader)
+        for i in range(50, 100):  # confirmed by the new leader
+            channel.basic_publish("", queue, str(i).encode(),
+                                  pika.BasicProperties(delivery_mode=2))
+        new = cluster.queue_leader(queue)
+        assert new is not None and new != leader
+        # Everything confirmed is there, once, in order, read from a surviving node.
+        got = []
+        while (msg := channel.basic_get(queue, auto_ack=True))[0] is not None:
+            got.append(int(msg[2]))
+        assert got == list(range(100))
+        channel.queue_delete(queue)
+        conn.close()
+        cluster.restart(leader)
+        assert cluster.pid(leader) is not None
+    finally:
+        cluster.stop()
+    assert all(cluster.pid(i) is None for i in range(3))
+    assert servers_of(tmp_path) == []  # no Erlang VM of these nodes is left

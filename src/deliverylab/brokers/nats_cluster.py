@@ -117,15 +117,15 @@ def port_free(port: int) -> bool:
     return True
 
 
-def free_base_port(rng: random.Random | None = None) -> int:
-    """A base port whose client, route and monitoring ports are all free now, below Linux's
-    ephemeral range (32768 up), so that no client connection takes one of them between this
-    check and the servers' start: what a test or a chapter passes to run a cluster of its own
-    beside any other."""
+def free_base_port(rng: random.Random | None = None, *,
+                   offsets: tuple[int, ...] = (0, ROUTE_OFFSET, HTTP_OFFSET)) -> int:
+    """A base port whose ports (``base + offset + i`` for each offset and node) are all free
+    now, below Linux's ephemeral range (32768 up), so that no client connection takes one of
+    them between this check and the servers' start: what a test or a chapter passes to run a
+    cluster of its own beside any other."""
     rng = rng or random.Random()
-    for base in rng.sample(range(20_000, 32_768 - HTTP_OFFSET - SIZE, 10), 200):
-        if all(port_free(base + off + i) for off in (0, ROUTE_OFFSET, HTTP_OFFSET)
-               for i in range(SIZE)):
+    for base in rng.sample(range(20_000, 32_768 - max(offsets) - SIZE, 10), 200):
+        if all(port_free(base + off + i) for off in offsets for i in range(SIZE)):
             return base
     raise ClusterError("no free ports for a three-node cluster between 20000 and 32768")
 
