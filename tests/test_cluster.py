@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers_proc import env
 
-from deliverylab.book.cluster_run import cluster_run, longest_gap
+from deliverylab.book.cluster_run import cluster_run, longest_gap, publish_pauses
 from deliverylab.brokers.jetstream import JetStreamBroker
 from deliverylab.brokers.nats_cluster import (
     ROUTE_OFFSET,
@@ -231,6 +231,11 @@ def test_a_run_refuses_bad_input_before_starting_anything(tmp_path):
         cluster_run(tmp_path / "b")
     assert not (tmp_path / "a").exists()
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["lab.db"]
+    with pytest.raises(InvalidInput, match="events must be an integer >= 1"):
+        publish_pauses(tmp_path / "c", events=0)
+    with pytest.raises(InvalidInput, match="repetitions must be an integer >= 1"):
+        publish_pauses(tmp_path / "c", repetitions=0)
+    assert not (tmp_path / "c").exists()
 
 
 # -- the runs: 2,000 orders, three worker processes, lost ACKs, two leader SIGKILLs ----------

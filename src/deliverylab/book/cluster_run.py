@@ -335,9 +335,10 @@ def rejoin(cluster: NatsCluster, stream: str, name: str, wait: Wait) -> None:
          lambda: cluster.stream_leaders(stream).get(name) is not None)
 
 
-def _check_common(orders: int, seed: int, rate: float, base_port: int, timeout: float,
-                  directory: object) -> Path:
-    check_int("orders", orders, minimum=1, maximum=100_000)
+def _check_common(count: tuple[str, int], seed: int, rate: float, base_port: int,
+                  timeout: float, directory: object) -> Path:
+    """The arguments both runs take, checked; the directory as a Path."""
+    check_int(count[0], count[1], minimum=1, maximum=100_000)
     check_int("seed", seed, minimum=0)
     check_number("rate", rate, minimum=1, maximum=10_000)
     check_base_port(base_port)
@@ -367,7 +368,7 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
     if mode is Mode.TRANSACTIONAL:
         raise InvalidInput("mode", mode.value, "a mode for an external broker (at-most-once,"
                                                " at-least-once or idempotent)")
-    directory = _check_common(orders, seed, rate, base_port, timeout, directory)
+    directory = _check_common(("orders", orders), seed, rate, base_port, timeout, directory)
     check_number("ack_fail", ack_fail, minimum=0, maximum=0.9)
     check_number("ack_wait", ack_wait, minimum=0.1, maximum=60)
     store_path = directory / "lab.db"
@@ -447,7 +448,7 @@ def publish_pauses(directory: str | Path, *, repetitions: int = 5, events: int =
     """The publish pause alone, ``repetitions`` times on one cluster: each time a fresh R3
     stream, the relay publishing ``events`` events at ``rate`` (no workers), the stream's
     leader SIGKILLed after a quarter of them, then restarted before the next repetition."""
-    directory = _check_common(events, 0, rate, base_port, timeout, directory)
+    directory = _check_common(("events", events), 0, rate, base_port, timeout, directory)
     check_int("repetitions", repetitions, minimum=1, maximum=100)
     say = echo or (lambda text: None)
     deadline = time.monotonic() + timeout
