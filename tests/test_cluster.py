@@ -12,7 +12,6 @@ a run finite.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -23,33 +22,24 @@ from pathlib import Path
 import pytest
 from helpers_proc import env
 
-from deliverylab.book.cluster_run import cluster_run, longest_gap
+from deliverylab.book.cluster_run import cluster_run, longest_gap, publish_pauses
 from deliverylab.brokers.jetstream import JetStreamBroker
 from deliverylab.brokers.nats_cluster import (
-    HTTP_OFFSET,
     ROUTE_OFFSET,
-    SIZE,
     ClusterError,
     NatsCluster,
-    port_free,
+    free_base_port,
 )
+from deliverylab.brokers.rabbitmq_cluster import RabbitCluster
+from deliverylab.brokers.rabbitmq_cluster import free_base_port as rabbit_base_port
 from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.errors import InvalidInput
 from deliverylab.engine.ids import Ids
 
 
-def free_base_port() -> int:
-    """A base port whose nine ports are free, below Linux's ephemeral range (32768 up), so a
-    client connection cannot take one of them between this check and the servers' start."""
-    for base in random.sample(range(20_000, 32_768 - HTTP_OFFSET - SIZE, 10), 200):
-        ports = [base + off + i for off in (0, ROUTE_OFFSET, HTTP_OFFSET) for i in range(SIZE)]
-        if all(port_free(p) for p in ports):
-            return base
-    raise AssertionError("no free base port for a test cluster")
-
-
 def servers_of(directory: Path) -> list[int]:
-    """Process ids of every ``nats-server`` running a configuration under ``directory``."""
+    """Process ids of every process with an argument under ``directory``: the nats-servers of
+    a cluster there (their configuration) and the workers of a run there (their store)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -131,6 +121,14 @@ def test_a_cluster_refuses_ports_in_use_and_writes_nothing(tmp_path, cluster_dir
     assert not cluster_dir.exists()
 
 
+def test_a_missing_server_binary_is_named_and_nothing_is_left(cluster_dir):
+    missing = cluster_dir.parent / "no-such-nats-server"
+    with pytest.raises(ClusterError, match=rf"cannot run '{missing}' \(No such file"
+                                           rf" or directory\): install nats-server"):
+        NatsCluster(cluster_dir, base_port=free_base_port(), binary=str(missing)).start()
+    assert not cluster_dir.exists()
+
+
 @pytest.mark.parametrize("bad", [80, 65000, "14222", True, None])
 def test_a_bad_base_port_is_named(tmp_path, bad):
     with pytest.raises(InvalidInput, match="base_port must be an integer"):
@@ -189,6 +187,18 @@ def test_the_cli_refuses_a_file_as_the_cluster_directory(tmp_path):
     assert path.read_text() == "x"
 
 
+@pytest.mark.parametrize("state", ['{"base_port": 24900, "pids": {"node1": "../x"}}', "[1]",
+                                   "not json", '{"base_port": 80, "pids": {}}'])
+def test_a_state_file_that_is_not_a_clusters_is_refused_and_left_alone(tmp_path, state):
+    (tmp_path / "cluster.json").write_text(state)
+    for action in ("status", "stop", "start"):
+        done = deliverylab("cluster", action, "--dir", tmp_path)
+        assert done.returncode == 2
+        assert "--dir must be a cluster directory with a readable cluster.json" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["cluster.json"]
+    assert (tmp_path / "cluster.json").read_text() == state
+
+
 def test_status_and_stop_of_no_cluster_say_so(tmp_path):
     status = deliverylab("cluster", "status", "--dir", tmp_path / "none")
     assert status.returncode == 1 and "no cluster in" in status.stdout
@@ -221,6 +231,11 @@ def test_a_run_refuses_bad_input_before_starting_anything(tmp_path):
         cluster_run(tmp_path / "b")
     assert not (tmp_path / "a").exists()
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["lab.db"]
+    with pytest.raises(InvalidInput, match="events must be an integer >= 1"):
+        publish_pauses(tmp_path / "c", events=0)
+    with pytest.raises(InvalidInput, match="repetitions must be an integer >= 1"):
+        publish_pauses(tmp_path / "c", repetitions=0)
+    assert not (tmp_path / "c").exists()
 
 
 # -- the runs: 2,000 orders, three worker processes, lost ACKs, two leader SIGKILLs ----------
@@ -231,7 +246,7 @@ ORDERS = 2000
 def test_idempotent_workers_apply_every_order_once_through_two_leader_kills(tmp_path):
     run = cluster_run(tmp_path, mode="idempotent", orders=ORDERS, seed=1, ack_fail=0.2,
                       base_port=free_base_port(), timeout=150)
-    assert servers_of(tmp_path / "cluster") == []
+    assert servers_of(tmp_path) == []  # no server, no worker left
     assert len(run.kills) == 2
     for kill in run.kills:
         assert kill.new_leader != kill.node  # the leader really changed
@@ -250,10 +265,54 @@ def test_idempotent_workers_apply_every_order_once_through_two_leader_kills(tmp_
 def test_at_least_once_workers_apply_orders_twice_through_the_same_run(tmp_path):
     run = cluster_run(tmp_path, mode="at-least-once", orders=ORDERS, seed=1, ack_fail=0.2,
                       base_port=free_base_port(), timeout=150)
-    assert servers_of(tmp_path / "cluster") == []
+    assert servers_of(tmp_path) == []  # no server, no worker left
     assert all(k.new_leader != k.node for k in run.kills) and len(run.kills) == 2
     assert run.double_applied > 0
     assert run.check.lost == 0 and run.check.pending == 0  # nothing lost: duplicated only
     assert run.applied == ORDERS + run.extra_applications
     assert run.duplicates_skipped == 0
     assert run.verdict.startswith(f"BROKEN: {run.double_applied} duplicated")
+
+
+# -- RabbitMQ: the same cluster, three nodes of its own ----------------------------------------
+@pytest.mark.slow
+def test_a_quorum_queue_on_three_rabbitmq_nodes_survives_a_leader_sigkill(tmp_path):
+    import pika
+
+    cluster = RabbitCluster(tmp_path / "rabbit", base_port=rabbit_base_port())
+    queue = f"dl-test-{uuid.uuid4().hex[:12]}"
+    try:
+        cluster.start()
+        assert all(cluster.pid(i) is not None for i in range(3))
+        conn = pika.BlockingConnection(pika.URLParameters(cluster.url(0)))
+        channel = conn.channel()
+        channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        conn.close()
+        leader = cluster.queue_leader(queue)
+        assert leader is not None
+        via = next(i for i in range(3) if i != leader)
+        conn = pika.BlockingConnection(pika.URLParameters(cluster.url(via)))
+        channel = conn.channel()
+        channel.confirm_delivery()  # each publish returns once the queue's quorum has it
+        for i in range(50):
+            channel.basic_publish("", queue, str(i).encode(),
+                                  pika.BasicProperties(delivery_mode=2))
+        cluster.kill(leader)
+        for i in range(50, 100):  # confirmed by the new leader
+            channel.basic_publish("", queue, str(i).encode(),
+                                  pika.BasicProperties(delivery_mode=2))
+        new = cluster.queue_leader(queue)
+        assert new is not None and new != leader
+        # Everything confirmed is there, once, in order, read from a surviving node.
+        got = []
+        while (msg := channel.basic_get(queue, auto_ack=True))[0] is not None:
+            got.append(int(msg[2]))
+        assert got == list(range(100))
+        channel.queue_delete(queue)
+        conn.close()
+        cluster.restart(leader)
+        assert cluster.pid(leader) is not None
+    finally:
+        cluster.stop()
+    assert all(cluster.pid(i) is None for i in range(3))
+    assert servers_of(tmp_path) == []  # no Erlang VM of these nodes is left

@@ -846,7 +846,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                          f" ({'a file' if where.is_file() else _kind(where)})")
     known = (where / STATE_FILE).exists()
     if known:
-        cluster = NatsCluster.open(where)
+        try:
+            cluster = NatsCluster.open(where)
+        except InvalidInput as exc:
+            raise UsageError(f"--dir must be {exc.expected}, got {args.dir!r}") from None
         if args.base_port is not None and args.base_port != cluster.base_port:
             raise UsageError(f"--base-port: the cluster in {args.dir!r} uses base port"
                              f" {cluster.base_port}, got {args.base_port}; stop it first, or"

@@ -12,9 +12,9 @@ The run, as real processes on this machine:
    attempt was stored after all is dropped by the stream's duplicate window;
 4. three ``deliverylab worker --broker nats://… --store lab.db`` processes with lost ACKs;
 5. mid-run, the stream's leader gets SIGKILL; once a new leader serves, the killed node is
-   restarted and catches up; later the leader of the moment (another node) gets SIGKILL too.
-   With three replicas a stream needs two alive, so the first node is back before the second
-   goes down;
+   restarted and catches up; later, once the workers receive again, the leader of the moment
+   (another node) gets SIGKILL too. With three replicas a stream needs two alive, so the first
+   node is back before the second goes down;
 6. when every event has been published and the checker has nothing pending, the workers stop
    and the checker gives its verdict.
 
@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import random
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -78,6 +80,7 @@ class Kill:
     at: float
     new_leader: str
     pause: float
+    usual_gap: float  # the median gap between confirmations before the kill: the baseline
     delivery_pause: float = 0.0
 
 
@@ -109,7 +112,10 @@ class ClusterRun:
         return all(k.new_leader != k.node for k in self.kills)
 
     def counts(self) -> dict[str, object]:
-        """What a chapter prints: counts and the verdict, never times."""
+        """The counts and the verdict, never times. Which deliveries an election catches
+        depends on timing, so redeliveries and duplicates (and an at-least-once verdict) vary
+        from run to run; what holds every time is ``check.ok`` for the idempotent run and
+        ``double_applied > 0`` for the at-least-once one."""
         return {"mode": self.mode, "orders": self.orders, "applied": self.applied,
                 "double_applied": self.double_applied,
                 "duplicates_skipped": self.duplicates_skipped,
@@ -205,7 +211,9 @@ def _env() -> dict[str, str]:
 class Workers:
     """``deliverylab worker`` processes, kept running as a service manager would
     (``Restart=on-failure``): one that exits with an error (a broker request that timed out
-    during an election ends the process) is started again, and counted in ``restarts``."""
+    during an election ends the process) is started again, and counted in ``restarts``.
+    Every worker runs the same fault seed: the schedule is a function of (event, delivery),
+    whichever worker gets the delivery."""
 
     def __init__(self, url: str, store_path: Path, logs: Path, *, mode: Mode, seed: int,
                  ack_fail: float, ack_wait: float, count: int = WORKERS) -> None:
@@ -213,7 +221,7 @@ class Workers:
         self.commands = {
             f"w{i + 1}": [sys.executable, "-m", "deliverylab", "worker", "--broker", url,
                           "--store", str(store_path), "--mode", mode.value,
-                          "--name", f"w{i + 1}", "--seed", str(seed + i),
+                          "--name", f"w{i + 1}", "--seed", str(seed),
                           "--ack-fail-rate", f"{ack_fail:g}",
                           "--visibility-timeout", f"{ack_wait:g}",
                           "--max-receives", str(MAX_RECEIVES), "--poll-interval", "0.05"]
@@ -263,9 +271,86 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {name: value or 0 for name, value in zip(names, row, strict=True)}
 
 
+def _received_since(conn: sqlite3.Connection, at: float) -> bool:
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM delivery_log WHERE outcome = 'received'"
+                        " AND at > ?)", (at,)).fetchone()[0] == 1
+
+
+def _place_orders(conn: sqlite3.Connection, orders: int, seed: int) -> None:
+    """``orders`` orders, each with its event in the store's queue table (the outbox), in one
+    transaction; items and quantities from ``seed``."""
+    rng = random.Random(seed)
+    outbox = SQLiteBroker(conn, clock=SystemClock(), ids=Ids(seed), trace=False)
+    with transaction(conn):
+        for _ in range(orders):
+            place_order(outbox, item_id=rng.choice(ITEMS), qty=rng.randint(1, 3), store=conn)
+
+
+Wait = Callable[[str, Callable[[], bool]], None]
+
+
+def _waiter(relay: Relay, deadline: float, timeout: float, where: Path,
+            tick: Callable[[], None] = lambda: None) -> Callable[..., None]:
+    """``wait(what, ready, poll=0.02)``: poll until ``ready()``, calling ``tick`` each time;
+    raise the relay's error if it failed, TimeoutError past ``deadline``."""
+    def wait(what: str, ready: Callable[[], bool], poll: float = 0.02) -> None:
+        while not ready():
+            if relay.error is not None:
+                raise relay.error
+            tick()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run took longer than {timeout:g}s, waiting for {what}"
+                                   f" (logs in {where})")
+            time.sleep(poll)
+    return wait
+
+
+def kill_stream_leader(cluster: NatsCluster, stream: str, relay: Relay, wait: Wait, *,
+                       after: int, t0: float, say: Callable[[str], None]) -> Kill:
+    """Once the relay has ``after`` confirmed publishes, SIGKILL ``stream``'s leader; wait for
+    another leader and for 50 more confirmations (or the relay's end); return the kill with
+    the publish pause around it."""
+    wait(f"{after} events relayed", lambda: len(relay.acks) >= after or relay.done.is_set())
+    leader = cluster.wait_stream_leader(stream)
+    cluster.kill(leader)
+    at = time.time()
+    say(f"t={at - t0:.1f}s SIGKILL {leader}, the leader of {stream}")
+    new = cluster.wait_stream_leader(stream, other_than=leader)
+    confirmed = len(relay.acks) + 50
+    wait("publishes on the new leader",
+         lambda: len(relay.acks) >= confirmed or relay.done.is_set())
+    pause = longest_gap(relay.acks, at, time.time())
+    say(f"t={time.time() - t0:.1f}s {new} leads; publishing paused {pause:.2f}s")
+    before = [t for t in relay.acks if t <= at]
+    usual = statistics.median(b - a for a, b in itertools.pairwise(before)) \
+        if len(before) > 1 else 0.0
+    return Kill(leader, at - t0, new, pause, usual)
+
+
+def rejoin(cluster: NatsCluster, stream: str, name: str, wait: Wait) -> None:
+    """Restart node ``name`` and wait until it is in ``stream``'s group again (it names the
+    leader): with three replicas, no other node may die before that."""
+    cluster.restart(name)
+    wait(f"{name} back in the stream",
+         lambda: cluster.stream_leaders(stream).get(name) is not None)
+
+
+def _check_common(count: tuple[str, int], seed: int, rate: float, base_port: int,
+                  timeout: float, directory: object) -> Path:
+    """The arguments both runs take, checked; the directory as a Path."""
+    check_int(count[0], count[1], minimum=1, maximum=100_000)
+    check_int("seed", seed, minimum=0)
+    check_number("rate", rate, minimum=1, maximum=10_000)
+    check_base_port(base_port)
+    check_number("timeout", timeout, minimum=1)
+    if not isinstance(directory, str | Path) or not str(directory).strip():
+        raise InvalidInput("directory", directory, "a directory path")
+    return Path(directory)
+
+
 def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                 orders: int = 2000, seed: int = 0, ack_fail: float = 0.2,
-                rate: float = 150.0, ack_wait: float = 1.0,
+                rate: float = 100.0, ack_wait: float = 1.0,
                 base_port: int = DEFAULT_BASE_PORT, second_kill: bool = True,
                 timeout: float = 150.0, echo: Callable[[str], None] | None = None,
                 ) -> ClusterRun:
@@ -273,7 +358,9 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
     workers' logs; it must not hold a ``lab.db`` yet).
 
     ``rate``: events relayed per second (the run lasts about ``orders / rate`` seconds plus
-    the pauses; the kills land when a quarter and two thirds of the events are out).
+    the pauses). The first kill lands when a quarter of the events are out, the second when
+    60% are and the workers receive again since the first (a worker that exited during the
+    election is back).
     ``ack_wait``: seconds before JetStream redelivers an unacknowledged message. The cluster,
     the relay and the workers are stopped when the run ends, whatever happens; ``timeout``
     bounds the whole run."""
@@ -281,16 +368,9 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
     if mode is Mode.TRANSACTIONAL:
         raise InvalidInput("mode", mode.value, "a mode for an external broker (at-most-once,"
                                                " at-least-once or idempotent)")
-    check_int("orders", orders, minimum=1, maximum=100_000)
-    check_int("seed", seed, minimum=0)
+    directory = _check_common(("orders", orders), seed, rate, base_port, timeout, directory)
     check_number("ack_fail", ack_fail, minimum=0, maximum=0.9)
-    check_number("rate", rate, minimum=1, maximum=10_000)
     check_number("ack_wait", ack_wait, minimum=0.1, maximum=60)
-    check_base_port(base_port)
-    check_number("timeout", timeout, minimum=1)
-    if not isinstance(directory, str | Path) or not str(directory).strip():
-        raise InvalidInput("directory", directory, "a directory path")
-    directory = Path(directory)
     store_path = directory / "lab.db"
     if store_path.exists():
         raise InvalidInput("directory", str(directory), "a directory without a lab.db")
@@ -311,13 +391,7 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                               max_receives=MAX_RECEIVES, worker="checker")
         cleanup.callback(checker.close)
         say(f"stream {stream} on 3 replicas, leader {cluster.wait_stream_leader(stream)}")
-        # The orders and their events, committed together in the store (the outbox).
-        rng = random.Random(seed)
-        outbox = SQLiteBroker(conn, clock=SystemClock(), ids=Ids(seed), trace=False)
-        with transaction(conn):
-            for _ in range(orders):
-                place_order(outbox, item_id=rng.choice(ITEMS), qty=rng.randint(1, 3),
-                            store=conn)
+        _place_orders(conn, orders, seed)
         t0 = time.time()
         workers = Workers(url, store_path, directory / "workers", mode=mode, seed=seed,
                           ack_fail=ack_fail, ack_wait=ack_wait)
@@ -327,44 +401,17 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
         cleanup.callback(relay.join, 15)
         cleanup.callback(relay.halt)
         relay.start()
+        wait = _waiter(relay, deadline, timeout, directory, workers.keep_running)
 
-        def wait(what: str, ready: Callable[[], bool], poll: float = 0.02) -> None:
-            while not ready():
-                if relay.error is not None:
-                    raise relay.error
-                workers.keep_running()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the run took longer than {timeout:g}s, waiting for"
-                                       f" {what} (logs in {directory})")
-                time.sleep(poll)
-
-        kills: list[Kill] = []
-
-        def kill_leader(fraction: float) -> str:
-            wait(f"{fraction:.0%} of the events relayed",
-                 lambda: len(relay.acks) >= fraction * orders)
-            leader = cluster.wait_stream_leader(stream)
-            cluster.kill(leader)
-            at = time.time()
-            say(f"t={at - t0:.1f}s SIGKILL {leader}, the leader of {stream}")
-            new = cluster.wait_stream_leader(stream, other_than=leader)
-            confirmed = min(len(relay.acks) + 50, orders)  # the new leader has served a while
-            wait("publishes on the new leader", lambda: len(relay.acks) >= confirmed)
-            pause = longest_gap(relay.acks, at, time.time())
-            say(f"t={time.time() - t0:.1f}s {new} leads; publishing paused {pause:.2f}s")
-            kills.append(Kill(leader, at - t0, new, pause))
-            return leader
-
-        def rejoin(name: str) -> None:
-            cluster.restart(name)
-            # In the stream's group again (it names the leader) before another node dies.
-            wait(f"{name} back in the stream",
-                 lambda: cluster.stream_leaders(stream).get(name) is not None)
-            say(f"t={time.time() - t0:.1f}s {name} restarted")
-
-        rejoin(kill_leader(0.25))
-        if second_kill:
-            rejoin(kill_leader(0.65))
+        kills = []
+        for fraction in (0.25, 0.6) if second_kill else (0.25,):
+            if kills:  # deliveries resumed since the last kill, before another node dies
+                wait("deliveries after the last kill",
+                     functools.partial(_received_since, conn, t0 + kills[-1].at))
+            kills.append(kill_stream_leader(cluster, stream, relay, wait,
+                                            after=int(fraction * orders), t0=t0, say=say))
+            rejoin(cluster, stream, kills[-1].node, wait)
+            say(f"t={time.time() - t0:.1f}s {kills[-1].node} restarted")
         wait("every event relayed", relay.done.is_set)
         if relay.error is not None:
             raise relay.error
@@ -392,3 +439,79 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                           publish_retries=len(relay.retries),
                           worker_restarts=workers.restarts, kills=tuple(kills),
                           check=result, timeline=timeline)
+
+
+def publish_pauses(directory: str | Path, *, repetitions: int = 5, events: int = 1200,
+                   rate: float = 200.0, base_port: int = DEFAULT_BASE_PORT,
+                   timeout: float = 300.0, echo: Callable[[str], None] | None = None,
+                   ) -> list[Kill]:
+    """The publish pause alone, ``repetitions`` times on one cluster: each time a fresh R3
+    stream, the relay publishing ``events`` events at ``rate`` (no workers), the stream's
+    leader SIGKILLed after a quarter of them, then restarted before the next repetition."""
+    directory = _check_common(("events", events), 0, rate, base_port, timeout, directory)
+    check_int("repetitions", repetitions, minimum=1, maximum=100)
+    say = echo or (lambda text: None)
+    deadline = time.monotonic() + timeout
+    directory.mkdir(parents=True, exist_ok=True)
+    kills = []
+    with contextlib.ExitStack() as cleanup:
+        cluster = NatsCluster(directory / "cluster", base_port=base_port)
+        cleanup.callback(cluster.stop)
+        cluster.start()
+        for rep in range(repetitions):
+            stream = f"DL_PAUSE_{rep}"
+            url = cluster.url(stream=stream, replicas=3)
+            with contextlib.ExitStack() as this:
+                keeper = open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
+                                     max_receives=MAX_RECEIVES, worker="bench")
+                this.callback(keeper.close)  # the streams go with the cluster's directory
+                store_path = directory / f"pause-{rep}.db"
+                conn = init_db(store_path)
+                this.callback(conn.close)
+                _place_orders(conn, events, rep)
+                relay = Relay(store_path, url, rate=rate)
+                this.callback(relay.join, 15)
+                this.callback(relay.halt)
+                relay.start()
+                wait = _waiter(relay, deadline, timeout, directory)
+                kills.append(kill_stream_leader(cluster, stream, relay, wait, after=events // 4,
+                                                t0=time.time(), say=say))
+                rejoin(cluster, stream, kills[-1].node, wait)
+    return kills
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deliverylab.book.cluster_run DIR [--mode M] [--orders N] …``: one run,
+    narrated, then its counts."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m deliverylab.book.cluster_run",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", help="where the cluster, lab.db and the logs go (new)")
+    parser.add_argument("--mode", default=Mode.IDEMPOTENT.value,
+                        choices=[m.value for m in Mode if m is not Mode.TRANSACTIONAL])
+    parser.add_argument("--orders", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ack-fail-rate", type=float, default=0.2)
+    parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    args = parser.parse_args(argv)
+    try:
+        run = cluster_run(args.directory, mode=args.mode, orders=args.orders, seed=args.seed,
+                          ack_fail=args.ack_fail_rate, base_port=args.base_port, echo=print)
+    except InvalidInput as exc:
+        flag = {"ack_fail": "--ack-fail-rate", "directory": "DIR"}.get(
+            exc.field, "--" + exc.field.replace("_", "-"))
+        print(f"{parser.prog}: error: {flag}: {exc}", file=sys.stderr)
+        return 2
+    for key, value in run.counts().items():
+        print(f"{key}: {value}")
+    for k in run.kills:
+        print(f"SIGKILL {k.node} at {k.at:.1f}s: {k.new_leader} led next; publishing paused"
+              f" {k.pause:.2f}s (usually {k.usual_gap * 1000:.1f} ms between confirmations),"
+              f" deliveries paused {k.delivery_pause:.2f}s")
+    print(f"worker restarts: {run.worker_restarts}; publishes retried: {run.publish_retries}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +49,7 @@ SIZE = 3
 CLUSTER_NAME = "deliverylab"
 STATE_FILE = "cluster.json"
 HOST = "127.0.0.1"
+DEBIAN_BINARY = "/usr/sbin/nats-server"
 # A test cluster stores little: cap each node well below the machine's defaults (a fraction
 # of all memory and disk), so three nodes stay small.
 MAX_MEMORY_STORE = "64MB"
@@ -114,6 +117,19 @@ def port_free(port: int) -> bool:
     return True
 
 
+def free_base_port(rng: random.Random | None = None, *,
+                   offsets: tuple[int, ...] = (0, ROUTE_OFFSET, HTTP_OFFSET)) -> int:
+    """A base port whose ports (``base + offset + i`` for each offset and node) are all free
+    now, below Linux's ephemeral range (32768 up), so that no client connection takes one of
+    them between this check and the servers' start: what a test or a chapter passes to run a
+    cluster of its own beside any other."""
+    rng = rng or random.Random()
+    for base in rng.sample(range(20_000, 32_768 - max(offsets) - SIZE, 10), 200):
+        if all(port_free(base + off + i) for off in offsets for i in range(SIZE)):
+            return base
+    raise ClusterError("no free ports for a three-node cluster between 20000 and 32768")
+
+
 class NatsCluster:
     """Three ``nats-server`` processes forming one JetStream cluster under ``directory``.
 
@@ -122,12 +138,14 @@ class NatsCluster:
     this object are reaped by it; the others are watched through ``/proc``."""
 
     def __init__(self, directory: str | Path, *, base_port: int = DEFAULT_BASE_PORT,
-                 binary: str = "nats-server") -> None:
+                 binary: str | None = None) -> None:
         if not isinstance(directory, str | Path) or not str(directory).strip():
             raise InvalidInput("directory", directory, "a directory path")
         self.directory = Path(directory).absolute()
         self.base_port = check_base_port(base_port)
-        self.binary = check_text("binary", binary, max_length=4096)
+        # Debian installs the server in /usr/sbin, which is not on a user's PATH.
+        self.binary = (check_text("binary", binary, max_length=4096) if binary is not None
+                       else shutil.which("nats-server") or DEBIAN_BINARY)
         self.nodes = [Node(f"node{i + 1}", self.base_port + i,
                            self.base_port + ROUTE_OFFSET + i, self.base_port + HTTP_OFFSET + i,
                            self.directory) for i in range(SIZE)]
@@ -141,8 +159,12 @@ class NatsCluster:
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
             cluster = cls(directory, base_port=state["base_port"])
-            cluster._pids.update({k: v for k, v in state["pids"].items() if k in cluster._pids})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            pids = {k: v for k, v in state["pids"].items() if k in cluster._pids}
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+                       for v in pids.values()):
+                raise ValueError(f"process ids must be positive integers, got {pids}")
+            cluster._pids.update(pids)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidInput("directory", str(directory),
                                f"a cluster directory with a readable {STATE_FILE} ({exc})"
                                ) from None
@@ -225,7 +247,8 @@ class NatsCluster:
                                     stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             raise ClusterError(f"cannot run {self.binary!r} ({exc.strerror}): install"
-                               f" nats-server (apt-get install nats-server)") from None
+                               f" nats-server ('make services' does, or apt-get install"
+                               f" nats-server)") from None
         self._procs[node.name] = proc
         self._pids[node.name] = proc.pid
         self._save()
@@ -236,17 +259,21 @@ class NatsCluster:
         check_number("timeout", timeout, minimum=0.1, maximum=600)
         missing = [n for n in self.nodes if self.pid(n.name) is None]
         self._check_ports(missing)  # before anything is written
+        created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
             for node in missing:
                 self._spawn(node)
             self.wait_ready(timeout=timeout)
         except BaseException:
-            self.stop()  # leave nothing half-started behind
+            self.stop()  # leave nothing half-started behind (the error quotes the log)
+            if created:
+                shutil.rmtree(self.directory, ignore_errors=True)
             raise
 
     def wait_ready(self, *, timeout: float = 30.0) -> str:
-        """Wait until every node answers and all name the same meta leader; return its name."""
+        """Wait until every running node answers and all name the same meta leader (a node
+        that is down, having been killed, is not waited for); return the leader's name."""
         deadline = time.monotonic() + timeout
         while True:
             for node in self.nodes:
@@ -254,7 +281,7 @@ class NatsCluster:
                 if proc is not None and proc.poll() is not None:
                     raise ClusterError(f"{node.name} exited with status {proc.returncode}:"
                                        f" {self._log_tail(node)}")
-            leaders = {s.meta_leader for s in self.status()}
+            leaders = {s.meta_leader for s in self.status() if s.running}
             if len(leaders) == 1 and None not in leaders:
                 return leaders.pop()  # type: ignore[return-value]
             if time.monotonic() > deadline:
