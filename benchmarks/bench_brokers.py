@@ -14,9 +14,10 @@ wall clock, no faults:
   with a lease (visibility timeout, AckWait) of one second: the time from the receive that
   lost it to the receive that gets it again. The floor is the lease; what is above it is
   how the engine notices;
-* with ``--cluster``, the publish pause after the leader of a three-node JetStream cluster is
-  killed (``deliverylab.book.cluster_run``, two kills in one run): the longest gap between two
-  confirmed publishes, and how long the workers received nothing.
+* with ``--cluster``, the publish pause after the stream leader of a three-node JetStream
+  cluster is SIGKILLed (``deliverylab.book.cluster_run.publish_pauses``, ``--repeat`` kills):
+  the longest gap between two confirmed publishes (``benchmarks/bench_cluster.py`` has more,
+  and RabbitMQ's).
 
 Rounds are interleaved, so the machine's load falls on every engine alike; the tables give
 the median and the best, and ratios of medians against the SQLite single-message cycle of the
@@ -114,16 +115,18 @@ def measure(repeat: int, plan: dict[str, Callable[[], float]]) -> dict[str, list
     return values
 
 
-def cluster_pauses(orders: int) -> list[str]:
-    """The cluster run's rows: per leader SIGKILL, how long publishing paused (the longest gap
-    between two confirmed publishes around it) and how long the workers received nothing."""
-    run = beyond.cluster_demo("idempotent", orders=orders)
-    rows = []
-    for i, kill in enumerate(run.kills, 1):
-        rows.append(f"| JetStream, 3 nodes: leader kill {i} ({kill.node} → {kill.new_leader}) |"
-                    f" {kill.pause:.2f} s | {kill.delivery_pause:.2f} s |")
-    rows.append(f"\nverdict: {run.verdict}")
-    return rows
+def cluster_pauses(repetitions: int) -> list[str]:
+    """The publish pause after a stream leader's SIGKILL on a three-node JetStream cluster
+    (``cluster_run.publish_pauses``: a fresh R3 stream each time, confirmed publishes at 200 a
+    second, the leader killed after a quarter of them): one row."""
+    from deliverylab.book.cluster_run import publish_pauses
+    from deliverylab.brokers.nats_cluster import free_base_port
+
+    with tempfile.TemporaryDirectory(prefix="dl-bench-cluster-") as tmp:
+        pauses = [k.pause for k in publish_pauses(tmp, repetitions=repetitions,
+                                                  base_port=free_base_port())]
+    return [f"| JetStream, 3 nodes: publish pause after the stream leader's SIGKILL |"
+            f" {statistics.median(pauses):.2f} s | {min(pauses):.2f} s | {max(pauses):.2f} s |"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engines", default=",".join(beyond.ENGINES),
                         help="comma-separated, from " + ", ".join(beyond.ENGINES))
     parser.add_argument("--cluster", action="store_true",
-                        help="also run the leader kills on a three-node JetStream cluster")
-    parser.add_argument("--cluster-orders", type=int, default=2_000)
+                        help="also kill the stream leader of a three-node JetStream cluster,"
+                             " --repeat times")
     args = parser.parse_args(argv)
     names = [beyond.check_engine(x.strip()) for x in args.engines.split(",") if x.strip()]
     names = [n for n in names if available(n)]
@@ -166,10 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | {statistics.median(values):.3f} s | {min(values):.3f} s |"
               f" {max(values):.3f} s |")
     if args.cluster:
-        print()
-        print("| measurement | publish pause | delivery pause |")
-        print("|---|---:|---:|")
-        print("\n".join(cluster_pauses(args.cluster_orders)))
+        print("\n".join(cluster_pauses(r)))
 
 
 if __name__ == "__main__":

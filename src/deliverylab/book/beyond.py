@@ -428,19 +428,6 @@ def relay_table(engines: Sequence[str] = ("rabbitmq", "jetstream"), *, orders: i
 
 
 # -- the cluster run ----------------------------------------------------------------------
-def free_base_port(rng: random.Random | None = None) -> int:
-    """A base port whose client, route and monitoring ports are all free, below Linux's
-    ephemeral range (so no client connection takes one before the servers start)."""
-    from ..brokers.nats_cluster import HTTP_OFFSET, ROUTE_OFFSET, SIZE, port_free
-
-    rng = rng or random.Random()
-    for base in rng.sample(range(20_000, 32_768 - HTTP_OFFSET - SIZE, 10), 200):
-        if all(port_free(base + off + i) for off in (0, ROUTE_OFFSET, HTTP_OFFSET)
-               for i in range(SIZE)):
-            return base
-    raise EngineUnavailable("no free ports for a three-node cluster between 20000 and 32768")
-
-
 def cluster_demo(mode: str = "idempotent", *, orders: int = 1000, seed: int = 1,
                  ack_fail: float = 0.2) -> Any:
     """The cluster run (:func:`deliverylab.book.cluster_run.cluster_run`) in a temporary
@@ -448,6 +435,7 @@ def cluster_demo(mode: str = "idempotent", *, orders: int = 1000, seed: int = 1,
     ACKs, two leader SIGKILLs. Returns its :class:`~deliverylab.book.cluster_run.ClusterRun`."""
     import tempfile
 
+    from ..brokers.nats_cluster import free_base_port
     from .cluster_run import cluster_run
 
     with tempfile.TemporaryDirectory(prefix="dl-cluster-") as tmp:
