@@ -316,10 +316,11 @@ def lost_ack(e: Engine) -> LostAck:
         raise RuntimeError(f"{e.name}: the message sent was never delivered")
     t0 = e.clock.now()
     again = receive_one(e, timeout=10 * LEASE_S)
+    seconds = e.clock.now() - t0
     if again is not None:
         e.broker.ack(again, worker="probe")
     return LostAck(first.delivery_count, None if again is None else again.delivery_count,
-                   e.clock.now() - t0)
+                   seconds)
 
 
 def dead_letter_probe(e: Engine) -> dict[str, Any]:
