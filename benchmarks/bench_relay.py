@@ -6,7 +6,7 @@
 Two measurements, in one run:
 
 * **throughput**: the relay publishing ``--orders`` outbox rows from a SQLite store to a
-  broker in another SQLite file (``--batch`` 1 and 100), against a baseline measured in the
+  broker in another SQLite file (batches of 1 and 100 rows), against a baseline measured in the
   same run: the same events sent straight to that broker, one ``send`` each, with no outbox
   (what a producer without the outbox does, and why it loses events on a crash). Rounds are
   interleaved so the machine's load falls on all of them alike; the table gives the median
@@ -111,7 +111,7 @@ def throughput(orders: int, repeat: int) -> list[tuple[str, list[float]]]:
 
 
 # -- duplicates per defence -----------------------------------------------------------------
-def defence_run(broker: Broker, orders: int, crash_rate: float, mode: str, *,
+def defence_run(broker: Broker, orders: int, crash_rate: float, mode: str, batch: int, *,
                 wait: Callable[[], None] | None = None) -> dict[str, Any]:
     """Orders into a fresh store's outbox, the relay with crashes, then a worker draining the
     broker: the counts. ``stored`` is the broker's depth once the relay is done, before any
@@ -122,7 +122,7 @@ def defence_run(broker: Broker, orders: int, crash_rate: float, mode: str, *,
         place_order(broker, item_id=f"item-{i % 7}", qty=1, store=conn)
     relay = Relay(conn, broker, clock=clock, crash_after_publish=crash_rate, seed=SEED)
     crashes = 0
-    while relay.step(50):
+    while relay.step(batch):
         if wait is not None and relay.stats.crashed > crashes:
             wait()
         crashes = relay.stats.crashed
@@ -165,26 +165,26 @@ def postgres_broker(url: str) -> Iterator[Broker]:
         store_postgres.drop_schema(schema)
 
 
-def defences(orders: int, crash_rate: float, postgres: str | None,
+def defences(orders: int, crash_rate: float, batch: int, postgres: str | None,
              nats: str | None) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         with sqlite_broker(Path(tmp), "none") as broker:
             rows.append(("none (at-least-once worker), SQLite file",
-                         defence_run(broker, orders, crash_rate, "at-least-once")))
+                         defence_run(broker, orders, crash_rate, "at-least-once", batch)))
         with sqlite_broker(Path(tmp), "inbox") as broker:
             rows.append(("inbox (idempotent worker), SQLite file",
-                         defence_run(broker, orders, crash_rate, "idempotent")))
+                         defence_run(broker, orders, crash_rate, "idempotent", batch)))
     if postgres is not None:
         with postgres_broker(postgres) as broker:
             rows.append(("inbox (idempotent worker), PostgreSQL",
-                         defence_run(broker, orders, crash_rate, "idempotent")))
+                         defence_run(broker, orders, crash_rate, "idempotent", batch)))
     if nats is not None:
-        rows += jetstream_rows(nats, orders, crash_rate)
+        rows += jetstream_rows(nats, orders, crash_rate, batch)
     return rows
 
 
-def jetstream_rows(url: str, orders: int, crash_rate: float) -> list[tuple[str, dict[str, Any]]]:
+def jetstream_rows(url: str, orders: int, crash_rate: float, batch: int) -> list[tuple[str, dict[str, Any]]]:
     """JetStream's duplicate window: within it, then after it (a 1 s window, and the relay's
     restart waits past it), each with the inbox behind it."""
     from deliverylab.brokers import jetstream
@@ -195,7 +195,7 @@ def jetstream_rows(url: str, orders: int, crash_rate: float) -> list[tuple[str, 
         with jetstream.throwaway(url, duplicate_window=window, clock=FakeClock(), ids=Ids(3),
                                  max_receives=50) as broker:
             rows.append((label, defence_run(
-                broker, orders, crash_rate, "idempotent",
+                broker, orders, crash_rate, "idempotent", batch,
                 wait=(lambda p=pause: time.sleep(p)) if pause else None)))
     return rows
 
@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--orders", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--defence-orders", type=int, default=500)
-    parser.add_argument("--crash-rate", type=float, default=0.05)
+    parser.add_argument("--crash-rate", type=float, default=0.02)
+    parser.add_argument("--defence-batch", type=int, default=10,
+                        help="rows the relay publishes before each mark (default 10)")
     parser.add_argument("--postgres", default=PG_DEFAULT, metavar="URL",
                         help=f"a PostgreSQL server for the inbox row (default {PG_DEFAULT};"
                              " 'none' leaves it out)")
@@ -229,11 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {median:,.0f} | {max(rates):,.0f} | {ratio} |")
 
     print(f"\nduplicates per defence: {args.defence_orders} orders, crash_after_publish="
-          f"{args.crash_rate:g} (seed {SEED}), relay batch 50\n")
+          f"{args.crash_rate:g} (seed {SEED}), relay batch {args.defence_batch}\n")
     print("| defence | crashes | published | stored by the broker | delivered | applied |"
           " verdict |")
     print("|---|---:|---:|---:|---:|---:|---|")
-    for name, row in defences(args.defence_orders, args.crash_rate, postgres, nats):
+    for name, row in defences(args.defence_orders, args.crash_rate, args.defence_batch,
+                              postgres, nats):
         print(f"| {name} | {row['crashes']} | {row['published']} | {row['stored']} |"
               f" {row['received']} | {row['applied']} | {row['verdict']} |")
 
