@@ -737,8 +737,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator_trace(args: argparse.Namespace, conn: Any, broker: Any,
-                    rows: list[tuple[Any, ...]]) -> None:
+def _operator_trace(conn: Any, broker: Any, rows: list[tuple[Any, ...]]) -> None:
     """Rows of (worker, correlation_id, event_id, message_id, delivery_count, outcome,
     detail) for what an operator verb did on a broker that wrote no trace of its own (one
     outside the store): written into the store right after the verb, as the worker does."""
@@ -784,7 +783,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         orders = dict(conn.execute(
             "SELECT event_id, order_id FROM orders WHERE event_id IN"
             " (SELECT value FROM json_each(?))", (json.dumps(back),)).fetchall())
-        _operator_trace(args, conn, broker, [
+        _operator_trace(conn, broker, [
             ("operator", orders.get(e), e, None, 0, Outcome.REDRIVEN,
              "redriven by 'deliverylab redrive'") for e in back])
     finally:
@@ -824,7 +823,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
                 dropped.append(r)
                 print(safe_text(f"dropped {r['message_id']} event={r['event_id']}"
                                 f" order={r['correlation_id']} (logged as lost)"))
-        _operator_trace(args, conn, broker, [
+        _operator_trace(conn, broker, [
             ("chaos", r["correlation_id"], r["event_id"], r["message_id"], r["delivery_count"],
              Outcome.LOST, reason) for r in dropped])
     finally:
