@@ -5,13 +5,15 @@
 #   scripts/services.sh postgres   just the named ones
 #
 # Each service is three functions: <name>_up (is it answering?), <name>_start (start an
-# installed server) and <name>_install (install it). To add RabbitMQ or NATS, write those three
-# and add the name to ALL. Installing needs root or sudo, as Chromium's install does.
+# installed server) and <name>_install (install it). To add a service, write those three and add
+# the name to ALL. Installing needs root or sudo, as Chromium's install does.
 set -euo pipefail
 
-ALL=(postgres)
+ALL=(postgres nats)
 PG_HOST=127.0.0.1
 PG_PORT=5432
+NATS_HOST=127.0.0.1
+NATS_PORT=4222
 
 say() { echo "services: $*"; }
 
@@ -80,6 +82,32 @@ postgres_prepare() {
       return 1
     fi
   fi
+}
+
+# --- NATS with JetStream ------------------------------------------------------------------------
+# Up means: a server answers on the port and its INFO line says JetStream is on (a NATS server
+# without -js would accept connections, and every stream request would fail).
+nats_info() { timeout 2 bash -c "exec 3<>/dev/tcp/$NATS_HOST/$NATS_PORT && head -n1 <&3" 2>/dev/null; }
+
+nats_up() { nats_info | grep -q '"jetstream":true'; }
+
+nats_installed() { [ -x /usr/sbin/nats-server ]; }
+
+nats_start() {
+  if port_open "$NATS_HOST" "$NATS_PORT"; then
+    say "something answers on $NATS_HOST:$NATS_PORT without JetStream: restart it with -js"
+    return 1
+  fi
+  say "nats-server is installed but not answering on $NATS_HOST:$NATS_PORT: starting it with JetStream"
+  as_root mkdir -p /var/lib/nats-server
+  as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a "$NATS_HOST" -p "$NATS_PORT" -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+}
+
+nats_install() {
+  say "nats-server is not installed: installing it with apt-get"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
 }
 
 # --- the driver --------------------------------------------------------------------------------

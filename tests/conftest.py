@@ -138,11 +138,28 @@ def _postgres(where: Path, clock: FakeClock, ids: Ids,
     return PostgresBroker(conn, clock=clock, ids=ids, max_receives=max_receives), stack.close
 
 
+def _jetstream(where: Path, clock: FakeClock, ids: Ids,
+               max_receives: int) -> tuple[Broker, Callable[[], None]]:
+    """NATS JetStream on the shared server: streams of its own, deleted on close, and a
+    1-second AckWait. Its leases run on the server's clock, not on ``clock``: the contract
+    suite waits them out (see ``wait`` and ``expire`` there)."""
+    import uuid
+
+    from deliverylab.brokers.jetstream import JetStreamBroker
+
+    broker = JetStreamBroker(stream=f"test-{uuid.uuid4().hex[:12]}", clock=clock, ids=ids,
+                             max_receives=max_receives, ack_wait=1.0)
+    return broker, broker.destroy
+
+
 BROKER_ENGINES: dict[str, Callable[..., tuple[Broker, Callable[[], None]]]] = {
     "sqlite-memory": _sqlite_memory,
     "sqlite-file": _sqlite_file,
     "postgres": _postgres,
+    "jetstream": _jetstream,
 }
+# Engines whose leases run on the server's own clock: moving a FakeClock does not expire them.
+SERVER_CLOCK_ENGINES = {"jetstream"}
 
 
 @pytest.fixture(params=list(BROKER_ENGINES))

@@ -1,0 +1,742 @@
+"""NATS JetStream behind the broker contract (nats-py on a NATS 2.9 server).
+
+The queue is a JetStream stream with work-queue retention and one durable pull consumer with
+explicit acks: a message stays in the stream until it is acked (or terminated, or deleted),
+so the stream *is* the queue and :meth:`JetStreamBroker.queued_event_ids` reads it message by
+message. (Limits retention would keep acked messages too, and "what is still queued" would
+then have to be worked out from the consumer's ack floor and its gaps.)
+
+How the contract's words map onto JetStream, and where the server decides instead of us:
+
+* **lease** = the consumer's ``AckWait``, one value for every delivery, on the *server's*
+  clock. ``receive``'s ``visibility_timeout`` is checked but cannot change it; ``lease_until``
+  is ``clock.now() + ack_wait``. ``extend`` sends ``in_progress()`` (``+WPI``), which restarts
+  AckWait from now: it cannot move the lease to an arbitrary time.
+* **delivery count** = ``metadata.num_delivered``, counted by the server from 1.
+* **receipt** = the delivery's reply subject ``$JS.ACK.<stream>.<consumer>.<delivered>.
+  <stream seq>.<consumer seq>.<ts>.<pending>``, unique per delivery. But the server finds the
+  message by its stream sequence alone: measured on 2.9.10, an ack, nak, in-progress or term
+  sent on an *older* delivery's reply subject after the message was redelivered is accepted
+  and acts on the message the current holder has (the stale ack deletes it, the stale nak
+  hands it out again at once, the stale in-progress restarts the holder's AckWait). So here a
+  stale receipt is **not** refused: the one check made before a verb is that the message is
+  still in the stream (the verb answers False for a message already acked, dead-lettered or
+  dropped). The contract suite states this difference case by case.
+* **ack** = ``ack_sync()`` by default: the ack is a request and the broker waits for the
+  server's reply (2.9.10 replies with an empty body to every ack, stale or not, so the reply
+  says only that the server received it). ``confirm_acks=False`` sends ``ack()``, fire and
+  forget: the verb returns once the ack is in the client's buffer; a process that dies before
+  the buffer is flushed never acked, and those messages come back after AckWait.
+* **nack(delay)** = ``nak(delay)``. The contract's ``last_error`` has no place in JetStream:
+  this broker keeps the error of a nack in its own memory and shows it on the next delivery
+  it hands out; another process does not see it.
+* **dead letters.** At ``MaxDeliver`` (= ``max_receives``) the server stops delivering and
+  publishes the advisory ``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>``;
+  the message stays in the stream. On 2.9.10 the advisory comes only when the server next
+  tries to deliver, i.e. during a later fetch. A stream ``<stream>_ADVISORIES`` captures the
+  advisories (so none is lost while no worker runs) and a durable consumer on it hands each to
+  one broker: its ``receive`` copies the message into the dead-letter stream
+  ``<stream>_DEAD`` (with its event id, delivery count and reason), deletes it from the queue,
+  acks the advisory and lists it in ``parked``. ``dead_letter`` does the same by hand and
+  terminates the delivery (``term()``).
+* **message id** = ``<stream>-<stream sequence>``. A publish answers with its sequence; a
+  duplicate publish (same ``Nats-Msg-Id`` within the duplicate window) answers with the
+  *first* send's sequence and ``duplicate=True``, never its headers, and the first message
+  may already be acked and gone: the sequence is the one name the server can give back.
+  Redrive publishes anew, so a redriven message has a new sequence and a new id.
+* **producer dedup** = ``Nats-Msg-Id`` = ``dedup_id``, remembered for the stream's
+  ``duplicate_window`` (:attr:`dedup_window`); after the window the same id is stored again.
+  A send without ``dedup_id`` gets a random ``Nats-Msg-Id`` of its own, so the broker's own
+  retry of a publish (a timeout, a cluster's leader change) is still stored once.
+* **delay**: JetStream 2.9 has no delayed publish; ``send(delay>0)`` raises
+  ``NotImplementedError`` (``nack`` with a delay works: ``nak(delay)``).
+
+nats-py is asyncio and the contract is synchronous: the broker runs a private event loop in a
+daemon thread and every verb waits for its coroutine there, with a timeout. The client
+reconnects on its own (to any server of the list, for a cluster) and the broker retries a
+publish or an ack that timed out until ``timeout`` runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import re
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+import nats
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+
+from ..engine.clock import Clock
+from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
+from ..engine.ids import Ids
+from .base import MAX_VISIBILITY_TIMEOUT_S, Broker, Delivery, check_delivery
+from .sqlite import encode_payload
+
+T = TypeVar("T")
+
+# Our headers on every message (the payload is the body, as JSON).
+EVENT_ID = "Deliverylab-Event-Id"
+TYPE = "Deliverylab-Type"
+CORRELATION_ID = "Deliverylab-Correlation-Id"
+# ... and on a dead letter, besides those.
+MESSAGE_ID = "Deliverylab-Message-Id"
+DELIVERY_COUNT = "Deliverylab-Delivery-Count"
+ERROR = "Deliverylab-Error"
+
+CONSUMER = "workers"  # the durable pull consumer every worker of a stream shares
+PARKER = "parker"  # the durable consumer on the advisories stream
+ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+# The server's error codes for "no such message": get (10037) and delete (10057) differ.
+NO_MESSAGE = {10037, 10057}
+STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,48}\Z")
+DEFAULT_PORT = 4222
+# Advisories fetched per receive at most, and how long a fetch of them may wait.
+_ADVISORY_BATCH = 100
+_ADVISORY_WAIT = 0.05
+# get_msg requests in flight at once when a stream is read message by message.
+_READ_AHEAD = 256
+
+
+class _Loop:
+    """A private asyncio event loop in a daemon thread: the synchronous verbs call into it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: float) -> T:
+        """Run ``coro`` on the loop and wait at most ``timeout`` seconds for it."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"JetStream did not answer within {timeout:g}s") from None
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class JetStreamBroker(Broker):
+    """A queue on a JetStream stream; see the module docstring for every engine difference.
+
+    ``servers``: one ``nats://host:port`` or a list of them (a cluster: the client reconnects
+    to the survivors when one dies). ``stream``: the stream's name; the broker creates (or
+    reuses, if the configuration matches) the stream ``stream``, its dead letters
+    ``<stream>_DEAD``, its advisories ``<stream>_ADVISORIES`` and their consumers, each with
+    ``replicas`` replicas. ``ack_wait`` is the lease (seconds), ``max_receives`` the consumer's
+    ``MaxDeliver``, ``dedup_window`` the stream's duplicate window (seconds).
+    ``confirm_acks=False`` acks with ``ack()`` (fire and forget) instead of ``ack_sync()``.
+    ``fetch_wait`` bounds how long an empty ``receive`` waits for a message; ``timeout`` bounds
+    every request, retries included. :meth:`destroy` deletes the streams; :meth:`close`
+    disconnects and stops the loop thread.
+    """
+
+    def __init__(self, servers: str | list[str] = f"nats://127.0.0.1:{DEFAULT_PORT}", *,
+                 stream: str, clock: Clock, ids: Ids, max_receives: int = 5,
+                 ack_wait: float = 30.0, replicas: int = 1, dedup_window: float = 120.0,
+                 confirm_acks: bool = True, fetch_wait: float = 0.1, timeout: float = 10.0,
+                 name: str = "worker", field: str = "broker") -> None:
+        if isinstance(servers, str):
+            servers = [servers]
+        if not isinstance(servers, list) or not servers or not all(
+                isinstance(s, str) and s.startswith("nats://") for s in servers):
+            raise InvalidInput("servers", servers, "a nats://host:port or a list of them")
+        if not isinstance(stream, str) or not STREAM_NAME.match(stream):
+            raise InvalidInput("stream", stream,
+                               "a stream name of 1 to 48 letters, digits, '-' or '_'")
+        if not isinstance(confirm_acks, bool):
+            raise InvalidInput("confirm_acks", confirm_acks, "True or False")
+        self.clock, self.ids = clock, ids
+        self.max_receives = check_int("max_receives", max_receives, minimum=1)
+        self.ack_wait = check_number("ack_wait", ack_wait, minimum=0.1,
+                                     maximum=MAX_VISIBILITY_TIMEOUT_S)
+        self.replicas = check_int("replicas", replicas, minimum=1, maximum=5)
+        self.dedup_window = check_number("dedup_window", dedup_window, minimum=0.1,
+                                         maximum=MAX_VISIBILITY_TIMEOUT_S)
+        self.fetch_wait = check_number("fetch_wait", fetch_wait, minimum=0.001, maximum=60)
+        self.timeout = check_number("timeout", timeout, minimum=0.1, maximum=600)
+        self.confirm_acks = confirm_acks
+        self.servers, self.stream = servers, stream
+        self.dead_stream = f"{stream}_DEAD"
+        self.advisory_stream = f"{stream}_ADVISORIES"
+        self.subject = f"deliverylab.{stream}.queue"
+        self.dead_subject = f"deliverylab.{stream}.dead"
+        self.advisory_subject = ADVISORY.format(stream=stream, consumer=CONSUMER)
+        self.parked: list[tuple[Delivery, str]] = []
+        # What this broker alone knows: the error of each message it nacked (JetStream keeps
+        # none), and when each message it leased or nacked is due back (for next_visible_at).
+        self._errors: dict[int, str] = {}
+        self._due: dict[int, float] = {}
+        self._advised = True  # look for advisories on the first receive (left from before)
+        self._loop = _Loop(f"jetstream-{stream}")
+        try:
+            self._run(self._open(check_id("name", name)))
+        except (OSError, NatsError, TimeoutError) as exc:
+            self.close()
+            where = ",".join(servers)
+            raise InvalidInput(field, f"{where}?stream={stream}",
+                               f"a reachable NATS server with JetStream ({exc or type(exc).__name__})"
+                               ) from None
+        except InvalidInput:
+            self.close()
+            raise
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self, coro: Awaitable[T]) -> T:
+        return self._loop.run(coro, self.timeout + 1)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` again after a timeout, a missing responder or JetStream unavailable
+        (a server restarting, a cluster electing a leader) until ``timeout`` runs out; the
+        last error then."""
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        while True:
+            try:
+                return await attempt()
+            except (TimeoutError, NatsTimeout, NoRespondersError, NoStreamResponseError,
+                    ServiceUnavailableError):
+                if asyncio.get_running_loop().time() + 0.25 >= deadline:
+                    raise
+                await asyncio.sleep(0.25)
+
+    async def _open(self, name: str) -> None:
+        # Fail fast when no server of the list accepts a connection: the client would keep
+        # trying for as long as it reconnects (about a minute).
+        if not any(await asyncio.gather(*(_reachable(s) for s in self.servers))):
+            raise ConnectionRefusedError(f"no server answers at {', '.join(self.servers)}")
+        self.nc = await nats.connect(
+            servers=self.servers, name=name, connect_timeout=2,
+            # Reconnect to any server of the list, for about a minute, before giving up.
+            allow_reconnect=True, max_reconnect_attempts=120, reconnect_time_wait=0.5,
+            error_cb=self._quiet, disconnected_cb=self._quiet_event,
+            reconnected_cb=self._quiet_event)
+        self.js = self.nc.jetstream(timeout=self.timeout)
+        storage = api.StorageType.FILE
+        await self._ensure_stream(api.StreamConfig(
+            name=self.stream, subjects=[self.subject], storage=storage,
+            retention=api.RetentionPolicy.WORK_QUEUE, num_replicas=self.replicas,
+            duplicate_window=self.dedup_window))
+        await self._ensure_stream(api.StreamConfig(
+            name=self.dead_stream, subjects=[self.dead_subject], storage=storage,
+            retention=api.RetentionPolicy.LIMITS, num_replicas=self.replicas))
+        await self._ensure_stream(api.StreamConfig(
+            name=self.advisory_stream, subjects=[self.advisory_subject], storage=storage,
+            retention=api.RetentionPolicy.WORK_QUEUE, num_replicas=self.replicas))
+        await self._ensure_consumer(self.stream, api.ConsumerConfig(
+            durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL, ack_wait=self.ack_wait,
+            max_deliver=self.max_receives, max_ack_pending=-1, max_waiting=512))
+        await self._ensure_consumer(self.advisory_stream, api.ConsumerConfig(
+            durable_name=PARKER, ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL, ack_wait=30.0))
+        self._sub = await self.js.pull_subscribe_bind(CONSUMER, self.stream)
+        self._parker = await self.js.pull_subscribe_bind(PARKER, self.advisory_stream)
+        # The advisory itself, as a signal: a receive looks in the advisories stream only
+        # after one came (or on its first call).
+        self._signal = await self.nc.subscribe(self.advisory_subject, cb=self._on_advisory)
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        """Create the stream, or check that the one there has this broker's settings."""
+        try:
+            have = (await self.js.stream_info(config.name)).config
+        except NotFoundError:
+            try:
+                await self.js.add_stream(config)
+                return
+            except BadRequestError:  # another process created it meanwhile: check it
+                have = (await self.js.stream_info(config.name)).config
+        mine = (config.subjects, config.retention, config.num_replicas,
+                config.duplicate_window if config.name == self.stream else None)
+        theirs = (have.subjects, have.retention, have.num_replicas,
+                  have.duplicate_window if config.name == self.stream else None)
+        if mine != theirs:
+            raise InvalidInput("stream", config.name,
+                               f"a stream with this broker's settings (subjects, retention,"
+                               f" replicas, dedup_window {mine}), not {theirs}")
+
+    async def _ensure_consumer(self, stream: str, config: api.ConsumerConfig) -> None:
+        """Create the durable consumer, or check the one there: on 2.9.10 a create with
+        another MaxDeliver or AckWait would silently *update* the consumer every worker of the
+        stream shares, so a broker with other settings is refused instead."""
+        try:
+            have = (await self.js.consumer_info(stream, config.durable_name)).config
+        except NotFoundError:
+            await self.js.add_consumer(stream, config)  # the same config twice is no error
+            return
+        if config.durable_name == CONSUMER and (have.max_deliver, round(have.ack_wait or 0, 6)) != (config.max_deliver,
+                                                                 config.ack_wait):
+            raise InvalidInput(
+                "max_receives", self.max_receives,
+                f"the settings of the stream's consumer {config.durable_name!r}"
+                f" (max_receives={have.max_deliver}, ack_wait={have.ack_wait:g}),"
+                f" which every worker of stream {stream!r} shares")
+
+    async def _on_advisory(self, msg: Any) -> None:
+        self._advised = True
+
+    async def _quiet(self, exc: Exception) -> None:
+        """Connection errors: the client reconnects by itself, and a verb that fails for good
+        raises in the caller; nothing to print from the loop thread."""
+
+    async def _quiet_event(self) -> None:
+        """Disconnected / reconnected: see :meth:`_quiet`."""
+
+    def close(self) -> None:
+        """Disconnect and stop the loop thread. The streams stay (:meth:`destroy` deletes
+        them). Safe to call twice."""
+        if hasattr(self, "nc") and not self.nc.is_closed:
+            try:
+                self._run(self.nc.close())
+            except (NatsError, TimeoutError):
+                pass  # already gone: nothing left to release
+        if hasattr(self, "_loop"):
+            self._loop.stop()
+
+    def destroy(self) -> None:
+        """Delete the stream, its dead letters and its advisories (their consumers go with
+        them), then :meth:`close`: what a test or a benchmark does after a run."""
+        async def delete() -> None:
+            for name in (self.stream, self.dead_stream, self.advisory_stream):
+                try:
+                    await self.js.delete_stream(name)
+                except NotFoundError:
+                    pass
+        try:
+            self._run(delete())
+        finally:
+            self.close()
+
+    # -- send ------------------------------------------------------------------------------
+    def send(self, event_id: str, type: str, payload: dict[str, Any], *,
+             correlation_id: str | None = None, delay: float = 0.0,
+             dedup_id: str | None = None) -> str:
+        """Publish one message (at once: JetStream is another system, there is no caller's
+        transaction to join) and return its message id, ``<stream>-<sequence>``.
+
+        ``dedup_id`` becomes the ``Nats-Msg-Id`` header: a second send with it within
+        :attr:`dedup_window` is not stored, and answers with the first send's sequence, hence
+        its message id. ``delay > 0`` raises ``NotImplementedError``: JetStream 2.9 cannot
+        hold a published message back."""
+        check_id("event_id", event_id)
+        if dedup_id is not None:
+            check_id("dedup_id", dedup_id)
+        check_id("type", type)
+        if correlation_id is not None:
+            check_id("correlation_id", correlation_id)
+        body = encode_payload(payload).encode()
+        delay = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        if delay > 0:
+            raise NotImplementedError(
+                "send(delay=…) on JetStream: NATS 2.9 has no delayed publish (nack's delay"
+                " works: nak(delay))")
+        headers = {EVENT_ID: event_id, TYPE: type,
+                   "Nats-Msg-Id": dedup_id if dedup_id is not None else uuid.uuid4().hex}
+        if correlation_id is not None:
+            headers[CORRELATION_ID] = correlation_id
+        ack = self._run(self._publish(self.subject, body, headers))
+        return self._message_id(ack.seq)
+
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> Any:
+        return await self._retrying(lambda: self.js.publish(subject, body, headers=headers,
+                                                            timeout=min(self.timeout, 2.0)))
+
+    def _message_id(self, seq: int) -> str:
+        return f"{self.stream}-{seq}"
+
+    # -- receive ---------------------------------------------------------------------------
+    def receive(self, visibility_timeout: float, max_messages: int = 1, *,
+                worker: str = "worker") -> list[Delivery]:
+        """Fetch up to ``max_messages`` from the durable consumer, waiting at most
+        ``fetch_wait`` when none is there. The lease is the consumer's AckWait, whatever
+        ``visibility_timeout`` says (checked, then unused: JetStream has one AckWait per
+        consumer). Before returning, moves the messages the server gave up on (MaxDeliver,
+        announced by the advisory) to the dead letters and lists them in ``parked``."""
+        check_number("visibility_timeout", visibility_timeout, minimum=0,
+                     maximum=MAX_VISIBILITY_TIMEOUT_S)
+        n = check_int("max_messages", max_messages, minimum=1, maximum=1000)
+        msgs = self._run(self._fetch(n))
+        now = self.clock.now()
+        out = []
+        for m in msgs:
+            md = m.metadata
+            h = m.headers or {}
+            seq = md.sequence.stream
+            lease_until = now + self.ack_wait
+            self._due[seq] = lease_until
+            out.append(Delivery(seq, self._message_id(seq), h.get(EVENT_ID, ""),
+                                h.get(TYPE, ""), json.loads(m.data), h.get(CORRELATION_ID),
+                                m.reply, md.num_delivered, lease_until, self._errors.get(seq)))
+        self.parked = self._park() if self._advised else []
+        return out
+
+    async def _fetch(self, n: int) -> list[Any]:
+        try:
+            return await self._sub.fetch(n, timeout=self.fetch_wait)
+        except (TimeoutError, NatsTimeout, NoRespondersError):
+            return []  # nothing came within fetch_wait (or no server answered): none leased
+
+    def _park(self) -> list[tuple[Delivery, str]]:
+        """Move each message an advisory announced to the dead letters; what was moved."""
+        self._advised = False
+        return self._run(self._park_advised())
+
+    async def _park_advised(self) -> list[tuple[Delivery, str]]:
+        try:
+            advisories = await self._parker.fetch(_ADVISORY_BATCH, timeout=_ADVISORY_WAIT)
+        except (TimeoutError, NatsTimeout):
+            return []
+        parked = []
+        for adv in advisories:
+            info = json.loads(adv.data)
+            seq, count = int(info["stream_seq"]), int(info["deliveries"])
+            times = "once" if count == 1 else f"{count} times"
+            reason = (f"received {times} (max_receives={self.max_receives});"
+                      f" last error: {self._errors.get(seq) or 'none'}")
+            moved = await self._move_to_dead(seq, count, reason)
+            if moved is not None:
+                parked.append((moved, reason))
+            await adv.ack_sync()
+        return parked
+
+    async def _move_to_dead(self, seq: int, count: int, reason: str) -> Delivery | None:
+        """Copy message ``seq`` into the dead letters and delete it from the queue; the
+        delivery it was, or None if it is no longer queued. The copy's ``Nats-Msg-Id`` names
+        the sequence, so a move repeated after a crash between its two steps stores one."""
+        raw = await self._get(self.stream, seq)
+        if raw is None:
+            return None
+        h = dict(raw.headers or {})
+        h.pop("Nats-Msg-Id", None)
+        message_id = self._message_id(seq)
+        h.update({MESSAGE_ID: message_id, DELIVERY_COUNT: str(count),
+                  ERROR: " ".join(reason.split()), "Nats-Msg-Id": f"dead-{message_id}"})
+        await self._publish(self.dead_subject, raw.data or b"{}", h)
+        await self._delete(self.stream, seq)
+        self._forget(seq)
+        return Delivery(seq, message_id, h.get(EVENT_ID, ""), h.get(TYPE, ""),
+                        json.loads(raw.data or b"{}"), h.get(CORRELATION_ID), "", count,
+                        self.clock.now(), self._errors.get(seq))
+
+    async def _get(self, stream: str, seq: int) -> Any:
+        """Message ``seq`` of ``stream``, or None if there is none."""
+        try:
+            return await self._retrying(lambda: self.js.get_msg(stream, seq))
+        except APIError as exc:
+            if exc.err_code not in NO_MESSAGE:
+                raise
+            return None
+
+    async def _delete(self, stream: str, seq: int) -> bool:
+        """Delete message ``seq`` of ``stream``; False if there was none."""
+        try:
+            return await self._retrying(lambda: self.js.delete_msg(stream, seq))
+        except APIError as exc:
+            if exc.err_code not in NO_MESSAGE:
+                raise
+            return False
+
+    def _forget(self, seq: int) -> None:
+        self._due.pop(seq, None)
+        self._errors.pop(seq, None)
+
+    # -- settle ----------------------------------------------------------------------------
+    async def _settle(self, d: Delivery, body: bytes, confirm: bool) -> bool:
+        """Send ``body`` (``+ACK``, ``-NAK…``, ``+WPI``, ``+TERM``) on ``d``'s reply subject.
+
+        ``confirm``: if the message is still in the stream, as a request whose reply the
+        broker waits for; whether it was. The server does not check that the reply subject is
+        the message's latest delivery (see the module docstring). Not ``confirm`` (``ack()``,
+        fire and forget): handed to the client's buffer and True, without asking the server
+        anything, not even whether the message is still there."""
+        if not confirm:
+            await self.nc.publish(d.receipt, body)
+            return True
+        if await self._get(self.stream, d.seq) is None:
+            return False
+        await self._retrying(lambda: self.nc.request(d.receipt, body,
+                                                     timeout=min(self.timeout, 2.0)))
+        return True
+
+    def ack(self, delivery: Delivery, *, worker: str = "worker") -> bool:
+        """Ack the message with ``ack_sync()``: False if it is no longer in the stream, True
+        once the server answered. A stale delivery's ack is *accepted* by the server and
+        deletes the message whoever holds it now (an engine difference). With
+        ``confirm_acks=False``, ``ack()``: always True, the server asked nothing; a connection
+        that drops before the client flushes loses the ack, and the message comes back."""
+        return self.ack_many([delivery], worker=worker)[0]
+
+    def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
+        """Ack several deliveries, concurrently; one bool per delivery. Of several deliveries
+        of one message in the batch, only the first is sent (the rest answer False)."""
+        if not isinstance(deliveries, list | tuple):
+            raise InvalidInput("deliveries", deliveries, "a list of deliveries")
+        for d in deliveries:
+            check_delivery(d)
+        first = {}
+        for i, d in enumerate(deliveries):
+            first.setdefault(d.seq, i)
+
+        async def ack_all() -> list[bool]:
+            sent = await asyncio.gather(*(self._settle(deliveries[i], b"+ACK", self.confirm_acks)
+                                          for i in first.values()))
+            return list(sent)
+
+        sent = dict(zip(first.values(), self._run(ack_all()), strict=True))
+        for d in deliveries:
+            self._forget(d.seq)
+        return [sent.get(i, False) for i in range(len(deliveries))]
+
+    def extend(self, delivery: Delivery, seconds: float, *, worker: str = "worker") -> bool:
+        """``in_progress()``: the server restarts the message's AckWait from now, so the lease
+        ends ``ack_wait`` from now whatever ``seconds`` asks (checked, then unused); False if
+        the message is no longer in the stream. Accepted on a stale delivery too."""
+        check_delivery(delivery)
+        check_number("seconds", seconds, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        ok = self._run(self._settle(delivery, b"+WPI", True))
+        if ok:
+            self._due[delivery.seq] = self.clock.now() + self.ack_wait
+        return ok
+
+    def nack(self, delivery: Delivery, delay: float = 0.0, *, error: str | None = None,
+             worker: str = "worker") -> bool:
+        """``nak(delay)``: the server hands the message out again after ``delay`` seconds,
+        counting on. ``error`` is kept in this broker's memory only. False if the message is
+        no longer in the stream; accepted on a stale delivery too."""
+        check_delivery(delivery)
+        wait = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        if error is not None:
+            check_text("error", error, max_length=10_000)
+        body = b"-NAK" if wait == 0 else b"-NAK " + json.dumps(
+            {"delay": int(wait * 1e9)}).encode()
+        ok = self._run(self._settle(delivery, body, True))
+        if ok:
+            self._due[delivery.seq] = self.clock.now() + wait
+            if error is not None:
+                self._errors[delivery.seq] = error
+        return ok
+
+    def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
+        """Copy the message into the dead letters with ``error``, delete it from the queue and
+        terminate the delivery (``term()``); False if it is no longer in the stream. Accepted
+        on a stale delivery too."""
+        check_delivery(delivery)
+        check_text("error", error, max_length=10_000)
+
+        async def move() -> bool:
+            if not await self._settle(delivery, b"+TERM", True):
+                return False
+            # After the term the server never delivers it again; the copy comes from the
+            # stream (work-queue retention may already have removed it: then from the
+            # delivery, which holds everything the copy needs).
+            moved = await self._move_to_dead(delivery.seq, delivery.delivery_count, error)
+            if moved is None:
+                await self._publish_dead(delivery, error)
+            return True
+
+        ok = self._run(move())
+        self._forget(delivery.seq)
+        return ok
+
+    async def _publish_dead(self, d: Delivery, error: str) -> None:
+        h = {EVENT_ID: d.event_id, TYPE: d.type, MESSAGE_ID: d.message_id,
+             DELIVERY_COUNT: str(d.delivery_count), ERROR: " ".join(error.split()),
+             "Nats-Msg-Id": f"dead-{d.message_id}"}
+        if d.correlation_id is not None:
+            h[CORRELATION_ID] = d.correlation_id
+        await self._publish(self.dead_subject, encode_payload(d.payload).encode(), h)
+
+    def redrive(self, message_ids: list[str] | None = None, *, worker: str = "operator") -> int:
+        """Publish dead letters (all, or the given ids) to the queue again as new messages
+        (new sequences, new ids, counted from 1) and delete them from the dead letters."""
+        if message_ids is not None and (not isinstance(message_ids, list | tuple) or not all(
+                isinstance(m, str) for m in message_ids)):
+            raise InvalidInput("message_ids", message_ids, "a list of message ids or None")
+        dead = {(r.headers or {}).get(MESSAGE_ID): r
+                for r in self._run(self._read(self.dead_stream))}
+        if message_ids is None:
+            chosen = list(dead.values())
+        else:
+            chosen = []
+            for mid in dict.fromkeys(message_ids):  # an id named twice moves once
+                if mid not in dead:
+                    raise InvalidInput("message_ids", mid, "the id of a dead letter")
+                chosen.append(dead[mid])
+
+        async def move() -> None:
+            for raw in chosen:
+                h = {k: v for k, v in (raw.headers or {}).items()
+                     if k in (EVENT_ID, TYPE, CORRELATION_ID)}
+                h["Nats-Msg-Id"] = uuid.uuid4().hex
+                await self._publish(self.subject, raw.data or b"{}", h)
+                await self._delete(self.dead_stream, raw.seq)
+
+        self._run(move())
+        return len(chosen)
+
+    def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
+        """Delete the message from the stream whatever its lease (fault injection); False if
+        it is not queued. The server forgets it: a worker holding it acks nothing."""
+        check_text("message_id", message_id)
+        prefix, _, seq = message_id.rpartition("-")
+        if prefix != self.stream or not seq.isdigit():
+            return False
+        return self._run(self._delete(self.stream, int(seq)))
+
+    def lose(self, delivery: Delivery, *, reason: str, worker: str = "chaos") -> bool:
+        """:meth:`drop` for a message just received, by its stream sequence."""
+        check_delivery(delivery)
+        self._forget(delivery.seq)
+        return self._run(self._delete(self.stream, delivery.seq))
+
+    # -- look ------------------------------------------------------------------------------
+    async def _counts(self) -> tuple[int, int, int]:
+        """(messages in the queue stream, never delivered, dead letters)."""
+        queue, consumer, dead = await asyncio.gather(
+            self._retrying(lambda: self.js.stream_info(self.stream)),
+            self._retrying(lambda: self.js.consumer_info(self.stream, CONSUMER)),
+            self._retrying(lambda: self.js.stream_info(self.dead_stream)))
+        return queue.state.messages, consumer.num_pending, dead.state.messages
+
+    def depth(self) -> dict[str, int]:
+        """From the server: ``visible`` = the consumer's never-delivered messages
+        (``num_pending``); ``in_flight`` = every other message still in the stream (leased,
+        nacked, waiting for redelivery after AckWait, or given up at MaxDeliver and not yet
+        moved: the server does not tell these apart); ``dead_letters`` = the dead-letter
+        stream's messages."""
+        queued, pending, dead = self._run(self._counts())
+        return {"visible": pending, "in_flight": queued - pending, "dead_letters": dead}
+
+    def next_visible_at(self) -> float | None:
+        """Now if a message was never delivered; None if the stream is empty; otherwise the
+        earliest lease end or nack delay this broker itself set, or, knowing none (another
+        process holds them), ``ack_wait`` from now: at the latest then, an expired lease is
+        redelivered."""
+        queued, pending, _ = self._run(self._counts())
+        now = self.clock.now()
+        # Forget what ended an AckWait ago: the server has redelivered it since (to whoever
+        # asked), so it says nothing about this broker's messages any more.
+        self._due = {seq: t for seq, t in self._due.items() if t > now - self.ack_wait}
+        if pending:
+            return now
+        if not queued:
+            return None
+        return min(self._due.values()) if self._due else now + self.ack_wait
+
+    async def _read(self, stream: str) -> list[Any]:
+        """Every message of ``stream``, read by sequence from the first to the last (a
+        deleted sequence reads as nothing), ``_READ_AHEAD`` requests at a time."""
+        state = (await self._retrying(lambda: self.js.stream_info(stream))).state
+        if not state.messages:
+            return []
+        out = []
+        seqs = range(state.first_seq, state.last_seq + 1)
+        for start in range(0, len(seqs), _READ_AHEAD):
+            got = await asyncio.gather(*(self._get(stream, s)
+                                         for s in seqs[start:start + _READ_AHEAD]))
+            out.extend(r for r in got if r is not None)
+        return out
+
+    def queued_event_ids(self) -> set[str]:
+        """The event ids of every message in the queue stream, read one by one."""
+        return {(r.headers or {}).get(EVENT_ID, "") for r in self._run(self._read(self.stream))}
+
+    def dead_lettered_event_ids(self) -> set[str]:
+        """The event ids of every message in the dead-letter stream."""
+        return {(r.headers or {}).get(EVENT_ID, "")
+                for r in self._run(self._read(self.dead_stream))}
+
+
+async def _reachable(server: str) -> bool:
+    """Whether ``nats://host:port`` accepts a TCP connection within 2 seconds."""
+    host, _, port = server.removeprefix("nats://").rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    return True
+
+
+# -- by URL -----------------------------------------------------------------------------------
+_URL_OPTIONS = {"stream", "replicas", "ack_wait", "dedup_window", "ack_sync"}
+
+
+def parse_url(url: str, *, field: str = "broker") -> tuple[list[str], dict[str, Any]]:
+    """``nats://host:port[,host:port…]?stream=NAME[&replicas=N][&ack_wait=S]
+    [&dedup_window=S][&ack_sync=false]`` -> (server URLs, keyword arguments). Anything else is
+    ``InvalidInput`` naming ``field`` and the part that is wrong."""
+    def bad(expected: str) -> InvalidInput:
+        return InvalidInput(field, url, expected)
+
+    if not isinstance(url, str) or not url.lower().startswith("nats://"):
+        raise bad("a nats://host:port?stream=NAME URL")
+    parts = urlsplit(url)
+    if "@" in parts.netloc or parts.path not in ("", "/") or parts.fragment:
+        raise bad("nats://host:port[,host:port…]?stream=NAME: no user, path or fragment")
+    servers = []
+    for hostport in parts.netloc.split(","):
+        host, _, port = hostport.strip().rpartition(":")
+        if not host:
+            host, port = port, str(DEFAULT_PORT)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise bad(f"host:port pairs separated by commas (got {hostport!r})")
+        servers.append(f"nats://{host}:{port}")
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = set(options) - _URL_OPTIONS
+    if unknown:
+        raise bad(f"only the options {', '.join(sorted(_URL_OPTIONS))}"
+                  f" (got {', '.join(sorted(unknown))})")
+    kw: dict[str, Any] = {}
+    if not STREAM_NAME.match(options.get("stream", "")):
+        raise bad("?stream=NAME, 1 to 48 letters, digits, '-' or '_'")
+    kw["stream"] = options["stream"]
+    try:
+        if "replicas" in options:
+            kw["replicas"] = int(options["replicas"])
+        for key in ("ack_wait", "dedup_window"):
+            if key in options:
+                kw[key] = float(options[key])
+    except ValueError:
+        raise bad("replicas as an integer, ack_wait and dedup_window in seconds") from None
+    if "ack_sync" in options:
+        if options["ack_sync"] not in ("true", "false"):
+            raise bad("ack_sync=true or ack_sync=false")
+        kw["confirm_acks"] = options["ack_sync"] == "true"
+    return servers, kw
+
+
+def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_receives: int = 5,
+             worker: str = "worker") -> JetStreamBroker:
+    """The broker a ``nats://`` URL names (see :func:`parse_url`), connected; the registry's
+    entry point. A bad URL, a bad option or no server answering is ``InvalidInput`` naming
+    ``field``."""
+    servers, kw = parse_url(url, field=field)
+    try:
+        return JetStreamBroker(servers, clock=clock, ids=ids, max_receives=max_receives,
+                               name=worker, field=field, **kw)
+    except InvalidInput as exc:  # named by the URL the caller gave, whatever part was wrong
+        raise InvalidInput(field, url, exc.expected if exc.field == field
+                           else f"valid options ({exc})") from None

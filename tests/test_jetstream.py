@@ -1,0 +1,373 @@
+"""The consumer on NATS JetStream (``deliverylab.brokers.jetstream``), on the shared server.
+
+What the contract suite cannot show: the URL a worker is given, the worker itself over seeded
+fault schedules and as real processes killed mid-run, the producer's ``Nats-Msg-Id`` window
+(and what happens after it), and what ``ack()`` promises against ``ack_sync()``. Leases are
+the server's AckWait, so these tests run on the wall clock, with short AckWaits. Every test
+has streams of its own and deletes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_lab_processes import Proc, no_failures
+
+from deliverylab.brokers.jetstream import JetStreamBroker, open_url
+from deliverylab.brokers.registry import open_broker
+from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import FakeClock, SystemClock
+from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.faults import Faults
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+from deliverylab.engine.worker import Worker
+
+SERVER = "nats://127.0.0.1:4222"
+
+
+def new_stream() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_js() -> Iterator:
+    """``make_js(**kw)``: a JetStream broker on a stream of its own (unless ``stream=`` names
+    one), on the wall clock, 0.5 s AckWait unless told; every stream made is deleted after
+    the test."""
+    made: list[JetStreamBroker] = []
+
+    def make(servers: str | list[str] = SERVER, **kw) -> JetStreamBroker:
+        kw.setdefault("stream", new_stream())
+        kw.setdefault("clock", SystemClock())
+        kw.setdefault("ids", Ids(1))
+        kw.setdefault("ack_wait", 0.5)
+        made.append(JetStreamBroker(servers, **kw))
+        return made[-1]
+
+    yield make
+    destroyed = set()
+    for broker in made:  # each stream through one broker still connected; close the rest
+        if broker.stream not in destroyed and not broker.nc.is_closed:
+            destroyed.add(broker.stream)
+            broker.destroy()
+        else:
+            broker.close()
+
+
+def received(broker: JetStreamBroker, n: int, within: float = 5.0) -> list:
+    """Receive until ``n`` deliveries came or ``within`` seconds passed."""
+    got: list = []
+    deadline = time.monotonic() + within
+    while len(got) < n and time.monotonic() < deadline:
+        got += broker.receive(1.0, n - len(got))
+    return got
+
+
+# -- the URL ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("url", "says"), [
+    ("nats://127.0.0.1:4222", "?stream=NAME"),
+    ("nats://127.0.0.1:4222?stream=a.b", "?stream=NAME"),
+    ("nats://127.0.0.1:4222?stream=s&acks=1", "only the options"),
+    ("nats://127.0.0.1:4222?stream=s&replicas=three", "replicas as an integer"),
+    ("nats://127.0.0.1:4222?stream=s&ack_wait=0", "ack_wait must be"),
+    ("nats://127.0.0.1:4222?stream=s&ack_sync=maybe", "ack_sync=true or ack_sync=false"),
+    ("nats://127.0.0.1:99999?stream=s", "host:port pairs"),
+    ("nats://user:pw@127.0.0.1:4222?stream=s", "no user"),
+    ("nats://127.0.0.1:1?stream=s", "a reachable NATS server"),
+    ("nats://127.0.0.1:1,127.0.0.1:2?stream=s", "a reachable NATS server"),
+])
+def test_a_bad_url_names_the_field(url, says):
+    started = time.monotonic()
+    with pytest.raises(InvalidInput) as refused:
+        open_broker(url, field="--broker", clock=FakeClock(), ids=Ids(1))
+    assert refused.value.field == "--broker"
+    assert refused.value.value == url or "no server answers" in str(refused.value)
+    assert says in str(refused.value)
+    assert time.monotonic() - started < 5  # no server: said at once, not after reconnecting
+
+
+def test_a_url_with_a_server_list_and_options_opens_the_stream(make_js):
+    stream = new_stream()
+    url = (f"nats://127.0.0.1:4222,127.0.0.1:4222?stream={stream}&ack_wait=0.7"
+           f"&dedup_window=3&ack_sync=false")
+    broker = open_broker(url, clock=SystemClock(), ids=Ids(1), max_receives=4, worker="w-1")
+    try:
+        assert isinstance(broker, JetStreamBroker)
+        assert (broker.stream, broker.ack_wait, broker.dedup_window, broker.max_receives,
+                broker.confirm_acks) == (stream, 0.7, 3.0, 4, False)
+        assert broker.servers == ["nats://127.0.0.1:4222"] * 2
+        # A second broker on the stream with another MaxDeliver is refused, naming it.
+        with pytest.raises(InvalidInput, match="max_receives") as refused:
+            open_url(url, field="--broker", clock=SystemClock(), ids=Ids(1), max_receives=9)
+        assert refused.value.field == "--broker"
+    finally:
+        broker.destroy()
+
+
+# -- the worker, in process ------------------------------------------------------------------
+FAULTS = {"ack_fail": 0.3, "crash_after_receive": 0.05, "crash_after_commit": 0.05,
+          "process_error": 0.1}
+
+
+def run_worker(make_js, *, mode: str, seed: int, max_messages: int, orders: int = 30):
+    conn = store.init_db()
+    # A crash gives back every lease of its batch: MaxDeliver high enough that no message
+    # runs out of deliveries (the contract suite covers dead letters).
+    broker = make_js(ids=Ids(seed), max_receives=50, ack_wait=0.4)
+    for i in range(orders):
+        place_order(broker, item_id=f"item-{i % 3}", qty=1 + i % 2, store=conn)
+    worker = Worker(store=conn, broker=broker, clock=broker.clock, mode=mode,
+                    faults=Faults(seed=seed, **FAULTS), max_messages=max_messages, name="w-1",
+                    backoff_cap=0.5)
+    worker.run_until_idle()
+    return conn, broker, worker
+
+
+@pytest.mark.parametrize(("seed", "max_messages"), [(3, 1), (11, 10), (29, 4)])
+def test_idempotent_worker_under_faults_loses_nothing_and_applies_nothing_twice(
+        make_js, seed, max_messages):
+    conn, broker, worker = run_worker(make_js, mode="idempotent", seed=seed,
+                                      max_messages=max_messages)
+    assert worker.stats.ack_failed + worker.stats.crashed > 0  # the faults did fire
+    assert worker.stats.duplicates_skipped > 0  # lost ACKs came back: the inbox caught them
+    result = check(conn, broker)
+    assert result.orders == 30
+    assert (result.lost, result.pending, result.dead_lettered, result.duplicated) == \
+        (0, 0, 0, 0), result.verdict
+    assert result.ok and result.projection_equals_truth, result.verdict
+    assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
+    conn.close()
+
+
+def test_at_least_once_worker_applies_a_lost_acks_event_twice(make_js):
+    conn, broker, worker = run_worker(make_js, mode="at-least-once", seed=3, max_messages=1)
+    assert worker.stats.ack_failed > 0
+    result = check(conn, broker)
+    assert result.duplicated > 0 and result.extra_applications > 0, result.verdict
+    assert (result.lost, result.pending) == (0, 0), result.verdict
+    # A lost ACK = the effect committed and no ack was sent: JetStream redelivered it after
+    # AckWait, with the next delivery count.
+    redelivered = conn.execute(
+        "SELECT count(*) FROM delivery_log a JOIN delivery_log b ON b.event_id = a.event_id"
+        " AND b.outcome = 'applied' AND b.delivery_count = a.delivery_count + 1"
+        " WHERE a.outcome = 'ack_failed'").fetchone()[0]
+    assert redelivered > 0
+    conn.close()
+
+
+def test_a_message_the_server_gives_up_on_is_a_dead_letter_recorded_in_the_store(make_js):
+    """A worker that dies holding the lease every time never acks or nacks: the server stops
+    at MaxDeliver and announces it; the next receive moves the message to the dead letters,
+    and the worker records that in the store, where the checker finds it."""
+    conn = store.init_db()
+    broker = make_js(max_receives=2, ack_wait=0.3)
+    placed = place_order(broker, item_id="tea", qty=1, store=conn)
+    worker = Worker(store=conn, broker=broker, clock=broker.clock, name="w-1",
+                    faults=Faults(seed=1, crash_after_receive=1.0))
+    deadline = time.monotonic() + 10
+    while not worker.stats.dead_lettered and time.monotonic() < deadline:
+        worker.step()
+    assert (worker.stats.crashed, worker.stats.dead_lettered) == (2, 1)
+    rows = conn.execute("SELECT outcome, delivery_count, detail FROM delivery_log"
+                        " WHERE event_id = ? ORDER BY seq", (placed.event_id,)).fetchall()
+    assert [(r[0], r[1]) for r in rows] == [("received", 1), ("crashed", 1), ("received", 2),
+                                            ("crashed", 2), ("dead_lettered", 2)]
+    assert "max_receives=2" in rows[-1][2]
+    assert broker.dead_lettered_event_ids() == {placed.event_id}
+    assert broker.queued_event_ids() == set()
+    result = check(conn, broker)
+    assert (result.dead_lettered, result.lost, result.pending) == (1, 0, 0), result.verdict
+    conn.close()
+
+
+# -- the producer's Nats-Msg-Id ----------------------------------------------------------------
+def test_a_dedup_id_within_the_window_is_stored_once_even_after_the_first_was_acked(make_js):
+    broker = make_js(dedup_window=5.0)
+    assert broker.dedup_window == 5.0
+    first = broker.send("e-1", "OrderPlaced", {"qty": 1}, dedup_id="evt-1")
+    again = broker.send("e-1", "OrderPlaced", {"qty": 1}, dedup_id="evt-1")
+    assert again == first  # the PubAck's sequence is the first send's
+    assert broker.depth()["visible"] == 1
+    [d] = received(broker, 1)
+    assert broker.ack(d) is True
+    # Acked and gone from the work-queue stream, yet still within the window: not stored.
+    assert broker.send("e-1", "OrderPlaced", {"qty": 1}, dedup_id="evt-1") == first
+    assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
+    other = broker.send("e-2", "OrderPlaced", {"qty": 1}, dedup_id="evt-2")
+    assert other != first
+
+
+def test_after_the_window_the_same_dedup_id_is_stored_again(make_js):
+    broker = make_js(dedup_window=1.0)
+    first = broker.send("e-1", "OrderPlaced", {"qty": 1}, dedup_id="evt-1")
+    assert broker.send("e-1", "OrderPlaced", {"qty": 1}, dedup_id="evt-1") == first
+    time.sleep(1.5)  # the server forgets ids older than the window (checked on a timer)
+    later = broker.send("e-1", "OrderPlaced", {"qty": 1}, dedup_id="evt-1")
+    assert later != first
+    assert broker.depth()["visible"] == 2
+    got = received(broker, 2)
+    assert [d.event_id for d in got] == ["e-1", "e-1"]  # twice: the consumer's inbox decides
+    assert broker.queued_event_ids() == {"e-1"}
+
+
+# -- ack() against ack_sync() ---------------------------------------------------------------
+class HoldingProxy:
+    """A TCP proxy in front of the NATS server, in a thread of its own. ``hold()``: what the
+    client sends stays in the proxy (the server hears nothing, the client notices nothing);
+    ``cut()``: every connection closes and what was held is dropped, as when a network
+    fails or a process dies with its socket buffers."""
+
+    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 4222)) -> None:
+        self.upstream, self.holding, self.held = upstream, False, 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: list[asyncio.Task] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self._call(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(5)
+
+    async def _client(self, reader, writer) -> None:
+        self.tasks.append(asyncio.current_task())
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self.writers += [writer, up_writer]
+        await asyncio.gather(self._pump(reader, up_writer, holdable=True),
+                             self._pump(up_reader, writer, holdable=False),
+                             return_exceptions=True)
+
+    async def _pump(self, reader, writer, *, holdable: bool) -> None:
+        while data := await reader.read(65536):
+            if holdable and self.holding:
+                self.held += len(data)
+                continue
+            writer.write(data)
+            await writer.drain()
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def cut(self) -> None:
+        async def close() -> None:
+            self.server.close()
+            for w in self.writers:
+                w.close()
+            if self.tasks:  # the pumps end on their own once their sockets close
+                await asyncio.wait(self.tasks, timeout=2)
+        self._call(close())
+
+    def stop(self) -> None:
+        self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def test_ack_answers_before_the_server_has_it_and_ack_sync_waits_for_the_server(make_js):
+    proxy = HoldingProxy()
+    try:
+        direct = make_js(ack_wait=1.0)
+        for i in range(4):
+            direct.send(f"e-{i}", "OrderPlaced", {"qty": 1})
+        via = make_js(f"nats://127.0.0.1:{proxy.port}", stream=direct.stream, ack_wait=1.0,
+                      confirm_acks=False, timeout=1.0)
+        got = received(via, 4)
+        assert len(got) == 4
+        proxy.hold()  # from now on nothing the client sends reaches the server
+        assert via.ack_many(got[:3]) == [True, True, True]  # ack(): "done", the server asked nothing
+        deadline = time.monotonic() + 5
+        while not proxy.held and time.monotonic() < deadline:  # the client flushes them...
+            time.sleep(0.01)
+        assert proxy.held > 0  # ... into the proxy, which holds them
+        via.confirm_acks = True  # ack_sync(): waits for the server's answer, which never comes
+        with pytest.raises(TimeoutError):
+            via.ack(got[3])
+        proxy.cut()  # the connection dies with the acks it held
+        via.close()
+        # The server never heard any of the four acks: after AckWait all four come back,
+        # the three that ack() called done among them.
+        back = received(direct, 4, within=10)
+        assert sorted(d.event_id for d in back) == ["e-0", "e-1", "e-2", "e-3"]
+        assert {d.delivery_count for d in back} == {2}
+        # ack_sync on a working connection: confirmed, and nothing acked comes back.
+        assert direct.ack_many(back) == [True] * 4
+        time.sleep(direct.ack_wait + 0.3)
+        assert direct.receive(1.0, 10) == []
+        assert direct.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
+    finally:
+        proxy.stop()
+
+
+# -- real processes --------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["idempotent", "at-least-once"])
+def test_sigkilled_worker_processes_on_jetstream(make_js, tmp_path: Path, mode):
+    """Three ``deliverylab worker --broker nats://…`` processes on one SQLite store, losing
+    ACKs, each SIGKILLed once mid-run and restarted (its leases run out and come back).
+    Idempotent: the checker says OK; at-least-once: lost ACKs were applied twice."""
+    db = tmp_path / "lab.db"
+    conn = store.init_db(db)
+    broker = make_js(ack_wait=1.0, ids=Ids(5))
+    url = f"{SERVER}?stream={broker.stream}&ack_wait=1"
+    placed = 0
+
+    def place(n: int) -> None:
+        nonlocal placed
+        for i in range(n):
+            place_order(broker, item_id=f"item-{(placed + i) % 4}", qty=1 + i % 3, store=conn)
+        placed += n
+
+    def start(k: int) -> Proc:
+        return Proc(tmp_path / f"w{k}-{time.monotonic_ns()}.log", "worker", "--store", str(db),
+                    "--broker", url, "--mode", mode, "--name", f"w{k}", "--seed", str(40 + k),
+                    "--ack-fail-rate", "0.2", "--work-time", "0.01", "--poll-interval", "0.02",
+                    "--max-messages", str(1 + 2 * (k % 2)))
+
+    place(100)
+    workers = [start(k) for k in range(3)]
+    procs = list(workers)
+    for k in range(3):  # each worker in turn, SIGKILLed once it holds leases
+        deadline = time.monotonic() + 30
+        while " received" not in workers[k].output() and time.monotonic() < deadline:
+            assert workers[k].alive(), workers[k].output()[-3000:]
+            time.sleep(0.02)
+        assert " received" in workers[k].output(), workers[k].output()[-3000:]
+        time.sleep(0.05)
+        workers[k].p.send_signal(signal.SIGKILL)
+        assert workers[k].p.wait(timeout=10) == -signal.SIGKILL
+        place(30)
+        workers[k] = start(k)
+        procs.append(workers[k])
+    deadline = time.monotonic() + 60
+    while sum(broker.depth().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
+    for w in workers:
+        assert w.terminate() == 0, w.output()[-3000:]
+    no_failures(*procs)
+    assert any(" ack failed" in p.output() for p in procs)
+
+    result = check(conn, broker)
+    assert result.orders == placed
+    assert (result.pending, result.lost, result.dead_lettered) == (0, 0, 0), result.verdict
+    projection = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+    truth = dict(conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
+    if mode == "at-least-once":
+        assert result.duplicated > 0, result.verdict
+        assert all(projection[i] >= q for i, q in truth.items())
+    else:
+        assert result.ok and result.duplicated == 0, result.verdict
+        assert projection == truth
+    conn.close()
+
