@@ -5,6 +5,7 @@ them, once."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -117,3 +118,31 @@ def test_drop_needs_a_broker_it_can_list(capsys, apart):
     code, _, err = run(capsys, "drop", "--store", str(store_file), "--broker",
                        str(store_file.parent / "nope.db"))
     assert code == 2 and "no database at" in err
+
+
+def test_status_reads_the_broker_it_is_given(capsys, apart):
+    """The store alone cannot tell a relayed event waiting in the broker from a lost one;
+    ``status --broker`` reads the broker's depth and dead letters, and calls them pending."""
+    store_file, where = apart
+    code, out, _ = run(capsys, "status", "--store", str(store_file))
+    assert code == 0 and "0 pending" in out and "3 lost" in out
+    code, out, _ = run(capsys, "status", "--store", str(store_file), "--broker", where)
+    assert code == 0, out
+    assert "queue        3 visible, 0 in flight" in out
+    assert "0 lost, 3 pending, 0 dead-lettered" in out
+    assert "verdict      PENDING: 3 pending" in out
+
+    clock = FakeClock(start=SystemClock().now())
+    broker = _broker(where, clock, max_receives=1)
+    broker.receive(1.0)
+    clock.advance(2)
+    broker.receive(1.0, 10)  # parks the first, leases the other two
+    dead_event = broker.parked[0][0].event_id
+    broker.conn.close()
+    code, out, _ = run(capsys, "status", "--json", "--store", str(store_file), "--broker", where)
+    report = json.loads(out)
+    assert [d["eventId"] for d in report["deadLetters"]] == [dead_event]
+    assert report["deadLetters"][0]["orderId"] is not None
+    assert report["check"]["dead_lettered"] == 1 and report["check"]["pending"] == 2
+    code, out, _ = run(capsys, "status", "--store", str(store_file), "--broker", where)
+    assert f"(in the broker)  event={dead_event}" in out

@@ -5,7 +5,9 @@ A relay that dies between the publish and the mark publishes again when it resta
 broker without producer dedup (``dedup_window`` None: a SQLite file, PostgreSQL) the
 duplicate is delivered, and only the consumer's inbox keeps the effect once. The same holds
 with real processes: a relay that exits for real (``--crash-exits``) is restarted, and the
-idempotent worker process applies each order once.
+idempotent worker process applies each order once. On JetStream the republish carries the
+same ``Nats-Msg-Id``: within the stream's duplicate window the broker stores it once; after
+the window it is stored again, and the inbox absorbs it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BROKER_ENGINES
@@ -362,3 +366,69 @@ def test_a_relay_process_that_dies_after_publishing_is_restarted_and_the_worker_
     assert out.count("duplicate skipped") == published - 20
     code, out, _ = run(capsys, "status", "--db", str(store_file))
     assert code == 0 and "20 applied exactly once, 0 duplicated, 0 lost" in out
+
+
+# -- JetStream: the broker's own dedup, within its window and after it ----------------------
+NATS = "nats://127.0.0.1:4222"
+
+
+@pytest.fixture
+def make_js() -> Iterator[Callable[..., Broker]]:
+    """``make_js(dedup_window=…)``: a JetStream broker on a stream of its own, on the wall
+    clock (the window is the server's), deleted after the test."""
+    from deliverylab.brokers.jetstream import JetStreamBroker
+
+    made: list[JetStreamBroker] = []
+
+    def make(**kw: Any) -> Broker:
+        made.append(JetStreamBroker(NATS, stream=f"relay-{uuid.uuid4().hex[:12]}",
+                                    clock=SystemClock(), ids=Ids(5), max_receives=50, **kw))
+        return made[-1]
+
+    yield make
+    for broker in made:
+        broker.destroy()
+
+
+def test_on_jetstream_a_republish_within_the_window_is_dropped_by_the_broker(make_js):
+    """The relay publishes some events twice; JetStream stores each once (the same
+    ``Nats-Msg-Id`` within the stream's duplicate window), so the worker never sees a
+    duplicate."""
+    broker = make_js(dedup_window=60.0)
+    conn = store.init_db()
+    events = place(conn, broker, 20)
+    stats = Relay(conn, broker, clock=broker.clock, crash_after_publish=0.2,
+                  seed=5).run_until_idle(batch=4)
+    assert stats.crashed > 0 and stats.published > 20  # published more than once
+    assert broker.depth()["visible"] == 20  # stored once each
+    assert broker.queued_event_ids() == set(events)
+    worker = Worker(store=conn, broker=broker, clock=broker.clock, name="w-1")
+    worker.run_until_idle()
+    assert (worker.stats.received, worker.stats.applied,
+            worker.stats.duplicates_skipped) == (20, 20, 0)
+    assert check(conn, broker).verdict.startswith("OK: all 20 orders applied exactly once")
+    conn.close()
+
+
+def test_on_jetstream_after_the_window_the_republish_is_stored_and_the_inbox_absorbs_it(
+        make_js):
+    """A relay that restarts after the window ran out publishes ids the server has
+    forgotten: stored twice, delivered twice, applied once by the inbox."""
+    broker = make_js(dedup_window=1.0)
+    conn = store.init_db()
+    place(conn, broker, 10)
+    relay = Relay(conn, broker, clock=broker.clock, crash_after_publish=0.1, seed=8)
+    crashed = 0
+    while relay.step(3):
+        if relay.stats.crashed > crashed:  # dead; restarted once the window has run out
+            crashed = relay.stats.crashed
+            time.sleep(1.5)
+    assert crashed > 0
+    stored = broker.depth()["visible"]
+    assert stored == relay.stats.published > 10  # every republish stored again
+    worker = Worker(store=conn, broker=broker, clock=broker.clock, name="w-1")
+    worker.run_until_idle()
+    assert worker.stats.received == stored
+    assert worker.stats.duplicates_skipped == stored - 10
+    assert check(conn, broker).verdict.startswith("OK: all 10 orders applied exactly once")
+    conn.close()

@@ -414,10 +414,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=5)
-    events = (f"events to its outbox: run 'deliverylab relay --broker {args.broker}'"
-              if outbox else "events to its queue table")
+    events = (f"; events to its outbox: run 'deliverylab relay --broker {args.broker}'"
+              if outbox else "")
     print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database"
-                    f" {db_label(args)}; {events}; Ctrl-C to stop)"), flush=True)
+                    f" {db_label(args)}{events}; Ctrl-C to stop)"), flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -654,12 +654,21 @@ def cmd_order(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
     from .status import collect, render
 
+    store_flag(args)
     conn = open_db(args, write=False)
     try:
+        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())
+    except BaseException:
+        conn.close()
+        raise
+    apart = None if broker.joins(conn) else broker
+    try:
         while True:
-            report = collect(conn)
+            report = collect(conn, broker=apart)
             if args.json:
                 print(safe_json(report), flush=True)
             else:
@@ -672,7 +681,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        conn.close()
+        _close(conn, broker, broker_conn)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -734,8 +743,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator_trace(args: argparse.Namespace, conn: Any, broker: Any,
-                    rows: list[tuple[Any, ...]]) -> None:
+def _operator_trace(conn: Any, broker: Any, rows: list[tuple[Any, ...]]) -> None:
     """Rows of (worker, correlation_id, event_id, message_id, delivery_count, outcome,
     detail) for what an operator verb did on a broker that wrote no trace of its own (one
     outside the store): written into the store right after the verb, as the worker does."""
@@ -781,7 +789,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         orders = dict(conn.execute(
             "SELECT event_id, order_id FROM orders WHERE event_id IN"
             " (SELECT value FROM json_each(?))", (json.dumps(back),)).fetchall())
-        _operator_trace(args, conn, broker, [
+        _operator_trace(conn, broker, [
             ("operator", orders.get(e), e, None, 0, Outcome.REDRIVEN,
              "redriven by 'deliverylab redrive'") for e in back])
     finally:
@@ -821,7 +829,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
                 dropped.append(r)
                 print(safe_text(f"dropped {r['message_id']} event={r['event_id']}"
                                 f" order={r['correlation_id']} (logged as lost)"))
-        _operator_trace(args, conn, broker, [
+        _operator_trace(conn, broker, [
             ("chaos", r["correlation_id"], r["event_id"], r["message_id"], r["delivery_count"],
              Outcome.LOST, reason) for r in dropped])
     finally:
@@ -902,6 +910,15 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="SECONDS",
                       help="how long to wait for another connection's write lock before"
                            " giving up (default 30)")
+    # Where the consumer's database and the broker are, for the commands that read or act on
+    # the broker (status, redrive, drop); with a broker outside the store, redrive and drop
+    # write their trace rows into the store after the verb.
+    where_flags = argparse.ArgumentParser(add_help=False)
+    where_flags.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
+                             help="the consumer's database: the same as --db")
+    where_flags.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
+                             help="where the messages wait (default: the queue table of the"
+                                  " store's own database)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("init-db", parents=[busy], help="create the database (idempotent)")
@@ -1007,7 +1024,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the API (default ${URL_ENV} or {DEFAULT_URL})")
     p.set_defaults(run=cmd_order)
 
-    p = sub.add_parser("status", parents=[busy],
+    p = sub.add_parser("status", parents=[busy, where_flags],
                        help="queue, inbox, projection vs truth, dead letters, the verdict")
     p.add_argument("--json", action="store_true")
     p.add_argument("--watch", type=_num_arg(0.1, 3600), default=None, metavar="SECONDS",
@@ -1025,22 +1042,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the drift only")
     p.set_defaults(run=cmd_reconcile)
 
-    # The operator verbs act on the broker; with one outside the store they write their
-    # trace rows into the store after the verb.
-    where = argparse.ArgumentParser(add_help=False, parents=[busy])
-    where.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
-                       help="the consumer's database, where the trace goes: the same as --db")
-    where.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
-                       help="where the messages wait (default: the queue table of the"
-                            " store's own database)")
-
-    p = sub.add_parser("redrive", parents=[where], help="move dead letters back to the queue")
+    p = sub.add_parser("redrive", parents=[busy, where_flags], help="move dead letters back to the queue")
     p.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID",
                    type=_text_arg(4096, printable=False),
                    help="only these (default: all)")
     p.set_defaults(run=cmd_redrive)
 
-    p = sub.add_parser("drop", parents=[where],
+    p = sub.add_parser("drop", parents=[busy, where_flags],
                        help="delete queued messages behind the workers' backs (fault injection)")
     p.add_argument("refs", nargs="*", metavar="ID", type=_text_arg(4096, printable=False),
                    help="message, event or order ids")
