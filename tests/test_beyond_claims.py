@@ -218,12 +218,12 @@ def test_a_relay_needs_a_broker_outside_the_store():
 
 @pytest.mark.slow
 def test_a_cluster_run_keeps_every_order_through_two_leader_kills_and_its_picture_shows_them():
-    run = beyond.cluster_demo("idempotent", orders=400)
+    run = beyond.cluster_demo("idempotent", orders=1000)
     summary = beyond.cluster_summary(run)
     assert summary["leader kills"] == 2 and summary["a new leader each time"]
-    assert summary["orders applied at least once"] == 400
+    assert summary["orders applied at least once"] == 1000
     assert not summary["some orders applied twice"]
-    assert summary["verdict"] == "OK: all 400 orders applied exactly once; projection equals truth"
+    assert summary["verdict"] == "OK: all 1000 orders applied exactly once; projection equals truth"
     fig = beyond.plot_cluster_run(run)
     ax = fig.axes[0]
     vertical = [line for line in ax.lines if len(set(line.get_xdata())) == 1]
