@@ -11,6 +11,7 @@
     deliverylab reconcile [--dry-run]         # the drift, then the repair
     deliverylab redrive                       # dead letters back to the queue
     deliverylab drop --count 3                # lose queued messages on purpose
+    deliverylab cluster start|status|stop     # three NATS JetStream servers on this machine
 
 Bad input exits with status 2 and a message naming the flag (or variable) and its value;
 nothing is written. A failure at run time (the API is down, the server said no) exits with 1.
@@ -45,6 +46,7 @@ from ..engine.store import SQLiteTooOld
 
 DEFAULT_DB = "data/app.db"
 DEFAULT_URL = "http://127.0.0.1:3000"
+DEFAULT_CLUSTER_DIR = "data/nats-cluster"
 DB_ENV = "DELIVERYLAB_DB"
 URL_ENV = "DELIVERYLAB_URL"
 # One flag and one environment variable per fault point: --ack-fail-rate / ACK_FAIL_RATE, …
@@ -692,6 +694,57 @@ def cmd_drop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Start, show or stop the three-node JetStream cluster whose files live in ``--dir``."""
+    from ..brokers.nats_cluster import (
+        DEFAULT_BASE_PORT,
+        STATE_FILE,
+        ClusterError,
+        NatsCluster,
+    )
+
+    where = Path(args.dir)
+    if where.exists() and not where.is_dir():
+        raise UsageError(f"--dir must be a directory, got {args.dir!r}"
+                         f" ({'a file' if where.is_file() else _kind(where)})")
+    known = (where / STATE_FILE).exists()
+    if known:
+        try:
+            cluster = NatsCluster.open(where)
+        except InvalidInput as exc:
+            raise UsageError(f"--dir must be {exc.expected}, got {args.dir!r}") from None
+        if args.base_port is not None and args.base_port != cluster.base_port:
+            raise UsageError(f"--base-port: the cluster in {args.dir!r} uses base port"
+                             f" {cluster.base_port}, got {args.base_port}; stop it first, or"
+                             f" use another --dir")
+    elif args.action != "start":
+        what = "runs" if args.action == "status" else "to stop"
+        print(safe_text(f"no cluster in {args.dir!r}: nothing {what} (start one with"
+                        f" 'deliverylab cluster start --dir {args.dir}')"))
+        return 1 if args.action == "status" else 0
+    else:
+        cluster = NatsCluster(where, base_port=args.base_port or DEFAULT_BASE_PORT)
+    try:
+        if args.action == "stop":
+            stopped = cluster.stop()
+            print(safe_text(f"stopped {', '.join(stopped) or 'nothing (no node was running)'}"
+                            f"; the storage stays in {args.dir!r}"))
+            return 0
+        if args.action == "start":
+            cluster.start()
+    except ClusterError as exc:
+        raise Failure(str(exc)) from None
+    nodes = cluster.status()
+    for n in nodes:
+        state = ("answering" if n.answering else "not answering") if n.running else "down"
+        lead = f", meta leader {n.meta_leader}" if n.meta_leader else ""
+        node = cluster.node(n.name)
+        print(safe_text(f"{n.name}: {state} (pid {n.pid or '-'}, client {node.url},"
+                        f" monitoring http://127.0.0.1:{node.http_port}{lead})"))
+    print(safe_text(f"broker URL: {cluster.url(stream='NAME', replicas=3)}"))
+    return 0 if all(n.answering and n.meta_leader for n in nodes) else 1
+
+
 # -- the parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ..engine.worker import Mode
@@ -817,6 +870,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_int_arg(1, 1_000_000), default=1,
                    help="without ids: drop the N oldest queued messages (default 1)")
     p.set_defaults(run=cmd_drop)
+
+    p = sub.add_parser("cluster", help="three NATS JetStream servers on this machine, one"
+                                       " replicated cluster: start, status, stop")
+    p.add_argument("action", choices=["start", "status", "stop"])
+    p.add_argument("--dir", type=_path_text, default=DEFAULT_CLUSTER_DIR,
+                   help=f"where the nodes' configuration, storage, logs and process ids live"
+                        f" (default {DEFAULT_CLUSTER_DIR})")
+    p.add_argument("--base-port", type=_int_arg(1024, 61534), default=None, metavar="PORT",
+                   help="client ports PORT..PORT+2, routes PORT+2000.., monitoring PORT+4000.."
+                        " (default 14222)")
+    p.set_defaults(run=cmd_cluster)
     return parser
 
 
