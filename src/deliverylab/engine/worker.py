@@ -37,7 +37,14 @@ from enum import StrEnum
 from ..brokers.base import Broker, Delivery
 from ..brokers.sqlite import SQLiteBroker
 from .clock import Clock
-from .errors import InvalidInput, SimulatedCrash, check_id, check_int, check_number
+from .errors import (
+    STORE_ERRORS,
+    InvalidInput,
+    SimulatedCrash,
+    check_id,
+    check_int,
+    check_number,
+)
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
 from .store import is_busy, is_store, transaction
@@ -277,7 +284,7 @@ class Worker:
             if self._fires("process_error", d):
                 raise RuntimeError("injected processing error")
             applied = self._apply(d)
-        except sqlite3.Error:
+        except STORE_ERRORS:
             raise
         except Exception as exc:  # the handler's own failure: retry it, later dead-letter it
             self.conn.execute("ROLLBACK TO message")
@@ -335,7 +342,7 @@ class Worker:
                 log_many(conn, [(now, self.name, d.correlation_id, d.event_id, d.message_id,
                                  d.delivery_count, o, details[o])
                                 for d, o in zip(deliveries, outcomes, strict=True)])
-        except sqlite3.Error:
+        except STORE_ERRORS:
             raise
         except Exception:  # a handler refused one of them: redo one by one, isolating it
             return None
