@@ -32,6 +32,7 @@ from deliverylab.engine.errors import BrokerUnavailable, InvalidInput
 from deliverylab.engine.faults import Faults
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
+from deliverylab.engine.relay import Relay
 from deliverylab.engine.worker import Worker
 
 SERVER = "nats://127.0.0.1:4222"
@@ -128,6 +129,7 @@ def run_worker(make_js, *, mode: str, seed: int, max_messages: int, orders: int 
     broker = make_js(ids=Ids(seed), max_receives=50, ack_wait=0.4)
     for i in range(orders):
         place_order(broker, item_id=f"item-{i % 3}", qty=1 + i % 2, store=conn)
+    Relay(conn, broker, clock=broker.clock).run_until_idle()  # the store's outbox, published
     worker = Worker(store=conn, broker=broker, clock=broker.clock, mode=mode,
                     faults=Faults(seed=seed, **FAULTS), max_messages=max_messages, name="w-1",
                     backoff_cap=0.5)
@@ -174,6 +176,7 @@ def test_a_message_the_server_gives_up_on_is_a_dead_letter_recorded_in_the_store
     conn = store.init_db()
     broker = make_js(max_receives=2, ack_wait=0.3)
     placed = place_order(broker, item_id="tea", qty=1, store=conn)
+    Relay(conn, broker, clock=broker.clock).run_until_idle()
     worker = Worker(store=conn, broker=broker, clock=broker.clock, name="w-1",
                     faults=Faults(seed=1, crash_after_receive=1.0))
     deadline = time.monotonic() + 10
@@ -444,6 +447,7 @@ def test_sigkilled_worker_processes_on_jetstream(make_js, tmp_path: Path, mode):
         nonlocal placed
         for i in range(n):
             place_order(broker, item_id=f"item-{(placed + i) % 4}", qty=1 + i % 3, store=conn)
+        Relay(conn, broker, clock=broker.clock).run_until_idle()
         placed += n
 
     def start(k: int) -> Proc:

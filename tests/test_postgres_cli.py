@@ -16,6 +16,7 @@ from deliverylab.engine import store_postgres as pgstore
 from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
+from deliverylab.engine.relay import Relay
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +52,10 @@ def test_init_db_creates_the_schema_once_and_keeps_its_data(capsys):
     ("postgresql://127.0.0.1/no_such_db?options=-csearch_path%3Ddl_x",
      'database "no_such_db" does not exist'),
 ])
-@pytest.mark.parametrize("command", ["init-db", "status", "worker", "reconcile"])
+@pytest.mark.parametrize("command", ["init-db", "status", "worker", "reconcile", "api", "relay"])
 def test_a_bad_url_or_an_unreachable_server_is_exit_2_naming_the_flag(capsys, command, url, says):
-    code, out, err = run(capsys, command, "--db", url)
+    broker = ["--broker", "postgresql://127.0.0.1/test?options=-csearch_path%3Ddl_b"]
+    code, out, err = run(capsys, command, "--db", url, *(broker if command == "relay" else []))
     assert code == 2, (out, err)
     assert err.startswith(f"deliverylab {command}: error: --db must be") and says in err
 
@@ -65,12 +67,6 @@ def test_a_schema_init_db_never_made_is_named(capsys):
     with pgstore.connect(url, must_exist=False) as conn:  # and nothing was created
         assert conn.execute("SELECT count(*) FROM information_schema.schemata"
                             " WHERE schema_name = ?", (conn.schema,)).fetchone()[0] == 0
-
-
-def test_the_api_says_it_serves_sqlite_only(capsys):
-    with schema() as url:
-        code, _, err = run(capsys, "api", "--db", url)
-    assert code == 2 and "the HTTP API serves a SQLite file only" in err
 
 
 @pytest.mark.slow
@@ -136,6 +132,7 @@ def test_a_worker_on_a_postgres_broker_and_a_sqlite_store(capsys, tmp_path):
             broker = PostgresBroker(bconn, clock=SystemClock(), ids=Ids(9))
             for i in range(10):
                 place_order(broker, item_id=f"item-{i % 3}", qty=1, store=conn)
+            Relay(conn, broker, clock=broker.clock).run_until_idle()
         conn.close()
         worker = subprocess.Popen(
             [sys.executable, "-m", "deliverylab", "worker", "--broker", url, "--store",

@@ -3,6 +3,8 @@ repair as on SQLite, with broker and store in one PostgreSQL schema."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from pg import schema
 
@@ -11,6 +13,7 @@ from deliverylab.engine import store as db
 from deliverylab.engine import store_postgres as pgstore
 from deliverylab.engine.check import check
 from deliverylab.engine.clock import FakeClock
+from deliverylab.engine.errors import StoreError
 from deliverylab.engine.faults import Faults
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
@@ -155,9 +158,12 @@ def test_a_database_error_is_raised_not_retried_as_the_handlers_failure(pg_url):
         conn.execute("SELECT no_such_column FROM orders")
 
     w = lab.worker("w0", mode="at-least-once", handler=broken)
-    with pytest.raises(pgstore.PgError, match="no_such_column"):
+    with pytest.raises(pgstore.PgError, match="no_such_column") as raised:
         w.step()
     assert w.stats.nacked == 0
+    # The engine's store error, not one of sqlite3's: callers catch STORE_ERRORS.
+    assert isinstance(raised.value, StoreError)
+    assert not isinstance(raised.value, sqlite3.Error)
 
 
 def test_a_repair_waits_for_an_effect_that_read_the_fence_before_it(pg_url):

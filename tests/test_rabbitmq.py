@@ -27,6 +27,7 @@ from deliverylab.engine.errors import InvalidInput
 from deliverylab.engine.faults import Faults
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
+from deliverylab.engine.relay import Relay
 from deliverylab.engine.worker import Worker
 
 URL = os.environ.get("DELIVERYLAB_AMQP_URL", DEFAULT_URL)
@@ -114,6 +115,7 @@ def test_a_lost_ack_closes_the_channel_and_the_message_is_back_at_once(rabbit, q
     broker = rabbit(clock=clock, max_receives=5)
     conn = store.init_db()
     placed = place_order(broker, item_id="tea", qty=2, store=conn)
+    Relay(conn, broker, clock=clock).run_until_idle()  # from the store's outbox
     worker = Worker(store=conn, broker=broker, clock=clock, mode="idempotent",
                     faults=Faults(seed=1, ack_fail=1.0), name="w-1")
     assert worker.step() == 1
@@ -197,6 +199,7 @@ def run(rabbit, mode: str, seed: int, *, lose: float = 0.0, orders: int = 30,
     conn = store.init_db()
     for i in range(orders):
         place_order(broker, item_id=ITEMS[i % 3], qty=1 + i % 3, store=conn)
+    Relay(conn, broker, clock=clock).run_until_idle()  # from the store's outbox
     worker = Worker(store=conn, broker=broker, clock=clock, mode=mode, name="w-1",
                     faults=Faults(seed=seed, lose_message=lose, **FAULTS),
                     max_messages=max_messages)
@@ -273,6 +276,7 @@ def test_sigkilled_worker_processes_on_one_queue_lose_nothing_idempotent(tmp_pat
         nonlocal placed
         for _ in range(n):
             place_order(producer, item_id=rng.choice(ITEMS), qty=rng.randint(1, 4), store=conn)
+        Relay(conn, producer, clock=producer.clock).run_until_idle()  # from the store's outbox
         placed += n
 
     procs: list[Proc] = []

@@ -25,6 +25,12 @@ FastAPI served by uvicorn (``deliverylab api``). What matters for correctness:
   ``--allowed-host`` adds), so a web page cannot reach the API through DNS rebinding.
 * **A deleted or replaced database file is noticed**: writes are refused with a 503 rather
   than acknowledged into a file nobody will see again, and ``/health`` says so.
+* **The same on PostgreSQL** (``--db postgresql://…``): one write transaction per batch,
+  ``synchronous_commit=on`` for ``full``, a statement timeout for the write budget (a row lock
+  held elsewhere past it is a 503), the same answers and error codes.
+* **With the broker outside the store** (``outbox=True``, ``deliverylab api --broker``), the
+  API writes the order and its event to the store's outbox table in one transaction, and
+  never talks to the broker: ``deliverylab relay`` publishes the event.
 """
 
 
@@ -54,13 +60,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
+from ..brokers.postgres import PostgresBroker
 from ..brokers.sqlite import Queue
+from ..engine import store_postgres as pgstore
 from ..engine.clock import SystemClock
 from ..engine.display import escape_unprintable
-from ..engine.errors import InvalidInput, OrderConflict, check_id, check_int, check_number
+from ..engine.errors import (
+    STORE_ERRORS,
+    InvalidInput,
+    OrderConflict,
+    check_id,
+    check_int,
+    check_number,
+)
 from ..engine.ids import Ids
 from ..engine.orders import MAX_KEY_LENGTH, PlacedOrder, list_orders, place_order, validate_order
-from ..engine.store import SYNCHRONOUS_LEVELS, check_schema, check_synchronous, connect
+from ..engine.store import (
+    SYNCHRONOUS_LEVELS,
+    check_schema,
+    check_synchronous,
+    connect,
+    is_busy,
+    require_outbox,
+)
 from .status import collect, order_view, snapshot
 
 MAX_BODY_BYTES = 64 * 1024
@@ -272,27 +294,60 @@ def _identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+# PostgreSQL's synchronous_commit for each of the API's levels: ``on``, a commit waits for
+# its WAL flush (as SQLite's FULL); ``off``, it does not, and a crash of the server can lose
+# the last commits, never corrupt (closest to SQLite's NORMAL). EXTRA has no counterpart.
+PG_SYNCHRONOUS = {"FULL": "on", "NORMAL": "off"}
+# PostgreSQL's codes for a statement cut short by its timeout or a lock it could not get.
+PG_TIMEOUTS = ("57014", "55P03")
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store giving up on a lock or a time budget: SQLite's busy
+    timeout, or PostgreSQL's ``statement_timeout`` / ``lock_timeout``."""
+    return is_busy(exc) or getattr(exc, "sqlstate", None) in PG_TIMEOUTS
+
+
 class Store:
-    """The database side of the API.
+    """The database side of the API: a SQLite file, or a PostgreSQL schema (a
+    ``postgresql://`` URL, see ``engine/store_postgres.py``).
 
     Writes: one connection, used by one thread (a single-thread executor, so requests queue
     in order and never tie up the pool that serves reads). Reads: a pool of connections, one
     per concurrent read, reused. ``/health``: its own connection on its own thread.
+
+    ``outbox``: the broker is outside the store, so each order's event goes to the store's
+    outbox table in the order's transaction and ``deliverylab relay`` publishes it; otherwise
+    the queue table in the store's own database takes it in that transaction.
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = DEFAULT_SYNCHRONOUS,
-                 write_budget: float = WRITE_BUDGET_S) -> None:
+                 write_budget: float = WRITE_BUDGET_S, outbox: bool = False) -> None:
         self.path = str(path)
-        self.clock = SystemClock()
+        self.postgres = pgstore.is_url(self.path)
+        if self.postgres and synchronous not in PG_SYNCHRONOUS:
+            raise InvalidInput("synchronous", synchronous.lower(), "full or normal on PostgreSQL")
+        self.clock, self.ids = SystemClock(), Ids()
         self.write_budget = write_budget
-        self._writer = connect(self.path, synchronous=synchronous)
+        self._writer = self._connect(synchronous=synchronous)
         check_schema(self._writer)
         # The file this process writes to, to notice when the path stops leading to it.
-        self._identity = _identity(self.path)
+        self._identity = None if self.postgres else _identity(self.path)
         # Read back, not assumed: what the connection that acknowledges orders really runs.
-        level = self._writer.execute("PRAGMA synchronous").fetchone()[0]
-        self.synchronous = {v: k for k, v in SYNCHRONOUS_LEVELS.items()}.get(level, str(level))
-        self.queue = Queue(self._writer, clock=self.clock, ids=Ids())
+        if self.postgres:
+            level = self._writer.execute("SHOW synchronous_commit").fetchone()[0]
+            self.synchronous = {v: k for k, v in PG_SYNCHRONOUS.items()}.get(level, level)
+        else:
+            level = self._writer.execute("PRAGMA synchronous").fetchone()[0]
+            self.synchronous = {v: k for k, v in SYNCHRONOUS_LEVELS.items()}.get(level,
+                                                                                 str(level))
+        self.outbox = outbox
+        if outbox:
+            require_outbox(self._writer, "db")
+            self.queue = None
+        else:
+            broker = PostgresBroker if self.postgres else Queue
+            self.queue = broker(self._writer, clock=self.clock, ids=self.ids)
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-write")
         self._jobs: deque[_Write] = deque()
         self.accepted = 0  # orders handed to the write thread
@@ -300,16 +355,39 @@ class Store:
         self._jobs_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
-        self._prober = connect(self.path, busy_timeout=HEALTH_LOCK_WAIT_S)
+        self._prober = self._connect(busy_timeout=HEALTH_LOCK_WAIT_S)
         self._probes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-health")
         self._probe: Future[dict[str, Any]] | None = None
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
 
-    # -- the file ---------------------------------------------------------------------------
+    # -- the database -----------------------------------------------------------------------
+    def _connect(self, *, synchronous: str = DEFAULT_SYNCHRONOUS,
+                 busy_timeout: float | None = None) -> Any:
+        """A connection to the store, with the commit durability asked for."""
+        if self.postgres:
+            conn = pgstore.connect(self.path)
+            conn.execute(f"SET synchronous_commit = {PG_SYNCHRONOUS[synchronous]}")
+            if busy_timeout is not None:
+                conn.execute(f"SET lock_timeout = {max(1, int(busy_timeout * 1000))}")
+            return conn
+        if busy_timeout is None:
+            return connect(self.path, synchronous=synchronous)
+        return connect(self.path, synchronous=synchronous, busy_timeout=busy_timeout)
+
+    def _wait_at_most(self, conn: Any, seconds: float) -> None:
+        """Bound the next write: SQLite's busy timeout, or on PostgreSQL a statement timeout
+        (row locks are waited for statement by statement; each is cut off at the bound)."""
+        ms = max(1, int(seconds * 1000))
+        conn.execute(f"SET statement_timeout = {ms}" if self.postgres
+                     else f"PRAGMA busy_timeout = {ms}")
+
     def file_state(self) -> str:
         """``ok``, ``deleted`` (nothing at the path: writes would go to a file that vanishes
-        with this process) or ``replaced`` (another file at the path)."""
+        with this process) or ``replaced`` (another file at the path). A PostgreSQL store is
+        no file: ``ok``."""
+        if self.postgres:
+            return "ok"
         now = _identity(self.path)
         if now is None:
             return "deleted"
@@ -379,11 +457,11 @@ class Store:
             # SQLite may wait for the lock until the earliest deadline in the batch; on a
             # timeout the orders past theirs are refused and the rest try again.
             wait = min(j.deadline for j in batch) - now
-            conn.execute(f"PRAGMA busy_timeout = {max(1, int(wait * 1000))}")
+            self._wait_at_most(conn, wait)
             try:
                 conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
+            except STORE_ERRORS as exc:
+                if _timed_out(exc):
                     continue
                 self._refuse(batch, exc)
                 return
@@ -393,8 +471,11 @@ class Store:
             for job in batch:
                 conn.execute("SAVEPOINT one_order")
                 try:
-                    outcome: PlacedOrder | BaseException = place_order(self.queue, **job.order)
+                    outcome: PlacedOrder | BaseException = place_order(
+                        self.queue, store=conn, clock=self.clock, ids=self.ids, **job.order)
                 except Exception as exc:  # noqa: BLE001 - this order's answer, not the batch's
+                    if _timed_out(exc):  # PostgreSQL: a lock held past the budget, the batch's
+                        raise
                     conn.execute("ROLLBACK TO one_order")
                     outcome = exc
                 conn.execute("RELEASE one_order")
@@ -406,6 +487,10 @@ class Store:
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if _timed_out(exc):  # a lock held past the budget: nothing written, retry
+                exc = WriteRefused(f"the database stayed busy for {self.write_budget:g} s"
+                                   " (a lock held by another connection); nothing was"
+                                   " written, retry the same request")
             self._refuse(batch, exc)
             return
         for job, outcome in outcomes:
@@ -420,7 +505,7 @@ class Store:
         with self._pool_lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = connect(self.path)
+            conn = self._connect()
         try:
             yield conn
         finally:
@@ -435,7 +520,7 @@ class Store:
         check_schema(conn)
         orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
         state = self.file_state()
-        if state == "ok":
+        if state == "ok" and not self.postgres:  # PostgreSQL locks rows, not the database
             try:  # Can a write start now? Take the write lock and give it back at once.
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("ROLLBACK")
@@ -444,7 +529,8 @@ class Store:
                     raise
                 state = "locked"
         return {"database": state, "writable": state == "ok", "orders": orders,
-                "synchronous": self.synchronous}
+                "synchronous": self.synchronous,
+                "events": "outbox" if self.outbox else "queue table"}
 
     async def health(self) -> dict[str, Any]:
         """The database's state, from one probe shared by every caller that arrives while it
@@ -562,8 +648,13 @@ def _from_env(name: str) -> str | None:
 
 def create_app(db_path: str | Path, *, synchronous: str | None = None,
                allowed_hosts: Iterable[str] | None = None,
-               write_budget: float = WRITE_BUDGET_S) -> FastAPI:
-    """The API over the database at ``db_path``, which must exist (``deliverylab init-db``).
+               write_budget: float = WRITE_BUDGET_S, outbox: bool = False) -> FastAPI:
+    """The API over the database at ``db_path`` (a SQLite file, or a PostgreSQL schema as a
+    ``postgresql://`` URL), which must exist (``deliverylab init-db``).
+
+    ``outbox``: the workers' broker is outside the store (``deliverylab api --broker``): each
+    order's event goes to the store's outbox table, and ``deliverylab relay`` publishes it.
+    Otherwise it goes to the queue table of the store's own database, in the same transaction.
 
     ``synchronous``: ``full`` (the default: a 201 survives a power cut) or ``normal``
     (faster; survives a crash of the process only); default from ``$DELIVERYLAB_SYNCHRONOUS``.
@@ -581,7 +672,9 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
                                 ALLOWED_HOSTS_ENV)
     extra += check_allowed_hosts(allowed_hosts or ())
     write_budget = check_number("write_budget", write_budget, minimum=0.001, maximum=60)
-    store = Store(db_path, synchronous=synchronous, write_budget=write_budget)
+    if not isinstance(outbox, bool):
+        raise InvalidInput("outbox", outbox, "True or False")
+    store = Store(db_path, synchronous=synchronous, write_budget=write_budget, outbox=outbox)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

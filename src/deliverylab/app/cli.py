@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -39,7 +40,7 @@ from typing import Any
 
 from .. import __version__
 from ..engine.display import safe_json, safe_text
-from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.errors import STORE_ERRORS, InvalidInput, check_int, check_number, check_text
 from ..engine.faults import FAULT_POINTS
 from ..engine.orders import MAX_ID_LENGTH, MAX_QTY
 from ..engine.store import SQLiteTooOld
@@ -182,6 +183,34 @@ def broker_on(conn: Any, **kw: Any) -> Any:
     return Queue(conn, **kw)
 
 
+def store_flag(args: argparse.Namespace) -> None:
+    """``--store`` is ``--db`` (the consumer's database); both given must name the same."""
+    if getattr(args, "store", None) is None:
+        return
+    if args.db is not None and args.db != args.store:
+        raise UsageError(f"--store and --db name the same thing, the consumer's database;"
+                         f" got {args.store!r} and {args.db!r}")
+    args.db, args.flag = args.store, "--store"
+
+
+def open_broker_arg(args: argparse.Namespace, conn: Any, **kw: Any) -> tuple[Any, Any, str | None]:
+    """The broker ``--broker`` names, for a command whose store is open on ``conn``: (broker,
+    the broker's own database connection or None, its label or None when it is the queue
+    table of the store's own database). ``kw`` (clock, ids, max_receives) goes to the broker.
+    A queue in another database writes no trace of its own (``trace=False``): the command
+    writes the rows into the store, as the worker does."""
+    from ..brokers.registry import is_broker_url, open_broker
+
+    name = kw.pop("worker", "deliverylab")
+    if is_broker_url(args.broker):  # RabbitMQ, NATS: not a database
+        return open_broker(args.broker, field="--broker", worker=name, **kw), None, args.broker
+    if args.broker is None or args.broker == (args.db or os.environ.get(DB_ENV, "")):
+        return broker_on(conn, **kw), None, None
+    broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
+    broker_conn = open_db(broker_args)
+    return broker_on(broker_conn, trace=False, **kw), broker_conn, db_label(broker_args)
+
+
 def _where(args: argparse.Namespace) -> str:
     return getattr(args, "flag", "--db") if args.db is not None else (DB_ENV if os.environ.get(DB_ENV, "").strip()
                                                else "the default database")
@@ -245,7 +274,7 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
         if is_busy(exc):
             raise
         raise UsageError(f"cannot open {str(path)!r} ({exc})") from None
-    except (sqlite3.DatabaseError, InvalidInput) as exc:
+    except (*STORE_ERRORS, InvalidInput) as exc:
         raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc}); run"
                          f" 'deliverylab init-db' on a new path") from None
     try:
@@ -257,7 +286,7 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
         check_schema(conn)
     except UsageError:
         raise
-    except (sqlite3.DatabaseError, InvalidInput) as exc:
+    except (*STORE_ERRORS, InvalidInput) as exc:
         conn.close()
         if is_busy(exc):
             raise
@@ -334,7 +363,7 @@ def cmd_init_db(args: argparse.Namespace) -> int:
             orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
         finally:
             conn.close()
-    except (sqlite3.DatabaseError, InvalidInput) as exc:
+    except (*STORE_ERRORS, InvalidInput) as exc:
         if created:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
@@ -350,12 +379,25 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    if db_url(args) is not None:
-        raise UsageError(f"{_where(args)}: the HTTP API serves a SQLite file only; on"
-                         f" PostgreSQL, place orders from Python (orders.place_order) or run"
-                         f" the API on a file")
-    path = db_path(args)
-    open_db(args).close()  # fail here, with a clear message, not inside the server
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
+    from ..engine.store import require_outbox
+
+    database = db_url(args) or db_path(args)
+    # Fail here, with a clear message, not inside the server.
+    conn = open_db(args)
+    try:
+        outbox = args.broker is not None
+        if outbox:
+            require_outbox(conn, _where(args))
+            if args.broker == (args.db or os.environ.get(DB_ENV, "")):
+                raise UsageError(f"--broker must be a broker outside the store, got the store"
+                                 f" itself ({args.broker!r}); leave --broker out to use its"
+                                 f" queue table")
+            # The API never sends on it (the relay does): opened once to check it is there.
+            _close_broker(*open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())[:2])
+    finally:
+        conn.close()
     import uvicorn
 
     from .api import check_allowed_hosts, create_app
@@ -365,14 +407,17 @@ def cmd_api(args: argparse.Namespace) -> int:
         # The address the server was told to bind is a name it answers to (a wildcard is not).
         if args.host not in ("0.0.0.0", "::"):
             hosts += check_allowed_hosts([args.host], "--host")
-        app = create_app(path, synchronous=args.synchronous, allowed_hosts=hosts)
+        app = create_app(database, synchronous=args.synchronous, allowed_hosts=hosts,
+                         outbox=outbox)
     except InvalidInput as exc:
         raise UsageError(str(exc)) from None
     sock = listen(args.host, args.port)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=5)
-    print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database {path};"
-                    f" Ctrl-C to stop)"), flush=True)
+    events = (f"; events to its outbox: run 'deliverylab relay --broker {args.broker}'"
+              if outbox else "")
+    print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database"
+                    f" {db_label(args)}{events}; Ctrl-C to stop)"), flush=True)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -431,20 +476,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          f" got {args.backoff_cap:g}")
     faults = Faults.from_rates(seed=args.seed, **rates)
     name = args.name or f"worker-{os.getpid()}"
-    if args.store is not None:
-        if args.db is not None and args.db != args.store:
-            raise UsageError(f"--store and --db name the same thing, the consumer's database;"
-                             f" got {args.store!r} and {args.db!r}")
-        args.db, args.flag = args.store, "--store"
-    from ..brokers.registry import is_broker_url, open_broker
+    store_flag(args)
+    from ..brokers.registry import is_broker_url
 
-    broker_args = None
-    external = is_broker_url(args.broker)  # RabbitMQ, NATS: not a database
-    if external:  # refused before connecting: a refusal declares no queue there
+    if is_broker_url(args.broker):  # refused before connecting: a refusal declares no queue
         refuse_apart(args.mode)
-    elif args.broker is not None and args.broker != (args.db or os.environ.get(DB_ENV, "")):
-        broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
-        open_db(broker_args).close()  # a bad --broker fails here, before anything starts
     conn = open_db(args)
 
     def echo(line: str) -> None:
@@ -452,19 +488,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     clock, ids = SystemClock(), Ids()
     # The broker: the queue table in the store's own database, or (--broker) a queue in
-    # another database, which leaves the trace rows of its verbs to the worker.
-    if external:
-        broker_conn = conn
-        try:
-            broker = open_broker(args.broker, field="--broker", clock=clock, ids=ids,
-                                 max_receives=args.max_receives, worker=name)
-        except InvalidInput:
-            conn.close()
-            raise
-    else:
-        broker_conn = conn if broker_args is None else open_db(broker_args)
-        broker = broker_on(broker_conn, clock=clock, ids=ids, max_receives=args.max_receives,
-                           trace=broker_args is None)
+    # another database or system, which leaves the trace rows of its verbs to the worker.
+    try:
+        broker, broker_conn, broker_label = open_broker_arg(
+            args, conn, clock=clock, ids=ids, max_receives=args.max_receives, worker=name)
+    except BaseException:
+        conn.close()
+        raise
     try:
         worker = Worker(store=conn, broker=broker, clock=clock, ids=ids, mode=args.mode,
                         faults=faults, visibility_timeout=args.visibility_timeout,
@@ -473,10 +503,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         name=name, echo=echo, crash_exits=args.crash_exits,
                         work_time=args.work_time)
     except InvalidInput:
-        conn.close()
-        if broker_conn is not conn:
-            broker_conn.close()
-        broker.close()
+        _close(conn, broker, broker_conn)
         raise
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -494,8 +521,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                     f" visibility_timeout={args.visibility_timeout:g}s"
                     f" max_receives={args.max_receives} faults: {fault_text}"
                     f" (seed {faults.seed}) db={db_label(args)}"
-                    + (f" broker={args.broker}" if external else
-                       "" if broker_args is None else f" broker={db_label(broker_args)}")),
+                    + ("" if broker_label is None else f" broker={broker_label}")),
           flush=True)
     try:
         stats = worker.run_forever(poll_interval=args.poll_interval)
@@ -503,12 +529,79 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(safe_text(f"[{name}] interrupted"), flush=True)
         return 130
     finally:
-        broker.close()
-        conn.close()
-        if broker_conn is not conn:
-            broker_conn.close()
+        _close(conn, broker, broker_conn)
     totals = stats.as_dict()
     counts = " ".join(f"{k}={v}" for k, v in totals.items() if k != "steps")
+    print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
+    return 0
+
+
+def _close_broker(broker: Any, broker_conn: Any) -> None:
+    """Close what :func:`open_broker_arg` opened."""
+    broker.close()
+    if broker_conn is not None:
+        broker_conn.close()
+
+
+def _close(conn: Any, broker: Any, broker_conn: Any) -> None:
+    """Close what :func:`open_broker_arg` opened, then the store."""
+    _close_broker(broker, broker_conn)
+    conn.close()
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
+    from ..engine.relay import Relay, unsent
+
+    store_flag(args)
+    conn = open_db(args)
+    if args.broker == (args.db or os.environ.get(DB_ENV, "")):
+        conn.close()
+        raise UsageError(f"--broker must be a broker outside the store, got the store itself"
+                         f" ({args.broker!r}): with the queue table in the store's own"
+                         f" database an order and its event commit together, and there is"
+                         f" nothing to relay")
+    name = args.name or f"relay-{os.getpid()}"
+    clock = SystemClock()
+    try:
+        broker, broker_conn, broker_label = open_broker_arg(args, conn, clock=clock, ids=Ids(),
+                                                            worker=name)
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        relay = Relay(conn, broker, clock=clock, crash_after_publish=args.crash_after_publish_rate,
+                      seed=args.seed if args.seed is not None else secrets.randbits(63),
+                      crash_exits=args.crash_exits, name=name,
+                      echo=lambda line: print(safe_text(_wall(line)), flush=True))
+    except InvalidInput:
+        _close(conn, broker, broker_conn)
+        raise
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if relay._stopping:  # a second Ctrl-C: stop now; what it published is published again
+            raise KeyboardInterrupt
+        relay.stop()
+        print(safe_text(f"[{name}] {signal.Signals(signum).name}: stopping after the current"
+                        f" step"), flush=True)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    dedup = broker.dedup_window
+    print(safe_text(f"[{name}] started: {unsent(conn)} unsent outbox row(s) in {db_label(args)}"
+                    f" → broker={broker_label} (producer dedup: "
+                    + (f"{dedup:g}s window" if dedup is not None else "none") + ")"
+                    f" faults: crash_after_publish={relay.rate:g} (seed {relay.faults.seed})"),
+          flush=True)
+    try:
+        stats = relay.run_forever(args.batch, poll_interval=args.poll_interval)
+    except KeyboardInterrupt:
+        print(safe_text(f"[{name}] interrupted"), flush=True)
+        return 130
+    finally:
+        _close(conn, broker, broker_conn)
+    counts = " ".join(f"{k}={v}" for k, v in stats.as_dict().items())
     print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
     return 0
 
@@ -561,12 +654,21 @@ def cmd_order(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
     from .status import collect, render
 
+    store_flag(args)
     conn = open_db(args, write=False)
     try:
+        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())
+    except BaseException:
+        conn.close()
+        raise
+    apart = None if broker.joins(conn) else broker
+    try:
         while True:
-            report = collect(conn)
+            report = collect(conn, broker=apart)
             if args.json:
                 print(safe_json(report), flush=True)
             else:
@@ -579,7 +681,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        conn.close()
+        _close(conn, broker, broker_conn)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -641,34 +743,76 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_redrive(args: argparse.Namespace) -> int:
+def _operator_trace(conn: Any, broker: Any, rows: list[tuple[Any, ...]]) -> None:
+    """Rows of (worker, correlation_id, event_id, message_id, delivery_count, outcome,
+    detail) for what an operator verb did on a broker that wrote no trace of its own (one
+    outside the store): written into the store right after the verb, as the worker does."""
+    from ..engine.store import transaction
+    from ..engine.trace import log_many
+
+    if broker.writes_trace and broker.joins(conn) or not rows:
+        return
+    now = broker.clock.now()
+    with transaction(conn):
+        log_many(conn, [(now, *row) for row in rows])
+
+
+def _open_for_verb(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The store, the broker ``--broker`` names (default the store's queue table) and the
+    broker's own connection, for an operator verb."""
     from ..engine.clock import SystemClock
     from ..engine.ids import Ids
 
+    store_flag(args)
     conn = open_db(args)
     try:
-        queue = broker_on(conn, clock=SystemClock(), ids=Ids())
+        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())
+    except BaseException:
+        conn.close()
+        raise
+    return conn, broker, broker_conn
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    from ..engine.trace import Outcome
+
+    conn, broker, broker_conn = _open_for_verb(args)
+    try:
+        before = broker.dead_lettered_event_ids()
         try:
-            moved = queue.redrive(args.message_ids or None)
+            moved = broker.redrive(args.message_ids or None, worker="operator")
         except InvalidInput as exc:
             raise UsageError(f"{exc.value!r} is not a dead letter's message id") from None
+        # The events no longer dead-lettered: the broker's verb reports a count only; the
+        # order (the correlation id) is the store's. The new message ids are the broker's.
+        back = sorted(before - broker.dead_lettered_event_ids())
+        orders = dict(conn.execute(
+            "SELECT event_id, order_id FROM orders WHERE event_id IN"
+            " (SELECT value FROM json_each(?))", (json.dumps(back),)).fetchall())
+        _operator_trace(conn, broker, [
+            ("operator", orders.get(e), e, None, 0, Outcome.REDRIVEN,
+             "redriven by 'deliverylab redrive'") for e in back])
     finally:
-        conn.close()
+        _close(conn, broker, broker_conn)
     print(f"redrove {moved} dead letter(s) back to the queue (delivery count reset to 0)")
     return 0
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    from ..engine.clock import SystemClock
-    from ..engine.ids import Ids
+    from ..engine.trace import Outcome
 
-    conn = open_db(args)
+    conn, broker, broker_conn = _open_for_verb(args)
     try:
+        queue = getattr(broker, "conn", None)
+        if queue is None:
+            raise UsageError(f"--broker must be a database whose queue 'deliverylab drop' can"
+                             f" list (a file or a postgresql:// URL), got {args.broker!r}")
+        columns = "message_id, event_id, correlation_id, delivery_count"
         if args.refs:
             rows = []
             for ref in args.refs:
-                found = conn.execute(
-                    "SELECT message_id, event_id, correlation_id FROM queue_messages"
+                found = queue.execute(
+                    f"SELECT {columns} FROM queue_messages"
                     " WHERE message_id = ?1 OR event_id = ?1 OR correlation_id = ?1",
                     (ref,)).fetchall()
                 if not found:
@@ -676,21 +820,22 @@ def cmd_drop(args: argparse.Namespace) -> int:
                                      f" or order id)")
                 rows += found
         else:
-            rows = conn.execute(
-                "SELECT message_id, event_id, correlation_id FROM queue_messages"
-                " ORDER BY seq LIMIT ?", (args.count,)).fetchall()
-        queue = broker_on(conn, clock=SystemClock(), ids=Ids())
-        dropped = 0
+            rows = queue.execute(f"SELECT {columns} FROM queue_messages ORDER BY seq LIMIT ?",
+                                 (args.count,)).fetchall()
+        reason = "dropped by 'deliverylab drop'"
+        dropped = []
         for r in rows:
-            if queue.drop(r["message_id"], reason="dropped by 'deliverylab drop'",
-                          worker="chaos"):
-                dropped += 1
+            if broker.drop(r["message_id"], reason=reason, worker="chaos"):
+                dropped.append(r)
                 print(safe_text(f"dropped {r['message_id']} event={r['event_id']}"
                                 f" order={r['correlation_id']} (logged as lost)"))
+        _operator_trace(conn, broker, [
+            ("chaos", r["correlation_id"], r["event_id"], r["message_id"], r["delivery_count"],
+             Outcome.LOST, reason) for r in dropped])
     finally:
-        conn.close()
-    print(f"{dropped} message(s) dropped behind the workers' backs; 'deliverylab status' shows"
-          f" the drift, 'deliverylab reconcile' repairs it")
+        _close(conn, broker, broker_conn)
+    print(f"{len(dropped)} message(s) dropped behind the workers' backs; 'deliverylab status'"
+          f" shows the drift, 'deliverylab reconcile' repairs it")
     return 0
 
 
@@ -765,6 +910,15 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="SECONDS",
                       help="how long to wait for another connection's write lock before"
                            " giving up (default 30)")
+    # Where the consumer's database and the broker are, for the commands that read or act on
+    # the broker (status, redrive, drop); with a broker outside the store, redrive and drop
+    # write their trace rows into the store after the verb.
+    where_flags = argparse.ArgumentParser(add_help=False)
+    where_flags.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
+                             help="the consumer's database: the same as --db")
+    where_flags.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
+                             help="where the messages wait (default: the queue table of the"
+                                  " store's own database)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("init-db", parents=[busy], help="create the database (idempotent)")
@@ -784,6 +938,11 @@ def build_parser() -> argparse.ArgumentParser:
                         " 127.0.0.1, localhost, [::1]; * for any, behind a proxy that checks)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
+                   help="the workers' broker, outside the store (another database, amqp://…,"
+                        " nats://…): each order's event goes to the store's outbox, and"
+                        " 'deliverylab relay' publishes it (default: the store's own queue"
+                        " table, in the order's transaction)")
     p.set_defaults(run=cmd_api)
 
     p = sub.add_parser(
@@ -825,6 +984,32 @@ def build_parser() -> argparse.ArgumentParser:
                         " is refused there")
     p.set_defaults(run=cmd_worker)
 
+    p = sub.add_parser(
+        "relay", parents=[busy],
+        help="publish the store's outbox to a broker outside it, one line per step",
+        description="Read the unsent outbox rows in order, publish each to --broker (with the"
+                    " event id as its dedup id), then mark them sent. SIGTERM or Ctrl-C stops"
+                    " after the current step.")
+    p.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
+                   help="the database whose outbox is published: the same as --db")
+    p.add_argument("--broker", metavar="PATH|URL", type=_path_text, required=True,
+                   help="a broker outside the store: another database, amqp://… (RabbitMQ)"
+                        " or nats://… (JetStream)")
+    p.add_argument("--batch", type=_int_arg(1, 1000), default=100,
+                   help="rows published per step, then marked in one commit (default 100)")
+    p.add_argument("--poll-interval", type=_num_arg(0.001, 60), default=0.2,
+                   metavar="SECONDS", help="wait when the outbox is empty (default 0.2)")
+    p.add_argument("--crash-after-publish-rate", type=_num_arg(0, 1), default=0.0,
+                   metavar="RATE", help="fault rate in [0, 1]: die after a publish, before"
+                                        " the mark (default 0)")
+    p.add_argument("--crash-exits", action="store_true",
+                   help="an injected crash ends the process (exit 70) instead of the step")
+    p.add_argument("--seed", type=_int_arg(0, 2**63 - 1), default=None,
+                   help="seed of the fault schedule (default: random, printed at start)")
+    p.add_argument("--name", type=_text_arg(), default=None,
+                   help="name in the output (default relay-PID)")
+    p.set_defaults(run=cmd_relay)
+
     p = sub.add_parser("order", help="POST /orders to the running API (curl not needed)")
     p.add_argument("--item", required=True, type=_text_arg(), help="itemId, e.g. coffee-beans")
     p.add_argument("--qty", type=_int_arg(1, MAX_QTY), default=1, help="1..10000 (default 1)")
@@ -839,7 +1024,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the API (default ${URL_ENV} or {DEFAULT_URL})")
     p.set_defaults(run=cmd_order)
 
-    p = sub.add_parser("status", parents=[busy],
+    p = sub.add_parser("status", parents=[busy, where_flags],
                        help="queue, inbox, projection vs truth, dead letters, the verdict")
     p.add_argument("--json", action="store_true")
     p.add_argument("--watch", type=_num_arg(0.1, 3600), default=None, metavar="SECONDS",
@@ -857,13 +1042,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the drift only")
     p.set_defaults(run=cmd_reconcile)
 
-    p = sub.add_parser("redrive", parents=[busy], help="move dead letters back to the queue")
+    p = sub.add_parser("redrive", parents=[busy, where_flags], help="move dead letters back to the queue")
     p.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID",
                    type=_text_arg(4096, printable=False),
                    help="only these (default: all)")
     p.set_defaults(run=cmd_redrive)
 
-    p = sub.add_parser("drop", parents=[busy],
+    p = sub.add_parser("drop", parents=[busy, where_flags],
                        help="delete queued messages behind the workers' backs (fault injection)")
     p.add_argument("refs", nargs="*", metavar="ID", type=_text_arg(4096, printable=False),
                    help="message, event or order ids")
@@ -892,9 +1077,10 @@ def _safe_output() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> tuple[int, str]:
-    """An error SQLite raised mid-command, as (exit status, one sentence). Each command's
-    writes are transactions, so whatever it was doing rolled back: nothing half-written."""
+def _database_error(args: argparse.Namespace, exc: Exception) -> tuple[int, str]:
+    """An error the store's database (SQLite, PostgreSQL) raised mid-command, as (exit status,
+    one sentence). Each command's writes are transactions, so whatever it was doing rolled
+    back: nothing half-written."""
     from ..engine.store import is_busy, is_read_only_error
 
     path = db_label(args) if hasattr(args, "db") else "the database"
@@ -924,7 +1110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SQLiteTooOld as exc:
         print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
         return 1
-    except sqlite3.DatabaseError as exc:
+    except STORE_ERRORS as exc:
         code, message = _database_error(args, exc)
         print(safe_text(f"{prog}: error: {message}"), file=sys.stderr)
         return code

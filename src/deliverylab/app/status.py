@@ -8,15 +8,20 @@ the truth and the projection disagree on the page when they agree in the file.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine.check import check, event_states, projection_vs_truth
 from ..engine.display import safe_text
+from ..engine.store import OUTBOX_TABLE, missing_tables
 from ..engine.worker import CONSUMER
+
+if TYPE_CHECKING:
+    from ..brokers.base import Broker
 
 MAX_ITEM_ROWS = 20   # a status page lists at most this many items (drifted ones first)
 MAX_DEAD_ROWS = 10
@@ -61,6 +66,9 @@ def event_state(conn: sqlite3.Connection, event_id: str,
         return n, "duplicated"
     if conn.execute("SELECT 1 FROM queue_messages WHERE event_id = ?", (event_id,)).fetchone():
         return n, "pending"
+    if not missing_tables(conn, (OUTBOX_TABLE,)) and conn.execute(  # not yet relayed
+            "SELECT 1 FROM outbox WHERE event_id = ? AND sent_at IS NULL", (event_id,)).fetchone():
+        return n, "pending"
     if conn.execute("SELECT 1 FROM dead_letters WHERE event_id = ?", (event_id,)).fetchone():
         return n, "dead_lettered"
     return n, "lost"
@@ -102,24 +110,39 @@ def trace(conn: sqlite3.Connection, ref: str) -> dict[str, Any] | None:
 
 
 # -- the whole lab -----------------------------------------------------------------------------
-def collect(conn: sqlite3.Connection, *, now: float | None = None) -> dict[str, Any]:
-    """The status report as plain, JSON-ready data."""
+def collect(conn: sqlite3.Connection, *, now: float | None = None,
+            broker: Broker | None = None) -> dict[str, Any]:
+    """The status report as plain, JSON-ready data. ``broker``: where the messages wait, when
+    not in the queue table of the store's own database; its depth and its dead letters (by
+    event: the contract names no more) are read outside the store's snapshot."""
     now = time.time() if now is None else now
     with snapshot(conn):
-        total = conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
-        visible = conn.execute("SELECT count(*) FROM queue_messages WHERE visible_at <= ?",
-                               (now,)).fetchone()[0]
+        if broker is None:
+            total = conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+            visible = conn.execute("SELECT count(*) FROM queue_messages WHERE visible_at <= ?",
+                                   (now,)).fetchone()[0]
+        else:
+            depth = broker.depth()
+            visible, total = depth["visible"], depth["visible"] + depth["in_flight"]
         inbox = conn.execute("SELECT count(*) FROM inbox_processed WHERE consumer = ?",
                              (CONSUMER,)).fetchone()[0]
-        result = check(conn)
+        result = check(conn, broker)
         items = [{"itemId": i, "truth": t, "projection": p, "delta": d}
                  for i, t, p, d in projection_vs_truth(conn)]
-        applied = {e for _, _, _, e, n, _ in event_states(conn) if n >= 1} \
-            if conn.execute("SELECT 1 FROM dead_letters LIMIT 1").fetchone() else set()
-        dead = [{"messageId": r["message_id"], "eventId": r["event_id"],
-                 "orderId": r["correlation_id"], "receives": r["delivery_count"],
-                 "lastError": r["last_error"], "alreadyApplied": r["event_id"] in applied}
-                for r in conn.execute("SELECT * FROM dead_letters ORDER BY dead_at, message_id")]
+        if broker is None:
+            rows = [(r["message_id"], r["event_id"], r["correlation_id"], r["delivery_count"],
+                     r["last_error"]) for r in conn.execute(
+                        "SELECT * FROM dead_letters ORDER BY dead_at, message_id")]
+        else:
+            events = sorted(broker.dead_lettered_event_ids())
+            orders = dict(conn.execute(
+                "SELECT event_id, order_id FROM orders WHERE event_id IN"
+                " (SELECT value FROM json_each(?))", (json.dumps(events),)).fetchall())
+            rows = [(None, e, orders.get(e), None, None) for e in events]
+        applied = {e for _, _, _, e, n, _ in event_states(conn, broker) if n >= 1} \
+            if rows else set()
+        dead = [{"messageId": m, "eventId": e, "orderId": o, "receives": n, "lastError": error,
+                 "alreadyApplied": e in applied} for m, e, o, n, error in rows]
         log_rows = conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0]
     return {
         "orders": result.orders,
@@ -168,8 +191,9 @@ def render(report: dict[str, Any], *, db: str | None = None) -> str:
     note = f" ({harmless} already applied: nothing missing)" if harmless else ""
     lines.append(f"dead letters {len(dead)}{note}")
     for d in dead[:MAX_DEAD_ROWS]:
-        lines.append(f"  {d['messageId']}  event={d['eventId']} order={d['orderId']}"
-                     f" receives={d['receives']}  {d['lastError'] or ''}".rstrip())
+        receives = "" if d["receives"] is None else f" receives={d['receives']}"
+        lines.append(f"  {d['messageId'] or '(in the broker)'}  event={d['eventId']}"
+                     f" order={d['orderId']}{receives}  {d['lastError'] or ''}".rstrip())
     if len(dead) > MAX_DEAD_ROWS:
         lines.append(f"  … {len(dead) - MAX_DEAD_ROWS} more")
 

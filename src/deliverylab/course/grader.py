@@ -37,7 +37,7 @@ from typing import Any
 from ..book.lab import Lab
 from ..brokers.base import Delivery
 from ..engine.check import CheckResult, check, event_states
-from ..engine.errors import InvalidInput, check_int, check_number, check_text
+from ..engine.errors import STORE_ERRORS, InvalidInput, check_int, check_number, check_text
 from ..engine.faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..engine.store import transaction
 from ..engine.trace import Outcome, log_delivery
@@ -592,7 +592,7 @@ class CourseWorker(Worker):
         except SubmissionError as exc:
             self._rollback_open()
             self._blame(d, f"SubmissionError: {exc}")
-        except sqlite3.Error:
+        except STORE_ERRORS:
             raise
         except Exception as exc:  # the reader's code failed: its lease runs out, it retries
             self._rollback_open()

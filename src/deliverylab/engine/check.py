@@ -8,7 +8,8 @@ fence refused (``fenced``) is not an application. Then:
 * **correct**: applied exactly once;
 * **duplicated**: applied more than once;
 * **lost**: never applied, and no message left that could still apply it;
-* **pending**: not applied yet, its message still in the queue;
+* **pending**: not applied yet, its message still in the queue (or its event still in the
+  store's outbox, not yet published by the relay);
 * **dead-lettered**: not applied, parked in ``dead_letters``.
 
 It also compares the projection with the truth item by item, and reads the history a repair
@@ -27,6 +28,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .store import OUTBOX_TABLE, missing_tables
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,6 +74,9 @@ def _read_events(conn: sqlite3.Connection, broker: Broker | None,
         dead = {r[0] for r in conn.execute("SELECT event_id FROM dead_letters")}
     else:
         queued, dead = broker.queued_event_ids(), broker.dead_lettered_event_ids()
+    if not missing_tables(conn, (OUTBOX_TABLE,)):  # not yet relayed: on its way too
+        queued = queued | {r[0] for r in conn.execute(
+            "SELECT event_id FROM outbox WHERE sent_at IS NULL")}
     out = []
     duplicated = extra = never = 0
     for order_id, item_id, qty, event_id, n, repaired, before in conn.execute(_EVENTS_SQL):

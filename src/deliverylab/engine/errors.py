@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import unicodedata
 from typing import Any
 
@@ -14,6 +15,16 @@ class InvalidInput(ValueError):
         self.value = value
         self.expected = expected
         super().__init__(f"{field} must be {expected}, got {value!r}")
+
+
+class StoreError(Exception):
+    """A failure of the store's database, from a driver that is not sqlite3 (PostgreSQL's
+    ``store_postgres.PgError``). The engine tells a database failure (re-raised, never retried
+    as the handler's own) from a handler failure by catching :data:`STORE_ERRORS`."""
+
+
+# What a store's database raises: sqlite3's errors, and every other driver's as StoreError.
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, StoreError)
 
 
 class OrderConflict(ValueError):

@@ -2,7 +2,10 @@
 
 This is the transactional outbox. The seed chapter wrote the order, then enqueued the event as
 a second write; a crash between the two lost the event for good. Here both rows commit
-together or neither does, and the queue table *is* the outbox.
+together or neither does. When the broker is the queue table in the order's own database, the
+queue table *is* the outbox. When the broker is elsewhere (another database, RabbitMQ,
+JetStream), nothing can commit in both places: the event goes to the store's ``outbox`` table
+in the order's transaction, and a relay (:mod:`deliverylab.engine.relay`) publishes it.
 
 The producer is idempotent too. Placing the same order id with the same request again returns
 the first result and writes nothing; with a different request it is an
@@ -23,8 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..brokers.base import Broker
+from ..brokers.sqlite import encode_payload
+from .clock import Clock
 from .errors import InvalidInput, OrderConflict, check_id, check_int
-from .store import is_store, transaction
+from .ids import Ids
+from .store import is_store, require_outbox, transaction
 
 EVENT_TYPE = "OrderPlaced"
 MAX_QTY = 10_000
@@ -80,20 +86,37 @@ def key_fingerprint(item_id: str, qty: int, order_id: str | None) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def place_order(queue: Broker, *, item_id: str, qty: int, order_id: str | None = None,
+def place_order(queue: Broker | None, *, item_id: str, qty: int, order_id: str | None = None,
                 idempotency_key: str | None = None,
-                store: sqlite3.Connection | None = None) -> PlacedOrder:
-    """Write the order and enqueue its ``OrderPlaced`` event.
+                store: sqlite3.Connection | None = None, clock: Clock | None = None,
+                ids: Ids | None = None) -> PlacedOrder:
+    """Write the order and its ``OrderPlaced`` event in one transaction.
 
-    Atomically when the broker shares the order's database (the default: the order goes to
-    ``queue.conn``, and ``send`` joins its transaction: the transactional outbox). With
-    ``store=`` on a broker elsewhere, the event is sent inside the order's transaction but
-    commits on its own: should the order's commit then fail, the event was sent for an order
-    that does not exist. That gap is why the outbox exists."""
+    Where the event goes depends on where the broker is:
+
+    * the broker joins the store (the default: the order goes to ``queue.conn``, the queue
+      table's own database): ``send`` joins the order's transaction, and the queue table is
+      the outbox;
+    * the broker is elsewhere (``store=`` on a broker that does not join it, or no broker at
+      all, ``queue=None`` with ``store``, ``clock`` and ``ids``): the event is written to the
+      store's ``outbox`` table in the order's transaction, and nothing is sent here. A send
+      from inside the transaction would commit on its own, in another system: should the
+      order's commit then fail, the event would announce an order that does not exist. The
+      relay publishes the row afterwards, at least once.
+
+    ``clock`` and ``ids`` default to the broker's."""
     validate_order(item_id, qty, order_id, idempotency_key)
     conn = store if store is not None else getattr(queue, "conn", None)
     if not is_store(conn):
         raise InvalidInput("store", store, "the store connection the order is written to")
+    clock = clock if clock is not None else getattr(queue, "clock", None)
+    ids = ids if ids is not None else getattr(queue, "ids", None)
+    if clock is None or ids is None:
+        raise InvalidInput("clock" if clock is None else "ids", None,
+                           "given when there is no broker to take it from")
+    outbox = queue is None or not queue.joins(conn)
+    if outbox:
+        require_outbox(conn)
     digest = request_hash(item_id, qty)
     with transaction(conn):
         if idempotency_key is not None:
@@ -101,12 +124,13 @@ def place_order(queue: Broker, *, item_id: str, qty: int, order_id: str | None =
             replay = _replay_key(conn, idempotency_key, fingerprint, digest, order_id)
             if replay is not None:
                 return replay
-        placed = _place(conn, queue, digest, item_id, qty, order_id, idempotency_key)
+        placed = _place(conn, None if outbox else queue, clock, ids, digest, item_id, qty,
+                        order_id, idempotency_key)
         if idempotency_key is not None:
             conn.execute(
                 "INSERT INTO idempotency_keys (key, request_hash, order_id, created, created_at)"
                 " VALUES (?, ?, ?, ?, ?)", (idempotency_key, fingerprint, placed.order_id,
-                                            int(placed.created), queue.clock.now()))
+                                            int(placed.created), clock.now()))
     return placed
 
 
@@ -130,9 +154,12 @@ def _replay_key(conn: sqlite3.Connection, key: str, fingerprint: str, digest: st
     return PlacedOrder(old["order_id"], old["event_id"], created=False, key_first_created=True)
 
 
-def _place(conn: sqlite3.Connection, queue: Broker, digest: str, item_id: str, qty: int,
-           order_id: str | None, idempotency_key: str | None) -> PlacedOrder:
-    """Inside the caller's transaction: replay the order ``order_id`` or write a new one."""
+def _place(conn: sqlite3.Connection, queue: Broker | None, clock: Clock, ids: Ids,
+           digest: str, item_id: str, qty: int, order_id: str | None,
+           idempotency_key: str | None) -> PlacedOrder:
+    """Inside the caller's transaction: replay the order ``order_id`` or write a new one, its
+    event sent on ``queue`` (which joins this transaction) or, without one, written to the
+    outbox table."""
     if order_id is not None:
         existing = conn.execute("SELECT * FROM orders WHERE order_id = ?",
                                 (order_id,)).fetchone()
@@ -140,16 +167,21 @@ def _place(conn: sqlite3.Connection, queue: Broker, digest: str, item_id: str, q
             if existing["request_hash"] != digest:
                 raise OrderConflict("orderId", order_id)
             return PlacedOrder(existing["order_id"], existing["event_id"], created=False)
-    order_id = order_id if order_id is not None else queue.ids.order_id()
-    event_id = queue.ids.event_id()
-    now = queue.clock.now()
+    order_id = order_id if order_id is not None else ids.order_id()
+    event_id = ids.event_id()
+    now = clock.now()
     conn.execute(
         "INSERT INTO orders (order_id, item_id, qty, event_id, idempotency_key,"
         " request_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (order_id, item_id, qty, event_id, idempotency_key, digest, now))
-    # Joins this transaction: the outbox write.
-    queue.send(event_id, EVENT_TYPE, {"orderId": order_id, "itemId": item_id, "qty": qty},
-               correlation_id=order_id)
+    payload = {"orderId": order_id, "itemId": item_id, "qty": qty}
+    if queue is not None:  # joins this transaction: the queue table is the outbox
+        queue.send(event_id, EVENT_TYPE, payload, correlation_id=order_id)
+    else:
+        conn.execute(
+            "INSERT INTO outbox (event_id, type, payload, correlation_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?)", (event_id, EVENT_TYPE, encode_payload(payload),
+                                        order_id, now))
     return PlacedOrder(order_id, event_id, created=True)
 
 

@@ -102,3 +102,25 @@ CREATE TABLE IF NOT EXISTS delivery_log (
     outcome        TEXT NOT NULL,
     detail         TEXT NOT NULL DEFAULT ''
 ) STRICT;
+
+-- The outbox, for a broker outside the store (another database, RabbitMQ, JetStream): an
+-- order and its event cannot commit together there, so place_order writes the event here, in
+-- the order's transaction, and sends nothing. The relay (relay.py) publishes each unsent row
+-- in outbox_seq order, then marks it sent_at; attempts counts the times a relay took the row
+-- to publish it, so above 1 the row may have been published more than once. With the broker in
+-- the store's own database the queue table is the outbox and this table stays empty. A file
+-- made before this table still serves a lab; the relay, and an API over an external broker,
+-- ask for 'deliverylab init-db', which adds it.
+CREATE TABLE IF NOT EXISTS outbox (
+    outbox_seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id       TEXT NOT NULL UNIQUE,
+    type           TEXT NOT NULL,
+    payload        TEXT NOT NULL,
+    correlation_id TEXT,
+    created_at     REAL NOT NULL,
+    sent_at        REAL,
+    attempts       INTEGER NOT NULL DEFAULT 0
+) STRICT;
+-- The relay reads the unsent rows, oldest first: a partial index holds only those, so its
+-- cost does not grow with the rows already sent.
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (outbox_seq) WHERE sent_at IS NULL;

@@ -87,3 +87,16 @@ CREATE TABLE IF NOT EXISTS delivery_log (
     outcome        TEXT NOT NULL,
     detail         TEXT NOT NULL DEFAULT ''
 );
+
+-- The outbox, for a broker outside the store: see schema.sql.
+CREATE TABLE IF NOT EXISTS outbox (
+    outbox_seq     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id       TEXT NOT NULL UNIQUE,
+    type           TEXT NOT NULL,
+    payload        TEXT NOT NULL,
+    correlation_id TEXT,
+    created_at     DOUBLE PRECISION NOT NULL,
+    sent_at        DOUBLE PRECISION,
+    attempts       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (outbox_seq) WHERE sent_at IS NULL;

@@ -31,6 +31,10 @@ TABLES = (
     "delivery_log",
     "reconciled_events",
 )
+# The producer's outbox (schema.sql): written only when the broker is outside the store. Not
+# in TABLES: a file made before it still opens and serves a lab; what needs it
+# (place_order over an external broker, the relay) asks for it with require_outbox.
+OUTBOX_TABLE = "outbox"
 
 
 # The oldest SQLite the schema and the queries run on. The newest feature they use sets it:
@@ -151,13 +155,24 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def missing_tables(conn: sqlite3.Connection) -> list[str]:
+def missing_tables(conn: sqlite3.Connection,
+                   tables: tuple[str, ...] = TABLES) -> list[str]:
     """The deliverylab tables the file does not have (all of them: not a lab database; some,
     with ``orders`` present: made by an older version, and ``init_db`` adds them)."""
     if getattr(conn, "dialect", "sqlite") == "postgresql":  # a PostgreSQL store
-        return conn.missing_tables()  # type: ignore[attr-defined]
+        return conn.missing_tables(tables)  # type: ignore[attr-defined]
     have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return [t for t in TABLES if t not in have]
+    return [t for t in tables if t not in have]
+
+
+def require_outbox(conn: sqlite3.Connection, field: str = "store") -> None:
+    """:class:`InvalidInput` naming ``field`` when the store has no outbox table (a database
+    made before it), instead of "no such table" from inside a transaction."""
+    if missing_tables(conn, (OUTBOX_TABLE,)):
+        raise InvalidInput(field, "a database without the outbox table",
+                           "a deliverylab database with the outbox table (made by an older"
+                           " deliverylab: run 'deliverylab init-db' on it to add the table;"
+                           " the data is kept)")
 
 
 def check_schema(conn: sqlite3.Connection) -> None:

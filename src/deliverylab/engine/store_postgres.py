@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import re
-import sqlite3
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from typing import Any
@@ -34,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import psycopg
 
-from .errors import InvalidInput
+from .errors import InvalidInput, StoreError
 
 URL_SCHEMES = ("postgresql", "postgres")
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -145,11 +144,10 @@ def _args(numbers: tuple[int, ...] | None, params: Any) -> Any:
     return {f"_{n}": params[n - 1] for n in numbers}
 
 
-class PgError(sqlite3.DatabaseError):
-    """A PostgreSQL error, raised where the engine expects its database's errors: the engine
-    tells a database failure (re-raised, never retried as the handler's own) from a handler
-    failure by catching :class:`sqlite3.DatabaseError`. ``sqlstate`` is PostgreSQL's code;
-    the psycopg error is the ``__cause__``."""
+class PgError(StoreError):
+    """A PostgreSQL error, raised where the engine expects its database's errors (it catches
+    :data:`~deliverylab.engine.errors.STORE_ERRORS`). ``sqlstate`` is PostgreSQL's code; the
+    psycopg error is the ``__cause__``."""
 
     def __init__(self, exc: Exception) -> None:
         self.sqlstate = getattr(exc, "sqlstate", None)
@@ -228,8 +226,8 @@ class PgConnection:
     def in_transaction(self) -> bool:
         return self.raw.info.transaction_status in _IN_TRANSACTION
 
-    def missing_tables(self) -> list[str]:
-        return missing_tables(self)
+    def missing_tables(self, tables: tuple[str, ...] | None = None) -> list[str]:
+        return missing_tables(self, tables)
 
     def close(self) -> None:
         self.raw.close()
@@ -285,11 +283,12 @@ def drop_schema(url: str) -> None:
         raw.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-def missing_tables(conn: PgConnection) -> list[str]:
+def missing_tables(conn: PgConnection, tables: tuple[str, ...] | None = None) -> list[str]:
+    """Which of ``tables`` (default: every table a lab needs) the URL's schema lacks."""
     from .store import TABLES
 
     rows = conn.raw.execute("SELECT table_name FROM information_schema.tables"
                             " WHERE table_schema = %s", (conn.schema,)).fetchall()
     have = {r[0] for r in rows}
-    return [t for t in TABLES if t not in have]
+    return [t for t in (TABLES if tables is None else tables) if t not in have]
 

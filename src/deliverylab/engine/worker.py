@@ -45,6 +45,7 @@ from ..brokers.base import Broker, Delivery
 from ..brokers.sqlite import SQLiteBroker
 from .clock import Clock
 from .errors import (
+    STORE_ERRORS,
     BrokerUnavailable,
     InvalidInput,
     SimulatedCrash,
@@ -293,7 +294,7 @@ class Worker:
             if self._fires("process_error", d):
                 raise RuntimeError("injected processing error")
             applied = self._apply(d)
-        except sqlite3.Error:
+        except STORE_ERRORS:
             raise
         except Exception as exc:  # the handler's own failure: retry it, later dead-letter it
             self.conn.execute("ROLLBACK TO message")
@@ -351,7 +352,7 @@ class Worker:
                 log_many(conn, [(now, self.name, d.correlation_id, d.event_id, d.message_id,
                                  d.delivery_count, o, details[o])
                                 for d, o in zip(deliveries, outcomes, strict=True)])
-        except sqlite3.Error:
+        except STORE_ERRORS:
             raise
         except Exception:  # a handler refused one of them: redo one by one, isolating it
             return None
