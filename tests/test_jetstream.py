@@ -291,6 +291,7 @@ def test_a_worker_rides_out_its_server_sigkilled_and_restarted(own_server, tmp_p
     orders = 300
     for i in range(orders):
         place_order(broker, item_id=f"item-{i % 4}", qty=1 + i % 3, store=conn)
+    Relay(conn, broker, clock=broker.clock).run_until_idle()  # the store's outbox, published
     lines: list[str] = []
     worker = Worker(store=conn, broker=broker, clock=broker.clock, mode="idempotent",
                     faults=Faults(seed=5, ack_fail=0.1), max_messages=max_messages,
