@@ -346,7 +346,8 @@ class HoldingProxy:
     """A TCP proxy in front of the NATS server, in a thread of its own. ``hold()``: what the
     client sends stays in the proxy (the server hears nothing, the client notices nothing);
     ``cut()``: every connection closes and what was held is dropped, as when a network
-    fails or a process dies with its socket buffers."""
+    fails or a process dies with its socket buffers; ``cut(listen=True)`` as when it comes
+    back."""
 
     def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 4222)) -> None:
         self.upstream, self.holding, self.held = upstream, False, 0
@@ -380,13 +381,18 @@ class HoldingProxy:
     def hold(self) -> None:
         self.holding = True
 
-    def cut(self) -> None:
+    def cut(self, *, listen: bool = False) -> None:
+        """Close every connection; with ``listen``, keep accepting new ones (a link that
+        failed and came back), else stop listening too."""
         async def close() -> None:
-            self.server.close()
+            if not listen:
+                self.server.close()
             for w in self.writers:
                 w.close()
             if self.tasks:  # the pumps end on their own once their sockets close
                 await asyncio.wait(self.tasks, timeout=2)
+            self.writers.clear()
+            self.tasks.clear()
         self._call(close())
 
     def stop(self) -> None:

@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterator
 
 import pika
 import pytest
+from test_jetstream import HoldingProxy
 from test_lab_processes import Proc, no_failures
 
 from deliverylab.brokers.rabbitmq import DEFAULT_URL, RabbitMQBroker, open_url
 from deliverylab.engine import store
 from deliverylab.engine.check import check
 from deliverylab.engine.clock import FakeClock, SystemClock
-from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.errors import BrokerUnavailable, InvalidInput
 from deliverylab.engine.faults import Faults
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
@@ -246,6 +247,49 @@ def test_at_most_once_loses_what_crashes_after_the_ack(rabbit, seed):
     assert result.duplicated == 0, result.verdict
     assert result.lost == worker.stats.lost > 0, result.verdict
     conn.close()
+
+
+def test_a_lost_connection_is_broker_unavailable_and_the_next_verb_connects_again(
+        queue_name):
+    """The link to the server fails under a worker holding leases: the verb that meets it
+    raises BrokerUnavailable (never pika's own error), the server gives the messages back,
+    counted, and the worker goes on over a new connection: every order applied once."""
+    host, port = pika.URLParameters(URL).host, pika.URLParameters(URL).port
+    proxy = HoldingProxy((host, port))
+    params = pika.URLParameters(URL)
+    params.host, params.port = "127.0.0.1", proxy.port
+    broker = RabbitMQBroker(queue_name, clock=SystemClock(), ids=Ids(3), max_receives=10,
+                            parameters=params)
+    conn = store.init_db()
+    try:
+        orders = 40
+        for i in range(orders):
+            place_order(broker, item_id=ITEMS[i % 3], qty=1 + i % 2, store=conn)
+        Relay(conn, broker, clock=broker.clock).run_until_idle()
+        held = broker.receive(30.0, 3)
+        assert len(held) == 3
+        proxy.cut(listen=True)  # the link fails; the proxy takes new connections again
+        with pytest.raises(BrokerUnavailable, match="during ack_many: StreamLostError"):
+            broker.ack(held[0])
+        lines: list[str] = []
+        worker = Worker(store=conn, broker=broker, clock=broker.clock, mode="idempotent",
+                        faults=Faults(seed=2), max_messages=4, name="w-1",
+                        echo=lines.append)
+        worker.run_until_idle()  # connects again at its first receive
+        result = check(conn, broker)
+        assert (result.orders, result.lost, result.pending, result.duplicated) == \
+            (orders, 0, 0, 0), result.verdict
+        assert result.ok and result.projection_equals_truth, result.verdict
+        # The three held when the link failed came back counted: delivered a second time.
+        again = {r[0] for r in conn.execute(
+            "SELECT event_id FROM delivery_log WHERE outcome = 'received'"
+            " AND delivery_count = 2")}
+        assert {d.event_id for d in held} <= again
+        assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
+    finally:
+        broker.close()
+        conn.close()
+        proxy.stop()
 
 
 # -- real processes ------------------------------------------------------------------------
