@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from deliverylab.engine.errors import BrokerUnavailable, InvalidInput
 from deliverylab.engine.faults import Faults
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
-from deliverylab.engine.relay import Relay
+from deliverylab.engine.relay import Relay, unsent
 from deliverylab.engine.worker import Worker
 
 URL = os.environ.get("DELIVERYLAB_AMQP_URL", DEFAULT_URL)
@@ -247,6 +248,47 @@ def test_at_most_once_loses_what_crashes_after_the_ack(rabbit, seed):
     assert result.duplicated == 0, result.verdict
     assert result.lost == worker.stats.lost > 0, result.verdict
     conn.close()
+
+
+def test_the_relay_waits_out_a_lost_connection_and_publishes_every_row(queue_name,
+                                                                      tmp_path):
+    """The relay's link fails before it publishes: its first send raises BrokerUnavailable,
+    ``run_forever`` backs off (counted, said) instead of ending, and the next step connects
+    again and publishes every row once."""
+    proxy = HoldingProxy((pika.URLParameters(URL).host, pika.URLParameters(URL).port))
+    params = pika.URLParameters(URL)
+    params.host, params.port = "127.0.0.1", proxy.port
+    broker = RabbitMQBroker(queue_name, clock=SystemClock(), ids=Ids(4), parameters=params)
+    conn = store.init_db(tmp_path / "lab.db")
+    try:
+        orders = 25
+        for i in range(orders):
+            place_order(broker, item_id=ITEMS[i % 3], qty=1, store=conn)
+        proxy.cut(listen=True)
+        lines: list[str] = []
+        relay = Relay(conn, broker, clock=broker.clock, seed=1, echo=lines.append)
+
+        def stop_when_sent() -> None:
+            watch = store.connect(tmp_path / "lab.db")
+            deadline = time.monotonic() + 20
+            while unsent(watch) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            watch.close()
+            relay.stop()
+
+        stopper = threading.Thread(target=stop_when_sent, daemon=True)
+        stopper.start()
+        stats = relay.run_forever(poll_interval=0.02)
+        stopper.join(5)
+        assert unsent(conn) == 0
+        assert stats.broker_waits == 1 and stats.marked == orders
+        (said,) = [line for line in lines if "broker unavailable during send" in line]
+        assert "→ retry in" in said
+        assert broker.depth()["visible"] == orders  # each row once: the first send never left
+    finally:
+        broker.destroy()
+        conn.close()
+        proxy.stop()
 
 
 def test_a_lost_connection_is_broker_unavailable_and_the_next_verb_connects_again(
