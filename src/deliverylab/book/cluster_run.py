@@ -421,9 +421,10 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
         timeline = tuple((at - t0, outcome) for at, outcome in conn.execute(
             "SELECT at, outcome FROM delivery_log ORDER BY seq"))
         received = sorted(t for t, outcome in timeline if outcome == "received")
-        ends = [k.at for k in kills[1:]] + [received[-1] if received else 0.0]
-        kills = [dataclasses.replace(k, delivery_pause=longest_gap(received, k.at, end))
-                 for k, end in zip(kills, ends, strict=True)]
+        # The gap that spans the kill: counting on to the next kill would take that kill's
+        # gap too (it starts before the next kill), and both kills would show the longer one.
+        kills = [dataclasses.replace(k, delivery_pause=longest_gap(received, k.at, k.at))
+                 for k in kills]
         say(f"t={time.time() - t0:.1f}s {result.verdict}")
         return ClusterRun(mode=mode.value, orders=orders, applied=counts["applied"],
                           double_applied=result.duplicated,
