@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import pika
 import pytest
+from test_jetstream import HoldingProxy
 from test_lab_processes import Proc, no_failures
 
 from deliverylab.brokers.rabbitmq import DEFAULT_URL, RabbitMQBroker, open_url
 from deliverylab.engine import store
 from deliverylab.engine.check import check
 from deliverylab.engine.clock import FakeClock, SystemClock
-from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.errors import BrokerUnavailable, InvalidInput
 from deliverylab.engine.faults import Faults
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
-from deliverylab.engine.relay import Relay
+from deliverylab.engine.relay import Relay, unsent
 from deliverylab.engine.worker import Worker
 
 URL = os.environ.get("DELIVERYLAB_AMQP_URL", DEFAULT_URL)
@@ -115,7 +117,7 @@ def test_a_lost_ack_closes_the_channel_and_the_message_is_back_at_once(rabbit, q
     broker = rabbit(clock=clock, max_receives=5)
     conn = store.init_db()
     placed = place_order(broker, item_id="tea", qty=2, store=conn)
-    Relay(conn, broker, clock=clock).run_until_idle()  # the event, from the store's outbox
+    Relay(conn, broker, clock=clock).run_until_idle()  # from the store's outbox
     worker = Worker(store=conn, broker=broker, clock=clock, mode="idempotent",
                     faults=Faults(seed=1, ack_fail=1.0), name="w-1")
     assert worker.step() == 1
@@ -199,7 +201,7 @@ def run(rabbit, mode: str, seed: int, *, lose: float = 0.0, orders: int = 30,
     conn = store.init_db()
     for i in range(orders):
         place_order(broker, item_id=ITEMS[i % 3], qty=1 + i % 3, store=conn)
-    Relay(conn, broker, clock=clock).run_until_idle()  # the events, from the store's outbox
+    Relay(conn, broker, clock=clock).run_until_idle()  # from the store's outbox
     worker = Worker(store=conn, broker=broker, clock=clock, mode=mode, name="w-1",
                     faults=Faults(seed=seed, lose_message=lose, **FAULTS),
                     max_messages=max_messages)
@@ -246,6 +248,90 @@ def test_at_most_once_loses_what_crashes_after_the_ack(rabbit, seed):
     assert result.duplicated == 0, result.verdict
     assert result.lost == worker.stats.lost > 0, result.verdict
     conn.close()
+
+
+def test_the_relay_waits_out_a_lost_connection_and_publishes_every_row(queue_name,
+                                                                      tmp_path):
+    """The relay's link fails before it publishes: its first send raises BrokerUnavailable,
+    ``run_forever`` backs off (counted, said) instead of ending, and the next step connects
+    again and publishes every row once."""
+    proxy = HoldingProxy((pika.URLParameters(URL).host, pika.URLParameters(URL).port))
+    params = pika.URLParameters(URL)
+    params.host, params.port = "127.0.0.1", proxy.port
+    broker = RabbitMQBroker(queue_name, clock=SystemClock(), ids=Ids(4), parameters=params)
+    conn = store.init_db(tmp_path / "lab.db")
+    try:
+        orders = 25
+        for i in range(orders):
+            place_order(broker, item_id=ITEMS[i % 3], qty=1, store=conn)
+        proxy.cut(listen=True)
+        lines: list[str] = []
+        relay = Relay(conn, broker, clock=broker.clock, seed=1, echo=lines.append)
+
+        def stop_when_sent() -> None:
+            watch = store.connect(tmp_path / "lab.db")
+            deadline = time.monotonic() + 20
+            while unsent(watch) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            watch.close()
+            relay.stop()
+
+        stopper = threading.Thread(target=stop_when_sent, daemon=True)
+        stopper.start()
+        stats = relay.run_forever(poll_interval=0.02)
+        stopper.join(5)
+        assert unsent(conn) == 0
+        assert stats.broker_waits == 1 and stats.marked == orders
+        (said,) = [line for line in lines if "broker unavailable during send" in line]
+        assert "→ retry in" in said
+        assert broker.depth()["visible"] == orders  # each row once: the first send never left
+    finally:
+        broker.destroy()
+        conn.close()
+        proxy.stop()
+
+
+def test_a_lost_connection_is_broker_unavailable_and_the_next_verb_connects_again(
+        queue_name):
+    """The link to the server fails under a worker holding leases: the verb that meets it
+    raises BrokerUnavailable (never pika's own error), the server gives the messages back,
+    counted, and the worker goes on over a new connection: every order applied once."""
+    host, port = pika.URLParameters(URL).host, pika.URLParameters(URL).port
+    proxy = HoldingProxy((host, port))
+    params = pika.URLParameters(URL)
+    params.host, params.port = "127.0.0.1", proxy.port
+    broker = RabbitMQBroker(queue_name, clock=SystemClock(), ids=Ids(3), max_receives=10,
+                            parameters=params)
+    conn = store.init_db()
+    try:
+        orders = 40
+        for i in range(orders):
+            place_order(broker, item_id=ITEMS[i % 3], qty=1 + i % 2, store=conn)
+        Relay(conn, broker, clock=broker.clock).run_until_idle()
+        held = broker.receive(30.0, 3)
+        assert len(held) == 3
+        proxy.cut(listen=True)  # the link fails; the proxy takes new connections again
+        with pytest.raises(BrokerUnavailable, match="during ack_many: StreamLostError"):
+            broker.ack(held[0])
+        lines: list[str] = []
+        worker = Worker(store=conn, broker=broker, clock=broker.clock, mode="idempotent",
+                        faults=Faults(seed=2), max_messages=4, name="w-1",
+                        echo=lines.append)
+        worker.run_until_idle()  # connects again at its first receive
+        result = check(conn, broker)
+        assert (result.orders, result.lost, result.pending, result.duplicated) == \
+            (orders, 0, 0, 0), result.verdict
+        assert result.ok and result.projection_equals_truth, result.verdict
+        # The three held when the link failed came back counted: delivered a second time.
+        again = {r[0] for r in conn.execute(
+            "SELECT event_id FROM delivery_log WHERE outcome = 'received'"
+            " AND delivery_count = 2")}
+        assert {d.event_id for d in held} <= again
+        assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
+    finally:
+        broker.close()
+        conn.close()
+        proxy.stop()
 
 
 # -- real processes ------------------------------------------------------------------------

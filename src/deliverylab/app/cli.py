@@ -479,7 +479,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     store_flag(args)
     from ..brokers.registry import is_broker_url
 
-    if is_broker_url(args.broker):  # refused before connecting: a refusal declares no queue there
+    if is_broker_url(args.broker):  # refused before connecting: a refusal declares no queue
         refuse_apart(args.mode)
     conn = open_db(args)
 

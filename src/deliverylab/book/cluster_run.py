@@ -5,11 +5,12 @@ The run, as real processes on this machine:
 1. a three-node cluster (:mod:`deliverylab.brokers.nats_cluster`) and a stream replicated on
    all three;
 2. ``orders`` orders placed in a SQLite store with the transactional outbox: each order and its
-   ``OrderPlaced`` event commit together in the store's queue table;
-3. a *relay* (a thread here) moves the events from that outbox to the stream at a steady rate,
-   each publish confirmed by the stream's leader before the outbox row is deleted; a publish
-   that fails is retried with the same ``dedup_id`` (the event id), so a retry whose first
-   attempt was stored after all is dropped by the stream's duplicate window;
+   ``OrderPlaced`` event commit together in the store's ``outbox`` table;
+3. the engine's outbox relay (:class:`deliverylab.engine.relay.Relay`, stepped one row at a
+   time by a thread here, at a steady rate) publishes them to the stream, each publish
+   confirmed by the stream's leader before the row is marked sent; a publish the broker could
+   not confirm is published again with the same ``dedup_id`` (the event id), so a retry whose
+   first attempt was stored after all is dropped by the stream's duplicate window;
 4. three ``deliverylab worker --broker nats://… --store lab.db`` processes with lost ACKs;
 5. mid-run, the stream's leader gets SIGKILL; once a new leader serves, the killed node is
    restarted and catches up; later, once the workers receive again, the leader of the moment
@@ -50,12 +51,12 @@ import deliverylab
 
 from ..brokers.nats_cluster import DEFAULT_BASE_PORT, NatsCluster, check_base_port
 from ..brokers.registry import open_broker
-from ..brokers.sqlite import SQLiteBroker
 from ..engine.check import CheckResult, check
 from ..engine.clock import SystemClock
-from ..engine.errors import InvalidInput, check_int, check_number
+from ..engine.errors import BrokerUnavailable, InvalidInput, check_int, check_number
 from ..engine.ids import Ids
 from ..engine.orders import place_order
+from ..engine.relay import Relay
 from ..engine.store import connect, init_db, transaction
 from ..engine.worker import Mode
 from .lab import ITEMS
@@ -73,8 +74,8 @@ MAX_RECEIVES = 100
 class Kill:
     """One SIGKILL of a stream leader: which node, when (seconds into the run), who led
     next, how long publishing paused around it (``pause``), and how long the workers received
-    nothing (``delivery_pause``: the consumer elects its own leader, and a worker whose
-    request outlasts its broker's timeout exits and is started again)."""
+    nothing (``delivery_pause``: the consumer elects its own leader; a worker whose
+    request outlasts its broker's timeout waits and tries again)."""
 
     node: str
     at: float
@@ -96,8 +97,8 @@ class ClusterRun:
     duplicates_skipped: int  # deliveries the inbox recognised
     deliveries: int
     redeliveries: int  # deliveries with a count above 1
-    publish_retries: int  # relay publishes that failed and were tried again
-    worker_restarts: int  # worker processes that exited on an error and were started again
+    publish_retries: int  # relay steps the broker cut short, published again (broker_waits)
+    worker_restarts: int  # worker processes that exited and were started again (none should)
     kills: tuple[Kill, ...]
     check: CheckResult
     # (seconds into the run, outcome) for every row of the store's delivery_log
@@ -132,18 +133,17 @@ class ClusterRun:
         return frame.pivot_table(index="t", columns="outcome", aggfunc="size", fill_value=0)
 
 
-class Relay(threading.Thread):
-    """The outbox relay: events leave the store's queue table for ``url``'s broker, one at a
-    time at ``rate`` per second. A failed publish is retried (same ``dedup_id``) after
-    ``retry_wait``; only a confirmed publish deletes the outbox row. ``acks`` holds the time
-    of every confirmation, ``retries`` the time of every failure."""
+class PacedRelay(threading.Thread):
+    """The engine's outbox relay in a thread: one row per :meth:`Relay.step
+    <deliverylab.engine.relay.Relay.step>`, ``rate`` steps a second. A step that returns with
+    its row is a publish the stream confirmed (and the row marked): its time goes to ``acks``,
+    what the publish pause is measured on. A step the broker cut short (``BrokerUnavailable``)
+    is waited out by the relay's own backoff, timed in ``retries``, and stepped again."""
 
-    def __init__(self, store_path: Path, url: str, *, rate: float,
-                 retry_wait: float = 0.05) -> None:
+    def __init__(self, store_path: Path, url: str, *, rate: float) -> None:
         super().__init__(name="relay", daemon=True)
         self.store_path, self.url = store_path, url
         self.rate = check_number("rate", rate, minimum=1, maximum=100_000)
-        self.retry_wait = retry_wait
         self.acks: list[float] = []
         self.retries: list[float] = []
         self.error: BaseException | None = None
@@ -158,28 +158,20 @@ class Relay(threading.Thread):
         conn = connect(self.store_path)
         broker = None
         try:
-            outbox = SQLiteBroker(conn, clock=clock, ids=Ids(), trace=False)
             broker = open_broker(self.url, field="url", clock=clock, ids=Ids(),
                                  max_receives=MAX_RECEIVES, worker="relay")
+            # Retries every 50 ms at first: the pause measured is the election's, not a wait.
+            relay = Relay(conn, broker, clock=clock, backoff_base=0.05, backoff_cap=0.25)
             next_at = time.monotonic()
             while not self._halt.is_set():
-                batch = outbox.receive(3600, 1, worker="relay")
-                if not batch:
-                    break
-                d = batch[0]
-                while not self._halt.is_set():
-                    try:
-                        broker.send(d.event_id, d.type, d.payload,
-                                    correlation_id=d.correlation_id, dedup_id=d.event_id)
-                    except InvalidInput:
-                        raise
-                    except Exception:  # no leader, timeout, reconnecting: try again
-                        self.retries.append(time.time())
-                        time.sleep(self.retry_wait)
-                        continue
-                    self.acks.append(time.time())
-                    outbox.ack(d, worker="relay")
-                    break
+                try:
+                    if relay.step(1) == 0:
+                        break
+                except BrokerUnavailable as exc:
+                    self.retries.append(time.time())
+                    relay.wait_for_broker(exc)
+                    continue
+                self.acks.append(time.time())
                 next_at = max(next_at + 1 / self.rate, time.monotonic() - 1)
                 time.sleep(max(0.0, next_at - time.monotonic()))
         except BaseException as exc:  # reported by the run, which waits on ``done``
@@ -210,8 +202,9 @@ def _env() -> dict[str, str]:
 
 class Workers:
     """``deliverylab worker`` processes, kept running as a service manager would
-    (``Restart=on-failure``): one that exits with an error (a broker request that timed out
-    during an election ends the process) is started again, and counted in ``restarts``.
+    (``Restart=on-failure``): one that exits is started again, and counted in ``restarts``.
+    A worker waits out an election by itself (``BrokerUnavailable``), so none should exit:
+    the count is there to show it, and a run's tests assert it stays 0.
     Every worker runs the same fault seed: the schedule is a function of (event, delivery),
     whichever worker gets the delivery."""
 
@@ -277,19 +270,20 @@ def _received_since(conn: sqlite3.Connection, at: float) -> bool:
 
 
 def _place_orders(conn: sqlite3.Connection, orders: int, seed: int) -> None:
-    """``orders`` orders, each with its event in the store's queue table (the outbox), in one
-    transaction; items and quantities from ``seed``."""
+    """``orders`` orders, each with its event in the store's outbox, in one transaction;
+    items and quantities from ``seed``."""
     rng = random.Random(seed)
-    outbox = SQLiteBroker(conn, clock=SystemClock(), ids=Ids(seed), trace=False)
+    clock, ids = SystemClock(), Ids(seed)
     with transaction(conn):
         for _ in range(orders):
-            place_order(outbox, item_id=rng.choice(ITEMS), qty=rng.randint(1, 3), store=conn)
+            place_order(None, item_id=rng.choice(ITEMS), qty=rng.randint(1, 3), store=conn,
+                        clock=clock, ids=ids)
 
 
 Wait = Callable[[str, Callable[[], bool]], None]
 
 
-def _waiter(relay: Relay, deadline: float, timeout: float, where: Path,
+def _waiter(relay: PacedRelay, deadline: float, timeout: float, where: Path,
             tick: Callable[[], None] = lambda: None) -> Callable[..., None]:
     """``wait(what, ready, poll=0.02)``: poll until ``ready()``, calling ``tick`` each time;
     raise the relay's error if it failed, TimeoutError past ``deadline``."""
@@ -305,7 +299,7 @@ def _waiter(relay: Relay, deadline: float, timeout: float, where: Path,
     return wait
 
 
-def kill_stream_leader(cluster: NatsCluster, stream: str, relay: Relay, wait: Wait, *,
+def kill_stream_leader(cluster: NatsCluster, stream: str, relay: PacedRelay, wait: Wait, *,
                        after: int, t0: float, say: Callable[[str], None]) -> Kill:
     """Once the relay has ``after`` confirmed publishes, SIGKILL ``stream``'s leader; wait for
     another leader and for 50 more confirmations (or the relay's end); return the kill with
@@ -397,7 +391,7 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
                           ack_fail=ack_fail, ack_wait=ack_wait)
         cleanup.callback(workers.stop)
         workers.start()
-        relay = Relay(store_path, url, rate=rate)
+        relay = PacedRelay(store_path, url, rate=rate)
         cleanup.callback(relay.join, 15)
         cleanup.callback(relay.halt)
         relay.start()
@@ -427,9 +421,10 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
         timeline = tuple((at - t0, outcome) for at, outcome in conn.execute(
             "SELECT at, outcome FROM delivery_log ORDER BY seq"))
         received = sorted(t for t, outcome in timeline if outcome == "received")
-        ends = [k.at for k in kills[1:]] + [received[-1] if received else 0.0]
-        kills = [dataclasses.replace(k, delivery_pause=longest_gap(received, k.at, end))
-                 for k, end in zip(kills, ends, strict=True)]
+        # The gap that spans the kill: counting on to the next kill would take that kill's
+        # gap too (it starts before the next kill), and both kills would show the longer one.
+        kills = [dataclasses.replace(k, delivery_pause=longest_gap(received, k.at, k.at))
+                 for k in kills]
         say(f"t={time.time() - t0:.1f}s {result.verdict}")
         return ClusterRun(mode=mode.value, orders=orders, applied=counts["applied"],
                           double_applied=result.duplicated,
@@ -469,7 +464,7 @@ def publish_pauses(directory: str | Path, *, repetitions: int = 5, events: int =
                 conn = init_db(store_path)
                 this.callback(conn.close)
                 _place_orders(conn, events, rep)
-                relay = Relay(store_path, url, rate=rate)
+                relay = PacedRelay(store_path, url, rate=rate)
                 this.callback(relay.join, 15)
                 this.callback(relay.halt)
                 relay.start()

@@ -68,6 +68,14 @@ class Broker(abc.ABC):
     verb as stated says so in that verb's docstring and either documents its substitute or
     raises ``NotImplementedError`` naming the verb and the engine: never a silent no-op.
 
+    Unavailable. A verb that cannot reach the broker for a reason expected to pass (a server
+    restarting, a cluster electing a leader, a lost connection the engine reconnects) raises
+    :class:`~deliverylab.engine.errors.BrokerUnavailable`, never the client library's own
+    timeout or connection error, having changed nothing it knows of. A settlement verb (ack,
+    nack, extend, dead-letter) is the exception: it may have reached the server before the
+    answer was lost, so the caller cannot tell whether it took effect. A worker backs off and
+    tries again; a message whose ack is in doubt may come back and is then a duplicate.
+
     The trace. The rows that record what a verb did (``received``, ``acked``,
     ``ack_rejected``, ``nacked``, ``extended``, ``dead_lettered``, ``redriven``, ``lost``)
     belong in the consumer's store, beside the effects. A broker that :meth:`joins` the store

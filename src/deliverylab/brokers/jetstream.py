@@ -54,7 +54,10 @@ How the contract's words map onto JetStream, and where the server decides instea
 nats-py is asyncio and the contract is synchronous: the broker runs a private event loop in a
 daemon thread and every verb waits for its coroutine there, with a timeout. The client
 reconnects on its own (to any server of the list, for a cluster) and the broker retries a
-publish or an ack that timed out until ``timeout`` runs out.
+request that timed out or found no leader (each attempt waits at most 2 s, so a request lost
+with a dead leader is sent again to the next one) until ``timeout`` runs out. Then the verb
+raises :class:`~deliverylab.engine.errors.BrokerUnavailable`, never nats-py's own errors: a
+worker waits and tries again, as through a leader election that outlasts ``timeout``.
 """
 
 from __future__ import annotations
@@ -70,8 +73,14 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import nats
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+    StaleConnectionError,
+)
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import (
@@ -79,11 +88,19 @@ from nats.js.errors import (
     BadRequestError,
     NoStreamResponseError,
     NotFoundError,
+    ServerError,
     ServiceUnavailableError,
 )
 
 from ..engine.clock import Clock
-from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
+from ..engine.errors import (
+    BrokerUnavailable,
+    InvalidInput,
+    check_id,
+    check_int,
+    check_number,
+    check_text,
+)
 from ..engine.ids import Ids
 from .base import MAX_VISIBILITY_TIMEOUT_S, Broker, Delivery, check_delivery
 from .sqlite import encode_payload
@@ -111,6 +128,15 @@ _ADVISORY_BATCH = 100
 _ADVISORY_WAIT = 0.05
 # get_msg requests in flight at once when a stream is read message by message.
 _READ_AHEAD = 256
+# The longest one attempt of a request waits: a request sent to a leader that just died gets
+# no answer, and is sent again (to the next leader) after this.
+_ATTEMPT_S = 2.0
+# What passes: no answer in time, no leader or no responder yet (a cluster electing one, a
+# server restarting), JetStream answering 503 or 500 during the election, the client between
+# two connections. Retried within a verb; past ``timeout``, ``BrokerUnavailable``.
+_TRANSIENT = (TimeoutError, NatsTimeout, NoRespondersError, NoStreamResponseError,
+              ServiceUnavailableError, ServerError, ConnectionReconnectingError,
+              StaleConnectionError, OutboundBufferLimitError)
 
 
 class _Loop:
@@ -193,8 +219,8 @@ class JetStreamBroker(Broker):
         self._advised = True  # look for advisories on the first receive (left from before)
         self._loop = _Loop(f"jetstream-{stream}")
         try:
-            self._run(self._open(check_id("name", name)))
-        except (OSError, NatsError, TimeoutError) as exc:
+            self._run(self._open(check_id("name", name)), "connect")
+        except (OSError, NatsError, BrokerUnavailable) as exc:
             self.close()
             where = ",".join(servers)
             raise InvalidInput(field, f"{where}?stream={stream}",
@@ -205,8 +231,16 @@ class JetStreamBroker(Broker):
             raise
 
     # -- the loop ----------------------------------------------------------------------------
-    def _run(self, coro: Awaitable[T]) -> T:
-        return self._loop.run(coro, self.timeout + 1)
+    def _run(self, coro: Awaitable[T], verb: str) -> T:
+        """Run ``coro`` on the loop for the verb named ``verb``; a transient error (or no
+        answer within ``timeout``) raises ``BrokerUnavailable`` naming the verb."""
+        try:
+            return self._loop.run(coro, self.timeout + 1)
+        except (*_TRANSIENT, ConnectionClosedError) as exc:
+            # ConnectionClosedError: the client stopped reconnecting (about a minute with no
+            # server); unavailable still, to the caller, which may open a new broker.
+            raise BrokerUnavailable(verb, f"{type(exc).__name__}: {exc}".rstrip(": ")
+                                    ) from None
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` again after a timeout, a missing responder or JetStream unavailable
@@ -216,8 +250,7 @@ class JetStreamBroker(Broker):
         while True:
             try:
                 return await attempt()
-            except (TimeoutError, NatsTimeout, NoRespondersError, NoStreamResponseError,
-                    ServiceUnavailableError):
+            except _TRANSIENT:
                 if asyncio.get_running_loop().time() + 0.25 >= deadline:
                     raise
                 await asyncio.sleep(0.25)
@@ -234,6 +267,8 @@ class JetStreamBroker(Broker):
             error_cb=self._quiet, disconnected_cb=self._quiet_event,
             reconnected_cb=self._quiet_event)
         self.js = self.nc.jetstream(timeout=self.timeout)
+        # The same API with a short wait per attempt, for the requests _retrying repeats.
+        self._api = self.nc.jetstream(timeout=min(self.timeout, _ATTEMPT_S))
         storage = api.StorageType.FILE
         await self._ensure_stream(api.StreamConfig(
             name=self.stream, subjects=[self.subject], storage=storage,
@@ -309,8 +344,8 @@ class JetStreamBroker(Broker):
         them). Safe to call twice."""
         if hasattr(self, "nc") and not self.nc.is_closed:
             try:
-                self._run(self.nc.close())
-            except (NatsError, TimeoutError):
+                self._run(self.nc.close(), "close")
+            except (NatsError, BrokerUnavailable):
                 pass  # already gone: nothing left to release
         if hasattr(self, "_loop"):
             self._loop.stop()
@@ -325,7 +360,7 @@ class JetStreamBroker(Broker):
                 except NotFoundError:
                     pass
         try:
-            self._run(delete())
+            self._run(delete(), "destroy")
         finally:
             self.close()
 
@@ -356,7 +391,7 @@ class JetStreamBroker(Broker):
                    "Nats-Msg-Id": dedup_id if dedup_id is not None else uuid.uuid4().hex}
         if correlation_id is not None:
             headers[CORRELATION_ID] = correlation_id
-        ack = self._run(self._publish(self.subject, body, headers))
+        ack = self._run(self._publish(self.subject, body, headers), "send")
         return self._message_id(ack.seq)
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> Any:
@@ -377,7 +412,7 @@ class JetStreamBroker(Broker):
         check_number("visibility_timeout", visibility_timeout, minimum=0,
                      maximum=MAX_VISIBILITY_TIMEOUT_S)
         n = check_int("max_messages", max_messages, minimum=1, maximum=1000)
-        msgs = self._run(self._fetch(n))
+        msgs = self._run(self._fetch(n), "receive")
         now = self.clock.now()
         out = []
         for m in msgs:
@@ -401,7 +436,7 @@ class JetStreamBroker(Broker):
     def _park(self) -> list[tuple[Delivery, str]]:
         """Move each message an advisory announced to the dead letters; what was moved."""
         self._advised = False
-        return self._run(self._park_advised())
+        return self._run(self._park_advised(), "receive")
 
     async def _park_advised(self) -> list[tuple[Delivery, str]]:
         try:
@@ -443,7 +478,7 @@ class JetStreamBroker(Broker):
     async def _get(self, stream: str, seq: int) -> Any:
         """Message ``seq`` of ``stream``, or None if there is none."""
         try:
-            return await self._retrying(lambda: self.js.get_msg(stream, seq))
+            return await self._retrying(lambda: self._api.get_msg(stream, seq))
         except APIError as exc:
             if exc.err_code not in NO_MESSAGE:
                 raise
@@ -452,7 +487,7 @@ class JetStreamBroker(Broker):
     async def _delete(self, stream: str, seq: int) -> bool:
         """Delete message ``seq`` of ``stream``; False if there was none."""
         try:
-            return await self._retrying(lambda: self.js.delete_msg(stream, seq))
+            return await self._retrying(lambda: self._api.delete_msg(stream, seq))
         except APIError as exc:
             if exc.err_code not in NO_MESSAGE:
                 raise
@@ -504,7 +539,7 @@ class JetStreamBroker(Broker):
                                           for i in first.values()))
             return list(sent)
 
-        sent = dict(zip(first.values(), self._run(ack_all()), strict=True))
+        sent = dict(zip(first.values(), self._run(ack_all(), "ack"), strict=True))
         for d in deliveries:
             self._forget(d.seq)
         return [sent.get(i, False) for i in range(len(deliveries))]
@@ -515,7 +550,7 @@ class JetStreamBroker(Broker):
         the message is no longer in the stream. Accepted on a stale delivery too."""
         check_delivery(delivery)
         check_number("seconds", seconds, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
-        ok = self._run(self._settle(delivery, b"+WPI", True))
+        ok = self._run(self._settle(delivery, b"+WPI", True), "extend")
         if ok:
             self._due[delivery.seq] = self.clock.now() + self.ack_wait
         return ok
@@ -531,7 +566,7 @@ class JetStreamBroker(Broker):
             check_text("error", error, max_length=10_000)
         body = b"-NAK" if wait == 0 else b"-NAK " + json.dumps(
             {"delay": int(wait * 1e9)}).encode()
-        ok = self._run(self._settle(delivery, body, True))
+        ok = self._run(self._settle(delivery, body, True), "nack")
         if ok:
             self._due[delivery.seq] = self.clock.now() + wait
             if error is not None:
@@ -556,7 +591,7 @@ class JetStreamBroker(Broker):
                 await self._publish_dead(delivery, error)
             return True
 
-        ok = self._run(move())
+        ok = self._run(move(), "dead_letter")
         self._forget(delivery.seq)
         return ok
 
@@ -575,7 +610,7 @@ class JetStreamBroker(Broker):
                 isinstance(m, str) for m in message_ids)):
             raise InvalidInput("message_ids", message_ids, "a list of message ids or None")
         dead = {(r.headers or {}).get(MESSAGE_ID): r
-                for r in self._run(self._read(self.dead_stream))}
+                for r in self._run(self._read(self.dead_stream), "redrive")}
         if message_ids is None:
             chosen = list(dead.values())
         else:
@@ -593,7 +628,7 @@ class JetStreamBroker(Broker):
                 await self._publish(self.subject, raw.data or b"{}", h)
                 await self._delete(self.dead_stream, raw.seq)
 
-        self._run(move())
+        self._run(move(), "redrive")
         return len(chosen)
 
     def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
@@ -603,21 +638,21 @@ class JetStreamBroker(Broker):
         prefix, _, seq = message_id.rpartition("-")
         if prefix != self.stream or not seq.isdigit():
             return False
-        return self._run(self._delete(self.stream, int(seq)))
+        return self._run(self._delete(self.stream, int(seq)), "drop")
 
     def lose(self, delivery: Delivery, *, reason: str, worker: str = "chaos") -> bool:
         """:meth:`drop` for a message just received, by its stream sequence."""
         check_delivery(delivery)
         self._forget(delivery.seq)
-        return self._run(self._delete(self.stream, delivery.seq))
+        return self._run(self._delete(self.stream, delivery.seq), "lose")
 
     # -- look ------------------------------------------------------------------------------
     async def _counts(self) -> tuple[int, int, int]:
         """(messages in the queue stream, never delivered, dead letters)."""
         queue, consumer, dead = await asyncio.gather(
-            self._retrying(lambda: self.js.stream_info(self.stream)),
-            self._retrying(lambda: self.js.consumer_info(self.stream, CONSUMER)),
-            self._retrying(lambda: self.js.stream_info(self.dead_stream)))
+            self._retrying(lambda: self._api.stream_info(self.stream)),
+            self._retrying(lambda: self._api.consumer_info(self.stream, CONSUMER)),
+            self._retrying(lambda: self._api.stream_info(self.dead_stream)))
         return queue.state.messages, consumer.num_pending, dead.state.messages
 
     def depth(self) -> dict[str, int]:
@@ -626,7 +661,7 @@ class JetStreamBroker(Broker):
         nacked, waiting for redelivery after AckWait, or given up at MaxDeliver and not yet
         moved: the server does not tell these apart); ``dead_letters`` = the dead-letter
         stream's messages."""
-        queued, pending, dead = self._run(self._counts())
+        queued, pending, dead = self._run(self._counts(), "depth")
         return {"visible": pending, "in_flight": queued - pending, "dead_letters": dead}
 
     def next_visible_at(self) -> float | None:
@@ -634,7 +669,7 @@ class JetStreamBroker(Broker):
         earliest lease end or nack delay this broker itself set, or, knowing none (another
         process holds them), ``ack_wait`` from now: at the latest then, an expired lease is
         redelivered."""
-        queued, pending, _ = self._run(self._counts())
+        queued, pending, _ = self._run(self._counts(), "next_visible_at")
         now = self.clock.now()
         # Forget what ended an AckWait ago: the server has redelivered it since (to whoever
         # asked), so it says nothing about this broker's messages any more.
@@ -648,7 +683,7 @@ class JetStreamBroker(Broker):
     async def _read(self, stream: str) -> list[Any]:
         """Every message of ``stream``, read by sequence from the first to the last (a
         deleted sequence reads as nothing), ``_READ_AHEAD`` requests at a time."""
-        state = (await self._retrying(lambda: self.js.stream_info(stream))).state
+        state = (await self._retrying(lambda: self._api.stream_info(stream))).state
         if not state.messages:
             return []
         out = []
@@ -661,12 +696,14 @@ class JetStreamBroker(Broker):
 
     def queued_event_ids(self) -> set[str]:
         """The event ids of every message in the queue stream, read one by one."""
-        return {(r.headers or {}).get(EVENT_ID, "") for r in self._run(self._read(self.stream))}
+        return {(r.headers or {}).get(EVENT_ID, "")
+                for r in self._run(self._read(self.stream), "queued_event_ids")}
 
     def dead_lettered_event_ids(self) -> set[str]:
         """The event ids of every message in the dead-letter stream."""
         return {(r.headers or {}).get(EVENT_ID, "")
-                for r in self._run(self._read(self.dead_stream))}
+                for r in self._run(self._read(self.dead_stream),
+                                   "dead_lettered_event_ids")}
 
 
 async def _reachable(server: str) -> bool:

@@ -43,6 +43,13 @@ machine) but leases a whole window per channel, and pika's ``basic_cancel`` reje
 messages that arrived but were not dispatched, which a quorum queue counts as deliveries
 that no worker ever saw.
 
+A lost connection (the server restarting, a node of a cluster dying, the network) makes the
+verb that meets it raise :class:`~deliverylab.engine.errors.BrokerUnavailable`, never pika's
+``AMQPConnectionError``: the server gives back every message the connection held (counted),
+so the broker forgets its leases, and the next verb connects again (raising
+``BrokerUnavailable`` again while no server answers). An ack that met the loss may or may not
+have been sent: the message comes back if it was not.
+
 One broker object is used from one thread (pika's ``BlockingConnection`` is not thread-safe).
 :meth:`RabbitMQBroker.destroy` deletes the queue, its dead-letter queue and exchange (tests and
 benchmarks call it after a run).
@@ -50,8 +57,10 @@ benchmarks call it after a run).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -61,7 +70,14 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from ..engine.clock import Clock
-from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
+from ..engine.errors import (
+    BrokerUnavailable,
+    InvalidInput,
+    check_id,
+    check_int,
+    check_number,
+    check_text,
+)
 from ..engine.ids import Ids
 from .base import MAX_VISIBILITY_TIMEOUT_S, Broker, Delivery, check_delivery
 from .sqlite import encode_payload
@@ -77,6 +93,24 @@ DELIVERIES = "x-deliverylab-deliveries"  # a dead letter's delivery count
 RETURN_WAIT_S = 0.25
 DEAD_LETTER_WAIT_S = 5.0
 _CHANNEL_GONE = (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError)
+
+
+def _reconnecting(verb: Callable[..., Any]) -> Callable[..., Any]:
+    """The verb on a live connection: connect again first if the last one was lost, and turn
+    a connection lost during the verb into ``BrokerUnavailable`` (forgetting the leases: the
+    server gave their messages back)."""
+    @functools.wraps(verb)
+    def run(self: RabbitMQBroker, *args: Any, **kwargs: Any) -> Any:
+        try:
+            if not self._conn.is_open:
+                self._connect()
+            return verb(self, *args, **kwargs)
+        except (pika.exceptions.AMQPConnectionError, *_CHANNEL_GONE) as exc:
+            if isinstance(exc, _CHANNEL_GONE) and self._conn.is_open:
+                raise  # a channel the server closed on a live connection: not a lost link
+            self._lost()
+            raise BrokerUnavailable(verb.__name__, f"{type(exc).__name__}: {exc}") from None
+    return run
 
 
 @dataclass
@@ -135,9 +169,14 @@ class RabbitMQBroker(Broker):
         self._idle: list[BlockingChannel] = []  # open channels holding no message
         self._errors: dict[str, str] = {}  # message id -> last error given to nack
         self._seq = 0
-        params = parameters or pika.URLParameters(DEFAULT_URL)
-        params.client_properties = {"connection_name": check_id("name", name)}
-        self._conn = pika.BlockingConnection(params)
+        self._params = parameters or pika.URLParameters(DEFAULT_URL)
+        self._params.client_properties = {"connection_name": check_id("name", name)}
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the connection and its two channels, declaring the queues (idempotent)."""
+        self._conn = pika.BlockingConnection(self._params)
+        queue = self.queue
         try:
             self._control = self._conn.channel()  # declares, sends, counts: with confirms
             self._control.confirm_delivery()
@@ -155,7 +194,19 @@ class RabbitMQBroker(Broker):
                                                f" max_receives={self.max_receives}"
                                                f" ({exc.reply_text})") from None
 
+    def _lost(self) -> None:
+        """The connection is gone: so are its channels and every lease on them."""
+        try:
+            if self._conn.is_open:
+                self._conn.close()
+        except pika.exceptions.AMQPError:
+            pass  # already broken: nothing left to close
+        self._leases.clear()
+        self._held.clear()
+        self._idle.clear()
+
     # -- send ------------------------------------------------------------------------------
+    @_reconnecting
     def send(self, event_id: str, type: str, payload: dict[str, Any], *,
              correlation_id: str | None = None, delay: float = 0.0,
              dedup_id: str | None = None) -> str:
@@ -194,6 +245,7 @@ class RabbitMQBroker(Broker):
         self._control.basic_publish("", routing_key, body.encode(), props, mandatory=True)
 
     # -- receive ---------------------------------------------------------------------------
+    @_reconnecting
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,
                 worker: str = "worker") -> list[Delivery]:
         """Take up to ``max_messages`` ready messages, oldest first (a message given back is
@@ -320,6 +372,7 @@ class RabbitMQBroker(Broker):
         with the connection gives the message back, counted, as a closed channel does."""
         return self.ack_many([delivery], worker=worker)[0]
 
+    @_reconnecting
     def ack_many(self, deliveries: list[Delivery], *, worker: str = "worker") -> list[bool]:
         """:meth:`ack` for each, in order (one ``basic.ack`` on each delivery's channel)."""
         if not isinstance(deliveries, list | tuple):
@@ -334,6 +387,7 @@ class RabbitMQBroker(Broker):
                 self._errors.pop(d.message_id, None)
         return out
 
+    @_reconnecting
     def extend(self, delivery: Delivery, seconds: float, *, worker: str = "worker") -> bool:
         """Move the lease's end on the broker's clock to ``seconds`` past now. RabbitMQ itself
         has no per-message visibility timeout: it keeps an unacked message as long as its
@@ -346,6 +400,7 @@ class RabbitMQBroker(Broker):
         lease.until = self.clock.now() + s
         return True
 
+    @_reconnecting
     def nack(self, delivery: Delivery, delay: float = 0.0, *, error: str | None = None,
              worker: str = "worker") -> bool:
         """Give the message back: at once with ``basic.reject`` and requeue (the queue counts a
@@ -376,6 +431,7 @@ class RabbitMQBroker(Broker):
             self._held.append(lease)
         return True
 
+    @_reconnecting
     def abandon(self, deliveries: list[Delivery]) -> None:
         """Close the channel of each delivery still held (a lost ACK, a crash): the queue
         takes the message back at once, with ``redelivered=true`` and its count bumped, as
@@ -388,6 +444,7 @@ class RabbitMQBroker(Broker):
         self._give_back([lease for lease in map(self._take, deliveries) if lease is not None],
                         reject=False)
 
+    @_reconnecting
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
         """Publish the message to the dead-letter queue (confirmed), then ack it: at least
         once, like the server's own dead-lettering (a crash between the two leaves it in both
@@ -426,6 +483,7 @@ class RabbitMQBroker(Broker):
         self._dead.basic_nack(0, multiple=True, requeue=True)
         self._await(self.dlq, taken, DEAD_LETTER_WAIT_S)
 
+    @_reconnecting
     def dead_lettered_event_ids(self) -> set[str]:
         """Read from the dead-letter queue (taken and given back on one channel)."""
         letters = self._read_dead_letters()
@@ -433,6 +491,7 @@ class RabbitMQBroker(Broker):
         return {str((props.headers or {}).get(EVENT_ID, props.message_id))
                 for _, props, _ in letters}
 
+    @_reconnecting
     def redrive(self, message_ids: list[str] | None = None, *, worker: str = "operator") -> int:
         """Publish dead letters (all, or the given message ids) to the queue as new messages
         (new ids, delivery count from 1 again), each confirmed before its dead letter is
@@ -459,6 +518,7 @@ class RabbitMQBroker(Broker):
         return len(chosen)
 
     # -- fault injection ---------------------------------------------------------------------
+    @_reconnecting
     def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
         """Forget a message this broker holds (leased, or nacked with a delay): ack it, logged
         by the caller as ``lost``. A message waiting in the queue cannot be picked by id:
@@ -472,6 +532,7 @@ class RabbitMQBroker(Broker):
             f"drop on RabbitMQ: {message_id!r} is not held by this broker, and a queued message"
             f" cannot be picked by id without receiving (and counting) the ones before it")
 
+    @_reconnecting
     def lose(self, delivery: Delivery, *, reason: str, worker: str = "chaos") -> bool:
         """Ack the message this broker holds for ``delivery`` (the receipt not checked: any
         lease or delayed nack of that message here), as an auto-ack consumer that died would
@@ -492,6 +553,7 @@ class RabbitMQBroker(Broker):
         """Messages ready in ``queue`` (a passive declare: not those unacked anywhere)."""
         return self._control.queue_declare(queue, passive=True).method.message_count
 
+    @_reconnecting
     def depth(self) -> dict[str, int]:
         """``visible``: ready in the queue, as the server counts it; ``in_flight``: what this
         broker holds (leased or nacked with a delay), since AMQP does not count the messages
@@ -501,6 +563,7 @@ class RabbitMQBroker(Broker):
                 "in_flight": len(self._leases) + len(self._held),
                 "dead_letters": self._count(self.dlq)}
 
+    @_reconnecting
     def next_visible_at(self) -> float | None:
         """Now if a message is ready, else the earliest end of a lease or delay this broker
         holds, else None (messages other connections hold are not seen)."""
@@ -511,6 +574,7 @@ class RabbitMQBroker(Broker):
         times += [lease.release_at for lease in self._held if lease.release_at is not None]
         return min(times, default=None)
 
+    @_reconnecting
     def queued_event_ids(self) -> set[str]:
         """The event ids of the messages this broker holds, when no message is ready.
 

@@ -36,6 +36,22 @@ class OrderConflict(ValueError):
         super().__init__(f"{key_name} {key!r} was already used with a different request")
 
 
+class BrokerUnavailable(Exception):
+    """A broker verb could not reach the broker (a server restarting, a cluster electing a
+    leader, a connection lost), and the engine expects it back: try again later.
+
+    ``verb`` names what was asked, ``reason`` what went wrong. The verb changed nothing the
+    broker knows of, except a settlement (ack, nack, extend, dead-letter) that may have reached
+    the server before its answer was lost: its effect is then in place although the caller
+    was told otherwise. A worker backs off and tries again (``broker_waits``); a message whose
+    ack is in doubt may come back, and the inbox skips it."""
+
+    def __init__(self, verb: str, reason: str) -> None:
+        self.verb = verb
+        self.reason = reason
+        super().__init__(f"broker unavailable during {verb}: {reason}")
+
+
 class SimulatedCrash(Exception):
     """Raised at a fault point to stand for the worker process dying there."""
 

@@ -22,6 +22,12 @@ point, the event id and the attempt number), so a seed replays the same schedule
 it ends the step there, as if the relay had died and been restarted; with ``crash_exits``
 it ends the process (exit 70), for tests of real processes.
 
+A broker that cannot be reached for a while (a leader election, a server restarting) makes
+``send`` raise ``BrokerUnavailable``: the step ends there with nothing marked, and
+:meth:`Relay.run_forever` backs off (exponential, full jitter, capped; counted in
+``broker_waits``) and steps again, so the rows taken are published again with the same
+``dedup_id``. The relay process does not exit for it.
+
 One relay per store: a second one reads the same unsent rows and publishes them again (the
 defences above absorb that too, at the cost of the work).
 """
@@ -36,7 +42,14 @@ from dataclasses import asdict, dataclass
 
 from ..brokers.base import Broker
 from .clock import Clock
-from .errors import InvalidInput, SimulatedCrash, check_id, check_int, check_number
+from .errors import (
+    BrokerUnavailable,
+    InvalidInput,
+    SimulatedCrash,
+    check_id,
+    check_int,
+    check_number,
+)
 from .faults import Faults
 from .store import is_store, require_outbox, transaction
 
@@ -61,12 +74,14 @@ _MARK = ("UPDATE outbox SET sent_at = ? WHERE sent_at IS NULL AND outbox_seq IN"
 @dataclass
 class RelayStats:
     """What a relay did: ``published`` sends (a republish counts again), ``marked`` rows,
-    ``crashed`` injected crashes, ``steps`` that found rows."""
+    ``crashed`` injected crashes, ``steps`` that found rows, ``broker_waits`` steps cut short
+    because the broker could not be reached."""
 
     steps: int = 0
     published: int = 0
     marked: int = 0
     crashed: int = 0
+    broker_waits: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -87,7 +102,8 @@ class Relay:
 
     def __init__(self, store: sqlite3.Connection, broker: Broker, *, clock: Clock,
                  crash_after_publish: float = 0.0, seed: int = 0, crash_exits: bool = False,
-                 name: str = "relay", echo: Callable[[str], None] | None = None) -> None:
+                 name: str = "relay", echo: Callable[[str], None] | None = None,
+                 backoff_base: float = 0.05, backoff_cap: float = 2.0) -> None:
         if not is_store(store):
             raise InvalidInput("store", store, "a store connection (deliverylab.engine.store,"
                                                " or engine.store_postgres)")
@@ -104,11 +120,14 @@ class Relay:
         if not isinstance(crash_exits, bool):
             raise InvalidInput("crash_exits", crash_exits, "True or False")
         self.name = check_id("name", name)
+        self.backoff_base = check_number("backoff_base", backoff_base, minimum=0)
+        self.backoff_cap = check_number("backoff_cap", backoff_cap, minimum=self.backoff_base)
         require_outbox(store)
         self.conn, self.broker, self.clock = store, broker, clock
         self.crash_exits, self.echo = crash_exits, echo
         self.stats = RelayStats()
         self._stopping = False
+        self._broker_streak = 0  # broker waits in a row: the exponent of the next backoff
 
     def _say(self, words: str) -> None:
         if self.echo is not None:
@@ -121,7 +140,8 @@ class Relay:
     def step(self, batch: int = 100) -> int:
         """Publish up to ``batch`` of the oldest unsent rows, then mark them sent. Returns how
         many rows it took (0: nothing to send). An injected crash ends the step after that
-        row's publish, with nothing marked: those rows are published again by a later step."""
+        row's publish, with nothing marked: those rows are published again by a later step.
+        ``BrokerUnavailable`` from a publish propagates, with nothing marked, the same way."""
         check_int("batch", batch, minimum=1, maximum=MAX_BATCH)
         with transaction(self.conn):
             rows = sorted(self.conn.execute(_TAKE, (batch,)).fetchall(), key=lambda r: r[0])
@@ -167,9 +187,31 @@ class Relay:
         check_int("batch", batch, minimum=1, maximum=MAX_BATCH)
         check_number("poll_interval", poll_interval, minimum=0.001)
         while not self._stopping:
-            if self.step(batch) == 0:
+            try:
+                took = self.step(batch)
+            except BrokerUnavailable as exc:
+                self.wait_for_broker(exc)
+                continue
+            self._broker_streak = 0
+            if took == 0:
                 self.clock.sleep(poll_interval)
         return self.stats
+
+    def wait_for_broker(self, exc: BrokerUnavailable) -> None:
+        """A step ended on ``exc``: count it, say it, and sleep (exponential in the waits in a
+        row, full jitter, capped at ``backoff_cap``, drawn from the seed and this relay's
+        name, so a run replays), in slices so a stop ends the wait early."""
+        self.stats.broker_waits += 1
+        self._broker_streak += 1
+        delay = self.faults.backoff(min(self._broker_streak - 1, 62), base=self.backoff_base,
+                                    cap=self.backoff_cap,
+                                    event_id=f"broker|{self.name}|{self.stats.broker_waits}")
+        self._say(f"{exc} (nothing marked: the rows are published again) → retry in"
+                  f" {delay:.3f}s (wait {self._broker_streak} in a row)")
+        left = delay
+        while left > 0 and not self._stopping:
+            self.clock.sleep(min(0.1, left))
+            left -= 0.1
 
     def stop(self) -> None:
         self._stopping = True

@@ -20,6 +20,13 @@ SQLite file they are one connection; the broker may also be another database, in
 in the effect's transaction) and the worker writes the trace rows of the broker's verbs into
 the store itself, right after each verb.
 
+A broker that cannot be reached for a while (a server restarting, a cluster electing a leader)
+raises ``BrokerUnavailable``; the worker backs off and tries again, as it does for a SQLite
+write lock, and never exits for it. A step cut short leaves its leases to run out. An ack that
+raised may still have reached the broker, or not: the effect has committed, so the message
+may come back, and is then skipped by the inbox (idempotent) or applied again (at-least-once:
+that mode's duplicate).
+
 Every mode also honours the reconcile fence: inside the effect's own transaction, an event a
 repair has already counted (a row in ``reconciled_events``) is not applied again; the delivery
 is logged as ``fenced`` and acknowledged as usual (see :mod:`deliverylab.engine.reconcile`).
@@ -39,6 +46,7 @@ from ..brokers.sqlite import SQLiteBroker
 from .clock import Clock
 from .errors import (
     STORE_ERRORS,
+    BrokerUnavailable,
     InvalidInput,
     SimulatedCrash,
     check_id,
@@ -136,6 +144,7 @@ class WorkerStats:
     dead_lettered: int = 0
     fenced: int = 0
     lock_waits: int = 0  # times the write lock stayed taken past the busy timeout
+    broker_waits: int = 0  # times the broker could not be reached (BrokerUnavailable)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -198,6 +207,7 @@ class Worker:
         self.stats = WorkerStats()
         self._stopping = False
         self._lock_streak = 0  # lock waits in a row: the exponent of the next backoff
+        self._broker_streak = 0  # broker waits in a row: the same, for the broker
 
     @property
     def broker(self) -> Broker:
@@ -378,7 +388,10 @@ class Worker:
                 raise
             self._wait_for_lock("receive: nothing leased")
             return 0
-        self._lock_streak = 0
+        except BrokerUnavailable as exc:
+            self._wait_for_broker(exc, "nothing leased")
+            return 0
+        self._lock_streak = self._broker_streak = 0
         self.stats.steps += 1
         if self._trace_verbs:
             self._trace([(Outcome.DEAD_LETTERED, d, reason) for d, reason in self.queue.parked]
@@ -417,7 +430,11 @@ class Worker:
                 self.queue.abandon([d])
                 self._say(d, "ack failed → not processing, expect redelivery")
                 continue
-            ok = self.queue.ack(d, worker=self.name)
+            try:
+                ok = self.queue.ack(d, worker=self.name)
+            except BrokerUnavailable:
+                self._ack_in_doubt([d], "not processed: the ACK was not confirmed")
+                raise
             self._acked([d], [ok])
             if not ok:
                 self.stats.ack_rejected += 1
@@ -504,7 +521,12 @@ class Worker:
                 continue
             to_ack.append(d)
         if to_ack:
-            results = self.queue.ack_many(to_ack, worker=self.name)
+            try:
+                results = self.queue.ack_many(to_ack, worker=self.name)
+            except BrokerUnavailable:  # the effects have committed; the ACKs are in doubt
+                self._ack_in_doubt(to_ack, "the effect committed; the ACK may or may not"
+                                           " have reached the broker")
+                raise
             self._acked(to_ack, results)
             for d, ok in zip(to_ack, results, strict=True):
                 if ok:
@@ -540,49 +562,86 @@ class Worker:
         self._log(d, Outcome.ACK_REJECTED, f"{verb} refused: receipt is no longer current")
         self._say(d, f"{verb} rejected (stale receipt) → another delivery holds it")
 
-    # -- the write lock --------------------------------------------------------------------
+    # -- waits: the write lock, the broker ---------------------------------------------------
     def _wait_for_lock(self, during: str) -> None:
         """Another connection held the write lock past the busy timeout. Say so in one line,
-        back off (exponential, full jitter, capped at ``backoff_cap``; drawn from the fault
-        seed and this worker's name, so a run replays and two workers spread apart), and let
-        the caller try again. A step cut short by the lock leaves its leases to run out: the
-        queue redelivers those messages, as after a crash."""
+        back off (see :meth:`_back_off`), and let the caller try again. A step cut short by the
+        lock leaves its leases to run out: the queue redelivers those messages, as after a
+        crash."""
         if self.conn.in_transaction:  # a COMMIT refused for the lock: undo, never join it later
             self.conn.execute("ROLLBACK")
         self.stats.lock_waits += 1
         self._lock_streak += 1
-        delay = self.faults.backoff(min(self._lock_streak - 1, 62), base=self.backoff_base,
-                                    cap=self.backoff_cap,
-                                    event_id=f"lock|{self.name}|{self.stats.lock_waits}")
+        self._back_off(self._lock_streak, f"lock|{self.name}|{self.stats.lock_waits}",
+                       f"database is locked ({during}): another connection held the write"
+                       f" lock past the busy timeout")
+
+    def _wait_for_broker(self, exc: BrokerUnavailable, during: str) -> None:
+        """The broker could not be reached (``exc``). Say so in one line, back off (see
+        :meth:`_back_off`), and let the caller try again: an election or a restart passes, and
+        a worker that exited would only have to be started again. Whatever the step held is
+        left to its leases, which run out and come back."""
+        if self.conn.in_transaction:  # nothing of the store is left half done either
+            self.conn.execute("ROLLBACK")
+        self.stats.broker_waits += 1
+        self._broker_streak += 1
+        self._back_off(self._broker_streak, f"broker|{self.name}|{self.stats.broker_waits}",
+                       f"{exc} ({during})")
+
+    def _back_off(self, streak: int, draw: str, why: str) -> None:
+        """Say ``why`` and sleep: exponential in ``streak`` (waits in a row), full jitter,
+        capped at ``backoff_cap``; drawn from the fault seed and ``draw`` (which names this
+        worker), so a run replays and two workers spread apart. In slices, so a stop ends the
+        wait early."""
+        delay = self.faults.backoff(min(streak - 1, 62), base=self.backoff_base,
+                                    cap=self.backoff_cap, event_id=draw)
         if self.echo is not None:
-            self.echo(f"[{self.name}] t={self.clock.now():.3f} database is locked ({during}):"
-                      f" another connection held the write lock past the busy timeout"
-                      f" → retry in {delay:.3f}s (wait {self._lock_streak} in a row)")
+            self.echo(f"[{self.name}] t={self.clock.now():.3f} {why}"
+                      f" → retry in {delay:.3f}s (wait {streak} in a row)")
         left = delay
-        while left > 0 and not self._stopping:  # in slices, so a stop ends the wait early
+        while left > 0 and not self._stopping:
             self.clock.sleep(min(0.1, left))
             left -= 0.1
 
-    def _step_through_locks(self) -> int | None:
-        """One step; None when the write lock stayed taken past the busy timeout (already
-        waited out)."""
+    def _ack_in_doubt(self, deliveries: list[Delivery], detail: str) -> None:
+        """An ACK that raised ``BrokerUnavailable``: it may have reached the broker or not.
+        Counted and logged as ``ack_failed``; if the message comes back, it is a duplicate."""
+        self.stats.ack_failed += len(deliveries)
+        for d in deliveries:
+            self._log(d, Outcome.ACK_FAILED, f"broker unavailable: {detail}")
+            self._say(d, "ack unconfirmed (broker unavailable) → it may come back")
+
+    def _step_through_waits(self) -> int | None:
+        """One step; None when the write lock stayed taken past the busy timeout or the broker
+        could not be reached (already waited out)."""
         try:
             return self.step()
         except sqlite3.OperationalError as exc:
             if not is_busy(exc):
                 raise
             self._wait_for_lock("mid-step: its leases will run out and come back")
-            return None
+        except BrokerUnavailable as exc:
+            self._wait_for_broker(exc, "mid-step: its leases will run out and come back")
+        return None
+
+    def _next_visible_at(self) -> float | None:
+        """The broker's :meth:`~Broker.next_visible_at`; when the broker cannot be reached,
+        now (after waiting it out), so the loop steps again at once."""
+        try:
+            return self.queue.next_visible_at()
+        except BrokerUnavailable as exc:
+            self._wait_for_broker(exc, "looking for the next message")
+            return self.clock.now()
 
     # -- loops -----------------------------------------------------------------------------
     def run_until_idle(self, max_steps: int = 1_000_000) -> WorkerStats:
         """Step until the queue is empty, sleeping on the clock until the next message is
-        visible (a fake clock jumps there at once). A lock held past the busy timeout is waited
-        out, with backoff, not raised."""
+        visible (a fake clock jumps there at once). A lock held past the busy timeout, or a
+        broker that cannot be reached, is waited out, with backoff, not raised."""
         check_int("max_steps", max_steps, minimum=1)
         for _ in range(max_steps):
-            if self._step_through_locks() == 0:
-                nxt = self.queue.next_visible_at()
+            if self._step_through_waits() == 0:
+                nxt = self._next_visible_at()
                 if nxt is None:
                     break
                 self.clock.sleep_until(nxt)
@@ -591,11 +650,12 @@ class Worker:
     def run_forever(self, *, poll_interval: float = 0.2) -> WorkerStats:
         """Step until :meth:`stop` (the CLI calls it on SIGTERM and Ctrl-C). A step is never cut
         in half: stopping waits for the current one to finish. A lock held past the busy
-        timeout is waited out, with backoff, not raised."""
+        timeout, or a broker that cannot be reached, is waited out, with backoff, not
+        raised."""
         check_number("poll_interval", poll_interval, minimum=0.001)
         while not self._stopping:
-            if self._step_through_locks() == 0:
-                nxt = self.queue.next_visible_at()
+            if self._step_through_waits() == 0:
+                nxt = self._next_visible_at()
                 wait = poll_interval if nxt is None else min(poll_interval,
                                                             max(0.0, nxt - self.clock.now()))
                 self.clock.sleep(max(wait, 0.001))
