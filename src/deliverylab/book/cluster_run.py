@@ -64,6 +64,8 @@ from .lab import ITEMS
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ..brokers.base import Broker
+
 WORKERS = 3
 # Every client of the stream shares its one durable consumer, whose MaxDeliver is set by the
 # first to open it: the relay, the checker and the workers must all ask for the same.
@@ -283,6 +285,21 @@ def _place_orders(conn: sqlite3.Connection, orders: int, seed: int) -> None:
 Wait = Callable[[str, Callable[[], bool]], None]
 
 
+def _open_new_stream(url: str, worker: str, deadline: float) -> Broker:
+    """The broker on a cluster this run just started, creating its three-replica stream. On a
+    loaded machine the first stream of a fresh cluster can take longer than the broker's own
+    timeout (the replicas elect the stream's leader); the URL is the run's own, so a failure
+    here is that wait, tried again until the run's deadline."""
+    while True:
+        try:
+            return open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
+                               max_receives=MAX_RECEIVES, worker=worker)
+        except InvalidInput:
+            if time.monotonic() + 1 > deadline:
+                raise
+            time.sleep(1)
+
+
 def _waiter(relay: PacedRelay, deadline: float, timeout: float, where: Path,
             tick: Callable[[], None] = lambda: None) -> Callable[..., None]:
     """``wait(what, ready, poll=0.02)``: poll until ``ready()``, calling ``tick`` each time;
@@ -381,8 +398,7 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
         cluster.start()
         url = cluster.url(stream=stream, replicas=3, ack_wait=f"{ack_wait:g}")
         # Opening the broker creates the stream, on three replicas, before anyone publishes.
-        checker = open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
-                              max_receives=MAX_RECEIVES, worker="checker")
+        checker = _open_new_stream(url, "checker", deadline)
         cleanup.callback(checker.close)
         say(f"stream {stream} on 3 replicas, leader {cluster.wait_stream_leader(stream)}")
         _place_orders(conn, orders, seed)
@@ -457,8 +473,7 @@ def publish_pauses(directory: str | Path, *, repetitions: int = 5, events: int =
             stream = f"DL_PAUSE_{rep}"
             url = cluster.url(stream=stream, replicas=3)
             with contextlib.ExitStack() as this:
-                keeper = open_broker(url, field="url", clock=SystemClock(), ids=Ids(),
-                                     max_receives=MAX_RECEIVES, worker="bench")
+                keeper = _open_new_stream(url, "bench", deadline)
                 this.callback(keeper.close)  # the streams go with the cluster's directory
                 store_path = directory / f"pause-{rep}.db"
                 conn = init_db(store_path)
