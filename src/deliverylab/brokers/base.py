@@ -15,9 +15,10 @@ hands out a *delivery* with a fresh *receipt*; only the current receipt may sett
 from __future__ import annotations
 
 import abc
+import json
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..engine.errors import InvalidInput
+from ..engine.errors import InvalidInput, check_id, check_number
 
 if TYPE_CHECKING:
     from ..engine.clock import Clock
@@ -52,6 +53,30 @@ def check_delivery(value: Any) -> Delivery:
     if not isinstance(value, Delivery):
         raise InvalidInput("delivery", value, "a Delivery returned by Queue.receive")
     return value
+
+
+def encode_payload(payload: Any) -> str:
+    """A message body: ``payload`` (a JSON object) as compact JSON with sorted keys."""
+    if not isinstance(payload, dict):
+        raise InvalidInput("payload", payload, "a JSON object (dict)")
+    try:
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput("payload", payload, f"JSON-serialisable ({exc})") from None
+
+
+def check_send(event_id: Any, type: Any, payload: Any, correlation_id: Any, delay: Any,
+               dedup_id: Any) -> tuple[str, float]:
+    """What every engine's :meth:`Broker.send` checks first, in this order: the body to store
+    and the delay, or :class:`InvalidInput` naming the first bad argument."""
+    check_id("event_id", event_id)
+    if dedup_id is not None:
+        check_id("dedup_id", dedup_id)
+    check_id("type", type)
+    if correlation_id is not None:
+        check_id("correlation_id", correlation_id)
+    body = encode_payload(payload)
+    return body, check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
 
 
 class Broker(abc.ABC):

@@ -102,8 +102,14 @@ from ..engine.errors import (
     check_text,
 )
 from ..engine.ids import Ids
-from .base import MAX_VISIBILITY_TIMEOUT_S, Broker, Delivery, check_delivery
-from .sqlite import encode_payload
+from .base import (
+    MAX_VISIBILITY_TIMEOUT_S,
+    Broker,
+    Delivery,
+    check_delivery,
+    check_send,
+    encode_payload,
+)
 
 T = TypeVar("T")
 
@@ -375,14 +381,8 @@ class JetStreamBroker(Broker):
         :attr:`dedup_window` is not stored, and answers with the first send's sequence, hence
         its message id. ``delay > 0`` raises ``NotImplementedError``: JetStream 2.9 cannot
         hold a published message back."""
-        check_id("event_id", event_id)
-        if dedup_id is not None:
-            check_id("dedup_id", dedup_id)
-        check_id("type", type)
-        if correlation_id is not None:
-            check_id("correlation_id", correlation_id)
-        body = encode_payload(payload).encode()
-        delay = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        text, delay = check_send(event_id, type, payload, correlation_id, delay, dedup_id)
+        body = text.encode()
         if delay > 0:
             raise NotImplementedError(
                 "send(delay=…) on JetStream: NATS 2.9 has no delayed publish (nack's delay"

@@ -79,8 +79,13 @@ from ..engine.errors import (
     check_text,
 )
 from ..engine.ids import Ids
-from .base import MAX_VISIBILITY_TIMEOUT_S, Broker, Delivery, check_delivery
-from .sqlite import encode_payload
+from .base import (
+    MAX_VISIBILITY_TIMEOUT_S,
+    Broker,
+    Delivery,
+    check_delivery,
+    check_send,
+)
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 # Headers this broker writes beside the AMQP properties (message id, correlation id, type).
@@ -218,14 +223,7 @@ class RabbitMQBroker(Broker):
         ``delay`` must be 0: RabbitMQ 3.10 has no delayed delivery without a plugin. Raises
         pika's ``NackError`` if the queue refuses the message (``reject-publish`` when full)
         and ``UnroutableError`` if the queue is gone."""
-        check_id("event_id", event_id)
-        if dedup_id is not None:
-            check_id("dedup_id", dedup_id)
-        check_id("type", type)
-        if correlation_id is not None:
-            check_id("correlation_id", correlation_id)
-        body = encode_payload(payload)
-        delay = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        body, delay = check_send(event_id, type, payload, correlation_id, delay, dedup_id)
         if delay:
             raise InvalidInput("delay", delay, "0 on RabbitMQ: 3.10 has no delayed delivery"
                                                " without a plugin (nack holds a message for"

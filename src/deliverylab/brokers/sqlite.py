@@ -20,11 +20,17 @@ import sqlite3
 from typing import Any
 
 from ..engine.clock import Clock
-from ..engine.errors import InvalidInput, check_id, check_int, check_number, check_text
+from ..engine.errors import InvalidInput, check_int, check_number, check_text
 from ..engine.ids import Ids
 from ..engine.store import transaction
 from ..engine.trace import Outcome, log, log_delivery, log_many
-from .base import MAX_VISIBILITY_TIMEOUT_S, Broker, Delivery, check_delivery
+from .base import (
+    MAX_VISIBILITY_TIMEOUT_S,
+    Broker,
+    Delivery,
+    check_delivery,
+    check_send,
+)
 
 # The claim's RETURNING columns, in Delivery's field order.
 _DELIVERY_COLUMNS = ("seq, message_id, event_id, type, payload, correlation_id, receipt,"
@@ -37,15 +43,6 @@ def _deliveries(rows: list[tuple[Any, ...]]) -> list[Delivery]:
     payloads = json.loads("[" + ",".join(r[4] for r in rows) + "]")
     return [Delivery(r[0], r[1], r[2], r[3], payload, *r[5:])
             for r, payload in zip(rows, payloads, strict=True)]
-
-
-def encode_payload(payload: Any) -> str:
-    if not isinstance(payload, dict):
-        raise InvalidInput("payload", payload, "a JSON object (dict)")
-    try:
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput("payload", payload, f"JSON-serialisable ({exc})") from None
 
 
 class SQLiteBroker(Broker):
@@ -95,14 +92,7 @@ class SQLiteBroker(Broker):
         table has no producer dedup (``dedup_window`` is None): ``dedup_id`` is checked, then
         a second send with it is a second message, as the contract says.
         """
-        check_id("event_id", event_id)
-        if dedup_id is not None:
-            check_id("dedup_id", dedup_id)
-        check_id("type", type)
-        if correlation_id is not None:
-            check_id("correlation_id", correlation_id)
-        body = encode_payload(payload)
-        delay = check_number("delay", delay, minimum=0, maximum=MAX_VISIBILITY_TIMEOUT_S)
+        body, delay = check_send(event_id, type, payload, correlation_id, delay, dedup_id)
         now = self.clock.now()
         message_id = self.ids.message_id()
         with transaction(self.conn):
