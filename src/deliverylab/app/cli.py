@@ -457,6 +457,20 @@ def _wall(line: str) -> str:
     return f"{m.group(1)} {stamp} {line[m.end():]}"
 
 
+def stop_on_signals(runner: Any, name: str) -> None:
+    """SIGTERM or Ctrl-C stops ``runner`` (a worker or a relay) after its current step; a
+    second one stops it now, with KeyboardInterrupt."""
+    def on_signal(signum: int, frame: Any) -> None:
+        if runner._stopping:
+            raise KeyboardInterrupt
+        runner.stop()
+        print(safe_text(f"[{name}] {signal.Signals(signum).name}: stopping after the current"
+                        f" step"), flush=True)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from ..engine.clock import SystemClock
     from ..engine.faults import Faults
@@ -506,15 +520,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         _close(conn, broker, broker_conn)
         raise
 
-    def on_signal(signum: int, frame: Any) -> None:
-        if worker._stopping:  # a second Ctrl-C: stop now; open transactions roll back
-            raise KeyboardInterrupt
-        worker.stop()
-        print(safe_text(f"[{name}] {signal.Signals(signum).name}: stopping after the current"
-                        f" step"), flush=True)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(worker, name)  # a second Ctrl-C: open transactions roll back
 
     fault_text = ", ".join(f"{p}={r:g}" for p, r in rates.items() if r) or "none"
     print(safe_text(f"[{name}] started: mode={worker.mode}"
@@ -579,15 +585,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         _close(conn, broker, broker_conn)
         raise
 
-    def on_signal(signum: int, frame: Any) -> None:
-        if relay._stopping:  # a second Ctrl-C: stop now; what it published is published again
-            raise KeyboardInterrupt
-        relay.stop()
-        print(safe_text(f"[{name}] {signal.Signals(signum).name}: stopping after the current"
-                        f" step"), flush=True)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(relay, name)  # a second Ctrl-C: what it published goes again
     dedup = broker.dedup_window
     print(safe_text(f"[{name}] started: {unsent(conn)} unsent outbox row(s) in {db_label(args)}"
                     f" → broker={broker_label} (producer dedup: "
