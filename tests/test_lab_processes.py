@@ -185,6 +185,15 @@ def request(method: str, path: str, body: bytes | dict | None = None, *, port: i
             conn.close()
 
 
+def started(proc: Proc, timeout: float = 30) -> None:
+    """Wait until ``proc`` printed its ``started:`` line (it failed if it died first)."""
+    deadline = time.monotonic() + timeout
+    while "started:" not in proc.output() and time.monotonic() < deadline:
+        assert proc.alive(), proc.output()
+        time.sleep(0.02)
+    assert "started:" in proc.output(), proc.output()
+
+
 def no_failures(*procs: Proc) -> None:
     for proc in procs:
         text = proc.output()

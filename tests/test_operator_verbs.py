@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from pg import schema
+from test_cli import run
 
-from deliverylab.app import cli
 from deliverylab.brokers.postgres import PostgresBroker
 from deliverylab.brokers.sqlite import SQLiteBroker
 from deliverylab.engine import store
@@ -25,12 +25,6 @@ from deliverylab.engine.orders import place_order
 from deliverylab.engine.relay import Relay
 
 TRACE = "SELECT worker, correlation_id, event_id, outcome FROM delivery_log ORDER BY seq"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(params=["sqlite-file", "postgres"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from pg import schema
-from test_lab_processes import Proc, no_failures
+from test_lab_processes import Proc, no_failures, started
 
 from deliverylab.brokers.postgres import PostgresBroker
 from deliverylab.engine import store as db
@@ -81,14 +81,6 @@ def make_lab(tmp_path: Path) -> Iterator:
         finally:
             for lab in labs:
                 lab.close()
-
-
-def started(proc: Proc, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while "started:" not in proc.output() and time.monotonic() < deadline:
-        assert proc.alive(), proc.output()
-        time.sleep(0.02)
-    assert "started:" in proc.output(), proc.output()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pika
 import pytest
 from test_jetstream import HoldingProxy
-from test_lab_processes import Proc, no_failures
+from test_lab_processes import Proc, no_failures, started
 
 from deliverylab.brokers.rabbitmq import DEFAULT_URL, RabbitMQBroker, open_url
 from deliverylab.engine import store
@@ -335,14 +335,6 @@ def test_a_lost_connection_is_broker_unavailable_and_the_next_verb_connects_agai
 
 
 # -- real processes ------------------------------------------------------------------------
-def started(proc: Proc, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while "started:" not in proc.output() and time.monotonic() < deadline:
-        assert proc.alive(), proc.output()
-        time.sleep(0.02)
-    assert "started:" in proc.output(), proc.output()
-
-
 @pytest.mark.slow
 def test_sigkilled_worker_processes_on_one_queue_lose_nothing_idempotent(tmp_path,
                                                                          queue_name):

@@ -26,6 +26,7 @@ import pytest
 from conftest import BROKER_ENGINES
 from helpers_proc import env
 from pg import schema
+from test_cli import run
 
 from deliverylab.app import cli
 from deliverylab.brokers.base import Broker
@@ -246,15 +247,6 @@ def test_a_relay_refuses_the_stores_own_queue_table():
 
 
 # -- the command ----------------------------------------------------------------------------
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def files(tmp_path: Path) -> tuple[Path, Path]:
     """A store with 3 orders in its outbox, and a broker file."""
