@@ -113,6 +113,58 @@ def test_at_least_once_never_loses_and_lose_message_does():
     assert lost <= logged
 
 
+# -- the lost ACK's two halves -------------------------------------------------------------------
+@pytest.mark.parametrize("max_messages", [1, 10])
+def test_a_lost_answer_loses_at_most_once_orders_with_no_crash_at_all(max_messages):
+    """``if ack(d): apply(d)``: the queue deleted the message, the worker heard nothing, so
+    it never applies. No crash anywhere, and orders are lost."""
+    lab, ws = scenario("at-most-once", max_messages=max_messages, ack_answer_lost=0.3)
+    result = check(lab.conn)
+    assert sum(w.stats.crashed for w in ws) == 0
+    assert result.lost > 0 and result.duplicated == 0 and result.pending == 0
+    lost = {o for o, *_, s in event_states(lab.conn) if s == "lost"}
+    # Each lost order was acked by the queue and then logged ack_failed by the worker.
+    acked_then_failed = {o for (o,) in lab.conn.execute(
+        "SELECT a.correlation_id FROM delivery_log AS a JOIN delivery_log AS f"
+        " ON f.correlation_id = a.correlation_id AND f.seq > a.seq"
+        " WHERE a.outcome = 'acked' AND f.outcome = 'ack_failed'")}
+    assert lost and lost <= acked_then_failed
+
+
+@pytest.mark.parametrize("mode", ["at-least-once", "idempotent", "transactional"])
+@pytest.mark.parametrize("max_messages", [1, 10])
+def test_a_lost_answer_harms_no_mode_that_applies_before_it_acks(mode, max_messages):
+    lab, ws = scenario(mode, max_messages=max_messages, ack_answer_lost=0.4)
+    result = check(lab.conn)
+    assert result.ok, result.verdict
+    assert lab.projection() == lab.truth()
+    # The message is gone: nothing comes back, so no duplicate either, even at-least-once.
+    assert result.duplicated == 0
+    if mode != "transactional":  # a local ACK has no answer to lose
+        assert sum(w.stats.ack_failed for w in ws) > 0
+
+
+def test_the_worker_takes_the_same_path_after_either_half():
+    """Same seed, same deliveries: with the request lost the message comes back; with the
+    answer lost it does not. The worker's own words and counters are the same for both."""
+    lines = {}
+    for point in ("ack_fail", "ack_answer_lost"):
+        lab = make_lab(":memory:", seed=3)
+        lab.order("coffee-beans", 1, order_id="o-001")
+        said: list[str] = []
+        w = lab.worker(mode="at-least-once", faults=Faults(seed=1, **{point: 1.0}),
+                       echo=said.append, max_receives=2)
+        w.step()
+        lines[point] = (said, w.stats.ack_failed, w.stats.acked)
+        details = [r[0] for r in lab.conn.execute(
+            "SELECT detail FROM delivery_log WHERE outcome = 'ack_failed'")]
+        assert details == ["the ACK never reached the queue" if point == "ack_fail" else
+                           "the queue deleted the message, but its answer never came back"]
+        depth = lab.queue.depth()
+        assert (depth["in_flight"] == 1) == (point == "ack_fail")
+    assert lines["ack_fail"] == lines["ack_answer_lost"]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_no_faults_means_exactly_once_in_every_mode(mode):
     lab, (w,) = scenario(mode, orders=50, ack_fail=0.0)

@@ -403,6 +403,11 @@ class Ops:
             return False
         else:
             ok = w.queue.ack(d, worker=w.name)
+            if w._fires("ack_answer_lost", d):  # deleted, but the answer never came back
+                w.stats.ack_failed += 1
+                w._log(d, Outcome.ACK_FAILED, "the queue deleted the message, but its answer"
+                                              " never came back")
+                return False
         if ok:
             w.stats.acked += 1
         else:

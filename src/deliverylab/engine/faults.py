@@ -1,5 +1,11 @@
 """Fault injection: named points, a rate for each, decided from one seed.
 
+The lost ACK has two halves, as in the Two Generals problem. ``ack_fail`` loses the request:
+the queue never hears it and the message comes back. ``ack_answer_lost`` loses the answer: the
+queue deleted the message, but the worker hears nothing. The worker cannot tell them apart
+(both are an ACK that timed out) and takes the same path after either; only the trace, written
+by whoever injects the fault, says which half it was.
+
 Whether a fault fires is a pure function of (seed, point, event id, delivery number), computed
 with a keyed hash. That makes a run replay exactly, and it gives the *same fault schedule* to
 every worker mode and every interleaving: delivery 2 of event ``evt-…`` loses its ACK in the
@@ -16,7 +22,8 @@ from dataclasses import dataclass, field
 from .errors import InvalidInput, check_int, check_number
 
 FAULT_POINTS = (
-    "ack_fail",             # the ACK is lost on the way: the queue never hears it
+    "ack_fail",             # the ACK request is lost on the way: the queue never hears it
+    "ack_answer_lost",      # the ACK arrives and the message is deleted; the answer is lost
     "crash_after_receive",  # the worker dies holding the lease, before the effect
     "crash_after_commit",   # the effect committed, the worker dies before the ACK
     "process_error",        # the handler raises; retried with backoff through nack
@@ -34,6 +41,7 @@ class Faults:
     crash_after_commit: float = 0.0
     process_error: float = 0.0
     lose_message: float = 0.0
+    ack_answer_lost: float = 0.0
     _key: bytes = field(init=False, repr=False, compare=False)
     _rates: dict[str, float] = field(init=False, repr=False, compare=False)
     active: bool = field(init=False, repr=False, compare=False)

@@ -424,18 +424,19 @@ class Worker:
 
     def _ack_then_apply(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
-            if self._fires("ack_fail", d):
-                self.stats.ack_failed += 1
-                self._log(d, Outcome.ACK_FAILED, "not processed: the ACK was not confirmed")
-                self.queue.abandon([d])
-                self._say(d, "ack failed → not processing, expect redelivery")
-                continue
             try:
-                ok = self.queue.ack(d, worker=self.name)
+                (answer,) = self._send_acks([d])
             except BrokerUnavailable:
                 self._ack_in_doubt([d], "not processed: the ACK was not confirmed")
                 raise
-            self._acked([d], [ok])
+            if answer is None:  # no answer: the worker cannot know whether the queue has it
+                self.stats.ack_failed += 1
+                self._log(d, Outcome.ACK_FAILED, "not processed: the ACK was not confirmed"
+                          + self._lost_half(d))
+                self.queue.abandon([d])
+                self._say(d, "ack failed → not processing, expect redelivery")
+                continue
+            ok = answer
             if not ok:
                 self.stats.ack_rejected += 1
                 self._say(d, "ack rejected (stale receipt) → not processing")
@@ -513,23 +514,21 @@ class Worker:
                 self._crash([*to_ack, *(x for x, _ in done[i:]), *(x for x, _ in failed)],
                             "after_commit_before_ack")
                 raise SimulatedCrash("after_commit_before_ack")
-            if self._fires("ack_fail", d):
-                self.stats.ack_failed += 1
-                self._log(d, Outcome.ACK_FAILED, "the ACK never reached the queue")
-                self.queue.abandon([d])  # the effect has committed; the ACK is never sent
-                self._say(d, "ack failed → expect redelivery")
-                continue
             to_ack.append(d)
         if to_ack:
             try:
-                results = self.queue.ack_many(to_ack, worker=self.name)
+                answers = self._send_acks(to_ack)
             except BrokerUnavailable:  # the effects have committed; the ACKs are in doubt
                 self._ack_in_doubt(to_ack, "the effect committed; the ACK may or may not"
                                            " have reached the broker")
                 raise
-            self._acked(to_ack, results)
-            for d, ok in zip(to_ack, results, strict=True):
-                if ok:
+            for d, ok in zip(to_ack, answers, strict=True):
+                if ok is None:  # the effect has committed; whether the ACK did is unknown
+                    self.stats.ack_failed += 1
+                    self._log(d, Outcome.ACK_FAILED, self._lost_half(d).lstrip("; "))
+                    self.queue.abandon([d])
+                    self._say(d, "ack failed → expect redelivery")
+                elif ok:
                     self.stats.acked += 1
                     self._say(d, "acked")
                 else:
@@ -537,6 +536,38 @@ class Worker:
                     self._say(d, "ack rejected (stale receipt) → another delivery holds it")
         for d, error in failed:
             self._retry_or_dead_letter(d, error)
+
+    # -- the ACK and its two halves -----------------------------------------------------------
+    def _send_acks(self, deliveries: list[Delivery]) -> list[bool | None]:
+        """Acknowledge ``deliveries`` through the fault points; one answer each: True (the
+        queue deleted the message), False (it refused: the receipt is stale) or None (no
+        answer came back). None is both halves of a lost ACK: the request that never arrived
+        (``ack_fail``: nothing is sent) and the answer that never came back
+        (``ack_answer_lost``: the queue deleted the message all the same). The caller gets
+        the same None for either, so it cannot tell them apart, as a real consumer cannot."""
+        lost_request = [self._fires("ack_fail", d) for d in deliveries]
+        sent = [d for d, lost in zip(deliveries, lost_request, strict=True) if not lost]
+        results = iter(self.queue.ack_many(sent, worker=self.name) if sent else [])
+        answers: list[bool | None] = []
+        heard_sent: list[tuple[Delivery, bool]] = []
+        for d, lost in zip(deliveries, lost_request, strict=True):
+            if lost:
+                answers.append(None)
+                continue
+            ok = next(results)
+            heard_sent.append((d, ok))
+            answers.append(None if self._fires("ack_answer_lost", d) else ok)
+        # The broker's own record of what it did, whether its answer arrived or not.
+        if heard_sent:
+            self._acked([d for d, _ in heard_sent], [ok for _, ok in heard_sent])
+        return answers
+
+    def _lost_half(self, d: Delivery) -> str:
+        """For the trace, which is the fault injector's record and not the worker's view:
+        which half of the ACK was lost."""
+        if self._fires("ack_fail", d):
+            return "; the ACK never reached the queue"
+        return "; the queue deleted the message, but its answer never came back"
 
     def _retry_or_dead_letter(self, d: Delivery, error: str) -> None:
         if d.delivery_count >= self.queue.max_receives:
