@@ -251,7 +251,7 @@ def layer_counts(policies: tuple[Policy, ...] = POLICIES, *,
                         "calls to the bank": r.bank_calls,
                         "deliveries still at work after their lease": r.past_the_lease,
                         "seconds until dead-lettered": round(r.drained_at, 2)}
-    return pd.DataFrame(rows, dtype=object)
+    return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in rows.items()})
 
 
 def outage_table(*, timeout_s: float = 0.01, orders: int = 120, every: float = 0.5,
