@@ -5,7 +5,7 @@
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
-#   make services  start (or install) the servers the tests use: PostgreSQL, RabbitMQ, NATS
+#   make services  start (or install) the servers the tests use: PostgreSQL, RabbitMQ, NATS, Mosquitto
 #
 # Setup is done once and redone only when requirements.txt or pyproject.toml change.
 
@@ -37,7 +37,7 @@ help:
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
 	@echo "make bench   run the benchmarks"
-	@echo "make services  start PostgreSQL, RabbitMQ and NATS for the tests (install them if missing)"
+	@echo "make services  start PostgreSQL, RabbitMQ, NATS and Mosquitto for the tests (install them if missing)"
 	@echo "make clean   remove the built book and fetched assets (keeps .venv)"
 
 # --- setup -------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ chromium:
 	fi
 
 # The servers the tests talk to (PostgreSQL on 127.0.0.1:5432, RabbitMQ on 5672, NATS with
-# JetStream on 4222): started if installed and stopped, installed with apt-get if missing.
+# JetStream on 4222, Mosquitto on 1883): started if installed and stopped, installed with apt-get if missing.
 # The book does not need them.
 services:
 	bash scripts/services.sh

@@ -2,20 +2,22 @@
 # Bring up the servers the tests need, and say what was done or why it cannot be.
 #
 #   scripts/services.sh            every service below
-#   scripts/services.sh postgres   just the named ones (postgres, rabbitmq, nats)
+#   scripts/services.sh postgres   just the named ones (postgres, rabbitmq, nats, mosquitto)
 #
 # Each service is three functions: <name>_up (is it answering?), <name>_start (start an
 # installed server) and <name>_install (install it), and its name in ALL. Installing needs
 # root or sudo, as Chromium's install does.
 set -euo pipefail
 
-ALL=(postgres rabbitmq nats)
+ALL=(postgres rabbitmq nats mosquitto)
 PG_HOST=127.0.0.1
 PG_PORT=5432
 AMQP_HOST=127.0.0.1
 AMQP_PORT=5672
 NATS_HOST=127.0.0.1
 NATS_PORT=4222
+MQTT_HOST=127.0.0.1
+MQTT_PORT=1883
 
 say() { echo "services: $*"; }
 
@@ -152,6 +154,31 @@ nats_install() {
   say "nats-server is not installed: installing it with apt-get"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+}
+
+# --- Mosquitto (MQTT) ---------------------------------------------------------------------------
+# Up means: the port answers an MQTT 3.1.1 CONNECT with a CONNACK that accepts it (packet type
+# 0x20, remaining length 2, return code 0): a broker that is up, not just an open port.
+mosquitto_up() {
+  port_open "$MQTT_HOST" "$MQTT_PORT" || return 1
+  local reply
+  reply=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"
+    printf "\x10\x16\x00\x04MQTT\x04\x02\x00\x0a\x00\x0adl-service" >&3
+    head -c 4 <&3' "$MQTT_HOST" "$MQTT_PORT" 2>/dev/null | od -An -tx1 | tr -d ' \n')
+  [[ $reply =~ ^2002..00$ ]]
+}
+
+mosquitto_installed() { [ -x /usr/sbin/mosquitto ]; }
+
+mosquitto_start() {
+  say "mosquitto is installed but not answering on $MQTT_HOST:$MQTT_PORT: starting it"
+  as_root /usr/sbin/mosquitto -d -c /etc/mosquitto/mosquitto.conf
+}
+
+mosquitto_install() {
+  say "mosquitto is not installed: installing it with apt-get"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto
 }
 
 # --- the driver --------------------------------------------------------------------------------

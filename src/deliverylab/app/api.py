@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -83,6 +83,7 @@ from ..engine.store import (
     is_busy,
     require_outbox,
 )
+from . import metrics
 from .status import collect, order_view, snapshot
 
 MAX_BODY_BYTES = 64 * 1024
@@ -792,6 +793,14 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
     async def get_status() -> dict[str, Any]:
         report = await run_in_threadpool(_collect)
         return {**report, "ok": True, "guaranteeHeld": report["ok"]}
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(await run_in_threadpool(_metrics), media_type=metrics.CONTENT_TYPE)
+
+    def _metrics() -> bytes:
+        with store.reading() as conn:
+            return metrics.exposition(metrics.signals(conn, now=time.time()))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -654,6 +654,7 @@ def cmd_order(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ..engine.clock import SystemClock
     from ..engine.ids import Ids
+    from . import metrics
     from .status import collect, render
 
     store_flag(args)
@@ -667,12 +668,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         while True:
             report = collect(conn, broker=apart)
+            reading = metrics.signals(conn, now=time.time(), broker=apart)
             if args.json:
-                print(safe_json(report), flush=True)
+                print(safe_json({**report, "signals": reading.as_dict()}), flush=True)
             else:
                 if args.watch:
                     print("\033[H\033[2J" + time.strftime("%H:%M:%S"), end="\n\n")
-                print(render(report, db=db_label(args)), flush=True)
+                print(render(report, db=db_label(args)) + "\n\n" + metrics.render(reading),
+                      flush=True)
             if not args.watch:
                 return 0
             time.sleep(args.watch)
