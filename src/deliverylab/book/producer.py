@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,9 @@ def producer_run(*, identity: str, seeds: Sequence[int], requests: int = 20,
     """``requests`` orders per seed posted by :func:`post_with_retries` through a
     :class:`LossyLink` to the real API on a fresh SQLite file (one file for all the seeds,
     each seed's request ids its own), then the orders counted in the database."""
-    from fastapi.testclient import TestClient
+    with warnings.catch_warnings():  # Starlette's notice about a future HTTP client; not ours
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
 
     from ..app.api import create_app
 
