@@ -741,6 +741,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
         created = placed.created
         if placed.key_first_created is not None:  # a retry gets the first answer again
             created = placed.key_first_created
+            # The draft defines no header marking a replay; this one is Stripe's convention.
             headers = {"Idempotent-Replayed": "true"}
         return SafeJSONResponse({"ok": True, "orderId": placed.order_id,
                                  "eventId": placed.event_id, "replayed": not created},

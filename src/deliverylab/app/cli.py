@@ -5,6 +5,7 @@
     deliverylab init-db                       # data/app.db (or --db PATH, or DELIVERYLAB_DB)
     deliverylab api                           # http://127.0.0.1:3000
     ACK_FAIL_RATE=0.8 deliverylab worker      # one line per step; Ctrl-C stops it cleanly
+    deliverylab worker --mode at-most-once --ack-answer-lost-rate 0.3   # loses orders, no crash
     deliverylab order --item coffee-beans --qty 1 --order-id o-001
     deliverylab status                        # queue, inbox, projection vs truth, verdict
     deliverylab trace o-001                   # every delivery of that order's event
@@ -53,6 +54,20 @@ URL_ENV = "DELIVERYLAB_URL"
 # One flag and one environment variable per fault point: --ack-fail-rate / ACK_FAIL_RATE, …
 RATE_FLAGS = {p: "--" + p.replace("_", "-") + "-rate" for p in FAULT_POINTS}
 RATE_ENVS = {p: p.upper() + "_RATE" for p in FAULT_POINTS}
+# What each flag does to a delivery, for --help. The two halves of a lost ACK look the same to
+# the worker (both are an ACK with no answer); only what the queue did differs.
+RATE_HELP = {
+    "ack_fail": "the ACK request is lost on the way: the queue never hears it, and the message"
+                " comes back when its lease runs out",
+    "ack_answer_lost": "the other half of a lost ACK: the queue deletes the message, but its"
+                       " answer is lost; the worker sees the same failure as --ack-fail-rate,"
+                       " and nothing comes back",
+    "crash_after_receive": "the worker dies holding the lease, before the effect (after the ACK"
+                           " in at-most-once mode)",
+    "crash_after_commit": "the effect committed; the worker dies before the ACK",
+    "process_error": "the handler raises; the message is retried with backoff",
+    "lose_message": "the queue forgets the message before any work happens (an auto-ack broker)",
+}
 # The commands that only read, and so work on a database nobody here may write.
 READERS = "'deliverylab status', 'deliverylab trace' and 'deliverylab reconcile --dry-run'"
 
@@ -949,7 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "worker", parents=[busy], help="consume OrderPlaced events, one line per step",
         description="Receive, apply, ack — printing one line per step. Fault rates come from"
-                    " the flags or from the environment (ACK_FAIL_RATE=0.8, …); default 0."
+                    " the flags or from the environment (ACK_FAIL_RATE=0.8,"
+                    " ACK_ANSWER_LOST_RATE=0.3, …); default 0. A lost ACK has two halves:"
+                    " --ack-fail-rate loses the request, --ack-answer-lost-rate the answer."
                     " SIGTERM or Ctrl-C stops after the current step.")
     p.add_argument("--mode", default=Mode.IDEMPOTENT.value, choices=[m.value for m in Mode],
                    help="default idempotent")
@@ -968,7 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
     for point in FAULT_POINTS:
         p.add_argument(RATE_FLAGS[point], dest=point + "_rate", type=_num_arg(0, 1),
                        default=None, metavar="RATE",
-                       help=f"fault rate in [0, 1] (env {RATE_ENVS[point]})")
+                       help=f"{RATE_HELP[point]}; a rate in [0, 1] (env {RATE_ENVS[point]})")
     p.add_argument("--crash-exits", action="store_true",
                    help="an injected crash ends the process (exit 70) instead of simulating it")
     p.add_argument("--seed", type=_int_arg(0, 2**63 - 1), default=None,

@@ -54,10 +54,11 @@ MODES = ("at-most-once", "at-least-once", "idempotent", "transactional")
 POSTGRES = os.environ.get("DELIVERYLAB_PG", "postgresql://127.0.0.1:5432/test")
 RABBITMQ = os.environ.get("DELIVERYLAB_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 NATS = os.environ.get("DELIVERYLAB_NATS", "nats://127.0.0.1:4222")
-# Chapter 1's scenario: its seed and its faults (a fifth of the ACKs lost, a tenth of the
-# deliveries crashing the worker before its work commits).
+# Chapter 1's scenario: its seed and its faults (a fifth of the ACK requests lost, a tenth of
+# the ACKs' answers lost, a tenth of the deliveries crashing the worker before its work
+# commits).
 CHAPTER_SEED = 29
-CHAPTER_FAULTS = {"ack_fail": 0.2, "crash_after_receive": 0.1}
+CHAPTER_FAULTS = {"ack_fail": 0.2, "ack_answer_lost": 0.1, "crash_after_receive": 0.1}
 LEASE_S = 1.0  # the visibility timeout / AckWait of every run here
 
 

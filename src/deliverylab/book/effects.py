@@ -158,32 +158,51 @@ class PaymentService:
 
 # -- a consumer that calls the service from its handler -----------------------------------------
 
+# The two halves of a lost call, as of a lost ACK: the request never reaches the service (it
+# charges nothing), or the service charged and its answer never comes back. The caller sees
+# the same timeout after either and cannot tell them apart.
+LOST_REQUEST = "lost_request"  # the fault point: the request never reached the service
 LOST_ANSWER = "lost_answer"  # the fault point: the service charged, its answer never arrived
+TIMEOUT = "the payment service did not answer in time"
 
 
 def charge_handler(service: PaymentService, *, keyed: bool, lost_answer: float = 0.0,
-                   seed: int = 0) -> Handler:
+                   lost_request: float = 0.0, seed: int = 0,
+                   attempts: list[str] | None = None) -> Handler:
     """A handler that charges the order, then reserves it (the engine's UPSERT).
 
-    With ``keyed`` the event id goes to the service as the idempotency key. ``lost_answer``
-    is the rate at which the service's answer is lost after it charged (a timeout): the
-    handler raises, the worker rolls its transaction back and retries the message. Whether an
-    answer is lost is a keyed hash of (seed, event, delivery), like every fault in the engine.
+    With ``keyed`` the event id goes to the service as the idempotency key. ``lost_request``
+    is the rate at which the request is lost on its way (the service never hears it and
+    charges nothing), ``lost_answer`` the rate at which the service's answer is lost after it
+    charged. Either way the handler raises the same ``TimeoutError``, and the worker rolls its
+    transaction back and retries the message. Whether a half is lost is a keyed hash of
+    (seed, event, delivery), like every fault in the engine. ``attempts``, when given,
+    collects the order id of every call the handler tried, lost requests included.
     """
     if not isinstance(service, PaymentService):
         raise InvalidInput("service", service, "a PaymentService")
-    rate = check_number("lost_answer", lost_answer, minimum=0, maximum=1)
+    answer_rate = check_number("lost_answer", lost_answer, minimum=0, maximum=1)
+    request_rate = check_number("lost_request", lost_request, minimum=0, maximum=1)
+    if attempts is not None and not isinstance(attempts, list):
+        raise InvalidInput("attempts", attempts, "a list, or None")
     faults = Faults(seed=seed)
+
+    def lost(point: str, rate: float, delivery: Delivery) -> bool:
+        return bool(rate) and faults.uniform(point, delivery.event_id,
+                                             delivery.delivery_count) < rate
 
     def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
         order_id, qty = delivery.payload.get("orderId"), delivery.payload.get("qty")
         if not isinstance(order_id, str) or not isinstance(qty, int) or isinstance(qty, bool):
             raise PoisonMessage(f"payload needs orderId and an integer qty, got {delivery.payload!r}")
+        if attempts is not None:
+            attempts.append(order_id)
+        if lost(LOST_REQUEST, request_rate, delivery):
+            raise TimeoutError(TIMEOUT)  # the service never heard it: nothing was charged
         service.charge(order_id=order_id, amount=qty * UNIT_PRICE,
                        idempotency_key=delivery.event_id if keyed else None)
-        if rate and faults.uniform(LOST_ANSWER, delivery.event_id,
-                                   delivery.delivery_count) < rate:
-            raise TimeoutError("the payment service did not answer in time")
+        if lost(LOST_ANSWER, answer_rate, delivery):
+            raise TimeoutError(TIMEOUT)  # the same words: the caller cannot tell the halves apart
         apply_order_placed(conn, delivery)
 
     return handle
@@ -204,7 +223,8 @@ class ChargeRun:
     mode: str
     keyed: bool
     orders: int
-    calls: int
+    attempts: int  # calls the handler tried, lost requests included
+    calls: int  # requests the service received
     charges: int
     double_charged: int  # orders charged more than once
     verdict: str
@@ -214,22 +234,26 @@ class ChargeRun:
 
 
 def charge_run(mode: Mode | str, *, keyed: bool, orders: int = 20, seed: int = 0,
-               ack_fail: float = 0.0, lost_answer: float = 0.0,
+               ack_fail: float = 0.0, lost_answer: float = 0.0, lost_request: float = 0.0,
                max_receives: int = 10) -> ChargeRun:
     """``orders`` orders through one worker whose handler charges each, under the seeded
-    faults: lost ACKs (the queue's) and lost answers (the service's)."""
+    faults: lost ACKs (the queue's), and lost requests and lost answers (the two halves of a
+    call to the service that times out)."""
     if not isinstance(keyed, bool):
         raise InvalidInput("keyed", keyed, "True or False")
     check_int("orders", orders, minimum=0, maximum=100_000)
     lab = Lab(seed=seed, mode=mode, max_receives=max_receives)
     service = PaymentService(clock=lab.clock, seed=seed)
+    tried: list[str] = []
     lab.workers = [worker_for(lab, charge_handler(service, keyed=keyed, lost_answer=lost_answer,
-                                                  seed=seed),
+                                                  lost_request=lost_request, seed=seed,
+                                                  attempts=tried),
                               faults=Faults(seed=seed, ack_fail=ack_fail))]
     lab.place_orders(orders)
     result = lab.run_until_idle()
     per_order = service.charged_orders()
-    run = ChargeRun(mode=str(lab.mode), keyed=keyed, orders=orders, calls=service.calls,
+    run = ChargeRun(mode=str(lab.mode), keyed=keyed, orders=orders, attempts=len(tried),
+                    calls=service.calls,
                     charges=service.charge_count(),
                     double_charged=sum(1 for n in per_order.values() if n > 1),
                     verdict=result.verdict)
@@ -239,9 +263,10 @@ def charge_run(mode: Mode | str, *, keyed: bool, orders: int = 20, seed: int = 0
 
 
 def charge_table(*, seeds: range | list[int], orders: int = 20, ack_fail: float = 0.3,
-                 lost_answer: float = 0.3) -> pd.DataFrame:
-    """Summed over ``seeds``: orders, calls to the service and charges made, for each consumer
-    (at-least-once, idempotent) and fault (lost ACKs, lost answers), with and without a key."""
+                 lost_answer: float = 0.3, lost_request: float = 0.3) -> pd.DataFrame:
+    """Summed over ``seeds``: orders, calls tried, calls the service received and charges
+    made, for each consumer (at-least-once, idempotent) and fault (lost ACKs, lost requests,
+    lost answers), with and without a key."""
     import pandas as pd
 
     seeds = list(seeds)
@@ -249,6 +274,7 @@ def charge_table(*, seeds: range | list[int], orders: int = 20, ack_fail: float 
         raise InvalidInput("seeds", seeds, "at least one seed")
     rows = []
     for fault, rates in (("lost ACKs", {"ack_fail": ack_fail}),
+                         ("lost requests", {"lost_request": lost_request}),
                          ("lost answers", {"lost_answer": lost_answer})):
         for mode in (Mode.AT_LEAST_ONCE, Mode.IDEMPOTENT):
             for keyed in (False, True):
@@ -257,6 +283,7 @@ def charge_table(*, seeds: range | list[int], orders: int = 20, ack_fail: float 
                 rows.append({"fault": fault, "consumer": str(mode),
                              "key": "event id" if keyed else "none",
                              "orders": sum(r.orders for r in runs),
+                             "attempts": sum(r.attempts for r in runs),
                              "calls": sum(r.calls for r in runs),
                              "charges": sum(r.charges for r in runs),
                              "double_charged": sum(r.double_charged for r in runs),

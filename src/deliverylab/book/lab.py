@@ -23,7 +23,7 @@ from ..brokers.sqlite import Queue
 from ..engine import reconcile, store_postgres
 from ..engine.check import CheckResult, check, drift_frame, events_frame
 from ..engine.clock import FakeClock
-from ..engine.errors import check_int, check_number
+from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import NO_FAULTS, Faults
 from ..engine.ids import Ids
 from ..engine.orders import PlacedOrder, place_order
@@ -219,6 +219,22 @@ def guarantee_matrix(*, orders: int = 200, faults: Faults, seed: int = 0,
                      "deliveries": stats.received,
                      "projection_equals_truth": result.projection_equals_truth})
     return pd.DataFrame(rows)
+
+
+def why_lost(lab: Lab) -> pd.DataFrame:
+    """Why each lost order was lost, counted: the last row the trace holds for its event (a
+    crash, or an ACK whose answer never came back), one row per distinct outcome and detail.
+    The trace is the fault injector's record: the worker itself saw an ACK with no answer."""
+    import pandas as pd
+
+    if not isinstance(lab, Lab):
+        raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
+    events = lab.events()
+    lost = set(events.loc[events["state"] == "lost", "event_id"])
+    log = lab.log()
+    last = log[log["event_id"].isin(lost)].groupby("event_id").tail(1)
+    counts = last.groupby(["outcome", "detail"]).size()
+    return pd.DataFrame({"lost orders": counts}).reset_index()
 
 
 def fault_sweep(*, rates: Sequence[float], point: str = "ack_fail", orders: int = 200,

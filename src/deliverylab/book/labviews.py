@@ -33,14 +33,19 @@ if TYPE_CHECKING:
 
 DEFAULT_LIMIT = 10
 
-# (key, label) in display order. "duplicated" counts effects applied more than once (the
-# extra applications), "lost" orders whose effect never happened and never can.
+# (key, label) in display order. "duplicated" counts the extra applications of every effect
+# that ran more than once, before a repair or after it: a repair fixes the projection, not the
+# history (an email sent twice stays sent), so the count never goes down, and it agrees with the
+# verdict, which names both ("+N extra", "... before the repair (+M extra)"). "lost" counts
+# the orders whose effect never happened and never can; "repaired" the orders never applied
+# by a worker that a repair counted instead (the verdict's "counted by the repair").
 COUNTERS: tuple[tuple[str, str], ...] = (
     ("deliveries", "deliveries"),
     ("applied", "effects applied"),
     ("duplicates_skipped", "duplicates skipped"),
     ("duplicated", "effects duplicated"),
     ("lost", "effects lost"),
+    ("repaired", "counted by a repair"),
     ("dead_lettered", "dead-lettered"),
 )
 
@@ -53,17 +58,23 @@ SERIES: tuple[tuple[str, str, str], ...] = (
     ("lost", "effects lost", "#ff7f0e"),
 )
 
-# Mirrors check.event_states: an order's applications are its 'applied' rows after its last
-# 'reconciled' row, plus one for that row. Computed in SQL so it stays cheap for the chart.
+# Mirrors check.check: an order's applications are its 'applied' rows after its last
+# 'reconciled' row, plus one for that row (n); the 'applied' rows before that row (before) are
+# the history the repair hid: more than one is a duplicate it repaired, none an order it
+# counted that no worker had applied. Computed in SQL so it stays cheap for the chart.
 _COUNTERS_SQL = APPLICATIONS_CTE + """,
     per_order AS (
-        SELECT o.event_id, coalesce(a.n, 0) + CASE WHEN r.rs IS NULL THEN 0 ELSE 1 END AS n
+        SELECT o.event_id, coalesce(a.n, 0) + CASE WHEN r.rs IS NULL THEN 0 ELSE 1 END AS n,
+               r.rs IS NOT NULL AS repaired, coalesce(a.before, 0) AS before
           FROM orders AS o
           LEFT JOIN applied AS a USING (event_id)
           LEFT JOIN last_rec AS r USING (event_id))
     SELECT
         (SELECT count(*) FROM orders),
-        (SELECT CAST(coalesce(sum(n - 1), 0) AS INTEGER) FROM per_order WHERE n > 1),
+        (SELECT CAST(coalesce(sum(CASE WHEN n > 1 THEN n - 1 ELSE 0 END)
+                              + sum(CASE WHEN repaired AND before > 1 THEN before - 1 ELSE 0 END),
+                              0) AS INTEGER) FROM per_order),
+        (SELECT count(*) FROM per_order WHERE repaired AND before = 0),
         (SELECT count(*) FROM per_order AS p
           WHERE p.n = 0
             AND p.event_id NOT IN (SELECT event_id FROM queue_messages)
@@ -78,13 +89,16 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     """Counts for the whole run so far, read from the database.
 
     ``deliveries``, ``applied`` and ``duplicates_skipped`` count delivery-log rows;
-    ``duplicated`` and ``lost`` agree with :func:`deliverylab.engine.check.check` (its
-    ``extra_applications`` and ``lost``); ``orders``, ``queued``, ``dead_lettered`` and
-    ``inbox`` are table sizes.
+    ``duplicated``, ``lost`` and ``repaired`` agree with :func:`deliverylab.engine.check.check`
+    and so with its verdict: ``duplicated`` is its ``extra_applications`` plus its
+    ``repaired_extra_applications`` (a repair does not undo what already ran twice), ``lost``
+    its ``lost``, ``repaired`` its ``repaired_never_applied``; ``orders``, ``queued``,
+    ``dead_lettered`` and ``inbox`` are table sizes.
     """
     by_outcome = dict(conn.execute(
         "SELECT outcome, count(*) FROM delivery_log GROUP BY outcome").fetchall())
-    orders, duplicated, lost, queued, dead, inbox = conn.execute(_COUNTERS_SQL).fetchone()
+    orders, duplicated, repaired, lost, queued, dead, inbox = conn.execute(
+        _COUNTERS_SQL).fetchone()
     return {
         "orders": orders,
         "deliveries": by_outcome.get("received", 0),
@@ -92,6 +106,7 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
         "duplicates_skipped": by_outcome.get("duplicate_skipped", 0),
         "duplicated": duplicated,
         "lost": lost,
+        "repaired": repaired,
         "dead_lettered": dead,
         "queued": queued,
         "inbox": inbox,
@@ -345,7 +360,7 @@ def _projection_html(rows: tuple[tuple[Any, ...], ...], columns: tuple[str, ...]
 
 def counters_html(counts: Mapping[str, int]) -> dict[str, str]:
     """One small HTML box per counter, keyed like :data:`COUNTERS`."""
-    colours = {k: c for k, _, c in SERIES} | {"dead_lettered": "#9467bd"}
+    colours = {k: c for k, _, c in SERIES} | {"repaired": "#17becf", "dead_lettered": "#9467bd"}
     return {key: (f'<div class="dl-counter-box" style="border-top: 4px solid {colours[key]}">'
                   f'<div class="dl-counter-value" data-value="{counts[key]}">{counts[key]}</div>'
                   f'<div class="dl-counter-label">{label}</div></div>')

@@ -1,6 +1,6 @@
 """The live lab: an ipywidgets control panel over a :class:`~deliverylab.book.lab.Lab`.
 
-Sliders set the fault rates, the visibility timeout, the number of orders and workers; a
+Sliders set the fault rates (both halves of a lost ACK, and a crash), the visibility timeout, the number of orders and workers; a
 dropdown picks the worker mode; buttons place orders, step, run until idle, auto-run, lose a
 message, reconcile and reset. The queue, the inbox, the projection beside the truth, the dead
 letters, the counters, a chart and the checker's verdict redraw after every action.
@@ -55,7 +55,8 @@ def _css(widget: widgets.Widget, *classes: str) -> widgets.Widget:
 class LabPanel:
     """The control panel. Display it as the last expression of a cell (or ``panel.widget``).
 
-    Every control is an attribute (``ack_fail``, ``crash_rate``, ``visibility_timeout``,
+    Every control is an attribute (``ack_fail``, ``ack_answer_lost``, ``crash_rate``,
+    ``visibility_timeout``,
     ``orders``, ``workers``, ``mode``, ``seed``; ``place_button``, ``step_button``,
     ``run_button``, ``autorun_button`` with its timer ``autorun``, ``lose_button``,
     ``reconcile_button``, ``reset_button``), so
@@ -66,8 +67,8 @@ class LabPanel:
     """
 
     def __init__(self, *, seed: int = 7, mode: Mode | str = Mode.IDEMPOTENT,
-                 ack_fail: float = 0.0, crash_rate: float = 0.0,
-                 visibility_timeout: float = 2.0, orders: int = 20, workers: int = 1,
+                 ack_fail: float = 0.0, ack_answer_lost: float = 0.0,
+                 crash_rate: float = 0.0, visibility_timeout: float = 2.0, orders: int = 20, workers: int = 1,
                  limit: int = labviews.DEFAULT_LIMIT, autorun_interval_ms: int = 400,
                  engine: str = "sqlite") -> None:
         check_int("seed", seed, minimum=0)
@@ -75,6 +76,7 @@ class LabPanel:
             raise InvalidInput("engine", engine, " or ".join(map(repr, ENGINES.values())))
         mode = Mode.parse(mode).value
         check_number("ack_fail", ack_fail, minimum=0, maximum=1)
+        check_number("ack_answer_lost", ack_answer_lost, minimum=0, maximum=1)
         check_number("crash_rate", crash_rate, minimum=0, maximum=1)
         check_number("visibility_timeout", visibility_timeout, minimum=0.05, maximum=10)
         check_int("orders", orders, minimum=1, maximum=1000)
@@ -90,6 +92,15 @@ class LabPanel:
             tooltip="chance that a worker's ACK never reaches the queue (the message comes back)",
             readout_format=".2f", continuous_update=False, style=wide, layout=box),
             "dl-ack-slider")
+        # The other half of a lost ACK: the worker hears the same silence, but the queue has
+        # already deleted the message, so nothing comes back.
+        self.ack_answer_lost = _css(widgets.FloatSlider(
+            value=ack_answer_lost, min=0.0, max=1.0, step=0.05,
+            description="ACK answer lost rate",
+            tooltip="chance that the queue deletes the message on a worker's ACK but its answer"
+                    " never comes back (the worker sees the same failure; the message is gone)",
+            readout_format=".2f", continuous_update=False, style=wide, layout=box),
+            "dl-ack-answer-slider")
         self.crash_rate = _css(widgets.FloatSlider(
             value=crash_rate, min=0.0, max=1.0, step=0.05, description="crash rate",
             tooltip="chance that a worker dies right after receiving a message",
@@ -174,8 +185,8 @@ class LabPanel:
                              grid_gap="4px 16px")
         self.widget = _css(widgets.VBox([
             self.header,
-            widgets.HBox([self.ack_fail, self.crash_rate, self.visibility_timeout],
-                         layout=row),
+            widgets.HBox([self.ack_fail, self.ack_answer_lost, self.crash_rate,
+                          self.visibility_timeout], layout=row),
             widgets.HBox([self.orders, self.workers, self.mode, self.seed], layout=row),
             widgets.HBox([self.engine], layout=row),
             widgets.HBox([self.place_button, self.step_button, self.run_button,
@@ -205,7 +216,8 @@ class LabPanel:
         self._drawn_key: tuple[Any, ...] | None = None
         self.last_redraw_s = 0.0
 
-        for control in (self.ack_fail, self.crash_rate, self.visibility_timeout,
+        for control in (self.ack_fail, self.ack_answer_lost, self.crash_rate,
+                        self.visibility_timeout,
                         self.workers, self.mode):
             control.observe(self._on_knob, names="value")
         self.orders.observe(self._on_orders, names="value")
@@ -227,11 +239,14 @@ class LabPanel:
     def faults(self) -> Faults:
         """The fault rates the sliders set, decided from the seed."""
         return Faults(seed=self.seed.value, ack_fail=self.ack_fail.value,
+                      ack_answer_lost=self.ack_answer_lost.value,
                       crash_after_receive=self.crash_rate.value)
 
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed.value, "mode": self.mode.value,
-                "ack_fail": self.ack_fail.value, "crash_rate": self.crash_rate.value,
+                "ack_fail": self.ack_fail.value,
+                "ack_answer_lost": self.ack_answer_lost.value,
+                "crash_rate": self.crash_rate.value,
                 "visibility_timeout": self.visibility_timeout.value,
                 "orders": self.orders.value, "workers": self.workers.value}
 
@@ -451,7 +466,7 @@ class LabPanel:
     def __repr__(self) -> str:
         s = self.settings()
         return (f"LabPanel(seed={s['seed']}, mode={s['mode']!r}, ack_fail={s['ack_fail']:.2f},"
-                f" crash_rate={s['crash_rate']:.2f},"
+                f" ack_answer_lost={s['ack_answer_lost']:.2f}, crash_rate={s['crash_rate']:.2f},"
                 f" visibility_timeout={s['visibility_timeout']:.2f}, orders={s['orders']},"
                 f" workers={s['workers']})")
 
@@ -473,7 +488,8 @@ class Snapshot:
         s = self.settings
         note = ('<div class="dl-note" style="font-size:12px; color:#555555">Snapshot of the'
                 f' panel (seed {s["seed"]}, {s["mode"]} mode, ACK failure rate'
-                f' {s["ack_fail"]:.2f}, crash rate {s["crash_rate"]:.2f}). Moving a slider'
+                f' {s["ack_fail"]:.2f}, ACK answer lost rate {s["ack_answer_lost"]:.2f},'
+                f' crash rate {s["crash_rate"]:.2f}). Moving a slider'
                 ' needs a running kernel: <code>make lab</code>.</div>')
         return self.views.html(log=self.log_html, note=note)
 

@@ -1,4 +1,5 @@
-"""The book's PostgreSQL demonstrations: the claim race, run for real on a live server.
+"""The book's PostgreSQL demonstrations, run for real on a live server: the claim race, and
+the race a repair has without its ``LOCK TABLE`` at READ COMMITTED.
 
 Each function makes its own schema on the server, runs, and drops it. When no server answers,
 they raise :class:`PostgresUnavailable` saying how to start one: the book page that uses them
@@ -203,3 +204,98 @@ def modes_table(*, orders: int = 60, workers: int = 3, seed: int = 7) -> pd.Data
         rows.append(with_schema(run))
     return pd.DataFrame(rows, columns=["mode", "orders", "exactly once", "duplicated", "lost",
                                        "projection = truth"])
+
+
+class _WithoutLock:
+    """A connection that drops the repair's ``LOCK TABLE`` and passes everything else through:
+    the engine's own repair, minus that one statement, to show what the statement is for."""
+
+    def __init__(self, conn: store_postgres.PgConnection) -> None:
+        self._conn = conn
+        self.dropped: list[str] = []
+
+    def execute(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        if sql.lstrip().upper().startswith("LOCK TABLE"):
+            self.dropped.append(sql)
+            return None
+        return self._conn.execute(sql, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+REPAIR_RACE_COLUMNS = ["repair", "LOCK TABLE", "the repair waited for the worker",
+                       "worker's outcome", "truth", "projection", "verdict"]
+
+
+def repair_race(*, lock: bool) -> dict[str, Any]:
+    """One worker's effect and one repair, interleaved on PostgreSQL at READ COMMITTED.
+
+    Two orders; the message of ``o-001`` is lost, so the projection lags the truth and a
+    repair is due. An at-least-once worker (its own connection) receives ``o-002``, opens its
+    effect's transaction and reads the repair fence (``reconciled_events``): nothing there.
+    Then, before the worker writes, the repair runs on another connection: the engine's
+    ``reconcile.repair`` (``lock=True``), or the same repair without its
+    ``LOCK TABLE reconciled_events IN ACCESS EXCLUSIVE MODE`` (``lock=False``). The worker
+    goes on once the repair has committed or is waiting for a lock, applies ``o-002`` and
+    commits. Returns the run's row for :func:`repair_race_table`."""
+    from ..engine import reconcile
+    from ..engine.check import check, projection_vs_truth
+    from ..engine.orders import place_order
+    from ..engine.worker import Mode, Worker, apply_order_placed
+
+    def run(url: str) -> dict[str, Any]:
+        conn, clock, ids, broker = _lab(url, 11)
+        other = store_postgres.connect(url)
+        waited: list[bool] = []
+        waiting: list[threading.Thread] = []
+        try:
+            for order_id in ("o-001", "o-002"):
+                place_order(broker, item_id="green-tea", qty=2, order_id=order_id)
+            broker.drop(_message_of(conn, "o-001"), reason="lost before any worker saw it")
+            repairer = other if lock else _WithoutLock(other)
+
+            def handler(c: Any, delivery: Any) -> None:
+                # Inside the worker's transaction, after its read of the repair fence.
+                t = threading.Thread(target=reconcile.repair, args=(repairer,),
+                                     kwargs={"clock": clock})
+                t.start()
+                waited.append(wait_until_blocked(url, other.raw.info.backend_pid, t))
+                apply_order_placed(c, delivery)
+                waiting.append(t)
+
+            worker = Worker(conn, clock=clock, ids=ids, queue=broker, mode=Mode.AT_LEAST_ONCE,
+                            name="worker-1", handler=handler)
+            worker.step()
+            for t in waiting:
+                t.join(10)
+                if t.is_alive():
+                    raise RuntimeError("the repair never finished")
+            outcome = conn.execute("SELECT outcome FROM delivery_log WHERE correlation_id ="
+                                   " 'o-002' AND outcome IN ('applied', 'fenced')"
+                                   " ORDER BY seq").fetchone()[0]
+            (_, truth, projection, _), = projection_vs_truth(conn)
+            verdict = check(conn).verdict
+        finally:
+            other.close()
+            conn.close()
+        return {"repair": "reconcile.repair" if lock else "the same, without the lock",
+                "LOCK TABLE": "yes" if lock else "no",
+                "the repair waited for the worker": bool(waited and waited[0]),
+                "worker's outcome": outcome, "truth": truth, "projection": projection,
+                "verdict": verdict}
+
+    return with_schema(run)
+
+
+def _message_of(conn: store_postgres.PgConnection, order_id: str) -> str:
+    return conn.execute("SELECT message_id FROM queue_messages WHERE correlation_id = ?",
+                        (order_id,)).fetchone()[0]
+
+
+def repair_race_table() -> pd.DataFrame:
+    """:func:`repair_race` with the engine's repair and without its lock, one row each."""
+    import pandas as pd
+
+    return pd.DataFrame([repair_race(lock=True), repair_race(lock=False)],
+                        columns=REPAIR_RACE_COLUMNS)

@@ -13,7 +13,10 @@ as ``fenced`` and acknowledges it as usual. Why that is enough, for any interlea
 
 * Both transactions take SQLite's write lock up front, so a worker's effect commits either
   wholly before the repair or wholly after it; a read inside a write transaction sees every
-  commit before it.
+  commit before it. The whole argument rests on this ordering. PostgreSQL has no such lock, so
+  there the repair takes one (``LOCK TABLE reconciled_events IN ACCESS EXCLUSIVE MODE``, in
+  :func:`repair`); without it, at READ COMMITTED, an effect that read the fence before the
+  repair committed applies on top of the rebuild (``deliverylab.book.pgdemo.repair_race``).
 * An effect that committed **before** the repair is overwritten: the rebuild replaces the
   projection with the sum over ``orders``, which counts that order once.
 * An effect that would commit **after** the repair reads the fence row the repair committed,
