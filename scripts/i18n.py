@@ -55,9 +55,9 @@ LANGUAGES = translated_editions()
 
 
 def sphinx_build(builder: str, outdir: Path, doctreedir: Path, *, language: str | None = None,
-                 strict: bool = False) -> int:
-    """Run Sphinx on the book as ``jupyter-book build`` does, with the notebooks not executed.
-    Returns Sphinx's status (0 on success)."""
+                 strict: bool = False, config: dict[str, object] | None = None) -> int:
+    """Run Sphinx on the book as ``jupyter-book build`` does, with the notebooks not executed,
+    and ``config`` over ``_config.yml``'s settings. Returns Sphinx's status (0 on success)."""
     from jupyter_book.sphinx import build_sphinx
 
     overrides: dict[str, object] = {
@@ -71,6 +71,7 @@ def sphinx_build(builder: str, outdir: Path, doctreedir: Path, *, language: str 
         overrides["language"] = language
     if strict:
         overrides["nitpicky"] = True
+    overrides.update(config or {})
     result = build_sphinx(
         ROOT, outdir, noconfig=True, path_config=ROOT / "_config.yml", confoverrides=overrides,
         builder=builder, doctreedir=doctreedir, freshenv=True, warningiserror=strict,

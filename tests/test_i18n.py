@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import shutil
 import sys
 from pathlib import Path
 
@@ -238,6 +239,7 @@ def test_plain_janome_misses_the_terms_the_compound_splitter_finds() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # Jupyter Book's extensions
 def test_extraction_puts_each_page_in_its_catalog_and_the_part_titles_in_the_root(
         tmp_path: Path) -> None:
     import yaml
@@ -260,3 +262,22 @@ def test_extraction_puts_each_page_in_its_catalog_and_the_part_titles_in_the_roo
     # Prose is extracted, code cells and their outputs are not.
     assert "The three guarantee families" in chapter
     assert not any(m.startswith(("from deliverylab", "import ")) for m in chapter)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # Jupyter Book's extensions
+def test_the_strict_build_fails_on_a_translation_that_drops_a_reference(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A copy of the catalogs in which one translation of the front page lost its {doc} link.
+    locales = tmp_path / "locales"
+    shutil.copytree(i18n.LOCALES, locales, ignore=shutil.ignore_patterns("*.mo"))
+    po = i18n.catalog_path("ja", "intro", locales)
+    catalog = i18n.read_catalog(po, "ja")
+    role = "{doc}`reference/glossary`"
+    message = next(m for m in catalog if m.id and role in m.id and role in m.string)
+    message.string = message.string.replace(role, "用語集")
+    i18n.write_catalog(po, catalog)
+    status = i18n.sphinx_build("html", tmp_path / "html", tmp_path / "doctrees", language="ja",
+                               strict=True, config={"locale_dirs": [str(locales)]})
+    assert status != 0
+    assert "inconsistent term references in translated message" in capsys.readouterr().err
