@@ -18,10 +18,11 @@ comes back untranslated, and a removed one is kept at the end of the catalog as 
 (``#~``), so that a moved paragraph's translation can be found again. Fuzzy and untranslated
 messages show in English in the built edition; ``check`` names them.
 
-``build`` builds an edition with Sphinx through Jupyter Book's own configuration pipeline
-(the same ``_config.yml`` and ``_toc.yml``), without executing a notebook: the translated
-edition shows the outputs saved in the notebooks, which nbval keeps equal to what the engine
-prints. ``--strict`` is the English strict build's ``-W -n --keep-going``: a translation that
+``build`` extracts first, so that ``_build/gettext/`` is as fresh as the edition it builds
+(the browser tests compare them), then builds each edition with Sphinx through Jupyter Book's
+own configuration pipeline (the same ``_config.yml`` and ``_toc.yml``), without executing a
+notebook: the translated edition shows the outputs saved in the notebooks, which nbval keeps
+equal to what the engine prints. ``--strict`` is the English strict build's ``-W -n --keep-going``: a translation that
 drops a reference, names a term the glossary lacks or breaks a link fails the build.
 """
 
@@ -219,17 +220,12 @@ def gaps(language: str, templates: Path = TEMPLATES, locales: Path = LOCALES,
                 yield Gap(path, "fuzzy", message.id)
 
 
-def complete_pages(language: str, locales: Path = LOCALES) -> list[str]:
-    """The pages whose catalog translates every message it holds, none fuzzy (without
-    extracting: a catalog behind the English counts as complete here; ``check`` and the
-    browser tests catch that)."""
-    base = locales / language / "LC_MESSAGES"
-    done = []
-    for path in sorted(base.rglob("*.po")):
-        catalog = read_catalog(path, language)
-        if all(m.string and not m.fuzzy for m in catalog if m.id):
-            done.append(path.relative_to(base).with_suffix("").as_posix())
-    return done
+def complete_pages(language: str, templates: Path = TEMPLATES,
+                   locales: Path = LOCALES) -> list[str]:
+    """The pages of which ``language``'s catalog translates every message of the English as
+    last extracted (``templates``), none fuzzy."""
+    return [page for page in pages(templates)
+            if next(gaps(language, templates, locales, only=[page]), None) is None]
 
 
 def check(languages: Iterable[str], templates: Path = TEMPLATES, locales: Path = LOCALES,
@@ -320,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         if language not in LANGUAGES:
             parser.error(f"language {language!r} has no edition; the editions: "
                          f"{', '.join(LANGUAGES)}")
-    if args.command == "build":
-        return max(build(language, args.strict) for language in args.languages)
     if args.command == "update":
         return update(args.languages)
+    # Every other command compares with the English as it is now. For the build too: the
+    # browser tests look for English prose on the pages complete against these templates.
     status = extract()
     if status:
         return status
+    if args.command == "build":
+        return max(build(language, args.strict) for language in args.languages)
     if args.command == "check":
         return check(args.languages)
     print_stats(list(args.languages))
