@@ -126,11 +126,20 @@ def read_catalog(path: Path, language: str | None = None) -> Catalog:
         return read_po(f, locale=language)
 
 
+# A message that is nothing but inline code (a heading such as `Queue.receive`, a tab title):
+# there is nothing to translate, so the update fills it in as it is.
+CODE_ONLY = re.compile(r"(?:`[^`]+`[\s,/]*)+")
+
+
 def merge(template: Catalog, catalog: Catalog) -> Catalog:
     """``catalog`` updated to ``template``: unchanged messages keep their translation, changed
-    ones come back fuzzy with their previous English, new ones untranslated."""
+    ones come back fuzzy with their previous English, new ones untranslated (but for those
+    that are only inline code, which are their own translation)."""
     catalog.update(template, no_fuzzy_matching=False, update_header_comment=False,
                    keep_user_comments=True, update_creation_date=False)
+    for message in catalog:
+        if message.id and not message.string and CODE_ONLY.fullmatch(message.id.strip()):
+            message.string = message.id
     return catalog
 
 
@@ -156,22 +165,20 @@ def update(languages: Iterable[str]) -> int:
     if status:
         return status
     for language in languages:
-        counts = {"new": 0, "fuzzy": 0}
+        untranslated = fuzzy = 0
         for page in pages():
             template = read_catalog(TEMPLATES / f"{page}.pot")
             path = catalog_path(language, page)
             catalog = read_catalog(path, language) if path.is_file() else new_catalog(language, page)
-            before = {m.id for m in catalog if m.id and m.string and not m.fuzzy}
             merge(template, catalog)
-            for m in catalog:
-                if m.id and m.id not in before:
-                    counts["fuzzy" if m.fuzzy else "new"] += 1
+            untranslated += sum(1 for m in catalog if m.id and not m.string)
+            fuzzy += sum(1 for m in catalog if m.id and m.string and m.fuzzy)
             write_catalog(path, catalog)
         for orphan in orphans(language):
             print(f"i18n: {orphan.relative_to(ROOT)} belongs to no page any more; delete it "
                   "once its translations are of no more use")
-        print(f"i18n: {language}: catalogs updated; {counts['new']} messages untranslated, "
-              f"{counts['fuzzy']} fuzzy (their English changed): see `make i18n-check`")
+        print(f"i18n: {language}: catalogs updated; {untranslated} messages untranslated, "
+              f"{fuzzy} fuzzy (their English changed): see `make i18n-check`")
     return 0
 
 

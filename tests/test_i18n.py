@@ -155,6 +155,18 @@ def test_update_keeps_translations_marks_changes_fuzzy_and_brings_new_messages(b
     assert updated["Build and check it yourself"].string == ""
 
 
+def test_update_fills_in_messages_that_are_only_code(book) -> None:
+    _, locales = book
+    po = locales / "ja" / "LC_MESSAGES" / "intro.po"
+    template = Catalog(locale="ja")
+    for msgid in ("`Queue.receive`", "`orders`, `queue`", "The `orders` table"):
+        template.add(msgid)
+    catalog = i18n.merge(template, i18n.read_catalog(po, "ja"))
+    assert catalog["`Queue.receive`"].string == "`Queue.receive`"
+    assert catalog["`orders`, `queue`"].string == "`orders`, `queue`"
+    assert not catalog["The `orders` table"].string  # prose around the code: translate it
+
+
 def test_update_keeps_a_removed_message_as_obsolete(book) -> None:
     _, locales = book
     po = locales / "ja" / "LC_MESSAGES" / "chapters" / "01_guarantees.po"
