@@ -68,7 +68,7 @@ define apt_install
 if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
 elif command -v sudo >/dev/null; then sudo="sudo"; \
 else echo "$(2) is missing and installing it needs root or sudo: apt-get install -y $(1)" >&2; exit 1; fi; \
-echo "installing $(2) with apt-get"; \
+echo "installing $(1) with apt-get"; \
 $$sudo apt-get update -qq; \
 DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $(1)
 endef
