@@ -244,6 +244,17 @@ def test_the_sidebar_part_titles_and_the_book_title_are_translated(built_edition
         assert soup.html["lang"] == LANGUAGE
 
 
+def test_the_toggles_over_hidden_cells_are_translated(built_edition: Path) -> None:
+    # myst-nb writes them past the translation, as sphinx-external-toc does the part titles.
+    labels = set()
+    for path in built_edition.rglob("*.html"):
+        soup = BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+        labels |= {p.get_text(strip=True) for p in soup.select("details.hide summary p")}
+    assert labels, "no toggle over a hidden cell in the Japanese edition"
+    untranslated = sorted(label for label in labels if not JAPANESE.search(label))
+    assert not untranslated, f"toggles left in English: {untranslated}"
+
+
 def search_index(edition: Path) -> dict:
     text = (edition / "searchindex.js").read_text(encoding="utf-8")
     return json.loads(text[text.index("(") + 1:text.rindex(")")])

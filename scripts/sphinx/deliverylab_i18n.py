@@ -11,8 +11,10 @@ This extension adds what Sphinx's gettext support leaves out:
 - the sidebar's part titles: sphinx-external-toc inserts the toctrees from ``_toc.yml``
   after Sphinx has applied the translations, so they would stay English; they are
   translated here, later, from the root page's catalog (where the gettext builder puts them);
-- the book's title and author, which are configuration rather than text of a page, put
-  into the root page's catalog and translated on every page;
+- the book's title and author, and the labels of the toggles over hidden notebook cells,
+  which are configuration rather than text of a page: put into the root page's catalog and
+  translated on every page (the toggles' after myst-nb writes them, also past the
+  translation);
 - a tag ``edition_<language>`` for ``{only}`` blocks that exist in one edition only (the
   Japanese front page's note that outputs stay English); the gettext builder sets every
   edition's tag, so such blocks are extracted for translation like any other text;
@@ -34,6 +36,7 @@ from sphinx.config import Config
 from sphinx.locale import init as init_locale
 from sphinx.search.ja import JanomeSplitter
 from sphinx.transforms import SphinxTransform
+from sphinx.transforms.post_transforms import SphinxPostTransform
 from sphinx.util.i18n import docname_to_domain
 
 HERE = Path(__file__).resolve().parent
@@ -55,6 +58,10 @@ LANGUAGE_CONFIG: dict[str, dict[str, Any]] = {
 
 # Configuration strings a page shows that are not text of any page.
 TRANSLATED_CONFIG = ("html_title", "author")
+# myst-nb's toggles over hidden cells ("Show code cell source"): its configured prompts with
+# each kind of hidden part it puts in place of {type}.
+PROMPT_CONFIG = ("nb_code_prompt_show", "nb_code_prompt_hide")
+PROMPT_TYPES = ("content", "source", "output", "outputs")
 
 # sphinx-book-theme's default sidebar (its theme.conf), with the switcher under the title.
 SIDEBAR = [
@@ -123,6 +130,32 @@ class TranslatePartTitles(SphinxTransform):
                 toctree.apply_translated_message(caption, translated)
 
 
+class TranslateCellToggles(SphinxPostTransform):
+    """Translate the labels of myst-nb's toggles over hidden cells, which it writes into the
+    doctree after the translation (its HideInputCells post-transform, priority 199), from the
+    root page's catalog, where extraction puts them."""
+
+    default_priority = 250
+    formats = ("html",)
+
+    def run(self, **kwargs: Any) -> None:
+        if language_of(self.config) == SOURCE_LANGUAGE:
+            return
+        from myst_nb.sphinx_ import HideCodeCellNode
+
+        catalog = None
+        for node in self.document.findall(HideCodeCellNode):
+            catalog = catalog or page_catalog(self.app, self.config.root_doc)
+            for key in ("prompt_show", "prompt_hide"):
+                node[key] = catalog.gettext(node[key])
+
+
+def cell_toggle_prompts(config: Config) -> list[str]:
+    """Every label myst-nb may give a toggle over a hidden cell, as configured."""
+    return [config[key].replace("{type}", kind) for key in PROMPT_CONFIG if key in config
+            for kind in PROMPT_TYPES]
+
+
 def configure(app: Sphinx, config: Config) -> None:
     """Tag the build with its edition, and add the edition's settings, the switcher's
     template and its style sheet."""
@@ -145,10 +178,9 @@ def prepare_builder(app: Sphinx) -> None:
         for lang in translated_editions():
             app.tags.add(f"edition_{lang}")
         domain = docname_to_domain(app.config.root_doc, app.config.gettext_compact)
-        for key in TRANSLATED_CONFIG:
-            value = app.config[key]
-            if value:
-                app.builder.catalogs[domain].add(value, MsgOrigin(f"_config.yml:{key}", 0))
+        strings = [app.config[key] for key in TRANSLATED_CONFIG if app.config[key]]
+        for value in strings + cell_toggle_prompts(app.config):
+            app.builder.catalogs[domain].add(value, MsgOrigin("_config.yml", 0))
 
 
 def add_page_context(app: Sphinx, pagename: str, templatename: str,
@@ -215,5 +247,6 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("builder-inited", prepare_builder)
     app.connect("html-page-context", add_page_context)
     app.add_transform(TranslatePartTitles)
+    app.add_post_transform(TranslateCellToggles)
     app.add_css_file("edition-switcher.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True, "version": "1"}
