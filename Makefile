@@ -1,11 +1,14 @@
 # deliverylab: build the book, run the checks, open the lab.
 #
-#   make book    set up .venv, execute every chapter, build the HTML into _build/html/
+#   make book    set up .venv, execute every chapter, build the HTML into _build/html/, and
+#                the Japanese edition (from the saved outputs) into _build/html/ja/
 #   make test    everything CI runs: lint, nbval, the strict book build, all tests
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
 #   make services  start (or install) the servers the tests use: PostgreSQL, RabbitMQ, NATS, Mosquitto
+#   make i18n-update  bring the translations' catalogs (locales/) up to date with the English
+#   make i18n-check   fail, naming each, on any message a translation lacks or has fuzzy
 #
 # Setup is done once and redone only when requirements.txt or pyproject.toml change.
 
@@ -29,10 +32,15 @@ export JUPYTER_PREFER_ENV_PATH := 1
 # Quiets the debugger's "frozen modules" notice that every kernel prints on start.
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help setup assets chromium services book book-strict lint nbval pytest test lab notebooks bench clean
+.PHONY: help setup assets chromium services book book-strict book-ja i18n-update i18n-check \
+	i18n-stats lint nbval pytest test lab notebooks bench clean
 
 help:
-	@echo "make book    build the HTML book into _build/html/"
+	@echo "make book    build the HTML book into _build/html/ (Japanese: _build/html/ja/)"
+	@echo "make book-ja build only the Japanese edition, from the saved outputs (fast)"
+	@echo "make i18n-update  update the translations' catalogs after English changes"
+	@echo "make i18n-check   list every untranslated or fuzzy message (fails if any)"
+	@echo "make i18n-stats   messages and words per page, and how many are translated"
 	@echo "make test    lint, nbval on every chapter, strict book build, all tests"
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
@@ -54,15 +62,23 @@ $(STAMP): requirements.txt pyproject.toml
 assets: setup
 	$(BIN)/python scripts/fetch_web_assets.py
 
+# Shell lines that install the Debian packages $(1) (named $(2) in messages) with apt-get, as
+# root or through sudo.
+define apt_install
+if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+elif command -v sudo >/dev/null; then sudo="sudo"; \
+else echo "$(2) is missing and installing it needs root or sudo: apt-get install -y $(1)" >&2; exit 1; fi; \
+echo "installing $(1) with apt-get"; \
+$$sudo apt-get update -qq; \
+DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $(1)
+endef
+
+# Chromium for the browser tests, and a Japanese font, without which the Japanese edition's
+# screenshots show empty boxes.
 chromium:
-	@if [ ! -x "$(CHROMIUM)" ]; then \
-	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
-	  elif command -v sudo >/dev/null; then sudo="sudo"; \
-	  else echo "Chromium is missing and installing it needs root or sudo: apt-get install -y chromium" >&2; exit 1; fi; \
-	  echo "installing Chromium with apt-get"; \
-	  $$sudo apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; \
-	fi
+	@if [ ! -x "$(CHROMIUM)" ]; then $(call apt_install,chromium,Chromium); fi
+	@if ! fc-list :lang=ja 2>/dev/null | grep -q .; then \
+	  $(call apt_install,fonts-ipafont,A Japanese font); fi
 
 # The servers the tests talk to (PostgreSQL on 127.0.0.1:5432, RabbitMQ on 5672, NATS with
 # JetStream on 4222, Mosquitto on 1883): started if installed and stopped, installed with apt-get if missing.
@@ -74,13 +90,35 @@ services:
 
 book: assets
 	jupyter-book build --all .
+	python scripts/i18n.py build
 	@echo
-	@echo "The book is at _build/html/index.html"
+	@echo "The book is at _build/html/index.html, the Japanese edition at _build/html/ja/intro.html"
 	@echo "  open file://$(CURDIR)/_build/html/index.html in a browser"
 
-# Any warning fails the build, every problem is reported (not just the first).
+# Any warning fails the build, every problem is reported (not just the first). The
+# translated editions too: a translation that drops a reference or breaks a link fails.
 book-strict: assets
 	jupyter-book build --all -W -n --keep-going .
+	python scripts/i18n.py build --strict
+
+# The translated editions only, from the notebooks' saved outputs (seconds, no kernel): the
+# loop for a translator, after `make book` has built the English edition once.
+book-ja: assets
+	python scripts/i18n.py build --strict
+
+# --- translations (scripts/i18n.py) -------------------------------------------------------
+
+# After the English changed: new messages arrive untranslated, changed ones fuzzy with their
+# previous English beside them (#| msgid), in locales/<language>/LC_MESSAGES/<page>.po.
+i18n-update: setup
+	python scripts/i18n.py update
+
+# Every message of every page translated, none fuzzy; otherwise each is named, with its file.
+i18n-check: setup
+	python scripts/i18n.py check
+
+i18n-stats: setup
+	python scripts/i18n.py stats
 
 # --- checks ------------------------------------------------------------------------------
 
@@ -132,3 +170,4 @@ bench: setup
 
 clean:
 	rm -rf _build build test-output
+	find locales -name '*.mo' -delete
