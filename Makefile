@@ -17,6 +17,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deliverylab-setup
+KERNEL_CONFIG := $(VENV)/etc/ipython/ipython_kernel_config.py
+# The digest of what the built book was made from besides its pages (scripts/book_inputs.py).
+BOOK_INPUTS := _build/.book-inputs
 CHROMIUM ?= /usr/bin/chromium
 LAB_PORT ?= 8888
 # Optional regex file for nbval, for outputs that legitimately differ between runs.
@@ -42,13 +45,25 @@ help:
 
 # --- setup -------------------------------------------------------------------------------
 
-setup: $(STAMP)
+setup: $(STAMP) $(KERNEL_CONFIG)
 
+# The longest step of a first build (about a minute, more on a slow link): say so, and show
+# how far it is rather than a minute of silence; pip's full output goes to a log file.
 $(STAMP): requirements.txt pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@test -x $(BIN)/python || { echo "setup: creating the virtual environment .venv/"; \
+	  $(PYTHON) -m venv $(VENV); }
+	@echo "setup: installing the $$(grep -c '^[A-Za-z]' requirements.txt) pinned packages of" \
+	  "requirements.txt into .venv/ (once; about a minute here, longer on a slow link)"
+	@$(BIN)/python scripts/pip_install.py --log $(VENV)/pip-install.log -r requirements.txt
+	@echo "setup: installing the deliverylab package itself (editable: src/ is used in place)"
+	@$(BIN)/python scripts/pip_install.py --log $(VENV)/pip-install-package.log --no-deps -e .
 	@touch $@
+
+# Kernels started from .venv read this (see the file for why): it drops ipykernel's notice
+# about unencrypted TCP, which every executed chapter would print, when the kernel is on loopback.
+$(KERNEL_CONFIG): scripts/ipython/ipython_kernel_config.py | $(STAMP)
+	@mkdir -p $(dir $@)
+	@cp $< $@
 
 # Pinned require.js, ipywidgets embed manager and MathJax for the book (no CDN).
 assets: setup
@@ -72,15 +87,31 @@ services:
 
 # --- the book ----------------------------------------------------------------------------
 
+# Executes only what changed. Sphinx re-reads, and so re-executes, a page it sees changed; it
+# cannot see src/ (which every chapter runs) or the build's configuration, so when their digest
+# differs from the last build's, or there is no build yet, everything is rebuilt and every
+# chapter executed (--all). The digest is taken before the build and saved only after it
+# succeeds: a change made during a build, or a full build that failed, is rebuilt in full.
 book: assets
-	jupyter-book build --all .
+	@digest=$$(python scripts/book_inputs.py); \
+	if [ -f _build/html/intro.html ] && [ "$$(cat $(BOOK_INPUTS) 2>/dev/null)" = "$$digest" ]; then \
+	  echo "book: src/ and the configuration are as last built: building only the pages that changed"; \
+	  jupyter-book build .; \
+	else \
+	  echo "book: building every page and executing every chapter (one to two minutes)"; \
+	  jupyter-book build --all .; \
+	fi; \
+	echo "$$digest" > $(BOOK_INPUTS)
 	@echo
 	@echo "The book is at _build/html/index.html"
 	@echo "  open file://$(CURDIR)/_build/html/index.html in a browser"
 
-# Any warning fails the build, every problem is reported (not just the first).
+# Any warning fails the build, every problem is reported (not just the first). Always every
+# page, every chapter executed: CI's build never trusts an earlier one.
 book-strict: assets
-	jupyter-book build --all -W -n --keep-going .
+	@digest=$$(python scripts/book_inputs.py); \
+	jupyter-book build --all -W -n --keep-going .; \
+	echo "$$digest" > $(BOOK_INPUTS)
 
 # --- checks ------------------------------------------------------------------------------
 
