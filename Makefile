@@ -47,13 +47,13 @@ help:
 
 setup: $(STAMP) $(KERNEL_CONFIG)
 
-# The longest step of a first build (about a minute, more on a slow link): say so, and show
+# Half of a first build (one to two minutes, more on a slow link): say so, and show
 # how far it is rather than a minute of silence; pip's full output goes to a log file.
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || { echo "setup: creating the virtual environment .venv/"; \
 	  $(PYTHON) -m venv $(VENV); }
 	@echo "setup: installing the $$(grep -c '^[A-Za-z]' requirements.txt) pinned packages of" \
-	  "requirements.txt into .venv/ (once; about a minute here, longer on a slow link)"
+	  "requirements.txt into .venv/ (once; one to two minutes, longer on a slow link)"
 	@$(BIN)/python scripts/pip_install.py --log $(VENV)/pip-install.log -r requirements.txt
 	@echo "setup: installing the deliverylab package itself (editable: src/ is used in place)"
 	@$(BIN)/python scripts/pip_install.py --log $(VENV)/pip-install-package.log --no-deps -e .

@@ -34,6 +34,13 @@ def count_requirements(args: list[str]) -> int | None:
     return total
 
 
+def package_name(what: str) -> str:
+    """``name==version`` as pip was asked, or the name and version of a wheel file it uses."""
+    if what.endswith(".whl"):
+        return "==".join(Path(what).name.split("-")[:2])
+    return what
+
+
 def installed_since(site: Path, since: float) -> int:
     """How many packages have been installed into ``site`` since the time ``since``: each
     one's ``.dist-info`` folder is made new, an upgrade's too (the old one is removed)."""
@@ -139,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
             if line.startswith(("Collecting ", "Processing ", "Obtaining ")):
                 collected += 1
-                name = line.split()[1]
-                of = f"/{total}" if total else ""
+                name = package_name(line.split()[1])
+                # A package built from source may pull in its build tools beyond the pinned list.
+                of = f"/{total}" if total and collected <= total else ""
                 progress.show(f"  collecting  {collected}{of}  {name}"
                               f"  ({time.monotonic() - start:.0f} s)")
             elif line.startswith("Installing collected packages:"):
@@ -160,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
         print("\n".join("    " + line for line in tail))
         return status
-    said = f"; {warnings} warning(s) from pip" if warnings else ""
+    said = f"{warnings} warning(s) from pip; " if warnings else ""
     if to_install:
         plural = "" if to_install == 1 else "s"
         progress.done(f"  installed {to_install} package{plural} in {elapsed:.0f} s"
-                      f" (pip's output{said}: {log_path})")
+                      f" ({said}pip's output: {log_path})")
     else:
-        progress.done(f"  nothing to install: already up to date ({elapsed:.0f} s{said})")
+        progress.done(f"  nothing to install: already up to date ({said}{elapsed:.0f} s)")
     return 0
 
 
