@@ -1,6 +1,7 @@
 # deliverylab: build the book, run the checks, open the lab.
 #
 #   make book    set up .venv, execute every chapter, build the HTML into _build/html/
+#                (again: only the pages that changed, or everything after a change to src/)
 #   make test    everything CI runs: lint, nbval, the strict book build, all tests
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
@@ -35,7 +36,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 .PHONY: help setup assets chromium services book book-strict lint nbval pytest test lab notebooks bench clean
 
 help:
-	@echo "make book    build the HTML book into _build/html/"
+	@echo "make book    build the HTML book into _build/html/ (a rebuild executes only what changed)"
 	@echo "make test    lint, nbval on every chapter, strict book build, all tests"
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
