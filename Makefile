@@ -1,7 +1,8 @@
 # deliverylab: build the book, run the checks, open the lab.
 #
-#   make book    set up .venv, execute every chapter, build the HTML into _build/html/, and
-#                the Japanese edition (from the saved outputs) into _build/html/ja/
+#   make book    set up .venv, execute every chapter, build the HTML into _build/html/
+#                (again: only the pages that changed, or everything after a change to src/),
+#                and the Japanese edition (from the saved outputs) into _build/html/ja/
 #   make test    everything CI runs: lint, nbval, the strict book build, all tests
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
@@ -20,6 +21,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deliverylab-setup
+KERNEL_CONFIG := $(VENV)/etc/ipython/ipython_kernel_config.py
+# The digest of what the built book was made from besides its pages (scripts/book_inputs.py).
+BOOK_INPUTS := _build/.book-inputs
 CHROMIUM ?= /usr/bin/chromium
 LAB_PORT ?= 8888
 # Optional regex file for nbval, for outputs that legitimately differ between runs.
@@ -36,7 +40,8 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 	i18n-stats lint nbval pytest test lab notebooks bench clean
 
 help:
-	@echo "make book    build the HTML book into _build/html/ (Japanese: _build/html/ja/)"
+	@echo "make book    build the HTML book into _build/html/ (Japanese: _build/html/ja/;"
+	@echo "             a rebuild executes only what changed)"
 	@echo "make book-ja build only the Japanese edition, from the saved outputs (fast)"
 	@echo "make i18n-update  update the translations' catalogs after English changes"
 	@echo "make i18n-check   list every untranslated or fuzzy message (fails if any)"
@@ -50,13 +55,25 @@ help:
 
 # --- setup -------------------------------------------------------------------------------
 
-setup: $(STAMP)
+setup: $(STAMP) $(KERNEL_CONFIG)
 
+# Half of a first build (one to two minutes, more on a slow link): say so, and show
+# how far it is rather than a minute of silence; pip's full output goes to a log file.
 $(STAMP): requirements.txt pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@test -x $(BIN)/python || { echo "setup: creating the virtual environment .venv/"; \
+	  $(PYTHON) -m venv $(VENV); }
+	@echo "setup: installing the $$(grep -c '^[A-Za-z]' requirements.txt) pinned packages of" \
+	  "requirements.txt into .venv/ (once; one to two minutes, longer on a slow link)"
+	@$(BIN)/python scripts/pip_install.py --log $(VENV)/pip-install.log -r requirements.txt
+	@echo "setup: installing the deliverylab package itself (editable: src/ is used in place)"
+	@$(BIN)/python scripts/pip_install.py --log $(VENV)/pip-install-package.log --no-deps -e .
 	@touch $@
+
+# Kernels started from .venv read this (see the file for why): it drops ipykernel's notice
+# about unencrypted TCP, which every executed chapter would print, when the kernel is on loopback.
+$(KERNEL_CONFIG): scripts/ipython/ipython_kernel_config.py | $(STAMP)
+	@mkdir -p $(dir $@)
+	@cp $< $@
 
 # Pinned require.js, ipywidgets embed manager and MathJax for the book (no CDN).
 assets: setup
@@ -88,17 +105,33 @@ services:
 
 # --- the book ----------------------------------------------------------------------------
 
+# Executes only what changed. Sphinx re-reads, and so re-executes, a page it sees changed; it
+# cannot see src/ (which every chapter runs) or the build's configuration, so when their digest
+# differs from the last build's, or there is no build yet, everything is rebuilt and every
+# chapter executed (--all). The digest is taken before the build and saved only after it
+# succeeds: a change made during a build, or a full build that failed, is rebuilt in full.
 book: assets
-	jupyter-book build --all .
+	@digest=$$(python scripts/book_inputs.py); \
+	if [ -f _build/html/intro.html ] && [ "$$(cat $(BOOK_INPUTS) 2>/dev/null)" = "$$digest" ]; then \
+	  echo "book: src/ and the configuration are as last built: building only the pages that changed"; \
+	  jupyter-book build .; \
+	else \
+	  echo "book: building every page and executing every chapter (one to two minutes)"; \
+	  jupyter-book build --all .; \
+	fi; \
+	echo "$$digest" > $(BOOK_INPUTS)
 	python scripts/i18n.py build
 	@echo
 	@echo "The book is at _build/html/index.html, the Japanese edition at _build/html/ja/intro.html"
 	@echo "  open file://$(CURDIR)/_build/html/index.html in a browser"
 
-# Any warning fails the build, every problem is reported (not just the first). The
-# translated editions too: a translation that drops a reference or breaks a link fails.
+# Any warning fails the build, every problem is reported (not just the first). Always every
+# page, every chapter executed: CI's build never trusts an earlier one. The translated
+# editions too: a translation that drops a reference or breaks a link fails.
 book-strict: assets
-	jupyter-book build --all -W -n --keep-going .
+	@digest=$$(python scripts/book_inputs.py); \
+	jupyter-book build --all -W -n --keep-going .; \
+	echo "$$digest" > $(BOOK_INPUTS)
 	python scripts/i18n.py build --strict
 
 # The translated editions only, from the notebooks' saved outputs (seconds, no kernel): the

@@ -78,14 +78,16 @@ PAGES = [strip_suffix(f) for f in toc_files(TOC)]
 def test_toc_is_a_numbered_book() -> None:
     assert TOC["format"] == "jb-book"
     assert TOC["root"] == "intro"
-    # The chapters are numbered; the reference pages after them (glossary, reading) are not.
+    # The chapters are numbered; the parts after them (Running the lab, whose pages are in
+    # lab/, and the reference pages: glossary, reading) are not.
     for part in TOC.get("parts", []):
         files = [c["file"] for c in part["chapters"]]
         if all(f.startswith("chapters/") for f in files):
             assert part.get("numbered") is True, f"part {part.get('caption')!r} is not numbered"
         else:
-            assert all(f.startswith("reference/") for f in files), (
-                f"part {part.get('caption')!r} mixes chapters and reference pages")
+            folders = {f.split("/", 1)[0] for f in files}
+            assert len(folders) == 1 and folders <= {"lab", "reference"}, (
+                f"part {part.get('caption')!r} mixes chapters, lab and reference pages")
             assert not part.get("numbered"), f"part {part.get('caption')!r} is numbered"
 
 
