@@ -69,6 +69,7 @@ import re
 import threading
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -105,7 +106,9 @@ from ..engine.ids import Ids
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
     Broker,
+    Capabilities,
     Delivery,
+    Received,
     check_delivery,
     check_send,
     encode_payload,
@@ -186,6 +189,12 @@ class JetStreamBroker(Broker):
     disconnects and stops the loop thread.
     """
 
+    # No delayed publish in 2.9; a stale receipt acts on the message (found by its stream
+    # sequence); the server times the lease, one AckWait (this default's, until __init__ sets
+    # the stream's) for every receive.
+    capabilities = Capabilities(delayed_send=False, refuses_stale_receipts=False,
+                                lease_clock="server", fixed_lease=30.0, dedup_window=120.0)
+
     def __init__(self, servers: str | list[str] = f"nats://127.0.0.1:{DEFAULT_PORT}", *,
                  stream: str, clock: Clock, ids: Ids, max_receives: int = 5,
                  ack_wait: float = 30.0, replicas: int = 1, dedup_window: float = 120.0,
@@ -208,6 +217,8 @@ class JetStreamBroker(Broker):
         self.replicas = check_int("replicas", replicas, minimum=1, maximum=5)
         self.dedup_window = check_number("dedup_window", dedup_window, minimum=0.1,
                                          maximum=MAX_VISIBILITY_TIMEOUT_S)
+        self.capabilities = replace(type(self).capabilities, fixed_lease=self.ack_wait,
+                                    dedup_window=self.dedup_window)
         self.fetch_wait = check_number("fetch_wait", fetch_wait, minimum=0.001, maximum=60)
         self.timeout = check_number("timeout", timeout, minimum=0.1, maximum=600)
         self.confirm_acks = confirm_acks
@@ -403,7 +414,7 @@ class JetStreamBroker(Broker):
 
     # -- receive ---------------------------------------------------------------------------
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,
-                worker: str = "worker") -> list[Delivery]:
+                worker: str = "worker") -> Received:
         """Fetch up to ``max_messages`` from the durable consumer, waiting at most
         ``fetch_wait`` when none is there. The lease is the consumer's AckWait, whatever
         ``visibility_timeout`` says (checked, then unused: JetStream has one AckWait per
@@ -425,7 +436,7 @@ class JetStreamBroker(Broker):
                                 h.get(TYPE, ""), json.loads(m.data), h.get(CORRELATION_ID),
                                 m.reply, md.num_delivered, lease_until, self._errors.get(seq)))
         self.parked = self._park() if self._advised else []
-        return out
+        return Received(out, self.parked)
 
     async def _fetch(self, n: int) -> list[Any]:
         try:
@@ -777,3 +788,16 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
     except InvalidInput as exc:  # named by the URL the caller gave, whatever part was wrong
         raise InvalidInput(field, url, exc.expected if exc.field == field
                            else f"valid options ({exc})") from None
+
+
+# -- for the registry ---------------------------------------------------------------------------
+BROKER = JetStreamBroker
+DEFAULT_URL = f"nats://127.0.0.1:{DEFAULT_PORT}"
+
+
+def scratch_url(server: str, name: str, *, lease: float = 1.0,
+                dedup_window: float | None = None) -> str:
+    """The URL of stream ``name`` on ``server`` (a throwaway one: ``destroy()`` deletes it),
+    with an AckWait of ``lease`` seconds and, if given, a duplicate window."""
+    url = f"{server}?stream={name}&ack_wait={lease:g}"
+    return url if dedup_window is None else f"{url}&dedup_window={dedup_window:g}"

@@ -82,7 +82,9 @@ from ..engine.ids import Ids
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
     Broker,
+    Capabilities,
     Delivery,
+    Received,
     check_delivery,
     check_send,
 )
@@ -159,6 +161,10 @@ class RabbitMQBroker(Broker):
     ``max_receives``) is refused, naming both."""
 
     dedup_window = None  # RabbitMQ has no producer dedup: the consumer's inbox is the defence
+    # No delayed send (3.10 without a plugin), ready messages cannot be listed, and the lease
+    # is the delivery's channel (closed at the lease's end on the injected clock).
+    capabilities = Capabilities(delayed_send=False, lists_queue=False,
+                                lease_is_connection=True)
 
     def __init__(self, queue: str, *, clock: Clock, ids: Ids, max_receives: int = 5,
                  parameters: pika.ConnectionParameters | None = None,
@@ -245,7 +251,7 @@ class RabbitMQBroker(Broker):
     # -- receive ---------------------------------------------------------------------------
     @_reconnecting
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,
-                worker: str = "worker") -> list[Delivery]:
+                worker: str = "worker") -> Received:
         """Take up to ``max_messages`` ready messages, oldest first (a message given back is
         served before the rest, as the quorum queue does), each with ``basic.get`` on a channel
         of its own, leased for ``visibility_timeout`` seconds on the broker's clock.
@@ -275,7 +281,7 @@ class RabbitMQBroker(Broker):
             self._leases[d.receipt] = _Lease(channel, method.delivery_tag, d, now + vt)
             out.append(d)
         self.parked, self._parking = self._parking, []
-        return out
+        return Received(out, self.parked)
 
     def _delivery(self, seq: int, props: pika.BasicProperties, body: bytes, receipt: str,
                   lease_until: float) -> Delivery:
@@ -673,3 +679,16 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
         reason = "; ".join(str(a) or repr(a) for a in exc.args) or type(exc).__name__
         raise InvalidInput(field, shown, f"the URL of a reachable RabbitMQ server"
                                          f" ({reason})") from None
+
+
+# -- for the registry ---------------------------------------------------------------------------
+BROKER = RabbitMQBroker
+
+
+def scratch_url(server: str, name: str, *, lease: float = 1.0,
+                dedup_window: float | None = None) -> str:
+    """The URL of queue ``name`` on ``server`` (a throwaway one: ``destroy()`` deletes it).
+    ``lease`` is unused: a receive sets its own. RabbitMQ has no producer dedup."""
+    if dedup_window is not None:
+        raise InvalidInput("dedup_window", dedup_window, "None: RabbitMQ has no producer dedup")
+    return f"{server}?queue={name}"
