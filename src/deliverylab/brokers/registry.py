@@ -110,7 +110,8 @@ def scratch_url(name: str, *, lease: float = 1.0, dedup_window: float | None = N
 
 
 def open_scratch(name: str, *, lease: float = 1.0, dedup_window: float | None = None,
-                 **kw: Any) -> Broker:
+                 prefix: str = "dl", **kw: Any) -> Broker:
     """A broker of engine ``name`` on a fresh queue or stream (:func:`scratch_url`),
     connected; ``kw`` as for :func:`open_broker`. Its ``destroy()`` removes it."""
-    return open_broker(scratch_url(name, lease=lease, dedup_window=dedup_window), **kw)
+    return open_broker(scratch_url(name, lease=lease, dedup_window=dedup_window,
+                                   prefix=prefix), **kw)
