@@ -35,7 +35,7 @@ LAB = ROOT / "lab"
 README = ROOT / "README.md"
 # The walkthroughs: each starts from nothing and ends with its clean-up. The README's first
 # run is one too.
-WALKTHROUGHS = ["four_terminals", "relay", "postgres", "rabbitmq", "jetstream", "cluster"]
+WALKTHROUGHS = ["four_terminals", "relay", "postgres", "rabbitmq", "jetstream", "redis", "cluster"]
 # Commands that open the store's database: a walkthrough names it every time, so that none
 # falls back on the shared default (data/app.db, or $DELIVERYLAB_DB).
 OPENS_STORE = {"init-db", "api", "worker", "relay", "status", "trace", "reconcile", "redrive",
@@ -151,7 +151,7 @@ def cleanup_args(command: Command) -> dict[str, str | bool]:
 
 def resource(value: str) -> str:
     """What a --db/--store/--broker value names, engine by engine: a file, a PostgreSQL schema,
-    a RabbitMQ queue or a JetStream stream."""
+    a RabbitMQ queue, or a JetStream or Redis stream."""
     parts = urlsplit(value)
     query = parse_qs(parts.query)
     if parts.scheme.startswith("postgres"):
@@ -159,7 +159,7 @@ def resource(value: str) -> str:
         return "schema " + options.split("search_path=", 1)[1]
     if parts.scheme == "amqp":
         return "queue " + query["queue"][0]
-    if parts.scheme == "nats":
+    if parts.scheme in ("nats", "redis"):
         return "stream " + query["stream"][0]
     return "file " + value
 
