@@ -90,15 +90,40 @@ end
 return out
 """
 
-# Move the delayed messages due by ARGV[1] (the broker's clock) into the stream.
-_PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+# A receive, in one round trip: move the delayed messages due by ARGV[3] (the broker's clock)
+# into the stream; take over up to ARGV[5] entries idle for ARGV[4] ms (XAUTOCLAIM, which
+# counts a delivery), each with its PEL counter; then read new ones (XREADGROUP, counter 1).
+# KEYS: stream, delayed. ARGV: group, consumer, now, lease in ms, how many. Returns
+# {id, {field, value, …}, counter} per entry, taken-over first.
+_RECEIVE = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local n = tonumber(ARGV[5])
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, 1000)
 for _, member in ipairs(due) do
   if redis.call('ZREM', KEYS[2], member) == 1 then
-    redis.call('XADD', KEYS[1], '*', unpack(cjson.decode(member)))
+    redis.call('XADD', stream, '*', unpack(cjson.decode(member)))
   end
 end
-return #due
+local out = {}
+local cursor = '0-0'
+while #out < n do
+  local r = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[4], cursor,
+                       'COUNT', n - #out)
+  cursor = r[1]
+  for _, e in ipairs(r[2]) do
+    local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)[1]
+    if p then out[#out + 1] = {e[1], e[2], p[4]} end
+  end
+  if cursor == '0-0' then break end
+end
+if #out < n then
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n - #out,
+                       'STREAMS', stream, '>')
+  if r then
+    for _, e in ipairs(r[1][2]) do out[#out + 1] = {e[1], e[2], 1} end
+  end
+end
+return out
 """
 
 T = TypeVar("T")
@@ -155,7 +180,7 @@ class RedisBroker(Broker):
         # When each entry this broker leased is due back, on its clock (next_visible_at).
         self._due: dict[str, float] = {}
         self._settle = client.register_script(_SETTLE)
-        self._promote = client.register_script(_PROMOTE)
+        self._receive = client.register_script(_RECEIVE)
         try:
             client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
@@ -185,35 +210,19 @@ class RedisBroker(Broker):
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,
                 worker: str = "worker") -> Received:
         """Take over up to ``max_messages`` entries idle past the lease (``XAUTOCLAIM``), then
-        read new ones (``XREADGROUP``), oldest first. The lease is ``lease``, whatever
-        ``visibility_timeout`` says (checked, then unused). An entry whose delivery would
-        exceed ``max_receives`` goes to the dead letters and is listed in ``parked``."""
+        read new ones (``XREADGROUP``), oldest first: one script, one round trip. The lease
+        is ``lease``, whatever ``visibility_timeout`` says (checked, then unused). An entry
+        whose delivery would exceed ``max_receives`` goes to the dead letters and is listed
+        in ``parked``."""
         check_number("visibility_timeout", visibility_timeout, minimum=0,
                      maximum=MAX_VISIBILITY_TIMEOUT_S)
         n = check_int("max_messages", max_messages, minimum=1, maximum=1000)
         now = self.clock.now()
-        if self._r.zcard(self.delayed):
-            self._promote(keys=self._keys[::2], args=[now])
-        got: list[tuple[str, dict[str, str], int]] = []  # (id, fields, PEL counter)
-        cursor = "0-0"
-        while len(got) < n:
-            cursor, claimed, _ = self._r.xautoclaim(self.stream, GROUP, self.consumer,
-                                                    int(self.lease * 1000), cursor,
-                                                    count=n - len(got))
-            if claimed:
-                pipe = self._r.pipeline(transaction=False)
-                for sid, _fields in claimed:
-                    pipe.xpending_range(self.stream, GROUP, sid, sid, 1)
-                for (sid, fields), pel in zip(claimed, pipe.execute(), strict=True):
-                    if pel:  # acked by its holder in between: not ours to hand out
-                        got.append((sid, fields, pel[0]["times_delivered"]))
-            if cursor in ("0-0", b"0-0"):
-                break
-        if len(got) < n:
-            for _stream, entries in self._r.xreadgroup(GROUP, self.consumer,
-                                                       {self.stream: ">"},
-                                                       count=n - len(got)) or []:
-                got.extend((sid, fields, 1) for sid, fields in entries)
+        rows = self._receive(keys=self._keys[::2], args=[
+            GROUP, self.consumer, repr(now), int(self.lease * 1000), n])
+        # (id, fields, PEL counter) per entry
+        got = [(sid, dict(zip(flat[::2], flat[1::2], strict=True)), int(counter))
+               for sid, flat, counter in rows]
         token, lease_until = self.ids.receipt(), now + self.lease
         out: list[Delivery] = []
         parked: list[tuple[Delivery, str]] = []
