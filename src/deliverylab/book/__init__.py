@@ -6,14 +6,14 @@ Which module serves which chapter (the chapters import nothing else from here):
 =========================================  ==============================================
 chapter                                    modules
 =========================================  ==============================================
-1  Delivery guarantees                     ``lab``, ``labviews``
+1  The three guarantee families            ``lab``, ``labviews``
 2  The lost ACK                            ``lab``, ``traceviews``
-3  The toolkit                             ``lab``, ``toolkit``, ``backoff``, ``traceviews``
+3  The four-part toolkit                   ``lab``, ``toolkit``, ``backoff``, ``traceviews``
 3.1  Spot the bug                          ``lab``, ``toolkit``, ``naive``, ``traceviews``
 3.2  The same queue on PostgreSQL          ``pgdemo``
-4  The lab                                 ``lab``, ``panel``, ``producer``, ``traceviews``
+4  The hands-on lab                        ``lab``, ``panel``, ``producer``, ``traceviews``
 5  Reconciliation                          ``lab``, ``labviews``, ``naive``, ``traceviews``
-6  Beyond the inbox                        ``lab``, ``toolkit``, ``effects``, ``ordering``,
+6  What an inbox does not cover            ``lab``, ``toolkit``, ``effects``, ``ordering``,
                                            ``relay``, ``retention_runs``
 7  Beyond one machine                      ``beyond``, ``cluster_run``
 8  Running it for real                     ``lab``, ``zombies``, ``retries``, ``batches``,
