@@ -110,7 +110,6 @@ from .base import (
     Delivery,
     check_delivery,
     check_send,
-    encode_payload,
 )
 
 T = TypeVar("T")
@@ -678,34 +677,26 @@ class JetStreamBroker(Broker):
         return ok
 
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
-        """Copy the message into the dead letters with ``error``, delete it from the queue and
-        terminate the delivery (``term()``); False if it is no longer in the stream. Accepted
-        on a stale delivery too."""
+        """Copy the message into the dead letters with ``error`` (its bytes and headers as they
+        are in the stream), delete it from the queue and terminate the delivery (``term()``);
+        False if it is no longer in the stream. Accepted on a stale delivery too."""
         check_delivery(delivery)
         check_text("error", error, max_length=10_000)
 
         async def move() -> bool:
-            if not await self._settle(delivery, b"+TERM", True):
-                return False
-            # After the term the server never delivers it again; the copy comes from the
-            # stream (work-queue retention may already have removed it: then from the
-            # delivery, which holds everything the copy needs).
+            # The copy comes from the stream, as the message is there (its bytes and
+            # headers), before the term: on a work-queue stream a term removes the message.
+            # Copy and delete are each idempotent (the copy's Nats-Msg-Id names the
+            # sequence), so a crash between them stores one dead letter.
             moved = await self._move_to_dead(delivery.seq, delivery.delivery_count, error)
             if moved is None:
-                await self._publish_dead(delivery, error)
+                return False  # no longer in the stream: acked, dead-lettered or dropped
+            await self.nc.publish(delivery.receipt, b"+TERM")  # never delivered again
             return True
 
         ok = self._run(move(), "dead_letter")
         self._forget(delivery.seq)
         return ok
-
-    async def _publish_dead(self, d: Delivery, error: str) -> None:
-        h = {EVENT_ID: d.event_id, TYPE: d.type, MESSAGE_ID: d.message_id,
-             DELIVERY_COUNT: str(d.delivery_count), ERROR: " ".join(error.split()),
-             "Nats-Msg-Id": f"dead-{d.message_id}"}
-        if d.correlation_id is not None:
-            h[CORRELATION_ID] = d.correlation_id
-        await self._publish(self.dead_subject, encode_payload(d.payload).encode(), h)
 
     def redrive(self, message_ids: list[str] | None = None, *, worker: str = "operator") -> int:
         """Publish dead letters (all, or the given ids) to the queue again as new messages
@@ -716,7 +707,7 @@ class JetStreamBroker(Broker):
         dead = {(r.headers or {}).get(MESSAGE_ID): r
                 for r in self._run(self._read(self.dead_stream), "redrive")}
         if message_ids is None:  # a letter with no event id would only be refused again
-            chosen = [r for r in dead.values() if event_id_of(r.headers) is not None]
+            chosen = [r for r in dead.values() if (r.headers or {}).get(EVENT_ID)]
         else:
             chosen = []
             for mid in dict.fromkeys(message_ids):  # an id named twice moves once
