@@ -753,10 +753,13 @@ class RabbitMQBroker(Broker):
     @_reconnecting
     def next_visible_at(self) -> float | None:
         """Now if a message is ready, else the earliest end of a lease or delay this broker
-        holds, else None (messages other connections hold are not seen)."""
+        holds, else None (messages other connections hold are not seen). An idle worker asks
+        this between receives, so it also checks that the dead-letter queue is still there:
+        without it, the server would drop what it dead-letters (:class:`BrokerGone`)."""
         self._sweep()
         if self._count(self.queue):
             return self.clock.now()
+        self._count(self.dlq)
         times = [lease.until for lease in self._leases.values()]
         times += [lease.release_at for lease in self._held if lease.release_at is not None]
         return min(times, default=None)
