@@ -1,0 +1,185 @@
+"""JetStream under the faults an operator and a foreign producer bring, as real processes.
+
+A body that is not JSON on the queue's subject, the stream or the consumer deleted under a
+running ``deliverylab worker``, and the operator commands on a stream a worker made with its
+own ``--max-receives`` and on one that does not exist. The foreign producer's engine-level
+cases are in ``tests/test_reliability_engines.py``. Every test has streams of its own and
+deletes them (on the shared server: nothing here restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+from test_lab_processes import Proc, cli, started
+
+from deliverylab.brokers.jetstream import CONSUMER, JetStreamBroker, open_url
+from deliverylab.engine import store
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.orders import place_order
+
+SERVER = "nats://127.0.0.1:4222"
+
+
+async def _js(action):  # noqa: ANN001 -- a coroutine function of the JetStream context
+    nc = await nats.connect(SERVER)
+    try:
+        return await action(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def js(action):  # noqa: ANN001
+    """Run ``action(jetstream)`` with raw nats-py, none of this project's code."""
+    return asyncio.run(_js(action))
+
+
+@pytest.fixture
+def stream() -> Iterator[str]:
+    """A fresh stream name; the stream, its dead letters and advisories are deleted after."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+
+    async def delete(j) -> None:  # noqa: ANN001
+        for s in (name, f"{name}_DEAD", f"{name}_ADVISORIES"):
+            try:
+                await j.delete_stream(s)
+            except NotFoundError:
+                pass
+    js(delete)
+
+
+def stream_exists(name: str) -> bool:
+    async def look(j) -> bool:  # noqa: ANN001
+        try:
+            await j.stream_info(name)
+            return True
+        except NotFoundError:
+            return False
+    return js(look)
+
+
+def url_of(stream: str) -> str:
+    return f"{SERVER}?stream={stream}&ack_wait=1"
+
+
+def test_a_body_that_is_not_json_is_dead_lettered_and_the_worker_goes_on(tmp_path, stream):
+    """Before: a JSONDecodeError traceback, exit 1, on every start. Now retried and
+    dead-lettered at --max-receives with its bytes kept, and the orders after it applied."""
+    db = tmp_path / "lab.db"
+    conn = store.init_db(db)
+    producer = open_url(url_of(stream), clock=SystemClock(), ids=Ids(1), max_receives=3)
+    try:
+        js(lambda j: j.publish(producer.subject, b"\x00not json\xff",
+                               headers={"Nats-Msg-Id": "foreign-7"}))
+        for i in range(5):
+            place_order(producer, item_id="tea", qty=1 + i, store=conn)
+        from deliverylab.engine.relay import Relay
+
+        Relay(conn, producer, clock=producer.clock).run_until_idle()
+        w = Proc(tmp_path / "w.log", "worker", "--broker", url_of(stream), "--store", str(db),
+                 "--max-receives", "3", "--poll-interval", "0.05", "--backoff-base", "0.05",
+                 "--backoff-cap", "0.1")
+        try:
+            started(w)
+            deadline = time.monotonic() + 30
+            while (producer.depth()["dead_letters"] == 0 or conn.execute(
+                    "SELECT count(*) FROM inbox_processed").fetchone()[0] < 5) and \
+                    time.monotonic() < deadline:
+                assert w.alive(), w.output()[-3000:]
+                time.sleep(0.1)
+            assert w.alive() and "Traceback" not in w.output(), w.output()[-3000:]
+            assert w.terminate() == 0
+            out = w.output()
+        finally:
+            w.stop()
+        assert "event=foreign-7" in out and "dead-lettered after 3 receives" in out, out
+        assert producer.dead_lettered_event_ids() == {"foreign-7"}
+        dead = js(lambda j: j.get_msg(producer.dead_stream, 1))
+        assert dead.data == b"\x00not json\xff"
+    finally:
+        producer.close()
+        conn.close()
+
+
+@pytest.mark.parametrize("deleted", ["stream", "consumer"])
+def test_a_stream_or_consumer_deleted_under_a_running_worker_is_one_line_and_exit_2(
+        tmp_path, stream, deleted):
+    db = tmp_path / "lab.db"
+    store.init_db(db).close()
+    w = Proc(tmp_path / "w.log", "worker", "--broker", url_of(stream), "--store", str(db),
+             "--max-receives", "3", "--poll-interval", "0.05")
+    try:
+        started(w)
+        if deleted == "stream":
+            js(lambda j: j.delete_stream(stream))
+        else:
+            js(lambda j: j.delete_consumer(stream, CONSUMER))
+        assert w.p.wait(timeout=30) == 2, w.output()[-3000:]
+        out = w.output()
+    finally:
+        w.stop()
+    assert "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("deliverylab worker: error: the "), out
+    assert f"the {deleted} " in last and "no longer exists" in last, last
+    assert (deleted == "stream") != stream_exists(stream)  # nothing recreated
+
+
+def test_status_on_a_stream_that_does_not_exist_says_so_and_creates_nothing(tmp_path, stream):
+    db = tmp_path / "lab.db"
+    store.init_db(db).close()
+    for command in (["status"], ["status", "--json"], ["redrive"]):
+        done = cli(*command, "--db", str(db), "--broker", url_of(stream))
+        assert done.returncode == 2, done.stderr
+        assert "no such stream" in done.stderr and "Traceback" not in done.stderr
+    for name in (stream, f"{stream}_DEAD", f"{stream}_ADVISORIES"):
+        assert not stream_exists(name)
+
+
+def test_a_stream_a_worker_made_with_max_receives_3_is_open_to_every_command(tmp_path, stream):
+    """Before: status, redrive and relay refused it (their default max_receives 5 is not the
+    consumer's MaxDeliver 3)."""
+    db = tmp_path / "lab.db"
+    conn = store.init_db(db)
+    w = Proc(tmp_path / "w.log", "worker", "--broker", url_of(stream), "--store", str(db),
+             "--max-receives", "3")
+    try:
+        started(w)
+        assert w.terminate() == 0, w.output()
+    finally:
+        w.stop()
+    adopted = open_url(url_of(stream), clock=SystemClock(), ids=Ids(1))
+    try:
+        assert adopted.max_receives == 3
+        place_order(adopted, item_id="tea", qty=2, store=conn)
+    finally:
+        adopted.close()
+    relay = Proc(tmp_path / "r.log", "relay", "--broker", url_of(stream), "--store", str(db),
+                 "--poll-interval", "0.05")
+    try:
+        started(relay)
+        deadline = time.monotonic() + 20
+        while "published" not in relay.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert relay.terminate() == 0, relay.output()
+        said = relay.output()
+    finally:
+        relay.stop()
+    assert "published" in said and "max_receives" not in said, said
+    for command in (["status"], ["status", "--json"], ["redrive"]):
+        done = cli(*command, "--db", str(db), "--broker", url_of(stream))
+        assert done.returncode == 0, done.stderr
+    status = cli("status", "--db", str(db), "--broker", url_of(stream))
+    assert "queue        1 visible" in status.stdout, status.stdout
+    check = JetStreamBroker(SERVER, stream=stream, clock=SystemClock(), ids=Ids(1),
+                            max_receives=3, ack_wait=1)
+    check.close()  # the worker's own settings still open it: nothing was changed
+    conn.close()
