@@ -183,3 +183,77 @@ def test_a_stream_a_worker_made_with_max_receives_3_is_open_to_every_command(tmp
                             max_receives=3, ack_wait=1)
     check.close()  # the worker's own settings still open it: nothing was changed
     conn.close()
+
+
+@pytest.mark.slow
+def test_two_cluster_starts_on_one_directory_at_once_start_one_cluster(tmp_path):
+    """Two ``deliverylab cluster start`` on one --dir at the same moment (before: both spawned
+    the same ports and both failed). One starts the cluster; the other waits for it and
+    finds it running: both exit 0 and three servers run, not six."""
+    import subprocess
+    import sys
+
+    from test_cluster import servers_of
+    from test_lab_processes import child_env
+
+    from deliverylab.brokers.nats_cluster import NatsCluster, free_base_port
+
+    where = tmp_path / "cluster"
+    base = free_base_port()
+    args = [sys.executable, "-m", "deliverylab", "cluster", "start", "--dir", str(where),
+            "--base-port", str(base)]
+    both = [subprocess.Popen(args, env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=90) for p in both]
+        for p, (out, err) in zip(both, outs, strict=True):
+            assert p.returncode == 0, (out, err)
+            assert out.count(": answering (pid ") == 3, out
+        assert len(servers_of(where)) == 3
+    finally:
+        for p in both:
+            if p.poll() is None:
+                p.kill()
+        if (where / "cluster.json").exists():
+            NatsCluster.open(where).stop()
+    assert servers_of(where) == []
+
+
+@pytest.mark.slow
+def test_two_starts_of_one_cluster_object_pair_at_the_same_instant_take_turns(tmp_path):
+    """The same race without process start-up times to spread it: two cluster objects on one
+    directory released by one barrier. The lock makes the second wait for the first and
+    start nothing; without it both spawn three servers on the same ports."""
+    import threading
+
+    from test_cluster import servers_of
+
+    from deliverylab.brokers.nats_cluster import NatsCluster, free_base_port
+
+    where = tmp_path / "cluster"
+    base = free_base_port()
+    pair = [NatsCluster(where, base_port=base) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def start(c: NatsCluster) -> None:
+        barrier.wait()
+        try:
+            c.start(timeout=30)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(c,)) for c in pair]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert errors == []
+        assert len(servers_of(where)) == 3
+        assert sorted(pair[0]._pids.values()) == sorted(pair[1]._pids.values())
+    finally:
+        NatsCluster.open(where).stop() if (where / "cluster.json").exists() else None
+        for c in pair:
+            c.stop()
+    assert servers_of(where) == []
