@@ -175,11 +175,12 @@ def collect(conn: sqlite3.Connection, *, now: float | None = None,
         dead = [{"messageId": m, "eventId": e, "orderId": o, "receives": n, "lastError": error,
                  "alreadyApplied": e in applied} for m, e, o, n, error in rows]
         log_rows = conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0]
-    unlisted = getattr(broker, "unlisted", 0)
+    queue: dict[str, Any] = {"visible": visible, "inFlight": total - visible, "total": total}
+    if broker is not None:  # whether its waiting messages could be listed (see Unlisted)
+        queue["listed"] = not getattr(broker, "unlisted", 0)
     return {
         "orders": result.orders,
-        "queue": {"visible": visible, "inFlight": total - visible, "total": total,
-                  "listed": not unlisted},
+        "queue": queue,
         "inbox": inbox,
         "deadLetters": dead,
         "items": items,
