@@ -257,3 +257,44 @@ def test_two_starts_of_one_cluster_object_pair_at_the_same_instant_take_turns(tm
         for c in pair:
             c.stop()
     assert servers_of(where) == []
+
+
+@pytest.mark.slow
+def test_the_client_reconnects_after_an_outage_longer_than_a_minute(tmp_path):
+    """The broker's own server (a nats-server of this test's, never the shared one) is down
+    for 75 s, longer than the client used to keep reconnecting (about a minute: then it closed
+    for good, and every verb of the worker was BrokerUnavailable for ever). Each verb meanwhile
+    is BrokerUnavailable after the broker's timeout; once the server is back on the same
+    storage, the next verb goes through on the same broker object."""
+    from test_jetstream import OwnServer
+
+    from deliverylab.engine.errors import BrokerUnavailable
+
+    server = OwnServer(tmp_path / "nats")
+    server.directory.mkdir()
+    server.start()
+    broker = None
+    try:
+        broker = JetStreamBroker(server.url, stream=f"test-{uuid.uuid4().hex[:12]}",
+                                 clock=SystemClock(), ids=Ids(1), ack_wait=1.0, timeout=1.0)
+        broker.send("e-1", "OrderPlaced", {"itemId": "tea", "qty": 1})
+        server.kill()
+        down_until = time.monotonic() + 75
+        while time.monotonic() < down_until:
+            with pytest.raises(BrokerUnavailable):
+                broker.depth()
+            time.sleep(5)
+        server.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert broker.depth()["visible"] + broker.depth()["in_flight"] == 1
+                break
+            except BrokerUnavailable:
+                assert time.monotonic() < deadline, "not reconnected within 30 s"
+                time.sleep(0.5)
+        assert [d.event_id for d in broker.receive(1.0)] == ["e-1"]
+    finally:
+        if broker is not None:
+            broker.close()
+        server.stop()
