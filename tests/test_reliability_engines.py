@@ -409,3 +409,24 @@ def test_a_queue_table_refuses_a_row_with_no_id(make_broker):
     if conn.in_transaction:
         conn.rollback()
     assert broker.depth() == before
+
+
+@pytest.mark.parametrize("make_broker", FOREIGN, indirect=True)
+def test_status_counts_the_dead_letters_with_no_id(make_broker, request):
+    """``deliverylab status`` (and ``GET /status``): the refused message is a dead letter of
+    its own kind, with no event and no order, and the page says why."""
+    from deliverylab.app.status import collect, render
+
+    broker = make_broker(clock=clock_for(engine_of(request)))
+    conn = store.init_db()
+    place_order(broker, item_id="tea", qty=1, store=conn)
+    Relay(conn, broker, clock=broker.clock).run_until_idle()
+    publish_raw(broker, b'{"itemId": "tea", "qty": 5}', type="OrderPlaced")
+    lines: list[str] = []
+    drain(worker_on(broker, conn, lines), broker)
+    report = collect(conn, broker=broker)
+    assert [(d["eventId"], d["lastError"]) for d in report["deadLetters"]] == \
+        [(None, NO_MESSAGE_ID)]
+    assert report["ok"] and report["check"]["dead_lettered"] == 0, report["verdict"]
+    text = render(report)
+    assert "dead letters 1 (1 with no message id" in text, text
