@@ -298,3 +298,77 @@ def test_the_client_reconnects_after_an_outage_longer_than_a_minute(tmp_path):
         if broker is not None:
             broker.close()
         server.stop()
+
+
+class SilencingProxy:
+    """A TCP proxy in front of the shared NATS server, in a thread of its own. ``silence()``:
+    every connection open now goes silent both ways (its bytes dropped, nothing closed, no
+    reset), while connections made afterwards pass: a link that died without a word, and a
+    route that works again for whoever reconnects."""
+
+    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 4222)) -> None:
+        import threading
+
+        self.upstream = upstream
+        self.silenced: set[int] = set()
+        self.count = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._client, "127.0.0.1", 0), self.loop).result(5)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader, writer) -> None:  # noqa: ANN001
+        self.count += 1
+        cid = self.count
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        await asyncio.gather(self._pump(cid, reader, up_writer),
+                             self._pump(cid, up_reader, writer), return_exceptions=True)
+
+    async def _pump(self, cid: int, reader, writer) -> None:  # noqa: ANN001
+        while data := await reader.read(65536):
+            if cid in self.silenced:
+                continue
+            writer.write(data)
+            await writer.drain()
+
+    def silence(self) -> None:
+        self.silenced.update(range(1, self.count + 1))
+
+    def stop(self) -> None:
+        self.server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.mark.slow
+def test_a_link_that_dies_silently_is_dropped_and_the_client_reconnects(stream):
+    """The broker's connection goes silent both ways (no reset). Within the ping bound the
+    client calls it stale and connects again, and the verbs go through (before: every verb
+    BrokerUnavailable for the six minutes of nats-py's default pings)."""
+    from deliverylab.brokers.jetstream import MAX_PINGS, PING_S
+    from deliverylab.engine.errors import BrokerUnavailable
+
+    proxy = SilencingProxy()
+    broker = JetStreamBroker(f"nats://127.0.0.1:{proxy.port}", stream=stream,
+                             clock=SystemClock(), ids=Ids(1), ack_wait=1.0, timeout=1.0)
+    try:
+        broker.send("e-1", "OrderPlaced", {"itemId": "tea", "qty": 1})
+        proxy.silence()
+        silenced_at = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            broker.depth()  # no answer on the silent link: unavailable after the timeout
+        deadline = silenced_at + (MAX_PINGS + 1) * PING_S + 10
+        while True:
+            try:
+                depth = broker.depth()
+                break
+            except BrokerUnavailable:
+                assert time.monotonic() < deadline, "still unavailable past the ping bound"
+                time.sleep(0.5)
+        assert depth["visible"] == 1 and proxy.count >= 2  # over a new connection
+        assert [d.event_id for d in broker.receive(1.0)] == ["e-1"]
+    finally:
+        broker.close()
+        proxy.stop()

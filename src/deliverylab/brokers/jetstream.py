@@ -133,6 +133,13 @@ DEFAULT_PORT = 4222
 # Advisories fetched per receive at most, and how long a fetch of them may wait.
 _ADVISORY_BATCH = 100
 _ADVISORY_WAIT = 0.05
+# The bound on a silent link (packets dropped, not refused): the client pings the server
+# every PING_S seconds and, with more than MAX_PINGS pings unanswered, drops the connection
+# as stale and reconnects: within (MAX_PINGS + 1) × PING_S = 15 s, not nats-py's default of
+# 120 s × 3 (six minutes, every verb BrokerUnavailable meanwhile). The pings run in the
+# broker's own loop thread, so a long handler in the worker does not starve them.
+PING_S = 5
+MAX_PINGS = 2
 # get_msg requests in flight at once when a stream is read message by message.
 _READ_AHEAD = 256
 # The longest one attempt of a request waits: a request sent to a leader that just died gets
@@ -334,6 +341,7 @@ class JetStreamBroker(Broker):
             # raises BrokerUnavailable after ``timeout``, and the worker backs off and tries
             # again (a client that gave up would leave it unavailable for good).
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            ping_interval=PING_S, max_outstanding_pings=MAX_PINGS,
             error_cb=self._quiet, disconnected_cb=self._quiet_event,
             reconnected_cb=self._quiet_event)
         self.js = self.nc.jetstream(timeout=self.timeout)
