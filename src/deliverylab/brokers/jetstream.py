@@ -44,6 +44,12 @@ How the contract's words map onto JetStream, and where the server decides instea
   *first* send's sequence and ``duplicate=True``, never its headers, and the first message
   may already be acked and gone: the sequence is the one name the server can give back.
   Redrive publishes anew, so a redriven message has a new sequence and a new id.
+* **event id** = the ``Deliverylab-Event-Id`` header, else the producer's ``Nats-Msg-Id``
+  (see :func:`event_id_of`); a message with neither is dead-lettered at once, reason ``no
+  message id``. A body that is not a JSON object is handed out as ``{"body": text}`` and
+  dead-lettered at ``max_receives``; a dead letter is the stream's message as it was (bytes
+  and headers) plus the reason. A stream or consumer deleted underneath raises
+  :class:`~deliverylab.brokers.base.BrokerGone` naming it.
 * **producer dedup** = ``Nats-Msg-Id`` = ``dedup_id``, remembered for the stream's
   ``duplicate_window`` (:attr:`dedup_window`); after the window the same id is stored again.
   A send without ``dedup_id`` gets a random ``Nats-Msg-Id`` of its own, so the broker's own

@@ -26,6 +26,15 @@ What the engine gives, checked against RabbitMQ 3.10.8:
   confirmed it.
 * **Publisher confirms** on every send: ``send`` returns once a quorum of replicas has the
   message. RabbitMQ has no producer dedup (``dedup_window`` is None).
+* **Identity.** A message's event id is its ``x-deliverylab-event-id`` header, else its AMQP
+  ``message_id`` (see :func:`identity`): what another producer sets (pika:
+  ``BasicProperties(message_id=…, type="OrderPlaced")``). A message with neither is
+  dead-lettered at once, reason ``no message id``, never handed to a worker: nothing that
+  changes on a redelivery or between processes may stand in for an id.
+* **Dead letters keep what came**: the body's bytes, the properties and the headers, with
+  the reason and the delivery count added.
+* **Deleted underneath**: a verb that finds the queue or its dead-letter queue gone raises
+  :class:`~deliverylab.brokers.base.BrokerGone` naming it; nothing is declared again.
 
 Substitutes, where RabbitMQ has no such verb (each verb's docstring says more):
 ``extend`` moves the broker's own lease timer; ``nack`` with a delay keeps the message on its
