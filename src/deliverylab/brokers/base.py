@@ -3,7 +3,9 @@
 
 from ..engine.broker import (
     MAX_VISIBILITY_TIMEOUT_S,
+    NO_MESSAGE_ID,
     Broker,
+    BrokerGone,
     Capabilities,
     Delivery,
     Received,
@@ -12,5 +14,5 @@ from ..engine.broker import (
     encode_payload,
 )
 
-__all__ = ["MAX_VISIBILITY_TIMEOUT_S", "Broker", "Capabilities", "Delivery", "Received",
-           "check_delivery", "check_send", "encode_payload"]
+__all__ = ["MAX_VISIBILITY_TIMEOUT_S", "NO_MESSAGE_ID", "Broker", "BrokerGone", "Capabilities",
+           "Delivery", "Received", "check_delivery", "check_send", "encode_payload"]

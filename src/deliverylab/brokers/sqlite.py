@@ -260,6 +260,7 @@ class SQLiteBroker(Broker):
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
         """Move the message to ``dead_letters`` now, with ``error``. False if stale."""
         check_delivery(delivery)
+        check_text("error", error, max_length=10_000)  # as every engine: a reason, not nothing
         with transaction(self.conn):
             held = self.conn.execute(
                 "UPDATE queue_messages SET last_error = ? WHERE seq = ? AND receipt = ?",

@@ -33,6 +33,25 @@ if TYPE_CHECKING:
 MAX_VISIBILITY_TIMEOUT_S = 12 * 3600  # the SQS upper bound
 
 
+# The reason a broker gives when it dead-letters a message whose identity it cannot know (a
+# foreign producer sent it without a message id): such a message cannot be made idempotent, so
+# it is refused at once, on its first delivery, never handed to a worker.
+NO_MESSAGE_ID = "no message id"
+
+
+class BrokerGone(Exception):
+    """What the broker keeps messages in (a queue, a stream, a consumer) no longer exists on
+    the server: someone deleted it while this broker used it. Not passing, unlike
+    :class:`~deliverylab.engine.errors.BrokerUnavailable`: a worker stops, saying what
+    disappeared (the command exits with status 2), rather than recreate it behind the back of
+    whoever deleted it. ``what`` names the thing, in words."""
+
+    def __init__(self, what: str, detail: str = "") -> None:
+        self.what = what
+        super().__init__(f"{what} no longer exists on the server (deleted while in use)"
+                         + (f": {detail}" if detail else ""))
+
+
 class Delivery(NamedTuple):
     """One delivery of one message: what a worker holds until it acks or the lease ends.
 
@@ -296,6 +315,12 @@ class Broker(abc.ABC):
     def queued_event_ids(self) -> set[str]:
         """The event ids of every message still queued (visible, leased or delayed): the
         checker calls an unapplied order with one of these *pending*, not lost."""
+
+    def dead_letters_without_id(self) -> int:
+        """How many dead letters have no message id (refused at once, reason
+        :data:`NO_MESSAGE_ID`): a foreign producer's messages, which no order can match. An
+        engine whose queue only this project writes (a table with NOT NULL ids) has none."""
+        return 0
 
     @abc.abstractmethod
     def dead_lettered_event_ids(self) -> set[str]:

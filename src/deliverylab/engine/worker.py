@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
-from .broker import Broker, Delivery
+from .broker import NO_MESSAGE_ID, Broker, Delivery
 from .clock import Clock
 from .errors import (
     STORE_ERRORS,
@@ -403,7 +403,9 @@ class Worker:
                            for d in deliveries])
         for d, reason in parked:
             self.stats.dead_lettered += 1
-            self._say(d, f"dead-lettered: {reason} → 'deliverylab redrive' moves it back")
+            self._say(d, f"dead-lettered: {reason}" + (
+                " (a foreign producer's message: nothing can deduplicate it)"
+                if reason == NO_MESSAGE_ID else " → 'deliverylab redrive' moves it back"))
         if not deliveries:
             return 0
         self.stats.received += len(deliveries)
