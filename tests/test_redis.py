@@ -96,3 +96,32 @@ def test_two_brokers_on_one_stream_share_its_group_and_never_take_the_same_entry
     finally:
         a.close()
         b.destroy()
+
+
+def test_a_foreign_entry_with_no_id_is_dead_lettered_at_once_as_it_came(stream_url):
+    """Another producer's XADD, without this project's fields: no inbox could tell its
+    republish from a new message, so it is never handed out; it goes to the dead letters on
+    its first receive, its fields kept, with the reason "no message id". A foreign entry whose
+    body is not JSON but that has an event id is handed out, and ends in the dead letters at
+    ``max_receives`` like any message a handler refuses."""
+    broker = open_url(stream_url, clock=FakeClock(), ids=Ids(1), max_receives=2)
+    client = redis.Redis.from_url(SERVER, decode_responses=True)
+    try:
+        client.xadd(broker.stream, {"order": "o-9", "qty": "3"})
+        client.xadd(broker.stream, {"e": "evt-foreign", "p": "not json"})
+        got = broker.receive(60, 10)
+        assert [d.event_id for d in got] == ["evt-foreign"]
+        assert got[0].payload == {"body": "not json"}
+        [(refused, reason)] = got.parked
+        assert reason == "no message id" and refused.event_id == ""
+        [(_, dead)] = client.xrange(f"{broker.stream}:dead")
+        assert (dead["order"], dead["qty"], dead["reason"]) == ("o-9", "3", "no message id")
+        assert broker.nack(got[0], 0, error="payload is not an order")
+        [again] = broker.receive(60)
+        assert broker.nack(again, 0, error="payload is not an order")
+        assert list(broker.receive(60)) == []
+        assert broker.dead_lettered_event_ids() == {"evt-foreign"}
+        assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 2}
+    finally:
+        client.close()
+        broker.close()

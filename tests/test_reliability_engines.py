@@ -32,7 +32,7 @@ from typing import Any
 
 import pika
 import pytest
-from conftest import BROKER_ENGINES, SERVER_CLOCK_ENGINES
+from conftest import BROKER_ENGINES, capabilities_of
 from test_lab_processes import Proc, no_failures, started
 
 from deliverylab.brokers.base import NO_MESSAGE_ID, Broker, Delivery
@@ -55,8 +55,9 @@ FOREIGN = ["rabbitmq", "jetstream"]  # the engines another producer can publish 
 
 
 def clock_for(engine: str) -> FakeClock | SystemClock:
-    """JetStream's leases run on its server's clock: its worker runs on the wall clock."""
-    return SystemClock() if engine in SERVER_CLOCK_ENGINES else FakeClock()
+    """An engine whose server times the lease (JetStream, Redis) runs its worker on the wall
+    clock."""
+    return SystemClock() if capabilities_of(engine).lease_clock == "server" else FakeClock()
 
 
 def engine_of(request: pytest.FixtureRequest) -> str:

@@ -42,10 +42,11 @@ import redis
 import redis.exceptions
 
 from ..engine.clock import Clock
-from ..engine.errors import BrokerUnavailable, InvalidInput, check_int, check_number
+from ..engine.errors import BrokerUnavailable, InvalidInput, check_int, check_number, check_text
 from ..engine.ids import Ids
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
+    NO_MESSAGE_ID,
     Broker,
     Capabilities,
     Delivery,
@@ -151,6 +152,26 @@ def _seq(stream_id: str) -> int:
     return int(ms) << _SHIFT | int(n)
 
 
+def _count(text: str | None) -> int:
+    """The deliveries an entry had before it was put back (field ``n``); 0 when absent or
+    not a count (a foreign producer's entry)."""
+    try:
+        return max(0, int(text or 0))
+    except ValueError:
+        return 0
+
+
+def _payload(text: str | None) -> dict[str, Any]:
+    """The body as a JSON object; anything else (a foreign producer's) as
+    ``{"body": <the text>}``, which the worker's handler refuses, so the entry is retried and
+    dead-lettered at ``max_receives`` with its text kept."""
+    try:
+        payload = json.loads(text or "")
+    except ValueError:
+        payload = None
+    return payload if isinstance(payload, dict) else {"body": text or ""}
+
+
 class RedisBroker(Broker):
     """A queue on the Redis stream ``stream`` (``client``: a ``redis.Redis``), its consumer
     group ``workers``, its dead letters ``<stream>:dead`` and delayed messages
@@ -227,11 +248,20 @@ class RedisBroker(Broker):
         out: list[Delivery] = []
         parked: list[tuple[Delivery, str]] = []
         for sid, fields, counter in got:
-            count = int(fields["n"]) + counter
-            d = Delivery(_seq(sid), fields["m"], fields["e"], fields["t"],
-                         json.loads(fields["p"]), fields["c"] or None,
-                         f"{token}.{sid}.{counter}", count, lease_until, fields["err"] or None)
-            if count > self.max_receives:
+            count = _count(fields.get("n")) + counter
+            d = Delivery(_seq(sid), fields.get("m") or sid, fields.get("e") or "",
+                         fields.get("t") or "", _payload(fields.get("p")),
+                         fields.get("c") or None, f"{token}.{sid}.{counter}", count,
+                         lease_until, fields.get("err") or None)
+            if not fields.get("e"):
+                # A foreign producer's entry (XADD without this project's fields): no inbox
+                # could tell its republish from a new message. Dead-lettered at once, its
+                # fields kept as they came.
+                dead = json.dumps([x for kv in fields.items() for x in kv]
+                                  + ["reason", NO_MESSAGE_ID, "at", repr(self.clock.now())])
+                if self._settle_many("dead", [(sid, counter, dead)])[0]:
+                    parked.append((d, NO_MESSAGE_ID))
+            elif count > self.max_receives:
                 d = d._replace(delivery_count=count - 1)  # the deliveries that happened
                 times = "once" if d.delivery_count == 1 else f"{d.delivery_count} times"
                 reason = (f"received {times} (max_receives={self.max_receives});"
@@ -316,8 +346,7 @@ class RedisBroker(Broker):
         """Move the entry to ``<stream>:dead`` with ``error``; False if the receipt is
         stale."""
         d = check_delivery(delivery)
-        if not isinstance(error, str):
-            raise InvalidInput("error", error, "a string")
+        check_text("error", error, max_length=10_000)
         return self._settle_many("dead", [self._held(d, self._dead_fields(
             d._replace(last_error=error), error))])[0]
 
@@ -338,7 +367,7 @@ class RedisBroker(Broker):
                     raise InvalidInput("message_ids", mid, "the id of a dead letter")
         for mid in chosen:
             sid, f = dead[mid]
-            fields = {k: f[k] for k in ("e", "t", "p", "c")}
+            fields = {k: f.get(k, "") for k in ("e", "t", "p", "c")}
             pipe = self._r.pipeline(transaction=True)
             pipe.xadd(self.stream, {"m": self.ids.message_id(), **fields, "n": "0", "err": ""})
             pipe.xdel(self.dead, sid)
@@ -408,7 +437,7 @@ class RedisBroker(Broker):
     @_reachable("queued_event_ids")
     def queued_event_ids(self) -> set[str]:
         """The event ids in the stream (visible or leased) and in the delayed set."""
-        events = {f["e"] for _, f in self._r.xrange(self.stream)}
+        events = {f["e"] for _, f in self._r.xrange(self.stream) if f.get("e")}
         for member in self._r.zrange(self.delayed, 0, -1):
             fields = json.loads(member)
             events.add(fields[fields.index("e") + 1])
@@ -416,7 +445,7 @@ class RedisBroker(Broker):
 
     @_reachable("dead_lettered_event_ids")
     def dead_lettered_event_ids(self) -> set[str]:
-        return {f["e"] for _, f in self._r.xrange(self.dead)}
+        return {f["e"] for _, f in self._r.xrange(self.dead) if f.get("e")}
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
