@@ -941,7 +941,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if args.action == "restart":
             name = _cluster_node(args, cluster)
             if cluster.pid(name) is not None:
-                raise UsageError(f"NODE: {name} is running, got {name!r}; 'deliverylab cluster"
+                raise UsageError(f"NODE must be a node that is down, got {name!r} (running): 'deliverylab cluster"
                                  f" kill {name} --dir {args.dir}' first")
             cluster.restart(name)
             print(safe_text(f"restarted {name} (pid {cluster.pid(name)}) on its own storage;"
@@ -963,10 +963,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print(safe_text(f"{n.name}: {state} (pid {n.pid or '-'}, client {node.url},"
                         f" monitoring http://127.0.0.1:{node.http_port}{lead})"))
     for st in cluster.streams():
-        replicas = ", ".join(f"{r}{'' if current else ' (catching up)'}"
-                             for r, current in st.replicas) or "none"
+        followers = ", ".join(f"{r} ({state})" for r, state in st.followers) or "none"
         print(safe_text(f"stream {st.name}: leader {st.leader or '(none: an election runs)'},"
-                        f" replicas {replicas}; {st.messages} messages"))
+                        f" followers {followers}; {st.messages} messages"))
     print(safe_text(f"broker URL: {cluster.url(stream='NAME', replicas=3)}"))
     return 0 if all(n.answering and n.meta_leader for n in nodes) else 1
 
@@ -1004,7 +1003,7 @@ def _cluster_kill(args: argparse.Namespace, cluster: Any) -> int:
     else:
         name, whose = _cluster_node(args, cluster), ""
         if cluster.pid(name) is None:
-            raise UsageError(f"NODE: {name} is not running, got {name!r}")
+            raise UsageError(f"NODE must be a running node, got {name!r} (down)")
     pid = cluster.kill(name)
     print(safe_text(f"killed {name} (pid {pid}, SIGKILL){whose}"), flush=True)
     if args.leader_of is not None:

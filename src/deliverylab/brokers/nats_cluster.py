@@ -103,12 +103,12 @@ class NodeStatus:
 @dataclass(frozen=True, slots=True)
 class StreamStatus:
     """One stream as the cluster places it: its leader (None while an election runs), its
-    replicas as (node, current), a replica that is not current is catching up, and how many
-    messages it holds."""
+    other replicas as (node, state), the state ``current``, ``catching up`` or ``down``, and
+    how many messages it holds."""
 
     name: str
     leader: str | None
-    replicas: tuple[tuple[str, bool], ...]
+    followers: tuple[tuple[str, str], ...]
     messages: int
 
 
@@ -426,9 +426,12 @@ class NatsCluster:
             leader = info.get("leader") or None
             if leader is not None and self.pid(leader) is None:
                 leader = None  # named by a stale view: that node is down
-            replicas = tuple((r.get("name", "?"), bool(r.get("current")))
-                             for r in info.get("replicas") or [])
-            out.append(StreamStatus(name, leader, replicas,
+            followers = tuple(
+                (r.get("name", "?"), "down" if r.get("name") in self._pids
+                 and self.pid(r["name"]) is None else
+                 "current" if r.get("current") else "catching up")
+                for r in info.get("replicas") or [])
+            out.append(StreamStatus(name, leader, followers,
                                     int((best.get("state") or {}).get("messages", 0))))
         return out
 
