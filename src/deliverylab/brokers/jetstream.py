@@ -362,11 +362,13 @@ class JetStreamBroker(Broker):
 
     def destroy(self) -> None:
         """Delete the stream, its dead letters and its advisories (their consumers go with
-        them), then :meth:`close`: what a test or a benchmark does after a run."""
+        them), then :meth:`close`: what a test or a benchmark does after a run. Each delete is
+        retried while a cluster elects a leader (a node just restarted, say); a delete whose
+        answer was lost finds the stream gone on its retry, and that is what was wanted."""
         async def delete() -> None:
             for name in (self.stream, self.dead_stream, self.advisory_stream):
                 try:
-                    await self.js.delete_stream(name)
+                    await self._retrying(lambda name=name: self._api.delete_stream(name))
                 except NotFoundError:
                     pass
         try:
