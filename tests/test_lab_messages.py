@@ -78,7 +78,7 @@ def test_a_stream_made_with_another_ack_wait_is_named_with_both_values_and_the_w
         cli("cleanup", "--broker", f"{NATS}?stream={stream}", "--yes")
 
 
-def test_a_stream_made_with_another_max_receives_names_max_receives(tmp_path: Path) -> None:
+def test_a_stream_made_with_another_max_receives_names_it_to_a_worker_only(tmp_path: Path) -> None:
     stream = name("msg_maxrecv")
     broker = JetStreamBroker(NATS, stream=stream, clock=SystemClock(), ids=Ids(),
                              max_receives=3)
@@ -89,6 +89,9 @@ def test_a_stream_made_with_another_max_receives_names_max_receives(tmp_path: Pa
         assert worker.returncode == 2
         assert "max_receives=3 there, 5 here" in worker.stderr, worker.stderr
         assert "ack_wait" not in worker.stderr.split("(", 2)[1].split(")")[0]
+        # A command that never dead-letters does not care: it takes the stream's.
+        status = cli("status", "--store", str(db), "--broker", f"{NATS}?stream={stream}")
+        assert status.returncode == 0, status.stderr
     finally:
         broker.destroy()
         broker.close()

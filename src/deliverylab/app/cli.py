@@ -223,8 +223,17 @@ def open_broker_arg(args: argparse.Namespace, conn: Any, **kw: Any) -> tuple[Any
 
     name = kw.pop("worker", "deliverylab")
     if is_broker_url(args.broker):  # RabbitMQ, NATS: not a database
-        return (open_broker(args.broker, field="--broker", worker=name, **kw), None,
-                hide_secrets(args.broker))
+        try:
+            broker = open_broker(args.broker, field="--broker", worker=name, **kw)
+        except InvalidInput as exc:
+            # Only a worker dead-letters: a command that does not (status, relay, api, …)
+            # takes the stream's own max_receives rather than refuse over it.
+            differ = getattr(exc, "differ", [])
+            if "max_receives" in kw or [d[0] for d in differ] != ["max_receives"]:
+                raise
+            broker = open_broker(args.broker, field="--broker", worker=name,
+                                 max_receives=differ[0][1], **kw)
+        return broker, None, hide_secrets(args.broker)
     if args.broker is None or args.broker == (args.db or os.environ.get(DB_ENV, "")):
         return broker_on(conn, **kw), None, None
     broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
