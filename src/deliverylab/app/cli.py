@@ -13,6 +13,7 @@
     deliverylab redrive                       # dead letters back to the queue
     deliverylab drop --count 3                # lose queued messages on purpose
     deliverylab cluster start|status|stop     # three NATS JetStream servers on this machine
+    deliverylab cleanup --store PATH --yes    # remove a lab's store and broker, any engine
 
 Bad input exits with status 2 and a message naming the flag (or variable) and its value;
 nothing is written. A failure at run time (the API is down, the server said no) exits with 1.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import inspect
 import json
 import os
 import re
@@ -46,10 +48,12 @@ from ..engine.errors import STORE_ERRORS, InvalidInput, check_int, check_number,
 from ..engine.faults import FAULT_POINTS
 from ..engine.orders import MAX_ID_LENGTH, MAX_QTY
 from ..engine.store import SQLiteTooOld
+from .redact import hide_secrets
 
 DEFAULT_DB = "data/app.db"
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_CLUSTER_DIR = "data/nats-cluster"
+DEFAULT_VISIBILITY_TIMEOUT = 2.0
 DB_ENV = "DELIVERYLAB_DB"
 URL_ENV = "DELIVERYLAB_URL"
 # One flag and one environment variable per fault point: --ack-fail-rate / ACK_FAIL_RATE, …
@@ -183,8 +187,9 @@ def db_url(args: argparse.Namespace) -> str | None:
 
 
 def db_label(args: argparse.Namespace) -> str:
-    """The database as the user named it: a file path, or a PostgreSQL URL kept whole."""
-    return db_url(args) or str(db_path(args))
+    """The database as the user named it, to print: a file path, or a PostgreSQL URL kept
+    whole but for its password."""
+    return hide_secrets(db_url(args) or str(db_path(args)))
 
 
 def broker_on(conn: Any, **kw: Any) -> Any:
@@ -222,7 +227,7 @@ def open_broker_arg(args: argparse.Namespace, conn: Any, **kw: Any) -> tuple[Any
     create = kw.pop("create", True)
     if is_broker_url(args.broker):  # RabbitMQ, NATS: not a database
         return (open_broker(args.broker, field="--broker", worker=name, create=create, **kw),
-                None, args.broker)
+                None, hide_secrets(args.broker))
     if args.broker is None or args.broker == (args.db or os.environ.get(DB_ENV, "")):
         return broker_on(conn, **kw), None, None
     broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
@@ -341,6 +346,7 @@ def _make_room(path: Path, where: str) -> bool:
 # -- commands ---------------------------------------------------------------------------------
 def cmd_init_db(args: argparse.Namespace) -> int:
     from ..engine.store import (
+        OUTBOX_TABLE,
         TABLES,
         check_schema,
         check_sqlite_version,
@@ -358,8 +364,8 @@ def cmd_init_db(args: argparse.Namespace) -> int:
             orders = pg.execute("SELECT count(*) FROM orders").fetchone()[0]
         finally:
             pg.close()
-        print(safe_text(f"PostgreSQL schema {pg.schema!r} is ready at {url} ({orders} orders;"
-                        f" tables: {', '.join(TABLES)})"))
+        print(safe_text(f"PostgreSQL schema {pg.schema!r} is ready at {hide_secrets(url)}"
+                        f" ({orders} orders; tables: {', '.join(TABLES + (OUTBOX_TABLE,))})"))
         return 0
     check_sqlite_version()  # before anything is created
     path = db_path(args)
@@ -393,7 +399,8 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     if not created:
         print(safe_text(f"database {path} is ready (schema already there; {orders} orders kept)"))
     else:
-        print(safe_text(f"created {path} (WAL mode; tables: {', '.join(TABLES)})"))
+        print(safe_text(f"created {path} (WAL mode; tables:"
+                        f" {', '.join(TABLES + (OUTBOX_TABLE,))})"))
     return 0
 
 
@@ -433,7 +440,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=5)
-    events = (f"; events to its outbox: run 'deliverylab relay --broker {args.broker}'"
+    events = (f"; events to its outbox: run 'deliverylab relay --broker"
+              f" {hide_secrets(args.broker)}'"
               if outbox else "")
     print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database"
                     f" {db_label(args)}{events}; Ctrl-C to stop)"), flush=True)
@@ -514,10 +522,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if is_broker_url(args.broker):  # refused before connecting: a refusal declares no queue
         refuse_apart(args.mode)
+    lease = _jetstream_lease(args)
+    vt = lease if lease is not None else (
+        DEFAULT_VISIBILITY_TIMEOUT if args.visibility_timeout is None else args.visibility_timeout)
     conn = open_db(args)
 
     def echo(line: str) -> None:
-        print(safe_text(_wall(line)), flush=True)
+        print(safe_text(hide_secrets(_wall(line))), flush=True)
 
     clock, ids = SystemClock(), Ids()
     # The broker: the queue table in the store's own database, or (--broker) a queue in
@@ -530,7 +541,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise
     try:
         worker = Worker(store=conn, broker=broker, clock=clock, ids=ids, mode=args.mode,
-                        faults=faults, visibility_timeout=args.visibility_timeout,
+                        faults=faults, visibility_timeout=vt,
                         max_messages=args.max_messages, max_receives=args.max_receives,
                         backoff_base=args.backoff_base, backoff_cap=args.backoff_cap,
                         name=name, echo=echo, crash_exits=args.crash_exits,
@@ -542,8 +553,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop_on_signals(worker, name)  # a second Ctrl-C: open transactions roll back
 
     fault_text = ", ".join(f"{p}={r:g}" for p, r in rates.items() if r) or "none"
-    print(safe_text(f"[{name}] started: mode={worker.mode}"
-                    f" visibility_timeout={args.visibility_timeout:g}s"
+    # The lease really in force: JetStream's is its consumer's AckWait, not a flag.
+    lease_text = (f"lease=AckWait {lease:g}s (the stream consumer's ack_wait)"
+                  if lease is not None else f"visibility_timeout={vt:g}s")
+    print(safe_text(f"[{name}] started: mode={worker.mode} {lease_text}"
                     f" max_receives={args.max_receives} faults: {fault_text}"
                     f" (seed {faults.seed}) db={db_label(args)}"
                     + ("" if broker_label is None else f" broker={broker_label}")),
@@ -559,6 +572,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
     counts = " ".join(f"{k}={v}" for k, v in totals.items() if k != "steps")
     print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
     return 0
+
+
+def _jetstream_lease(args: argparse.Namespace) -> float | None:
+    """The lease of a ``nats://`` broker: its consumer's ``AckWait`` (``ack_wait=`` in the
+    URL, 30 s without), None for any other broker. JetStream leases every message for
+    ``AckWait`` whatever a receive asks, so ``--visibility-timeout`` is refused there unless
+    it says the same (it is then the same lease)."""
+    from ..brokers.registry import scheme_of
+
+    if scheme_of(args.broker) != "nats":
+        return None
+    from ..brokers.jetstream import JetStreamBroker, parse_url
+
+    try:
+        _, kw = parse_url(args.broker, field="--broker")
+    except InvalidInput as exc:
+        raise UsageError(str(exc)) from None
+    default = inspect.signature(JetStreamBroker).parameters["ack_wait"].default
+    ack_wait = float(kw.get("ack_wait", default))
+    if args.visibility_timeout is not None and args.visibility_timeout != ack_wait:
+        raise UsageError(
+            f"--visibility-timeout does not apply to a JetStream broker, got"
+            f" {args.visibility_timeout:g}: its lease is the AckWait of the stream's consumer,"
+            f" set by ack_wait= in the --broker URL (here {ack_wait:g}s"
+            f"{'' if 'ack_wait' in kw else ', the default'}); leave the flag out, or put"
+            f" ack_wait={args.visibility_timeout:g} in the URL (a stream made with another"
+            f" ack_wait must be removed first: deliverylab cleanup --broker URL --yes)")
+    return ack_wait
 
 
 def _close_broker(broker: Any, broker_conn: Any) -> None:
@@ -599,7 +640,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
         relay = Relay(conn, broker, clock=clock, crash_after_publish=args.crash_after_publish_rate,
                       seed=args.seed if args.seed is not None else secrets.randbits(63),
                       crash_exits=args.crash_exits, name=name,
-                      echo=lambda line: print(safe_text(_wall(line)), flush=True))
+                      echo=lambda line: print(safe_text(hide_secrets(_wall(line))),
+                                                 flush=True))
     except InvalidInput:
         _close(conn, broker, broker_conn)
         raise
@@ -870,6 +912,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         NatsCluster,
     )
 
+    if args.action not in ("kill", "restart") and args.node is not None:
+        raise UsageError(f"NODE is for 'cluster kill' and 'cluster restart', got {args.node!r}"
+                         f" with 'cluster {args.action}'")
+    if args.action != "kill" and args.leader_of is not None:
+        raise UsageError(f"--leader-of is for 'cluster kill', got it with 'cluster"
+                         f" {args.action}'")
     where = Path(args.dir)
     if where.exists() and not where.is_dir():
         raise UsageError(f"--dir must be a directory, got {args.dir!r}"
@@ -885,13 +933,24 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                              f" {cluster.base_port}, got {args.base_port}; stop it first, or"
                              f" use another --dir")
     elif args.action != "start":
-        what = "runs" if args.action == "status" else "to stop"
+        what = {"status": "runs", "stop": "to stop", "kill": "to kill",
+                "restart": "to restart"}[args.action]
         print(safe_text(f"no cluster in {args.dir!r}: nothing {what} (start one with"
                         f" 'deliverylab cluster start --dir {args.dir}')"))
-        return 1 if args.action == "status" else 0
+        return 0 if args.action == "stop" else 1
     else:
         cluster = NatsCluster(where, base_port=args.base_port or DEFAULT_BASE_PORT)
     try:
+        if args.action == "kill":
+            return _cluster_kill(args, cluster)
+        if args.action == "restart":
+            name = _cluster_node(args, cluster)
+            if cluster.pid(name) is not None:
+                raise UsageError(f"NODE must be a node that is down, got {name!r} (running): 'deliverylab cluster"
+                                 f" kill {name} --dir {args.dir}' first")
+            cluster.restart(name)
+            print(safe_text(f"restarted {name} (pid {cluster.pid(name)}) on its own storage;"
+                            f" it catches up on its streams from the others"))
         if args.action == "stop":
             stopped = cluster.stop()
             print(safe_text(f"stopped {', '.join(stopped) or 'nothing (no node was running)'}"
@@ -908,8 +967,101 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         node = cluster.node(n.name)
         print(safe_text(f"{n.name}: {state} (pid {n.pid or '-'}, client {node.url},"
                         f" monitoring http://127.0.0.1:{node.http_port}{lead})"))
+    for st in cluster.streams():
+        followers = ", ".join(f"{r} ({state})" for r, state in st.followers) or "none"
+        print(safe_text(f"stream {st.name}: leader {st.leader or '(none: an election runs)'},"
+                        f" followers {followers}; {st.messages} messages"))
     print(safe_text(f"broker URL: {cluster.url(stream='NAME', replicas=3)}"))
     return 0 if all(n.answering and n.meta_leader for n in nodes) else 1
+
+
+def _cluster_node(args: argparse.Namespace, cluster: Any) -> str:
+    """The node the positional NODE names, checked against the cluster's."""
+    names = [n.name for n in cluster.nodes]
+    if args.node is None:
+        raise UsageError(f"'deliverylab cluster {args.action}' needs a NODE: one of"
+                         f" {', '.join(names)}")
+    if args.node not in names:
+        raise UsageError(f"NODE must be one of {', '.join(names)}, got {args.node!r}")
+    return args.node
+
+
+def _cluster_kill(args: argparse.Namespace, cluster: Any) -> int:
+    """SIGKILL one node: the one named, or the leader of ``--leader-of STREAM``; then wait
+    for the stream (if named) to elect another leader, and say who."""
+    from ..brokers.nats_cluster import ClusterError
+
+    if (args.node is None) == (args.leader_of is None):
+        raise UsageError("'deliverylab cluster kill' takes a NODE or --leader-of STREAM"
+                         " (one of the two)")
+    if args.leader_of is not None:
+        known = [st.name for st in cluster.streams()]
+        if args.leader_of not in known:
+            raise UsageError(f"--leader-of must name a stream of the cluster"
+                             f" ({', '.join(known) or 'it has none yet'}), got"
+                             f" {args.leader_of!r}")
+        try:
+            name = cluster.wait_stream_leader(args.leader_of, timeout=10)
+        except ClusterError as exc:
+            raise Failure(str(exc)) from None
+        whose = f", the leader of stream {args.leader_of}"
+    else:
+        name, whose = _cluster_node(args, cluster), ""
+        if cluster.pid(name) is None:
+            raise UsageError(f"NODE must be a running node, got {name!r} (down)")
+    pid = cluster.kill(name)
+    print(safe_text(f"killed {name} (pid {pid}, SIGKILL){whose}"), flush=True)
+    if args.leader_of is not None:
+        try:
+            new = cluster.wait_stream_leader(args.leader_of, other_than=name, timeout=30)
+            print(safe_text(f"stream {args.leader_of} is now led by {new}"))
+        except ClusterError as exc:
+            print(safe_text(f"no new leader yet: {exc}"))
+    print(safe_text(f"bring it back with 'deliverylab cluster restart {name} --dir {args.dir}'"
+                    f" (or 'deliverylab cluster start --dir {args.dir}', which starts every"
+                    f" node that is not running)"))
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Remove what ``--store`` and ``--broker`` name, on any engine, after finding all of it
+    (a bad value removes nothing); ask first unless ``--yes``."""
+    from .cleanup import find
+
+    if args.store is None and args.broker is None:
+        raise UsageError("name what to remove: --store PATH|URL, --broker PATH|URL, or both")
+    try:
+        targets = [find(flag, value) for flag, value in (("--store", args.store),
+                                                          ("--broker", args.broker))
+                   if value is not None and not (flag == "--broker" and value == args.store)]
+    except InvalidInput as exc:
+        raise UsageError(f"{exc}; nothing was removed") from None
+    doomed = [t for t in targets if t.remove is not None]
+    for t in targets:
+        if t.remove is None:
+            print(safe_text(hide_secrets(f"{t.flag}: {t.what}")))
+    if not doomed:
+        return 0
+    listing = "\n".join(hide_secrets(f"  {t.flag}: {t.what}"
+                                      + (f": {', '.join(t.parts)}" if t.parts else ""))
+                         for t in doomed)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("this removes, for good:\n" + listing + "\npass --yes to remove"
+                             " it (there is no terminal to ask on); nothing was removed")
+        print(safe_text("this removes, for good:\n" + listing))
+        try:
+            answer = input("remove it? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing was removed")
+            return 1
+    for t in doomed:
+        t.remove()  # type: ignore[misc]
+        print(safe_text(hide_secrets(f"removed {t.what}"
+                                     + (f": {', '.join(t.parts)}" if t.parts else ""))))
+    return 0
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -976,8 +1128,11 @@ def build_parser() -> argparse.ArgumentParser:
                     " SIGTERM or Ctrl-C stops after the current step.")
     p.add_argument("--mode", default=Mode.IDEMPOTENT.value, choices=[m.value for m in Mode],
                    help="default idempotent")
-    p.add_argument("--visibility-timeout", type=_num_arg(0, 12 * 3600), default=2.0,
-                   metavar="SECONDS", help="lease length (default 2, like the seed)")
+    p.add_argument("--visibility-timeout", type=_num_arg(0, 12 * 3600), default=None,
+                   metavar="SECONDS",
+                   help=f"lease length (default {DEFAULT_VISIBILITY_TIMEOUT:g}, like the seed);"
+                        f" on JetStream the lease is the URL's ack_wait, and this flag is"
+                        f" refused unless it says the same")
     p.add_argument("--max-receives", type=_int_arg(1, 1000), default=5,
                    help="deliveries before a message is dead-lettered (default 5)")
     p.add_argument("--max-messages", type=_int_arg(1, 1000), default=1,
@@ -1081,8 +1236,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_drop)
 
     p = sub.add_parser("cluster", help="three NATS JetStream servers on this machine, one"
-                                       " replicated cluster: start, status, stop")
-    p.add_argument("action", choices=["start", "status", "stop"])
+                                       " replicated cluster: start, status, stop, kill a node,"
+                                       " restart it",
+                       description="start: every node that is not running (a new cluster, or"
+                                   " the node a kill left down). status: each node, the meta"
+                                   " leader, each stream's leader and replicas. kill: SIGKILL"
+                                   " a node, named or the leader of --leader-of STREAM."
+                                   " restart NODE: start that node again. stop: every node.")
+    p.add_argument("action", choices=["start", "status", "stop", "kill", "restart"])
+    p.add_argument("node", nargs="?", default=None, metavar="NODE",
+                   help="kill, restart: the node (node1, node2 or node3)")
+    p.add_argument("--leader-of", metavar="STREAM", type=_text_arg(255), default=None,
+                   help="kill: the node that leads this stream now")
     p.add_argument("--dir", type=_path_text, default=DEFAULT_CLUSTER_DIR,
                    help=f"where the nodes' configuration, storage, logs and process ids live"
                         f" (default {DEFAULT_CLUSTER_DIR})")
@@ -1090,6 +1255,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="client ports PORT..PORT+2, routes PORT+2000.., monitoring PORT+4000.."
                         " (default 14222)")
     p.set_defaults(run=cmd_cluster)
+
+    p = sub.add_parser(
+        "cleanup", help="remove a lab's data on any engine: its store and its broker",
+        description="Remove the store (a SQLite file with its -wal and -shm, or a PostgreSQL"
+                    " schema) and the broker (a file or schema, a RabbitMQ queue with its dead"
+                    " letters, a JetStream stream with its dead letters and advisories), and"
+                    " say what was removed. Everything is found before anything is removed: a"
+                    " bad value removes nothing. Without --yes it asks on a terminal, and"
+                    " refuses when there is none.")
+    p.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
+                   help="the lab's store: a SQLite file or a postgresql:// URL")
+    p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
+                   help="the lab's broker outside the store: another file or schema, amqp://…"
+                        " (a queue) or nats://… (a stream)")
+    p.add_argument("--yes", action="store_true", help="remove without asking")
+    p.set_defaults(run=cmd_cleanup)
     return parser
 
 
@@ -1126,17 +1307,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (UsageError, InvalidInput, BrokerGone) as exc:  # bad input, or the queue gone: 2
-        print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
+        print(safe_text(hide_secrets(f"{prog}: error: {exc}")), file=sys.stderr)
         return 2
     except Failure as exc:
-        print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
+        print(safe_text(hide_secrets(f"{prog}: error: {exc}")), file=sys.stderr)
         return 1
     except SQLiteTooOld as exc:
-        print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
+        print(safe_text(hide_secrets(f"{prog}: error: {exc}")), file=sys.stderr)
         return 1
     except STORE_ERRORS as exc:
         code, message = _database_error(args, exc)
-        print(safe_text(f"{prog}: error: {message}"), file=sys.stderr)
+        print(safe_text(hide_secrets(f"{prog}: error: {message}")), file=sys.stderr)
         return code
     except KeyboardInterrupt:
         return 130

@@ -175,6 +175,7 @@ def collect(conn: sqlite3.Connection, *, now: float | None = None,
         dead = [{"messageId": m, "eventId": e, "orderId": o, "receives": n, "lastError": error,
                  "alreadyApplied": e in applied} for m, e, o, n, error in rows]
         log_rows = conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0]
+        verdict = _verdict(conn, result)
     queue: dict[str, Any] = {"visible": visible, "inFlight": total - visible, "total": total}
     if broker is not None:  # whether its waiting messages could be listed (see Unlisted)
         queue["listed"] = not getattr(broker, "unlisted", 0)
@@ -187,8 +188,37 @@ def collect(conn: sqlite3.Connection, *, now: float | None = None,
         "deliveryLogRows": log_rows,
         "check": {k: v for k, v in result.as_dict().items()},
         "ok": result.ok,
-        "verdict": result.verdict,
+        "verdict": verdict,
     }
+
+
+def strangers(conn: sqlite3.Connection) -> int:
+    """How many events took effect here whose order is not in this store: their orders were
+    placed in another database (a worker whose --store is not the API's --db, or whose
+    --broker is another lab's queue). Nothing the store holds can explain their effect."""
+    return conn.execute(
+        "SELECT count(DISTINCT event_id) FROM delivery_log WHERE outcome = 'applied'"
+        " AND event_id NOT IN (SELECT event_id FROM orders)").fetchone()[0]
+
+
+def _verdict(conn: sqlite3.Connection, result: Any) -> str:
+    """The checker's verdict, with the reason when it has none to give: a projection that
+    differs from the truth with no event problem among this store's orders."""
+    verdict = result.verdict
+    if result.ok:
+        return verdict
+    n = strangers(conn)
+    if n:
+        why = (f"{_plural(n, 'event')} applied here {'is' if n == 1 else 'are'} no order of"
+               f" this store: {'its order was' if n == 1 else 'their orders were'} placed in"
+               f" another database (do the worker's --store and the API's --db name the same"
+               f" store, and is its --broker this lab's?)")
+    else:
+        why = ("no event of this store's orders explains the drift: the projection was"
+               " written outside the workers, or by events whose trace is gone")
+    if "no event problems" in verdict:
+        return verdict.replace("no event problems", why, 1)
+    return f"{verdict}; {why}" if n else verdict
 
 
 def _plural(n: int, word: str, plural: str | None = None) -> str:
@@ -260,8 +290,13 @@ def render(report: dict[str, Any], *, db: str | None = None) -> str:
     lines.append("")
     lines.append(f"events       {c['correct']} applied exactly once, {c['duplicated']} duplicated,"
                  f" {c['lost']} lost, {c['pending']} pending, {c['dead_lettered']} dead-lettered")
-    lines.append("verdict      " + (report["verdict"] if report["orders"] else
-                                     "no orders yet: POST /orders or 'deliverylab order'"))
+    # "no orders yet" only when nothing at all happened: a projection that moved, or a dead
+    # letter, with no order here is a problem the verdict names.
+    empty = not report["orders"] and not items and not dead
+    waiting = (f"; {_plural(q['total'], 'message')} in the queue, for orders of another"
+               f" database" if q["total"] else "")
+    lines.append("verdict      " + (f"no orders yet: POST /orders or 'deliverylab order'{waiting}"
+                                     if empty else report["verdict"]))
     return "\n".join(map(safe_text, lines))
 
 

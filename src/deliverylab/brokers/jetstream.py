@@ -427,17 +427,21 @@ class JetStreamBroker(Broker):
                                    ) from None
             await self.js.add_consumer(stream, config)  # the same config twice is no error
             return
-        if self._adopt and config.durable_name == CONSUMER:  # as the workers made it
+        if config.durable_name != CONSUMER:
+            return
+        if self._adopt:  # as the workers made it
             self.max_receives = have.max_deliver
             self.ack_wait = have.ack_wait or self.ack_wait
             return
-        if config.durable_name == CONSUMER and (have.max_deliver, round(have.ack_wait or 0, 6)) != (config.max_deliver,
-                                                                 config.ack_wait):
-            raise InvalidInput(
-                "max_receives", self.max_receives,
-                f"the settings of the stream's consumer {config.durable_name!r}"
-                f" (max_receives={have.max_deliver}, ack_wait={have.ack_wait:g}),"
-                f" which every worker of stream {stream!r} shares")
+        # Name each setting that differs, with both values, and the ways on.
+        differ = [(name, theirs, mine) for name, theirs, mine in (
+            ("ack_wait", round(have.ack_wait or 0, 6), config.ack_wait),
+            ("max_receives", have.max_deliver, config.max_deliver)) if theirs != mine]
+        if differ:
+            setting, theirs, mine = differ[0]
+            exc = InvalidInput(setting, mine, _settings_differ(stream, differ, "URL"))
+            exc.differ = differ  # type: ignore[attr-defined]  # open_url words it for its URL
+            raise exc
 
     async def _on_advisory(self, msg: Any) -> None:
         self._advised = True
@@ -834,6 +838,17 @@ class JetStreamBroker(Broker):
                    if not (r.headers or {}).get(EVENT_ID))
 
 
+def _settings_differ(stream: str, differ: list[tuple[str, Any, Any]], url: str) -> str:
+    """What to say when stream ``stream``'s consumer was made with other settings: each
+    (setting, the stream's value, the value asked for) in ``differ``, and the two ways on."""
+    where = {"ack_wait": "ack_wait= in the URL", "max_receives": "the worker's --max-receives"}
+    pairs = "; ".join(f"{name}={theirs:g} there, {mine:g} here" for name, theirs, mine in differ)
+    use = " and ".join(f"{name}={theirs:g} ({where[name]})" for name, theirs, _ in differ)
+    return (f"a URL with the settings stream {stream!r} was made with, which every process of"
+            f" the stream shares ({pairs}): use {use}, or remove the stream, its messages and dead"
+            f" letters with 'deliverylab cleanup --broker {url!r} --yes' and start again")
+
+
 async def _reachable(server: str) -> bool:
     """Whether ``nats://host:port`` accepts a TCP connection within 2 seconds."""
     host, _, port = server.removeprefix("nats://").rpartition(":")
@@ -905,6 +920,10 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids,
         return JetStreamBroker(servers, clock=clock, ids=ids, max_receives=max_receives,
                                name=worker, field=field, create=create, **kw)
     except InvalidInput as exc:  # named by the URL the caller gave, whatever part was wrong
+        if hasattr(exc, "differ"):  # the stream is there with other settings
+            worded = InvalidInput(field, url, _settings_differ(kw["stream"], exc.differ, url))
+            worded.differ = exc.differ  # type: ignore[attr-defined]
+            raise worded from None
         raise InvalidInput(field, url, exc.expected if exc.field == field
                            else f"valid options ({exc})") from None
 

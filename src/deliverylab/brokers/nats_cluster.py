@@ -102,6 +102,18 @@ class NodeStatus:
     streams: int
 
 
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    """One stream as the cluster places it: its leader (None while an election runs), its
+    other replicas as (node, state), the state ``current``, ``catching up`` or ``down``, and
+    how many messages it holds."""
+
+    name: str
+    leader: str | None
+    followers: tuple[tuple[str, str], ...]
+    messages: int
+
+
 def check_base_port(value: Any, field: str = "base_port") -> int:
     """A base port whose client, route and monitoring ports all fit below 65536."""
     return check_int(field, value, minimum=1024, maximum=65535 - HTTP_OFFSET - SIZE + 1)
@@ -402,6 +414,38 @@ class NatsCluster:
                         leader = (detail.get("cluster") or {}).get("leader") or None
             seen[node.name] = leader
         return seen
+
+    def streams(self) -> list[StreamStatus]:
+        """Every stream of the cluster, by name, as its leader describes it (or, while it has
+        none, as any node that holds a replica does)."""
+        views: dict[str, list[dict[str, Any]]] = {}
+        for node in self.nodes:
+            if self.pid(node.name) is None:
+                continue
+            jsz = self._jsz(node, accounts="true", streams="true")
+            for account in (jsz or {}).get("account_details") or []:
+                for detail in account.get("stream_detail") or []:
+                    if detail.get("name"):
+                        views.setdefault(detail["name"], []).append({**detail, "_by": node.name})
+        out = []
+        for name in sorted(views):
+            seen = views[name]
+            cluster = [v.get("cluster") or {} for v in seen]
+            # The leader's own view knows its replicas' state; a follower's does not.
+            best = next((v for v, c in zip(seen, cluster, strict=True)
+                         if c.get("leader") and c.get("leader") == v["_by"]), seen[0])
+            info = best.get("cluster") or {}
+            leader = info.get("leader") or None
+            if leader is not None and self.pid(leader) is None:
+                leader = None  # named by a stale view: that node is down
+            followers = tuple(
+                (r.get("name", "?"), "down" if r.get("name") in self._pids
+                 and self.pid(r["name"]) is None else
+                 "current" if r.get("current") else "catching up")
+                for r in info.get("replicas") or [])
+            out.append(StreamStatus(name, leader, followers,
+                                    int((best.get("state") or {}).get("messages", 0))))
+        return out
 
     def stream_leader(self, stream: str) -> str | None:
         """The leader of ``stream``: a running node that a majority of the cluster names as

@@ -23,7 +23,7 @@ from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_int, check_number, check_text
 from ..engine.ids import Ids
 from ..engine.store import transaction
-from ..engine.trace import Outcome, log, log_delivery, log_many
+from ..engine.trace import Outcome, lease_detail, log, log_delivery, log_many
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
     Broker,
@@ -163,7 +163,7 @@ class SQLiteBroker(Broker):
                     parked.append((d, reason))
                 else:
                     out.append(d)
-            detail = f"lease until {now + vt:g}"
+            detail = lease_detail(now + vt)
             if self.writes_trace:
                 log_many(self.conn, [(now, worker, d.correlation_id, d.event_id, d.message_id,
                                       d.delivery_count, Outcome.RECEIVED, detail)
@@ -236,7 +236,7 @@ class SQLiteBroker(Broker):
             ok = cur.rowcount == 1
             if ok and self.writes_trace:
                 log_delivery(self.conn, delivery, at=now, worker=worker,
-                             outcome=Outcome.EXTENDED, detail=f"lease until {now + s:g}")
+                             outcome=Outcome.EXTENDED, detail=lease_detail(now + s))
         return ok
 
     def nack(self, delivery: Delivery, delay: float = 0.0, *, error: str | None = None,

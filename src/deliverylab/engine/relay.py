@@ -148,8 +148,10 @@ class Relay:
         if not rows:
             return 0
         self.stats.steps += 1
+        tried = 0  # rows handed to the broker so far (published, or tried and failed)
         try:
             for _seq, event_id, type_, payload, correlation_id, attempt in rows:
+                tried += 1
                 message_id = self.broker.send(event_id, type_, json.loads(payload),
                                               correlation_id=correlation_id,
                                               dedup_id=event_id)
@@ -160,17 +162,33 @@ class Relay:
                     raise SimulatedCrash("after_publish")
         except SimulatedCrash as crash:
             self.stats.crashed += 1
-            self._say(f"crashed ({crash.point}) before marking {len(rows)} row(s) sent →"
-                      f" they are published again")
+            self._untake(rows[tried:])
+            self._say(f"crashed ({crash.point}) before marking {tried} published row(s) sent"
+                      f" → they are published again")
             if self.crash_exits:
                 os._exit(CRASH_EXIT_STATUS)
             return len(rows)
+        except BaseException:
+            self._untake(rows[tried:])
+            raise
         with transaction(self.conn):
             marked = self.conn.execute(
                 _MARK, (self.clock.now(), json.dumps([r[0] for r in rows]))).rowcount
         self.stats.marked += marked
         self._say(f"marked {marked} row(s) sent")
         return len(rows)
+
+    def _untake(self, rows: list[sqlite3.Row]) -> None:
+        """Give back the attempt counted on rows taken but never handed to the broker (the
+        step ended before them), so that a row's first real publish says ``attempt=1``. A
+        relay killed for real mid-step leaves the count on them: it could not say which of
+        its rows went out."""
+        if rows:
+            with transaction(self.conn):
+                self.conn.execute(
+                    "UPDATE outbox SET attempts = attempts - 1 WHERE sent_at IS NULL AND"
+                    " attempts > 0 AND outbox_seq IN (SELECT CAST(value AS INTEGER) FROM"
+                    " json_each(?))", (json.dumps([r[0] for r in rows]),))
 
     def run_until_idle(self, batch: int = 100, max_steps: int = 1_000_000) -> RelayStats:
         """Step until the outbox has no unsent row (or ``max_steps`` steps)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,21 @@ class Outcome(StrEnum):
     REDRIVEN = "redriven"
     RECONCILED = "reconciled"
     FENCED = "fenced"  # not applied: a repair already counted the event (reconcile.py)
+
+
+# Below this many seconds a time is a fake clock's (the chapters start at 0), not the epoch's.
+_REAL_CLOCK_S = 10 * 365 * 86400
+
+
+def lease_detail(until: float) -> str:
+    """The detail of a ``received`` or ``extended`` row: when the lease ends. On a fake clock
+    the plain number (``lease until 2``); on the wall clock the exact seconds and the local
+    time of day (``lease until 1796630187.118 (10:36:27.118)``), not a rounded float. The
+    number comes first either way, for the readers that parse it."""
+    if until < _REAL_CLOCK_S:
+        return f"lease until {until:g}"
+    day = time.strftime("%H:%M:%S", time.localtime(until)) + f".{int(until * 1000) % 1000:03d}"
+    return f"lease until {until:.3f} ({day})"
 
 
 _INSERT = ("INSERT INTO delivery_log (at, worker, correlation_id, event_id, message_id,"

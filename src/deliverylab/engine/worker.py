@@ -55,7 +55,7 @@ from .errors import (
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
 from .store import is_busy, is_store, transaction
-from .trace import Outcome, log_delivery, log_many
+from .trace import Outcome, lease_detail, log_delivery, log_many
 
 CONSUMER = "inventory"
 
@@ -223,8 +223,9 @@ class Worker:
     # -- output ----------------------------------------------------------------------------
     def _say(self, d: Delivery, words: str) -> None:
         if self.echo is not None:
-            self.echo(f"[{self.name}] t={self.clock.now():.3f} event={d.event_id}"
-                      f" order={d.correlation_id} delivery={d.delivery_count} {words}")
+            self.echo(f"[{self.name}] t={self.clock.now():.3f} message={d.message_id}"
+                      f" event={d.event_id} order={d.correlation_id}"
+                      f" delivery={d.delivery_count} {words}")
 
     def _log(self, d: Delivery, outcome: Outcome, detail: str = "") -> None:
         """A log row for something with no transaction of its own (a crash, a lost ACK)."""
@@ -399,7 +400,7 @@ class Worker:
         self.stats.steps += 1
         if self._trace_verbs:
             self._trace([(Outcome.DEAD_LETTERED, d, reason) for d, reason in parked]
-                        + [(Outcome.RECEIVED, d, f"lease until {d.lease_until:g}")
+                        + [(Outcome.RECEIVED, d, lease_detail(d.lease_until))
                            for d in deliveries])
         for d, reason in parked:
             self.stats.dead_lettered += 1
