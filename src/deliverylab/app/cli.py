@@ -518,7 +518,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     faults = Faults.from_rates(seed=args.seed, **rates)
     name = args.name or f"worker-{os.getpid()}"
     store_flag(args)
-    from ..brokers.registry import is_broker_url
+    from ..brokers.registry import is_broker_url, scheme_of
 
     if is_broker_url(args.broker):  # refused before connecting: a refusal declares no queue
         refuse_apart(args.mode)
@@ -554,8 +554,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     fault_text = ", ".join(f"{p}={r:g}" for p, r in rates.items() if r) or "none"
     # The lease really in force: JetStream's is its consumer's AckWait, not a flag.
-    lease_text = (f"lease=AckWait {lease:g}s (the stream consumer's ack_wait)"
-                  if lease is not None else f"visibility_timeout={vt:g}s")
+    lease_text = (f"visibility_timeout={vt:g}s" if lease is None else
+                  f"lease={lease:g}s (the stream's: lease= in the --broker URL)"
+                  if scheme_of(args.broker) == "redis" else
+                  f"lease=AckWait {lease:g}s (the stream consumer's ack_wait)")
     print(safe_text(f"[{name}] started: mode={worker.mode} {lease_text}"
                     f" max_receives={args.max_receives} faults: {fault_text}"
                     f" (seed {faults.seed}) db={db_label(args)}"
@@ -581,6 +583,8 @@ def _jetstream_lease(args: argparse.Namespace) -> float | None:
     it says the same (it is then the same lease)."""
     from ..brokers.registry import scheme_of
 
+    if scheme_of(args.broker) == "redis":
+        return _redis_lease(args)
     if scheme_of(args.broker) != "nats":
         return None
     from ..brokers.jetstream import JetStreamBroker, parse_url
@@ -600,6 +604,32 @@ def _jetstream_lease(args: argparse.Namespace) -> float | None:
             f" ack_wait={args.visibility_timeout:g} in the URL (a stream made with another"
             f" ack_wait must be removed first: deliverylab cleanup --broker URL --yes)")
     return ack_wait
+
+
+def _redis_lease(args: argparse.Namespace) -> float:
+    """The lease of a ``redis://`` broker: the idle time after which another consumer takes a
+    pending entry over (``lease=`` in the URL, 30 s without). Like JetStream's AckWait it is
+    the stream's, not a receive's, so ``--visibility-timeout`` is refused unless it says the
+    same."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from ..brokers.redis import RedisBroker
+
+    default = inspect.signature(RedisBroker).parameters["lease"].default
+    found = dict(parse_qsl(urlsplit(args.broker).query))
+    try:
+        lease = float(found.get("lease", default))
+    except ValueError:
+        raise UsageError(f"--broker must give lease= in seconds, got"
+                         f" {hide_secrets(args.broker)!r}") from None
+    if args.visibility_timeout is not None and args.visibility_timeout != lease:
+        raise UsageError(
+            f"--visibility-timeout does not apply to a Redis broker, got"
+            f" {args.visibility_timeout:g}: its lease is the idle time after which another"
+            f" consumer takes an entry over, set by lease= in the --broker URL (here"
+            f" {lease:g}s{'' if 'lease' in found else ', the default'}); leave the flag out,"
+            f" or put lease={args.visibility_timeout:g} in the URL")
+    return lease
 
 
 def _close_broker(broker: Any, broker_conn: Any) -> None:

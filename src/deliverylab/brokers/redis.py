@@ -471,11 +471,15 @@ def _shown(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_receives: int = 5,
-             worker: str = "worker") -> RedisBroker:
+def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids,
+             max_receives: int | None = None, worker: str = "worker",
+             create: bool = True) -> RedisBroker:
     """Connect to ``redis://[user:password@]host:port/db?stream=NAME[&lease=S]``. A bad URL,
     an unknown option or a server that does not answer is :class:`InvalidInput` naming
-    ``field`` and the URL (password hidden), with the reason."""
+    ``field`` and the URL (password hidden), with the reason. ``max_receives=None`` is 5:
+    Redis keeps no delivery limit of its own (the broker counts, the server does not), so
+    there is nothing to open "as it is". ``create=False`` (the operator's commands) creates
+    nothing: a stream that does not exist is refused with "no such stream"."""
     if not isinstance(url, str):
         raise InvalidInput(field, url, "a redis:// URL")
     shown = _shown(url)
@@ -511,7 +515,12 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
         raise InvalidInput(field, shown, f"a redis:// URL redis-py accepts ({exc})") from None
     try:
         client.ping()
-        return RedisBroker(client, clock=clock, ids=ids, max_receives=max_receives,
+        if not create and not client.exists(kw["stream"]):
+            client.close()
+            raise InvalidInput(field, shown, "an existing stream (no such stream: nothing was"
+                                             " created)")
+        return RedisBroker(client, clock=clock, ids=ids,
+                           max_receives=5 if max_receives is None else max_receives,
                            name=worker, **kw)
     except redis.exceptions.AuthenticationError:
         client.close()
