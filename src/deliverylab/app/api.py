@@ -510,11 +510,14 @@ class Store:
                 return
             # SQLite may wait for the lock until the earliest deadline in the batch; on a
             # timeout the orders past theirs are refused and the rest try again.
-            self._wait_at_most(conn, min(j.deadline for j in batch) - now)
             try:
+                self._wait_at_most(conn, min(j.deadline for j in batch) - now)
                 conn.execute("BEGIN IMMEDIATE")
             except STORE_ERRORS as exc:
                 if _timed_out(exc):
+                    continue
+                if isinstance(exc, StoreUnavailable) and retries < MAX_RETRIES:
+                    retries += 1  # a connection found dead: the next try opens a new one
                     continue
                 raise
             committing = False
@@ -528,8 +531,10 @@ class Store:
             except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                if getattr(exc, "sqlstate", None) in PG_RETRY and retries < MAX_RETRIES:
-                    retries += 1  # another API's batch deadlocked with this one: again
+                if retries < MAX_RETRIES and (
+                        getattr(exc, "sqlstate", None) in PG_RETRY  # deadlocked with another
+                        or isinstance(exc, StoreUnavailable) and not committing):  # rolled back
+                    retries += 1  # nothing was written: the whole batch again
                     continue
                 if committing and isinstance(exc, StoreUnavailable):
                     # The COMMIT was sent and its answer lost: it may have committed.
@@ -556,7 +561,8 @@ class Store:
                                      **job.order)
             except Exception as exc:  # noqa: BLE001 - this order's answer, not the batch's
                 state = getattr(exc, "sqlstate", None)
-                if _timed_out(exc) or isinstance(exc, StoreUnavailable) or state in PG_RETRY:
+                if _timed_out(exc) or isinstance(exc, StoreUnavailable) or \
+                        state in (*PG_RETRY, PG_READ_ONLY):
                     raise
                 conn.execute("ROLLBACK TO one_order")
                 conn.execute("RELEASE one_order")
@@ -576,17 +582,46 @@ class Store:
         with self._pool_lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = self._connect()
+            try:
+                conn = self._connect()
+            except InvalidInput as exc:  # the server was there at start: it is away now
+                if not self.postgres:
+                    raise
+                raise pgstore.PgUnavailable(f"PostgreSQL cannot be reached ({exc.expected})"
+                                            ) from None
         try:
             yield conn
+        except StoreUnavailable:
+            # A restart or a failover ends every connection: those waiting in the pool went
+            # with this one. Closed now, so the next read opens a new one at once.
+            with self._pool_lock:
+                idle, self._idle = self._idle, []
+            for other in idle:
+                other.close()
+            raise
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             with self._pool_lock:
                 self._idle.append(conn)
 
+    def read(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, which reads through :meth:`reading`, and once more if the
+        connection it had was found lost: a read changes nothing, so it is safe to repeat, and
+        a server that restarted since the last read answers the second at once."""
+        try:
+            return fn(*args)
+        except StoreUnavailable:
+            return fn(*args)
+
     # -- health -----------------------------------------------------------------------------
     def _check_health(self) -> dict[str, Any]:
+        state = self._probe_once()
+        if state["database"] == "unreachable":  # found lost: a second probe reconnects
+            state = self._probe_once()
+        return state
+
+    def _probe_once(self) -> dict[str, Any]:
         conn = self._prober
         try:
             check_schema(conn)
@@ -902,7 +937,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
     async def get_orders(request: Request) -> dict[str, Any]:
         limit = _query_int(request, "limit", 100, 1, 1000)
         offset = _query_int(request, "offset", 0, 0, 10**12)
-        return await run_in_threadpool(_list, limit, offset)
+        return await run_in_threadpool(store.read, _list, limit, offset)
 
     def _one(order_id: str) -> dict[str, Any] | None:
         with store.reading() as conn, snapshot(conn):
@@ -916,7 +951,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
         # surrogates, and long ids) is not looked up: PostgreSQL's text cannot even hold a
         # NUL. The answer is the one any unknown id gets, on every store.
         possible = len(order_id) <= MAX_ID_LENGTH and first_forbidden(order_id) is None
-        order = await run_in_threadpool(_one, order_id) if possible else None
+        order = await run_in_threadpool(store.read, _one, order_id) if possible else None
         if order is None:
             raise ApiError(404, f"no order {_show(order_id)}", "orderId")
         return {"ok": True, "order": order}
@@ -931,7 +966,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
 
     @app.get("/projection")
     async def get_projection() -> dict[str, Any]:
-        return await run_in_threadpool(_projection)
+        return await run_in_threadpool(store.read, _projection)
 
     def _collect() -> dict[str, Any]:
         with store.reading() as conn:
@@ -939,12 +974,12 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
 
     @app.get("/status")
     async def get_status() -> dict[str, Any]:
-        report = await run_in_threadpool(_collect)
+        report = await run_in_threadpool(store.read, _collect)
         return {**report, "ok": True, "guaranteeHeld": report["ok"]}
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
-        return Response(await run_in_threadpool(_metrics), media_type=metrics.CONTENT_TYPE)
+        return Response(await run_in_threadpool(store.read, _metrics), media_type=metrics.CONTENT_TYPE)
 
     def _metrics() -> bytes:
         with store.reading() as conn:
