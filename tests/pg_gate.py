@@ -70,12 +70,21 @@ class Gate:
         self.port = self.server.sockets[0].getsockname()[1]
 
     def terminate(self) -> int:
-        """End every backend opened through the gate, server side; how many there were."""
+        """End every backend opened through the gate, server side; how many there were.
+        The gate then closes its side of those connections too, as the server's end of
+        each does: the proxy's relaying of that close is not what the tests test."""
         with psycopg.connect(SERVER, autocommit=True) as conn:
-            return len(conn.execute(
+            ended = len(conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE application_name = %s AND pid <> pg_backend_pid()",
                 (self.name,)).fetchall())
+        self._call(self._drop())
+        return ended
+
+    async def _drop(self) -> None:
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
 
     def backends(self) -> int:
         with psycopg.connect(SERVER, autocommit=True) as conn:
@@ -88,14 +97,7 @@ class Gate:
             assert self.server is not None
             self.server.close()
         self._call(stop())
-        ended = self.terminate()
-
-        async def drop() -> None:
-            for w in self.writers:
-                w.close()
-            self.writers.clear()
-        self._call(drop())
-        return ended
+        return self.terminate()
 
     def stop(self) -> None:
         if self.server is not None and self.server.is_serving():
