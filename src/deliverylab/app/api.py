@@ -27,7 +27,12 @@ FastAPI served by uvicorn (``deliverylab api``). What matters for correctness:
   than acknowledged into a file nobody will see again, and ``/health`` says so.
 * **The same on PostgreSQL** (``--db postgresql://…``): one write transaction per batch,
   ``synchronous_commit=on`` for ``full``, a statement timeout for the write budget (a row lock
-  held elsewhere past it is a 503), the same answers and error codes.
+  held elsewhere past it is a 503), the same answers and error codes. A lost connection (a
+  restart, a failover) is opened again by the store, with backoff; meanwhile writes and reads
+  get a 503 and ``/health`` says ``unreachable``. Two API processes on one schema racing for
+  one order id or key answer as one API does (the loser replays the winner's row).
+* **A body gets** :data:`BODY_TIMEOUT_S` **to arrive**, then a 408; a shutdown answers bodies
+  still on their way with a 503 and waits :data:`SHUTDOWN_WAIT_S` at most (:class:`Server`).
 * **With the broker outside the store** (``outbox=True``, ``deliverylab api --broker``), the
   API writes the order and its event to the store's outbox table in one transaction, and
   never talks to the broker: ``deliverylab relay`` publishes the event.
