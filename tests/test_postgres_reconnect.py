@@ -1,20 +1,26 @@
 """A worker and a relay on PostgreSQL whose connections are terminated, or whose server goes
-away for a while: one line, a backoff, a new connection, and on; every order applied once.
+away for a while or crashes and restarts: one line, a backoff, a new connection, and on;
+every order applied once.
 And ``--busy-timeout`` on a PostgreSQL store: a lock held elsewhere past it is exit 2,
 "locked", as on SQLite.
 
 The backends are ended with ``pg_terminate_backend``, the outage made by a gate in front of
-the shared server (``pg_gate``); the server itself is never touched."""
+the shared server (``pg_gate``); the shared server itself is never touched. The restart is of
+a cluster the test makes with ``initdb`` (``pg_cluster``)."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from pg import schema
+from pg_cluster import Cluster
 from pg_gate import Gate
-from test_lab_processes import Proc, cli
+from test_api_postgres import _serve
+from test_lab_processes import Proc, cli, request
 
 from deliverylab.brokers.postgres import PostgresBroker
 from deliverylab.engine import store
@@ -163,3 +169,79 @@ def test_busy_timeout_bounds_the_wait_for_a_lock_on_postgresql(pg_url, command):
     with pgstore.connect(pg_url) as conn:  # nothing was written
         assert conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 2
         assert conn.execute("SELECT count(*) FROM reconciled_events").fetchone()[0] == 0
+
+
+# -- a server of the test's own, restarted ---------------------------------------------------
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.remove()
+
+
+@pytest.mark.slow
+def test_the_api_and_a_worker_through_a_crash_and_restart_of_the_server(cluster, tmp_path):
+    """The lab on a server of its own; the server crashes (``pg_ctl stop -m immediate``) and
+    starts again while clients post and a worker consumes. Neither process is restarted:
+    every answer is a 201 or a 503, every 201 survives, each 503 retried afterwards places its
+    order exactly once, and every order is applied exactly once."""
+    url = pgstore.url_for(cluster.base, "dl_restart")
+    pgstore.init_db(url).close()
+    api, port = _serve(tmp_path, "--db", url, "--no-access-log")
+    worker = Proc(tmp_path / "worker.log", "worker", "--db", url, "--name", "w-1",
+                  "--poll-interval", "0.02", "--backoff-base", "0.05", "--backoff-cap", "0.5")
+    answers: dict[str, list[int]] = {}
+    stop = threading.Event()
+
+    def client(c: int) -> None:
+        i = 0
+        while not stop.is_set():
+            oid = f"c{c}-{i}"
+            status = request("POST", "/orders", {"orderId": oid, "itemId": f"item-{i % 3}",
+                                                 "qty": 1}, port=port, timeout=30)[0]
+            answers.setdefault(oid, []).append(status)
+            i += 1
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
+    try:
+        _until(lambda: "started:" in worker.output())  # a server away at start is exit 2
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        cluster.stop("immediate")  # a crash: no checkpoint, every backend gone at once
+        time.sleep(1.5)
+        cluster.start()
+        time.sleep(3)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        statuses = [s for got in answers.values() for s in got]
+        assert set(statuses) <= {201, 503} and 503 in statuses, statuses
+        assert statuses[-1] == 201  # taken up again with no restart of the API
+        acked = {oid for oid, got in answers.items() if 201 in got}
+        with pgstore.connect(url) as conn:
+            assert acked <= {r[0] for r in conn.execute("SELECT order_id FROM orders")}
+        for oid in sorted(set(answers) - acked):  # the retry finds out, never doubles
+            assert request("POST", "/orders", {"orderId": oid, "itemId": "x", "qty": 1},
+                           port=port)[0] in (200, 201, 422)
+
+        def drained() -> bool:
+            with pgstore.connect(url) as conn:
+                return check(conn).correct == len(answers)
+
+        _until(drained)
+        assert worker.terminate() == 0
+        assert api.terminate() in (0, -signal.SIGTERM)
+    finally:
+        stop.set()
+        worker.stop()
+        api.stop()
+    with pgstore.connect(url) as conn:
+        result = check(conn)
+        assert (result.orders, result.correct, result.duplicated) == (len(answers),) * 2 + (0,)
+    out = worker.log.read_text()
+    assert "database unavailable:" in out and "Traceback" not in out, out[-3000:]
+    assert "Traceback" not in api.log.read_text(), api.log.read_text()[-3000:]
