@@ -4,6 +4,7 @@ away from them and give it back without touching the server itself.
 The gate is a TCP proxy on a port of its own. Every connection through it carries an
 ``application_name`` of its own, so :meth:`Gate.terminate` ends exactly those backends with
 ``pg_terminate_backend``, as a server restart or a failover ends them, and no other test's.
+:meth:`Gate.hold` makes a silent server: requests vanish, connections stay open.
 :meth:`Gate.close` is an outage: the gate stops listening (a connection attempt is refused, as
 when the server is down) and the backends are terminated; :meth:`Gate.open` brings it back on
 the same port.
@@ -33,6 +34,7 @@ class Gate:
         self.thread.start()
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.holding = False
         self.open()
 
     def _call(self, coro):  # noqa: ANN001, ANN202 - a coroutine, its result
@@ -50,17 +52,24 @@ class Gate:
             writer.close()
             return
         self.writers += [writer, up_writer]
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer),
-                             return_exceptions=True)
+        await asyncio.gather(self._pump(reader, up_writer, holdable=True),
+                             self._pump(up_reader, writer), return_exceptions=True)
         for w in (writer, up_writer):
             w.close()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                    holdable: bool = False) -> None:
         while data := await reader.read(65536):
+            if holdable and self.holding:
+                continue  # dropped: the server never hears it, the client is not told
             writer.write(data)
             await writer.drain()
         writer.close()
+
+    def hold(self, on: bool = True) -> None:
+        """A silent server: from now on what the clients send is dropped, their connections
+        stay open, and nothing comes back (``hold(False)`` ends it)."""
+        self.holding = on
 
     def open(self) -> None:
         async def start() -> asyncio.Server:

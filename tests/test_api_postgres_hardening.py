@@ -423,3 +423,39 @@ def test_the_api_process_stops_quietly_with_slow_clients(pg_url, tmp_path):
         api.stop()
     out = api.log.read_text()
     assert "CancelledError" not in out and "Traceback" not in out and "ERROR" not in out, out
+
+
+@pytest.mark.slow
+def test_a_server_gone_silent_is_a_503_in_bounded_time_and_the_api_recovers(pg_url, gate):
+    """The server stops answering, its connections open (a silent network): a write is
+    answered 503 at its budget plus STUCK_S, saying it may or may not be written; /health
+    does not hang; once the server answers again, writes succeed with no restart."""
+    from deliverylab.app.api import STUCK_S
+
+    with TestClient(create_app(gate.url(pg_url), write_budget=0.5)) as client:
+        assert post(client, {"orderId": "o-1", "itemId": "tea", "qty": 1}).status_code == 201
+        gate.hold()
+        t = time.monotonic()
+        got: list = []
+        sender = threading.Thread(target=lambda: got.append(
+            post(client, {"orderId": "o-2", "itemId": "tea", "qty": 1})), daemon=True)
+        sender.start()
+        sender.join(10)
+        assert got, "the POST to a silent server was not answered in 10 s"
+        r, took = got[0], time.monotonic() - t
+        assert r.status_code == 503 and "did not answer" in r.json()["error"], r.text
+        assert "may or may not be written" in r.json()["error"]
+        assert took < 0.5 + STUCK_S + 1, took
+        t = time.monotonic()
+        assert client.get("/health").json()["writable"] is False
+        assert time.monotonic() - t < 2
+        gate.hold(False)
+        deadline, status = time.monotonic() + 30, 0
+        while status != 201 and time.monotonic() < deadline:
+            status = post(client, {"orderId": "o-3", "itemId": "tea", "qty": 1}).status_code
+        assert status == 201
+        deadline = time.monotonic() + 30
+        while client.get("/health").json()["writable"] is not True:
+            assert time.monotonic() < deadline, client.get("/health").json()
+            time.sleep(0.2)
+    assert set(orders_in(pg_url)) == {"o-1", "o-3"}  # o-2 never reached the server

@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -58,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -114,6 +116,9 @@ ORDER_FIELDS = ("orderId", "itemId", "qty")
 # writes included, before it is answered 503: long enough for any healthy commit (milliseconds,
 # a checkpoint tens of them), short enough that a client retries instead of hanging on.
 WRITE_BUDGET_S = 3.0
+# A write whose thread has not answered this long after its budget is answered 503 anyway: the
+# server went silent (its statement timeout enforces the budget only while it answers).
+STUCK_S = 2.0
 RETRY_AFTER_S = 1
 # At most this many orders share one commit (see Store._write_batch).
 MAX_BATCH = 64
@@ -336,6 +341,19 @@ def _timed_out(exc: BaseException) -> bool:
     return is_busy(exc) or getattr(exc, "sqlstate", None) in PG_TIMEOUTS
 
 
+def _shut_down(conn: Any) -> bool:
+    """Shut the socket of a PostgreSQL connection down, under whatever thread waits on it
+    (``shutdown`` acts on the socket itself): that wait ends as a lost connection, and the
+    store opens a new one for the next statement. False when there was no socket left."""
+    try:
+        fd = conn.raw.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        return False
+    return True
+
+
 class Store:
     """The database side of the API: a SQLite file, or a PostgreSQL schema (a
     ``postgresql://`` URL, see ``engine/store_postgres.py``).
@@ -386,6 +404,7 @@ class Store:
         self._prober = self._connect(busy_timeout=HEALTH_LOCK_WAIT_S)
         self._probes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-health")
         self._probe: Future[dict[str, Any]] | None = None
+        self._probe_started = 0.0
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
 
@@ -456,7 +475,25 @@ class Store:
             self._jobs.append(job)
             self.accepted += 1
         self._writes.submit(self._write_batch)
-        return await asyncio.wrap_future(job.done)
+        answer = asyncio.wrap_future(job.done)
+        try:  # shielded: the write thread still settles the job when it can
+            return await asyncio.wait_for(asyncio.shield(answer), self.write_budget + STUCK_S)
+        except TimeoutError:
+            self._unstick()
+            raise WriteRefused(
+                f"the database did not answer within {self.write_budget + STUCK_S:g} s (a"
+                " server or a network that went silent): the order may or may not be"
+                " written; send the same request again (with its orderId or"
+                " Idempotency-Key) to learn which") from None
+
+    def _unstick(self) -> None:
+        """The write thread waits on a server that does not answer, past every timeout the
+        server itself would enforce: shut its connection's socket down (``shutdown`` acts on
+        the socket the thread waits on), so the wait ends as a lost connection, and the next
+        write opens a new one. SQLite's waits are bounded by its busy timeout: nothing to do."""
+        if self.postgres and _shut_down(self._writer):
+            log.warning("the database did not answer a write in time: its connection was"
+                        " shut down, the next write opens a new one")
 
     def _refuse(self, jobs: list[_Write], exc: BaseException) -> None:
         for job in jobs:
@@ -679,6 +716,9 @@ class Store:
         with self._pool_lock:
             if self._probe is None or self._probe.done():
                 self._probe = self._probes.submit(self._check_health)
+                self._probe_started = time.monotonic()
+            elif self.postgres and time.monotonic() - self._probe_started > STUCK_S:
+                _shut_down(self._prober)  # a silent server: end the wait, probe anew
             probe = self._probe
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(probe)),
@@ -688,6 +728,9 @@ class Store:
                     "synchronous": self.synchronous}
 
     def close(self) -> None:
+        if self.postgres:  # a thread waiting on a silent server would hold the exit up
+            for conn in (self._writer, self._prober):
+                _shut_down(conn)
         self._writes.shutdown(wait=True)
         self._probes.shutdown(wait=True)
         with self._pool_lock:
