@@ -27,7 +27,12 @@ FastAPI served by uvicorn (``deliverylab api``). What matters for correctness:
   than acknowledged into a file nobody will see again, and ``/health`` says so.
 * **The same on PostgreSQL** (``--db postgresql://…``): one write transaction per batch,
   ``synchronous_commit=on`` for ``full``, a statement timeout for the write budget (a row lock
-  held elsewhere past it is a 503), the same answers and error codes.
+  held elsewhere past it is a 503), the same answers and error codes. A lost connection (a
+  restart, a failover) is opened again by the store, with backoff; meanwhile writes and reads
+  get a 503 and ``/health`` says ``unreachable``. Two API processes on one schema racing for
+  one order id or key answer as one API does (the loser replays the winner's row).
+* **A body gets** :data:`BODY_TIMEOUT_S` **to arrive**, then a 408; a shutdown answers bodies
+  still on their way with a 503 and waits :data:`SHUTDOWN_WAIT_S` at most (:class:`Server`).
 * **With the broker outside the store** (``outbox=True``, ``deliverylab api --broker``), the
   API writes the order and its event to the store's outbox table in one transaction, and
   never talks to the broker: ``deliverylab relay`` publishes the event.
@@ -42,6 +47,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -53,6 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -69,12 +77,21 @@ from ..engine.errors import (
     STORE_ERRORS,
     InvalidInput,
     OrderConflict,
+    StoreUnavailable,
     check_id,
     check_int,
     check_number,
+    first_forbidden,
 )
 from ..engine.ids import Ids
-from ..engine.orders import MAX_KEY_LENGTH, PlacedOrder, list_orders, place_order, validate_order
+from ..engine.orders import (
+    MAX_ID_LENGTH,
+    MAX_KEY_LENGTH,
+    PlacedOrder,
+    list_orders,
+    place_order,
+    validate_order,
+)
 from ..engine.store import (
     SYNCHRONOUS_LEVELS,
     check_schema,
@@ -87,11 +104,21 @@ from . import metrics
 from .status import collect, order_view, snapshot
 
 MAX_BODY_BYTES = 64 * 1024
+# How long a request's body may take to arrive once its headers have: far more than any
+# client needs for 64 KiB, far less than the time a slow or stalled client could otherwise
+# hold a request open for. A body late past it is a 408.
+BODY_TIMEOUT_S = 10.0
+# How long ``deliverylab api`` waits, once told to stop, for the requests in progress: a
+# write is answered within WRITE_BUDGET_S, a body still on its way gets a 503 at once.
+SHUTDOWN_WAIT_S = 5.0
 ORDER_FIELDS = ("orderId", "itemId", "qty")
 # How long a write may take from the request's arrival, queueing behind this process's earlier
 # writes included, before it is answered 503: long enough for any healthy commit (milliseconds,
 # a checkpoint tens of them), short enough that a client retries instead of hanging on.
 WRITE_BUDGET_S = 3.0
+# A write whose thread has not answered this long after its budget is answered 503 anyway: the
+# server went silent (its statement timeout enforces the budget only while it answers).
+STUCK_S = 2.0
 RETRY_AFTER_S = 1
 # At most this many orders share one commit (see Store._write_batch).
 MAX_BATCH = 64
@@ -301,12 +328,30 @@ def _identity(path: str) -> tuple[int, int] | None:
 PG_SYNCHRONOUS = {"FULL": "on", "NORMAL": "off"}
 # PostgreSQL's codes for a statement cut short by its timeout or a lock it could not get.
 PG_TIMEOUTS = ("57014", "55P03")
+# A unique index another transaction filled first (two API processes on one schema placing
+# the same order id or key at once); a deadlock or serialization failure between two batches,
+# which PostgreSQL resolves by aborting one; a write refused by a read-only server.
+PG_UNIQUE, PG_RETRY, PG_READ_ONLY = "23505", ("40P01", "40001"), "25006"
+MAX_RETRIES = 3
 
 
 def _timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is the store giving up on a lock or a time budget: SQLite's busy
     timeout, or PostgreSQL's ``statement_timeout`` / ``lock_timeout``."""
     return is_busy(exc) or getattr(exc, "sqlstate", None) in PG_TIMEOUTS
+
+
+def _shut_down(conn: Any) -> bool:
+    """Shut the socket of a PostgreSQL connection down, under whatever thread waits on it
+    (``shutdown`` acts on the socket itself): that wait ends as a lost connection, and the
+    store opens a new one for the next statement. False when there was no socket left."""
+    try:
+        fd = conn.raw.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        return False
+    return True
 
 
 class Store:
@@ -359,6 +404,7 @@ class Store:
         self._prober = self._connect(busy_timeout=HEALTH_LOCK_WAIT_S)
         self._probes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-health")
         self._probe: Future[dict[str, Any]] | None = None
+        self._probe_started = 0.0
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
 
@@ -368,9 +414,10 @@ class Store:
         """A connection to the store, with the commit durability asked for."""
         if self.postgres:
             conn = pgstore.connect(self.path)
-            conn.execute(f"SET synchronous_commit = {PG_SYNCHRONOUS[synchronous]}")
+            # Session settings made with set() are made again when the connection is.
+            conn.set("synchronous_commit", PG_SYNCHRONOUS[synchronous])
             if busy_timeout is not None:
-                conn.execute(f"SET lock_timeout = {max(1, int(busy_timeout * 1000))}")
+                conn.set("lock_timeout", max(1, int(busy_timeout * 1000)))
             return conn
         if busy_timeout is None:
             return connect(self.path, synchronous=synchronous)
@@ -380,8 +427,10 @@ class Store:
         """Bound the next write: SQLite's busy timeout, or on PostgreSQL a statement timeout
         (row locks are waited for statement by statement; each is cut off at the bound)."""
         ms = max(1, int(seconds * 1000))
-        conn.execute(f"SET statement_timeout = {ms}" if self.postgres
-                     else f"PRAGMA busy_timeout = {ms}")
+        if self.postgres:
+            conn.set("statement_timeout", ms)
+        else:
+            conn.execute(f"PRAGMA busy_timeout = {ms}")
 
     def file_state(self) -> str:
         """``ok``, ``deleted`` (nothing at the path: writes would go to a file that vanishes
@@ -426,7 +475,25 @@ class Store:
             self._jobs.append(job)
             self.accepted += 1
         self._writes.submit(self._write_batch)
-        return await asyncio.wrap_future(job.done)
+        answer = asyncio.wrap_future(job.done)
+        try:  # shielded: the write thread still settles the job when it can
+            return await asyncio.wait_for(asyncio.shield(answer), self.write_budget + STUCK_S)
+        except TimeoutError:
+            self._unstick()
+            raise WriteRefused(
+                f"the database did not answer within {self.write_budget + STUCK_S:g} s (a"
+                " server or a network that went silent): the order may or may not be"
+                " written; send the same request again (with its orderId or"
+                " Idempotency-Key) to learn which") from None
+
+    def _unstick(self) -> None:
+        """The write thread waits on a server that does not answer, past every timeout the
+        server itself would enforce: shut its connection's socket down (``shutdown`` acts on
+        the socket the thread waits on), so the wait ends as a lost connection, and the next
+        write opens a new one. SQLite's waits are bounded by its busy timeout: nothing to do."""
+        if self.postgres and _shut_down(self._writer):
+            log.warning("the database did not answer a write in time: its connection was"
+                        " shut down, the next write opens a new one")
 
     def _refuse(self, jobs: list[_Write], exc: BaseException) -> None:
         for job in jobs:
@@ -438,17 +505,45 @@ class Store:
         Group commit, as PostgreSQL does: with ``synchronous=FULL`` each commit waits for an
         fsync, so the orders that queued up during one fsync share the next one. Each order
         runs inside a savepoint, so a conflict or a bad order rolls back that order alone;
-        each gets its own answer only after the commit that made it durable."""
+        each gets its own answer only after the commit that made it durable. Whatever
+        happens, every order taken here gets an answer: a request never waits forever."""
         with self._jobs_lock:
             batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), MAX_BATCH))]
+        try:
+            self._commit(list(batch))
+        except BaseException as exc:  # noqa: BLE001 - handed to each order's request
+            refusal = self._refusal(exc)
+            for job in batch:
+                if not job.done.done():
+                    job.done.set_exception(refusal)
+
+    def _busy(self) -> WriteRefused:
+        return WriteRefused(f"the database stayed busy for {self.write_budget:g} s (another"
+                            " process holds the write lock, or this request queued behind"
+                            " earlier ones); nothing was written, retry the same request")
+
+    def _refusal(self, exc: BaseException) -> BaseException:
+        """What a request whose write failed with ``exc`` is told: a :class:`WriteRefused`
+        (503) when the database could not take it, else ``exc`` itself."""
+        if isinstance(exc, StoreUnavailable):
+            return WriteRefused(f"the database cannot be reached ({exc}); nothing was written,"
+                                " retry the same request: the API reconnects by itself")
+        if _timed_out(exc):  # a lock held past the budget: nothing written, retry
+            return WriteRefused(f"the database stayed busy for {self.write_budget:g} s (a"
+                                " lock held by another connection); nothing was written,"
+                                " retry the same request")
+        if getattr(exc, "sqlstate", None) == PG_READ_ONLY:
+            return WriteRefused("the database accepts no writes (a read-only server, such as"
+                                " a standby); nothing was written, retry the same request")
+        return exc
+
+    def _commit(self, batch: list[_Write]) -> None:
         conn = self._writer
+        retries = 0
         while batch:
             now = time.monotonic()
             late = [j for j in batch if j.deadline <= now]
-            self._refuse(late, WriteRefused(
-                f"the database stayed busy for {self.write_budget:g} s (another process holds"
-                " the write lock, or this request queued behind earlier ones); nothing was"
-                " written, retry the same request"))
+            self._refuse(late, self._busy())
             batch = [j for j in batch if j.deadline > now]
             if not batch:
                 return
@@ -457,48 +552,71 @@ class Store:
                 return
             # SQLite may wait for the lock until the earliest deadline in the batch; on a
             # timeout the orders past theirs are refused and the rest try again.
-            wait = min(j.deadline for j in batch) - now
-            self._wait_at_most(conn, wait)
             try:
+                self._wait_at_most(conn, min(j.deadline for j in batch) - now)
                 conn.execute("BEGIN IMMEDIATE")
             except STORE_ERRORS as exc:
                 if _timed_out(exc):
                     continue
-                self._refuse(batch, exc)
-                return
-            break
-        outcomes: list[tuple[_Write, PlacedOrder | BaseException]] = []
-        try:
-            for job in batch:
-                conn.execute("SAVEPOINT one_order")
-                try:
-                    outcome: PlacedOrder | BaseException = place_order(
-                        self.queue, store=conn, clock=self.clock, ids=self.ids, **job.order)
-                except Exception as exc:  # noqa: BLE001 - this order's answer, not the batch's
-                    if _timed_out(exc):  # PostgreSQL: a lock held past the budget, the batch's
-                        raise
-                    conn.execute("ROLLBACK TO one_order")
-                    outcome = exc
-                conn.execute("RELEASE one_order")
-                outcomes.append((job, outcome))
-            if self.file_state() != "ok":  # deleted while we wrote: acknowledge nothing
-                raise self._file_gone()
-            conn.execute("COMMIT")
-            self.commits += 1
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if _timed_out(exc):  # a lock held past the budget: nothing written, retry
-                exc = WriteRefused(f"the database stayed busy for {self.write_budget:g} s"
-                                   " (a lock held by another connection); nothing was"
-                                   " written, retry the same request")
-            self._refuse(batch, exc)
+                if isinstance(exc, StoreUnavailable) and retries < MAX_RETRIES:
+                    retries += 1  # a connection found dead: the next try opens a new one
+                    continue
+                raise
+            committing = False
+            try:
+                outcomes = [(job, self._place_one(conn, job)) for job in batch]
+                if self.file_state() != "ok":  # deleted while we wrote: acknowledge nothing
+                    raise self._file_gone()
+                committing = True
+                conn.execute("COMMIT")
+                self.commits += 1
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if retries < MAX_RETRIES and (
+                        getattr(exc, "sqlstate", None) in PG_RETRY  # deadlocked with another
+                        or isinstance(exc, StoreUnavailable) and not committing):  # rolled back
+                    retries += 1  # nothing was written: the whole batch again
+                    continue
+                if committing and isinstance(exc, StoreUnavailable):
+                    # The COMMIT was sent and its answer lost: it may have committed.
+                    raise WriteRefused(
+                        f"the connection to the database was lost while committing ({exc}):"
+                        " the order may or may not be written; send the same request again"
+                        " (with its orderId or Idempotency-Key) to learn which") from None
+                raise
+            for job, outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    job.done.set_exception(outcome)
+                else:
+                    job.done.set_result(outcome)
             return
-        for job, outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                job.done.set_exception(outcome)
-            else:
-                job.done.set_result(outcome)
+
+    def _place_one(self, conn: Any, job: _Write) -> PlacedOrder | BaseException:
+        """One order of the batch, under its own savepoint: what it placed, or the error that
+        is its answer alone (a conflict, a bad order). What the whole batch must give up on
+        (a lock past the budget, a lost connection, a deadlock) is raised."""
+        for attempt in range(MAX_RETRIES + 1):
+            conn.execute("SAVEPOINT one_order")
+            try:
+                placed = place_order(self.queue, store=conn, clock=self.clock, ids=self.ids,
+                                     **job.order)
+            except Exception as exc:  # noqa: BLE001 - this order's answer, not the batch's
+                state = getattr(exc, "sqlstate", None)
+                if _timed_out(exc) or isinstance(exc, StoreUnavailable) or \
+                        state in (*PG_RETRY, PG_READ_ONLY):
+                    raise
+                conn.execute("ROLLBACK TO one_order")
+                conn.execute("RELEASE one_order")
+                if state == PG_UNIQUE and attempt < MAX_RETRIES:
+                    # Another API process on the same schema committed this order id or key
+                    # after this one looked: it is committed now, so placing again reads it
+                    # and answers as one API would (a replay, or a 422).
+                    continue
+                return exc
+            conn.execute("RELEASE one_order")
+            return placed
+        raise AssertionError("unreachable")
 
     # -- reads ------------------------------------------------------------------------------
     @contextmanager
@@ -506,32 +624,91 @@ class Store:
         with self._pool_lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = self._connect()
+            try:
+                conn = self._connect()
+            except InvalidInput as exc:  # the server was there at start: it is away now
+                if not self.postgres:
+                    raise
+                raise pgstore.PgUnavailable(f"PostgreSQL cannot be reached ({exc.expected})"
+                                            ) from None
         try:
             yield conn
+        except StoreUnavailable:
+            # A restart or a failover ends every connection: those waiting in the pool went
+            # with this one. Closed now, so the next read opens a new one at once.
+            with self._pool_lock:
+                idle, self._idle = self._idle, []
+            for other in idle:
+                other.close()
+            raise
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             with self._pool_lock:
                 self._idle.append(conn)
 
+    def read(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, which reads through :meth:`reading`, and once more if the
+        connection it had was found lost: a read changes nothing, so it is safe to repeat, and
+        a server that restarted since the last read answers the second at once."""
+        try:
+            return fn(*args)
+        except StoreUnavailable:
+            return fn(*args)
+
     # -- health -----------------------------------------------------------------------------
     def _check_health(self) -> dict[str, Any]:
+        state = self._probe_once()
+        if state["database"] == "unreachable":  # found lost: a second probe reconnects
+            state = self._probe_once()
+        return state
+
+    def _probe_once(self) -> dict[str, Any]:
         conn = self._prober
-        check_schema(conn)
-        orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
-        state = self.file_state()
-        if state == "ok" and not self.postgres:  # PostgreSQL locks rows, not the database
-            try:  # Can a write start now? Take the write lock and give it back at once.
-                conn.execute("BEGIN IMMEDIATE")
+        try:
+            check_schema(conn)
+            orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+            state = self.file_state()
+            if state == "ok":
+                state = self._can_write(conn)
+        except StoreUnavailable:
+            if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                state = "locked"
+            return {"database": "unreachable", "writable": False,
+                    "synchronous": self.synchronous}
+        except STORE_ERRORS as exc:  # even a read waited past the probe's lock timeout
+            if not _timed_out(exc):
+                raise
+            return {"database": "locked", "writable": False, "synchronous": self.synchronous}
         return {"database": state, "writable": state == "ok", "orders": orders,
                 "synchronous": self.synchronous,
                 "events": "outbox" if self.outbox else "queue table"}
+
+    def _can_write(self, conn: Any) -> str:
+        """What a write would meet now: ``ok``, ``locked`` or (PostgreSQL) ``read-only``.
+        SQLite: take the write lock and give it back at once. PostgreSQL locks rows, and
+        tables: take, in a transaction rolled back at once, the lock an order's INSERTs take
+        on each table they write (ROW EXCLUSIVE), waiting no longer than the probe's
+        lock_timeout; a ``LOCK TABLE`` or a schema change elsewhere holds it up as it would
+        hold up the write. A server that takes no writes (a standby) is ``read-only``."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if self.postgres:
+                if conn.execute("SHOW transaction_read_only").fetchone()[0] == "on":
+                    conn.execute("ROLLBACK")
+                    return "read-only"
+                events = "outbox" if self.outbox else "queue_messages"
+                conn.execute(f"LOCK TABLE orders, idempotency_keys, {events}"
+                             " IN ROW EXCLUSIVE MODE")
+            conn.execute("ROLLBACK")
+        except STORE_ERRORS as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if not _timed_out(exc) and not (isinstance(exc, sqlite3.OperationalError) and (
+                    "locked" in str(exc) or "busy" in str(exc))):
+                raise
+            return "locked"
+        return "ok"
 
     async def health(self) -> dict[str, Any]:
         """The database's state, from one probe shared by every caller that arrives while it
@@ -539,6 +716,9 @@ class Store:
         with self._pool_lock:
             if self._probe is None or self._probe.done():
                 self._probe = self._probes.submit(self._check_health)
+                self._probe_started = time.monotonic()
+            elif self.postgres and time.monotonic() - self._probe_started > STUCK_S:
+                _shut_down(self._prober)  # a silent server: end the wait, probe anew
             probe = self._probe
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(probe)),
@@ -548,6 +728,9 @@ class Store:
                     "synchronous": self.synchronous}
 
     def close(self) -> None:
+        if self.postgres:  # a thread waiting on a silent server would hold the exit up
+            for conn in (self._writer, self._prober):
+                _shut_down(conn)
         self._writes.shutdown(wait=True)
         self._probes.shutdown(wait=True)
         with self._pool_lock:
@@ -558,18 +741,49 @@ class Store:
         self._prober.close()
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refusing more than ``limit`` bytes whatever Content-Length claims."""
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES,
+                    timeout: float = BODY_TIMEOUT_S,
+                    stopping: asyncio.Event | None = None) -> bytes:
+    """The request body, refusing more than ``limit`` bytes whatever Content-Length claims.
+
+    The whole body must arrive within ``timeout`` seconds of the handler asking for it: a
+    client that sends its headers, then the body a byte at a time or not at all, gets a 408
+    and the connection is closed, instead of holding a request open for as long as it
+    likes. When the server starts shutting down (``stopping`` is set), a body still on its
+    way gets a 503 at once: nothing was written, the client retries elsewhere or later."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"body is {int(declared)} bytes; the limit is {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def pull() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    reader = asyncio.ensure_future(pull())
+    waiters: set[asyncio.Future[Any]] = {reader}
+    stop = None if stopping is None else asyncio.ensure_future(stopping.wait())
+    if stop is not None:
+        waiters.add(stop)
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if reader in done:
+        return reader.result()
+    close = {"Connection": "close"}
+    if stop is not None and stop in done:
+        raise ApiError(503, "the server is shutting down and this request's body had not"
+                            " arrived; nothing was written, retry the same request",
+                       headers={**close, "Retry-After": str(RETRY_AFTER_S)})
+    raise ApiError(408, f"the body did not arrive within {timeout:g} s of the request's"
+                        f" headers; nothing was written", headers=close)
 
 
 def _require_json(request: Request) -> None:
@@ -649,7 +863,8 @@ def _from_env(name: str) -> str | None:
 
 def create_app(db_path: str | Path, *, synchronous: str | None = None,
                allowed_hosts: Iterable[str] | None = None,
-               write_budget: float = WRITE_BUDGET_S, outbox: bool = False) -> FastAPI:
+               write_budget: float = WRITE_BUDGET_S, outbox: bool = False,
+               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The API over the database at ``db_path`` (a SQLite file, or a PostgreSQL schema as a
     ``postgresql://`` URL), which must exist (``deliverylab init-db``).
 
@@ -662,6 +877,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
     ``allowed_hosts``: names accepted in ``Host`` besides 127.0.0.1, localhost and [::1],
     and those in ``$DELIVERYLAB_ALLOWED_HOSTS`` (comma-separated).
     ``write_budget``: seconds a write may take from the request's arrival before a 503.
+    ``body_timeout``: seconds a request's body may take to arrive before a 408.
     """
     if synchronous is None:
         env = _from_env(SYNCHRONOUS_ENV)
@@ -673,6 +889,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
                                 ALLOWED_HOSTS_ENV)
     extra += check_allowed_hosts(allowed_hosts or ())
     write_budget = check_number("write_budget", write_budget, minimum=0.001, maximum=60)
+    body_timeout = check_number("body_timeout", body_timeout, minimum=0.001, maximum=3600)
     if not isinstance(outbox, bool):
         raise InvalidInput("outbox", outbox, "True or False")
     store = Store(db_path, synchronous=synchronous, write_budget=write_budget, outbox=outbox)
@@ -686,6 +903,8 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
                   docs_url=None, redoc_url=None, openapi_url=None,
                   default_response_class=SafeJSONResponse)
     app.state.store = store
+    # Set by Server when a shutdown begins: bodies still on their way are answered at once.
+    app.state.stopping = asyncio.Event()
     app.add_middleware(HostCheck, allowed=tuple(dict.fromkeys(LOCAL_HOSTS + extra)))
 
     @app.exception_handler(ApiError)
@@ -709,6 +928,13 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
         return SafeJSONResponse({"ok": False, "error": error}, status_code=exc.status_code,
                                 headers=exc.headers)
 
+    @app.exception_handler(StoreUnavailable)
+    async def unreachable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return SafeJSONResponse({"ok": False, "error": f"the database cannot be reached"
+                                 f" ({_escape(str(exc))}); retry later: the API reconnects by"
+                                 f" itself"}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # The client learns only that it failed: an exception's text can hold a server path,
@@ -720,7 +946,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
     @app.post("/orders")
     async def post_order(request: Request) -> JSONResponse:
         _require_json(request)
-        raw = await read_body(request)
+        raw = await read_body(request, timeout=body_timeout, stopping=app.state.stopping)
         order = parse_order_body(raw)
         key = parse_idempotency_key(request.headers.get("idempotency-key"))
         with store.key_in_flight(key):
@@ -759,7 +985,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
     async def get_orders(request: Request) -> dict[str, Any]:
         limit = _query_int(request, "limit", 100, 1, 1000)
         offset = _query_int(request, "offset", 0, 0, 10**12)
-        return await run_in_threadpool(_list, limit, offset)
+        return await run_in_threadpool(store.read, _list, limit, offset)
 
     def _one(order_id: str) -> dict[str, Any] | None:
         with store.reading() as conn, snapshot(conn):
@@ -769,7 +995,11 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
 
     @app.get("/orders/{order_id:path}")
     async def get_order(order_id: str) -> dict[str, Any]:
-        order = await run_in_threadpool(_one, order_id)
+        # An id no order can have (POST refuses control and invisible characters, lone
+        # surrogates, and long ids) is not looked up: PostgreSQL's text cannot even hold a
+        # NUL. The answer is the one any unknown id gets, on every store.
+        possible = len(order_id) <= MAX_ID_LENGTH and first_forbidden(order_id) is None
+        order = await run_in_threadpool(store.read, _one, order_id) if possible else None
         if order is None:
             raise ApiError(404, f"no order {_show(order_id)}", "orderId")
         return {"ok": True, "order": order}
@@ -784,7 +1014,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
 
     @app.get("/projection")
     async def get_projection() -> dict[str, Any]:
-        return await run_in_threadpool(_projection)
+        return await run_in_threadpool(store.read, _projection)
 
     def _collect() -> dict[str, Any]:
         with store.reading() as conn:
@@ -792,12 +1022,12 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
 
     @app.get("/status")
     async def get_status() -> dict[str, Any]:
-        report = await run_in_threadpool(_collect)
+        report = await run_in_threadpool(store.read, _collect)
         return {**report, "ok": True, "guaranteeHeld": report["ok"]}
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
-        return Response(await run_in_threadpool(_metrics), media_type=metrics.CONTENT_TYPE)
+        return Response(await run_in_threadpool(store.read, _metrics), media_type=metrics.CONTENT_TYPE)
 
     def _metrics() -> bytes:
         with store.reading() as conn:
@@ -813,9 +1043,52 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
                               " the API",
                    "replaced": "the database file was replaced: writes are refused, restart"
                                " the API",
-                   "unresponsive": "the database did not answer in time"}[state["database"]]
+                   "unresponsive": "the database did not answer in time",
+                   "unreachable": "the database cannot be reached: writes get a 503 until it"
+                                  " is back; the API reconnects by itself",
+                   "read-only": "the database accepts no writes (a read-only server, such as"
+                                " a standby): writes get a 503"}[state["database"]]
         return SafeJSONResponse({"ok": False, "version": __version__, "error": problem,
                                  **state}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
 
     return app
+
+
+class _QuietOnCancel:
+    """The outermost layer of the served app: a request still running when the shutdown wait
+    ran out is cancelled by uvicorn, which says so in one line ("Cancel N running task(s)");
+    its cancellation ends here, instead of one "Exception in ASGI application" traceback per
+    request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] != "http":
+                raise
+            log.debug("request %s %s cut off by the shutdown", scope.get("method"),
+                      scope.get("path"))
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, shutting down quietly and within a bound: once told to stop, it
+    stops accepting, answers every request whose body is still on its way with a 503
+    (nothing written), lets the others finish (a write is answered within its budget), and
+    after ``timeout_graceful_shutdown`` cuts off what is left with one line, not a traceback
+    per request."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self.app = config.app
+        if not config.loaded:
+            config.app = _QuietOnCancel(config.app)
+        super().__init__(config)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        stopping = getattr(getattr(self.app, "state", None), "stopping", None)
+        if stopping is not None:
+            stopping.set()
+        await super().shutdown(sockets)

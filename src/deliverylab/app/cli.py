@@ -279,7 +279,11 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
     if url is not None:  # a PostgreSQL schema: a bad URL or no server is InvalidInput, exit 2
         from ..engine.store_postgres import connect as pg_connect
 
-        return pg_connect(url, field=_where(args))  # type: ignore[return-value]
+        conn = pg_connect(url, field=_where(args))
+        # --busy-timeout is PostgreSQL's lock_timeout: a lock held elsewhere past it ends the
+        # statement with "lock not available", which exits 2 "locked", as on SQLite.
+        conn.set("lock_timeout", max(1, int(_busy_timeout(args) * 1000)))
+        return conn  # type: ignore[return-value]
     path = db_path(args)
     init = f"deliverylab init-db{'' if args.db is None else ' --db ' + str(path)}"
     if not path.exists():
@@ -426,7 +430,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         conn.close()
     import uvicorn
 
-    from .api import check_allowed_hosts, create_app
+    from .api import SHUTDOWN_WAIT_S, Server, check_allowed_hosts, create_app
 
     try:
         hosts = check_allowed_hosts(args.allowed_host, "--allowed-host")
@@ -439,13 +443,13 @@ def cmd_api(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     sock = listen(args.host, args.port)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=SHUTDOWN_WAIT_S)
     events = (f"; events to its outbox: run 'deliverylab relay --broker"
               f" {hide_secrets(args.broker)}'"
               if outbox else "")
     print(safe_text(f"deliverylab API on http://{args.host}:{args.port}  (database"
                     f" {db_label(args)}{events}; Ctrl-C to stop)"), flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])  # quiet, bounded shutdown (see api.Server)
     return 0
 
 

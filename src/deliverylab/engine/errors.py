@@ -23,6 +23,15 @@ class StoreError(Exception):
     as the handler's own) from a handler failure by catching :data:`STORE_ERRORS`."""
 
 
+class StoreUnavailable(StoreError):
+    """The store's database cannot be reached: its connection was terminated (a server
+    restarting, a failover, an administrator) or cannot be opened again yet. The statement
+    did not run; a transaction that was open when the connection went is gone (rolled back by
+    the server), except a ``COMMIT`` whose answer was lost, which may have committed. The
+    connection reconnects on a later statement, with backoff; a worker or a relay says so in
+    one line, backs off and carries on, and the API answers 503."""
+
+
 # What a store's database raises: sqlite3's errors, and every other driver's as StoreError.
 STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, StoreError)
 

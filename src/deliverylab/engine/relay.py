@@ -46,6 +46,7 @@ from .errors import (
     BrokerUnavailable,
     InvalidInput,
     SimulatedCrash,
+    StoreUnavailable,
     check_id,
     check_int,
     check_number,
@@ -82,6 +83,7 @@ class RelayStats:
     marked: int = 0
     crashed: int = 0
     broker_waits: int = 0
+    store_waits: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -128,6 +130,7 @@ class Relay:
         self.stats = RelayStats()
         self._stopping = False
         self._broker_streak = 0  # broker waits in a row: the exponent of the next backoff
+        self._store_streak = 0  # store waits in a row: the same, for a database
 
     def _say(self, words: str) -> None:
         if self.echo is not None:
@@ -210,7 +213,10 @@ class Relay:
             except BrokerUnavailable as exc:
                 self.wait_for_broker(exc)
                 continue
-            self._broker_streak = 0
+            except StoreUnavailable as exc:
+                self.wait_for_store(exc)
+                continue
+            self._broker_streak = self._store_streak = 0
             if took == 0:
                 self.clock.sleep(poll_interval)
         return self.stats
@@ -226,6 +232,28 @@ class Relay:
                                     event_id=f"broker|{self.name}|{self.stats.broker_waits}")
         self._say(f"{exc} (nothing marked: the rows are published again) → retry in"
                   f" {delay:.3f}s (wait {self._broker_streak} in a row)")
+        left = delay
+        while left > 0 and not self._stopping:
+            self.clock.sleep(min(0.1, left))
+            left -= 0.1
+
+    def wait_for_store(self, exc: StoreUnavailable) -> None:
+        """A database's connection was lost, or cannot be opened again yet (a PostgreSQL
+        server restarting or failing over, a backend terminated): as for the broker, one
+        line, a backoff, and another step; the connection reopens itself. The rows taken but
+        not marked are published again: the broker's dedup, then the workers' inbox, take
+        the duplicate."""
+        for conn in {id(c): c for c in (self.conn, getattr(self.broker, "conn", None))
+                     if c is not None}.values():
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        self.stats.store_waits += 1
+        self._store_streak += 1
+        delay = self.faults.backoff(min(self._store_streak - 1, 62), base=self.backoff_base,
+                                    cap=self.backoff_cap,
+                                    event_id=f"store|{self.name}|{self.stats.store_waits}")
+        self._say(f"database unavailable: {exc} (nothing marked: the rows are published"
+                  f" again) → retry in {delay:.3f}s (wait {self._store_streak} in a row)")
         left = delay
         while left > 0 and not self._stopping:
             self.clock.sleep(min(0.1, left))

@@ -235,7 +235,10 @@ _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended ones
 
 def is_busy(exc: BaseException) -> bool:
     """Whether ``exc`` is SQLite giving up on a lock: another connection held the write lock
-    for longer than this connection's busy timeout ("database is locked")."""
+    for longer than this connection's busy timeout ("database is locked"); or PostgreSQL
+    giving up on one after its ``lock_timeout`` (SQLSTATE 55P03, lock_not_available)."""
+    if getattr(exc, "sqlstate", None) == "55P03":
+        return True
     if not isinstance(exc, sqlite3.OperationalError):
         return False
     code = getattr(exc, "sqlite_errorcode", None)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from typing import Any
@@ -33,7 +34,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import psycopg
 
-from .errors import InvalidInput, StoreError
+from .errors import InvalidInput, StoreError, StoreUnavailable
 
 URL_SCHEMES = ("postgresql", "postgres")
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -45,10 +46,17 @@ def is_url(value: object) -> bool:
     return isinstance(value, str) and value.split("://", 1)[0] in URL_SCHEMES and "://" in value
 
 
+_SEARCH_PATH = re.compile(r"(?:-c\s*|--)search_path\s*=\s*([^\s,]+)")
+
+
 def schema_of(url: str, field: str = "db") -> str:
     """The schema a store URL puts first on its ``search_path``; InvalidInput naming ``field``
     when the URL is not a PostgreSQL URL or names no schema (the server is shared: a lab
-    without its own schema would write into another's tables)."""
+    without its own schema would write into another's tables), or is ambiguous: two
+    ``options`` parameters, or two ``search_path`` settings in them. libpq and the server
+    would take one of them, perhaps not the one read here, and the lab would check one schema
+    while it writes another's tables. :func:`connect` also asks the server which schema it
+    uses (``current_schema()``) and refuses a URL where that is another."""
     if not is_url(url):
         raise InvalidInput(field, url, "a postgresql:// URL")
     try:
@@ -56,12 +64,19 @@ def schema_of(url: str, field: str = "db") -> str:
         _ = parts.port  # a non-numeric port raises here
     except ValueError as exc:
         raise InvalidInput(field, url, f"a valid postgresql:// URL ({exc})") from None
-    options = " ".join(parse_qs(parts.query).get("options", []))
-    m = re.search(r"-c\s*search_path\s*=\s*([^\s,]+)", unquote(options))
-    if m is None:
+    given = parse_qs(parts.query, keep_blank_values=True).get("options", [])
+    if len(given) > 1:
+        raise InvalidInput(field, url, f"a postgresql:// URL with one options= parameter, not"
+                                       f" {len(given)} (which one the server reads is not the"
+                                       f" lab's to guess)")
+    found = _SEARCH_PATH.findall(unquote(given[0])) if given else []
+    if len(found) > 1:
+        raise InvalidInput(field, url, f"a postgresql:// URL setting search_path once, not"
+                                       f" {len(found)} times ({', '.join(found)})")
+    if not found:
         raise InvalidInput(field, url, "a postgresql:// URL naming its schema, e.g."
                            " postgresql://127.0.0.1/test?options=-csearch_path%3Ddl_demo")
-    schema = m.group(1)
+    schema = found[0]
     if not SCHEMA_RE.fullmatch(schema):
         raise InvalidInput(field, url, "a schema name of lower-case letters, digits and _")
     return schema
@@ -149,18 +164,36 @@ class PgError(StoreError):
     :data:`~deliverylab.engine.errors.STORE_ERRORS`). ``sqlstate`` is PostgreSQL's code; the
     psycopg error is the ``__cause__``."""
 
-    def __init__(self, exc: Exception) -> None:
+    def __init__(self, exc: Exception | str) -> None:
         self.sqlstate = getattr(exc, "sqlstate", None)
         super().__init__(str(exc).strip())
+
+
+class PgUnavailable(PgError, StoreUnavailable):
+    """The connection to PostgreSQL is gone (terminated, the server restarting or failing
+    over) or could not be opened again yet: the statement did not run. See
+    :class:`~deliverylab.engine.errors.StoreUnavailable`."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].removeprefix("connection failed: ") if text else \
+        type(exc).__name__
 
 
 class PgCursor:
     """The part of :class:`sqlite3.Cursor` the engine uses. ``row_factory = None`` gives
     plain tuples, as on a sqlite3 cursor."""
 
-    def __init__(self, cur: Any) -> None:
+    def __init__(self, cur: Any, conn: PgConnection | None = None) -> None:
         self._cur = cur
+        self._conn = conn
         self.row_factory: Any = Row
+
+    def _failed(self, exc: psycopg.Error) -> PgError:
+        if self._conn is not None:
+            return self._conn._failed(exc)
+        return PgError(exc)
 
     def execute(self, sql: str, params: Any = ()) -> PgCursor:
         text, numbers = translate(sql)
@@ -168,7 +201,7 @@ class PgCursor:
         try:
             self._cur.execute(text, _args(numbers, params))
         except psycopg.Error as exc:
-            raise PgError(exc) from exc
+            raise self._failed(exc) from exc
         return self
 
     def executemany(self, sql: str, seq: Iterable[Any]) -> PgCursor:
@@ -176,7 +209,7 @@ class PgCursor:
         try:
             self._cur.executemany(text, [_args(numbers, p) for p in seq])
         except psycopg.Error as exc:
-            raise PgError(exc) from exc
+            raise self._failed(exc) from exc
         return self
 
     def fetchone(self) -> Any:
@@ -197,39 +230,142 @@ class PgCursor:
         return self._cur.description
 
 
+class _NoRows:
+    """What a statement that did not need the server returns (the ROLLBACK of a transaction
+    its lost connection already ended)."""
+
+    rowcount = 0
+    description = None
+
+    def fetchone(self) -> None:
+        return None
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
 def _tuples(cursor: Any) -> Any:
     return tuple
 
 
 _IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
+# After a lost connection, a new one is tried no sooner than this, doubling up to the cap
+# while the server stays away: a restart takes seconds, and every caller (the API's writer,
+# its readers, a worker's steps) would otherwise hammer it with connection attempts.
+RECONNECT_BASE_S = 0.05
+RECONNECT_CAP_S = 2.0
 
 
 class PgConnection:
-    """A psycopg connection with the interface of the engine's sqlite3 connections."""
+    """A psycopg connection with the interface of the engine's sqlite3 connections.
+
+    **A lost connection is opened again**, on the next statement after it was lost, with the
+    same URL and the session settings made with :meth:`set`; while the server stays away the
+    attempts back off (:data:`RECONNECT_BASE_S` doubling to :data:`RECONNECT_CAP_S`) and each
+    statement in between raises :class:`PgUnavailable` at once. Never inside a transaction:
+    when the connection goes while one is open, the server has rolled it back, and every
+    statement but ``ROLLBACK`` raises :class:`PgUnavailable` until the caller rolls back
+    (:attr:`in_transaction` stays true until then). So a transaction's later statements never
+    run, in autocommit, on a new connection that knows nothing of its beginning."""
 
     dialect = "postgresql"
 
     def __init__(self, raw: Any, *, url: str, schema: str) -> None:
         self.raw, self.url, self.schema = raw, url, schema
         self.row_factory: Any = Row
+        self.settings: dict[str, str] = {}
+        self.reconnects = 0  # connections opened again after one was lost
+        self._doomed = False  # lost inside a transaction the caller has not rolled back
+        self._retry_at = 0.0
+        self._retry_delay = RECONNECT_BASE_S
+        self._closed = False
 
+    # -- statements ------------------------------------------------------------------------
     def execute(self, sql: str, params: Any = ()) -> PgCursor:
+        if self._doomed and sql.strip().upper() == "ROLLBACK":
+            self._doomed = False  # the server rolled it back when the connection went
+            return _NoRows()  # type: ignore[return-value]
         return self.cursor().execute(sql, params)
 
     def executemany(self, sql: str, seq: Iterable[Any]) -> PgCursor:
         return self.cursor().executemany(sql, seq)
 
     def cursor(self) -> PgCursor:
-        return PgCursor(self.raw.cursor())
+        self._live()
+        return PgCursor(self.raw.cursor(), self)
+
+    def set(self, name: str, value: str | int) -> None:
+        """``SET name = value`` for this session, made again on every reconnection."""
+        if not re.fullmatch(r"[a-z_]+", name) or not re.fullmatch(r"[A-Za-z0-9_]+", str(value)):
+            raise InvalidInput("setting", f"{name}={value}", "a PostgreSQL setting name and value")
+        self.settings[name] = str(value)
+        self.cursor()  # reconnect first if need be: the new session gets every setting
+        try:
+            self.raw.execute(f"SET {name} = {value}")
+        except psycopg.Error as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: psycopg.Error) -> PgError:
+        """The engine's error for ``exc``; a :class:`PgUnavailable` when the connection is
+        gone with it."""
+        if not (self.raw.closed or self.raw.broken):
+            return PgError(exc)
+        if self._was_in_transaction:
+            self._doomed = True
+        self._retry_at, self._retry_delay = 0.0, RECONNECT_BASE_S  # try again at once
+        return PgUnavailable(f"the connection to PostgreSQL was lost ({_first_line(exc)})")
+
+    def _live(self) -> None:
+        """Make sure there is an open connection (see the class): reconnect if it was lost."""
+        if self._doomed:
+            raise PgUnavailable("the connection to PostgreSQL was lost inside a transaction;"
+                                " it was rolled back: roll back and start again")
+        raw = self.raw
+        if not raw.closed and not raw.broken:
+            self._was_in_transaction = raw.info.transaction_status in _IN_TRANSACTION
+            return
+        if self._closed:
+            raise PgError("the connection is closed")
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise PgUnavailable(f"PostgreSQL cannot be reached; the next connection attempt"
+                                f" is in {self._retry_at - now:.1f}s")
+        try:
+            new = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+            try:
+                for name, value in self.settings.items():
+                    new.execute(f"SET {name} = {value}")
+                schema = new.execute("SELECT current_schema()").fetchone()[0]
+            except BaseException:
+                new.close()
+                raise
+        except psycopg.Error as exc:
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RECONNECT_CAP_S)
+            raise PgUnavailable(f"PostgreSQL cannot be reached ({_first_line(exc)})") from None
+        if schema != self.schema:
+            new.close()
+            raise PgUnavailable(f"PostgreSQL answers again, but its search_path now leads to"
+                                f" schema {schema!r}, not {self.schema!r}")
+        self.raw = new
+        self.reconnects += 1
+        self._retry_delay = RECONNECT_BASE_S
+        self._was_in_transaction = False
+
+    _was_in_transaction = False
 
     @property
     def in_transaction(self) -> bool:
-        return self.raw.info.transaction_status in _IN_TRANSACTION
+        return self._doomed or self.raw.info.transaction_status in _IN_TRANSACTION
 
     def missing_tables(self, tables: tuple[str, ...] | None = None) -> list[str]:
         return missing_tables(self, tables)
 
     def close(self) -> None:
+        self._closed = True
         self.raw.close()
 
     def __enter__(self) -> PgConnection:
@@ -241,17 +377,30 @@ class PgConnection:
 
 def connect(url: str, *, field: str = "db", must_exist: bool = True) -> PgConnection:
     """Open the store at ``url``. InvalidInput naming ``field`` for a bad URL, an unreachable
-    server, or (with ``must_exist``) a schema that ``init-db`` has not created."""
+    server, a URL whose schema is not the one the server uses (``current_schema()``), or
+    (with ``must_exist``) a schema that ``init-db`` has not created."""
     schema = schema_of(url, field)
     try:
         raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.Error as exc:
         # The first line says what failed ("connection to server at … failed: Connection
         # refused"); libpq's hint on the next line adds nothing the argument's name does not.
-        text = str(exc).strip()
-        reason = text.splitlines()[0].removeprefix("connection failed: ") if text else \
-            type(exc).__name__
-        raise InvalidInput(field, url, f"a reachable PostgreSQL server ({reason})") from None
+        raise InvalidInput(field, url, f"a reachable PostgreSQL server ({_first_line(exc)})"
+                           ) from None
+    try:
+        current = raw.execute("SELECT current_schema()").fetchone()[0]
+    except psycopg.Error as exc:
+        raw.close()
+        raise InvalidInput(field, url, f"a usable PostgreSQL server ({_first_line(exc)})"
+                           ) from None
+    # NULL: no schema on the search_path exists yet (init-db creates it). Another: the server
+    # reads and writes elsewhere than the URL seems to say (a search_path from the role, the
+    # database or PGOPTIONS, or an options string read differently): refuse, never guess.
+    if current is not None and current != schema:
+        raw.close()
+        raise InvalidInput(field, url, f"a URL whose schema is the one PostgreSQL uses: the"
+                                       f" server reads and writes schema {current!r}, the URL"
+                                       f" names {schema!r}")
     conn = PgConnection(raw, url=url, schema=schema)
     if must_exist and missing_tables(conn):
         conn.close()
@@ -287,8 +436,8 @@ def missing_tables(conn: PgConnection, tables: tuple[str, ...] | None = None) ->
     """Which of ``tables`` (default: every table a lab needs) the URL's schema lacks."""
     from .store import TABLES
 
-    rows = conn.raw.execute("SELECT table_name FROM information_schema.tables"
-                            " WHERE table_schema = %s", (conn.schema,)).fetchall()
+    rows = conn.execute("SELECT table_name FROM information_schema.tables"
+                        " WHERE table_schema = ?", (conn.schema,)).fetchall()
     have = {r[0] for r in rows}
     return [t for t in (TABLES if tables is None else tables) if t not in have]
 

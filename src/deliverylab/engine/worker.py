@@ -48,6 +48,7 @@ from .errors import (
     BrokerUnavailable,
     InvalidInput,
     SimulatedCrash,
+    StoreUnavailable,
     check_id,
     check_int,
     check_number,
@@ -144,6 +145,7 @@ class WorkerStats:
     fenced: int = 0
     lock_waits: int = 0  # times the write lock stayed taken past the busy timeout
     broker_waits: int = 0  # times the broker could not be reached (BrokerUnavailable)
+    store_waits: int = 0  # times the store's database could not be reached (StoreUnavailable)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -211,6 +213,7 @@ class Worker:
         self._stopping = False
         self._lock_streak = 0  # lock waits in a row: the exponent of the next backoff
         self._broker_streak = 0  # broker waits in a row: the same, for the broker
+        self._store_streak = 0  # store waits in a row: the same, for the store's database
 
     @property
     def broker(self) -> Broker:
@@ -388,7 +391,7 @@ class Worker:
             deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
                                             worker=self.name)
             parked = deliveries.parked
-        except sqlite3.OperationalError as exc:
+        except STORE_ERRORS as exc:
             if not is_busy(exc):
                 raise
             self._wait_for_lock("receive: nothing leased")
@@ -396,7 +399,7 @@ class Worker:
         except BrokerUnavailable as exc:
             self._wait_for_broker(exc, "nothing leased")
             return 0
-        self._lock_streak = self._broker_streak = 0
+        self._lock_streak = self._broker_streak = self._store_streak = 0
         self.stats.steps += 1
         if self._trace_verbs:
             self._trace([(Outcome.DEAD_LETTERED, d, reason) for d, reason in parked]
@@ -626,6 +629,22 @@ class Worker:
         self._back_off(self._broker_streak, f"broker|{self.name}|{self.stats.broker_waits}",
                        f"{exc} ({during})")
 
+    def _wait_for_store(self, exc: StoreUnavailable, during: str) -> None:
+        """A database's connection was lost, or cannot be opened again yet (``exc``: a
+        PostgreSQL server restarting, failing over, or a backend terminated). As for a broker:
+        one line, back off, try again; the connection reopens itself on the next statement.
+        What the transaction in flight wrote is gone with it (the server rolled it back), and
+        the step's leases run out and come back; a COMMIT whose answer was lost may have
+        committed, and a redelivery of its message is then a duplicate the inbox skips."""
+        for conn in {id(c): c for c in (self.conn, getattr(self.queue, "conn", None))
+                     if c is not None}.values():
+            if conn.in_transaction:  # only forgets a transaction its connection took along
+                conn.execute("ROLLBACK")
+        self.stats.store_waits += 1
+        self._store_streak += 1
+        self._back_off(self._store_streak, f"store|{self.name}|{self.stats.store_waits}",
+                       f"database unavailable: {exc} ({during})")
+
     def _back_off(self, streak: int, draw: str, why: str) -> None:
         """Say ``why`` and sleep: exponential in ``streak`` (waits in a row), full jitter,
         capped at ``backoff_cap``; drawn from the fault seed and ``draw`` (which names this
@@ -654,12 +673,14 @@ class Worker:
         could not be reached (already waited out)."""
         try:
             return self.step()
-        except sqlite3.OperationalError as exc:
+        except BrokerUnavailable as exc:
+            self._wait_for_broker(exc, "mid-step: its leases will run out and come back")
+        except StoreUnavailable as exc:
+            self._wait_for_store(exc, "mid-step: its leases will run out and come back")
+        except STORE_ERRORS as exc:
             if not is_busy(exc):
                 raise
             self._wait_for_lock("mid-step: its leases will run out and come back")
-        except BrokerUnavailable as exc:
-            self._wait_for_broker(exc, "mid-step: its leases will run out and come back")
         return None
 
     def _next_visible_at(self) -> float | None:
@@ -669,6 +690,9 @@ class Worker:
             return self.queue.next_visible_at()
         except BrokerUnavailable as exc:
             self._wait_for_broker(exc, "looking for the next message")
+            return self.clock.now()
+        except StoreUnavailable as exc:
+            self._wait_for_store(exc, "looking for the next message")
             return self.clock.now()
 
     # -- loops -----------------------------------------------------------------------------
