@@ -42,6 +42,7 @@ from ..engine.faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..engine.store import transaction
 from ..engine.trace import Outcome, log_delivery
 from ..engine.worker import Mode, Worker, apply_order_placed
+from .sandbox import REQUESTS, Ended, Sandbox
 
 SEEDS = range(20)
 MAX_SEEDS = 1000
@@ -78,6 +79,7 @@ class Exercise:
     wrong: tuple[tuple[str, Callable[..., Any]], ...]
     params: tuple[str, ...] = ("delivery", "ops")
     starter: Callable[..., Any] | None = None
+    requests: int = REQUESTS  # the budget of requests to the grader's objects per seed
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Verdict:
     exercise: Exercise
     passed: bool
     trials: tuple[Trial, ...]
+    note: str = ""       # e.g. the seeds not run after a budget ran out
 
     @property
     def failed(self) -> tuple[Trial, ...]:
@@ -98,6 +101,9 @@ class Verdict:
         if self.passed:
             return (f"PASS: {title} held on all {n} seeds ({_seed_span(self.trials)};"
                     f" {self.trials[0].faults})")
+        if not self.failed:
+            return f"FAIL: {title}: {self.note}"
+
         bad = self.failed
         first = bad[0]
         lines = [f"FAIL: {title} failed on {len(bad)} of {n} seeds",
@@ -110,6 +116,8 @@ class Verdict:
         if first.trace:
             lines.append(first.trace)
         lines.append(f"Failing seeds: {', '.join(str(t.seed) for t in bad)}")
+        if self.note:
+            lines.append(self.note)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -199,11 +207,43 @@ def check_seeds(seeds: Any) -> tuple[int, ...]:
 
 def grade(exercise_id: str, submission: Callable[..., Any], *,
           seeds: Iterable[int] = SEEDS) -> Verdict:
-    """Run ``submission`` for exercise ``exercise_id`` once per seed and judge it."""
+    """Run ``submission`` for exercise ``exercise_id`` once per seed and judge it.
+
+    The submission runs in a child process (:mod:`deliverylab.course.sandbox`); this process
+    keeps the database and judges it. Whatever the submission does ends in a verdict: once a
+    budget has run out on one seed, the remaining seeds are not run (each would take as
+    long) and the verdict says so."""
     ex = exercise(exercise_id)
     check_submission(ex, submission)
-    trials = tuple(ex.run(submission, seed) for seed in check_seeds(seeds))
-    return Verdict(ex, all(t.passed for t in trials), trials)
+    todo = check_seeds(seeds)
+    trials: list[Trial] = []
+    with Sandbox(submission, ex.params, requests=ex.requests) as box:
+        fn = box.function()
+        for seed in todo:
+            box.new_trial()
+            trials.append(_trial(ex, fn, seed))
+            if box.budget_ended:
+                break
+    left = todo[len(trials):]
+    note = ""
+    if left:
+        note = (f"Not run: {len(left)} more seed{'s' if len(left) != 1 else ''}"
+                f" ({_seed_span(tuple(Trial(s, '', False, '') for s in left))}): a budget ran"
+                f" out on seed {trials[-1].seed}, and each would take as long")
+    return Verdict(ex, all(t.passed for t in trials) and not left, tuple(trials), note)
+
+
+def _trial(ex: Exercise, fn: Callable[..., Any], seed: int) -> Trial:
+    """One seed; a run the submission ended early (a budget, SystemExit, a dead process) or
+    broke (the grader could not go on) is a FAIL that says so, never a traceback."""
+    try:
+        return ex.run(fn, seed)
+    except Ended as end:
+        return Trial(seed=seed, faults="the run stopped there", passed=False, reason=end.reason)
+    except Exception as exc:  # noqa: BLE001 - whatever the submission broke, a verdict
+        return Trial(seed=seed, faults="the run stopped there", passed=False,
+                     reason=f"the grader could not finish this seed: {type(exc).__name__}:"
+                            f" {exc}")
 
 
 # -- describing a run ----------------------------------------------------------------------
