@@ -27,6 +27,7 @@ Exercises that need another shape (a reconcile, a producer, a projection) write 
 from __future__ import annotations
 
 import inspect
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -285,20 +286,22 @@ def order_trace(conn: sqlite3.Connection, order_id: str, *, limit: int = 40) -> 
 
 def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
           allow_duplicates: bool = False, errors: Iterable[str] = (),
-          extra_failures: Iterable[str] = (), focus: Iterable[str] = ()) -> Trial:
+          extra_failures: Iterable[str] = (), focus: Iterable[str] = (),
+          drift: bool = True) -> Trial:
     """A Trial from the engine's checker on ``lab``'s database.
 
     Lost means never applied with no message left to apply it (dead-lettered included: the
     effect never happened); duplicated means applied more than once. ``errors`` are the
     submission's own exceptions (reported first: they are the likeliest cause);
     ``extra_failures`` are an exercise's own findings; ``focus`` orders whose trace to show
-    when nothing is lost or duplicated."""
+    when nothing is lost or duplicated; ``drift=False`` when the exercise judges the
+    projection against the truth itself."""
     states = event_states(lab.conn)
     lost = tuple(o for o, _, _, _, _, s in states if s in ("lost", "dead_lettered"))
     pending = tuple(o for o, _, _, _, _, s in states if s == "pending")
     dup = tuple(o for o, _, _, _, n, s in states if s == "duplicated")
     result = check(lab.conn)
-    reasons = [f"your code raised {e}" for e in errors]
+    reasons = [f"your code raised {e}" for e in _grouped(errors)]
     if lost and not allow_lost:
         reasons.append(f"{len(lost)} of {len(states)} orders lost: never applied, and no"
                        " message is left to apply them")
@@ -311,7 +314,7 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
         seen = {r[0] for r in lab.conn.execute(
             "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'received'")}
         pending = tuple(sorted(pending, key=lambda o: o not in seen))  # a received one first
-    if (not result.projection_equals_truth and not (lost and allow_lost)
+    if (drift and not result.projection_equals_truth and not (lost and allow_lost)
             and not (dup and allow_duplicates)):
         reasons.append(f"the projection differs from the truth on {result.drifted_items}"
                        " item(s)")
@@ -322,6 +325,20 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
     trace = order_trace(lab.conn, candidates[0]) if reasons and candidates else ""
     return Trial(seed=seed, faults=faults, passed=not reasons, reason="; ".join(reasons),
                  lost=shown_lost, duplicated=shown_dup, trace=trace)
+
+
+_AT_DELIVERY = re.compile(r" \(delivery \d+ of order [^()]*\)$")
+
+
+def _grouped(errors: Iterable[str]) -> list[str]:
+    """One line per distinct error: the first delivery it struck, and how many more."""
+    groups: dict[str, list[str]] = {}
+    for e in errors:
+        m = _AT_DELIVERY.search(e)
+        groups.setdefault(e[:m.start()] if m else e, []).append(e)
+    return [es[0] if len(es) == 1 else
+            f"{es[0]}, and the same on {len(es) - 1} more deliver"
+            f"{'ies' if len(es) > 2 else 'y'}" for es in groups.values()]
 
 
 # -- the worker with the reader's code in the loop -----------------------------------------

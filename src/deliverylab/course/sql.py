@@ -36,9 +36,7 @@ PROTECTED: dict[str, str] = {
     "payment_charges": "the payment provider's ledger",
     "payment_idempotency": "the payment provider's own keys",
     "order_status_changes": "the status changes that really happened",
-    "sqlite_master": "the schema",
-    "sqlite_schema": "the schema",
-    "sqlite_sequence": "the schema",
+    "sqlite_sequence": "the schema's counters",
 }
 # table -> the only write a submission may make to it
 ONLY: dict[str, int] = {"dead_letters": sqlite3.SQLITE_DELETE}
