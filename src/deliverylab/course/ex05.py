@@ -197,7 +197,12 @@ def _quiet_verdict(lab: Lab, since: float) -> tuple[list[str], tuple[str, ...], 
             f" more than the orders ({drift_text(conn, over)}); an order your repair counted"
             " was applied again by a worker (or the repair counted it twice)")
     if short:
-        lost = tuple(o for o, item, _, _, n, _ in states if drift.get(item, 0) < 0 and n == 0)
+        applied = {r[0] for r in conn.execute(
+            "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'applied'")}
+        # Never applied by a worker: not counted at all, or fenced by a repair that did not
+        # put its effect in the projection.
+        lost = tuple(o for o, item, _, _, n, _ in states
+                     if drift.get(item, 0) < 0 and (n == 0 or o not in applied))
         failures.append(
             f"{len(short)} item(s) lost orders once the queue is quiet: the projection differs"
             f" from the truth ({drift_text(conn, short)}); an order neither your repair nor a"

@@ -57,7 +57,7 @@ BUDGETS = (f"{SILENCE_S:g} s without a request, {RUN_S:g} s of running time and"
            f" {REQUESTS:,} requests per seed")
 
 _HEADER = struct.Struct("!I")
-_DUMP_WAIT_S = 0.5  # how long the parent waits for the child's traceback dump before SIGKILL
+_DUMP_WAIT_S = 2.0  # how long the parent waits for the child's traceback dump before SIGKILL
 
 
 # -- what the parent raises ------------------------------------------------------------------
@@ -256,17 +256,19 @@ def _where_dump(dump: str, files: set[str]) -> str:
 
 
 def describe_call(args: tuple[Any, ...], kwargs: dict[str, Any],
-                  params: tuple[str, ...] = ()) -> str:
-    """``"delivery 2 of order o-0003 (message m-…)"``: what the submission was working on."""
+                  params: tuple[str, ...] = (), name: str = "function") -> str:
+    """``"working on delivery 2 of order o-0003 (message m-…)"``, or ``"running your
+    repair(now=3.0)"``: what the submission was doing."""
     values = list(args) + list(kwargs.values())
     names = list(params[:len(args)]) + list(kwargs)
     for v in values:
         if hasattr(v, "correlation_id") and hasattr(v, "delivery_count"):
-            return (f"delivery {v.delivery_count} of order {v.correlation_id}"
+            return (f"working on delivery {v.delivery_count} of order {v.correlation_id}"
                     f" (message {getattr(v, 'message_id', '?')})")
     shown = [f"{n}={v!r}" for n, v in zip(names, values, strict=False)
-             if isinstance(v, str | int | float) and not isinstance(v, bool) and len(repr(v)) < 60]
-    return "the call with " + ", ".join(shown) if shown else "its call"
+             if isinstance(v, str | int | float) and not isinstance(v, bool)
+             and len(repr(v)) < 60]
+    return f"running your {name}({', '.join(shown)})"
 
 
 # -- the parent ------------------------------------------------------------------------------
@@ -525,7 +527,7 @@ class _Child:
             except Exception as exc:  # noqa: BLE001 - whatever the child sent, a verdict
                 self.kill()
                 raise Ended(f"your code sent the grader something it does not read ({exc})"
-                            f" while working on {self._what(call)}") from None
+                            f" while {self._what(call)}") from None
             if not isinstance(msg, tuple) or len(msg) < 2:
                 continue
             if msg[0] == "out":
@@ -543,13 +545,14 @@ class _Child:
             sys.stdout.write(text)
 
     def _what(self, call: _Call) -> str:
-        return describe_call(call.args, call.kwargs, self.box.params)
+        return describe_call(call.args, call.kwargs, self.box.params,
+                             getattr(self.box.submission, "__name__", "function"))
 
     def _budget(self, call: _Call, what: str) -> None:
         where = self._stop_with_dump()
         self.box.budget_ended = what
         raise Ended(f"your code ran past the grader's budget: {what}{_paren(where)}, while"
-                    f" working on {self._what(call)} (the budgets: {BUDGETS})", budget=True)
+                    f" {self._what(call)} (the budgets: {BUDGETS})", budget=True)
 
     def _stop_with_dump(self) -> str:
         try:
@@ -591,7 +594,7 @@ class _Child:
         else:
             what = "your code's process ended"
         self.dead = what
-        raise Ended(f"{what}{_paren(where)}, while working on {self._what(call)}")
+        raise Ended(f"{what}{_paren(where)}, while {self._what(call)}")
 
     def _reap(self) -> int | None:
         try:
@@ -644,7 +647,7 @@ class _Child:
                 if not is_error:
                     self.kill()
                     raise Ended(f"your code raised {name}{'(' + text + ')' if text else ''}"
-                                f"{_paren(where)}, while working on {self._what(call)}")
+                                f"{_paren(where)}, while {self._what(call)}")
                 raise raised_type(name)(f"{text}{_paren(where)}")
 
     def _serve(self, call: _Call, msg: tuple[Any, ...]) -> None:
