@@ -400,3 +400,20 @@ def keeps_a_table_of_its_own(conn, delivery):
 
 def test_a_handler_may_create_and_write_a_table_of_its_own():
     assert grade("idempotent-handler", keeps_a_table_of_its_own, seeds=range(3)).passed
+
+
+def skips_the_lossy_network(service, delivery):
+    service.service.charge(order_id=delivery.payload["orderId"],
+                           amount=delivery.payload["qty"] * 500)
+
+
+def moves_the_clock(conn, clock, policy):
+    clock.advance(30 * 86400)
+
+
+@pytest.mark.parametrize("exercise_id, fn, said", [
+    ("charge-once", skips_the_lossy_network, "FlakyPayments offers no 'service'"),
+    ("inbox-cleanup", moves_the_clock, "FakeClock offers no 'advance'"),
+])
+def test_a_proxy_offers_only_what_the_exercise_hands_out(exercise_id, fn, said):
+    assert said in why(graded(exercise_id, fn)[0])

@@ -337,6 +337,10 @@ _CONN_VALUES = ("in_transaction", "total_changes")
 EXPOSED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Ops": (("apply", "ack", "extend", "nack", "work", "transaction", "now"),
             ("visibility_timeout", "work_left", "Rollback")),
+    # The payment service behind its lossy network: the network's verb, not the service.
+    "FlakyPayments": (("charge",), ()),
+    # The lab's clock, handed to a nightly job: it reads the time, it does not move it.
+    "FakeClock": (("now",), ()),
 }
 
 
@@ -659,12 +663,18 @@ class _Child:
         try:
             result = self._do(op, hid, name, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - the submission's mistake: raised in the child
-            self.send(("error", cid, _portable(exc)))
+            self._answer(("error", cid, _portable(exc)), call)
             return
         except BaseException:
             self._send_quiet(("abort", cid))  # the worker crashed, the run is over, ...
             raise
-        self.send(("reply", cid, result), call)
+        self._answer(("reply", cid, result), call)
+
+    def _answer(self, msg: tuple[Any, ...], call: _Call) -> None:
+        try:
+            self.send(msg, call)
+        except OSError:  # the child is gone: say how
+            self._died(call)
 
     def _do(self, op: str, hid: int, name: Any, args: Any, kwargs: Any) -> Any:
         obj = self.handles.get(hid)
