@@ -139,6 +139,7 @@ class _Repairs:
         self.errors: list[str] = []
         self.failures: list[str] = []
         self.first_at: float | None = None
+        self.times: list[float] = []
         self.counted: set[str] = set()
 
     def __call__(self) -> None:
@@ -146,6 +147,7 @@ class _Repairs:
         now = lab.clock.now()
         if self.first_at is None:
             self.first_at = now
+        self.times.append(now)
         before = projection_vs_truth(lab.conn)
         call(self.errors, self.repair, lab.conn, now)
         fenced = [o for o in _fenced(lab.conn) if o[0] not in self.counted]
@@ -174,7 +176,8 @@ def _fenced(conn: sqlite3.Connection) -> list[tuple[str, str]]:
         " ORDER BY o.created_at, o.order_id")]
 
 
-def _quiet_verdict(lab: Lab, since: float) -> tuple[list[str], tuple[str, ...], tuple[str, ...]]:
+def _quiet_verdict(lab: Lab, times: list[float],
+                   ) -> tuple[list[str], tuple[str, ...], tuple[str, ...]]:
     """The outcome once the queue is quiet: (failures, lost, duplicated). An item whose
     projection equals its truth has every one of its orders' effects, once: none of its
     orders is called lost or duplicated, whatever the log says counted it."""
@@ -189,13 +192,14 @@ def _quiet_verdict(lab: Lab, since: float) -> tuple[list[str], tuple[str, ...], 
     if over:
         late = {r[0] for r in conn.execute(
             "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'applied'"
-            " AND at >= ?", (since,))}
+            " AND at >= ?", (times[0] if times else 0.0,))}
         dup = tuple(o for o, item, _, _, n, _ in states
                     if drift.get(item, 0) > 0 and (n > 1 or o in late))
         failures.append(
             f"{len(over)} item(s) duplicated once the queue is quiet: the projection reserves"
             f" more than the orders ({drift_text(conn, over)}); an order your repair counted"
-            " was applied again by a worker (or the repair counted it twice)")
+            " was applied again by a worker (or the repair counted it twice); your repair ran"
+            f" at t={_times(times)}")
     if short:
         applied = {r[0] for r in conn.execute(
             "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'applied'")}
@@ -206,8 +210,12 @@ def _quiet_verdict(lab: Lab, since: float) -> tuple[list[str], tuple[str, ...], 
         failures.append(
             f"{len(short)} item(s) lost orders once the queue is quiet: the projection differs"
             f" from the truth ({drift_text(conn, short)}); an order neither your repair nor a"
-            " worker counted")
+            f" worker counted; your repair ran at t={_times(times)}")
     return failures, lost, dup
+
+
+def _times(times: list[float]) -> str:
+    return ", ".join(f"{t:g}" for t in times)
 
 
 def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
@@ -226,7 +234,7 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
     where = describe_faults(faults, workers=WORKERS, orders=20,
                             extra=f"{modes}; 2 messages lost on purpose; your repair runs 3"
                                   " times with events in flight")
-    failures, lost, dup = _quiet_verdict(lab, repairs.first_at or 0.0)
+    failures, lost, dup = _quiet_verdict(lab, repairs.times)
     base = judge(lab, seed=seed, faults=where, errors=repairs.errors, allow_lost=True,
                  allow_duplicates=True, drift=False,
                  extra_failures=[*failures, *repairs.failures], focus=(*dup, *lost))
