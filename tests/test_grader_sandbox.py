@@ -417,3 +417,26 @@ def moves_the_clock(conn, clock, policy):
 ])
 def test_a_proxy_offers_only_what_the_exercise_hands_out(exercise_id, fn, said):
     assert said in why(graded(exercise_id, fn)[0])
+
+
+def through_a_cursor(conn, delivery):
+    cur = conn.cursor()
+    cur.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                " VALUES ('inventory', ?, 0) ON CONFLICT DO NOTHING", (delivery.event_id,))
+    if cur.rowcount:
+        apply_order_placed(conn, delivery)
+    assert cur.execute("SELECT count(*) FROM inbox_processed").fetchone()[0] >= 1
+
+
+def reads_rows_by_name(conn, delivery):
+    row = conn.execute("SELECT count(*) AS n FROM inbox_processed WHERE event_id = ?",
+                       (delivery.event_id,)).fetchone()
+    if row["n"] == 0:
+        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                     " VALUES ('inventory', ?, 0)", (delivery.event_id,))
+        apply_order_placed(conn, delivery)
+
+
+@pytest.mark.parametrize("fn", [through_a_cursor, reads_rows_by_name])
+def test_a_handler_reads_the_connection_as_sqlite3_does(fn):
+    assert grade("idempotent-handler", fn, seeds=range(3)).passed

@@ -327,12 +327,60 @@ class _Conn:
     def commit(self) -> None:
         self._end("commit")
 
+    def cursor(self) -> _Cursor:
+        return _Cursor(self)
+
     def rollback(self) -> None:
         self._end("rollback")
 
 
-_CONN_VERBS = ("execute", "executemany", "executescript", "commit", "rollback")
+class _Cursor:
+    """``conn.cursor()`` for the submission: its statements run through the same
+    :class:`_Conn`; what they return is read from the parent (one request per fetch)."""
+
+    def __init__(self, conn: _Conn) -> None:
+        self.conn = conn
+        self.rows: Rows | None = None
+
+    def _result(self) -> Rows:
+        if self.rows is None:
+            raise sqlite3.ProgrammingError("no statement executed on this cursor yet")
+        return self.rows
+
+    def execute(self, sql: str, parameters: Any = ()) -> _Cursor:
+        self.rows = self.conn.execute(sql, parameters)
+        return self
+
+    def executemany(self, sql: str, seq_of_parameters: Any) -> _Cursor:
+        self.rows = self.conn.executemany(sql, seq_of_parameters)
+        return self
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row = self._result().fetchone()
+        return None if row is None else tuple(row)
+
+    def fetchmany(self, size: int = 1) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self._result().fetchmany(size)]
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self._result().fetchall()]
+
+    def close(self) -> None:
+        self.rows = None
+
+    @property
+    def rowcount(self) -> int:
+        return self._result().rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        return self._result().lastrowid
+
+
+_CONN_VERBS = ("execute", "executemany", "executescript", "commit", "rollback", "cursor")
 _CONN_VALUES = ("in_transaction", "total_changes")
+_CURSOR_VERBS = ("execute", "executemany", "fetchone", "fetchmany", "fetchall", "close")
+_CURSOR_VALUES = ("rowcount", "lastrowid")
 # type name -> the public names a proxy of it offers (others: every public name)
 EXPOSED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Ops": (("apply", "ack", "extend", "nack", "work", "transaction", "now"),
@@ -348,6 +396,8 @@ def _methods_of(obj: Any) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
     """(methods, readable values or None for any public one) a proxy of ``obj`` offers."""
     if isinstance(obj, _Conn):
         return _CONN_VERBS, _CONN_VALUES
+    if isinstance(obj, _Cursor):
+        return _CURSOR_VERBS, _CURSOR_VALUES
     exposed = EXPOSED.get(type(obj).__name__)
     if exposed is not None:
         return exposed
@@ -474,8 +524,8 @@ class _Child:
             self.handles[hid] = obj
             self.ids[id(obj)] = hid
         methods, values = _methods_of(obj)
-        return ("ref", hid, type(obj).__name__, methods, values, callable(obj),
-                hasattr(obj, "__enter__"))
+        name = {_Conn: "Connection", _Cursor: "Cursor"}.get(type(obj), type(obj).__name__)
+        return ("ref", hid, name, methods, values, callable(obj), hasattr(obj, "__enter__"))
 
     def _load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "ref":
@@ -672,7 +722,12 @@ class _Child:
 
     def _answer(self, msg: tuple[Any, ...], call: _Call) -> None:
         try:
-            self.send(msg, call)
+            data = _frame(self._pickle(msg, call))
+        except Exception as exc:  # noqa: BLE001 - a value that cannot cross the pipe
+            data = _frame(self._pickle(("error", msg[1], ("TypeError", "the grader cannot"
+                                        f" hand this value to your code: {exc}")), call))
+        try:
+            _write_all(self.down, data)
         except OSError:  # the child is gone: say how
             self._died(call)
 
