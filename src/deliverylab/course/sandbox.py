@@ -496,6 +496,7 @@ class _Child:
         self.next_cid = 0
         self.parked: dict[int, deque[tuple[Any, ...]]] = {}
         self.exiting = ""   # what os._exit said before it ended the child
+        self.caught = ""    # where the child caught its worker's crash and went on
         self.dead = ""      # why the child is gone
         self.dump = ""
         self.buffer = bytearray()
@@ -590,6 +591,9 @@ class _Child:
             if msg[0] == "exit":
                 self.exiting = str(msg[1])
                 continue
+            if msg[0] == "caught":
+                self.caught = str(msg[1])
+                continue
             if msg[1] == call.cid:
                 return msg
             self.parked.setdefault(msg[1], deque()).append(msg)
@@ -633,7 +637,12 @@ class _Child:
         status = self._reap()
         self._drain_err()
         where = _where_dump(self.dump, self.box.files)
-        if self.exiting:
+        if self.caught or (not self.exiting and self._caught_later()):
+            what = ("your code went on calling the grader after its worker's simulated crash"
+                    " (it caught the crash, or called from a finally block): a crash ends the"
+                    " worker, nothing after it runs")
+            where = self.caught or where
+        elif self.exiting:
             what = f"your code called os._exit({self.exiting.split(' ', 1)[0]})"
             where = self.exiting.split(" ", 1)[1] if " " in self.exiting else where
         elif status is not None and os.WIFSIGNALED(status):
@@ -649,6 +658,30 @@ class _Child:
             what = "your code's process ended"
         self.dead = what
         raise Ended(f"{what}{_paren(where)}, while {self._what(call)}")
+
+    def _caught_later(self) -> bool:
+        """Read what the child sent before it died (its last words may be unread)."""
+        try:
+            while select.select([self.up], [], [], 0)[0]:
+                chunk = os.read(self.up, 65536)
+                if not chunk:
+                    break
+                self.buffer += chunk
+        except OSError:
+            return False
+        while len(self.buffer) >= _HEADER.size:
+            n = _HEADER.unpack(self.buffer[:_HEADER.size])[0]
+            if len(self.buffer) < _HEADER.size + n:
+                break
+            body = bytes(self.buffer[_HEADER.size:_HEADER.size + n])
+            del self.buffer[:_HEADER.size + n]
+            try:
+                msg = _SafeUnpickler(body, self._load).load()
+            except Exception:  # noqa: BLE001 - garbage from a dying child: ignore it
+                continue
+            if isinstance(msg, tuple) and msg and msg[0] == "caught":
+                self.caught = str(msg[1])
+        return bool(self.caught)
 
     def _reap(self) -> int | None:
         try:
@@ -715,8 +748,8 @@ class _Child:
         except Exception as exc:  # noqa: BLE001 - the submission's mistake: raised in the child
             self._answer(("error", cid, _portable(exc)), call)
             return
-        except BaseException:
-            self._send_quiet(("abort", cid))  # the worker crashed, the run is over, ...
+        except BaseException as exc:  # the worker crashed, the run is over, ...
+            self._send_quiet(("abort", cid, type(exc).__name__ == "Crashed"))
             raise
         self._answer(("reply", cid, result), call)
 
@@ -793,8 +826,9 @@ class _Link:
         self.lock = threading.Lock()
         self.queues: dict[int, SimpleQueue[tuple[Any, ...]]] = {}
         self.local = threading.local()
-        self.aborted: set[int] = set()
+        self.aborted: dict[int, bool] = {}  # cid -> ended by its worker's crash
         self.idle: list[SimpleQueue[tuple[Any, ...]]] = []
+        self.files: set[str] = set()
 
     def send(self, msg: Any) -> None:
         buf = io.BytesIO()
@@ -832,6 +866,9 @@ class _Link:
             raise Refused("the grader's objects answer only the thread your function was"
                           " called in")
         if cid in self.aborted:
+            if self.aborted[cid]:  # it goes on after its own worker's crash: the end
+                self.send(("caught", _where_tb_stack(self.files)))
+                _REAL_EXIT(0)
             raise _Abort()
         self.send(("req", cid, op, hid, name, args, kwargs or {}))
         msg = self.queues[cid].get()
@@ -843,11 +880,12 @@ class _Link:
                 raise err
             raise type(err[0] if str(err[0]).isidentifier() else "Exception",
                        (Exception,), {})(err[1])
-        self.aborted.add(cid)
+        self.aborted[cid] = bool(msg[2]) if len(msg) > 2 else False
         raise _Abort()
 
 
 _LINK: _Link | None = None
+_REAL_EXIT = os._exit
 
 
 class Remote:
@@ -948,7 +986,7 @@ def _child_main(submission: Callable[..., Any], down: int, up: int, err: int) ->
     faulthandler.register(signal.SIGUSR1, file=errfile, all_threads=True)
     link = _LINK = _Link(down, up)
     sys.stdout = sys.stderr = _Out()
-    files = _files_of(submission)
+    files = link.files = _files_of(submission)
     real_exit = os._exit
 
     def _exit(code: int) -> None:
