@@ -238,9 +238,11 @@ def _where_tb(tb: Any, files: set[str]) -> str:
 _DUMP_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in ')
 
 
-def _where_dump(dump: str, files: set[str]) -> str:
-    """The submission's line in a faulthandler dump: the current thread's first (most recent)
-    frame in the submission's file, else any thread's."""
+def _where_dump(dump: str, files: set[str], *, current_first: bool = True) -> str:
+    """The submission's line in a faulthandler dump: the first (most recent) frame in the
+    submission's file of the current thread (a crash: the thread that crashed), or of the
+    other threads (a dump on request: the current thread is the child's main one, which only
+    reads the pipe), else of any thread."""
     current: list[tuple[str, int]] = []
     others: list[tuple[str, int]] = []
     into = others
@@ -251,7 +253,7 @@ def _where_dump(dump: str, files: set[str]) -> str:
             into = others
         elif (m := _DUMP_FRAME.match(line)) and m["file"] in files:
             into.append((m["file"], int(m["line"])))
-    found = current[:1] or others[:1]
+    found = (current[:1] or others[:1]) if current_first else (others[:1] or current[:1])
     return _line_text(*found[0]) if found else ""
 
 
@@ -624,7 +626,7 @@ class _Child:
                 break
             time.sleep(0.02)
         self.kill()
-        return _where_dump(self.dump, self.box.files)
+        return _where_dump(self.dump, self.box.files, current_first=False)
 
     def _drain_err(self) -> None:
         try:
