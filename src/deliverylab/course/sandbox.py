@@ -737,6 +737,9 @@ class _Child:
                     self.kill()
                     raise Ended(f"your code raised {name}{'(' + text + ')' if text else ''}"
                                 f"{_paren(where)}, while {self._what(call)}")
+                what = self._what(call)
+                if not what.startswith("working on delivery"):  # a handler's is named by its run
+                    where = f"{where}, while {what}" if where else f"while {what}"
                 raise raised_type(name)(f"{text}{_paren(where)}")
 
     def _serve(self, call: _Call, msg: tuple[Any, ...]) -> None:
