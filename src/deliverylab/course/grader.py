@@ -163,6 +163,7 @@ def register(exercise: Exercise) -> Exercise:
     if not isinstance(exercise.params, tuple) or not all(
             isinstance(p, str) and p.isidentifier() for p in exercise.params):
         raise InvalidInput("exercise.params", exercise.params, "a tuple of argument names")
+    check_int("exercise.requests", exercise.requests, minimum=1, maximum=1_000_000)
     if exercise.id in EXERCISES and EXERCISES[exercise.id] is not exercise:
         raise InvalidInput("exercise.id", exercise.id, "an id not registered yet")
     EXERCISES[exercise.id] = exercise

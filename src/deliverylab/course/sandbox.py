@@ -1051,8 +1051,8 @@ def _child_call(link: _Link, submission: Callable[..., Any], files: set[str], ci
     try:
         link.send(("done", cid, value))
     except Exception:  # noqa: BLE001 - a value the grader cannot read
-        link.send(("raised", cid, "TypeError", f"your function returned {type(value).__name__}"
-                   " value the grader cannot read (return plain values: numbers, text,"
+        link.send(("raised", cid, "TypeError", f"your function returned a {type(value).__name__},"
+                   " which the grader cannot read (return plain values: numbers, text,"
                    " lists, tuples, dicts)", "", True))
 
 
