@@ -43,7 +43,7 @@ from ..engine.faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..engine.store import transaction
 from ..engine.trace import Outcome, log_delivery
 from ..engine.worker import Mode, Worker, apply_order_placed
-from .sandbox import REQUESTS, Ended, Sandbox
+from .sandbox import REQUESTS, Ended, Rollback, Sandbox
 
 SEEDS = range(20)
 MAX_SEEDS = 1000
@@ -343,10 +343,6 @@ def _grouped(errors: Iterable[str]) -> list[str]:
 
 
 # -- the worker with the reader's code in the loop -----------------------------------------
-class Rollback(Exception):  # noqa: N818 - raised on purpose, not an error
-    """Raise inside ``ops.transaction()`` to undo it (the effect and a local ACK together)."""
-
-
 class SubmissionError(Exception):
     """The submission broke a rule of the harness (said in the message)."""
 

@@ -76,6 +76,10 @@ class Refused(Exception):  # noqa: N818 - the grader's answer, not a bug
     inside the worker's transaction, a private attribute)."""
 
 
+class Rollback(Exception):  # noqa: N818 - raised on purpose, not an error
+    """Raise inside ``ops.transaction()`` to undo it (the effect and a local ACK together)."""
+
+
 class Raised(Exception):
     """An exception the submission raised in its process, raised again in the grader's
     under the same type name (so ``f"{type(e).__name__}: {e}"`` reads as the original)."""
@@ -817,7 +821,6 @@ def _rebuild(info: Any) -> BaseException | None:
         return None
     name, text, rollback = info
     if rollback:
-        from .grader import Rollback
         return Rollback(str(text))
     return raised_type(str(name))(str(text))
 
@@ -941,7 +944,6 @@ class Remote:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         if isinstance(exc, _Abort):
             return False
-        from .grader import Rollback
         info = None if exc is None else (type(exc).__name__, str(exc), isinstance(exc, Rollback))
         return bool(_link().request("exit", self._hid, None, (info,)))
 
