@@ -5,15 +5,20 @@ Each run is the chapter's situation: some messages were lost, others are still i
 runs, and workers keep consuming afterwards. The engine's workers read the repair's fence,
 ``reconciled_events``, inside their effect's transaction, whatever their mode: one whose
 effect and ACK share a transaction never reads the inbox, so a fence written to the inbox does
-not stop it. After each of the reader's repairs the grader compares the projection with the
-truth; if they agree it records the repair as each order's one application, so the engine's
-checker sees an event that still takes effect afterwards as that order's second application.
+not stop it. A repair's design is the reader's: it may count every order and fence them all,
+count only what no worker can still apply and fence that, or add only what was never applied.
+What it fenced is what it counted: the grader records those orders as counted by the repair, so
+the engine's checker sees an event that still takes effect afterwards as that order's second
+application. Once the queue is quiet the outcome is judged: the projection equals the truth
+(an item that does has every order's effect once, whatever the log says), and a repair run
+twice in a row changes nothing the second time.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ..book.lab import Lab
@@ -121,27 +126,96 @@ def repair_fence_in_inbox(conn: sqlite3.Connection, now: float) -> None:
 
 
 class _Repairs:
-    """Runs the reader's repair and checks the projection right after each run."""
+    """Runs the reader's repair; what it counted is what it fenced.
+
+    A repair may count every order (and fence them all), or only the orders no worker can
+    still apply (and fence those), or add only what was never applied: the grader does not
+    judge one design. After each run it records the orders the repair newly fenced as counted
+    by it, so the checker sees a worker that applies one of them afterwards as its second
+    application; the outcome is judged once the queue is quiet (:func:`_quiet_verdict`)."""
 
     def __init__(self, lab: Lab, repair: Callable[..., Any]) -> None:
         self.lab, self.repair = lab, repair
         self.errors: list[str] = []
         self.failures: list[str] = []
-        self.suspects: list[str] = []
+        self.first_at: float | None = None
+        self.times: list[float] = []
+        self.counted: set[str] = set()
 
     def __call__(self) -> None:
         lab = self.lab
         now = lab.clock.now()
+        if self.first_at is None:
+            self.first_at = now
+        self.times.append(now)
+        before = projection_vs_truth(lab.conn)
         call(self.errors, self.repair, lab.conn, now)
-        wrong = _wrong_items(lab.conn)
-        if wrong and not self.failures:
-            self.failures.append(f"right after your repair at t={now:g} the projection"
-                                 f" differs from the truth ({drift_text(lab.conn)})")
-            self.suspects.extend(_orders_of(lab.conn, wrong))
-        off = set(_orders_of(lab.conn, wrong)) if wrong else set()
+        fenced = [o for o in _fenced(lab.conn) if o[0] not in self.counted]
+        self.counted.update(o for o, _ in fenced)
         with transaction(lab.conn):
-            log_counted(lab.conn, [o for o in _orders(lab.conn) if o[0] not in off], at=now,
-                        detail="counted by your repair")
+            log_counted(lab.conn, fenced, at=now, detail="counted (and fenced) by your repair")
+        self.last = (now, before, projection_vs_truth(lab.conn))
+
+    def again(self) -> None:
+        """Run the repair once more right away: nothing happened since, so it must change
+        nothing."""
+        now, _, after = self.last
+        self()
+        changed = [(a[0], a[2], b[2]) for a, b in zip(after, self.last[2], strict=False)
+                   if a[2] != b[2]]
+        if changed and not self.failures:
+            self.failures.append(
+                f"your repair, run a second time at t={now:g} with nothing in between, changed"
+                " the projection again: " + "; ".join(f"{i} {x} -> {y}" for i, x, y in changed))
+
+
+def _fenced(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    return [tuple(r) for r in conn.execute(
+        "SELECT o.order_id, o.event_id FROM orders AS o JOIN reconciled_events AS f"
+        " ON f.event_id = o.event_id AND f.consumer = 'inventory'"
+        " ORDER BY o.created_at, o.order_id")]
+
+
+def _quiet_verdict(lab: Lab, times: list[float],
+                   ) -> tuple[list[str], tuple[str, ...], tuple[str, ...]]:
+    """The outcome once the queue is quiet: (failures, lost, duplicated). An item whose
+    projection equals its truth has every one of its orders' effects, once: none of its
+    orders is called lost or duplicated, whatever the log says counted it."""
+    conn = lab.conn
+    drift = {item: d for item, _, _, d in projection_vs_truth(conn)}
+    states = event_states(conn)
+    short = [i for i, d in drift.items() if d < 0]
+    over = [i for i, d in drift.items() if d > 0]
+    failures: list[str] = []
+    lost: tuple[str, ...] = ()
+    dup: tuple[str, ...] = ()
+    if over:
+        late = {r[0] for r in conn.execute(
+            "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'applied'"
+            " AND at >= ?", (times[0] if times else 0.0,))}
+        dup = tuple(o for o, item, _, _, n, _ in states
+                    if drift.get(item, 0) > 0 and (n > 1 or o in late))
+        failures.append(
+            f"{len(over)} item(s) duplicated once the queue is quiet: the projection reserves"
+            f" more than the orders ({drift_text(conn, over)}); an order your repair counted"
+            " was applied again by a worker (or the repair counted it twice); your repair ran"
+            f" at t={_times(times)}")
+    if short:
+        applied = {r[0] for r in conn.execute(
+            "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'applied'")}
+        # Never applied by a worker: not counted at all, or fenced by a repair that did not
+        # put its effect in the projection.
+        lost = tuple(o for o, item, _, _, n, _ in states
+                     if drift.get(item, 0) < 0 and (n == 0 or o not in applied))
+        failures.append(
+            f"{len(short)} item(s) lost orders once the queue is quiet: the projection differs"
+            f" from the truth ({drift_text(conn, short)}); an order neither your repair nor a"
+            f" worker counted; your repair ran at t={_times(times)}")
+    return failures, lost, dup
+
+
+def _times(times: list[float]) -> str:
+    return ", ".join(f"{t:g}" for t in times)
 
 
 def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
@@ -155,13 +229,16 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
     lab.run_until_idle()
     lab.place_orders(4)       # a second incident later: new events in flight again
     repairs()
-    repairs()                 # a repair run twice must change nothing the second time
+    repairs.again()           # a repair run twice must change nothing the second time
     lab.run_until_idle()
     where = describe_faults(faults, workers=WORKERS, orders=20,
                             extra=f"{modes}; 2 messages lost on purpose; your repair runs 3"
                                   " times with events in flight")
-    return judge(lab, seed=seed, faults=where, errors=repairs.errors,
-                 extra_failures=repairs.failures, focus=repairs.suspects)
+    failures, lost, dup = _quiet_verdict(lab, repairs.times)
+    base = judge(lab, seed=seed, faults=where, errors=repairs.errors, allow_lost=True,
+                 allow_duplicates=True, drift=False,
+                 extra_failures=[*failures, *repairs.failures], focus=(*dup, *lost))
+    return replace(base, lost=lost, duplicated=dup)
 
 
 register(Exercise(

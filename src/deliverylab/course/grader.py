@@ -27,6 +27,7 @@ Exercises that need another shape (a reconcile, a producer, a projection) write 
 from __future__ import annotations
 
 import inspect
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,7 @@ from ..engine.faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..engine.store import transaction
 from ..engine.trace import Outcome, log_delivery
 from ..engine.worker import Mode, Worker, apply_order_placed
+from .sandbox import REQUESTS, Ended, Rollback, Sandbox
 
 SEEDS = range(20)
 MAX_SEEDS = 1000
@@ -78,6 +80,7 @@ class Exercise:
     wrong: tuple[tuple[str, Callable[..., Any]], ...]
     params: tuple[str, ...] = ("delivery", "ops")
     starter: Callable[..., Any] | None = None
+    requests: int = REQUESTS  # the budget of requests to the grader's objects per seed
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Verdict:
     exercise: Exercise
     passed: bool
     trials: tuple[Trial, ...]
+    note: str = ""       # e.g. the seeds not run after a budget ran out
 
     @property
     def failed(self) -> tuple[Trial, ...]:
@@ -98,6 +102,9 @@ class Verdict:
         if self.passed:
             return (f"PASS: {title} held on all {n} seeds ({_seed_span(self.trials)};"
                     f" {self.trials[0].faults})")
+        if not self.failed:
+            return f"FAIL: {title}: {self.note}"
+
         bad = self.failed
         first = bad[0]
         lines = [f"FAIL: {title} failed on {len(bad)} of {n} seeds",
@@ -110,6 +117,8 @@ class Verdict:
         if first.trace:
             lines.append(first.trace)
         lines.append(f"Failing seeds: {', '.join(str(t.seed) for t in bad)}")
+        if self.note:
+            lines.append(self.note)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -154,6 +163,7 @@ def register(exercise: Exercise) -> Exercise:
     if not isinstance(exercise.params, tuple) or not all(
             isinstance(p, str) and p.isidentifier() for p in exercise.params):
         raise InvalidInput("exercise.params", exercise.params, "a tuple of argument names")
+    check_int("exercise.requests", exercise.requests, minimum=1, maximum=1_000_000)
     if exercise.id in EXERCISES and EXERCISES[exercise.id] is not exercise:
         raise InvalidInput("exercise.id", exercise.id, "an id not registered yet")
     EXERCISES[exercise.id] = exercise
@@ -199,11 +209,43 @@ def check_seeds(seeds: Any) -> tuple[int, ...]:
 
 def grade(exercise_id: str, submission: Callable[..., Any], *,
           seeds: Iterable[int] = SEEDS) -> Verdict:
-    """Run ``submission`` for exercise ``exercise_id`` once per seed and judge it."""
+    """Run ``submission`` for exercise ``exercise_id`` once per seed and judge it.
+
+    The submission runs in a child process (:mod:`deliverylab.course.sandbox`); this process
+    keeps the database and judges it. Whatever the submission does ends in a verdict: once a
+    budget has run out on one seed, the remaining seeds are not run (each would take as
+    long) and the verdict says so."""
     ex = exercise(exercise_id)
     check_submission(ex, submission)
-    trials = tuple(ex.run(submission, seed) for seed in check_seeds(seeds))
-    return Verdict(ex, all(t.passed for t in trials), trials)
+    todo = check_seeds(seeds)
+    trials: list[Trial] = []
+    with Sandbox(submission, ex.params, requests=ex.requests) as box:
+        fn = box.function()
+        for seed in todo:
+            box.new_trial()
+            trials.append(_trial(ex, fn, seed))
+            if box.budget_ended:
+                break
+    left = todo[len(trials):]
+    note = ""
+    if left:
+        note = (f"Not run: {len(left)} more seed{'s' if len(left) != 1 else ''}"
+                f" ({_seed_span(tuple(Trial(s, '', False, '') for s in left))}): a budget ran"
+                f" out on seed {trials[-1].seed}, and each would take as long")
+    return Verdict(ex, all(t.passed for t in trials) and not left, tuple(trials), note)
+
+
+def _trial(ex: Exercise, fn: Callable[..., Any], seed: int) -> Trial:
+    """One seed; a run the submission ended early (a budget, SystemExit, a dead process) or
+    broke (the grader could not go on) is a FAIL that says so, never a traceback."""
+    try:
+        return ex.run(fn, seed)
+    except Ended as end:
+        return Trial(seed=seed, faults="the run stopped there", passed=False, reason=end.reason)
+    except Exception as exc:  # noqa: BLE001 - whatever the submission broke, a verdict
+        return Trial(seed=seed, faults="the run stopped there", passed=False,
+                     reason=f"the grader could not finish this seed: {type(exc).__name__}:"
+                            f" {exc}")
 
 
 # -- describing a run ----------------------------------------------------------------------
@@ -245,20 +287,22 @@ def order_trace(conn: sqlite3.Connection, order_id: str, *, limit: int = 40) -> 
 
 def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
           allow_duplicates: bool = False, errors: Iterable[str] = (),
-          extra_failures: Iterable[str] = (), focus: Iterable[str] = ()) -> Trial:
+          extra_failures: Iterable[str] = (), focus: Iterable[str] = (),
+          drift: bool = True) -> Trial:
     """A Trial from the engine's checker on ``lab``'s database.
 
     Lost means never applied with no message left to apply it (dead-lettered included: the
     effect never happened); duplicated means applied more than once. ``errors`` are the
     submission's own exceptions (reported first: they are the likeliest cause);
     ``extra_failures`` are an exercise's own findings; ``focus`` orders whose trace to show
-    when nothing is lost or duplicated."""
+    when nothing is lost or duplicated; ``drift=False`` when the exercise judges the
+    projection against the truth itself."""
     states = event_states(lab.conn)
     lost = tuple(o for o, _, _, _, _, s in states if s in ("lost", "dead_lettered"))
     pending = tuple(o for o, _, _, _, _, s in states if s == "pending")
     dup = tuple(o for o, _, _, _, n, s in states if s == "duplicated")
     result = check(lab.conn)
-    reasons = [f"your code raised {e}" for e in errors]
+    reasons = [f"your code raised {e}" for e in _grouped(errors)]
     if lost and not allow_lost:
         reasons.append(f"{len(lost)} of {len(states)} orders lost: never applied, and no"
                        " message is left to apply them")
@@ -271,7 +315,7 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
         seen = {r[0] for r in lab.conn.execute(
             "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'received'")}
         pending = tuple(sorted(pending, key=lambda o: o not in seen))  # a received one first
-    if (not result.projection_equals_truth and not (lost and allow_lost)
+    if (drift and not result.projection_equals_truth and not (lost and allow_lost)
             and not (dup and allow_duplicates)):
         reasons.append(f"the projection differs from the truth on {result.drifted_items}"
                        " item(s)")
@@ -284,11 +328,21 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
                  lost=shown_lost, duplicated=shown_dup, trace=trace)
 
 
+_AT_DELIVERY = re.compile(r" \(delivery \d+ of order [^()]*\)$")
+
+
+def _grouped(errors: Iterable[str]) -> list[str]:
+    """One line per distinct error: the first delivery it struck, and how many more."""
+    groups: dict[str, list[str]] = {}
+    for e in errors:
+        m = _AT_DELIVERY.search(e)
+        groups.setdefault(e[:m.start()] if m else e, []).append(e)
+    return [es[0] if len(es) == 1 else
+            f"{es[0]}, and the same on {len(es) - 1} more deliver"
+            f"{'ies' if len(es) > 2 else 'y'}" for es in groups.values()]
+
+
 # -- the worker with the reader's code in the loop -----------------------------------------
-class Rollback(Exception):  # noqa: N818 - raised on purpose, not an error
-    """Raise inside ``ops.transaction()`` to undo it (the effect and a local ACK together)."""
-
-
 class SubmissionError(Exception):
     """The submission broke a rule of the harness (said in the message)."""
 
