@@ -9,14 +9,15 @@ flight, repair while a worker holds one, redrive the dead letters), so here the 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..book.lab import Lab
 from ..brokers.base import Delivery
 from ..engine.check import projection_vs_truth
 from ..engine.clock import Clock
-from ..engine.errors import InvalidInput, check_int
+from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import NO_FAULTS, Faults
 from ..engine.trace import Outcome, log_many
 from ..engine.worker import CONSUMER, Mode, apply_order_placed
@@ -153,3 +154,193 @@ def call(errors: list[str], fn: Callable[..., Any], *args: Any) -> bool:
             errors.append(text)
         return False
     return True
+
+
+# -- the nemesis ---------------------------------------------------------------------------
+# What real systems do to a handler between, and instead of, its statements (in the spirit
+# of Jepsen's nemesis). Each is decided by the run's seeded Faults, per event, delivery and
+# statement, so a run is a function of (submission, seed).
+
+# Failures of a write that are not a repeat: never a reason to call an event "processed".
+STORE_FAILURES: tuple[tuple[type[sqlite3.Error], str], ...] = (
+    (sqlite3.OperationalError, "database is locked"),
+    (sqlite3.OperationalError, "database or disk is full"),
+    (sqlite3.IntegrityError, "CHECK constraint failed: qty > 0"),
+    (sqlite3.IntegrityError, "FOREIGN KEY constraint failed"),
+)
+STORE_FAILED = "store_failed"  # the point a propagated store failure is logged at
+WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "UPSERT")
+
+
+class HookedConnection:
+    """A connection as the submission sees it: every ``execute`` first calls
+    ``before(sql, n)`` (``n``: how many statements the submission ran before this one), then
+    runs on the real connection. Everything else is the real connection's."""
+
+    def __init__(self, conn: sqlite3.Connection,
+                 before: Callable[[str, int], None]) -> None:
+        self._conn, self._before = conn, before
+        self.statements = 0
+
+    def _next(self, sql: Any) -> None:
+        n = self.statements
+        self.statements += 1
+        self._before(sql if isinstance(sql, str) else "", n)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        self._next(sql)
+        return self._conn.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        self._next(sql)
+        return self._conn.executemany(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def is_write(sql: str) -> bool:
+    """Whether ``sql`` writes (its first keyword, or a WITH … INSERT/UPDATE/DELETE)."""
+    words = sql.lstrip().upper().split(None, 1)
+    if not words:
+        return False
+    if words[0] == "WITH":
+        return any(f" {w} " in f" {sql.upper()} " for w in WRITES[:3])
+    return words[0] in WRITES
+
+
+def inbox_rival(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    """Another worker of the same consumer handling a duplicate of ``delivery`` (its lease
+    ran out, or the broker delivered it twice) and committing before the submission's next
+    statement, as on PostgreSQL at READ COMMITTED: the inbox row, then the effect if new."""
+    if conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                    " VALUES (?, ?, clock_now()) ON CONFLICT (consumer, event_id) DO NOTHING",
+                    (CONSUMER, delivery.event_id)).rowcount:
+        apply_order_placed(conn, delivery)
+
+
+def nemesis_handler(handler: Handler, faults: Faults, *, interleave: float = 0.0,
+                    store_failure: float = 0.0,
+                    rival: Handler = inbox_rival) -> Handler:
+    """``handler`` under two nemeses, each at its rate per statement:
+
+    * **interleaving**: before any statement but the first, ``rival`` (by default a peer
+      consumer running the same event through the inbox) runs and commits, so a check made
+      by an earlier statement may no longer hold;
+    * **store failure**: a write fails with one of :data:`STORE_FAILURES` instead of running.
+      A handler that lets it propagate rolls its transaction back and the delivery comes
+      again (logged ``crashed`` at ``store_failed``); one that swallows it acknowledges a
+      delivery whose effect never happened.
+    """
+    from .grader import Crashed
+
+    if not callable(handler) or not callable(rival):
+        raise InvalidInput("handler", handler, "a function of (conn, delivery)")
+    for name, rate in (("interleave", interleave), ("store_failure", store_failure)):
+        if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate <= 1:
+            raise InvalidInput(name, rate, "a rate from 0 to 1")
+
+    def handle(conn: sqlite3.Connection, delivery: Delivery) -> Any:
+        injected: list[BaseException] = []
+
+        def before(sql: str, n: int) -> None:
+            key = (delivery.event_id, delivery.delivery_count, n)
+            if store_failure and is_write(sql) \
+                    and faults.uniform("store_failure", *key) < store_failure:
+                kind, text = STORE_FAILURES[int(faults.uniform("store_failure_kind", *key)
+                                                * len(STORE_FAILURES))]
+                injected.append(kind(text))
+                raise injected[-1]
+            if n and interleave and faults.uniform("interleave", *key) < interleave:
+                rival(conn, delivery)
+
+        try:
+            return handler(HookedConnection(conn, before), delivery)
+        except Exception as exc:
+            cause: BaseException | None = exc
+            while cause is not None and cause not in injected:
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise Crashed(f"{STORE_FAILED} ({cause}): rolled back") from None
+
+    return handle
+
+
+def pausing_process(process: Callable[[Delivery, Ops], Any], faults: Faults, *,
+                    pause: float = 0.0, lease: float = 2.0,
+                    ) -> Callable[[Delivery, Ops], Any]:
+    """``process`` whose deliveries may stall between two of its queue or store verbs
+    (``apply``, ``ack``, ``extend``, ``nack``), with the other workers running meanwhile: a GC
+    pause, a slow disk, a preempted VM. At rate ``pause`` per verb (never the first one,
+    never inside a transaction, only once the work is done) the delivery waits for a seeded
+    share of ``lease``: a third of the time exactly the lease, otherwise a little less or a
+    little more."""
+    check_number("pause", pause, minimum=0, maximum=1)
+    check_number("lease", lease, minimum=0.001, maximum=3600)
+
+    def run(delivery: Delivery, ops: Ops) -> Any:
+        return process(delivery, PausingOps(ops, delivery, faults, pause, lease))
+
+    return run
+
+
+class PausingOps:
+    """The :class:`~deliverylab.course.grader.Ops` a :func:`pausing_process` hands on: the
+    same verbs, with a seeded stall before some of them."""
+
+    def __init__(self, ops: Ops, delivery: Delivery, faults: Faults, rate: float,
+                 lease: float) -> None:
+        self._ops, self._d, self._faults, self._rate, self._lease = (
+            ops, delivery, faults, rate, lease)
+        self._verbs = 0
+        self._in_tx = False
+        self.Rollback = ops.Rollback
+        self.visibility_timeout = ops.visibility_timeout
+
+    @property
+    def work_left(self) -> float:
+        return self._ops.work_left
+
+    def _stall(self) -> None:
+        n = self._verbs
+        self._verbs += 1
+        if not n or self._in_tx or self._ops.work_left > 1e-9:
+            return
+        key = (self._d.event_id, self._d.delivery_count, n)
+        if self._faults.uniform("pause", *key) >= self._rate:
+            return
+        u = self._faults.uniform("pause_length", *key)
+        length = self._lease if u < 1 / 3 else self._lease * (0.9 + 0.2 * u)
+        self._ops.work(round(length, 6))  # work_left is 0: only time passes, others run
+
+    def now(self) -> float:
+        return self._ops.now()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._ops.transaction():
+            self._in_tx = True
+            try:
+                yield
+            finally:
+                self._in_tx = False
+
+    def work(self, seconds: float) -> None:
+        self._ops.work(seconds)
+
+    def apply(self, d: Delivery) -> None:
+        self._stall()
+        self._ops.apply(d)
+
+    def ack(self, d: Delivery) -> bool:
+        self._stall()
+        return self._ops.ack(d)
+
+    def extend(self, d: Delivery, seconds: float) -> bool:
+        self._stall()
+        return self._ops.extend(d, seconds)
+
+    def nack(self, d: Delivery, delay: float = 0.0) -> bool:
+        self._stall()
+        return self._ops.nack(d, delay)
