@@ -160,9 +160,11 @@ def check_solutions_hidden(page, notebook: Path) -> None:
         cell = code.nth(index)
         cell.scroll_into_view_if_needed()
         placeholder = cell.locator(".jp-InputPlaceholder")
-        placeholder.wait_for(state="visible")
-        assert not cell.locator(".jp-InputArea-editor").is_visible(), (
-            f"code cell {index}: the solution's editor shows before a click")
+        cell.locator(".jp-InputPlaceholder:visible, .jp-InputArea-editor:visible"
+                     ).first.wait_for()
+        assert placeholder.is_visible() and not cell.locator(
+            ".jp-InputArea-editor").is_visible(), (
+            f"code cell {index}: the solution's source is not collapsed before a click")
         text = cell.inner_text()
         seen = [s for s in lines if s in text]
         assert not seen, f"code cell {index}: solution source on screen: {seen[0]!r}"
