@@ -231,6 +231,9 @@ def nemesis_handler(handler: Handler, faults: Faults, *, interleave: float = 0.0
       A handler that lets it propagate rolls its transaction back and the delivery comes
       again (logged ``crashed`` at ``store_failed``); one that swallows it acknowledges a
       delivery whose effect never happened.
+
+    A unique violation that a rival caused (its row won) aborts the submission's work as on a
+    real database, and the rival's commit stands; the submission is not blamed for it.
     """
     from .grader import Crashed
 
@@ -242,6 +245,7 @@ def nemesis_handler(handler: Handler, faults: Faults, *, interleave: float = 0.0
 
     def handle(conn: sqlite3.Connection, delivery: Delivery) -> Any:
         injected: list[BaseException] = []
+        rivals: list[int] = []
 
         def before(sql: str, n: int) -> None:
             key = (delivery.event_id, delivery.delivery_count, n)
@@ -252,19 +256,46 @@ def nemesis_handler(handler: Handler, faults: Faults, *, interleave: float = 0.0
                 injected.append(kind(text))
                 raise injected[-1]
             if n and interleave and faults.uniform("interleave", *key) < interleave:
+                rivals.append(n)
                 rival(conn, delivery)
 
+        _savepoint(conn, "SAVEPOINT nemesis")
         try:
-            return handler(HookedConnection(conn, before), delivery)
+            out = handler(HookedConnection(conn, before), delivery)
         except Exception as exc:
+            _savepoint(conn, "ROLLBACK TO nemesis", "RELEASE nemesis")
             cause: BaseException | None = exc
             while cause is not None and cause not in injected:
                 cause = cause.__cause__ or cause.__context__
-            if cause is None:
-                raise
-            raise Crashed(f"{STORE_FAILED} ({cause}): rolled back") from None
+            if cause is not None:
+                raise Crashed(f"{STORE_FAILED} ({cause}): rolled back") from None
+            if rivals and _unique_violation(exc):
+                # The peer's row won: the database aborts this transaction and the peer's
+                # commit stands, as on a real database. Its work is all that remains.
+                rival(conn, delivery)
+                return None
+            raise
+        _savepoint(conn, "RELEASE nemesis")
+        return out
 
     return handle
+
+
+def _savepoint(conn: sqlite3.Connection, *statements: str) -> None:
+    """Run savepoint statements, unless the submission already ended the transaction."""
+    for sql in statements:
+        try:
+            conn.execute(sql)
+        except sqlite3.OperationalError:
+            return
+
+
+def _unique_violation(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def pausing_process(process: Callable[[Delivery, Ops], Any], faults: Faults, *,
