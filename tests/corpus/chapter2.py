@@ -75,6 +75,15 @@ def lease_edge_counts_as_held(delivery, ops):
             ops.ack(delivery)
 
 
+def lease_renewed_then_commit(delivery, ops):
+    ops.work(ops.work_left)
+    if not ops.extend(delivery, ops.visibility_timeout):  # "still mine: renewed"
+        return
+    with ops.transaction():
+        ops.apply(delivery)
+        ops.ack(delivery)
+
+
 def work_then_two_commits(delivery, ops):
     ops.work(ops.work_left)
     ops.apply(delivery)
@@ -165,7 +174,8 @@ WRONG = [
     ("tx-ack", swallow_the_crash, "lost", "stopped"),
     ("late-worker", late_ignores_ack, "duplicated", "past-range"),
     ("late-worker", late_skips_work, "work left", "baseline"),
-    ("late-worker", lease_checked_then_two_commits, "duplicated", "interleaving"),
+    ("late-worker", lease_checked_then_two_commits, "duplicated", "lost-message"),
+    ("late-worker", lease_renewed_then_commit, "duplicated", "interleaving"),
     ("late-worker", lease_edge_counts_as_held, "duplicated", "past-range"),
     ("late-worker", work_then_two_commits, "duplicated", "lost-message"),
     ("late-worker", swallow_the_late_crash, "lost", "stopped"),

@@ -79,6 +79,16 @@ def look_then_insert_by_key(conn, delivery):
         apply_order_placed(conn, delivery)
 
 
+def check_then_claim(conn, delivery):
+    # A peer that commits the event between the SELECT and the INSERT makes the INSERT fail
+    # on the unique key: the work rolls back and the peer's commit stands.
+    if conn.execute("SELECT 1 FROM inbox_processed WHERE consumer = 'inventory'"
+                    " AND event_id = ?", (delivery.event_id,)).fetchone():
+        return
+    conn.execute(INBOX, (delivery.event_id,))
+    apply_order_placed(conn, delivery)
+
+
 # -- heartbeat: wrong ------------------------------------------------------------------------
 def swallow_the_crash(delivery, ops):
     while ops.work_left > 0:
@@ -93,6 +103,15 @@ def swallow_the_crash(delivery, ops):
             raise ops.Rollback
 
 
+def beat_then_commit_blindly(delivery, ops):
+    while ops.work_left > 0:
+        ops.extend(delivery, ops.visibility_timeout)
+        ops.work(min(1.0, ops.work_left))
+    with ops.transaction():  # "the lease was renewed a second ago"
+        ops.apply(delivery)
+        ops.ack(delivery)
+
+
 def ignore_lost_lease(delivery, ops):
     while ops.work_left > 0:
         ops.extend(delivery, ops.visibility_timeout)
@@ -103,6 +122,19 @@ def ignore_lost_lease(delivery, ops):
 
 
 # -- heartbeat: correct ----------------------------------------------------------------------
+def beat_just_inside_the_lease(delivery, ops):
+    # The lease-edge answer with chunks a little shorter than the lease, and the ACK checked.
+    while ops.work_left > 0:
+        if not ops.extend(delivery, ops.visibility_timeout):
+            return
+        ops.work(min(0.9 * ops.visibility_timeout, ops.work_left))
+    with ops.transaction():
+        ops.apply(delivery)
+        if not ops.ack(delivery):
+            raise ops.Rollback
+
+
+
 def one_long_extension(delivery, ops):
     # Ask for the whole job's lease up front, with a lease to spare.
     if not ops.extend(delivery, ops.work_left + ops.visibility_timeout):
@@ -179,7 +211,8 @@ WRONG = [
     ("idempotent-handler", integrity_error_means_seen, "lost", "store-failure"),
     ("idempotent-handler", check_then_act, "duplicated", "interleaving"),
     ("idempotent-handler", inbox_after_effect, "duplicated", "lost-message"),
-    ("heartbeat", beat_then_separate_commits, "duplicated", "interleaving"),
+    ("heartbeat", beat_then_separate_commits, "duplicated", "lost-message"),
+    ("heartbeat", beat_then_commit_blindly, "duplicated", "interleaving"),
     ("heartbeat", beat_at_the_lease_edge, "duplicated", "past-range"),
     ("heartbeat", extend_once, "duplicated", "baseline"),
     ("heartbeat", swallow_the_crash, "lost", "stopped"),
@@ -196,7 +229,9 @@ CORRECT = [
     ("idempotent-handler", insert_or_ignore),
     ("idempotent-handler", unique_violation_only),
     ("idempotent-handler", look_then_insert_by_key),
+    ("idempotent-handler", check_then_claim),
     ("heartbeat", one_long_extension),
+    ("heartbeat", beat_just_inside_the_lease),
     ("heartbeat", ack_first_in_the_transaction),
     ("producer-retries", bounded_retries),
     ("producer-retries", recursive_retry),

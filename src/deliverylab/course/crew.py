@@ -302,7 +302,8 @@ def pausing_process(process: Callable[[Delivery, Ops], Any], faults: Faults, *,
                     pause: float = 0.0, lease: float = 2.0,
                     ) -> Callable[[Delivery, Ops], Any]:
     """``process`` whose deliveries may stall between two of its queue or store verbs
-    (``apply``, ``ack``, ``extend``, ``nack``), with the other workers running meanwhile: a GC
+    (``apply``, ``ack``, ``extend``, ``nack``, the start of a ``transaction``), with the other
+    workers running meanwhile: a GC
     pause, a slow disk, a preempted VM. At rate ``pause`` per verb (never the first one,
     never inside a transaction, only once the work is done) the delivery waits for a seeded
     share of ``lease``: a third of the time exactly the lease, otherwise a little less or a
@@ -350,6 +351,7 @@ class PausingOps:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
+        self._stall()  # between a check made before it and its BEGIN
         with self._ops.transaction():
             self._in_tx = True
             try:
