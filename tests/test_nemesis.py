@@ -100,3 +100,23 @@ def test_pausing_process_names_a_bad_setting(kwargs: dict[str, Any], field: str)
     with pytest.raises(InvalidInput) as err:
         pausing_process(lambda d, ops: None, Faults(seed=1), **kwargs)
     assert err.value.field == field
+
+
+def test_workers_of_every_mode_run_between_two_transactions_of_a_job() -> None:
+    """A job that reads in one transaction and writes in the next sees the queue move in
+    between: the rivals (one per mode) consume orders while it is between statements."""
+    from deliverylab.book.lab import Lab
+    from deliverylab.course.crew import rivals, workers_between
+
+    lab = Lab(seed=3, workers=1)
+    lab.place_orders(8)
+    team = rivals(lab)
+    assert sorted(w.mode.value for w in team) == sorted(
+        ["at-most-once", "at-least-once", "idempotent", "transactional"])
+    conn = workers_between(lab.conn, team, Faults(seed=3), rate=1.0, key="job")
+    before = conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+    after = conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+    assert before == 8 and after == 8 - len(team)
+    with pytest.raises(InvalidInput) as err:
+        workers_between(lab.conn, [object()], Faults(seed=3))
+    assert err.value.field == "workers"

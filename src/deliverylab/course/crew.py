@@ -1,9 +1,15 @@
-"""Building blocks shared by chapters 4 to 6's exercises.
+"""Building blocks shared by the chapters' exercises, and the nemesis they run under.
 
 :func:`~deliverylab.course.grader.run_workers` places orders and runs until idle in one go.
 The later chapters' exercises need the steps in between (lose messages, leave events in
 flight, repair while a worker holds one, redrive the dead letters), so here the same
 :class:`~deliverylab.course.grader.CourseWorker` crew is set up without running it.
+
+The nemesis (in the spirit of Jepsen's): a peer consumer between any two statements of a
+handler (:func:`nemesis_handler`), workers of every mode between any two statements of a
+job (:func:`workers_between`, :func:`rivals`), writes that fail for a reason other than a
+repeat (:data:`STORE_FAILURES`), and stalls of about one lease between two verbs of a
+process (:func:`pausing_process`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import NO_FAULTS, Faults
 from ..engine.trace import Outcome, log_many
-from ..engine.worker import CONSUMER, Mode, apply_order_placed
+from ..engine.worker import CONSUMER, Mode, Worker, apply_order_placed
 from .grader import CourseWorker, Ops, at_least_once, schedule
 
 Handler = Callable[[sqlite3.Connection, Delivery], Any]
@@ -377,3 +383,34 @@ class PausingOps:
     def nack(self, d: Delivery, delay: float = 0.0) -> bool:
         self._stall()
         return self._ops.nack(d, delay)
+
+
+def rivals(lab: Lab, *, faults: Faults = NO_FAULTS,
+           modes: tuple[Mode | str, ...] = tuple(Mode)) -> list[Worker]:
+    """One engine worker per mode (at-most-once and at-least-once included) on ``lab``'s
+    store, queue and clock: the other consumers a submission shares the queue with."""
+    if not isinstance(lab, Lab):
+        raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
+    return [Worker(lab.conn, clock=lab.clock, ids=lab.ids, mode=Mode.parse(mode),
+                   faults=faults, visibility_timeout=lab.workers[0].visibility_timeout,
+                   queue=lab.queue, name=f"rival-{Mode.parse(mode).value}")
+            for mode in modes]
+
+
+def workers_between(conn: sqlite3.Connection, workers: list[Any], faults: Faults, *,
+                    rate: float = 1.0, key: str = "") -> HookedConnection:
+    """``conn`` as a submission (a repair, a nightly job) sees it: before any statement but
+    the first, at ``rate`` per statement, each of ``workers`` takes one step, whenever the
+    submission holds no open transaction (on a real database a worker would wait for its
+    commit). A job split over two transactions, or a check made in one transaction and
+    acted on in the next, is then raced as it would be in production."""
+    check_number("rate", rate, minimum=0, maximum=1)
+    if not isinstance(workers, list) or not all(hasattr(w, "step") for w in workers):
+        raise InvalidInput("workers", workers, "a list of workers (each with step())")
+
+    def before(sql: str, n: int) -> None:
+        if n and not conn.in_transaction and faults.uniform("between", key, n) < rate:
+            for w in workers:
+                w.step()
+
+    return HookedConnection(conn, before)
