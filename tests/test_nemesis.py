@@ -39,8 +39,6 @@ ONLY = [
     ("lost-message", "producer-retries", chapter3.no_retry, ex03,
      {"LOST_REQUEST": 0.0, "LOST_RESPONSE": 0.0}),
     ("stopped", "producer-retries", chapter3.key_per_call, ex03, {"RESTART": 0.0}),
-    ("stopped", "heartbeat", chapter3.swallow_the_crash, ex03,
-     {"BEAT": {k: v for k, v in ex03.BEAT.items() if k != "crash_after_receive"}}),
     ("past-range", "late-worker", chapter2.lease_edge_counts_as_held, ex02,
      {"LATE_WORK": (0.5, 1.9, 3.0)}),
 ]

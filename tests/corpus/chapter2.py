@@ -29,15 +29,6 @@ def two_transactions(delivery, ops):
         ops.ack(delivery)
 
 
-def swallow_the_crash(delivery, ops):
-    with ops.transaction():
-        try:
-            ops.apply(delivery)
-        except BaseException:  # "one bad message must not stop the batch"
-            pass
-        ops.ack(delivery)
-
-
 # -- tx-ack: correct -------------------------------------------------------------------------
 def ack_first_inside(delivery, ops):
     with ops.transaction():
@@ -88,17 +79,6 @@ def work_then_two_commits(delivery, ops):
     ops.work(ops.work_left)
     ops.apply(delivery)
     ops.ack(delivery)
-
-
-def swallow_the_late_crash(delivery, ops):
-    ops.work(ops.work_left)
-    with ops.transaction():
-        try:
-            ops.apply(delivery)
-        except BaseException:
-            pass
-        if not ops.ack(delivery):
-            raise ops.Rollback
 
 
 # -- late-worker: correct --------------------------------------------------------------------
@@ -171,14 +151,12 @@ WRONG = [
     ("tx-ack", ack_outside, "duplicated", "lost-message"),
     ("tx-ack", ack_then_commit, "lost", "stopped"),
     ("tx-ack", two_transactions, "duplicated", "stopped"),
-    ("tx-ack", swallow_the_crash, "lost", "stopped"),
     ("late-worker", late_ignores_ack, "duplicated", "past-range"),
     ("late-worker", late_skips_work, "work left", "baseline"),
     ("late-worker", lease_checked_then_two_commits, "duplicated", "lost-message"),
     ("late-worker", lease_renewed_then_commit, "duplicated", "interleaving"),
     ("late-worker", lease_edge_counts_as_held, "duplicated", "past-range"),
     ("late-worker", work_then_two_commits, "duplicated", "lost-message"),
-    ("late-worker", swallow_the_late_crash, "lost", "stopped"),
     ("predict-faults", predict_by_name, "wrong for", "baseline"),
     ("predict-faults", predict_all_correct, "wrong for", "baseline"),
     ("predict-faults", forgets_lost_messages, "under lose_message gave lost", "lost-message"),

@@ -90,19 +90,6 @@ def check_then_claim(conn, delivery):
 
 
 # -- heartbeat: wrong ------------------------------------------------------------------------
-def swallow_the_crash(delivery, ops):
-    while ops.work_left > 0:
-        ops.extend(delivery, ops.visibility_timeout)
-        ops.work(min(1.0, ops.work_left))
-    with ops.transaction():
-        try:
-            ops.apply(delivery)
-        except BaseException:  # "if the effect fails, move on"
-            pass
-        if not ops.ack(delivery):
-            raise ops.Rollback
-
-
 def beat_then_commit_blindly(delivery, ops):
     while ops.work_left > 0:
         ops.extend(delivery, ops.visibility_timeout)
@@ -215,7 +202,6 @@ WRONG = [
     ("heartbeat", beat_then_commit_blindly, "duplicated", "interleaving"),
     ("heartbeat", beat_at_the_lease_edge, "duplicated", "past-range"),
     ("heartbeat", extend_once, "duplicated", "baseline"),
-    ("heartbeat", swallow_the_crash, "lost", "stopped"),
     ("heartbeat", ignore_lost_lease, "duplicated", "lost-message"),
     ("producer-retries", retry_without_key, "placed more than once", "lost-message"),
     ("producer-retries", retry_fresh_key, "placed more than once", "lost-message"),

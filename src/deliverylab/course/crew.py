@@ -270,12 +270,13 @@ def nemesis_handler(handler: Handler, faults: Faults, *, interleave: float = 0.0
             out = handler(HookedConnection(conn, before), delivery)
         except Exception as exc:
             _savepoint(conn, "ROLLBACK TO nemesis", "RELEASE nemesis")
-            cause: BaseException | None = exc
-            while cause is not None and cause not in injected:
-                cause = cause.__cause__ or cause.__context__
+            # Matched by text along the chain: the exception may come back re-raised (by
+            # the submission, or from another process) as a different object.
+            texts = _chain_texts(exc)
+            cause = next((str(i) for i in injected if any(str(i) in t for t in texts)), None)
             if cause is not None:
                 raise Crashed(f"{STORE_FAILED} ({cause}): rolled back") from None
-            if rivals and _unique_violation(exc):
+            if rivals and any("UNIQUE constraint failed" in t for t in texts):
                 # The peer's row won: the database aborts this transaction and the peer's
                 # commit stands, as on a real database. Its work is all that remains.
                 rival(conn, delivery)
@@ -296,12 +297,13 @@ def _savepoint(conn: sqlite3.Connection, *statements: str) -> None:
             return
 
 
-def _unique_violation(exc: BaseException | None) -> bool:
-    while exc is not None:
-        if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc):
-            return True
+def _chain_texts(exc: BaseException | None) -> list[str]:
+    """The text of ``exc`` and of every exception it was raised from or during."""
+    out: list[str] = []
+    while exc is not None and len(out) < 20:
+        out.append(str(exc))
         exc = exc.__cause__ or exc.__context__
-    return False
+    return out
 
 
 def pausing_process(process: Callable[[Delivery, Ops], Any], faults: Faults, *,
