@@ -71,10 +71,12 @@ def late_work(faults: Faults) -> Callable[[Delivery], float]:
 
 def late_worker_solution(delivery: Delivery, ops: Ops) -> None:
     ops.work(ops.work_left)
-    # The lease may have run out while working (or while stalled after it): another
-    # delivery may hold the message now. Inside the transaction, the ACK is the delete of
-    # the message row: it fails only if this delivery lost the message, and then the
-    # effect is undone with it.
+    late = ops.now() >= delivery.lease_until
+    if late and not ops.extend(delivery, ops.visibility_timeout):
+        return  # another delivery holds the message now: it does the effect, not this one
+    # Renewed or not, the lease may still run out before the commit (a stall). Inside the
+    # transaction the ACK is the delete of the message row: it fails only if this delivery
+    # lost the message, and then the effect is undone with it.
     with ops.transaction():
         ops.apply(delivery)
         if not ops.ack(delivery):
