@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers_proc import untimed
 
 from deliverylab.app import cli
 from deliverylab.brokers.sqlite import Queue
@@ -307,7 +308,7 @@ def test_status_reads_an_immutable_file_and_writers_say_read_only(
         files = digest(path)
         code, out, err = run(capsys, "status", "--json", "--db", str(path))
         assert code == 0, err
-        assert json.loads(out) == json.loads(expected)
+        assert untimed(json.loads(out)) == untimed(json.loads(expected))
         assert run(capsys, "trace", "o-001", "--json", "--db", str(path))[1] == expected_trace
         assert run(capsys, "status", "--db", str(path))[0] == 0
         code, out, err = run(capsys, "reconcile", "--dry-run", "--db", str(path))
@@ -332,7 +333,7 @@ def test_status_reads_a_database_in_a_read_only_directory(capsys: pytest.Capture
     with immutable(path, folder):
         code, out, err = run(capsys, "status", "--json", "--db", str(path))
         assert code == 0, err
-        assert json.loads(out) == json.loads(expected)
+        assert untimed(json.loads(out)) == untimed(json.loads(expected))
         code, _, err = run(capsys, "drop", "--count", "1", "--db", str(path))
         assert code == 2 and "is read-only" in err
         assert os.listdir(folder) == ["app.db"]
@@ -423,7 +424,7 @@ def test_a_database_on_a_read_only_mount(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     runs = {" ".join(c[:-2]): (code, out, err) for c, code, out, err in json.loads(done.stdout)}
     assert runs["status --json"][0] == 0, runs["status --json"]
-    assert json.loads(runs["status --json"][1]) == json.loads(expected)
+    assert untimed(json.loads(runs["status --json"][1])) == untimed(json.loads(expected))
     assert runs["trace o-001"][0] == 0 and runs["reconcile --dry-run"][0] == 0
     for command in WRITERS:
         code, _, err = runs[" ".join(command)]

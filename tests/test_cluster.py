@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,14 @@ def test_a_replicated_stream_gets_a_new_leader_when_its_leader_is_killed(cluster
         assert len(broker.queued_event_ids()) == 21
         cluster.restart(leader)
         assert cluster.pid(leader) is not None
+        # Back in the cluster means caught up: every node, the restarted one included, names
+        # one leader for the stream. Until then a stream request can wait on the election.
+        deadline = time.monotonic() + 60
+        while len(set(cluster.stream_leaders(stream).values()) - {None}) != 1 \
+                or None in cluster.stream_leaders(stream).values() \
+                or leader not in cluster.stream_leaders(stream):
+            assert time.monotonic() < deadline, cluster.stream_leaders(stream)
+            time.sleep(0.1)
     finally:
         broker.destroy()
     stopped = cluster.stop()

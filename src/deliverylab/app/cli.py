@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..brokers.base import BrokerGone
 from ..engine.display import safe_json, safe_text
 from ..engine.errors import STORE_ERRORS, InvalidInput, check_int, check_number, check_text
 from ..engine.faults import FAULT_POINTS
@@ -213,12 +214,15 @@ def open_broker_arg(args: argparse.Namespace, conn: Any, **kw: Any) -> tuple[Any
     the broker's own database connection or None, its label or None when it is the queue
     table of the store's own database). ``kw`` (clock, ids, max_receives) goes to the broker.
     A queue in another database writes no trace of its own (``trace=False``): the command
-    writes the rows into the store, as the worker does."""
+    writes the rows into the store, as the worker does. ``create=False`` (status, redrive,
+    drop): a broker URL's queue or stream must exist; nothing is created."""
     from ..brokers.registry import is_broker_url, open_broker
 
     name = kw.pop("worker", "deliverylab")
+    create = kw.pop("create", True)
     if is_broker_url(args.broker):  # RabbitMQ, NATS: not a database
-        return open_broker(args.broker, field="--broker", worker=name, **kw), None, args.broker
+        return (open_broker(args.broker, field="--broker", worker=name, create=create, **kw),
+                None, args.broker)
     if args.broker is None or args.broker == (args.db or os.environ.get(DB_ENV, "")):
         return broker_on(conn, **kw), None, None
     broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
@@ -670,16 +674,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ..engine.clock import SystemClock
     from ..engine.ids import Ids
     from . import metrics
-    from .status import collect, render
+    from .status import Unlisted, collect, render
 
     store_flag(args)
     conn = open_db(args, write=False)
     try:
-        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())
+        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids(),
+                                                 create=False)
     except BaseException:
         conn.close()
         raise
-    apart = None if broker.joins(conn) else broker
+    apart = None if broker.joins(conn) else Unlisted(broker, conn)
     try:
         while True:
             report = collect(conn, broker=apart)
@@ -782,7 +787,8 @@ def _open_for_verb(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     store_flag(args)
     conn = open_db(args)
     try:
-        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())
+        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids(),
+                                                 create=False)
     except BaseException:
         conn.close()
         raise
@@ -1119,7 +1125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"deliverylab {args.command}"
     try:
         return args.run(args)
-    except (UsageError, InvalidInput) as exc:  # bad input, wherever it is found: exit 2
+    except (UsageError, InvalidInput, BrokerGone) as exc:  # bad input, or the queue gone: 2
         print(safe_text(f"{prog}: error: {exc}"), file=sys.stderr)
         return 2
     except Failure as exc:
