@@ -8,8 +8,9 @@ in a real JupyterLab driven by headless Chromium, this checks that:
 - no rendered markdown cell shows a raw directive fence (```` ```{ ```` or ``:::{``);
 - every answer dropdown in the notebook's source is on the page as a closed ``<details>``
   whose text is hidden, and a click on its title opens it and shows the text;
-- every exercise's model-solution cell (``ex-<id>-check``) shows neither its source nor its
-  verdict until its collapsed input is clicked, and then shows both.
+- every exercise's model-solution cell (``ex-<id>-check``, or a hidden-input cell that calls
+  ``grade(``) shows neither its source nor its verdict until its collapsed input is clicked,
+  and then shows its source.
 
 The server is the same one the panel test starts (``jupyterlab`` fixture): a free loopback
 port, a random token, a copy of the chapters, and nothing off the machine.
@@ -46,11 +47,14 @@ def solution_cells(notebook: Path) -> list[tuple[int, list[str]]]:
     every model-solution cell of the notebook."""
     code = [c for c in json.loads(notebook.read_text(encoding="utf-8"))["cells"]
             if c["cell_type"] == "code"]
-    shown = "\n".join("".join(c["source"]) for c in code
-                      if not CHECK.fullmatch(c.get("id", "")))
+    def solution(c: dict) -> bool:
+        return bool(CHECK.fullmatch(c.get("id", ""))) or (
+            "grade(" in "".join(c["source"]) and "hide-input" in c["metadata"].get("tags", []))
+
+    shown = "\n".join("".join(c["source"]) for c in code if not solution(c))
     out = []
     for i, c in enumerate(code):
-        if CHECK.fullmatch(c.get("id", "")):
+        if solution(c):
             lines = [s.strip() for s in "".join(c["source"]).splitlines()]
             out.append((i, [s for s in lines if len(s) > 8 and s not in shown]))
     return out

@@ -1,7 +1,7 @@
 """Model solutions stay hidden until asked for, in JupyterLab as in the HTML book.
 
-Every exercise's model solution is graded in a code cell ``ex-<id>-check`` right after the
-"Model solution" dropdown. The book hides its input (``hide-input``, behind a click); JupyterLab
+Every exercise's model solution is graded in a code cell (``ex-<id>-check``, or any cell that
+calls ``grade(`` with its input hidden in the book) after the "Model solution" dropdown. The book hides its input (``hide-input``, behind a click); JupyterLab
 reads ``jupyter.source_hidden`` and ``jupyter.outputs_hidden`` and shows the cell collapsed
 until the reader clicks it. A solution cell without both would put the answer in plain view
 under its exercise.
@@ -19,24 +19,24 @@ from deliverylab.course import EXERCISES
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
-CHECK = re.compile(r"ex-(?P<id>.+)-check")
+GRADED = re.compile(r"""grade\(\s*["'](?P<id>[^"']+)["']""")
 
 
 def solution_cells(notebook: Path) -> list[dict]:
-    """The cells that grade a model solution: ``ex-<id>-check``, or any code cell that
-    calls ``grade(`` with its input hidden in the book."""
+    """The cells that grade a model solution: a code cell ``ex-<id>-check``, or any code
+    cell that calls ``grade(`` with its input hidden in the book."""
     cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
     return [c for c in cells if c["cell_type"] == "code" and (
-        CHECK.fullmatch(c.get("id", "")) or ("grade(" in "".join(c["source"])
-                                             and "hide-input" in c["metadata"].get("tags", [])))]
+        re.fullmatch(r"ex-.+-check", c.get("id", "")) or (
+            "grade(" in "".join(c["source"]) and "hide-input" in c["metadata"].get("tags", [])))]
 
 
 def test_every_exercise_has_one_solution_cell_in_its_chapter() -> None:
     found: dict[str, list[str]] = {}
     for nb in CHAPTERS:
         for c in solution_cells(nb):
-            m = CHECK.fullmatch(c.get("id", ""))
-            assert m, f"{nb.name}: a graded hidden cell without an ex-<id>-check id"
+            m = GRADED.search("".join(c["source"]))
+            assert m, f"{nb.name}, cell {c.get('id')}: a solution cell that grades nothing"
             found.setdefault(m["id"], []).append(nb.name)
     for ex_id, ex in EXERCISES.items():
         where = found.get(ex_id, [])
