@@ -7,7 +7,10 @@ in a real JupyterLab driven by headless Chromium, this checks that:
 
 - no rendered markdown cell shows a raw directive fence (```` ```{ ```` or ``:::{``);
 - every answer dropdown in the notebook's source is on the page as a closed ``<details>``
-  whose text is hidden, and a click on its title opens it and shows the text.
+  whose text is hidden, and a click on its title opens it and shows the text;
+- every exercise's model-solution cell (``ex-<id>-check``, or a hidden-input cell that calls
+  ``grade(``) shows neither its source nor its verdict until its collapsed input is clicked,
+  and then shows its source.
 
 The server is the same one the panel test starts (``jupyterlab`` fixture): a free loopback
 port, a random token, a copy of the chapters, and nothing off the machine.
@@ -36,6 +39,25 @@ CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 DROPDOWN = re.compile(r"^(```+|:::+)\{(admonition|note|tip|hint|important)\}[^\n]*\n"
                       r"(?::[a-z-]+:[^\n]*\n)*:class:[^\n]*\bdropdown\b", re.MULTILINE)
 FENCE = re.compile(r"(```|:::)\{[a-z-]+\}")
+CHECK = re.compile(r"ex-.+-check")
+
+
+def solution_cells(notebook: Path) -> list[tuple[int, list[str]]]:
+    """(index among the code cells, the lines of its source no other code cell shows) for
+    every model-solution cell of the notebook."""
+    code = [c for c in json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+            if c["cell_type"] == "code"]
+    def solution(c: dict) -> bool:
+        return bool(CHECK.fullmatch(c.get("id", ""))) or (
+            "grade(" in "".join(c["source"]) and "hide-input" in c["metadata"].get("tags", []))
+
+    shown = "\n".join("".join(c["source"]) for c in code if not solution(c))
+    out = []
+    for i, c in enumerate(code):
+        if solution(c):
+            lines = [s.strip() for s in "".join(c["source"]).splitlines()]
+            out.append((i, [s for s in lines if len(s) > 8 and s not in shown]))
+    return out
 
 
 def dropdowns_per_cell(notebook: Path) -> list[int]:
@@ -99,6 +121,7 @@ def check_chapter(page, base: str, token: str, notebook: Path) -> None:
     page.wait_for_function(
         "n => document.querySelectorAll('.jp-NotebookPanel .jp-MarkdownCell').length === n",
         arg=len(expected))
+    check_solutions_hidden(page, notebook)
     # JupyterLab renders (and may detach) cells as they scroll in and out of view: check
     # each markdown cell while it is on screen, top to bottom.
     cells = page.locator(".jp-NotebookPanel:visible .jp-MarkdownCell")
@@ -130,3 +153,28 @@ def check_chapter(page, base: str, token: str, notebook: Path) -> None:
             page.wait_for_function("el => el.open", arg=answer.element_handle())
             assert body.is_visible(), f"cell {i}: the answer is hidden after a click"
     assert found == sum(expected), f"{found} dropdowns rendered, {sum(expected)} in the source"
+
+
+def check_solutions_hidden(page, notebook: Path) -> None:
+    """No model solution's source or verdict is on screen before a click on its collapsed
+    input; after the click its source is."""
+    code = page.locator(".jp-NotebookPanel:visible .jp-CodeCell")
+    for index, lines in solution_cells(notebook):
+        assert lines, f"code cell {index}: a solution cell with nothing of its own to hide"
+        cell = code.nth(index)
+        cell.scroll_into_view_if_needed()
+        placeholder = cell.locator(".jp-InputPlaceholder")
+        cell.locator(".jp-InputPlaceholder:visible, .jp-InputArea-editor:visible"
+                     ).first.wait_for()
+        assert placeholder.is_visible() and not cell.locator(
+            ".jp-InputArea-editor").is_visible(), (
+            f"code cell {index}: the solution's source is not collapsed before a click")
+        text = cell.inner_text()
+        seen = [s for s in lines if s in text]
+        assert not seen, f"code cell {index}: solution source on screen: {seen[0]!r}"
+        assert "PASS:" not in text, f"code cell {index}: the solution's verdict shows"
+        placeholder.click()
+        editor = cell.locator(".jp-InputArea-editor")
+        editor.wait_for(state="visible")
+        page.wait_for_function("([el, s]) => el.innerText.includes(s)",
+                               arg=[editor.element_handle(), lines[0]])

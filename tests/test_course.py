@@ -98,12 +98,12 @@ def test_heartbeat_needs_workers_interleaved_on_one_clock() -> None:
 
     faults = Faults(seed=0, **ex03.BEAT)  # a crash staggers the two workers
     run, result = run_workers(process=ex03.no_heartbeat, seed=0, faults=faults, orders=20,
-                              workers=2, work=ex03.WORK)
+                              workers=2, work=ex03.beat_work(faults))
     overtaken = run.lab.conn.execute(
         "SELECT count(*) FROM delivery_log WHERE outcome = 'ack_rejected'").fetchone()[0]
     assert overtaken > 0 and result.duplicated > 0
     run, result = run_workers(process=ex03.heartbeat_solution, seed=0, faults=faults,
-                              orders=20, workers=2, work=ex03.WORK)
+                              orders=20, workers=2, work=ex03.beat_work(faults))
     assert result.ok and {w.name for w in run.workers} == {"worker-1", "worker-2"}
     busy = {r[0] for r in run.lab.conn.execute(
         "SELECT worker FROM delivery_log WHERE outcome = 'applied'")}

@@ -17,6 +17,7 @@ from ..brokers.base import Delivery
 from ..engine.faults import Faults
 from ..engine.orders import place_order
 from ..engine.worker import apply_order_placed
+from .crew import nemesis_handler, pausing_process
 from .grader import (
     Exercise,
     Ops,
@@ -29,17 +30,31 @@ from .grader import (
 )
 
 # -- 3.1 the idempotent handler ------------------------------------------------------------
-INBOX = dict(ack_fail=0.3, crash_after_commit=0.1)
+INBOX = dict(ack_fail=0.3, ack_answer_lost=0.1, crash_after_commit=0.1)
+INBOX_INTERLEAVE = 0.3     # a peer consumer runs the same event between two statements
+INBOX_STORE_FAILURE = 0.1  # a write fails: locked, disk full, a constraint (not a repeat)
+INBOX_RECEIVES = 10
 
 
 def idempotent_handler_solution(conn: sqlite3.Connection, delivery: Delivery) -> None:
     # The inbox row and the effect share the worker's transaction: both commit, or neither.
+    # The unique key decides, not an earlier SELECT: a peer may commit the same event between
+    # two of these statements. Any other failure propagates: the transaction rolls back and
+    # the delivery comes again; only a repeat is a reason to skip.
     fresh = conn.execute(
         "INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-        " VALUES ('inventory', ?, clock_now()) ON CONFLICT DO NOTHING",
+        " VALUES ('inventory', ?, clock_now())"
+        " ON CONFLICT (consumer, event_id) DO NOTHING",
         (delivery.event_id,)).rowcount
     if fresh:
         apply_order_placed(conn, delivery)
+
+
+def idempotent_handler_starter(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    """Make the order's effect (``apply_order_placed(conn, delivery)``) at most once per
+    event, however often the event is delivered, and never skip it for any reason but a
+    repeat. Runs inside the worker's transaction; the inbox table is
+    ``inbox_processed(consumer, event_id, processed_at)``."""
 
 
 def plain_handler(conn: sqlite3.Connection, delivery: Delivery) -> None:
@@ -62,32 +77,80 @@ def skip_reserved_items(conn: sqlite3.Connection, delivery: Delivery) -> None:
         apply_order_placed(conn, delivery)
 
 
+def inbox_swallows_errors(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    try:  # "it failed, so we must have seen it already"
+        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                     " VALUES ('inventory', ?, clock_now())", (delivery.event_id,))
+    except Exception:
+        return
+    apply_order_placed(conn, delivery)
+
+
 def run_idempotent_handler(handler: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **INBOX)
-    run, _ = run_workers(handler=handler, seed=seed, faults=faults, orders=30, workers=2)
-    return judge(run.lab, seed=seed, faults=describe_faults(faults, workers=2, orders=30),
-                 errors=run.errors)
+    hostile = nemesis_handler(handler, faults, interleave=INBOX_INTERLEAVE,
+                              store_failure=INBOX_STORE_FAILURE)
+    run, _ = run_workers(handler=hostile, seed=seed, faults=faults, orders=30, workers=2,
+                         max_receives=INBOX_RECEIVES)
+    where = describe_faults(faults, workers=2, orders=30,
+                            extra=f"a peer between statements {INBOX_INTERLEAVE:g}, store"
+                                  f" failures {INBOX_STORE_FAILURE:g} per write")
+    return judge(run.lab, seed=seed, faults=where, errors=run.errors)
 
 
 register(Exercise(
     id="idempotent-handler", chapter=3, title="An idempotent handler",
-    run=run_idempotent_handler, solution=idempotent_handler_solution, starter=plain_handler,
-    params=("conn", "delivery"),
+    run=run_idempotent_handler, solution=idempotent_handler_solution,
+    starter=idempotent_handler_starter, params=("conn", "delivery"),
     wrong=(("duplicated", plain_handler), ("duplicated", keyed_by_receipt),
-           ("lost", skip_reserved_items))))
+           ("lost", skip_reserved_items), ("lost", inbox_swallows_errors))))
 
 
 # -- 3.2 the heartbeat ---------------------------------------------------------------------
-WORK = 4.5     # seconds of work per delivery, against a 2-second lease
-BEAT = dict(crash_after_receive=0.1)
+BEAT = dict(crash_after_receive=0.1, ack_fail=0.2, ack_answer_lost=0.1)
+BEAT_LEASE = 2.0
+BEAT_WORK = (1.5, 7.5)  # seconds of work per delivery, seeded in this range
+BEAT_PAUSE = 0.3        # a stall between two verbs, about one lease long
+BEAT_RECEIVES = 10
 
 
 def heartbeat_solution(delivery: Delivery, ops: Ops) -> None:
+    lease = ops.visibility_timeout
+    beat = lease / 2  # renew well inside the lease, never at its very edge
     while ops.work_left > 0:
-        ops.extend(delivery, ops.visibility_timeout)  # the lease outlives the next chunk
+        if not ops.extend(delivery, lease):
+            # The lease ran out and another delivery holds the message: it does the work.
+            return
+        ops.work(min(beat, ops.work_left))
+    # A stall after the last beat can still outlast the lease: the effect and the ACK
+    # commit together, and only if this delivery still holds the message.
+    with ops.transaction():
+        ops.apply(delivery)
+        if not ops.ack(delivery):
+            raise ops.Rollback
+
+
+def heartbeat_starter(delivery: Delivery, ops: Ops) -> None:
+    """Do the delivery's work (``ops.work``, ``ops.work_left`` seconds of it, often longer
+    than the lease ``ops.visibility_timeout``), then its effect, exactly once per order:
+    nothing lost, nothing applied twice, whatever the timing."""
+
+
+def beat_then_separate_commits(delivery: Delivery, ops: Ops) -> None:
+    while ops.work_left > 0:
+        ops.extend(delivery, ops.visibility_timeout)
         ops.work(min(1.0, ops.work_left))
     ops.apply(delivery)
     ops.ack(delivery)
+
+
+def beat_at_the_lease_edge(delivery: Delivery, ops: Ops) -> None:
+    while ops.work_left > 0:  # renew by exactly the lease, work exactly the lease
+        ops.extend(delivery, ops.visibility_timeout)
+        ops.work(min(ops.visibility_timeout, ops.work_left))
+    with ops.transaction():
+        ops.apply(delivery)
+        ops.ack(delivery)
 
 
 def no_heartbeat(delivery: Delivery, ops: Ops) -> None:
@@ -103,19 +166,28 @@ def extend_once(delivery: Delivery, ops: Ops) -> None:
     ops.ack(delivery)
 
 
+def beat_work(faults: Faults) -> Callable[[Delivery], float]:
+    lo, hi = BEAT_WORK
+    return lambda d: round(lo + (hi - lo) * faults.uniform("work", d.event_id), 3)
+
+
 def run_heartbeat(process: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **BEAT)
-    run, _ = run_workers(process=process, seed=seed, faults=faults, orders=20, workers=2,
-                         work=WORK, visibility_timeout=2.0)
+    hostile = pausing_process(process, faults, pause=BEAT_PAUSE, lease=BEAT_LEASE)
+    run, _ = run_workers(process=hostile, seed=seed, faults=faults, orders=20, workers=2,
+                         work=beat_work(faults), visibility_timeout=BEAT_LEASE,
+                         max_receives=BEAT_RECEIVES)
     where = describe_faults(faults, workers=2, orders=20,
-                            extra=f"{WORK:g}s of work per delivery, 2s lease")
+                            extra=f"{BEAT_WORK[0]:g}-{BEAT_WORK[1]:g}s of work per delivery,"
+                                  f" {BEAT_LEASE:g}s lease, stalls {BEAT_PAUSE:g}")
     return judge(run.lab, seed=seed, faults=where, errors=run.errors)
 
 
 register(Exercise(
     id="heartbeat", chapter=3, title="A heartbeat for slow work",
-    run=run_heartbeat, solution=heartbeat_solution, starter=no_heartbeat,
-    wrong=(("duplicated", no_heartbeat), ("duplicated", extend_once))))
+    run=run_heartbeat, solution=heartbeat_solution, starter=heartbeat_starter,
+    wrong=(("duplicated", beat_then_separate_commits), ("duplicated", beat_at_the_lease_edge),
+           ("duplicated", extend_once))))
 
 
 # -- 3.3 the producer that retries ---------------------------------------------------------
@@ -123,15 +195,30 @@ REQUESTS = 20
 LOST_REQUEST = 0.2    # the request never reaches the server
 LOST_RESPONSE = 0.3   # the order commits, the answer never reaches the client
 MAX_ATTEMPTS = 20
+RESTART = 0.3         # the client dies after a lost answer and submits the request again
 
 
 def producer_solution(send: Callable[..., str], request: dict[str, Any]) -> str:
+    # The key names the request, not the attempt and not this call: a retry, or the same
+    # request submitted again after the client restarted, replays the order it placed.
+    key = request["request_id"]
+    attempts = 0
     while True:
-        try:  # the same key on every attempt: a retry of a request that did commit is a replay
-            return send(request["item_id"], request["qty"],
-                        idempotency_key=request["request_id"])
+        attempts += 1
+        try:
+            return send(request["item_id"], request["qty"], idempotency_key=key)
         except TimeoutError:
-            continue
+            # Lost on the way or lost on the way back: the order may exist or not, and the
+            # client cannot tell which. Only a retry with the same key is safe either way.
+            if attempts == 20:
+                raise  # give up loudly: the caller must know the order may not exist
+
+
+def producer_starter(send: Callable[..., str], request: dict[str, Any]) -> str:
+    """Place the order ``request`` asks for through ``send(item_id, qty,
+    idempotency_key=None)`` and return its order id: exactly one order per request, however
+    many requests and answers the connection loses (each raises ``TimeoutError``), and even
+    if this function is called again for the same request after the client restarts."""
 
 
 def retry_without_key(send: Callable[..., str], request: dict[str, Any]) -> str:
@@ -159,6 +246,10 @@ def no_retry(send: Callable[..., str], request: dict[str, Any]) -> str | None:
         return None
 
 
+class _Restarted(BaseException):  # noqa: N818 - a fault, not an error
+    """The client process died after a lost answer; the request is submitted again."""
+
+
 class _Network:
     """``send`` for one request: place_order behind a connection that loses requests and
     answers on a seeded schedule, with a log of every attempt for the verdict's trace."""
@@ -166,6 +257,7 @@ class _Network:
     def __init__(self, lab: Lab, faults: Faults, request_id: str) -> None:
         self.lab, self.faults, self.request_id = lab, faults, request_id
         self.attempts = 0
+        self.restarts = 0
         self.created: list[str] = []
         self.log: list[str] = []
 
@@ -185,6 +277,11 @@ class _Network:
                 else f"replayed order {placed.order_id}, nothing written")
         key = f"key {idempotency_key!r}" if idempotency_key else "no key"
         if self.faults.uniform("response", self.request_id, n) < LOST_RESPONSE:
+            if not self.restarts and self.faults.uniform("restart", self.request_id) < RESTART:
+                self.restarts += 1
+                self.log.append(f"  attempt {n} ({key}): {what}; answer lost, and the client"
+                                " died: it submits the request again")
+                raise _Restarted
             self.log.append(f"  attempt {n} ({key}): {what}; answer lost → TimeoutError")
             raise TimeoutError("no answer from the server")
         self.log.append(f"  attempt {n} ({key}): {what}; answer received")
@@ -201,7 +298,10 @@ def run_producer(submit: Callable[..., Any], seed: int) -> Trial:
                    "item_id": lab.rng.choice(ITEMS), "qty": lab.rng.randint(1, 3)}
         net = _Network(lab, faults, request["request_id"])
         try:
-            submit(net.send, dict(request))
+            try:
+                submit(net.send, dict(request))
+            except _Restarted:
+                submit(net.send, dict(request))  # the restarted client, the same request
         except Stopped as exc:
             if not errors:
                 errors.append(f"no end of retries: {exc} (request {request['request_id']})")
@@ -223,8 +323,8 @@ def run_producer(submit: Callable[..., Any], seed: int) -> Trial:
     base = judge(lab, seed=seed, faults="", errors=())  # the consumer side must be clean too
     if not base.passed:
         reasons.append(f"the consumer side: {base.reason}")
-    where = (f"requests lost {LOST_REQUEST:g}, answers lost {LOST_RESPONSE:g};"
-             f" {REQUESTS} requests")
+    where = (f"requests lost {LOST_REQUEST:g}, answers lost {LOST_RESPONSE:g}, the client"
+             f" restarts after {RESTART:.0%} of lost answers; {REQUESTS} requests")
     bad = next((n for n in nets if len(n.created) != 1), None)
     trace = ""
     if reasons and bad is not None:
@@ -235,7 +335,7 @@ def run_producer(submit: Callable[..., Any], seed: int) -> Trial:
 
 register(Exercise(
     id="producer-retries", chapter=3, title="A producer that survives its own retries",
-    run=run_producer, solution=producer_solution, starter=retry_without_key,
+    run=run_producer, solution=producer_solution, starter=producer_starter,
     params=("send", "request"),
     wrong=(("placed more than once", retry_without_key),
            ("placed more than once", retry_fresh_key), ("never placed", no_retry))))

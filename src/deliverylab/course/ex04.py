@@ -19,7 +19,7 @@ from ..engine.check import event_states
 from ..engine.clock import FakeClock
 from ..engine.faults import Faults
 from ..engine.worker import Worker, apply_order_placed
-from .crew import course_lab, drain
+from .crew import course_lab, drain, nemesis_handler
 from .grader import Exercise, SubmissionError, Trial, describe_faults, judge, order_trace, register
 
 # -- 4.1 run until idle --------------------------------------------------------------------
@@ -33,16 +33,32 @@ MAX_CALLS = 200_000
 
 def drain_solution(workers: list[Any], queue: Queue, clock: FakeClock) -> None:
     turn = 0
+    idle = 0  # workers in a row that found nothing to do at this moment
     while True:
         got = workers[turn % len(workers)].step()
         turn += 1
         if got:
+            idle = 0
             continue
+        idle += 1
+        if idle < len(workers):
+            continue  # the others may still have something at this moment
+        idle = 0
         nxt = queue.next_visible_at()
         if nxt is None:
-            return  # nothing leased, nothing waiting: really empty
+            return  # nothing visible, nothing leased, nothing waiting out a backoff
         if nxt > clock.now():
-            clock.sleep_until(nxt)  # nothing visible yet: let the lease or the backoff run out
+            # Nothing visible yet: let the lease or the backoff run out, to the exact
+            # moment (a lease may end at a fraction of a second).
+            clock.sleep_until(nxt)
+
+
+def drain_starter(workers: list[Any], queue: Queue, clock: FakeClock) -> None:
+    """Run the ``workers`` (each has ``step()``, which returns how many deliveries it moved
+    forward) until the queue is really empty: no message visible, leased or waiting out a
+    retry's backoff. ``queue.next_visible_at()`` is when the next message becomes visible
+    (None when there is none); ``clock.now()``, ``clock.sleep_until(t)`` and
+    ``clock.advance(s)`` move the lab's time."""
 
 
 def drain_until_nothing_visible(workers: list[Any], queue: Queue, clock: FakeClock) -> None:
@@ -177,7 +193,7 @@ def run_drain(drain_fn: Callable[..., Any], seed: int) -> Trial:
 
 register(Exercise(
     id="drain", chapter=4, title="Run until the queue is really empty",
-    run=run_drain, solution=drain_solution, starter=drain_until_nothing_visible,
+    run=run_drain, solution=drain_solution, starter=drain_starter,
     params=("workers", "queue", "clock"),
     wrong=(("still in the queue", drain_until_nothing_visible),
            ("clock never moved", drain_without_time),
@@ -190,12 +206,30 @@ FLAKY = dict(ack_fail=0.7)
 HEALED = dict(ack_fail=0.2)
 
 
+REDRIVE_INTERLEAVE = 0.3     # a peer consumer runs the same event between two statements
+REDRIVE_STORE_FAILURE = 0.1  # before the redrive: a write fails (locked, full, constraint)
+
+
 def redrive_inbox_solution(conn: sqlite3.Connection, delivery: Delivery) -> None:
-    # The event id is the same in every message that carries the event, a redriven one too.
-    if conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-                    " VALUES ('inventory', ?, clock_now()) ON CONFLICT DO NOTHING",
-                    (delivery.event_id,)).rowcount:
+    # Key the inbox by what names the event, not the message: the event id is the same in
+    # every message that carries the event, a redriven one too, while the redrive gives
+    # the message a new id and every receive a new receipt.
+    fresh = conn.execute(
+        "INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+        " VALUES ('inventory', ?, clock_now())"
+        " ON CONFLICT (consumer, event_id) DO NOTHING",
+        (delivery.event_id,)).rowcount
+    # Only a repeat (no row written) skips the effect; any other failure of the INSERT
+    # propagates, and the delivery comes again.
+    if fresh:
         apply_order_placed(conn, delivery)
+
+
+def redrive_inbox_starter(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    """Make the order's effect (``apply_order_placed(conn, delivery)``) once per order, even
+    after an operator redrives dead letters whose effect was already made. Runs inside the
+    worker's transaction; the inbox table is ``inbox_processed(consumer, event_id,
+    processed_at)``."""
 
 
 def inbox_by_message_id(conn: sqlite3.Connection, delivery: Delivery) -> None:
@@ -214,17 +248,28 @@ def inbox_by_receipt(conn: sqlite3.Connection, delivery: Delivery) -> None:
 
 def run_redrive_inbox(handler: Callable[..., Any], seed: int) -> Trial:
     flaky = Faults(seed=seed, **FLAKY)
-    lab = course_lab(seed=seed, faults=flaky, workers=2, max_receives=3, handler=handler)
+    healing = {"done": False}
+    broken = nemesis_handler(handler, flaky, interleave=REDRIVE_INTERLEAVE,
+                             store_failure=REDRIVE_STORE_FAILURE)
+    mended = nemesis_handler(handler, flaky, interleave=REDRIVE_INTERLEAVE)
+
+    def hostile(conn: sqlite3.Connection, delivery: Delivery) -> Any:
+        return (mended if healing["done"] else broken)(conn, delivery)
+
+    lab = course_lab(seed=seed, faults=flaky, workers=2, max_receives=3, handler=hostile)
     lab.place_orders(REDRIVE_ORDERS)
     drain(lab)  # most ACKs lost: many messages use up their receives, applied or not
     parked = lab.conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
     lab.queue.redrive()  # the operator moves every dead letter back to the queue
+    healing["done"] = True
     healed = Faults(seed=seed, **HEALED)
     for w in lab.workers:
         w.faults = healed
     drain(lab)
     where = describe_faults(flaky, workers=2, orders=REDRIVE_ORDERS,
-                            extra=f"3 receives, then {parked} dead letters redriven"
+                            extra=f"a peer between statements {REDRIVE_INTERLEAVE:g}, store"
+                                  f" failures {REDRIVE_STORE_FAILURE:g} per write; 3 receives,"
+                                  f" then {parked} dead letters redriven"
                                   f" (ack_fail={HEALED['ack_fail']:g} afterwards)")
     errors = []
     for w in lab.workers:
@@ -234,7 +279,7 @@ def run_redrive_inbox(handler: Callable[..., Any], seed: int) -> Trial:
 
 register(Exercise(
     id="redrive-inbox", chapter=4, title="An inbox that survives a redrive",
-    run=run_redrive_inbox, solution=redrive_inbox_solution, starter=inbox_by_message_id,
+    run=run_redrive_inbox, solution=redrive_inbox_solution, starter=redrive_inbox_starter,
     params=("conn", "delivery"),
     wrong=(("duplicated", inbox_by_message_id), ("duplicated", inbox_by_receipt))))
 
@@ -247,12 +292,24 @@ MISSING_LATE = 5
 
 def missing_solution(conn: sqlite3.Connection) -> set[str]:
     # Missing: not in the inbox (never applied) and not in the queue (nothing left to apply
-    # it). A dead letter whose event is in the inbox was only never acknowledged.
-    return {order_id for (order_id,) in conn.execute(
-        "SELECT order_id FROM orders AS o"
+    # it: no message visible, leased to a worker mid-delivery, or waiting out a backoff).
+    # A dead letter whose event is in the inbox was only never acknowledged; an order whose
+    # message is still queued may yet be applied.
+    rows = conn.execute(
+        "SELECT o.order_id FROM orders AS o"
         " WHERE NOT EXISTS (SELECT 1 FROM inbox_processed AS i"
-        "                    WHERE i.consumer = 'inventory' AND i.event_id = o.event_id)"
-        "   AND NOT EXISTS (SELECT 1 FROM queue_messages AS q WHERE q.event_id = o.event_id)")}
+        "                    WHERE i.consumer = 'inventory'"
+        "                      AND i.event_id = o.event_id)"
+        "   AND NOT EXISTS (SELECT 1 FROM queue_messages AS q"
+        "                    WHERE q.event_id = o.event_id)"
+        " ORDER BY o.order_id")
+    return {order_id for (order_id,) in rows}
+
+
+def missing_starter(conn: sqlite3.Connection) -> set[str]:
+    """The ids of the orders whose effect is really missing: never applied, with nothing
+    left that could still apply it, read from the database of a run stopped at any moment
+    (tables ``orders``, ``inbox_processed``, ``queue_messages``, ``dead_letters``)."""
 
 
 def missing_dead_letters(conn: sqlite3.Connection) -> set[str]:
@@ -316,7 +373,7 @@ def run_missing(missing: Callable[..., Any], seed: int) -> Trial:
 
 register(Exercise(
     id="really-missing", chapter=4, title="Which orders are really missing?",
-    run=run_missing, solution=missing_solution, starter=missing_dead_letters,
+    run=run_missing, solution=missing_solution, starter=missing_starter,
     params=("conn",),
     wrong=(("already applied", missing_dead_letters), ("still in the queue", missing_not_in_inbox),
            ("already applied", missing_dead_letters_with_error))))
