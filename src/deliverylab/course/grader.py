@@ -198,11 +198,21 @@ def check_seeds(seeds: Any) -> tuple[int, ...]:
 
 
 def grade(exercise_id: str, submission: Callable[..., Any], *,
-          seeds: Iterable[int] = SEEDS) -> Verdict:
-    """Run ``submission`` for exercise ``exercise_id`` once per seed and judge it."""
+          seeds: Iterable[int] = SEEDS, broker: str | None = None) -> Verdict:
+    """Run ``submission`` for exercise ``exercise_id`` once per seed and judge it.
+    ``broker`` (a URL) runs an exercise on the broker contract on that engine instead of
+    its default (chapter 7's exercises)."""
     ex = exercise(exercise_id)
     check_submission(ex, submission)
-    trials = tuple(ex.run(submission, seed) for seed in check_seeds(seeds))
+    extra: dict[str, Any] = {}
+    if broker is not None:
+        if "broker" not in inspect.signature(ex.run).parameters:
+            raise InvalidInput("broker", broker, f"None: {exercise_id} runs on the lab's own"
+                                                 " queue, not on a broker you choose")
+        from .external import check_broker_url
+
+        extra["broker"] = check_broker_url(broker)
+    trials = tuple(ex.run(submission, seed, **extra) for seed in check_seeds(seeds))
     return Verdict(ex, all(t.passed for t in trials), trials)
 
 
