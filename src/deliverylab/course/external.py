@@ -232,8 +232,8 @@ class Wire:
 class Store:
     """The store's connection as the reader's code sees it, with faults at its statements:
 
-    * ``between``: run before each statement made outside a transaction (another consumer,
-      another relay: they could commit there);
+    * ``between``: run between two statements, before the second when it is made outside a
+      transaction (another consumer, another relay: they could commit there);
     * ``lock``: a predicate of (sql, statement number) for which the statement fails with
       "database is locked" instead of running;
     * ``crash_before_commit`` / ``crash_after_commit``: the process dies at its next COMMIT,
@@ -263,13 +263,14 @@ class Store:
         if self._lock is not None and self._lock(sql, n):
             self.locked += 1
             raise Locked("database is locked")
-        if self._between is not None and not self._conn.in_transaction:
-            self._between()
+        if self._between is not None and n > 0 and not self._conn.in_transaction:
+            self._between()  # between two statements: not before the first
         return self._conn.execute(sql, params)
 
     def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
         self.statements += 1
-        if self._between is not None and not self._conn.in_transaction:
+        if self._between is not None and self.statements > 1 \
+                and not self._conn.in_transaction:
             self._between()
         return self._conn.executemany(sql, rows)
 
