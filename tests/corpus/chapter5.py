@@ -10,6 +10,18 @@ from __future__ import annotations
 import sqlite3
 
 from deliverylab.course import apply_order_placed, transaction
+from deliverylab.course.ex05 import (
+    fence_by_order_of_the_last_repair,
+    fence_ignored,
+    fence_read_from_inbox,
+    repair_fence_only,
+    repair_item_clears_all,
+    repair_item_fence_all,
+    repair_item_unfenced,
+    repair_rebuild_only,
+)
+
+CHAPTER = 5
 
 # -- in-flight-repair: wrong ---------------------------------------------------------------
 
@@ -130,15 +142,127 @@ def repair_delta_per_item(conn, now):
                      " SELECT 'inventory', event_id, ? FROM orders", (now,))
 
 
+# -- fenced-worker ---------------------------------------------------------------------------
+
+
+def fence_only_on_redelivery(conn, delivery):
+    # A first delivery cannot have been counted by a repair... can it?
+    if delivery.delivery_count > 1 and conn.execute(
+            "SELECT 1 FROM reconciled_events WHERE consumer = 'inventory' AND event_id = ?",
+            (delivery.event_id,)).fetchone():
+        return
+    apply_order_placed(conn, delivery)
+
+
+def fence_by_repair_time(conn, delivery):
+    # Skip the events of orders placed before the last repair: it counted them all.
+    last = conn.execute("SELECT max(reconciled_at) FROM reconciled_events").fetchone()[0]
+    placed = conn.execute("SELECT created_at FROM orders WHERE event_id = ?",
+                          (delivery.event_id,)).fetchone()[0]
+    if last is None or placed > last:
+        apply_order_placed(conn, delivery)
+
+
+def fence_by_repair_time_inclusive(conn, delivery):
+    last = conn.execute("SELECT max(reconciled_at) FROM reconciled_events").fetchone()[0]
+    placed = conn.execute("SELECT created_at FROM orders WHERE event_id = ?",
+                          (delivery.event_id,)).fetchone()[0]
+    if last is None or placed >= last:
+        apply_order_placed(conn, delivery)
+
+
+def fence_in_one_statement(conn, delivery):
+    p = delivery.payload
+    conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                 " SELECT ?, ? WHERE NOT EXISTS (SELECT 1 FROM reconciled_events"
+                 "  WHERE consumer = 'inventory' AND event_id = ?)"
+                 " ON CONFLICT (item_id) DO UPDATE"
+                 " SET reserved_qty = reserved_qty + excluded.reserved_qty",
+                 (p["itemId"], p["qty"], delivery.event_id))
+
+
+def fence_counted(conn, delivery):
+    n = conn.execute("SELECT count(*) FROM reconciled_events AS f JOIN orders AS o"
+                     " USING (event_id) WHERE f.consumer = 'inventory'"
+                     " AND o.order_id = ?", (delivery.payload["orderId"],)).fetchone()[0]
+    if n == 0:
+        apply_order_placed(conn, delivery)
+
+
+# -- repair-item ------------------------------------------------------------------------------
+
+
+def repair_item_swallows_lock(conn, item_id, now):
+    try:
+        with transaction(conn):
+            conn.execute("DELETE FROM inventory_projection WHERE item_id = ?", (item_id,))
+            conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                         " SELECT item_id, sum(qty) FROM orders WHERE item_id = ?"
+                         " GROUP BY item_id", (item_id,))
+            conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+                         " SELECT 'inventory', event_id, ? FROM orders WHERE item_id = ?"
+                         " ON CONFLICT (consumer, event_id) DO NOTHING", (now, item_id))
+    except sqlite3.OperationalError:
+        pass  # busy: the next night's job will get it
+
+
+def repair_item_upsert(conn, item_id, now):
+    with transaction(conn):
+        total = conn.execute("SELECT coalesce(sum(qty), 0) FROM orders WHERE item_id = ?",
+                             (item_id,)).fetchone()[0]
+        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty) VALUES (?, ?)"
+                     " ON CONFLICT (item_id) DO UPDATE SET reserved_qty = excluded.reserved_qty",
+                     (item_id, total))
+        conn.executemany("INSERT OR IGNORE INTO reconciled_events"
+                         " (consumer, event_id, reconciled_at) VALUES ('inventory', ?, ?)",
+                         [(e, now) for (e,) in conn.execute(
+                             "SELECT event_id FROM orders WHERE item_id = ?",
+                             (item_id,)).fetchall()])
+
+
+def repair_item_delta(conn, item_id, now):
+    with transaction(conn):
+        truth = conn.execute("SELECT coalesce(sum(qty), 0) FROM orders WHERE item_id = ?",
+                             (item_id,)).fetchone()[0]
+        row = conn.execute("SELECT reserved_qty FROM inventory_projection WHERE item_id = ?",
+                           (item_id,)).fetchone()
+        if row is None:
+            conn.execute("INSERT INTO inventory_projection VALUES (?, ?)", (item_id, truth))
+        elif row[0] != truth:
+            conn.execute("UPDATE inventory_projection SET reserved_qty = reserved_qty + ?"
+                         " WHERE item_id = ?", (truth - row[0], item_id))
+        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+                     " SELECT 'inventory', o.event_id, ? FROM orders AS o"
+                     " WHERE o.item_id = ? AND NOT EXISTS (SELECT 1 FROM reconciled_events AS f"
+                     "  WHERE f.consumer = 'inventory' AND f.event_id = o.event_id)",
+                     (now, item_id))
+
+
 WRONG = [
     ("in-flight-repair", repair_two_transactions, "counted twice", "interleaving"),
     ("in-flight-repair", repair_no_transaction, "UNIQUE constraint failed", "interleaving"),
     ("in-flight-repair", repair_reads_then_writes, "missing", "interleaving"),
-    ("in-flight-repair", repair_fences_only_queued, "counted twice", "lost message"),
-    ("in-flight-repair", repair_swallows_lock, "missing", "store failure"),
+    ("in-flight-repair", repair_fences_only_queued, "counted twice", "lost-message"),
+    ("in-flight-repair", repair_swallows_lock, "missing", "store-failure"),
+    ("in-flight-repair", repair_rebuild_only, "counted twice", "stopped"),
+    ("in-flight-repair", repair_fence_only, "missing", "lost-message"),
+    ("fenced-worker", fence_ignored, "duplicated", "stopped"),
+    ("fenced-worker", fence_read_from_inbox, "duplicated", "stopped"),
+    ("fenced-worker", fence_only_on_redelivery, "duplicated", "stopped"),
+    ("fenced-worker", fence_by_order_of_the_last_repair, "lost", "baseline"),
+    ("fenced-worker", fence_by_repair_time, "lost", "past-range"),
+    ("fenced-worker", fence_by_repair_time_inclusive, "duplicated", "past-range"),
+    ("repair-item", repair_item_fence_all, "lost", "baseline"),
+    ("repair-item", repair_item_clears_all, "changed other items", "baseline"),
+    ("repair-item", repair_item_unfenced, "duplicated", "stopped"),
+    ("repair-item", repair_item_swallows_lock, "differs from the truth", "store-failure"),
 ]
 CORRECT = [
     ("in-flight-repair", repair_counts_what_is_not_in_flight),
     ("in-flight-repair", repair_adds_never_applied),
     ("in-flight-repair", repair_delta_per_item),
+    ("fenced-worker", fence_in_one_statement),
+    ("fenced-worker", fence_counted),
+    ("repair-item", repair_item_upsert),
+    ("repair-item", repair_item_delta),
 ]

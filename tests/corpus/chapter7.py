@@ -11,8 +11,21 @@ import json
 import sqlite3
 
 from deliverylab.course import apply_order_placed, transaction
+from deliverylab.course.ex07 import (
+    consume_ack_then_apply,
+    consume_apply_then_ack,
+    consume_swallows_inbox_errors,
+    relay_marks_first,
+    relay_marks_on_timeout,
+    relay_without_dedup_id,
+    triage_acks_every_error,
+    triage_never_parks,
+    triage_parks_every_error,
+)
 from deliverylab.engine.errors import BrokerUnavailable
 from deliverylab.engine.worker import PoisonMessage
+
+CHAPTER = 7
 
 # -- external-inbox ------------------------------------------------------------------------
 
@@ -97,7 +110,7 @@ def relay_batch_marks_everything(store, broker):
     rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
                          " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
     with transaction(store):  # one batch: send them all, then mark them all
-        for seq, event_id, type_, payload, corr in rows:
+        for _seq, event_id, type_, payload, corr in rows:
             try:
                 broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
                             dedup_id=event_id)
@@ -214,22 +227,22 @@ def triage_value_error_and_fixed_retry(store, broker, delivery):
 
 
 WRONG = [
-    ("external-inbox", "consume_apply_then_ack", "applied twice", "lost message"),
-    ("external-inbox", "consume_ack_then_apply", "never applied", "stopped"),
-    ("external-inbox", "consume_swallows_inbox_errors", "never applied", "store failure"),
+    ("external-inbox", consume_apply_then_ack, "applied twice", "lost-message"),
+    ("external-inbox", consume_ack_then_apply, "never applied", "stopped"),
+    ("external-inbox", consume_swallows_inbox_errors, "never applied", "store-failure"),
     ("external-inbox", consume_checks_then_inserts, "applied twice", "interleaving"),
     ("external-inbox", consume_acks_inside_the_transaction, "never applied", "stopped"),
-    ("relay-publish", "relay_marks_first", "never applied", "stopped"),
-    ("relay-publish", "relay_marks_on_timeout", "never applied", "lost message"),
-    ("relay-publish", "relay_without_dedup_id", "dedup id", "lost message"),
-    ("relay-publish", relay_fresh_dedup_id_per_attempt, "dedup id", "lost message"),
-    ("relay-publish", relay_batch_marks_everything, "never applied", "lost message"),
-    ("poison-or-retry", "triage_parks_every_error", "good orders parked", "store failure"),
-    ("poison-or-retry", "triage_acks_every_error", "not in the dead letters", "store failure"),
-    ("poison-or-retry", "triage_never_parks", "deliveries (at most 3)", "past the range"),
+    ("relay-publish", relay_marks_first, "never applied", "stopped"),
+    ("relay-publish", relay_marks_on_timeout, "never applied", "lost-message"),
+    ("relay-publish", relay_without_dedup_id, "dedup id", "lost-message"),
+    ("relay-publish", relay_fresh_dedup_id_per_attempt, "dedup id", "lost-message"),
+    ("relay-publish", relay_batch_marks_everything, "never applied", "lost-message"),
+    ("poison-or-retry", triage_parks_every_error, "good orders parked", "store-failure"),
+    ("poison-or-retry", triage_acks_every_error, "not in the dead letters", "store-failure"),
+    ("poison-or-retry", triage_never_parks, "deliveries (at most 3)", "past-range"),
     ("poison-or-retry", triage_parks_after_three_failures, "good orders parked",
-     "past the range"),
-    ("poison-or-retry", triage_without_inbox, "applied twice", "lost message"),
+     "past-range"),
+    ("poison-or-retry", triage_without_inbox, "applied twice", "lost-message"),
 ]
 CORRECT = [
     ("external-inbox", consume_select_inside_immediate),
