@@ -28,7 +28,8 @@ from .crew import course_lab, drain, drift_text, errors_of, hold_one_while, log_
 from .grader import Exercise, Ops, Trial, describe_faults, judge, order_trace, register
 
 # The workers' faults: each mode gets the ones that strike it.
-FAULTS = {Mode.IDEMPOTENT: dict(ack_fail=0.3, crash_after_receive=0.1, crash_after_commit=0.05),
+FAULTS = {Mode.IDEMPOTENT: dict(ack_fail=0.3, ack_answer_lost=0.1, crash_after_receive=0.1,
+                              crash_after_commit=0.05),
           Mode.TRANSACTIONAL: dict(crash_after_receive=0.2)}
 WORKERS = 2
 
