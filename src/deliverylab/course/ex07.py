@@ -536,7 +536,8 @@ def run_triage(triage: Callable[..., Any], seed: int, *, broker: str | None = No
         parked_good = sorted(dead & good)
         if parked_good:
             reasons.append(f"{len(parked_good)} good orders parked in the dead letters (event"
-                           f" {parked_good[0]}): a locked store passes, the order does not")
+                           f" {parked_good[0]}): a good order is to be applied, not parked (a locked"
+                           " store passes)")
         unparked = [e for e in poison if e not in dead]
         if unparked:
             reasons.append(f"{len(unparked)} of {len(poison)} poison messages not in the dead"
