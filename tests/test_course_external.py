@@ -144,3 +144,16 @@ def test_a_bad_broker_is_named_and_nothing_runs() -> None:
         grade("in-flight-repair", lambda conn, now: None, seeds=[0],
               broker=f"{AMQP}?queue=x")
     assert err.value.field == "broker" and "lab's own queue" in str(err.value)
+
+
+def test_a_submission_that_exits_or_has_a_sql_typo_gets_a_verdict() -> None:
+    def exits(store, broker, delivery):  # noqa: ANN001 - a reader's code
+        raise SystemExit(3)
+
+    def typo(store, broker):  # noqa: ANN001 - a reader's code
+        store.execute("SELEC event_id FROM outbox")
+
+    first = grade("external-inbox", exits, seeds=[0]).failed[0]
+    assert "your code raised SystemExit: 3 (delivery 1 of order" in first.reason
+    second = grade("relay-publish", typo, seeds=[0]).failed[0]
+    assert 'your code raised OperationalError: near "SELEC": syntax error' in second.reason

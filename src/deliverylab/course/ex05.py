@@ -182,7 +182,7 @@ class _Caller:
                 if conn.locked and attempt == 1 and "locked" in str(exc):
                     continue  # the lock we made: the operator runs the repair again
                 self._note(f"{type(exc).__name__}: {exc} (your repair at t={now:g})")
-            except Exception as exc:  # the reader's code: report it, keep grading
+            except (Exception, SystemExit) as exc:  # the reader's code: report it, go on
                 if lab.conn.in_transaction:
                     lab.conn.rollback()
                 self._note(f"{type(exc).__name__}: {exc} (your repair at t={now:g})")

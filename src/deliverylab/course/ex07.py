@@ -117,7 +117,7 @@ class _Consumers:
             s.broker.abandon([d])  # the process died: the broker sees its consumer go
         except (BrokerUnavailable, Locked):
             s.broker.abandon([d])  # a lost ACK or a locked store let through: retried later
-        except Exception as exc:  # noqa: BLE001 - the reader's code
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the reader's code
             self.raised[type(exc).__name__] = self.raised.get(type(exc).__name__, 0) + 1
             if not isinstance(exc, self.expected):
                 note(self.errors, exc, d)
@@ -365,7 +365,7 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
                 relay(store, wire)
             except (Crashed, BrokerUnavailable, Locked):
                 pass  # died, or gave up: restarted at the next run
-            except Exception as exc:  # noqa: BLE001 - the reader's code
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - the reader's code
                 note(errors, exc, None)
             finally:
                 if s.store.in_transaction:
