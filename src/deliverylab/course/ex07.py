@@ -11,12 +11,14 @@ whose process dies around its commits.
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 from ..book.lab import ITEMS
 from ..brokers.base import Delivery
+from ..engine.check import projection_vs_truth
 from ..engine.errors import BrokerUnavailable
 from ..engine.faults import Faults
 from ..engine.ids import Ids
@@ -25,6 +27,7 @@ from ..engine.store import transaction
 from ..engine.worker import PoisonMessage, apply_order_placed
 from .external import (
     Crashed,
+    History,
     Locked,
     Setup,
     Store,
@@ -44,8 +47,6 @@ ORDERS = 10
 def _place(setup: Setup, seed: int, n: int) -> list[tuple[str, str, str, str, str | None]]:
     """``n`` orders in the store, each with its event in the store's outbox; returns the
     outbox rows (seq, event id, type, payload, correlation id), oldest first."""
-    import random
-
     rng, ids = random.Random(seed), Ids(seed + 1_000_003)
     for _ in range(n):
         place_order(None, item_id=rng.choice(list(ITEMS)), qty=rng.randint(1, 3),
@@ -84,11 +85,23 @@ class _Consumers:
         self.expected = expected
         self.errors: list[str] = []
         self.deliveries = 0
+        self.history = History()
+        self.history.clock = setup.clock
         self.wires = [Wire(setup.broker, faults, request_lost={"ack": ack_lost},
                            answer_lost={"ack": ack_lost}, worker=f"worker-{i + 1}")
                       for i in range(2)]
+        for w in self.wires:
+            w.history = self.history
         self.raised: dict[str, int] = {}
         self.seen: dict[str, int] = {}  # event id -> its highest delivery count
+        self.applied: dict[str, float] = {}  # event id -> effects seen in the projection
+
+    def _reserved(self, d: Delivery) -> int:
+        item = d.payload.get("itemId") if isinstance(d.payload, dict) else None
+        row = self.setup.store.execute(
+            "SELECT reserved_qty FROM inventory_projection WHERE item_id = ?",
+            (item,)).fetchone() if isinstance(item, str) else None
+        return row[0] if row else 0
 
     def _roll(self, point: str, d: Delivery) -> float:
         return self.faults.uniform(point, d.event_id, d.message_id, d.delivery_count)
@@ -101,28 +114,44 @@ class _Consumers:
         d = got[0]
         self.deliveries += 1
         self.seen[d.event_id] = max(self.seen.get(d.event_id, 0), d.delivery_count)
+        who = f"worker-{who + 1}"
+        say = self.history.say
+        say(d.event_id, who, f"received (delivery {d.delivery_count}, message {d.message_id})")
         # A poison message is not locked out: its deliveries all reach the code.
         lock_first_insert = (self._roll("locked", d) < self.locked
                              and not d.event_id.startswith("evt-poison"))
         store = Store(
             s.store,
-            between=(lambda: self.step(1)) if self.interleave and who == 0 else None,
+            between=(lambda: self.step(1)) if self.interleave and who == "worker-1" else None,
             lock=(lambda sql, n: lock_first_insert and n <= 2
                   and sql.lstrip().upper().startswith("INSERT")),
             crash_before_commit=self._roll("crash_before_commit", d) < self.crash,
             crash_after_commit=self._roll("crash_after_commit", d) < self.crash)
+        before = self._reserved(d)
         try:
-            self.consume(store, self.wires[who], d)
-        except Crashed:
+            self.consume(store, self.wires[int(who[-1]) - 1], d)
+        except Crashed as crash:
+            say(d.event_id, who, f"died ({crash.point})")
             s.broker.abandon([d])  # the process died: the broker sees its consumer go
-        except (BrokerUnavailable, Locked):
+        except (BrokerUnavailable, Locked) as exc:
+            say(d.event_id, who, f"your code let through: {exc}")
             s.broker.abandon([d])  # a lost ACK or a locked store let through: retried later
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - the reader's code
+            say(d.event_id, who, f"your code raised {type(exc).__name__}: {exc}")
             self.raised[type(exc).__name__] = self.raised.get(type(exc).__name__, 0) + 1
             if not isinstance(exc, self.expected):
                 note(self.errors, exc, d)
             s.broker.abandon([d])
         finally:
+            moved = self._reserved(d) - before
+            if moved:
+                qty = d.payload.get("qty")
+                times = moved / qty if isinstance(qty, int) and qty > 0 else 1
+                self.applied[d.event_id] = self.applied.get(d.event_id, 0) + times
+                say(d.event_id, who, f"effect made: the projection moved by {moved}")
+            if store.locked:
+                say(d.event_id, who, "(the store had been locked at an INSERT of this"
+                                     " delivery)")
             if s.store.in_transaction:
                 s.store.rollback()
         if not s.realtime:
@@ -147,7 +176,7 @@ def _faults_text(setup: Setup, text: str) -> str:
 
 
 def _trial(seed: int, where: str, reasons: list[str], setup: Setup,
-           focus: str | None = None) -> Trial:
+           focus: str | None = None, history: History | None = None) -> Trial:
     if not reasons:
         return Trial(seed=seed, faults=where, passed=True, reason="")
     trace = ""
@@ -157,6 +186,10 @@ def _trial(seed: int, where: str, reasons: list[str], setup: Setup,
         focus = off[0] if off else None
     if focus is not None:
         trace = f"Look at order {focus}: " + _story(setup, focus)
+        event = setup.store.execute("SELECT event_id FROM orders WHERE order_id = ?",
+                                    (focus,)).fetchone()
+        if history is not None and event is not None:
+            trace += "\n" + history.text(event[0], f"What happened to its event {event[0]}:")
     return Trial(seed=seed, faults=where, passed=False, reason="; ".join(reasons),
                  trace=trace)
 
@@ -173,10 +206,15 @@ def _story(setup: Setup, order_id: str) -> str:
             f" dead-lettered: {row[2] in setup.broker.dead_lettered_event_ids()}")
 
 
-def _focus(setup: Setup) -> str | None:
-    """An order of the first item that drifted."""
-    for item, _t, _p, delta in __import__("deliverylab.engine.check", fromlist=["x"]) \
-            .projection_vs_truth(setup.store):
+def _focus(setup: Setup, applied: dict[str, float] | None = None) -> str | None:
+    """An order whose event took effect other than once, else one of the first item that
+    drifted."""
+    if applied is not None:
+        for order_id, event_id in setup.store.execute(
+                "SELECT order_id, event_id FROM orders ORDER BY created_at, order_id"):
+            if applied.get(event_id, 0) != 1:
+                return order_id
+    for item, _t, _p, delta in projection_vs_truth(setup.store):
         if delta:
             r = setup.store.execute("SELECT order_id FROM orders WHERE item_id = ?"
                                     " ORDER BY created_at, order_id LIMIT 1", (item,)).fetchone()
@@ -265,7 +303,7 @@ def run_consume(consume: Callable[..., Any], seed: int, *, broker: str | None = 
                                 " and answers lost 0.15 each; crash before or after the"
                                 " commit 0.1 each; store locked at an INSERT 0.15; a second"
                                 " consumer steps between statements outside a transaction")
-        return _trial(seed, where, reasons, s, _focus(s))
+        return _trial(seed, where, reasons, s, _focus(s, crew.applied), crew.history)
 
 
 register(Exercise(
@@ -353,6 +391,7 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
         _place(s, seed, ORDERS)
         wire = Wire(s.broker, faults, request_lost={"send": 0.15}, answer_lost={"send": 0.15},
                     crash_after={"send": 0.15}, worker="relay")
+        wire.history.clock = s.clock
         errors: list[str] = []
         runs = 0
         for runs in range(1, RELAY_RUNS + 1):  # noqa: B007 - counted for the verdict
@@ -406,8 +445,9 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
                                 " a send 0.15; its process dies before or after a COMMIT 0.15"
                                 " each; the store is locked at a statement 0.05; your relay"
                                 f" runs up to {RELAY_RUNS} times")
-        focus = _focus(s)
-        return _trial(seed, where, reasons, s, focus)
+        wire.history.lines.update({k: [*v, *crew.history.lines.get(k, [])]
+                                   for k, v in wire.history.lines.items()})
+        return _trial(seed, where, reasons, s, _focus(s, crew.applied), wire.history)
 
 
 register(Exercise(
@@ -556,8 +596,23 @@ def run_triage(triage: Callable[..., Any], seed: int, *, broker: str | None = No
                                 " locked at the first INSERT of a delivery 0.3; ACK requests"
                                 " and answers lost 0.1 each; crash before or after the commit"
                                 " 0.05 each; the broker parks after 10 deliveries")
-        return _trial(seed, where, reasons, s, _focus(s) or (parked_good[0]
-                                                            if parked_good else None))
+        focus = _focus(s, crew.applied) if off else None
+        if focus is None and parked_good:
+            focus = _order_of(s, parked_good[0])
+        trial = _trial(seed, where, reasons, s, focus, crew.history)
+        bad_poison = (unparked or [late[0]] if late else unparked)
+        if not trial.passed and bad_poison and not parked_good:
+            trace = crew.history.text(bad_poison[0],
+                                      f"What happened to poison message {bad_poison[0]}:")
+            trial = Trial(seed=trial.seed, faults=trial.faults, passed=False,
+                          reason=trial.reason, trace=trace)
+        return trial
+
+
+def _order_of(s: Setup, event_id: str) -> str | None:
+    row = s.store.execute("SELECT order_id FROM orders WHERE event_id = ?",
+                          (event_id,)).fetchone()
+    return row[0] if row else None
 
 
 register(Exercise(

@@ -181,19 +181,26 @@ class Wire:
         self._tries: dict[tuple[str, str], int] = {}
         self.sends: list[tuple[str, str | None]] = []   # (event id, dedup id) of each send
         self.settled: list[tuple[str, str, str]] = []   # (verb, event id, message id)
+        self.history = History()  # what each verb met, per event, for the verdict's trace
+        self.clock = getattr(broker, "clock", None)
 
     def _roll(self, what: str, rates: dict[str, float], verb: str, key: str, n: int) -> bool:
         rate = rates.get(verb, 0.0)
         return rate > 0 and self._faults.uniform(what, verb, key, n) < rate
 
-    def _call(self, verb: str, key: str, act: Callable[[], Any]) -> Any:
+    def _call(self, verb: str, key: str, act: Callable[[], Any], event_id: str = "") -> Any:
         n = self._tries[(verb, key)] = self._tries.get((verb, key), 0) + 1
+        say = self.history.say
         if self._roll("request_lost", self._request, verb, key, n):
+            say(event_id, self._worker, f"{verb}: request lost (the broker never heard it)")
             raise BrokerUnavailable(verb, "no answer before the timeout")
         out = act()
         if self._roll("answer_lost", self._answer, verb, key, n):
+            say(event_id, self._worker, f"{verb}: done, answer lost (the caller cannot tell)")
             raise BrokerUnavailable(verb, "no answer before the timeout")
+        say(event_id, self._worker, f"{verb}: {out if isinstance(out, bool) else 'done'}")
         if self._roll("crash_after", self._crash, verb, key, n):
+            say(event_id, self._worker, f"died right after the {verb}")
             raise Crashed(f"after_{verb}")
         return out
 
@@ -205,7 +212,8 @@ class Wire:
 
     def ack(self, delivery: Delivery) -> bool:
         d = self._delivery(delivery)
-        out = self._call("ack", d.receipt, lambda: self._broker.ack(d, worker=self._worker))
+        out = self._call("ack", d.receipt, lambda: self._broker.ack(d, worker=self._worker),
+                         d.event_id)
         self.settled.append(("ack", d.event_id, d.message_id))
         return out
 
@@ -213,17 +221,19 @@ class Wire:
         d = self._delivery(delivery)
         return self._call("nack", d.receipt,
                           lambda: self._broker.nack(d, min(float(delay), 30.0),
-                                                    worker=self._worker))
+                                                    worker=self._worker), d.event_id)
 
     def extend(self, delivery: Delivery, seconds: float) -> bool:
         d = self._delivery(delivery)
         return self._call("extend", d.receipt,
-                          lambda: self._broker.extend(d, seconds, worker=self._worker))
+                          lambda: self._broker.extend(d, seconds, worker=self._worker),
+                          d.event_id)
 
     def dead_letter(self, delivery: Delivery, error: str) -> bool:
         d = self._delivery(delivery)
         out = self._call("dead_letter", d.receipt,
-                         lambda: self._broker.dead_letter(d, str(error), worker=self._worker))
+                         lambda: self._broker.dead_letter(d, str(error), worker=self._worker),
+                         d.event_id)
         self.settled.append(("dead_letter", d.event_id, d.message_id))
         return out
 
@@ -234,7 +244,28 @@ class Wire:
             return self._broker.send(event_id, type, payload, correlation_id=correlation_id,
                                      dedup_id=dedup_id)
 
-        return self._call("send", str(event_id), act)
+        return self._call("send", str(event_id), act, str(event_id))
+
+
+class History:
+    """Per event, what happened to it, in order: the lines of a verdict's trace."""
+
+    def __init__(self) -> None:
+        self.clock: Any = None
+        self.lines: dict[str, list[str]] = {}
+
+    def say(self, event_id: str, who: str, text: str) -> None:
+        at = self.clock.now() if self.clock is not None else 0.0
+        self.lines.setdefault(event_id, []).append(f"  {at:10.3f}  {who:<9} {text}")
+
+    def text(self, event_id: str, title: str, limit: int = 30) -> str:
+        lines = self.lines.get(event_id, [])
+        out = [title, *lines[:limit]]
+        if len(lines) > limit:
+            out.append(f"  … {len(lines) - limit} more")
+        if not lines:
+            out.append("  (nothing: never sent, never received)")
+        return "\n".join(out)
 
 
 class Store:
