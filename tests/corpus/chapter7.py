@@ -55,6 +55,18 @@ def consume_acks_inside_the_transaction(store, broker, delivery):
         broker.ack(delivery)  # "atomic" with the effect... in another system
 
 
+def consume_without_a_transaction(store, broker, delivery):
+    fresh = store.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                          " VALUES ('inventory', ?, clock_now()) ON CONFLICT DO NOTHING",
+                          (delivery.event_id,)).rowcount
+    if fresh:  # the inbox row is committed already: a death here loses the order
+        apply_order_placed(store, delivery)
+    try:
+        broker.ack(delivery)
+    except BrokerUnavailable:
+        pass
+
+
 def consume_select_inside_immediate(store, broker, delivery):
     with transaction(store):  # BEGIN IMMEDIATE: no one writes between the read and the write
         seen = store.execute("SELECT 1 FROM inbox_processed WHERE consumer = 'inventory'"
@@ -232,6 +244,7 @@ WRONG = [
     ("external-inbox", consume_swallows_inbox_errors, "never applied", "store-failure"),
     ("external-inbox", consume_checks_then_inserts, "applied twice", "interleaving"),
     ("external-inbox", consume_acks_inside_the_transaction, "never applied", "stopped"),
+    ("external-inbox", consume_without_a_transaction, "never applied", "stopped"),
     ("relay-publish", relay_marks_first, "never applied", "stopped"),
     ("relay-publish", relay_marks_on_timeout, "never applied", "lost-message"),
     ("relay-publish", relay_without_dedup_id, "dedup id", "lost-message"),

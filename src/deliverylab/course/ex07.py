@@ -95,9 +95,14 @@ class _Consumers:
         self.raised: dict[str, int] = {}
         self.seen: dict[str, int] = {}  # event id -> its highest delivery count
         self.applied: dict[str, float] = {}  # event id -> effects seen in the projection
+        self._moved: dict[Any, int] = {}  # item -> projection moves attributed so far
+
+    @staticmethod
+    def _item(d: Delivery) -> Any:
+        return d.payload.get("itemId") if isinstance(d.payload, dict) else None
 
     def _reserved(self, d: Delivery) -> int:
-        item = d.payload.get("itemId") if isinstance(d.payload, dict) else None
+        item = self._item(d)
         row = self.setup.store.execute(
             "SELECT reserved_qty FROM inventory_projection WHERE item_id = ?",
             (item,)).fetchone() if isinstance(item, str) else None
@@ -126,8 +131,11 @@ class _Consumers:
             lock=(lambda sql, n: lock_first_insert and n <= 2
                   and sql.lstrip().upper().startswith("INSERT")),
             crash_before_commit=self._roll("crash_before_commit", d) < self.crash,
-            crash_after_commit=self._roll("crash_after_commit", d) < self.crash)
+            crash_after_commit=self._roll("crash_after_commit", d) < self.crash,
+            crash_at=(1 + int(self._roll("crash_where", d) * 3)
+                      if self._roll("crash_between", d) < self.crash else None))
         before = self._reserved(d)
+        nested = self._moved.get(self._item(d), 0)  # what steps run inside this one move
         try:
             self.consume(store, self.wires[int(who[-1]) - 1], d)
         except Crashed as crash:
@@ -143,7 +151,9 @@ class _Consumers:
                 note(self.errors, exc, d)
             s.broker.abandon([d])
         finally:
-            moved = self._reserved(d) - before
+            item = self._item(d)
+            moved = self._reserved(d) - before - (self._moved.get(item, 0) - nested)
+            self._moved[item] = self._moved.get(item, 0) + moved
             if moved:
                 qty = d.payload.get("qty")
                 times = moved / qty if isinstance(qty, int) and qty > 0 else 1
@@ -301,7 +311,7 @@ def run_consume(consume: Callable[..., Any], seed: int, *, broker: str | None = 
             reasons.append(f"{len(dead)} messages ended in the dead letters")
         where = _faults_text(s, f"{ORDERS} orders, {doubled} published twice; ACK requests"
                                 " and answers lost 0.15 each; crash before or after the"
-                                " commit 0.1 each; store locked at an INSERT 0.15; a second"
+                                " commit 0.1 each, and between two statements 0.1; store locked at an INSERT 0.15; a second"
                                 " consumer steps between statements outside a transaction")
         return _trial(seed, where, reasons, s, _focus(s, crew.applied), crew.history)
 

@@ -276,13 +276,17 @@ class Store:
     * ``lock``: a predicate of (sql, statement number) for which the statement fails with
       "database is locked" instead of running;
     * ``crash_before_commit`` / ``crash_after_commit``: the process dies at its next COMMIT,
-      before it (rolled back) or after it (committed)."""
+      before it (rolled back) or after it (committed);
+    * ``crash_at``: the process dies just before that statement (counted from 0): what it
+      committed so far stays, an open transaction is rolled back."""
 
     def __init__(self, conn: sqlite3.Connection, *,
                  between: Callable[[], Any] | None = None,
                  lock: Callable[[str, int], bool] | None = None,
-                 crash_before_commit: bool = False, crash_after_commit: bool = False) -> None:
+                 crash_before_commit: bool = False, crash_after_commit: bool = False,
+                 crash_at: int | None = None) -> None:
         self._conn, self._between, self._lock = conn, between, lock
+        self.crash_at = crash_at
         self.crash_before_commit, self.crash_after_commit = crash_before_commit, \
             crash_after_commit
         self.statements = 0
@@ -297,6 +301,11 @@ class Store:
         if not isinstance(sql, str):
             raise TypeError(f"a SQL statement is a str, got {sql!r}")
         head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+        if self.crash_at is not None and n == self.crash_at and head not in ("BEGIN",):
+            self.crash_at = None  # the process dies here, before this statement runs
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            raise Crashed(f"before statement {n + 1}")
         if head in ("COMMIT", "END"):
             return self._commit(lambda: self._conn.execute(sql, params))
         if self._lock is not None and self._lock(sql, n):
