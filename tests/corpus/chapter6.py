@@ -14,6 +14,7 @@ from deliverylab.course.ex06 import (
     status_final_is_sticky,
     status_last_write_wins,
     status_newer_by_arrival,
+    status_upsert_where_newer,
 )
 
 CHAPTER = 6
@@ -65,17 +66,6 @@ def charge_checks_the_ledger_then_keys(service, delivery):
 
 
 # -- newer-wins: correct --------------------------------------------------------------------
-def status_read_then_write(conn, order_id, status, version, now):
-    row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
-                       (order_id,)).fetchone()
-    if row is None:
-        conn.execute("INSERT INTO order_status (order_id, status, version, updated_at)"
-                     " VALUES (?, ?, ?, ?)", (order_id, status, version, now))
-    elif int(row[0]) < int(version):
-        conn.execute("UPDATE order_status SET status = ?, version = ?, updated_at = ?"
-                     " WHERE order_id = ?", (status, version, now, order_id))
-
-
 def status_replace_unless_newer(conn, order_id, status, version, now):
     conn.execute("INSERT OR REPLACE INTO order_status (order_id, status, version, updated_at)"
                  " SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM order_status"
@@ -148,7 +138,7 @@ WRONG = [
 CORRECT = [
     ("charge-once", charge_retries_with_the_same_key),
     ("charge-once", charge_checks_the_ledger_then_keys),
-    ("newer-wins", status_read_then_write),
+    ("newer-wins", status_upsert_where_newer),
     ("newer-wins", status_replace_unless_newer),
     ("inbox-cleanup", cleanup_in_sql),
     ("inbox-cleanup", cleanup_with_margin),

@@ -251,8 +251,10 @@ def repair_starter(conn: sqlite3.Connection, now: float) -> None:
 
 
 def repair_solution(conn: sqlite3.Connection, now: float) -> None:
-    # One write transaction: no worker commits between the rebuild and the fence.
+    # One write transaction (BEGIN IMMEDIATE takes the lock at once): no worker commits
+    # between the rebuild and the fence, and none between reading the orders and writing.
     with transaction(conn):
+        # The rebuild: the truth, whatever the projection held (lost or doubled effects).
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
@@ -261,12 +263,6 @@ def repair_solution(conn: sqlite3.Connection, now: float) -> None:
         conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM orders WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
-        rows = conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"
-                            " ORDER BY item_id").fetchall()
-        truth = conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"
-                             " ORDER BY item_id").fetchall()
-        if [tuple(r) for r in rows] != [tuple(r) for r in truth]:
-            raise RuntimeError("the rebuild does not match the orders")  # then roll back
 
 
 def repair_rebuild_only(conn: sqlite3.Connection, now: float) -> None:

@@ -338,9 +338,6 @@ def relay_solution(store: Any, broker: Any) -> None:
     rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
                          " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
     for seq, event_id, type_, payload, correlation_id in rows:
-        with transaction(store):  # count the attempt first: a crash leaves it counted
-            store.execute("UPDATE outbox SET attempts = attempts + 1 WHERE outbox_seq = ?",
-                          (seq,))
         try:
             # The event id as the dedup id: a republish after a crash carries the same one,
             # so an engine with producer dedup drops it (and the inbox drops it anyway).
