@@ -1,4 +1,4 @@
-"""Chapters 4 to 6's exercises, beyond the parametrised suite in ``test_course.py``.
+"""Chapters 4 to 7's exercises, beyond the parametrised suite in ``test_course.py``.
 
 The chapters show each exercise's starter and model solution as code generated from the
 functions the grader tests; these tests hold the chapters to that. The others check that a
@@ -32,6 +32,9 @@ SHOWN = {
     "charge-once": ("06_beyond_the_inbox.ipynb", "charge"),
     "newer-wins": ("06_beyond_the_inbox.ipynb", "apply_status"),
     "inbox-cleanup": ("06_beyond_the_inbox.ipynb", "nightly"),
+    "external-inbox": ("07_beyond_one_machine.ipynb", "consume"),
+    "relay-publish": ("07_beyond_one_machine.ipynb", "relay"),
+    "poison-or-retry": ("07_beyond_one_machine.ipynb", "consume"),
 }
 
 
@@ -47,7 +50,7 @@ def _text(cell: nbformat.NotebookNode) -> str:
 
 
 def test_every_late_chapter_has_three_exercises() -> None:
-    for chapter in (4, 5, 6):
+    for chapter in (4, 5, 6, 7):
         assert sum(ex.chapter == chapter for ex in EXERCISES.values()) >= 3
     assert {ex_id for ex_id, ex in EXERCISES.items() if ex.chapter >= 4} == set(SHOWN)
 
@@ -80,12 +83,13 @@ def test_exercises_come_after_the_chapter() -> None:
         ids = [c.get("id") for c in nb.cells]
         start = next(i for i, c in enumerate(nb.cells) if c.source.startswith("## Exercises"))
         assert all(str(i).startswith("ex") for i in ids[start:])
-        assert not any(str(i).startswith(("ex-", "ex4-", "ex5-", "ex6-")) for i in ids[:start])
+        assert not any(str(i).startswith(("ex-", "ex4-", "ex5-", "ex6-", "ex7-"))
+                       for i in ids[:start])
 
 
 def test_plain_source_renames_and_drops_type_hints() -> None:
     text = cells.plain_source(ex05.repair_solution, "repair")
-    assert text.startswith("def repair(conn, now):\n    with transaction(conn):")
+    assert text.startswith("def repair(conn, now):\n    # One write transaction")
     assert "sqlite3" not in text.splitlines()[0]
     with pytest.raises(InvalidInput) as err:
         cells.plain_source("repair", "repair")

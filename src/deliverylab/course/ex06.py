@@ -27,41 +27,90 @@ from .crew import call, course_lab, drain, errors_of
 from .grader import Exercise, Trial, describe_faults, judge, order_trace, register
 
 # -- 6.1 one charge per order --------------------------------------------------------------
-CHARGE_FAULTS = dict(ack_fail=0.3, crash_after_commit=0.1)
-LOST_ANSWER = 0.3
+CHARGE_FAULTS = dict(ack_fail=0.2, ack_answer_lost=0.1, crash_after_commit=0.1)
+LOST_ANSWER = 0.2
+LOST_REQUEST = 0.2
+RACE = 0.3
 CHARGE_ORDERS = 20
 
 
 class LostAnswer(TimeoutError):
-    """The service charged, but its answer never reached the caller."""
+    """The call timed out: the service may or may not have charged."""
 
 
 class FlakyPayments:
-    """The payment service behind a network that loses answers: ``charge`` reaches the real
-    :class:`~deliverylab.effects.PaymentService` (which may charge), and then, on a seeded
-    schedule, its answer is lost and the caller gets :class:`LostAnswer` instead."""
+    """The payment service behind a network that loses requests and answers: ``charge``
+    may never reach the real :class:`~deliverylab.effects.PaymentService` (nothing charged),
+    or reach it and lose the answer (charged); the caller gets :class:`LostAnswer`, a
+    ``TimeoutError``, either way. ``rate`` is the share of answers lost, ``request_rate`` of
+    requests. ``find_charges(order_id)`` is the provider's ledger: the charges it made for
+    that order. ``race(order_id)``, if given, runs once for some orders (``race_rate``)
+    right after the caller's first call about that order: another worker holding a duplicate
+    of the same event, charging at the same moment."""
 
-    def __init__(self, service: PaymentService, *, seed: int, rate: float) -> None:
+    def __init__(self, service: PaymentService, *, seed: int, rate: float,
+                 request_rate: float = 0.0, race: Callable[[str], Any] | None = None,
+                 race_rate: float = 0.0) -> None:
         if not isinstance(service, PaymentService):
             raise InvalidInput("service", service, "a PaymentService")
         self.service, self.rate = service, check_number("rate", rate, minimum=0, maximum=1)
+        self.request_rate = check_number("request_rate", request_rate, minimum=0, maximum=1)
+        self.race_rate = check_number("race_rate", race_rate, minimum=0, maximum=1)
+        self._race = race
+        self._raced: set[str] = set()
         self._faults = Faults(seed=seed)
         self._calls: dict[str, int] = {}
 
+    def _maybe_race(self, order_id: str) -> None:
+        if self._race is None or order_id in self._raced:
+            return
+        self._raced.add(order_id)
+        if self._faults.uniform("race", order_id) < self.race_rate:
+            self._race(order_id)
+
+    def find_charges(self, order_id: str) -> list[dict[str, Any]]:
+        rows = [dict(r) for r in self.service.conn.execute(
+            "SELECT charge_id, order_id, amount, idempotency_key FROM payment_charges"
+            " WHERE order_id = ? ORDER BY rowid", (order_id,))]
+        self._maybe_race(order_id)  # what it says may be stale by the time it is read
+        return rows
+
     def charge(self, *, order_id: str, amount: int,
                idempotency_key: str | None = None) -> Charge:
+        n = self._calls[order_id] = self._calls.get(order_id, 0) + 1
+        self._maybe_race(order_id)
+        if self._faults.uniform("lost_request", order_id, n) < self.request_rate:
+            raise LostAnswer("the payment service did not answer in time")
         answer = self.service.charge(order_id=order_id, amount=amount,
                                      idempotency_key=idempotency_key)
-        n = self._calls[order_id] = self._calls.get(order_id, 0) + 1
         if self._faults.uniform("lost_answer", order_id, n) < self.rate:
-            raise LostAnswer("the service charged, but its answer was lost on the way back")
+            raise LostAnswer("the payment service did not answer in time")
         return answer
+
+
+def charge_starter(service: Any, delivery: Delivery) -> None:
+    """Charge the order in ``delivery.payload`` (its ``orderId`` and ``qty``) ``qty x 500``
+    cents, exactly once, whatever gets lost: ``service.charge(order_id=…, amount=…,
+    idempotency_key=…)`` returns the charge, or raises ``TimeoutError`` when the request or
+    its answer was lost (you cannot tell which); ``service.find_charges(order_id)`` lists
+    the charges the provider made for an order. Return only once the order is charged;
+    raise to have the delivery retried."""
 
 
 def charge_solution(service: Any, delivery: Delivery) -> None:
     order = delivery.payload
-    service.charge(order_id=order["orderId"], amount=order["qty"] * 500,
-                   idempotency_key=delivery.event_id)  # the same key on every delivery
+    amount = order["qty"] * 500
+    # One key per event: the same on every delivery of it and in every worker, so the
+    # provider charges it once and answers any repeat with the first charge.
+    key = f"charge-{delivery.event_id}"
+    try:
+        service.charge(order_id=order["orderId"], amount=amount, idempotency_key=key)
+    except TimeoutError:
+        # Lost on the way there or on the way back: no way to tell, so do not guess. Fail
+        # the delivery: the inbox row rolls back, the message comes back, and the retry,
+        # with the same key, either charges or gets the first charge back. Swallowing it
+        # would reserve an order that may never have been charged.
+        raise
 
 
 def charge_without_key(service: Any, delivery: Delivery) -> None:
@@ -81,11 +130,39 @@ def charge_keyed_by_attempt(service: Any, delivery: Delivery) -> None:
                    idempotency_key=f"{delivery.event_id}-{delivery.delivery_count}")
 
 
+def charge_swallows_timeout(service: Any, delivery: Delivery) -> None:
+    order = delivery.payload
+    try:
+        service.charge(order_id=order["orderId"], amount=order["qty"] * 500)
+    except TimeoutError:
+        pass  # it probably went through; a retry would charge twice
+
+
+def charge_checks_the_ledger(service: Any, delivery: Delivery) -> None:
+    order = delivery.payload
+    if not service.find_charges(order["orderId"]):  # not charged yet: charge it
+        service.charge(order_id=order["orderId"], amount=order["qty"] * 500)
+
+
 def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **CHARGE_FAULTS)
     lab = course_lab(seed=seed, faults=faults, workers=2, max_receives=10)
     service = PaymentService(clock=lab.clock, seed=seed)
-    flaky = FlakyPayments(service, seed=seed, rate=LOST_ANSWER)
+    holding: dict[str, Delivery] = {}
+
+    def duplicate(order_id: str) -> None:
+        """Another worker with a duplicate of the same event runs the same code now."""
+        d = holding.get(order_id)
+        if d is None:
+            return
+        twin = d._replace(receipt=f"{d.receipt}-twin", delivery_count=d.delivery_count + 1)
+        try:
+            charge(FlakyPayments(service, seed=seed, rate=0.0), twin)
+        except Exception:  # noqa: BLE001, S110 - the twin's own failure is its worker's
+            pass
+
+    flaky = FlakyPayments(service, seed=seed, rate=LOST_ANSWER, request_rate=LOST_REQUEST,
+                          race=duplicate, race_rate=RACE)
 
     def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
         # The idempotent consumer: the inbox row, the charge, the reservation, one transaction
@@ -93,6 +170,7 @@ def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
         if conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
                         " VALUES (?, ?, ?) ON CONFLICT (consumer, event_id) DO NOTHING",
                         (CONSUMER, delivery.event_id, lab.clock.now())).rowcount:
+            holding[delivery.payload.get("orderId", "")] = delivery
             charge(flaky, delivery)
             apply_order_placed(conn, delivery)
 
@@ -101,8 +179,10 @@ def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
     lab.place_orders(CHARGE_ORDERS)
     drain(lab)
     where = describe_faults(faults, workers=2, orders=CHARGE_ORDERS,
-                            extra=f"answers lost {LOST_ANSWER:g}")
-    # A lost answer is the network's fault, not the reader's: the worker retries it.
+                            extra=f"payment requests lost {LOST_REQUEST:g}, answers lost"
+                                  f" {LOST_ANSWER:g}; a duplicate delivery charging at the"
+                                  f" same moment for {RACE:.0%} of the orders")
+    # A lost call is the network's fault, not the reader's: the worker retries it.
     errors = [e for e in errors_of(lab) if not e.startswith("LostAnswer")]
     base = judge(lab, seed=seed, faults=where, errors=errors)
     per_order = service.charged_orders()
@@ -117,9 +197,11 @@ def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
     if twice:
         extra = sum(per_order[o] - 1 for o in twice)
         reasons.append(f"{len(twice)} of {len(orders)} orders charged more than once ({extra}"
-                       " extra charges): a retry reached the service as a new request")
+                       " extra charges): a retry or a duplicate reached the service as a new"
+                       " request")
     if never:
-        reasons.append(f"{len(never)} of {len(orders)} orders never charged")
+        reasons.append(f"{len(never)} of {len(orders)} orders never charged, yet reserved:"
+                       " a lost request was taken for a charge made")
     if wrong_amount:
         o, a = wrong_amount[0]
         reasons.append(f"{len(wrong_amount)} charges of the wrong amount: order {o} was"
@@ -127,7 +209,8 @@ def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
     if not reasons:
         service.conn.close()
         return Trial(seed=seed, faults=where, passed=True, reason="")
-    focus = (twice or never or base.duplicated or base.lost or (wrong_amount[0][0],))[0]
+    focus = (twice or never or base.duplicated or base.lost
+             or tuple(o for o, _ in wrong_amount[:1]) or tuple(orders[:1]))[0]
     trace = "\n".join([order_trace(lab.conn, focus), *_charge_lines(service, focus)])
     service.conn.close()
     return Trial(seed=seed, faults=where, passed=False, reason="; ".join(reasons),
@@ -146,7 +229,7 @@ def _charge_lines(service: PaymentService, order_id: str) -> list[str]:
 
 register(Exercise(
     id="charge-once", chapter=6, title="One charge per order, whatever gets lost",
-    run=run_charge, solution=charge_solution, starter=charge_without_key,
+    run=run_charge, solution=charge_solution, starter=charge_starter,
     params=("service", "delivery"),
     wrong=(("charged more than once", charge_without_key),
            ("charged more than once", charge_keyed_by_receipt),
@@ -158,13 +241,37 @@ STATUS_ORDERS = 12
 OVERLAP = 0.5
 
 
+def status_starter(conn: sqlite3.Connection, order_id: str, status: str, version: int,
+                   now: float) -> None:
+    """Keep in ``order_status (order_id, status, version, updated_at)`` the status of the
+    order's *newest* change, whatever order the changes arrive in and however often each
+    arrives. ``version`` is an integer that grows with each change of an order (it runs
+    past 9); ``now`` is the lab's time. Called inside the worker's transaction."""
+
+
 def status_solution(conn: sqlite3.Connection, order_id: str, status: str, version: int,
                     now: float) -> None:
+    # Read the order's row inside the worker's transaction: nobody writes it in between.
+    row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+                       (order_id,)).fetchone()
+    if row is None:  # the first change seen for this order, whichever it is
+        conn.execute("INSERT INTO order_status (order_id, status, version, updated_at)"
+                     " VALUES (?, ?, ?, ?)", (order_id, status, version, now))
+    elif row[0] < version:  # newer: it wins (numbers, not text: 10 > 9)
+        conn.execute("UPDATE order_status SET status = ?, version = ?, updated_at = ?"
+                     " WHERE order_id = ?", (status, version, now, order_id))
+    # Otherwise an older change, or the same one again (a redelivery): it changes nothing,
+    # whatever order the changes arrive in.
+
+
+def status_upsert_where_newer(conn: sqlite3.Connection, order_id: str, status: str,
+                              version: int, now: float) -> None:
+    """Another correct design: one UPSERT whose update only a newer version passes."""
     conn.execute(
         "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
         " version = excluded.version, updated_at = excluded.updated_at"
-        " WHERE excluded.version > order_status.version",  # only a newer change wins
+        " WHERE excluded.version > order_status.version",
         (order_id, status, version, now))
 
 
@@ -187,6 +294,16 @@ def status_newer_by_arrival(conn: sqlite3.Connection, order_id: str, status: str
         (order_id, status, version, now))
 
 
+def status_compared_as_text(conn: sqlite3.Connection, order_id: str, status: str,
+                            version: int, now: float) -> None:
+    conn.execute(
+        "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+        " version = excluded.version, updated_at = excluded.updated_at"
+        " WHERE CAST(excluded.version AS TEXT) > CAST(order_status.version AS TEXT)",
+        (order_id, status, version, now))
+
+
 def status_final_is_sticky(conn: sqlite3.Connection, order_id: str, status: str,
                            version: int, now: float) -> None:
     conn.execute(
@@ -197,11 +314,14 @@ def status_final_is_sticky(conn: sqlite3.Connection, order_id: str, status: str,
         (order_id, status, version, now))
 
 
+VERSION_BASE = 8  # versions seen by the reader: 9 (placed), 10, 11…: text and numbers differ
+
+
 def _status_change(delivery: Delivery) -> tuple[str, str, int]:
     p = delivery.payload
     if delivery.type == "OrderPlaced":
-        return p["orderId"], "placed", 1
-    return p["orderId"], p["status"], p["version"]
+        return p["orderId"], "placed", 1 + VERSION_BASE
+    return p["orderId"], p["status"], p["version"] + VERSION_BASE
 
 
 def _status_trace(conn: sqlite3.Connection, order_id: str) -> str:
@@ -253,12 +373,13 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
     where = describe_faults(faults, workers=2, orders=STATUS_ORDERS,
                             extra=f"an inbox on even seeds, none on odd ones (here {mode});"
                                   f" the second worker steps while the first works"
-                                  f" {OVERLAP:.0%} of the time")
+                                  f" {OVERLAP:.0%} of the time; versions from"
+                                  f" {1 + VERSION_BASE}")
     reasons = [f"your code raised {e}" for e in errors]
     if wrong:
         o, truth, tv, proj, pv = wrong[0]
         reasons.append(f"{len(wrong)} of {len(rows)} orders end in the wrong status: order {o}"
-                       f" is {truth} (v{tv}) in the truth, {proj} (v{pv}) in your projection")
+                       f" is {truth} (v{tv + VERSION_BASE}) in the truth, {proj} (v{pv}) in your projection")
     if missing:
         reasons.append(f"{len(missing)} of {len(rows)} orders have no status at all")
     if not reasons:
@@ -270,10 +391,11 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
 
 register(Exercise(
     id="newer-wins", chapter=6, title="An order status where the newer change wins",
-    run=run_status, solution=status_solution, starter=status_last_write_wins,
+    run=run_status, solution=status_solution, starter=status_starter,
     params=("conn", "order_id", "status", "version", "now"),
     wrong=(("wrong status", status_last_write_wins), ("wrong status", status_newer_by_arrival),
-           ("wrong status", status_final_is_sticky))))
+           ("wrong status", status_final_is_sticky),
+           ("wrong status", status_compared_as_text))))
 
 
 # -- 6.3 the nightly cleanup ---------------------------------------------------------------

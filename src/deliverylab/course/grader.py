@@ -208,8 +208,10 @@ def check_seeds(seeds: Any) -> tuple[int, ...]:
 
 
 def grade(exercise_id: str, submission: Callable[..., Any], *,
-          seeds: Iterable[int] = SEEDS) -> Verdict:
+          seeds: Iterable[int] = SEEDS, broker: str | None = None) -> Verdict:
     """Run ``submission`` for exercise ``exercise_id`` once per seed and judge it.
+    ``broker`` (a URL) runs an exercise on the broker contract on that engine instead of
+    its default (chapter 7's exercises).
 
     The submission runs in a child process (:mod:`deliverylab.course.sandbox`); this process
     keeps the database and judges it. Whatever the submission does ends in a verdict: once a
@@ -218,12 +220,20 @@ def grade(exercise_id: str, submission: Callable[..., Any], *,
     ex = exercise(exercise_id)
     check_submission(ex, submission)
     todo = check_seeds(seeds)
+    extra: dict[str, Any] = {}
+    if broker is not None:
+        if "broker" not in inspect.signature(ex.run).parameters:
+            raise InvalidInput("broker", broker, f"None: {exercise_id} runs on the lab's own"
+                                                 " queue, not on a broker you choose")
+        from .external import check_broker_url
+
+        extra["broker"] = check_broker_url(broker)
     trials: list[Trial] = []
     with Sandbox(submission, ex.params, requests=ex.requests) as box:
         fn = box.function()
         for seed in todo:
             box.new_trial()
-            trials.append(_trial(ex, fn, seed))
+            trials.append(_trial(ex, fn, seed, **extra))
             if box.budget_ended:
                 break
     left = todo[len(trials):]
@@ -235,11 +245,11 @@ def grade(exercise_id: str, submission: Callable[..., Any], *,
     return Verdict(ex, all(t.passed for t in trials) and not left, tuple(trials), note)
 
 
-def _trial(ex: Exercise, fn: Callable[..., Any], seed: int) -> Trial:
+def _trial(ex: Exercise, fn: Callable[..., Any], seed: int, **extra: Any) -> Trial:
     """One seed; a run the submission ended early (a budget, SystemExit, a dead process) or
     broke (the grader could not go on) is a FAIL that says so, never a traceback."""
     try:
-        return ex.run(fn, seed)
+        return ex.run(fn, seed, **extra)
     except Ended as end:
         return Trial(seed=seed, faults="the run stopped there", passed=False, reason=end.reason)
     except Exception as exc:  # noqa: BLE001 - whatever the submission broke, a verdict

@@ -1,0 +1,145 @@
+"""Chapter 6: one charge per order, the newer status wins, the nightly inbox cleanup."""
+
+from __future__ import annotations
+
+from deliverylab.course import retention
+from deliverylab.course.ex06 import (
+    charge_keyed_by_attempt,
+    charge_keyed_by_receipt,
+    charge_without_key,
+    cleanup_keeps_dead_letters,
+    cleanup_nothing,
+    cleanup_redelivery_only,
+    status_compared_as_text,
+    status_final_is_sticky,
+    status_last_write_wins,
+    status_newer_by_arrival,
+    status_upsert_where_newer,
+)
+
+CHAPTER = 6
+
+
+# -- charge-once: wrong ---------------------------------------------------------------------
+def charge_swallows_timeout(service, delivery):
+    order = delivery.payload
+    try:
+        service.charge(order_id=order["orderId"], amount=order["qty"] * 500)
+    except TimeoutError:
+        pass  # it probably went through; a retry would charge twice
+
+
+def charge_checks_the_ledger(service, delivery):
+    order = delivery.payload
+    if not service.find_charges(order["orderId"]):  # not charged yet: charge it
+        service.charge(order_id=order["orderId"], amount=order["qty"] * 500)
+
+
+def charge_keyed_but_swallows_timeout(service, delivery):
+    order = delivery.payload
+    try:
+        service.charge(order_id=order["orderId"], amount=order["qty"] * 500,
+                       idempotency_key=delivery.event_id)
+    except TimeoutError:
+        pass  # keyed: a retry would be safe, but it surely went through
+
+
+# -- charge-once: correct -------------------------------------------------------------------
+def charge_retries_with_the_same_key(service, delivery):
+    order = delivery.payload
+    for attempt in range(3):  # the same key every time: a retry is never a new charge
+        try:
+            service.charge(order_id=order["orderId"], amount=order["qty"] * 500,
+                           idempotency_key=f"order-{order['orderId']}")
+            return
+        except TimeoutError:
+            if attempt == 2:
+                raise
+
+
+def charge_checks_the_ledger_then_keys(service, delivery):
+    order = delivery.payload
+    key = delivery.event_id
+    if any(c["idempotency_key"] == key for c in service.find_charges(order["orderId"])):
+        return  # the provider has it: nothing to do
+    service.charge(order_id=order["orderId"], amount=order["qty"] * 500, idempotency_key=key)
+
+
+# -- newer-wins: correct --------------------------------------------------------------------
+def status_replace_unless_newer(conn, order_id, status, version, now):
+    conn.execute("INSERT OR REPLACE INTO order_status (order_id, status, version, updated_at)"
+                 " SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM order_status"
+                 "  WHERE order_id = ? AND version >= ?)",
+                 (order_id, status, version, now, order_id, version))
+
+
+# -- inbox-cleanup --------------------------------------------------------------------------
+def cleanup_halves_the_window(conn, clock, policy):
+    horizon = retention.dedup_horizon(
+        visibility_timeout=policy.visibility_timeout, max_receives=policy.max_receives,
+        backoff_cap=policy.backoff_cap, redrive_window=policy.redrive_window)
+    # Half the window is plenty: nobody redrives after a day.
+    retention.expire_dead_letters(conn, older_than=policy.redrive_window / 2, clock=clock)
+    retention.prune_inbox(conn, older_than=horizon.total, horizon=horizon, clock=clock)
+
+
+def cleanup_forces_the_lease(conn, clock, policy):
+    horizon = retention.dedup_horizon(
+        visibility_timeout=policy.visibility_timeout, max_receives=policy.max_receives,
+        backoff_cap=policy.backoff_cap, redrive_window=policy.redrive_window)
+    retention.expire_dead_letters(conn, older_than=policy.redrive_window, clock=clock)
+    # A row older than a lease cannot come back... the helper is too careful.
+    retention.prune_inbox(conn, older_than=policy.visibility_timeout * policy.max_receives,
+                          horizon=horizon, clock=clock, force=True)
+
+
+def cleanup_in_sql(conn, clock, policy):
+    now = clock.now()
+    redelivery = policy.max_receives * (policy.visibility_timeout + policy.backoff_cap)
+    keep = redelivery + policy.redrive_window
+    with retention_tx(conn):
+        conn.execute("DELETE FROM dead_letters WHERE dead_at < ?",
+                     (now - policy.redrive_window,))
+        conn.execute("DELETE FROM inbox_processed WHERE processed_at < ?", (now - keep,))
+
+
+def retention_tx(conn):
+    from deliverylab.course import transaction
+
+    return transaction(conn)
+
+
+def cleanup_with_margin(conn, clock, policy):
+    horizon = retention.dedup_horizon(
+        visibility_timeout=policy.visibility_timeout, max_receives=policy.max_receives,
+        backoff_cap=policy.backoff_cap, redrive_window=policy.redrive_window)
+    retention.expire_dead_letters(conn, older_than=policy.redrive_window + 3600, clock=clock)
+    retention.prune_inbox(conn, older_than=horizon.total + 3 * 3600, horizon=horizon,
+                          clock=clock)
+
+
+WRONG = [
+    ("charge-once", charge_without_key, "charged more than once", "lost-message"),
+    ("charge-once", charge_keyed_by_receipt, "charged more than once", "lost-message"),
+    ("charge-once", charge_keyed_by_attempt, "charged more than once", "lost-message"),
+    ("charge-once", charge_swallows_timeout, "never charged", "lost-message"),
+    ("charge-once", charge_keyed_but_swallows_timeout, "never charged", "lost-message"),
+    ("charge-once", charge_checks_the_ledger, "charged more than once", "interleaving"),
+    ("newer-wins", status_last_write_wins, "wrong status", "lost-message"),
+    ("newer-wins", status_newer_by_arrival, "wrong status", "interleaving"),
+    ("newer-wins", status_final_is_sticky, "wrong status", "baseline"),
+    ("newer-wins", status_compared_as_text, "wrong status", "past-range"),
+    ("inbox-cleanup", cleanup_redelivery_only, "duplicated", "lost-message"),
+    ("inbox-cleanup", cleanup_keeps_dead_letters, "duplicated", "past-range"),
+    ("inbox-cleanup", cleanup_nothing, "grows for ever", "baseline"),
+    ("inbox-cleanup", cleanup_halves_the_window, "inside the", "past-range"),
+    ("inbox-cleanup", cleanup_forces_the_lease, "duplicated", "lost-message"),
+]
+CORRECT = [
+    ("charge-once", charge_retries_with_the_same_key),
+    ("charge-once", charge_checks_the_ledger_then_keys),
+    ("newer-wins", status_upsert_where_newer),
+    ("newer-wins", status_replace_unless_newer),
+    ("inbox-cleanup", cleanup_in_sql),
+    ("inbox-cleanup", cleanup_with_margin),
+]
