@@ -70,6 +70,27 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("inbox-cleanup", "swap L6"):
         "both deletions run at the same instant of the fake clock with no redrive between"
         " them, so no dead letter can come back between the two",
+    ("fenced-write", "off-by-one L4.2"):
+        "the query selects one column, so row[-1] is row[0]",
+    ("retry-budget", "swap L7"):
+        "checking the budget before the deadline spends a token on a retry the deadline then"
+        " forbids: the budget only gets stricter, and the bank sees no call either way",
+    ("settle-batch", "unwrap L4"):
+        "without the outer transaction the first SAVEPOINT opens one and its RELEASE commits"
+        " it: each message still stands or falls alone",
+    ("settle-batch", "swap L10"):
+        "noting the failed id before or after rolling back to the savepoint: the same writes",
+    ("settle-batch", "swap L10.2"):
+        "noting the failed id before or after rolling back to the savepoint: the same writes",
+    ("settle-batch", "delete-call L12"):
+        "unreleased savepoints nest inside the outer transaction, which commits them all;"
+        " ROLLBACK TO undoes back to the newest one, the current message's",
+    ("compensate", "off-by-one L5.2"):
+        "the query selects one column, so row[-1] is row[0]",
+    ("compensate", "swap L9"):
+        "the reservation and its saga row are two statements of one transaction: either order",
+    ("compensate", "swap L14"):
+        "the release and the state change are two statements of one transaction: either order",
 }
 
 IDS = sorted(EXERCISES)

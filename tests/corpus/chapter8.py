@@ -163,8 +163,26 @@ def sliding_window(bank, order_id, deadline, budget):
     return False
 
 
+def circuit_breaker(bank, order_id, deadline, budget):
+    """After three failed calls in a row, only first attempts until a call succeeds."""
+    for attempt in range(TRIES):
+        if deadline - bank.clock.now() < bank.timeout_s:
+            return False
+        if attempt and budget.get("failed_in_a_row", 0) >= 3:
+            return False
+        try:
+            bank.charge(order_id)
+        except Unavailable:
+            budget["failed_in_a_row"] = budget.get("failed_in_a_row", 0) + 1
+            continue
+        budget["failed_in_a_row"] = 0
+        return True
+    return False
+
+
 def time_refilled_bucket(bank, order_id, deadline, budget):
-    """A bucket of BURST tokens refilled by one every ten seconds of the clock."""
+    """A bucket of BURST tokens refilled by one every ten seconds of the clock: after the
+    outage it takes a minute and more to allow a retry again."""
     now = bank.clock.now()
     last = budget.get("at", now)
     budget["tokens"] = min(float(BURST), budget.get("tokens", float(BURST)) + (now - last) / 10)
@@ -389,6 +407,7 @@ WRONG = [
     ("retry-budget", never_retry, "was not retried", "lost-message"),
     ("retry-budget", deadline_not_yet_passed, "cannot finish in time", "past-range"),
     ("retry-budget", retry_ratio_counter, "retries multiplied", "lost-message"),
+    ("retry-budget", time_refilled_bucket, "was not retried", "lost-message"),
     ("settle-batch", all_or_nothing, "dead-lettered with the poison", "baseline"),
     ("settle-batch", skip_the_failures, "acknowledged as if processed", "lost-message"),
     ("settle-batch", failure_as_duplicate, "projection differs", "store-failure"),
@@ -408,7 +427,7 @@ CORRECT = [
     ("fenced-write", one_conditional_upsert),
     ("fenced-write", update_then_insert),
     ("retry-budget", sliding_window),
-    ("retry-budget", time_refilled_bucket),
+    ("retry-budget", circuit_breaker),
     ("settle-batch", one_transaction_per_message),
     ("settle-batch", retry_once_inline),
     ("compensate", compare_and_set),
