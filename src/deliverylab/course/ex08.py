@@ -141,11 +141,20 @@ def run_fenced_put(put: Callable[..., Any], seed: int) -> Trial:
             other.execute(_RIVAL_PUT, (key, body, token))
             leases[key] = token
             stored[key] = (token, body)
-            history[key].append(f"{token:>3}  rival lease   accepted (between your statements)")
+            during.append((key, f"{token:>3}  rival lease   accepted (during your call)"))
 
         failures: list[str] = []
-        n_writes = 0
+        during: list[tuple[str, str]] = []  # the rival's writes, listed after the call's own
+
+        def flush() -> None:
+            for k, line in during:
+                history[k].append(line)
+            during.clear()
+
         for n in range(WRITES):
+            flush()
+            if failures:
+                break  # the trace ends at the first failure
             key = KEYS[int(faults.uniform("key", n) * len(KEYS))]
             u = faults.uniform("who", n)
             if u < 0.45:
@@ -182,7 +191,6 @@ def run_fenced_put(put: Callable[..., Any], seed: int) -> Trial:
                 if broken:
                     conn.execute("DROP TRIGGER IF EXISTS temp.full")
                     conn.execute("DROP TRIGGER IF EXISTS temp.full2")
-            n_writes += 1
             rival()
             if (broken or raised is not None) and stored.get(key) == (token, body):
                 if prev is None:
@@ -224,6 +232,7 @@ def run_fenced_put(put: Callable[..., Any], seed: int) -> Trial:
                 failures.append(f"{key} holds {have!r}, not the newest accepted write"
                                 f" {want!r}")
                 focus = key
+        flush()
         conn.close()
         other.close()
     passed = not failures
@@ -695,10 +704,12 @@ def run_compensate(handler: Callable[..., Any], seed: int) -> Trial:
     if wrong:
         item, q, h = wrong[0]
         order = "o-" + item.split("-")[1]
-        if h < 0 or (q and h < q):
-            why = "released twice"
+        if h < 0 or (q and 0 < h < q):
+            why = "released twice" if h < 0 else "released though its order stands"
         elif q == 0:
             why = "still reserved after its decline (a leak)"
+        elif h == 0:
+            why = "never reserved"
         else:
             why = "reserved twice"
         failures.append(f"{len(wrong)} of {SAGA_ORDERS} items wrong; {item} (order {order})"
