@@ -91,6 +91,30 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "the reservation and its saga row are two statements of one transaction: either order",
     ("compensate", "swap L14"):
         "the release and the state change are two statements of one transaction: either order",
+    ("page-on", "swap L2"):
+        "defining the helper after creating the empty set: neither uses the other",
+    ("page-on", "swap L6"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "swap L8"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "swap L11"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "swap L13"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "swap L15"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "off-by-one L6"):
+        "an age threshold of 59 or 61 s instead of 60: the exercise accepts any threshold"
+        " between healthy waits (seconds) and a stall (minutes); the boundary is a choice",
+    ("page-on", "off-by-one L6.2"):
+        "an age threshold of 59 or 61 s instead of 60: the exercise accepts any threshold"
+        " between healthy waits (seconds) and a stall (minutes); the boundary is a choice",
+    ("page-on", "off-by-one L17"):
+        "an age threshold of 59 or 61 s instead of 60: the exercise accepts any threshold"
+        " between healthy waits (seconds) and a stall (minutes); the boundary is a choice",
+    ("page-on", "off-by-one L17.2"):
+        "an age threshold of 59 or 61 s instead of 60: the exercise accepts any threshold"
+        " between healthy waits (seconds) and a stall (minutes); the boundary is a choice",
 }
 
 IDS = sorted(EXERCISES)

@@ -1,4 +1,5 @@
-"""Chapter 8: a fenced write, a retry budget, a batch settled per message, a compensation."""
+"""Chapter 8: a fenced write, a retry budget, a batch settled per message, a compensation, and
+what to page on."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from deliverylab.course.ex08 import (
     compensate_delta,
     compensate_guarded,
     last_write_wins,
+    page_any_drift,
+    page_any_redelivery,
+    page_solution,
     skip_the_failures,
     strictly_newer,
     three_tries,
@@ -394,6 +398,66 @@ def ledger_rebuilds_the_item(conn, delivery):
                  (p["itemId"], p["itemId"]))
 
 
+
+# -- page-on: wrong ------------------------------------------------------------------------
+def zombie_by_refused_acks_only(before, after):
+    pages = page_solution(before, after) - {"zombie"}
+    if after.acks_refused_total > before.acks_refused_total:
+        pages.add("zombie")  # a fenced effect is a zombie too
+    return pages
+
+
+def impatient_age(before, after):
+    pages = page_solution(before, after)
+    if after.oldest_message_age_seconds > 5:
+        pages.add("stalled")
+    return pages
+
+
+def any_relay_backlog(before, after):
+    pages = page_solution(before, after)
+    if after.relay_backlog > 0:
+        pages.add("relay")
+    return pages
+
+
+# -- page-on: correct ----------------------------------------------------------------------
+def page_by_increases(before, after):
+    """Counters by how much they grew; drift only when nothing is queued or unsent."""
+    def grew(name):
+        return getattr(after, name) - getattr(before, name)
+
+    pages = set()
+    if after.oldest_message_age_seconds >= 30:
+        pages.add("stalled")
+    if grew("dead_lettered_total") > 0:
+        pages.add("poison")
+    if grew("redeliveries_total") > 0.25 * max(1, grew("deliveries_total")):
+        pages.add("redeliveries")
+    if grew("acks_refused_total") + grew("effects_fenced_total") > 0:
+        pages.add("zombie")
+    if after.reconcile_drift_items and not (after.queue_visible or after.queue_in_flight
+                                            or after.relay_backlog):
+        pages.add("drift")
+    if after.relay_oldest_unsent_age_seconds >= 30:
+        pages.add("relay")
+    return pages
+
+
+def page_from_rules(before, after):
+    """The chapter's own Prometheus rules, evaluated on the two readings."""
+    from deliverylab.book.alerts import RULES, evaluate
+
+    names = {"MessagesWaitingTooLong": "stalled", "DeadLettersWaiting": "poison",
+             "DeadLettersGrowing": "poison", "RedeliveriesHigh": "redeliveries",
+             "AcksRefused": "zombie", "EffectsFenced": "zombie", "RelayBehind": "relay"}
+    pages = {names[r.alert] for r in RULES
+             if r.alert in names and evaluate(r, before, after) > r.threshold}
+    if after.reconcile_drift_qty > 0 and after.queue_visible + after.queue_in_flight == 0:
+        pages.add("drift")  # the rule's `for: 10m` is what keeps in-flight work out
+    return pages
+
+
 WRONG = [
     ("fenced-write", last_write_wins, "should have refused", "stopped"),
     ("fenced-write", check_then_write, "stale write landed last", "interleaving"),
@@ -421,6 +485,11 @@ WRONG = [
     ("compensate", compensate_guarded, "a leak", "stopped"),
     ("compensate", tombstone_not_checked, "a leak", "stopped"),
     ("compensate", release_without_marking, "released twice", "lost-message"),
+    ("page-on", page_any_drift, "a false alarm", "stopped"),
+    ("page-on", page_any_redelivery, "a false alarm", "lost-message"),
+    ("page-on", zombie_by_refused_acks_only, "did not page for zombie", "stopped"),
+    ("page-on", impatient_age, "a false alarm", "past-range"),
+    ("page-on", any_relay_backlog, "a false alarm", "past-range"),
 ]
 
 CORRECT = [
@@ -432,4 +501,6 @@ CORRECT = [
     ("settle-batch", retry_once_inline),
     ("compensate", compare_and_set),
     ("compensate", ledger_rebuilds_the_item),
+    ("page-on", page_by_increases),
+    ("page-on", page_from_rules),
 ]

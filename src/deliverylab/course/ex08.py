@@ -30,6 +30,7 @@ from ..book.tables import install_schema
 from ..brokers.base import Delivery
 from ..engine.clock import FakeClock
 from ..engine.faults import Faults
+from ..engine.orders import place_order
 from ..engine.store import connect, transaction
 from ..engine.worker import CONSUMER, PoisonMessage, apply_order_placed
 from .grader import Exercise, Trial, register
@@ -729,3 +730,142 @@ register(Exercise(
     run=run_compensate, solution=compensate_solution, starter=compensate_starter,
     params=("conn", "delivery"),
     wrong=(("should hold 0", compensate_delta), ("a leak", compensate_guarded))))
+
+
+# -- 8.5 what to page on -------------------------------------------------------------------
+FAILURES = ("stalled", "poison", "redeliveries", "zombie", "drift", "relay")
+
+
+def _busy(lab: Lab) -> None:  # healthy and busy: orders just placed, some through the outbox
+    lab.place_orders(4)
+    for i in range(2):
+        place_order(None, item_id="tea", qty=1, order_id=f"o-fresh-{i}", store=lab.conn,
+                    clock=lab.clock, ids=lab.ids)
+    lab.advance(10)
+
+
+def _noisy(lab: Lab) -> None:  # healthy with a few lost ACKs: some redeliveries are normal
+    lab.workers[0].faults = Faults(seed=lab.seed, ack_fail=0.05)
+    lab.place_orders(20)
+    lab.run_until_idle()
+
+
+def _one_lost(lab: Lab) -> None:  # one unit of drift: a single order of 1 lost
+    lab.place_order("tea", 1, order_id="o-single")
+    lab.lose_messages(1)
+    lab.run_until_idle()
+
+
+def _scenarios() -> tuple[tuple[str, Callable[[Lab], None], str | None, frozenset[str]], ...]:
+    """(what happens, how, the failure it is, the other failures it also is)."""
+    from ..book import alerts as al
+
+    return (("healthy traffic", al._healthy, None, frozenset()),
+            ("busy: orders just placed, events still queued or in the outbox", _busy, None,
+             frozenset()),
+            ("one ACK in twenty lost", _noisy, None, frozenset()),
+            ("workers stopped for 2 minutes", al._stalled, "stalled", frozenset({"drift"})),
+            ("a poison message", al._poison, "poison", frozenset({"redeliveries"})),
+            ("half the ACKs lost", al._lost_acks, "redeliveries", frozenset({"poison"})),
+            ("a worker paused past its lease", lambda lab: al._zombie(lab, False), "zombie",
+             frozenset({"redeliveries"})),
+            ("the same, with a fencing token", lambda lab: al._zombie(lab, True), "zombie",
+             frozenset({"redeliveries"})),
+            ("two messages lost", al._lost_messages, "drift", frozenset()),
+            ("one message of one unit lost", _one_lost, "drift", frozenset()),
+            ("the relay down for 2 minutes", al._relay_down, "relay", frozenset({"drift"})))
+
+
+def page_solution(before: Any, after: Any) -> set[str]:
+    def grew(name: str) -> float:
+        return getattr(after, name) - getattr(before, name)
+
+    pages = set()
+    if after.oldest_message_age_seconds > 60:
+        pages.add("stalled")  # nobody takes the messages
+    if after.dead_letters > 0:
+        pages.add("poison")
+    deliveries = grew("deliveries_total")
+    if deliveries and grew("redeliveries_total") / deliveries > 0.2:
+        pages.add("redeliveries")  # a few are normal; a fifth is not
+    if grew("acks_refused_total") > 0 or grew("effects_fenced_total") > 0:
+        pages.add("zombie")
+    if after.reconcile_drift_qty > 0 and after.queue_visible + after.queue_in_flight == 0:
+        pages.add("drift")  # drift with nothing left to deliver: it will not heal itself
+    if after.relay_oldest_unsent_age_seconds > 60:
+        pages.add("relay")
+    return pages
+
+
+def page_starter(before: Any, after: Any) -> set[str]:
+    """Two readings of ``deliverylab.app.metrics.signals`` a window apart (counters grow,
+    gauges are the value now). Return the failures to page someone for, named from
+    ``"stalled"``, ``"poison"``, ``"redeliveries"``, ``"zombie"``, ``"drift"``, ``"relay"``;
+    an empty set when the system is healthy, busy included."""
+    return set()
+
+
+def page_any_drift(before: Any, after: Any) -> set[str]:
+    pages = page_solution(before, after)
+    if after.reconcile_drift_qty > 0:
+        pages.add("drift")
+    return pages
+
+
+def page_any_redelivery(before: Any, after: Any) -> set[str]:
+    pages = page_solution(before, after)
+    if after.redeliveries_total > before.redeliveries_total:
+        pages.add("redeliveries")
+    return pages
+
+
+def run_page(page: Callable[..., Any], seed: int) -> Trial:
+    from ..app.metrics import signals
+
+    failures: list[str] = []
+    shown: list[str] = []
+    for what, act, failure, also in _scenarios():
+        lab = Lab(seed=seed)
+        lab.place_orders(10 + seed % 7 * 3)  # the healthy traffic before the window
+        lab.run_until_idle()
+        before = signals(lab.conn, now=lab.clock.now())
+        act(lab)
+        after = signals(lab.conn, now=lab.clock.now())
+        try:
+            got = page(before, after)
+        except Exception as exc:  # noqa: BLE001 - the reader's code
+            failures.append(f"your code raised {type(exc).__name__}: {exc} ({what})")
+            break
+        if not isinstance(got, set | frozenset | list | tuple) or not set(got) <= set(FAILURES):
+            failures.append(f"page returned {got!r} for {what}: expected a set of names from"
+                            f" {', '.join(FAILURES)}")
+            break
+        got = set(got)
+        if failure is None and got:
+            failures.append(f"{what}: a healthy system, and you paged for"
+                            f" {', '.join(sorted(got))} (a false alarm)")
+        elif failure is not None and failure not in got:
+            failures.append(f"{what}: you did not page for {failure} (a failure nobody hears"
+                            " of)")
+        elif failure is not None and got - {failure} - also:
+            failures.append(f"{what}: you also paged for {', '.join(sorted(got - {failure} - also))},"
+                            " which did not happen")
+        if failures:
+            changed = {k: v for k, v in after.as_dict().items()
+                       if k != "now" and v != getattr(before, k)}
+            shown = [f"Signals that changed over the window ({what}):",
+                     *(f"  {k:<34} {getattr(before, k):>8g} -> {v:g}"
+                       for k, v in changed.items())]
+            break
+    where = ("11 runs: healthy, busy, a few lost ACKs, and eight failures, each read before"
+             " and after")
+    return Trial(seed=seed, faults=where, passed=not failures, reason="; ".join(failures),
+                 trace="\n".join(shown))
+
+
+register(Exercise(
+    id="page-on", chapter=8, title="What to page someone for",
+    run=run_page, solution=page_solution, starter=page_starter,
+    params=("before", "after"),
+    wrong=(("a failure nobody hears of", page_starter), ("a false alarm", page_any_drift),
+           ("a false alarm", page_any_redelivery))))
