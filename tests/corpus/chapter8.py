@@ -1,5 +1,5 @@
-"""Chapter 8: a fenced write, a retry budget, a batch settled per message, a compensation, and
-what to page on."""
+"""Chapter 8: a fenced write, a retry budget, a batch settled per message, a compensation,
+what to page on, and an MQTT subscriber that applies each order once."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from deliverylab.course.ex08 import (
     compensate_delta,
     compensate_guarded,
     last_write_wins,
+    mqtt_by_packet_id,
+    mqtt_skip_dup,
     page_any_drift,
     page_any_redelivery,
     page_solution,
@@ -458,6 +460,49 @@ def page_from_rules(before, after):
     return pages
 
 
+
+# -- mqtt-once: wrong ----------------------------------------------------------------------
+def _reserve(conn, message):
+    p = message.payload
+    conn.execute("INSERT INTO stock_reserved (order_id, item_id, qty) VALUES (?, ?, ?)",
+                 (p["orderId"], p["itemId"], p["qty"]))
+
+
+def mqtt_no_dedup(conn, message):
+    _reserve(conn, message)  # QoS 1 "delivers": it delivers at least once
+
+
+def mqtt_inbox_only_for_dups(conn, message):
+    if message.dup and conn.execute("SELECT 1 FROM mqtt_inbox WHERE key = ?",
+                                    (message.payload["orderId"],)).fetchone():
+        return
+    conn.execute("INSERT INTO mqtt_inbox (key) VALUES (?) ON CONFLICT DO NOTHING",
+                 (message.payload["orderId"],))
+    _reserve(conn, message)
+
+
+def mqtt_by_packet_and_order(conn, message):
+    key = f"{message.packet_id}:{message.payload['orderId']}"
+    if conn.execute("INSERT INTO mqtt_inbox (key) VALUES (?) ON CONFLICT DO NOTHING",
+                    (key,)).rowcount:
+        _reserve(conn, message)
+
+
+# -- mqtt-once: correct --------------------------------------------------------------------
+def mqtt_reserve_if_absent(conn, message):
+    p = message.payload
+    conn.execute("INSERT INTO stock_reserved (order_id, item_id, qty) SELECT ?, ?, ?"
+                 " WHERE NOT EXISTS (SELECT 1 FROM stock_reserved WHERE order_id = ?)",
+                 (p["orderId"], p["itemId"], p["qty"], p["orderId"]))
+
+
+def mqtt_inbox_by_topic_and_order(conn, message):
+    key = f"{message.topic}/{message.payload['orderId']}"
+    if conn.execute("SELECT 1 FROM mqtt_inbox WHERE key = ?", (key,)).fetchone() is None:
+        conn.execute("INSERT INTO mqtt_inbox (key) VALUES (?)", (key,))
+        _reserve(conn, message)
+
+
 WRONG = [
     ("fenced-write", last_write_wins, "should have refused", "stopped"),
     ("fenced-write", check_then_write, "stale write landed last", "interleaving"),
@@ -490,6 +535,11 @@ WRONG = [
     ("page-on", zombie_by_refused_acks_only, "did not page for zombie", "stopped"),
     ("page-on", impatient_age, "a false alarm", "past-range"),
     ("page-on", any_relay_backlog, "a false alarm", "past-range"),
+    ("mqtt-once", mqtt_by_packet_id, "lost", "past-range"),
+    ("mqtt-once", mqtt_skip_dup, "lost", "lost-message"),
+    ("mqtt-once", mqtt_no_dedup, "duplicated", "stopped"),
+    ("mqtt-once", mqtt_inbox_only_for_dups, "duplicated", "lost-message"),
+    ("mqtt-once", mqtt_by_packet_and_order, "duplicated", "lost-message"),
 ]
 
 CORRECT = [
@@ -503,4 +553,6 @@ CORRECT = [
     ("compensate", ledger_rebuilds_the_item),
     ("page-on", page_by_increases),
     ("page-on", page_from_rules),
+    ("mqtt-once", mqtt_reserve_if_absent),
+    ("mqtt-once", mqtt_inbox_by_topic_and_order),
 ]

@@ -869,3 +869,153 @@ register(Exercise(
     params=("before", "after"),
     wrong=(("a failure nobody hears of", page_starter), ("a false alarm", page_any_drift),
            ("a false alarm", page_any_redelivery))))
+
+
+# -- 8.6 an MQTT QoS 1 subscriber that applies each message once ---------------------------
+MQTT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stock_reserved (
+    order_id TEXT NOT NULL,
+    item_id  TEXT NOT NULL,
+    qty      INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS mqtt_inbox (
+    key TEXT PRIMARY KEY
+) STRICT, WITHOUT ROWID;
+"""
+MQTT_MESSAGES = 30
+PACKET_IDS = 4         # the session's packet identifiers, reused once acknowledged
+IN_TRANSIT = 0.15      # the PUBLISH never reaches the subscriber; resent with DUP after reconnect
+KILLED = 0.2           # the subscriber dies after its commit, before its PUBACK
+REPUBLISHED = 0.2      # the publisher's PUBACK was lost: it published the message again
+
+
+class MqttMessage:
+    """One PUBLISH as the subscriber sees it: ``packet_id`` (1 to 4, reused once
+    acknowledged), ``dup`` (the broker sent it before), ``topic`` and ``payload``."""
+
+    __slots__ = ("dup", "packet_id", "payload", "topic")
+
+    def __init__(self, packet_id: int, dup: bool, topic: str, payload: dict[str, Any]) -> None:
+        self.packet_id, self.dup, self.topic, self.payload = packet_id, dup, topic, payload
+
+    def __repr__(self) -> str:
+        return (f"MqttMessage(packet_id={self.packet_id}, dup={self.dup}, topic={self.topic!r},"
+                f" payload={self.payload!r})")
+
+
+def mqtt_once_solution(conn: sqlite3.Connection, message: MqttMessage) -> None:
+    # The packet id is reused and the DUP flag proves nothing: key by the order itself.
+    if conn.execute("INSERT INTO mqtt_inbox (key) VALUES (?) ON CONFLICT DO NOTHING",
+                    (message.payload["orderId"],)).rowcount:
+        conn.execute("INSERT INTO stock_reserved (order_id, item_id, qty) VALUES (?, ?, ?)",
+                     (message.payload["orderId"], message.payload["itemId"],
+                      message.payload["qty"]))
+
+
+def mqtt_by_packet_id(conn: sqlite3.Connection, message: MqttMessage) -> None:
+    if conn.execute("INSERT INTO mqtt_inbox (key) VALUES (?) ON CONFLICT DO NOTHING",
+                    (str(message.packet_id),)).rowcount:
+        conn.execute("INSERT INTO stock_reserved (order_id, item_id, qty) VALUES (?, ?, ?)",
+                     (message.payload["orderId"], message.payload["itemId"],
+                      message.payload["qty"]))
+
+
+def mqtt_skip_dup(conn: sqlite3.Connection, message: MqttMessage) -> None:
+    if message.dup:
+        return  # "seen it already"
+    conn.execute("INSERT INTO stock_reserved (order_id, item_id, qty) VALUES (?, ?, ?)",
+                 (message.payload["orderId"], message.payload["itemId"],
+                  message.payload["qty"]))
+
+
+def run_mqtt_once(handler: Callable[..., Any], seed: int) -> Trial:
+    faults = Faults(seed=seed)
+    conn = connect(":memory:", must_exist=False)
+    install_schema(conn, MQTT_SCHEMA)
+    stream: list[dict[str, Any]] = []
+    for i in range(MQTT_MESSAGES):
+        body = {"orderId": f"o-{i + 1:03d}", "itemId": ("tea", "mugs", "oat-milk")[i % 3],
+                "qty": 1 + i % 3}
+        stream.append(body)
+        if faults.uniform("republish", i) < REPUBLISHED:  # the copy arrives a little later
+            stream.insert(len(stream) + 1, dict(body))
+    # the copies come two messages later, not right away
+    ordered: list[dict[str, Any]] = []
+    later: list[tuple[int, dict[str, Any]]] = []
+    seen_ids: set[str] = set()
+    for n, body in enumerate(stream):
+        if body["orderId"] in seen_ids:
+            later.append((n + 2, body))
+            continue
+        seen_ids.add(body["orderId"])
+        ordered.append(body)
+        ordered.extend(b for due, b in later if due <= n)
+        later = [(due, b) for due, b in later if due > n]
+    ordered.extend(b for _, b in later)
+    log: dict[str, list[str]] = {}
+    errors: list[str] = []
+    pid = 0
+    for n, body in enumerate(ordered):
+        pid = pid % PACKET_IDS + 1  # the next identifier, reused once acknowledged
+        dup = False
+        if body["orderId"] in log:
+            log[body["orderId"]].append("  the publisher's second copy of the order:")
+        for attempt in range(1, 20):
+            msg = MqttMessage(pid, dup, "orders/placed", dict(body))
+            lines = log.setdefault(body["orderId"], [])
+            if faults.uniform("transit", n, attempt) < IN_TRANSIT:
+                lines.append(f"  packet {pid}, dup={int(dup)}: lost in transit; resent after"
+                             " reconnect")
+                dup = True
+                continue
+            rows = conn.execute("SELECT count(*) FROM stock_reserved WHERE order_id = ?",
+                                (body["orderId"],)).fetchone()[0]
+            try:
+                with transaction(conn):
+                    handler(conn, msg)
+            except Exception as exc:  # noqa: BLE001 - the reader's code
+                text = f"{type(exc).__name__}: {exc} (packet {pid}, order {body['orderId']})"
+                if text not in errors:
+                    errors.append(text)
+                lines.append(f"  packet {pid}, dup={int(dup)}: your code raised; no PUBACK")
+                dup = True
+                continue
+            made = conn.execute("SELECT count(*) FROM stock_reserved WHERE order_id = ?",
+                                (body["orderId"],)).fetchone()[0] - rows
+            did = f"reserved {made} time{'s' if made != 1 else ''}" if made else "nothing reserved"
+            if faults.uniform("killed", n, attempt) < KILLED:
+                lines.append(f"  packet {pid}, dup={int(dup)}: {did}, committed; killed"
+                             " before PUBACK")
+                dup = True
+                continue
+            lines.append(f"  packet {pid}, dup={int(dup)}: {did}, committed, PUBACK")
+            break
+    counts = dict.fromkeys((b["orderId"] for b in stream), 0)
+    for (order,) in conn.execute("SELECT order_id FROM stock_reserved"):
+        counts[order] = counts.get(order, 0) + 1
+    conn.close()
+    lost = tuple(o for o, c in counts.items() if c == 0)
+    dup_orders = tuple(o for o, c in counts.items() if c > 1)
+    reasons = [f"your code raised {e}" for e in errors[:1]]
+    if lost:
+        reasons.append(f"{len(lost)} of {len(counts)} orders lost: never reserved")
+    if dup_orders:
+        reasons.append(f"{len(dup_orders)} of {len(counts)} orders duplicated: reserved more"
+                       " than once")
+    focus = (lost or dup_orders or ("",))[0]
+    where = (f"{MQTT_MESSAGES} orders over QoS 1, packet ids 1-{PACKET_IDS} reused;"
+             f" {IN_TRANSIT:g} of PUBLISHes lost in transit, {KILLED:g} of handlings killed"
+             f" before PUBACK, {REPUBLISHED:g} of orders published twice")
+    trace = ""
+    if reasons and focus:
+        trace = "\n".join([f"Trace of order {focus} (each PUBLISH the subscriber was sent):",
+                           *log.get(focus, [])])
+    return Trial(seed=seed, faults=where, passed=not reasons, reason="; ".join(reasons),
+                 lost=lost, duplicated=dup_orders, trace=trace)
+
+
+register(Exercise(
+    id="mqtt-once", chapter=8, title="An MQTT QoS 1 subscriber that applies each order once",
+    run=run_mqtt_once, solution=mqtt_once_solution, starter=mqtt_by_packet_id,
+    params=("conn", "message"),
+    wrong=(("lost", mqtt_by_packet_id), ("lost", mqtt_skip_dup))))
