@@ -230,6 +230,19 @@ def test_mutant_ids_do_not_depend_on_where_the_function_sits() -> None:
     assert moved == [m.id for m in mutate.mutants(sample)]
 
 
+def test_a_mutant_is_graded_as_itself_not_as_the_original() -> None:
+    ex = EXERCISES["ack-after"]
+    (gone,) = [m for m in mutate.mutants(ex.solution)
+               if m.operator == "delete-call" and "ops.ack" in m.description]
+    out = mutate.judge_mutant("ack-after", gone, ex.solution, seeds=[0, 1])
+    assert out.killed and out.seed is not None, out
+    assert mutate.judge_mutant("ack-after", mutate.Mutant(
+        id="same", operator="swap", description="the solution itself",
+        source=mutate.solution_source(ex.solution)), ex.solution, seeds=[0]).killed is False
+    fn = mutate.build(gone, ex.solution)
+    assert fn.__module__ == mutate.MUTANT_MODULE and fn is not ex.solution
+
+
 def test_a_mutant_that_never_returns_is_stopped_and_reported() -> None:
     (ex_id, ex) = next((k, e) for k, e in EXERCISES.items() if e.params == ("delivery", "ops"))
 

@@ -315,6 +315,7 @@ def _fill_empty_blocks(tree: ast.AST) -> None:
 
 
 _counter = itertools.count(1)
+MUTANT_MODULE = "deliverylab.course.mutants"  # no such module: see build()
 
 
 def build(mutant: Mutant, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -334,8 +335,10 @@ def build(mutant: Mutant, original: Callable[..., Any]) -> Callable[..., Any]:
                 pass
     exec(code, namespace)  # noqa: S102 - the mutant of a solution of this package
     fn = namespace[original.__name__]
-    fn.__module__ = original.__module__
-    fn.__qualname__ = original.__qualname__
+    # Not the original's module and name: a grader that ships a function to another process
+    # by reference must fail loudly here, never grade the original in the mutant's place.
+    fn.__module__ = MUTANT_MODULE
+    fn.__qualname__ = original.__name__
     return fn
 
 
