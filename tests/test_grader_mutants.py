@@ -72,7 +72,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         " them, so no dead letter can come back between the two",
     ("fenced-write", "off-by-one L4.2"):
         "the query selects one column, so row[-1] is row[0]",
-    ("retry-budget", "swap L7"):
+    ("retry-budget", "swap L8"):
         "checking the budget before the deadline spends a token on a retry the deadline then"
         " forbids: the budget only gets stricter, and the bank sees no call either way",
     ("settle-batch", "unwrap L4"):

@@ -76,40 +76,40 @@ def update_then_insert(conn, key, body, token):
 def deadline_without_budget(bank, order_id, deadline, budget):
     for _ in range(TRIES):
         if deadline - bank.clock.now() < bank.timeout_s:
-            return False
+            return False, budget
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             continue
-    return False
+    return False, budget
 
 
 def budget_per_order(bank, order_id, deadline, budget):
     tokens = float(BURST)  # a fresh bucket for every call: no cap across calls
     for attempt in range(TRIES):
         if deadline - bank.clock.now() < bank.timeout_s:
-            return False
+            return False, budget
         if attempt:
             if tokens < 1:
-                return False
+                return False, budget
             tokens -= 1
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             continue
-    return False
+    return False, budget
 
 
 def never_retry(bank, order_id, deadline, budget):
     if deadline - bank.clock.now() < bank.timeout_s:
-        return False
+        return False, budget
     try:
         bank.charge(order_id)
     except Unavailable:
-        return False
-    return True
+        return False, budget
+    return True, budget
 
 
 def deadline_not_yet_passed(bank, order_id, deadline, budget):
@@ -117,17 +117,17 @@ def deadline_not_yet_passed(bank, order_id, deadline, budget):
     budget["tokens"] = min(float(BURST), budget["tokens"] + RATIO)
     for attempt in range(TRIES):
         if bank.clock.now() >= deadline:  # "still before the deadline": but not by enough
-            return False
+            return False, budget
         if attempt:
             if budget["tokens"] < 1:
-                return False
+                return False, budget
             budget["tokens"] -= 1
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             continue
-    return False
+    return False, budget
 
 
 def retry_ratio_counter(bank, order_id, deadline, budget):
@@ -137,17 +137,17 @@ def retry_ratio_counter(bank, order_id, deadline, budget):
     budget.setdefault("retries", 0)
     for attempt in range(TRIES):
         if deadline - bank.clock.now() < bank.timeout_s:
-            return False
+            return False, budget
         if attempt:
             if budget["retries"] + 1 > RATIO * budget["first"] + BURST:
-                return False
+                return False, budget
             budget["retries"] += 1
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             pass
-    return False
+    return False, budget
 
 
 # -- retry-budget: correct -----------------------------------------------------------------
@@ -156,34 +156,34 @@ def sliding_window(bank, order_id, deadline, budget):
     recent = budget.setdefault("recent", [])
     for attempt in range(TRIES):
         if deadline - bank.clock.now() < bank.timeout_s:
-            return False
+            return False, budget
         if attempt and sum(recent[-60:]) >= 6:
-            return False
+            return False, budget
         recent.append(attempt > 0)
         del recent[:-60]
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             continue
-    return False
+    return False, budget
 
 
 def circuit_breaker(bank, order_id, deadline, budget):
     """After three failed calls in a row, only first attempts until a call succeeds."""
     for attempt in range(TRIES):
         if deadline - bank.clock.now() < bank.timeout_s:
-            return False
+            return False, budget
         if attempt and budget.get("failed_in_a_row", 0) >= 3:
-            return False
+            return False, budget
         try:
             bank.charge(order_id)
         except Unavailable:
             budget["failed_in_a_row"] = budget.get("failed_in_a_row", 0) + 1
             continue
         budget["failed_in_a_row"] = 0
-        return True
-    return False
+        return True, budget
+    return False, budget
 
 
 def time_refilled_bucket(bank, order_id, deadline, budget):
@@ -202,10 +202,10 @@ def time_refilled_bucket(bank, order_id, deadline, budget):
         tries += 1
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             continue
-    return False
+    return False, budget
 
 
 # -- settle-batch: wrong -------------------------------------------------------------------

@@ -5,7 +5,7 @@
   rival writer runs between any two statements of the submission, and the store sometimes
   fails for a reason that is not a refusal.
 * ``retry-budget``: the API's call to a bank that is down for 20 seconds, under a deadline
-  and a retry budget the submission keeps itself.
+  and a retry budget of the submission's design, handed back with each answer.
 * ``settle-batch``: a batch with a poison message and transient failures, settled message by
   message (the ``batchItemFailures`` design).
 * ``compensate``: a saga's compensation that arrives twice and before the step it undoes.
@@ -261,59 +261,64 @@ TRANSIENT = 0.05  # outside the outage, a call fails now and then
 LEASE = 1.2
 
 
-def call_bank_solution(bank: Any, order_id: str, deadline: float, budget: dict) -> bool:
-    # A token bucket kept in `budget` across calls: every first attempt adds RATIO of a
-    # token (up to BURST), every retry takes a whole one. It starts full.
+def call_bank_solution(bank: Any, order_id: str, deadline: float,
+                       budget: dict) -> tuple[bool, dict]:
+    # A token bucket carried in `budget` from call to call: every first attempt adds RATIO
+    # of a token (up to BURST), every retry takes a whole one. It starts full.
     budget.setdefault("tokens", float(BURST))
     budget["tokens"] = min(float(BURST), budget["tokens"] + RATIO)
     for attempt in range(TRIES):
         if deadline - bank.clock.now() < bank.timeout_s:
-            return False  # this attempt could not finish before the caller gives up
+            return False, budget  # this attempt could not finish before the caller gives up
         if attempt > 0:
             if budget["tokens"] < 1.0:
-                return False  # the budget is spent: the bank is down, do not pile on
+                return False, budget  # the budget is spent: the bank is down, do not pile on
             budget["tokens"] -= 1.0
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             continue
-    return False
+    return False, budget
 
 
-def call_bank_starter(bank: Any, order_id: str, deadline: float, budget: dict) -> bool:
+def call_bank_starter(bank: Any, order_id: str, deadline: float,
+                      budget: dict) -> tuple[bool, dict]:
     """Charge ``order_id`` at the bank (``bank.charge(order_id)``, which raises
     ``Unavailable`` when the call fails). At most three attempts; retries capped by a budget
-    you keep in ``budget`` (a dict of your own, the same one on every call) so that they stay
-    near a tenth of the calls while the bank is down; and no attempt started that could not
-    finish before ``deadline`` (``bank.clock.now()``; a failing call takes
-    ``bank.timeout_s``). Return True if the bank charged the order."""
+    of your design, so that they stay near a tenth of the calls while the bank is down; and
+    no attempt started that could not finish before ``deadline`` (``bank.clock.now()``; a
+    failing call takes ``bank.timeout_s``). ``budget`` is the dict you returned from the
+    previous call (``{}`` on the first). Return ``(charged, budget)``: whether the bank
+    charged the order, and the budget for the next call."""
 
 
-def three_tries(bank: Any, order_id: str, deadline: float, budget: dict) -> bool:
+def three_tries(bank: Any, order_id: str, deadline: float,
+                budget: dict) -> tuple[bool, dict]:
     for _ in range(TRIES):
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             continue
-    return False
+    return False, budget
 
 
-def budget_without_deadline(bank: Any, order_id: str, deadline: float, budget: dict) -> bool:
+def budget_without_deadline(bank: Any, order_id: str, deadline: float,
+                            budget: dict) -> tuple[bool, dict]:
     budget.setdefault("tokens", float(BURST))
     budget["tokens"] = min(float(BURST), budget["tokens"] + RATIO)
     for attempt in range(TRIES):
         if attempt > 0:
             if budget["tokens"] < 1.0:
-                return False
+                return False, budget
             budget["tokens"] -= 1.0
         try:
             bank.charge(order_id)
-            return True
+            return True, budget
         except Unavailable:
             continue
-    return False
+    return False, budget
 
 
 class _Bank(Bank):
@@ -356,10 +361,16 @@ def run_call_bank(call: Callable[..., Any], seed: int) -> Trial:
         clock.sleep_until(max(clock.now(), i * EVERY))
         deadlines[order] = clock.now() + LEASE
         try:
-            answers[order] = call(bank, order, deadlines[order], budget)
+            got = call(bank, order, deadlines[order], budget)
         except Exception as exc:  # noqa: BLE001 - the reader's code
             failures.append(f"your code raised {type(exc).__name__}: {exc} (order {order})")
             break
+        # The budget comes back with the answer: the caller carries it to the next call.
+        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict)):
+            failures.append(f"order {order}: your call returned {got!r}, not (charged,"
+                            " budget) with the budget a dict")
+            break
+        answers[order], budget = got
     calls: dict[str, list[tuple[float, bool]]] = {}
     for order, start, ok in bank.log:
         calls.setdefault(order, []).append((start, ok))
