@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..engine import retention
 from ..engine.store import transaction
 from ..engine.worker import apply_order_placed
-from . import ex01, ex02, ex03, ex04, ex05, ex06, ex07  # noqa: F401  (each registers its exercises)
+from . import ex01, ex02, ex03, ex04, ex05, ex06, ex07, ex08  # noqa: F401  (each registers its exercises)
 from .grader import EXERCISES, Exercise, Ops, Trial, Verdict, grade, register
 
 __all__ = ["EXERCISES", "Exercise", "Ops", "Trial", "Verdict", "apply_order_placed", "grade",

@@ -1,0 +1,261 @@
+"""Mutation testing of every model solution: the grader must notice a solution made wrong.
+
+``deliverylab.course.mutate`` breaks each registered exercise's model solution mechanically
+(swap two statements, drop a WHERE clause, remove a transaction, flip a comparison, delete a
+call, leave out a keyword argument, shift a constant by one) and grades every mutant over
+:data:`SEEDS`. For each exercise:
+
+* every mutant ends in a verdict: a grading that hangs, dies or raises is a grader defect;
+* every surviving mutant is listed in :data:`EQUIVALENT` with the reason it is the solution
+  in all but form; a survivor not listed is a hole in the grader, and fails the test;
+* the grader kills at least 90 % of the mutants that are not equivalent.
+
+Entries are keyed by (exercise id, mutant id); a mutant id names the operator and the line
+counted from the solution's ``def``, so it stays put when code above the solution moves. An
+entry whose mutant no longer exists is reported, so the list can be kept true.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from deliverylab.course import EXERCISES, mutate
+from deliverylab.engine.errors import InvalidInput
+
+pytestmark = pytest.mark.slow
+
+SEEDS = range(5)    # a killed mutant usually dies on the first seed; survivors cost all five
+TIME_LIMIT = 30.0   # seconds per mutant before its grading counts as a hang
+KILL_RATE = 0.9
+
+# (exercise id, mutant id): why the mutant is the solution in all but form.
+EQUIVALENT: dict[tuple[str, str], str] = {
+    ("tx-ack", "swap L3"):
+        "apply and ACK run inside one ops.transaction(): they commit together, in any order",
+    ("late-worker", "swap L4"):
+        "the checked ACK and the effect share one transaction: a refused ACK rolls back both,"
+        " whichever came first",
+    ("predict-faults", "swap L2"):
+        "the two if-branches test different modes, so at most one of them returns",
+    ("heartbeat", "swap L3"):
+        "each chunk of work is at most 1 s and the lease is 2 s: the lease taken at receive"
+        " covers the first chunk, and extending after each chunk keeps it ahead of the next",
+    ("drain", "off-by-one L2"):
+        "the round robin starts at another worker; which one steps first does not matter",
+    ("drain", "off-by-one L2.2"):
+        "the round robin starts at another worker; which one steps first does not matter",
+    ("drain", "swap L4"):
+        "the turn advances before the step instead of after: the same round robin, shifted",
+    ("drain", "swap L5"):
+        "the turn advances whether the step got a delivery or not, in either order",
+    ("drain", "off-by-one L5"):
+        "the exercise asks for the queue drained, not for fairness: stepping every other"
+        " worker (with two workers, only one) still drains it",
+    ("drain", "off-by-one L5.2"):
+        "the exercise asks for the queue drained, not for fairness: one worker stepping alone"
+        " still drains it",
+    ("drain", "swap L6"):
+        "reading the next visible time before the `continue` only computes a value not used",
+    ("in-flight-repair", "swap L4"):
+        "the rebuild and the fence are two statements of one transaction: nothing sees the"
+        " state between them, in either order",
+    ("repair-item", "swap L4"):
+        "the rebuild and the fence are two statements of one transaction: nothing sees the"
+        " state between them, in either order",
+    ("inbox-cleanup", "swap L2"):
+        "the horizon is a pure computation from the policy; expiring dead letters first does"
+        " not change it",
+    ("inbox-cleanup", "swap L6"):
+        "both deletions run at the same instant of the fake clock with no redrive between"
+        " them, so no dead letter can come back between the two",
+    ("fenced-write", "off-by-one L4.2"):
+        "the query selects one column, so row[-1] is row[0]",
+    ("retry-budget", "swap L8"):
+        "checking the budget before the deadline spends a token on a retry the deadline then"
+        " forbids: the budget only gets stricter, and the bank sees no call either way",
+    ("settle-batch", "unwrap L4"):
+        "without the outer transaction the first SAVEPOINT opens one and its RELEASE commits"
+        " it: each message still stands or falls alone",
+    ("settle-batch", "swap L10"):
+        "noting the failed id before or after rolling back to the savepoint: the same writes",
+    ("settle-batch", "swap L10.2"):
+        "noting the failed id before or after rolling back to the savepoint: the same writes",
+    ("settle-batch", "delete-call L12"):
+        "unreleased savepoints nest inside the outer transaction, which commits them all;"
+        " ROLLBACK TO undoes back to the newest one, the current message's",
+    ("compensate", "off-by-one L5.2"):
+        "the query selects one column, so row[-1] is row[0]",
+    ("compensate", "swap L9"):
+        "the reservation and its saga row are two statements of one transaction: either order",
+    ("compensate", "swap L14"):
+        "the release and the state change are two statements of one transaction: either order",
+    ("page-on", "swap L2"):
+        "defining the helper after creating the empty set: neither uses the other",
+    ("page-on", "swap L6"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "swap L8"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "swap L11"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "swap L13"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "swap L15"):
+        "two independent checks that each add a name to a set: either order gives the same set",
+    ("page-on", "off-by-one L6"):
+        "an age threshold of 59 or 61 s instead of 60: the exercise accepts any threshold"
+        " between healthy waits (seconds) and a stall (minutes); the boundary is a choice",
+    ("page-on", "off-by-one L6.2"):
+        "an age threshold of 59 or 61 s instead of 60: the exercise accepts any threshold"
+        " between healthy waits (seconds) and a stall (minutes); the boundary is a choice",
+    ("page-on", "off-by-one L17"):
+        "an age threshold of 59 or 61 s instead of 60: the exercise accepts any threshold"
+        " between healthy waits (seconds) and a stall (minutes); the boundary is a choice",
+    ("page-on", "off-by-one L17.2"):
+        "an age threshold of 59 or 61 s instead of 60: the exercise accepts any threshold"
+        " between healthy waits (seconds) and a stall (minutes); the boundary is a choice",
+}
+
+IDS = sorted(EXERCISES)
+_cache: dict[str, list[mutate.Outcome]] = {}
+
+
+def outcomes(ex_id: str) -> list[mutate.Outcome]:
+    if ex_id not in _cache:
+        _cache[ex_id] = mutate.run(ex_id, seeds=SEEDS, time_limit=TIME_LIMIT)
+    return _cache[ex_id]
+
+
+def _defect(o: mutate.Outcome) -> bool:
+    """A grading that ended without a verdict (hang, dead process, the grader raised)."""
+    return o.killed and o.seed is None and not o.reason.startswith("does not compile")
+
+
+@pytest.mark.parametrize("ex_id", IDS)
+def test_the_grader_kills_the_mutants_of_the_solution(ex_id: str) -> None:
+    outs = outcomes(ex_id)
+    print(f"\n{ex_id}: {sum(o.killed for o in outs)} of {len(outs)} mutants killed")
+    for o in outs:
+        state = "killed" if o.killed else "SURVIVED"
+        print(f"  {o.mutant.id:<18} {state:<8} {o.mutant.description}"
+              + (f"\n    seed {o.seed}: {o.reason[:150]}" if o.killed else ""))
+    stale = [m for (e, m) in EQUIVALENT if e == ex_id
+             and m not in {o.mutant.id for o in outs}]
+    if stale:
+        print(f"  listed as equivalent but no longer generated: {stale}")
+    defects = [f"{o.mutant.id} ({o.mutant.description}): {o.reason}" for o in outs
+               if _defect(o)]
+    assert not defects, "grading ended without a verdict:\n" + "\n".join(defects)
+    holes = [f"{o.mutant.id}: {o.mutant.description}" for o in outs
+             if not o.killed and (ex_id, o.mutant.id) not in EQUIVALENT]
+    assert not holes, ("mutants the grader passes (a hole in the grader, or an equivalent"
+                       " mutant to list with its reason):\n" + "\n".join(holes))
+    counted = [o for o in outs if (ex_id, o.mutant.id) not in EQUIVALENT]
+    if counted:
+        rate = sum(o.killed for o in counted) / len(counted)
+        assert rate >= KILL_RATE, f"{ex_id}: {rate:.0%} of the non-equivalent mutants killed"
+
+
+def test_every_exercise_has_mutants() -> None:
+    none = [ex_id for ex_id in IDS if not mutate.mutants(EXERCISES[ex_id].solution)]
+    assert not none, f"no operator applies to the solutions of {none}"
+
+
+# -- the mutator itself --------------------------------------------------------------------
+def sample(conn, delivery, ops):
+    with ops.transaction():
+        conn.execute("UPDATE stock SET qty = qty - ? WHERE item = ? AND qty >= ?"
+                     " RETURNING qty", (delivery.qty, delivery.item, delivery.qty))
+        ops.ack(delivery, timeout=3)
+    if delivery.count > 1:
+        return "again"
+    return None
+
+
+def _by_operator(ms: list[mutate.Mutant]) -> dict[str, list[mutate.Mutant]]:
+    out: dict[str, list[mutate.Mutant]] = {}
+    for m in ms:
+        out.setdefault(m.operator, []).append(m)
+    return out
+
+
+def test_each_operator_breaks_the_sample_where_it_fits() -> None:
+    ms = _by_operator(mutate.mutants(sample))
+    assert set(ms) == set(mutate.OPERATORS)
+    (drop,) = ms["drop-where"]
+    assert "WHERE true RETURNING qty" in drop.source and "item = ?" not in drop.source
+    assert "SET qty = qty - ?" in drop.source
+    (unwrap,) = ms["unwrap"]
+    assert "transaction" not in unwrap.source and "ops.ack(delivery, timeout=3)" in unwrap.source
+    (flip,) = ms["flip"]
+    assert "delivery.count <= 1" in flip.source
+    assert {m.id for m in ms["delete-call"]} == {"delete-call L3", "delete-call L5"}
+    (kw,) = ms["drop-kwarg"]
+    assert "ops.ack(delivery)" in kw.source
+    shifted = {m.description for m in ms["off-by-one"]}
+    assert shifted == {"line 5: constant 3 becomes 4", "line 5: constant 3 becomes 2",
+                       "line 6: constant 1 becomes 2", "line 6: constant 1 becomes 0"}
+    swaps = {m.id for m in ms["swap"]}
+    assert swaps == {"swap L2", "swap L3", "swap L6"}  # in the with block; if / return
+    for m in mutate.mutants(sample):
+        compile(m.source, m.id, "exec")
+        assert m.source != inspect.getsource(sample)
+
+
+def test_a_where_clause_ends_at_its_statements_next_clause() -> None:
+    sql = ("SELECT a FROM t WHERE a IN (SELECT b FROM u WHERE c = ')') GROUP BY a;"
+           " DELETE FROM v WHERE x = 1")
+    spans = mutate.where_clauses(sql)
+    cut = [sql[s:e] for s, e in spans]
+    assert cut == [" WHERE a IN (SELECT b FROM u WHERE c = ')')", " WHERE c = ')'",
+                   " WHERE x = 1"]
+
+
+def test_a_mutant_reads_back_as_its_own_source_with_the_originals_globals() -> None:
+    (flip,) = _by_operator(mutate.mutants(sample))["flip"]
+    fn = mutate.build(flip, sample)
+    assert inspect.getsource(fn) == flip.source
+    assert fn.__name__ == "sample" and fn.__globals__ is not sample.__globals__
+    assert fn.__globals__["mutate"] is mutate
+
+
+def test_mutant_ids_do_not_depend_on_where_the_function_sits() -> None:
+    src = inspect.getsource(sample)
+    namespace: dict = {}
+    exec(compile("\n" * 40 + src, "<moved>", "exec"), namespace)  # noqa: S102
+    import linecache
+    linecache.cache["<moved>"] = (0, None, ("\n" * 40 + src).splitlines(True), "<moved>")
+    moved = [m.id for m in mutate.mutants(namespace["sample"])]
+    assert moved == [m.id for m in mutate.mutants(sample)]
+
+
+def test_a_mutant_is_graded_as_itself_not_as_the_original() -> None:
+    ex = EXERCISES["ack-after"]
+    (gone,) = [m for m in mutate.mutants(ex.solution)
+               if m.operator == "delete-call" and "ops.ack" in m.description]
+    out = mutate.judge_mutant("ack-after", gone, ex.solution, seeds=[0, 1])
+    assert out.killed and out.seed is not None, out
+    assert mutate.judge_mutant("ack-after", mutate.Mutant(
+        id="same", operator="swap", description="the solution itself",
+        source=mutate.solution_source(ex.solution)), ex.solution, seeds=[0]).killed is False
+    fn = mutate.build(gone, ex.solution)
+    assert fn.__module__ == mutate.MUTANT_MODULE and fn is not ex.solution
+
+
+def test_a_mutant_that_never_returns_is_stopped_and_reported() -> None:
+    (ex_id, ex) = next((k, e) for k, e in EXERCISES.items() if e.params == ("delivery", "ops"))
+
+    name = ex.solution.__name__
+    m = mutate.Mutant(id="test", operator="swap", description="a loop",
+                      source=f"def {name}(delivery, ops):\n    while True:\n        pass\n")
+    out = mutate.judge_mutant(ex_id, m, ex.solution, seeds=[0], time_limit=2)
+    assert out.killed and out.seed is None and "timed out after 2s" in out.reason
+    assert 1.5 < out.seconds < 10
+
+
+def test_bad_input_names_the_field() -> None:
+    with pytest.raises(InvalidInput, match="operators"):
+        mutate.mutants(sample, operators=["shuffle"])
+    with pytest.raises(InvalidInput, match="solution"):
+        mutate.mutants(len)
