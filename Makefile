@@ -7,7 +7,7 @@
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
-#   make services  start (or install) the servers the tests use: PostgreSQL, RabbitMQ, NATS, Mosquitto
+#   make services  start (or install) the servers the tests use: PostgreSQL, RabbitMQ, NATS, Redis, Mosquitto
 #   make i18n-update  bring the translations' catalogs (locales/) up to date with the English
 #   make i18n-check   fail, naming each, on any message a translation lacks or has fuzzy
 #
@@ -50,7 +50,7 @@ help:
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
 	@echo "make bench   run the benchmarks"
-	@echo "make services  start PostgreSQL, RabbitMQ, NATS and Mosquitto for the tests (install them if missing)"
+	@echo "make services  start PostgreSQL, RabbitMQ, NATS, Redis and Mosquitto for the tests (install them if missing)"
 	@echo "make clean   remove the built book and fetched assets (keeps .venv)"
 
 # --- setup -------------------------------------------------------------------------------

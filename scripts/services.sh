@@ -2,20 +2,22 @@
 # Bring up the servers the tests need, and say what was done or why it cannot be.
 #
 #   scripts/services.sh            every service below
-#   scripts/services.sh postgres   just the named ones (postgres, rabbitmq, nats, mosquitto)
+#   scripts/services.sh postgres   just the named ones (postgres, rabbitmq, nats, redis, mosquitto)
 #
 # Each service is three functions: <name>_up (is it answering?), <name>_start (start an
 # installed server) and <name>_install (install it), and its name in ALL. Installing needs
 # root or sudo, as Chromium's install does.
 set -euo pipefail
 
-ALL=(postgres rabbitmq nats mosquitto)
+ALL=(postgres rabbitmq nats redis mosquitto)
 PG_HOST=127.0.0.1
 PG_PORT=5432
 AMQP_HOST=127.0.0.1
 AMQP_PORT=5672
 NATS_HOST=127.0.0.1
 NATS_PORT=4222
+REDIS_HOST=127.0.0.1
+REDIS_PORT=6379
 MQTT_HOST=127.0.0.1
 MQTT_PORT=1883
 
@@ -154,6 +156,37 @@ nats_install() {
   say "nats-server is not installed: installing it with apt-get"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+}
+
+# --- Redis (Streams) -----------------------------------------------------------------------------
+# Up means: the port answers PING with +PONG (a Redis that is up, not just an open port).
+redis_up() {
+  port_open "$REDIS_HOST" "$REDIS_PORT" || return 1
+  local reply
+  reply=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"; printf "PING\r\n" >&3
+                             head -c 5 <&3' "$REDIS_HOST" "$REDIS_PORT" 2>/dev/null)
+  [ "$reply" = "+PONG" ]
+}
+
+redis_installed() { command -v redis-server >/dev/null; }
+
+# No persistence, as the tests want it (their streams are throwaway): --save "" and no AOF.
+# A deployment that keeps its messages sets appendonly yes (see the lab's Redis page).
+redis_start() {
+  if port_open "$REDIS_HOST" "$REDIS_PORT"; then
+    say "something answers on $REDIS_HOST:$REDIS_PORT that is not Redis: stop it first"
+    return 1
+  fi
+  say "redis-server is installed but not answering on $REDIS_HOST:$REDIS_PORT: starting it"
+  as_root mkdir -p /var/lib/redis /var/log/redis
+  as_root redis-server --daemonize yes --bind "$REDIS_HOST" --port "$REDIS_PORT" \
+    --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/deliverylab.log
+}
+
+redis_install() {
+  say "redis-server is not installed: installing it with apt-get"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
 }
 
 # --- Mosquitto (MQTT) ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from deliverylab.brokers.base import Broker
+from deliverylab.brokers import registry
+from deliverylab.brokers.base import Broker, Capabilities
 from deliverylab.brokers.sqlite import Queue, SQLiteBroker
 from deliverylab.engine import store
 from deliverylab.engine.clock import FakeClock
@@ -40,10 +41,13 @@ class Lab:
         """A worker on this lab's clock and ids and on ``conn`` (default: the lab's own
         connection); override anything by keyword."""
         kw.setdefault("clock", self.clock)
-        kw.setdefault("ids", self.ids)
-        if conn is None and "max_receives" not in kw:
+        conn = self.conn if conn is None else conn
+        if conn is self.conn and "max_receives" not in kw:
             kw.setdefault("queue", self.queue)
-        return Worker(self.conn if conn is None else conn, **kw)
+        elif "queue" not in kw and "broker" not in kw:
+            kw["queue"] = Queue(conn, clock=kw["clock"], ids=kw.get("ids", self.ids),
+                                max_receives=kw.pop("max_receives", 5))
+        return Worker(conn, **kw)
 
     def drain(self, *workers: Worker, max_rounds: int = 100_000) -> None:
         """Step the workers in turn until the queue is empty, jumping the clock to the next
@@ -138,45 +142,33 @@ def _postgres(where: Path, clock: FakeClock, ids: Ids,
     return PostgresBroker(conn, clock=clock, ids=ids, max_receives=max_receives), stack.close
 
 
-def _rabbitmq(where: Path, clock: FakeClock, ids: Ids,
-              max_receives: int) -> tuple[Broker, Callable[[], None]]:
-    """A RabbitMQ quorum queue of its own on the shared server (127.0.0.1:5672, or
-    ``DELIVERYLAB_AMQP_URL``), deleted on close with its dead-letter queue and exchange. Fails,
-    never skips, when the server does not answer (``make services`` starts it)."""
-    import os
-    import uuid
-
-    from deliverylab.brokers.rabbitmq import DEFAULT_URL, open_url
-
-    url = os.environ.get("DELIVERYLAB_AMQP_URL", DEFAULT_URL)
-    broker = open_url(f"{url}?queue=test-{uuid.uuid4().hex}", clock=clock, ids=ids,
-                      max_receives=max_receives, worker="pytest")
-    return broker, broker.destroy
-
-
-def _jetstream(where: Path, clock: FakeClock, ids: Ids,
-               max_receives: int) -> tuple[Broker, Callable[[], None]]:
-    """NATS JetStream on the shared server: streams of its own, deleted on close, and a
-    1-second AckWait. Its leases run on the server's clock, not on ``clock``: the contract
-    suite waits them out (see ``wait`` and ``expire`` there)."""
-    import uuid
-
-    from deliverylab.brokers.jetstream import JetStreamBroker
-
-    broker = JetStreamBroker(stream=f"test-{uuid.uuid4().hex[:12]}", clock=clock, ids=ids,
-                             max_receives=max_receives, ack_wait=1.0)
-    return broker, broker.destroy
+def _by_url(name: str) -> Callable[..., tuple[Broker, Callable[[], None]]]:
+    """Engine ``name`` of the registry (``deliverylab.brokers.registry``) on its shared server
+    (``make services`` starts it; its environment variable points elsewhere): a queue or
+    stream of its own, deleted on close, with a 1-second lease where the engine fixes the
+    lease per queue. Fails, never skips, when the server does not answer."""
+    def open_it(where: Path, clock: FakeClock, ids: Ids,
+                max_receives: int) -> tuple[Broker, Callable[[], None]]:
+        broker = registry.open_scratch(name, lease=1.0, clock=clock, ids=ids,
+                                       max_receives=max_receives, worker="pytest")
+        return broker, broker.destroy
+    return open_it
 
 
 BROKER_ENGINES: dict[str, Callable[..., tuple[Broker, Callable[[], None]]]] = {
     "sqlite-memory": _sqlite_memory,
     "sqlite-file": _sqlite_file,
     "postgres": _postgres,
-    "rabbitmq": _rabbitmq,
-    "jetstream": _jetstream,
+    **{name: _by_url(name) for name in registry.ENGINES},
 }
-# Engines whose leases run on the server's own clock: moving a FakeClock does not expire them.
-SERVER_CLOCK_ENGINES = {"jetstream"}
+
+
+def capabilities_of(engine: str) -> Capabilities:
+    """What engine ``engine`` (a key of :data:`BROKER_ENGINES`) can do, before opening one:
+    for choosing the engines of a test that needs a capability."""
+    if engine in registry.ENGINES:
+        return registry.capabilities(engine)
+    return SQLiteBroker.capabilities  # the queue table, on SQLite or PostgreSQL
 
 
 @pytest.fixture(params=list(BROKER_ENGINES))

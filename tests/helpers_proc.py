@@ -54,9 +54,11 @@ def queue_empty(conn) -> bool:
 def work(args: argparse.Namespace) -> None:
     conn = store.connect(args.db)
     faults = Faults(seed=args.fault_seed, ack_fail=args.ack_fail)
-    worker = Worker(conn, clock=SystemClock(), ids=Ids(), mode=args.mode, faults=faults,
+    worker = Worker(conn, clock=SystemClock(), mode=args.mode, faults=faults,
+                    queue=Queue(conn, clock=SystemClock(), ids=Ids(),
+                                max_receives=args.max_receives),
                     visibility_timeout=args.visibility_timeout,
-                    max_messages=args.max_messages, max_receives=args.max_receives,
+                    max_messages=args.max_messages,
                     work_time=args.work_time, name=args.name)
     stop_file = Path(args.stop_file) if args.stop_file else None
     print("ready", flush=True)  # imported and connected: from here on a kill lands mid-work

@@ -272,13 +272,15 @@ def test_order_ids_with_a_slash_can_be_read_back(client: TestClient) -> None:
 
 
 def test_order_state_follows_the_worker(client: TestClient, db_file: Path) -> None:
+    from deliverylab.brokers.sqlite import SQLiteBroker
     from deliverylab.engine.clock import SystemClock
     from deliverylab.engine.ids import Ids
     from deliverylab.engine.worker import Worker
 
     post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
     conn = store.connect(db_file)
-    Worker(conn, clock=SystemClock(), ids=Ids(1)).run_until_idle()
+    Worker(conn, clock=SystemClock(),
+           queue=SQLiteBroker(conn, clock=SystemClock(), ids=Ids(1))).run_until_idle()
     conn.close()
     assert client.get("/orders/o-001").json()["order"]["state"] == "correct"
     items = client.get("/projection").json()["items"]

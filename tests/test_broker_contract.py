@@ -1,44 +1,32 @@
-"""The broker contract (``deliverylab.brokers.base.Broker``), the same cases for every engine.
+"""The broker contract (``deliverylab.engine.broker.Broker``), the same cases for every engine.
 
 ``broker`` comes from ``tests/conftest.py``, one param per engine; every broker has its own
 FakeClock (``broker.clock``), so leases run out by moving the clock, never by sleeping. (On
 RabbitMQ the lease is the delivery's channel: the broker closes it at its first verb after the
 lease's end on its clock, so moving the clock ends a lease there too.)
 
-Except on JetStream, whose leases run on the server's clock: there :func:`wait` sleeps as well
-as moving the FakeClock, with a margin for the server's timers.
+Except where the server times the leases (``capabilities.lease_clock == "server"``): there
+:func:`wait` sleeps as well as moving the FakeClock, with a margin for the server's timers.
 
-Where an engine cannot do what the contract says, its module documents the substitute and
-the test asserts that documented behaviour for that engine, in the same test (the sets below
-name the engines; nothing is skipped). JetStream (see ``deliverylab.brokers.jetstream``) has
-one lease for every receive (the consumer's AckWait), ``extend`` restarts AckWait, no delayed
-send, and a stale receipt is accepted, acting on the message whoever holds it now.
+Where an engine cannot do what the contract says, its ``capabilities`` say so, its module
+documents the substitute, and the test asserts that documented behaviour in the same test
+(nothing is skipped, and no test names an engine): a fixed lease for every receive
+(``fixed_lease``, which ``extend`` restarts), no delayed send, no listing of ready messages,
+and a stale receipt that is accepted, acting on the message whoever holds it now.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 
-from deliverylab.brokers.base import Broker, Delivery
-from deliverylab.brokers.jetstream import JetStreamBroker
+from deliverylab.engine import store
+from deliverylab.engine.broker import Broker, Capabilities, Delivery, Received
 from deliverylab.engine.errors import InvalidInput
 
 VT = 2.0  # the visibility timeout used throughout
-
-# Engines (by broker class name) that differ from the contract, as their modules document.
-# No delayed send: ``send(delay>0)`` is InvalidInput naming ``delay`` (RabbitMQ 3.10 without a
-# plugin).
-NO_DELAYED_SEND = {"RabbitMQBroker"}
-# Ready messages cannot be listed without receiving them (which counts a delivery):
-# ``queued_event_ids`` answers only for what the broker holds and raises NotImplementedError
-# while messages are ready; ``drop`` forgets only a message the broker holds.
-NO_LISTING = {"RabbitMQBroker"}
-
-
-def differs(broker: Broker, engines: set[str]) -> bool:
-    return type(broker).__name__ in engines
 
 
 def send(broker: Broker, n: int = 1, prefix: str = "e") -> list[str]:
@@ -53,13 +41,13 @@ def one(broker: Broker, vt: float = VT) -> Delivery:
 
 
 def on_server_clock(broker: Broker) -> bool:
-    """Whether the engine's leases run on its server's clock (JetStream), not on ours."""
-    return isinstance(broker, JetStreamBroker)
+    """Whether the engine's leases run on its server's clock, not on ours."""
+    return broker.capabilities.lease_clock == "server"
 
 
 def lease_of(broker: Broker, vt: float = VT) -> float:
-    """How long a ``receive(vt)`` leases: ``vt``; on JetStream, the consumer's AckWait."""
-    return broker.ack_wait if isinstance(broker, JetStreamBroker) else vt
+    """How long a ``receive(vt)`` leases: ``vt``, or the engine's fixed lease."""
+    return broker.capabilities.lease_for(vt)
 
 
 def margin(broker: Broker) -> float:
@@ -83,6 +71,20 @@ def expire(broker: Broker, d: Delivery) -> None:
 def test_is_a_broker(broker):
     assert isinstance(broker, Broker)
     assert broker.max_receives == 3
+
+
+def test_capabilities_are_frozen_data_that_agree_with_the_broker(broker):
+    caps = broker.capabilities
+    assert isinstance(caps, Capabilities)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        caps.delayed_send = not caps.delayed_send  # type: ignore[misc]
+    assert broker.dedup_window == caps.dedup_window
+    assert caps.lease_for(VT) == (VT if caps.fixed_lease is None else caps.fixed_lease)
+    elsewhere = store.init_db()  # a store the broker is not on: never joined
+    assert broker.joins(elsewhere) is False
+    elsewhere.close()
+    if not caps.joins_store:
+        assert not broker.joins(getattr(broker, "conn", None))
 
 
 def test_send_then_receive_hands_out_the_message_once_per_lease(broker):
@@ -119,11 +121,11 @@ def test_a_stale_receipt_is_refused_and_changes_nothing(broker, verb):
                "extend": lambda: broker.extend(stale, 60),
                "nack": lambda: broker.nack(stale, 0, error="boom"),
                "dead_letter": lambda: broker.dead_letter(stale, "boom")}[verb]()
-    if on_server_clock(broker):
-        # JetStream finds the message by its stream sequence, not by the delivery: the stale
-        # receipt is accepted and acts on the message the current holder has.
+    if not broker.capabilities.refuses_stale_receipts:
+        # The engine finds the message, not the delivery: the stale receipt is accepted and
+        # acts on the message the current holder has.
         assert refused is True
-        STALE_ON_JETSTREAM[verb](broker, current)
+        STALE_ACCEPTED[verb](broker, current)
         return
     assert refused is False
     assert broker.depth() == {"visible": 0, "in_flight": 1, "dead_letters": 0}
@@ -146,7 +148,7 @@ def _stale_extend_restarted_the_holders_lease(broker: Broker, current: Delivery)
 def _stale_nack_handed_it_out_again(broker: Broker, current: Delivery) -> None:
     third = one(broker)  # at once, while the current lease still runs
     assert (third.message_id, third.delivery_count) == (current.message_id, 3)
-    assert broker.ack(current) is True  # and the holder's ack, now stale too, deletes it
+    assert broker.ack(third) is True
     assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
 
 
@@ -156,7 +158,7 @@ def _stale_dead_letter_moved_it(broker: Broker, current: Delivery) -> None:
     assert broker.ack(current) is False
 
 
-STALE_ON_JETSTREAM = {"ack": _stale_ack_deleted_it,
+STALE_ACCEPTED = {"ack": _stale_ack_deleted_it,
                       "extend": _stale_extend_restarted_the_holders_lease,
                       "nack": _stale_nack_handed_it_out_again,
                       "dead_letter": _stale_dead_letter_moved_it}
@@ -175,8 +177,8 @@ def test_extend_moves_the_lease(broker):
     d = one(broker)
     wait(broker, 0.75 * lease_of(broker))
     assert broker.extend(d, 5.0) is True
-    # JetStream's in_progress() restarts AckWait from now: it cannot set 5 seconds.
-    extended = broker.ack_wait if on_server_clock(broker) else 5.0
+    # An engine with a fixed lease restarts it from now: it cannot set 5 seconds.
+    extended = lease_of(broker, 5.0)
     wait(broker, extended - margin(broker))  # past the first lease, inside the extended one
     assert broker.receive(VT) == []
     wait(broker, 2 * margin(broker))
@@ -194,9 +196,9 @@ def test_nack_makes_it_visible_after_the_delay_and_keeps_counting(broker):
     again = one(broker)
     assert again.delivery_count == 2
     assert again.last_error == "handler failed"
-    if on_server_clock(broker):  # the nacked delivery's receipt still acks (see above)
+    if not broker.capabilities.refuses_stale_receipts:  # accepted, acting on the message
         assert broker.ack(d) is True
-        assert broker.ack(again) is False
+        assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
         return
     assert broker.ack(d) is False  # the nacked delivery's receipt is spent
 
@@ -207,8 +209,10 @@ def test_dead_letters_at_exactly_max_receives(broker):
         d = one(broker)
         assert d.delivery_count == n
         expire(broker, d)
-    assert broker.receive(VT) == []  # the next receive parks it instead
-    [(parked, reason)] = broker.parked
+    got = broker.receive(VT)
+    assert isinstance(got, Received)
+    assert got == []  # the next receive parks it instead, and says so
+    [(parked, reason)] = got.parked
     assert parked.event_id == "e-0"
     assert parked.delivery_count == broker.max_receives  # the deliveries that happened
     assert f"max_receives={broker.max_receives}" in reason
@@ -225,7 +229,7 @@ def test_dead_letter_by_hand_then_redrive_as_a_new_message(broker):
     assert broker.dead_lettered_event_ids() == {d.event_id}
     assert broker.redrive() == 1
     assert broker.dead_lettered_event_ids() == set()
-    if differs(broker, NO_LISTING):
+    if not broker.capabilities.lists_queue:
         with pytest.raises(NotImplementedError, match="2 messages are ready"):
             broker.queued_event_ids()
     else:
@@ -266,9 +270,9 @@ def test_ack_many_with_a_stale_and_a_current_receipt(broker):
     stale = one(broker)
     expire(broker, stale)
     current = one(broker)
-    # JetStream: the stale receipt is accepted, and the current one then finds nothing.
-    assert broker.ack_many([stale, current]) == ([True, False] if on_server_clock(broker)
-                                                 else [False, True])
+    # Where a stale receipt is accepted, it acks; the current one then finds nothing.
+    assert broker.ack_many([stale, current]) == (
+        [False, True] if broker.capabilities.refuses_stale_receipts else [True, False])
     assert broker.queued_event_ids() == set()
     assert broker.ack_many([current, current]) == [False, False]
 
@@ -283,16 +287,8 @@ def test_depth_and_next_visible_at(broker):
     assert broker.depth() == {"visible": 0, "in_flight": 0, "dead_letters": 0}
     assert broker.next_visible_at() is None
     send(broker, 3)
-    if differs(broker, NO_DELAYED_SEND):  # refused as bad input; sent without a delay
-        with pytest.raises(InvalidInput) as refused:
-            broker.send("later", "OrderPlaced", {"orderId": "o-x", "qty": 1}, delay=10.0)
-        assert refused.value.field == "delay"
-        broker.send("later", "OrderPlaced", {"orderId": "o-x", "qty": 1})  # visible now
-        one(broker)
-        assert broker.depth() == {"visible": 3, "in_flight": 1, "dead_letters": 0}
-        later = {"later"}
-    elif on_server_clock(broker):  # JetStream 2.9 has no delayed publish
-        with pytest.raises(NotImplementedError, match="delay"):
+    if not broker.capabilities.delayed_send:  # refused, naming the delay; nothing sent
+        with pytest.raises((InvalidInput, NotImplementedError), match="delay"):
             broker.send("later", "OrderPlaced", {"orderId": "o-x", "qty": 1}, delay=10.0)
         one(broker)
         assert broker.depth() == {"visible": 2, "in_flight": 1, "dead_letters": 0}
@@ -314,7 +310,7 @@ def test_drop_and_lose_forget_a_message_whatever_its_lease(broker):
     assert broker.lose(d, reason="lost in transit") is True
     assert broker.lose(d, reason="again") is False
     other = b if d.message_id == a else a
-    if differs(broker, NO_LISTING):  # a queued message cannot be picked by id
+    if not broker.capabilities.lists_queue:  # a queued message cannot be picked by id
         with pytest.raises(NotImplementedError, match="not held by this broker"):
             broker.drop(other)
         assert broker.depth() == {"visible": 1, "in_flight": 0, "dead_letters": 0}

@@ -10,9 +10,11 @@ uses the panel the way a reader does:
 2. press *auto-run*: the timer in the browser steps the worker until the queue is empty;
 3. switch to at-least-once, place orders, run: the checker reports duplicated effects.
 
-Known flake: the first "Run All" right after a notebook opens can be lost while the kernel is
-still starting; the test then restarts the kernel and runs all cells once more. Every wait is
-bounded, and JupyterLab is stopped in ``finally``.
+Before anything runs, the test waits until the kernel is really there: the server reports a
+session for the notebook whose kernel is idle and has the page's connection, and the page
+shows it idle. A "Run All" sent earlier, while the session has no kernel yet, is lost, and on a
+loaded machine each of its cells throws "Session has no kernel." in the page (any script error
+fails the test). Every wait is bounded, and JupyterLab is stopped in ``finally``.
 """
 
 from __future__ import annotations
@@ -142,22 +144,42 @@ def wait_idle(page, timeout_ms: int) -> None:
     raise TimeoutError(f"the kernel was not idle within {timeout_ms} ms")
 
 
+def wait_kernel(page, base: str, token: str, notebook: str, timeout_ms: int) -> None:
+    """Wait until the server has a session for ``notebook`` whose kernel is started, idle and
+    connected to (the page's websocket): only then can the page execute a cell. If JupyterLab
+    asks which kernel to start, accept its choice (the notebook's own, Python 3)."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    seen: object = None
+    while time.monotonic() < deadline:
+        dialog = page.locator(".jp-Dialog:has-text('Select Kernel')")
+        if dialog.count() and dialog.first.is_visible():
+            dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
+        try:
+            with urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=5) as r:
+                sessions = json.load(r)
+            kernel = next((s["kernel"] for s in sessions
+                           if s.get("path", "").endswith(notebook) and s.get("kernel")), None)
+            if kernel is not None:
+                with urllib.request.urlopen(f"{base}/api/kernels/{kernel['id']}?token={token}",
+                                            timeout=5) as r:
+                    seen = json.load(r)
+                if seen["execution_state"] == "idle" and seen.get("connections", 0) >= 1:
+                    return
+            else:
+                seen = sessions
+        except OSError as exc:  # the server busy starting the kernel: ask again
+            seen = exc
+        page.wait_for_timeout(250)
+    raise TimeoutError(f"no idle, connected kernel for {notebook} within {timeout_ms} ms:"
+                       f" {seen}")
+
+
 def run_all(page) -> None:
     """Run all cells until the chapter's last cell has driven the panel (the reconcile)."""
     done = ".dl-live .dl-status:has-text('Reconciled from the 40 orders')"
-    for attempt in range(2):
-        if attempt == 0:
-            menu(page, "Run", "Run All Cells")  # the Run menu lists it before "Restart …"
-        else:  # the known flake: restart the kernel and run everything once more
-            menu(page, "Kernel", "Restart Kernel and Run All Cells")
-            page.locator(".jp-Dialog-button.jp-mod-accept").click(timeout=ACTION_TIMEOUT_MS)
-        try:
-            page.wait_for_selector(done, timeout=RUN_ALL_TIMEOUT_MS)
-            wait_idle(page, RUN_ALL_TIMEOUT_MS)
-            return
-        except Exception:
-            if attempt == 1:
-                raise
+    menu(page, "Run", "Run All Cells")  # the Run menu lists it before "Restart …"
+    page.wait_for_selector(done, timeout=RUN_ALL_TIMEOUT_MS)
+    wait_idle(page, RUN_ALL_TIMEOUT_MS)
 
 
 def state(page) -> str:
@@ -254,6 +276,7 @@ def use_the_panel(page, base: str, token: str) -> None:
               wait_until="domcontentloaded", timeout=ACTION_TIMEOUT_MS)
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell",
                            timeout=ACTION_TIMEOUT_MS)
+    wait_kernel(page, base, token, CHAPTER.name, START_TIMEOUT_S * 1000)
     wait_idle(page, ACTION_TIMEOUT_MS)
     run_all(page)
     panel = page.locator(".dl-live")

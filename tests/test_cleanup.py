@@ -34,6 +34,16 @@ def made(path: Path) -> Path:
     return path
 
 
+def declare(url: str) -> None:
+    """Make the queue or stream ``url`` names, as a worker does on its start (the operator's
+    commands create nothing)."""
+    from deliverylab.brokers.registry import open_broker
+    from deliverylab.engine.clock import SystemClock
+    from deliverylab.engine.ids import Ids
+
+    open_broker(url, clock=SystemClock(), ids=Ids(1), max_receives=5).close()
+
+
 def family(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.glob(path.name + "*"))
 
@@ -137,7 +147,7 @@ def test_a_rabbitmq_queue_goes_with_its_dead_letters_and_exchange(tmp_path: Path
     queue = name("cleanup_q")
     url = f"{AMQP}?queue={queue}"
     db = made(tmp_path / "lab.db")
-    assert cli("status", "--store", str(db), "--broker", url).returncode == 0  # declares it
+    declare(url)
     done = cli("cleanup", "--store", str(db), "--broker", url, "--yes")
     assert done.returncode == 0, done.stderr
     assert (f"removed RabbitMQ queue {queue}: queue {queue} (0 messages), queue {queue}.dlq"
@@ -149,8 +159,7 @@ def test_a_rabbitmq_queue_goes_with_its_dead_letters_and_exchange(tmp_path: Path
 def test_a_jetstream_stream_goes_with_its_dead_letters_and_advisories(tmp_path: Path) -> None:
     stream = name("cleanup_js")
     url = f"{NATS}?stream={stream}&ack_wait=2"
-    db = made(tmp_path / "lab.db")
-    assert cli("status", "--store", str(db), "--broker", url).returncode == 0  # makes it
+    declare(url)
     # Removed whatever settings the URL asks for: a clean-up is the way out of a mismatch.
     done = cli("cleanup", "--broker", f"{NATS}?stream={stream}&ack_wait=9", "--yes")
     assert done.returncode == 0, done.stderr
@@ -162,3 +171,27 @@ def test_a_jetstream_stream_goes_with_its_dead_letters_and_advisories(tmp_path: 
 def test_cleanup_needs_something_to_remove() -> None:
     done = cli("cleanup", "--yes")
     assert done.returncode == 2 and "--store" in done.stderr and "--broker" in done.stderr
+
+
+def test_a_redis_stream_goes_with_its_dead_letters_and_delayed_set(tmp_path: Path) -> None:
+    from deliverylab.brokers.redis import open_url
+    from deliverylab.engine.clock import SystemClock
+    from deliverylab.engine.ids import Ids
+
+    stream = name("cleanup_redis")
+    url = f"redis://127.0.0.1:6379/0?stream={stream}"
+    broker = open_url(url, clock=SystemClock(), ids=Ids(1), max_receives=1)
+    try:  # a message, and a dead letter (its one receive ended in a nack)
+        broker.send("e-1", "OrderPlaced", {"qty": 1})
+        broker.send("e-2", "OrderPlaced", {"qty": 1})
+        [d] = broker.receive(30)
+        broker.dead_letter(d, "poison")
+    finally:
+        broker.close()
+    done = cli("cleanup", "--broker", url, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert (f"removed Redis stream {stream}: {stream} (1 entries), {stream}:dead (1 entries)"
+            in done.stdout), done.stdout
+    assert "not there" in cli("cleanup", "--broker", url, "--yes").stdout
+    refused = cli("cleanup", "--broker", "redis://127.0.0.1:1/0?stream=x", "--yes")
+    assert refused.returncode == 2 and "--broker" in refused.stderr

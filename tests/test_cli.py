@@ -59,8 +59,8 @@ def seed_orders(path: Path, n: int = 4, *, process: bool = True) -> list[Any]:
     placed = [place_order(queue, item_id=("coffee-beans", "tea")[i % 2], qty=i + 1,
                           order_id=f"o-{i + 1:03d}") for i in range(n)]
     if process:
-        Worker(conn, clock=SystemClock(), ids=Ids(), faults=Faults(seed=3, ack_fail=0.5),
-               visibility_timeout=0.0).run_until_idle()
+        Worker(conn, clock=SystemClock(), queue=Queue(conn, clock=SystemClock(), ids=Ids()),
+               faults=Faults(seed=3, ack_fail=0.5), visibility_timeout=0.0).run_until_idle()
     conn.close()
     return placed
 
@@ -373,7 +373,8 @@ def test_dead_letter_on_receive_is_announced(dbfile: Path) -> None:
     said: list[str] = []
     conn = store.connect(dbfile)
     clock = FakeClock(start=SystemClock().now())
-    worker = Worker(conn, clock=clock, ids=Ids(), max_receives=1, visibility_timeout=1.0,
+    worker = Worker(conn, clock=clock, queue=Queue(conn, clock=clock, ids=Ids(), max_receives=1),
+                    visibility_timeout=1.0,
                     faults=Faults(seed=1, ack_fail=1.0), echo=said.append)
     assert worker.step() == 1
     assert not any("dead-lettered" in line for line in said)

@@ -29,13 +29,14 @@ import pytest
 import yaml
 
 from deliverylab.app.cli import build_parser
+from deliverylab.brokers import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "lab"
 README = ROOT / "README.md"
 # The walkthroughs: each starts from nothing and ends with its clean-up. The README's first
 # run is one too.
-WALKTHROUGHS = ["four_terminals", "relay", "postgres", "rabbitmq", "jetstream", "cluster"]
+WALKTHROUGHS = ["four_terminals", "relay", "postgres", "rabbitmq", "jetstream", "redis", "cluster"]
 # Commands that open the store's database: a walkthrough names it every time, so that none
 # falls back on the shared default (data/app.db, or $DELIVERYLAB_DB).
 OPENS_STORE = {"init-db", "api", "worker", "relay", "status", "trace", "reconcile", "redrive",
@@ -150,17 +151,15 @@ def cleanup_args(command: Command) -> dict[str, str | bool]:
 
 
 def resource(value: str) -> str:
-    """What a --db/--store/--broker value names, engine by engine: a file, a PostgreSQL schema,
-    a RabbitMQ queue or a JetStream stream."""
+    """What a --db/--store/--broker value names: a file, a PostgreSQL schema, or the queue or
+    stream of an engine of the broker registry."""
     parts = urlsplit(value)
     query = parse_qs(parts.query)
     if parts.scheme.startswith("postgres"):
         options = unquote(query["options"][0])
         return "schema " + options.split("search_path=", 1)[1]
-    if parts.scheme == "amqp":
-        return "queue " + query["queue"][0]
-    if parts.scheme == "nats":
-        return "stream " + query["stream"][0]
+    if registry.is_broker_url(value):  # a broker's queue or stream, named in the query
+        return "queue " + (query.get("queue") or query["stream"])[0]
     return "file " + value
 
 

@@ -57,10 +57,10 @@ def test_a_stream_made_with_another_ack_wait_is_named_with_both_values_and_the_w
         tmp_path: Path) -> None:
     stream = name("msg_ackwait")
     db = init(tmp_path / "lab.db")
-    made = cli("status", "--store", str(db), "--broker", f"{NATS}?stream={stream}&ack_wait=2")
-    assert made.returncode == 0, made.stderr
+    # A worker made the stream with ack_wait=2; another comes with the URL's default.
+    JetStreamBroker(NATS, stream=stream, clock=SystemClock(), ids=Ids(), ack_wait=2.0).close()
     try:
-        again = cli("status", "--store", str(db), "--broker", f"{NATS}?stream={stream}")
+        again = cli("worker", "--store", str(db), "--broker", f"{NATS}?stream={stream}")
         assert again.returncode == 2
         err = again.stderr
         assert "ack_wait=2 there, 30 here" in err, err
@@ -73,7 +73,7 @@ def test_a_stream_made_with_another_ack_wait_is_named_with_both_values_and_the_w
         assert removed.returncode == 0, removed.stderr
         assert f"removed JetStream stream {stream}" in removed.stdout
         fresh = cli("status", "--store", str(db), "--broker", f"{NATS}?stream={stream}")
-        assert fresh.returncode == 0, fresh.stderr
+        assert fresh.returncode == 2 and "no such stream" in fresh.stderr, fresh.stderr
     finally:
         cli("cleanup", "--broker", f"{NATS}?stream={stream}", "--yes")
 
@@ -124,6 +124,28 @@ def test_the_jetstream_worker_states_its_ackwait_and_refuses_another_visibility_
             started(same)
         finally:
             stop(same)
+    finally:
+        cli("cleanup", "--broker", url, "--yes")
+
+
+def test_the_redis_worker_states_its_lease_and_refuses_another_visibility_timeout(
+        tmp_path: Path) -> None:
+    stream = name("msg_redis_lease")
+    db = init(tmp_path / "lab.db")
+    url = f"redis://127.0.0.1:6379/0?stream={stream}&lease=4"
+    try:
+        refused = cli("worker", "--store", str(db), "--broker", url,
+                      "--visibility-timeout", "2")
+        assert refused.returncode == 2
+        assert "--visibility-timeout" in refused.stderr and "here 4s" in refused.stderr, \
+            refused.stderr
+        proc = Proc(tmp_path / "worker.log", "worker", "--store", str(db), "--broker", url)
+        try:
+            started(proc)
+        finally:
+            out = stop(proc)
+        line = next(x for x in out.splitlines() if "started:" in x)
+        assert "lease=4s" in line and "visibility_timeout" not in line, line
     finally:
         cli("cleanup", "--broker", url, "--yes")
 
@@ -251,7 +273,7 @@ def test_worker_lines_carry_the_message_id(tmp_path: Path) -> None:
     place_order(queue, item_id="tea", qty=1, order_id="o-1")
     message_id = conn.execute("SELECT message_id FROM queue_messages").fetchone()[0]
     lines: list[str] = []
-    Worker(conn, clock=clock, ids=ids, echo=lines.append).step()
+    Worker(conn, broker=queue, clock=clock, echo=lines.append).step()
     conn.close()
     assert lines and all(f"message={message_id} " in line for line in lines), lines
 

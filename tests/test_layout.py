@@ -93,6 +93,17 @@ def test_engine_and_broker_modules_never_reach_up(name):
     assert not upper, f"{name} imports {upper}"
 
 
+ENGINE = sorted(n for n in MODULES if n.startswith("deliverylab.engine"))
+
+
+@pytest.mark.parametrize("name", ENGINE)
+def test_the_engine_never_imports_a_broker(name):
+    """The contract lives in the engine (``engine/broker.py``) and the brokers implement it:
+    the arrow runs from ``brokers/`` to ``engine/``, never back, not even lazily."""
+    brokers = sorted(m for m in imports_of(name) if m.startswith("deliverylab.brokers"))
+    assert not brokers, f"{name} imports {brokers}"
+
+
 @pytest.mark.parametrize("name", LOWER)
 def test_engine_and_broker_modules_import_alone(name):
     """Each, first in a fresh interpreter, imports without the app or the book."""

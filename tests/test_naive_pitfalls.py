@@ -307,7 +307,8 @@ def test_engine_lets_the_locked_database_surface_and_applies_the_event_later(tmp
     lab.place_order("coffee-beans", 2, order_id="o-500")
     api = store.connect(path)
     clock = WhileWorking(lab.clock, lambda: api.execute("BEGIN IMMEDIATE"))
-    worker = Worker(store.connect(path, busy_timeout=0.05), clock=clock, ids=Ids(9),
+    conn = store.connect(path, busy_timeout=0.05)
+    worker = Worker(conn, clock=clock, queue=Queue(conn, clock=clock, ids=Ids(9)),
                     work_time=0.05)
     with pytest.raises(sqlite3.OperationalError, match="database is locked"):
         worker.step()  # received, then the API took the lock while the worker worked

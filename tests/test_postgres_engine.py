@@ -138,7 +138,7 @@ def test_the_sqlite_broker_refuses_a_postgres_connection_and_back(pg_url, tmp_pa
     with pgstore.connect(pg_url) as conn:
         with pytest.raises(InvalidInput, match="a sqlite connection for SQLiteBroker"):
             Queue(conn, clock=FakeClock(), ids=Ids(1))
-        with pytest.raises(InvalidInput, match="a postgresql store takes its own broker"):
+        with pytest.raises(InvalidInput, match="the engine opens none"):
             Worker(conn, clock=FakeClock(), ids=Ids(1))
         assert type(Worker(conn, clock=FakeClock(), ids=Ids(1), queue=PostgresBroker(
             conn, clock=FakeClock(), ids=Ids(1))).queue) is PostgresBroker

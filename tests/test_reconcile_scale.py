@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from helpers_proc import env
 
+from deliverylab.brokers.sqlite import SQLiteBroker
 from deliverylab.engine import store
 from deliverylab.engine.check import check
 from deliverylab.engine.clock import FakeClock
@@ -92,7 +93,9 @@ def test_diff_and_repair_of_100000_drifted_orders(big) -> None:
         " duplicated effects before the repair")
 
     # The queued third now arrives at a batched at-least-once worker: all fenced.
-    w = Worker(conn, clock=FakeClock(1e6), ids=Ids(1), mode="at-least-once", max_messages=500)
+    late = FakeClock(1e6)
+    w = Worker(conn, clock=late, queue=SQLiteBroker(conn, clock=late, ids=Ids(1)),
+               mode="at-least-once", max_messages=500)
     for _ in range(4):
         w.step()
     assert (w.stats.received, w.stats.fenced, w.stats.applied) == (2000, 2000, 0)

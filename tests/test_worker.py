@@ -482,9 +482,10 @@ BAD_WORKERS = [
 def test_bad_worker_settings_name_the_field_and_value_and_write_nothing(lab, field, change):
     lab.order("coffee-beans", 1)
     before = store.dump(lab.conn)
-    kwargs = {"clock": lab.clock, "ids": lab.ids, **change}
+    kwargs = {"clock": lab.clock, **change}
     with pytest.raises(InvalidInput) as info:
-        Worker(lab.conn, **kwargs)
+        Worker(lab.conn, queue=Queue(lab.conn, clock=lab.clock, ids=lab.ids,
+                                     max_receives=kwargs.pop("max_receives", 5)), **kwargs)
     value = change[field]
     assert info.value.field == field
     assert str(info.value).startswith(f"{field} must be ")

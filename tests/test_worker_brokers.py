@@ -5,9 +5,9 @@ engine of ``make_broker`` in ``tests/conftest.py``, in a database of its own) mu
 same run: the same fault schedule for the same seed, the same trace in the store, the same
 checker verdict and the same repair. Only ``transactional`` differs: it needs the ACK and the
 effect in one transaction, so it is refused where the broker is not the store. An engine
-whose lease is a connection (RabbitMQ) gives a message back at once after a lost ACK or a
-crash, so its run interleaves differently: there every event's story is compared, and in
-batches the mode's guarantee (see ``GIVES_BACK_AT_ONCE``).
+whose lease is a connection (``capabilities.lease_is_connection``: RabbitMQ) gives a message
+back at once after a lost ACK or a crash, so its run interleaves differently: there every
+event's story is compared, and in batches the mode's guarantee.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from conftest import BROKER_ENGINES, SERVER_CLOCK_ENGINES
+from conftest import BROKER_ENGINES, capabilities_of
 
 from deliverylab.brokers.base import Broker
 from deliverylab.brokers.sqlite import SQLiteBroker
@@ -32,12 +32,11 @@ from deliverylab.engine.worker import Worker
 
 FAULTS = {"ack_fail": 0.3, "crash_after_receive": 0.02, "crash_after_commit": 0.02,
           "process_error": 0.2, "lose_message": 0.05}
-# Engines whose lease is a connection (RabbitMQ: the channel): a lost ACK or a crash gives the
-# message back at once (``Broker.abandon``), not when a lease timer runs out, so the run
+# An engine whose lease is a connection (RabbitMQ: the channel) gives a message back at once
+# after a lost ACK or a crash (``Broker.abandon``), not when a lease timer runs out, so the run
 # interleaves differently from the lab's. Faults are drawn per event and delivery, so with one
 # message per receive every event lives the same story; in batches a crash takes another batch
 # with it, and only the mode's guarantee is compared.
-GIVES_BACK_AT_ONCE = {"RabbitMQBroker"}
 
 
 def stories(trace: list[tuple]) -> dict[str, list[tuple[int, str]]]:
@@ -66,10 +65,12 @@ def run(conn: sqlite3.Connection, broker: Broker, *, mode: str, max_messages: in
     return worker
 
 
-# A run replayed row for row needs leases that expire when the FakeClock says so. JetStream's
-# run on the server's clock: its worker runs are in tests/test_jetstream.py, on the wall clock.
+# A run replayed row for row needs leases that expire when the FakeClock says so. Engines whose
+# server times the leases (``capabilities.lease_clock == "server"``) run on the wall clock:
+# their worker runs are in their own tests (tests/test_jetstream.py).
 @pytest.mark.parametrize("make_broker", [e for e in BROKER_ENGINES
-                                         if e not in SERVER_CLOCK_ENGINES], indirect=True)
+                                         if capabilities_of(e).lease_clock == "injected"],
+                         indirect=True)
 @pytest.mark.parametrize("mode", ["at-most-once", "at-least-once", "idempotent"])
 @pytest.mark.parametrize("max_messages", [1, 10])
 @pytest.mark.parametrize("seed", [3, 11])
@@ -90,7 +91,8 @@ def test_a_broker_apart_from_the_store_gives_the_same_run(make_broker, mode, max
     trace_b = [tuple(r) for r in apart_store.execute(TRACE)]
     assert {"received", "acked"} <= {r[6] for r in trace_a}
     verdict = check(one_db)
-    if type(apart).__name__ in GIVES_BACK_AT_ONCE:
+    gives_back_at_once = apart.capabilities.lease_is_connection
+    if gives_back_at_once:
         got = check(apart_store, apart)
         if max_messages == 1:  # the same story for every event; only the steps differ
             assert stories(trace_a) == stories(trace_b)
@@ -111,7 +113,7 @@ def test_a_broker_apart_from_the_store_gives_the_same_run(make_broker, mode, max
     # The repair works on the store alone, whatever the broker.
     repair(one_db, clock=clock)
     repair(apart_store, clock=apart.clock)
-    if type(apart).__name__ not in GIVES_BACK_AT_ONCE or max_messages == 1:
+    if not gives_back_at_once or max_messages == 1:
         assert check(apart_store, apart) == check(one_db)  # the same history, repaired
     assert check(apart_store, apart).projection_equals_truth
     one_db.close()
@@ -156,7 +158,7 @@ def test_a_second_connection_to_the_same_file_is_another_system(tmp_path):
     own = SQLiteBroker(conn, clock=clock, ids=Ids(1))
     assert Worker(store=conn, broker=own, clock=clock, mode="transactional").mode == \
         "transactional"
-    assert Worker(conn, clock=clock, ids=Ids(1), mode="transactional").broker.joins(conn)
+    assert Worker(conn, clock=clock, broker=own, mode="transactional").broker.joins(conn)
     conn.close()
     other.close()
 
@@ -166,9 +168,13 @@ def test_conflicting_or_missing_arguments_are_named():
     clock = FakeClock()
     with pytest.raises(InvalidInput, match="^conn must be left out when store is given"):
         Worker(conn, store=other, clock=clock, ids=Ids(1))
-    with pytest.raises(InvalidInput) as refused:
-        Worker(store=conn, clock=clock)  # no broker, and no ids to build one
-    assert refused.value.field == "ids"
+    with pytest.raises(InvalidInput, match="the engine opens none") as refused:
+        Worker(store=conn, clock=clock, ids=Ids(1))  # no broker: the engine builds none
+    assert refused.value.field == "broker"
+    with pytest.raises(InvalidInput) as refused:  # a count the broker does not keep
+        Worker(store=conn, broker=SQLiteBroker(conn, clock=clock, ids=Ids(1)), clock=clock,
+               max_receives=9)
+    assert refused.value.field == "max_receives"
     with pytest.raises(InvalidInput) as refused:
         Worker(store=conn, broker="a queue", clock=clock)
     assert refused.value.field == "broker"

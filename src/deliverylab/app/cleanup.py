@@ -9,6 +9,7 @@ a SQLite file          the file with its ``-wal``, ``-shm`` and ``-journal``
 a PostgreSQL schema    ``DROP SCHEMA … CASCADE`` (never ``public``)
 a RabbitMQ queue       the queue, its dead letters ``QUEUE.dlq`` and exchange ``QUEUE.dlx``
 a JetStream stream     the stream, ``STREAM_DEAD`` and ``STREAM_ADVISORIES``
+a Redis stream         the stream (its consumer group with it), ``STREAM:dead``, ``STREAM:delayed``
 another engine         its module's ``remove_url(url, *, field)``, when it has one
 =====================  ==================================================================
 
@@ -270,6 +271,43 @@ def _run_nats(flag: str, value: str, servers: list[str], names: tuple[str, ...],
     return asyncio.run(go())
 
 
+# -- Redis Streams -----------------------------------------------------------------------------
+def _redis(flag: str, value: str) -> Target:
+    import redis
+
+    from ..brokers.redis import STREAM_NAME
+
+    parts = urlsplit(value)
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    streams = [v for k, v in options if k == "stream"]
+    if not parts.hostname or len(streams) != 1 or not STREAM_NAME.match(streams[0]):
+        raise _bad(flag, value, "a redis:// URL with a host, naming one stream"
+                                " (redis://host:6379/0?stream=NAME)")
+    stream = streams[0]
+    names = (stream, f"{stream}:dead", f"{stream}:delayed")
+    try:
+        client = redis.Redis.from_url(urlunsplit(parts._replace(query="", fragment="")),
+                                      decode_responses=True, socket_timeout=5,
+                                      socket_connect_timeout=5)
+        found = {n: client.xlen(n) if client.type(n) == "stream" else client.zcard(n)
+                 for n in names if client.exists(n)}
+    except (ValueError, redis.exceptions.RedisError) as exc:
+        raise _bad(flag, value, f"the URL of a reachable Redis server"
+                                f" ({type(exc).__name__}: {exc})") from None
+    if not found:
+        client.close()
+        return Target(flag, f"Redis stream {stream} (not there: nothing to remove)")
+
+    def remove() -> None:
+        try:
+            client.delete(*found)
+        finally:
+            client.close()
+
+    return Target(flag, f"Redis stream {stream}", remove,
+                  [f"{n} ({found[n]} entries)" for n in names if n in found])
+
+
 # -- by flag value -----------------------------------------------------------------------------
 def find(flag: str, value: str) -> Target:
     """What ``value`` (given to ``flag``) names, described, with how to remove it. Reads only;
@@ -284,6 +322,8 @@ def find(flag: str, value: str) -> Target:
         return _rabbitmq(flag, value)
     if scheme == "nats":
         return _jetstream(flag, value)
+    if scheme == "redis":
+        return _redis(flag, value)
     if scheme is not None:  # another engine: its module may know how to remove its data
         module = importlib.import_module(ENGINES[scheme])
         remove_url = getattr(module, "remove_url", None)
@@ -293,5 +333,6 @@ def find(flag: str, value: str) -> Target:
         return Target(flag, f"{scheme} broker {hide_secrets(value)}",
                       lambda: remove_url(value, field=flag))
     if "://" in value:
-        raise _bad(flag, value, "a SQLite file path, or a postgresql://, amqp:// or nats:// URL")
+        raise _bad(flag, value, "a SQLite file path, or a postgresql://, amqp://, nats:// or"
+                                " redis:// URL")
     return _sqlite(flag, value)

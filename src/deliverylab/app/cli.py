@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..brokers.base import BrokerGone
 from ..engine.display import safe_json, safe_text
 from ..engine.errors import STORE_ERRORS, InvalidInput, check_int, check_number, check_text
 from ..engine.faults import FAULT_POINTS
@@ -218,22 +219,15 @@ def open_broker_arg(args: argparse.Namespace, conn: Any, **kw: Any) -> tuple[Any
     the broker's own database connection or None, its label or None when it is the queue
     table of the store's own database). ``kw`` (clock, ids, max_receives) goes to the broker.
     A queue in another database writes no trace of its own (``trace=False``): the command
-    writes the rows into the store, as the worker does."""
+    writes the rows into the store, as the worker does. ``create=False`` (status, redrive,
+    drop): a broker URL's queue or stream must exist; nothing is created."""
     from ..brokers.registry import is_broker_url, open_broker
 
     name = kw.pop("worker", "deliverylab")
+    create = kw.pop("create", True)
     if is_broker_url(args.broker):  # RabbitMQ, NATS: not a database
-        try:
-            broker = open_broker(args.broker, field="--broker", worker=name, **kw)
-        except InvalidInput as exc:
-            # Only a worker dead-letters: a command that does not (status, relay, api, …)
-            # takes the stream's own max_receives rather than refuse over it.
-            differ = getattr(exc, "differ", [])
-            if "max_receives" in kw or [d[0] for d in differ] != ["max_receives"]:
-                raise
-            broker = open_broker(args.broker, field="--broker", worker=name,
-                                 max_receives=differ[0][1], **kw)
-        return broker, None, hide_secrets(args.broker)
+        return (open_broker(args.broker, field="--broker", worker=name, create=create, **kw),
+                None, hide_secrets(args.broker))
     if args.broker is None or args.broker == (args.db or os.environ.get(DB_ENV, "")):
         return broker_on(conn, **kw), None, None
     broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
@@ -524,7 +518,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     faults = Faults.from_rates(seed=args.seed, **rates)
     name = args.name or f"worker-{os.getpid()}"
     store_flag(args)
-    from ..brokers.registry import is_broker_url
+    from ..brokers.registry import is_broker_url, scheme_of
 
     if is_broker_url(args.broker):  # refused before connecting: a refusal declares no queue
         refuse_apart(args.mode)
@@ -560,8 +554,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     fault_text = ", ".join(f"{p}={r:g}" for p, r in rates.items() if r) or "none"
     # The lease really in force: JetStream's is its consumer's AckWait, not a flag.
-    lease_text = (f"lease=AckWait {lease:g}s (the stream consumer's ack_wait)"
-                  if lease is not None else f"visibility_timeout={vt:g}s")
+    lease_text = (f"visibility_timeout={vt:g}s" if lease is None else
+                  f"lease={lease:g}s (the stream's: lease= in the --broker URL)"
+                  if scheme_of(args.broker) == "redis" else
+                  f"lease=AckWait {lease:g}s (the stream consumer's ack_wait)")
     print(safe_text(f"[{name}] started: mode={worker.mode} {lease_text}"
                     f" max_receives={args.max_receives} faults: {fault_text}"
                     f" (seed {faults.seed}) db={db_label(args)}"
@@ -587,6 +583,8 @@ def _jetstream_lease(args: argparse.Namespace) -> float | None:
     it says the same (it is then the same lease)."""
     from ..brokers.registry import scheme_of
 
+    if scheme_of(args.broker) == "redis":
+        return _redis_lease(args)
     if scheme_of(args.broker) != "nats":
         return None
     from ..brokers.jetstream import JetStreamBroker, parse_url
@@ -606,6 +604,32 @@ def _jetstream_lease(args: argparse.Namespace) -> float | None:
             f" ack_wait={args.visibility_timeout:g} in the URL (a stream made with another"
             f" ack_wait must be removed first: deliverylab cleanup --broker URL --yes)")
     return ack_wait
+
+
+def _redis_lease(args: argparse.Namespace) -> float:
+    """The lease of a ``redis://`` broker: the idle time after which another consumer takes a
+    pending entry over (``lease=`` in the URL, 30 s without). Like JetStream's AckWait it is
+    the stream's, not a receive's, so ``--visibility-timeout`` is refused unless it says the
+    same."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from ..brokers.redis import RedisBroker
+
+    default = inspect.signature(RedisBroker).parameters["lease"].default
+    found = dict(parse_qsl(urlsplit(args.broker).query))
+    try:
+        lease = float(found.get("lease", default))
+    except ValueError:
+        raise UsageError(f"--broker must give lease= in seconds, got"
+                         f" {hide_secrets(args.broker)!r}") from None
+    if args.visibility_timeout is not None and args.visibility_timeout != lease:
+        raise UsageError(
+            f"--visibility-timeout does not apply to a Redis broker, got"
+            f" {args.visibility_timeout:g}: its lease is the idle time after which another"
+            f" consumer takes an entry over, set by lease= in the --broker URL (here"
+            f" {lease:g}s{'' if 'lease' in found else ', the default'}); leave the flag out,"
+            f" or put lease={args.visibility_timeout:g} in the URL")
+    return lease
 
 
 def _close_broker(broker: Any, broker_conn: Any) -> None:
@@ -722,16 +746,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ..engine.clock import SystemClock
     from ..engine.ids import Ids
     from . import metrics
-    from .status import collect, render
+    from .status import Unlisted, collect, render
 
     store_flag(args)
     conn = open_db(args, write=False)
     try:
-        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())
+        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids(),
+                                                 create=False)
     except BaseException:
         conn.close()
         raise
-    apart = None if broker.joins(conn) else broker
+    apart = None if broker.joins(conn) else Unlisted(broker, conn)
     try:
         while True:
             report = collect(conn, broker=apart)
@@ -834,7 +859,8 @@ def _open_for_verb(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     store_flag(args)
     conn = open_db(args)
     try:
-        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())
+        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids(),
+                                                 create=False)
     except BaseException:
         conn.close()
         raise
@@ -1310,7 +1336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"deliverylab {args.command}"
     try:
         return args.run(args)
-    except (UsageError, InvalidInput) as exc:  # bad input, wherever it is found: exit 2
+    except (UsageError, InvalidInput, BrokerGone) as exc:  # bad input, or the queue gone: 2
         print(safe_text(hide_secrets(f"{prog}: error: {exc}")), file=sys.stderr)
         return 2
     except Failure as exc:

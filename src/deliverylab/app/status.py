@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ..brokers.base import NO_MESSAGE_ID
 from ..engine.check import check, event_states, projection_vs_truth
 from ..engine.display import safe_text
 from ..engine.store import OUTBOX_TABLE, missing_tables
@@ -110,6 +111,33 @@ def trace(conn: sqlite3.Connection, ref: str) -> dict[str, Any] | None:
 
 
 # -- the whole lab -----------------------------------------------------------------------------
+class Unlisted:
+    """A broker apart from the store, as the status report reads it: every verb passed
+    through, except that :meth:`queued_event_ids` never fails for a broker that cannot list
+    its waiting messages without receiving them (RabbitMQ: a receive counts a delivery).
+
+    There, while messages wait, the events the store has not applied and the broker has not
+    dead-lettered are taken as waiting (pending): the report can say how many messages wait
+    and how many orders are not applied, not which message is which. ``unlisted`` tells the
+    report that it guessed (how many messages were ready then); 0 when the broker listed."""
+
+    def __init__(self, broker: Broker, conn: sqlite3.Connection) -> None:
+        self._broker, self._conn, self.unlisted = broker, conn, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._broker, name)
+
+    def queued_event_ids(self) -> set[str]:
+        try:
+            return self._broker.queued_event_ids()
+        except NotImplementedError:
+            self.unlisted = max(1, self._broker.depth()["visible"])
+        dead = self._broker.dead_lettered_event_ids()
+        return {r[0] for r in self._conn.execute(
+            "SELECT event_id FROM orders WHERE event_id NOT IN (SELECT event_id FROM"
+            " delivery_log WHERE outcome IN ('applied', 'reconciled'))")} - dead
+
+
 def collect(conn: sqlite3.Connection, *, now: float | None = None,
             broker: Broker | None = None) -> dict[str, Any]:
     """The status report as plain, JSON-ready data. ``broker``: where the messages wait, when
@@ -122,6 +150,8 @@ def collect(conn: sqlite3.Connection, *, now: float | None = None,
             visible = conn.execute("SELECT count(*) FROM queue_messages WHERE visible_at <= ?",
                                    (now,)).fetchone()[0]
         else:
+            if not isinstance(broker, Unlisted):
+                broker = Unlisted(broker, conn)  # type: ignore[assignment]
             depth = broker.depth()
             visible, total = depth["visible"], depth["visible"] + depth["in_flight"]
         inbox = conn.execute("SELECT count(*) FROM inbox_processed WHERE consumer = ?",
@@ -139,15 +169,19 @@ def collect(conn: sqlite3.Connection, *, now: float | None = None,
                 "SELECT event_id, order_id FROM orders WHERE event_id IN"
                 " (SELECT value FROM json_each(?))", (json.dumps(events),)).fetchall())
             rows = [(None, e, orders.get(e), None, None) for e in events]
+            rows += [(None, None, None, 1, NO_MESSAGE_ID)] * broker.dead_letters_without_id()
         applied = {e for _, _, _, e, n, _ in event_states(conn, broker) if n >= 1} \
             if rows else set()
         dead = [{"messageId": m, "eventId": e, "orderId": o, "receives": n, "lastError": error,
                  "alreadyApplied": e in applied} for m, e, o, n, error in rows]
         log_rows = conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0]
         verdict = _verdict(conn, result)
+    queue: dict[str, Any] = {"visible": visible, "inFlight": total - visible, "total": total}
+    if broker is not None:  # whether its waiting messages could be listed (see Unlisted)
+        queue["listed"] = not getattr(broker, "unlisted", 0)
     return {
         "orders": result.orders,
-        "queue": {"visible": visible, "inFlight": total - visible, "total": total},
+        "queue": queue,
         "inbox": inbox,
         "deadLetters": dead,
         "items": items,
@@ -214,15 +248,22 @@ def render(report: dict[str, Any], *, db: str | None = None) -> str:
     lines.append(f"orders       {report['orders']}  (the source of truth)")
     lines.append(f"queue        {q['visible']} visible, {q['inFlight']} in flight"
                  f" (leased or waiting to retry)")
+    if not q.get("listed", True):
+        lines.append("             (the broker cannot list waiting messages without receiving"
+                     " them: orders not applied count as pending while messages wait)")
     lines.append(f"inbox        {_plural(report['inbox'], 'event')} processed"
                  f" by consumer '{CONSUMER}'")
     dead = report["deadLetters"]
     harmless = sum(1 for d in dead if d["alreadyApplied"])
     note = f" ({harmless} already applied: nothing missing)" if harmless else ""
+    foreign = sum(1 for d in dead if d["eventId"] is None)
+    if foreign:
+        note += (f" ({foreign} with {NO_MESSAGE_ID}: a foreign producer's, refused at once,"
+                 f" no order to apply)")
     lines.append(f"dead letters {len(dead)}{note}")
     for d in dead[:MAX_DEAD_ROWS]:
         receives = "" if d["receives"] is None else f" receives={d['receives']}"
-        lines.append(f"  {d['messageId'] or '(in the broker)'}  event={d['eventId']}"
+        lines.append(f"  {d['messageId'] or '(in the broker)'}  event={d['eventId'] or '-'}"
                      f" order={d['orderId']}{receives}  {d['lastError'] or ''}".rstrip())
     if len(dead) > MAX_DEAD_ROWS:
         lines.append(f"  … {len(dead) - MAX_DEAD_ROWS} more")

@@ -10,13 +10,16 @@ sqlite      the queue table in the store      an in-memory SQLite database (the 
 postgres    the queue table in the store      a fresh schema on the PostgreSQL server
 rabbitmq    a quorum queue on RabbitMQ        an in-memory SQLite database (or a file)
 jetstream   a stream and consumer on NATS     an in-memory SQLite database (or a file)
+redis       a stream and consumer group       an in-memory SQLite database (or a file)
 ==========  ================================  ==========================================
 
-On SQLite and PostgreSQL time is a :class:`~deliverylab.engine.clock.FakeClock` (leases are
-rows the engine compares with the clock). On RabbitMQ and JetStream it is the wall clock: the
-JetStream server times its ``AckWait`` itself, and RabbitMQ's lease is a channel, which the
-broker closes when the lease's time has passed. Those runs wait for real, and are kept short
-(a lease of one second).
+The engines after the first two are every engine of :mod:`deliverylab.brokers.registry`, in
+its order: an engine added there is in every table here. On SQLite and PostgreSQL time is a
+:class:`~deliverylab.engine.clock.FakeClock` (leases are rows the engine compares with the
+clock). On a broker with a server of its own it is the wall clock: JetStream and Redis time
+their leases on the server (``capabilities.lease_clock``), and RabbitMQ's lease is a channel,
+which the broker closes when the lease's time has passed. Those runs wait for real, and are
+kept short (a lease of one second).
 A fault still fires by (seed, point, event, delivery count), so the counts a run ends with are
 the same on every run and on every engine; only the time it takes differs. Every function
 here returns counts and verdicts; timings are the benchmark's (``benchmarks/bench_brokers.py``).
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..brokers import registry
 from ..brokers.base import Broker, Delivery
 from ..engine import store as sqlite_store
 from ..engine.check import CheckResult, check
@@ -48,12 +52,11 @@ from .lab import ITEMS
 if TYPE_CHECKING:
     import pandas as pd
 
-ENGINES = ("sqlite", "postgres", "rabbitmq", "jetstream")
+ENGINES = ("sqlite", "postgres", *registry.ENGINES)
+REMOTE = tuple(registry.ENGINES)  # the brokers apart from the store, each on its own server
 MODES = ("at-most-once", "at-least-once", "idempotent", "transactional")
 # Where the servers are: the ones `make services` brings up (overridable, as pgdemo's is).
 POSTGRES = os.environ.get("DELIVERYLAB_PG", "postgresql://127.0.0.1:5432/test")
-RABBITMQ = os.environ.get("DELIVERYLAB_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-NATS = os.environ.get("DELIVERYLAB_NATS", "nats://127.0.0.1:4222")
 # Chapter 1's scenario: its seed and its faults (a fifth of the ACK requests lost, a tenth of
 # the ACKs' answers lost, a tenth of the deliveries crashing the worker before its work
 # commits).
@@ -126,34 +129,20 @@ def _open_postgres(e: Engine, ids: Ids, max_receives: int, directory: Path | Non
 
 def _open_remote(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
                  dedup_window: float | None) -> None:
-    """RabbitMQ or JetStream, by URL (``brokers.registry``), with a SQLite store."""
-    from ..brokers.registry import open_broker
-
-    name = f"dl_beyond_{secrets.token_hex(4)}"
-    if e.name == "rabbitmq":
-        url, server = f"{RABBITMQ}?queue={name}", RABBITMQ
-    else:
-        url, server = f"{NATS}?stream={name}&ack_wait={LEASE_S:g}", NATS
-        if dedup_window is not None:
-            url += f"&dedup_window={dedup_window:g}"
+    """An engine of ``brokers.registry``, on a queue or stream of its own (a lease of
+    :data:`LEASE_S` where the engine fixes it per queue), with a SQLite store."""
     _sqlite_store(e, directory)
     try:
-        e.broker = open_broker(url, clock=e.clock, ids=ids, max_receives=max_receives)
+        e.broker = registry.open_scratch(e.name, lease=LEASE_S, dedup_window=dedup_window,
+                                         prefix="dl-beyond", clock=e.clock, ids=ids,
+                                         max_receives=max_receives)
     except InvalidInput as exc:
-        raise _unavailable(e.name, server, exc) from None
-    e._closers.callback(_remove, e.broker)
+        raise _unavailable(e.name, registry.server_url(e.name), exc) from None
+    e._closers.callback(e.broker.destroy)
 
 
-def _remove(broker: Broker) -> None:
-    """Delete what a run made on a server (its queue or stream), then disconnect."""
-    try:
-        broker.destroy()  # type: ignore[attr-defined]
-    finally:
-        broker.close()
-
-
-_OPENERS = {"sqlite": _open_sqlite, "postgres": _open_postgres, "rabbitmq": _open_remote,
-            "jetstream": _open_remote}
+_OPENERS = {"sqlite": _open_sqlite, "postgres": _open_postgres,
+            **dict.fromkeys(REMOTE, _open_remote)}
 
 
 @contextmanager
@@ -162,22 +151,27 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
                 dedup_window: float | None = None) -> Iterator[Engine]:
     """The engine ``name`` on a fresh queue, stream or schema, removed on exit. ``clock``
     defaults to a FakeClock where the engine keeps its leases as rows and to the wall clock on
-    RabbitMQ and JetStream; JetStream takes no other (its server times the leases). A SQLite store is in memory, or a file in
-    ``directory`` (the caller's to remove). ``dedup_window`` (seconds) sets the producer
-    dedup window of an engine that has one (JetStream's stream duplicate window)."""
+    an engine with a server of its own; an engine whose server times the leases takes no
+    other. A SQLite store is in memory, or a file in ``directory`` (the caller's to remove).
+    ``dedup_window`` (seconds) sets the producer dedup window of an engine that has one
+    (JetStream's stream duplicate window)."""
     check_engine(name)
     check_int("seed", seed)
     check_int("max_receives", max_receives, minimum=1, maximum=1000)
+    caps = registry.capabilities(name) if name in REMOTE else None
     if dedup_window is not None:
-        if name != "jetstream":
+        if caps is None or caps.dedup_window is None:
+            with_dedup = [n for n in REMOTE if registry.capabilities(n).dedup_window]
             raise InvalidInput("dedup_window", dedup_window,
-                               f"None for {name}: only jetstream has producer dedup")
+                               f"None for {name}: only {', '.join(with_dedup)} has producer"
+                               f" dedup")
         check_number("dedup_window", dedup_window, minimum=0.1, maximum=3600)
     if clock is None:
-        clock = SystemClock() if name in ("rabbitmq", "jetstream") else FakeClock()
-    elif name == "jetstream" and not isinstance(clock, SystemClock):
-        raise InvalidInput("clock", clock, "the wall clock (SystemClock): the JetStream server"
-                                           " times its leases itself")
+        clock = FakeClock() if caps is None else SystemClock()
+    elif caps is not None and caps.lease_clock == "server" and not isinstance(clock,
+                                                                            SystemClock):
+        raise InvalidInput("clock", clock, f"the wall clock (SystemClock): the {name} server"
+                                           f" times its leases itself")
     e = Engine(name, None, None, clock, isinstance(clock, SystemClock))  # type: ignore[arg-type]
     try:
         _OPENERS[name](e, Ids(seed), max_receives, directory, dedup_window)
@@ -417,7 +411,7 @@ def relay_run(name: str, *, mode: str, orders: int = 20, crash_after_publish: fl
                 "duplicated": result.duplicated, "verdict": result.verdict}
 
 
-def relay_table(engines: Sequence[str] = ("rabbitmq", "jetstream"), *, orders: int = 20,
+def relay_table(engines: Sequence[str] = REMOTE, *, orders: int = 20,
                 crash_after_publish: float = 0.3, seed: int = CHAPTER_SEED,
                 modes: Sequence[str] = ("at-least-once", "idempotent")) -> pd.DataFrame:
     """:func:`relay_run` for each engine and worker mode: the relay's duplicate publishes,

@@ -44,6 +44,12 @@ How the contract's words map onto JetStream, and where the server decides instea
   *first* send's sequence and ``duplicate=True``, never its headers, and the first message
   may already be acked and gone: the sequence is the one name the server can give back.
   Redrive publishes anew, so a redriven message has a new sequence and a new id.
+* **event id** = the ``Deliverylab-Event-Id`` header, else the producer's ``Nats-Msg-Id``
+  (see :func:`event_id_of`); a message with neither is dead-lettered at once, reason ``no
+  message id``. A body that is not a JSON object is handed out as ``{"body": text}`` and
+  dead-lettered at ``max_receives``; a dead letter is the stream's message as it was (bytes
+  and headers) plus the reason. A stream or consumer deleted underneath raises
+  :class:`~deliverylab.brokers.base.BrokerGone` naming it.
 * **producer dedup** = ``Nats-Msg-Id`` = ``dedup_id``, remembered for the stream's
   ``duplicate_window`` (:attr:`dedup_window`); after the window the same id is stored again.
   A send without ``dedup_id`` gets a random ``Nats-Msg-Id`` of its own, so the broker's own
@@ -69,6 +75,7 @@ import re
 import threading
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -104,11 +111,14 @@ from ..engine.errors import (
 from ..engine.ids import Ids
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
+    NO_MESSAGE_ID,
     Broker,
+    BrokerGone,
+    Capabilities,
     Delivery,
+    Received,
     check_delivery,
     check_send,
-    encode_payload,
 )
 
 T = TypeVar("T")
@@ -132,6 +142,13 @@ DEFAULT_PORT = 4222
 # Advisories fetched per receive at most, and how long a fetch of them may wait.
 _ADVISORY_BATCH = 100
 _ADVISORY_WAIT = 0.05
+# The bound on a silent link (packets dropped, not refused): the client pings the server
+# every PING_S seconds and, with more than MAX_PINGS pings unanswered, drops the connection
+# as stale and reconnects: within (MAX_PINGS + 1) × PING_S = 15 s, not nats-py's default of
+# 120 s × 3 (six minutes, every verb BrokerUnavailable meanwhile). The pings run in the
+# broker's own loop thread, so a long handler in the worker does not starve them.
+PING_S = 5
+MAX_PINGS = 2
 # get_msg requests in flight at once when a stream is read message by message.
 _READ_AHEAD = 256
 # The longest one attempt of a request waits: a request sent to a leader that just died gets
@@ -143,6 +160,36 @@ _ATTEMPT_S = 2.0
 _TRANSIENT = (TimeoutError, NatsTimeout, NoRespondersError, NoStreamResponseError,
               ServiceUnavailableError, ServerError, ConnectionReconnectingError,
               StaleConnectionError, OutboundBufferLimitError)
+
+
+# The server's error codes for a stream and a consumer that do not exist.
+NO_STREAM, NO_CONSUMER = 10059, 10014
+
+
+def event_id_of(headers: dict[str, str] | None) -> str | None:
+    """A message's event id: the ``Deliverylab-Event-Id`` header, else the producer's own
+    ``Nats-Msg-Id`` (the name its producer gave it for JetStream's dedup, the same on every
+    redelivery and every re-publish); None when it has neither, and no inbox could tell its
+    redelivery from another message."""
+    for key in (EVENT_ID, "Nats-Msg-Id"):
+        value = (headers or {}).get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def payload_of(data: bytes | None) -> dict[str, Any]:
+    """The body as a JSON object; anything else (not JSON, not UTF-8, not an object: a
+    foreign producer's) as ``{"body": <the text, undecodable bytes replaced>}``, which the
+    worker's handler refuses, so the message is retried and dead-lettered at
+    ``max_receives``, its original bytes kept in the dead letter."""
+    try:
+        payload = json.loads(data or b"")
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        payload = {"body": (data or b"").decode(errors="replace")}
+    return payload
 
 
 class _Loop:
@@ -184,13 +231,24 @@ class JetStreamBroker(Broker):
     ``fetch_wait`` bounds how long an empty ``receive`` waits for a message; ``timeout`` bounds
     every request, retries included. :meth:`destroy` deletes the streams; :meth:`close`
     disconnects and stops the loop thread.
+
+    ``max_receives=None`` opens the stream as it is: an existing consumer's ``MaxDeliver`` and
+    ``AckWait`` and the stream's duplicate window are taken as they are (what the operator
+    commands and the relay do: the workers chose them). ``create=False`` creates nothing: a
+    missing stream or consumer is refused with "no such stream" / "no such consumer".
     """
 
+    # No delayed publish in 2.9; a stale receipt acts on the message (found by its stream
+    # sequence); the server times the lease, one AckWait (this default's, until __init__ sets
+    # the stream's) for every receive.
+    capabilities = Capabilities(delayed_send=False, refuses_stale_receipts=False,
+                                lease_clock="server", fixed_lease=30.0, dedup_window=120.0)
+
     def __init__(self, servers: str | list[str] = f"nats://127.0.0.1:{DEFAULT_PORT}", *,
-                 stream: str, clock: Clock, ids: Ids, max_receives: int = 5,
+                 stream: str, clock: Clock, ids: Ids, max_receives: int | None = 5,
                  ack_wait: float = 30.0, replicas: int = 1, dedup_window: float = 120.0,
                  confirm_acks: bool = True, fetch_wait: float = 0.1, timeout: float = 10.0,
-                 name: str = "worker", field: str = "broker") -> None:
+                 name: str = "worker", field: str = "broker", create: bool = True) -> None:
         if isinstance(servers, str):
             servers = [servers]
         if not isinstance(servers, list) or not servers or not all(
@@ -202,12 +260,16 @@ class JetStreamBroker(Broker):
         if not isinstance(confirm_acks, bool):
             raise InvalidInput("confirm_acks", confirm_acks, "True or False")
         self.clock, self.ids = clock, ids
-        self.max_receives = check_int("max_receives", max_receives, minimum=1)
+        self._adopt, self._create = max_receives is None, create
+        self.max_receives = 5 if max_receives is None else check_int(
+            "max_receives", max_receives, minimum=1)
         self.ack_wait = check_number("ack_wait", ack_wait, minimum=0.1,
                                      maximum=MAX_VISIBILITY_TIMEOUT_S)
         self.replicas = check_int("replicas", replicas, minimum=1, maximum=5)
         self.dedup_window = check_number("dedup_window", dedup_window, minimum=0.1,
                                          maximum=MAX_VISIBILITY_TIMEOUT_S)
+        self.capabilities = replace(type(self).capabilities, fixed_lease=self.ack_wait,
+                                    dedup_window=self.dedup_window)
         self.fetch_wait = check_number("fetch_wait", fetch_wait, minimum=0.001, maximum=60)
         self.timeout = check_number("timeout", timeout, minimum=0.1, maximum=600)
         self.confirm_acks = confirm_acks
@@ -242,11 +304,35 @@ class JetStreamBroker(Broker):
         answer within ``timeout``) raises ``BrokerUnavailable`` naming the verb."""
         try:
             return self._loop.run(coro, self.timeout + 1)
+        except NotFoundError as exc:
+            if exc.err_code not in (NO_STREAM, NO_CONSUMER):
+                raise
+            raise BrokerGone(self._missing(), exc.description or "") from None
         except (*_TRANSIENT, ConnectionClosedError) as exc:
             # ConnectionClosedError: the client stopped reconnecting (about a minute with no
             # server); unavailable still, to the caller, which may open a new broker.
             raise BrokerUnavailable(verb, f"{type(exc).__name__}: {exc}".rstrip(": ")
                                     ) from None
+
+    def _missing(self) -> str:
+        """Which of the broker's streams and consumers no longer exists, in words."""
+        async def look() -> str:
+            for stream, consumer in ((self.stream, CONSUMER), (self.dead_stream, None),
+                                     (self.advisory_stream, PARKER)):
+                try:
+                    await self._api.stream_info(stream)
+                except NotFoundError:
+                    return f"the stream {stream!r}"
+                if consumer is not None:
+                    try:
+                        await self._api.consumer_info(stream, consumer)
+                    except NotFoundError:
+                        return f"the consumer {consumer!r} of the stream {stream!r}"
+            return f"a stream or consumer of {self.stream!r}"
+        try:
+            return self._loop.run(look(), self.timeout + 1)
+        except Exception:  # noqa: BLE001 -- naming it is a courtesy: never hide the cause
+            return f"a stream or consumer of {self.stream!r}"
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` again after a timeout, a missing responder or JetStream unavailable
@@ -268,8 +354,11 @@ class JetStreamBroker(Broker):
             raise ConnectionRefusedError(f"no server answers at {', '.join(self.servers)}")
         self.nc = await nats.connect(
             servers=self.servers, name=name, connect_timeout=2,
-            # Reconnect to any server of the list, for about a minute, before giving up.
-            allow_reconnect=True, max_reconnect_attempts=120, reconnect_time_wait=0.5,
+            # Reconnect to any server of the list, for as long as it takes: a verb meanwhile
+            # raises BrokerUnavailable after ``timeout``, and the worker backs off and tries
+            # again (a client that gave up would leave it unavailable for good).
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            ping_interval=PING_S, max_outstanding_pings=MAX_PINGS,
             error_cb=self._quiet, disconnected_cb=self._quiet_event,
             reconnected_cb=self._quiet_event)
         self.js = self.nc.jetstream(timeout=self.timeout)
@@ -304,11 +393,17 @@ class JetStreamBroker(Broker):
         try:
             have = (await self.js.stream_info(config.name)).config
         except NotFoundError:
+            if not self._create:
+                raise InvalidInput("stream", config.name, "an existing stream (no such stream:"
+                                                          " nothing was created)") from None
             try:
                 await self.js.add_stream(config)
                 return
             except BadRequestError:  # another process created it meanwhile: check it
                 have = (await self.js.stream_info(config.name)).config
+        if self._adopt and config.name == self.stream:  # as the workers' broker made it
+            self.dedup_window = config.duplicate_window = have.duplicate_window
+            self.replicas = config.num_replicas = have.num_replicas
         mine = (config.subjects, config.retention, config.num_replicas,
                 config.duplicate_window if config.name == self.stream else None)
         theirs = (have.subjects, have.retention, have.num_replicas,
@@ -325,9 +420,18 @@ class JetStreamBroker(Broker):
         try:
             have = (await self.js.consumer_info(stream, config.durable_name)).config
         except NotFoundError:
+            if not self._create:
+                raise InvalidInput("stream", stream, f"a stream with its consumer"
+                                                     f" {config.durable_name!r} (no such"
+                                                     f" consumer: nothing was created)"
+                                   ) from None
             await self.js.add_consumer(stream, config)  # the same config twice is no error
             return
         if config.durable_name != CONSUMER:
+            return
+        if self._adopt:  # as the workers made it
+            self.max_receives = have.max_deliver
+            self.ack_wait = have.ack_wait or self.ack_wait
             return
         # Name each setting that differs, with both values, and the ways on.
         differ = [(name, theirs, mine) for name, theirs, mine in (
@@ -409,29 +513,50 @@ class JetStreamBroker(Broker):
 
     # -- receive ---------------------------------------------------------------------------
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,
-                worker: str = "worker") -> list[Delivery]:
+                worker: str = "worker") -> Received:
         """Fetch up to ``max_messages`` from the durable consumer, waiting at most
         ``fetch_wait`` when none is there. The lease is the consumer's AckWait, whatever
         ``visibility_timeout`` says (checked, then unused: JetStream has one AckWait per
         consumer). Before returning, moves the messages the server gave up on (MaxDeliver,
-        announced by the advisory) to the dead letters and lists them in ``parked``."""
+        announced by the advisory) to the dead letters and lists them in ``parked``.
+
+        A message with no event id (see :func:`event_id_of`: a foreign producer's, with
+        neither our header nor a ``Nats-Msg-Id``) is never handed out: it goes to the dead
+        letters at once, as it came plus the reason :data:`NO_MESSAGE_ID`, and is listed in
+        ``parked``. A body that is not a JSON object is handed out as ``{"body": text}``
+        (see :func:`payload_of`)."""
         check_number("visibility_timeout", visibility_timeout, minimum=0,
                      maximum=MAX_VISIBILITY_TIMEOUT_S)
         n = check_int("max_messages", max_messages, minimum=1, maximum=1000)
         msgs = self._run(self._fetch(n), "receive")
         now = self.clock.now()
-        out = []
+        out, refused = [], []
         for m in msgs:
             md = m.metadata
             h = m.headers or {}
             seq = md.sequence.stream
             lease_until = now + self.ack_wait
+            event_id = event_id_of(h)
+            d = Delivery(seq, self._message_id(seq), event_id or "", h.get(TYPE, ""),
+                         payload_of(m.data), h.get(CORRELATION_ID), m.reply, md.num_delivered,
+                         lease_until, self._errors.get(seq))
+            if event_id is None:
+                refused.append(d)
+                continue
             self._due[seq] = lease_until
-            out.append(Delivery(seq, self._message_id(seq), h.get(EVENT_ID, ""),
-                                h.get(TYPE, ""), json.loads(m.data), h.get(CORRELATION_ID),
-                                m.reply, md.num_delivered, lease_until, self._errors.get(seq)))
-        self.parked = self._park() if self._advised else []
-        return out
+            out.append(d)
+        self.parked = [(d, NO_MESSAGE_ID) for d in refused if self._run(
+            self._refuse(d), "receive")]
+        if self._advised:
+            self.parked += self._park()
+        return Received(out, self.parked)
+
+    async def _refuse(self, d: Delivery) -> bool:
+        """Dead-letter a message with no event id at once (see :meth:`receive`): copied as it
+        is in the stream (bytes and headers), deleted, and its delivery terminated."""
+        moved = await self._move_to_dead(d.seq, d.delivery_count, NO_MESSAGE_ID)
+        await self.nc.publish(d.receipt, b"+TERM")
+        return moved is not None
 
     async def _fetch(self, n: int) -> list[Any]:
         try:
@@ -470,6 +595,9 @@ class JetStreamBroker(Broker):
         if raw is None:
             return None
         h = dict(raw.headers or {})
+        event_id = event_id_of(h)
+        if event_id is not None:  # kept when it was the producer's Nats-Msg-Id
+            h[EVENT_ID] = event_id
         h.pop("Nats-Msg-Id", None)
         message_id = self._message_id(seq)
         h.update({MESSAGE_ID: message_id, DELIVERY_COUNT: str(count),
@@ -478,7 +606,7 @@ class JetStreamBroker(Broker):
         await self._delete(self.stream, seq)
         self._forget(seq)
         return Delivery(seq, message_id, h.get(EVENT_ID, ""), h.get(TYPE, ""),
-                        json.loads(raw.data or b"{}"), h.get(CORRELATION_ID), "", count,
+                        payload_of(raw.data), h.get(CORRELATION_ID), "", count,
                         self.clock.now(), self._errors.get(seq))
 
     async def _get(self, stream: str, seq: int) -> Any:
@@ -580,34 +708,26 @@ class JetStreamBroker(Broker):
         return ok
 
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
-        """Copy the message into the dead letters with ``error``, delete it from the queue and
-        terminate the delivery (``term()``); False if it is no longer in the stream. Accepted
-        on a stale delivery too."""
+        """Copy the message into the dead letters with ``error`` (its bytes and headers as they
+        are in the stream), delete it from the queue and terminate the delivery (``term()``);
+        False if it is no longer in the stream. Accepted on a stale delivery too."""
         check_delivery(delivery)
         check_text("error", error, max_length=10_000)
 
         async def move() -> bool:
-            if not await self._settle(delivery, b"+TERM", True):
-                return False
-            # After the term the server never delivers it again; the copy comes from the
-            # stream (work-queue retention may already have removed it: then from the
-            # delivery, which holds everything the copy needs).
+            # The copy comes from the stream, as the message is there (its bytes and
+            # headers), before the term: on a work-queue stream a term removes the message.
+            # Copy and delete are each idempotent (the copy's Nats-Msg-Id names the
+            # sequence), so a crash between them stores one dead letter.
             moved = await self._move_to_dead(delivery.seq, delivery.delivery_count, error)
             if moved is None:
-                await self._publish_dead(delivery, error)
+                return False  # no longer in the stream: acked, dead-lettered or dropped
+            await self.nc.publish(delivery.receipt, b"+TERM")  # never delivered again
             return True
 
         ok = self._run(move(), "dead_letter")
         self._forget(delivery.seq)
         return ok
-
-    async def _publish_dead(self, d: Delivery, error: str) -> None:
-        h = {EVENT_ID: d.event_id, TYPE: d.type, MESSAGE_ID: d.message_id,
-             DELIVERY_COUNT: str(d.delivery_count), ERROR: " ".join(error.split()),
-             "Nats-Msg-Id": f"dead-{d.message_id}"}
-        if d.correlation_id is not None:
-            h[CORRELATION_ID] = d.correlation_id
-        await self._publish(self.dead_subject, encode_payload(d.payload).encode(), h)
 
     def redrive(self, message_ids: list[str] | None = None, *, worker: str = "operator") -> int:
         """Publish dead letters (all, or the given ids) to the queue again as new messages
@@ -617,8 +737,8 @@ class JetStreamBroker(Broker):
             raise InvalidInput("message_ids", message_ids, "a list of message ids or None")
         dead = {(r.headers or {}).get(MESSAGE_ID): r
                 for r in self._run(self._read(self.dead_stream), "redrive")}
-        if message_ids is None:
-            chosen = list(dead.values())
+        if message_ids is None:  # a letter with no event id would only be refused again
+            chosen = [r for r in dead.values() if (r.headers or {}).get(EVENT_ID)]
         else:
             chosen = []
             for mid in dict.fromkeys(message_ids):  # an id named twice moves once
@@ -701,15 +821,21 @@ class JetStreamBroker(Broker):
         return out
 
     def queued_event_ids(self) -> set[str]:
-        """The event ids of every message in the queue stream, read one by one."""
-        return {(r.headers or {}).get(EVENT_ID, "")
-                for r in self._run(self._read(self.stream), "queued_event_ids")}
+        """The event ids of every message in the queue stream, read one by one (a message
+        with none, which the next receive refuses, names none)."""
+        return {e for r in self._run(self._read(self.stream), "queued_event_ids")
+                if (e := event_id_of(r.headers)) is not None}
 
     def dead_lettered_event_ids(self) -> set[str]:
         """The event ids of every message in the dead-letter stream."""
-        return {(r.headers or {}).get(EVENT_ID, "")
-                for r in self._run(self._read(self.dead_stream),
-                                   "dead_lettered_event_ids")}
+        return {(r.headers or {})[EVENT_ID]
+                for r in self._run(self._read(self.dead_stream), "dead_lettered_event_ids")
+                if (r.headers or {}).get(EVENT_ID)}
+
+    def dead_letters_without_id(self) -> int:
+        """The dead letters with no event id (refused at once: :data:`NO_MESSAGE_ID`)."""
+        return sum(1 for r in self._run(self._read(self.dead_stream), "dead_letters_without_id")
+                   if not (r.headers or {}).get(EVENT_ID))
 
 
 def _settings_differ(stream: str, differ: list[tuple[str, Any, Any]], url: str) -> str:
@@ -782,15 +908,17 @@ def parse_url(url: str, *, field: str = "broker") -> tuple[list[str], dict[str, 
     return servers, kw
 
 
-def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_receives: int = 5,
-             worker: str = "worker") -> JetStreamBroker:
+def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids,
+             max_receives: int | None = None, worker: str = "worker",
+             create: bool = True) -> JetStreamBroker:
     """The broker a ``nats://`` URL names (see :func:`parse_url`), connected; the registry's
     entry point. A bad URL, a bad option or no server answering is ``InvalidInput`` naming
-    ``field``."""
+    ``field``. ``max_receives=None`` opens the stream as the workers made it;
+    ``create=False`` creates nothing (see :class:`JetStreamBroker`)."""
     servers, kw = parse_url(url, field=field)
     try:
         return JetStreamBroker(servers, clock=clock, ids=ids, max_receives=max_receives,
-                               name=worker, field=field, **kw)
+                               name=worker, field=field, create=create, **kw)
     except InvalidInput as exc:  # named by the URL the caller gave, whatever part was wrong
         if hasattr(exc, "differ"):  # the stream is there with other settings
             worded = InvalidInput(field, url, _settings_differ(kw["stream"], exc.differ, url))
@@ -798,3 +926,16 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
             raise worded from None
         raise InvalidInput(field, url, exc.expected if exc.field == field
                            else f"valid options ({exc})") from None
+
+
+# -- for the registry ---------------------------------------------------------------------------
+BROKER = JetStreamBroker
+DEFAULT_URL = f"nats://127.0.0.1:{DEFAULT_PORT}"
+
+
+def scratch_url(server: str, name: str, *, lease: float = 1.0,
+                dedup_window: float | None = None) -> str:
+    """The URL of stream ``name`` on ``server`` (a throwaway one: ``destroy()`` deletes it),
+    with an AckWait of ``lease`` seconds and, if given, a duplicate window."""
+    url = f"{server}?stream={name}&ack_wait={lease:g}"
+    return url if dedup_window is None else f"{url}&dedup_window={dedup_window:g}"

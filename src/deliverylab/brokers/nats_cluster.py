@@ -26,6 +26,7 @@ still this node's ``nats-server`` (a recycled id is left alone).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -48,6 +49,7 @@ HTTP_OFFSET = 4000
 SIZE = 3
 CLUSTER_NAME = "deliverylab"
 STATE_FILE = "cluster.json"
+LOCK_FILE = "cluster.lock"  # held by a start, so two starts on one directory take turns
 HOST = "127.0.0.1"
 DEBIAN_BINARY = "/usr/sbin/nats-server"
 # A test cluster stores little: cap each node well below the machine's defaults (a fraction
@@ -269,19 +271,29 @@ class NatsCluster:
         """Start every node that is not running and wait until JetStream has a meta leader
         that every node agrees on. Starting a running cluster changes nothing."""
         check_number("timeout", timeout, minimum=0.1, maximum=600)
-        missing = [n for n in self.nodes if self.pid(n.name) is None]
-        self._check_ports(missing)  # before anything is written
         created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
-        try:
-            for node in missing:
-                self._spawn(node)
-            self.wait_ready(timeout=timeout)
-        except BaseException:
-            self.stop()  # leave nothing half-started behind (the error quotes the log)
-            if created:
-                shutil.rmtree(self.directory, ignore_errors=True)
-            raise
+        # One start at a time per directory: a second `cluster start` on the same --dir waits
+        # here for the first, then finds its nodes running (the state file it wrote) and
+        # starts nothing. Without the lock both spawn the same ports, and both fail.
+        with open(self.directory / LOCK_FILE, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (self.directory / STATE_FILE).exists():  # written meanwhile by another start
+                with contextlib.suppress(InvalidInput):
+                    other = NatsCluster.open(self.directory)
+                    if other.base_port == self.base_port:
+                        self._pids.update(other._pids)
+            missing = [n for n in self.nodes if self.pid(n.name) is None]
+            try:
+                self._check_ports(missing)  # before anything is written
+                for node in missing:
+                    self._spawn(node)
+                self.wait_ready(timeout=timeout)
+            except BaseException:
+                self.stop()  # leave nothing half-started behind (the error quotes the log)
+                if created:
+                    shutil.rmtree(self.directory, ignore_errors=True)
+                raise
 
     def wait_ready(self, *, timeout: float = 30.0) -> str:
         """Wait until every running node answers and all name the same meta leader (a node

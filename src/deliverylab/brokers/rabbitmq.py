@@ -26,6 +26,15 @@ What the engine gives, checked against RabbitMQ 3.10.8:
   confirmed it.
 * **Publisher confirms** on every send: ``send`` returns once a quorum of replicas has the
   message. RabbitMQ has no producer dedup (``dedup_window`` is None).
+* **Identity.** A message's event id is its ``x-deliverylab-event-id`` header, else its AMQP
+  ``message_id`` (see :func:`identity`): what another producer sets (pika:
+  ``BasicProperties(message_id=…, type="OrderPlaced")``). A message with neither is
+  dead-lettered at once, reason ``no message id``, never handed to a worker: nothing that
+  changes on a redelivery or between processes may stand in for an id.
+* **Dead letters keep what came**: the body's bytes, the properties and the headers, with
+  the reason and the delivery count added.
+* **Deleted underneath**: a verb that finds the queue or its dead-letter queue gone raises
+  :class:`~deliverylab.brokers.base.BrokerGone` naming it; nothing is declared again.
 
 Substitutes, where RabbitMQ has no such verb (each verb's docstring says more):
 ``extend`` moves the broker's own lease timer; ``nack`` with a delay keeps the message on its
@@ -59,11 +68,12 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -81,13 +91,20 @@ from ..engine.errors import (
 from ..engine.ids import Ids
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
+    NO_MESSAGE_ID,
     Broker,
+    BrokerGone,
+    Capabilities,
     Delivery,
+    Received,
     check_delivery,
     check_send,
 )
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+# The delivery limit a queue this broker must create gets when the caller chose none (the
+# relay's first publish to a queue no worker declared yet).
+DEFAULT_MAX_RECEIVES = 5
 # Headers this broker writes beside the AMQP properties (message id, correlation id, type).
 EVENT_ID = "x-deliverylab-event-id"
 ERROR = "x-deliverylab-error"  # a dead letter's reason
@@ -97,6 +114,27 @@ DELIVERIES = "x-deliverylab-deliveries"  # a dead letter's delivery count
 # dead-lettering publishes them from the queue's leader, after the return).
 RETURN_WAIT_S = 0.25
 DEAD_LETTER_WAIT_S = 5.0
+# The bound on a silent link (packets dropped, not refused): the AMQP heartbeat this broker
+# asks for, in seconds. pika sends a heartbeat frame every half of it and checks every
+# HEARTBEAT_S + 5 s that something came from the server since the last check, so a verb
+# waiting on a black-holed link raises BrokerUnavailable within 2 × (HEARTBEAT_S + 5) = 30 s
+# at most (measured through a proxy dropping every byte: 23 to 30 s), not after the
+# server's default of 60 s (two to three minutes). The price: pika sends heartbeats only
+# inside a verb, so the server may close the connection of a worker whose handler keeps it
+# away for longer than a few heartbeats (measured on 3.10.8: 25 s of silence was kept); its
+# messages come back, counted, and the inbox skips what was applied. A URL's own
+# ``heartbeat=`` wins.
+HEARTBEAT_S = 10
+# A connection the server blocks (a memory or disk alarm) waits this long for a publish to
+# go through before it is closed (BrokerUnavailable), and a new connection this long for
+# its handshake.
+BLOCKED_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+# Headers of a dead letter that are the dead-lettering's own (ours and the server's): a
+# redriven message starts without them.
+_DEAD_HEADERS = {ERROR, DELIVERIES, "x-death", "x-first-death-exchange", "x-first-death-queue",
+                 "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
+                 "x-last-death-reason", "x-delivery-count"}
 _CHANNEL_GONE = (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError)
 
 
@@ -110,6 +148,19 @@ def _reconnecting(verb: Callable[..., Any]) -> Callable[..., Any]:
             if not self._conn.is_open:
                 self._connect()
             return verb(self, *args, **kwargs)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404 and self._conn.is_open:  # NOT_FOUND: deleted meanwhile
+                self._lost()
+                raise BrokerGone(self._which(exc.reply_text), exc.reply_text) from None
+            if self._conn.is_open:
+                raise  # a channel the server closed on a live connection: not a lost link
+            self._lost()
+            raise BrokerUnavailable(verb.__name__, f"{type(exc).__name__}: {exc}") from None
+        except pika.exceptions.UnroutableError:  # published to a queue that is gone
+            self._lost()
+            raise BrokerGone(f"the queue {self.queue!r} (or its dead-letter queue"
+                             f" {self.dlq!r})", "a publish to it was returned unroutable"
+                             ) from None
         except (pika.exceptions.AMQPConnectionError, *_CHANNEL_GONE) as exc:
             if isinstance(exc, _CHANNEL_GONE) and self._conn.is_open:
                 raise  # a channel the server closed on a live connection: not a lost link
@@ -121,13 +172,46 @@ def _reconnecting(verb: Callable[..., Any]) -> Callable[..., Any]:
 @dataclass
 class _Lease:
     """One delivery this broker holds: its channel, its tag there, and when the lease ends
-    (on the broker's clock). ``release_at`` is set when it was nacked with a delay."""
+    (on the broker's clock). ``release_at`` is set when it was nacked with a delay. ``props``
+    and ``body`` are the message as it came, which a dead letter keeps."""
 
     channel: BlockingChannel
     tag: int
     delivery: Delivery
     until: float
+    props: pika.BasicProperties
+    body: bytes
     release_at: float | None = None
+
+
+def identity(props: pika.BasicProperties) -> tuple[str, str] | None:
+    """(message id, event id) of a message, or None when it has neither a ``message_id``
+    property nor an ``x-deliverylab-event-id`` header: a message whose identity cannot be
+    known, which no inbox can deduplicate. The event id is the header when set, else the
+    message id; the message id is the property when set, else the event id. Both come from
+    the producer and travel with the message, so they are the same on every redelivery and in
+    every worker process."""
+    header = (props.headers or {}).get(EVENT_ID)
+    event_id = header.decode(errors="replace") if isinstance(header, bytes) else header
+    if not (isinstance(event_id, str) and event_id.strip()):
+        event_id = None
+    message_id = props.message_id if props.message_id and props.message_id.strip() else None
+    if message_id is None and event_id is None:
+        return None
+    return message_id or event_id, event_id or message_id  # type: ignore[return-value]
+
+
+def dead_properties(props: pika.BasicProperties, headers: dict[str, Any],
+                    **changes: Any) -> pika.BasicProperties:
+    """``props`` as they came, persistent, with ``headers`` and ``changes``: what a dead
+    letter (or a redriven one) carries. Not copied: ``expiration`` (a TTL would expire a dead
+    letter) and ``user_id`` (the server checks it against the publishing connection's
+    user)."""
+    fields = {k: getattr(props, k) for k in (
+        "content_type", "content_encoding", "priority", "correlation_id", "reply_to",
+        "message_id", "timestamp", "type", "app_id", "cluster_id")}
+    fields.update(changes)
+    return pika.BasicProperties(delivery_mode=2, headers=headers, **fields)
 
 
 def queue_arguments(max_receives: int, dlx: str, queue: str) -> dict[str, Any]:
@@ -139,6 +223,18 @@ def queue_arguments(max_receives: int, dlx: str, queue: str) -> dict[str, Any]:
             "x-dead-letter-routing-key": queue,
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish"}
+
+
+def bounded(params: pika.ConnectionParameters, *, heartbeat: bool = True
+            ) -> pika.ConnectionParameters:
+    """``params`` with this broker's bounds on a link that dies: the heartbeat
+    (:data:`HEARTBEAT_S`, unless ``heartbeat`` is False: the URL chose its own), the blocked
+    connection timeout and the handshake timeout."""
+    if heartbeat:
+        params.heartbeat = HEARTBEAT_S
+    params.blocked_connection_timeout = BLOCKED_TIMEOUT_S
+    params.stack_timeout = CONNECT_TIMEOUT_S
+    return params
 
 
 def check_queue_name(field: str, name: Any) -> str:
@@ -156,15 +252,30 @@ class RabbitMQBroker(Broker):
     dead-letter exchange and queue). ``parameters`` are pika's connection parameters
     (default: ``amqp://guest:guest@127.0.0.1:5672/%2F``); ``name`` labels the connection in
     ``rabbitmqctl list_connections``. A queue that already exists with other arguments (another
-    ``max_receives``) is refused, naming both."""
+    ``max_receives``) is refused, naming both.
+
+    ``max_receives=None`` opens an existing queue as it is, whatever it was declared with
+    (what the operator commands and the relay do: they do not choose the delivery limit, the
+    workers did): the queue and its dead-letter queue are declared passively, and
+    ``max_receives`` is read back from the queue's ``x-delivery-limit``. A queue missing then
+    is declared with :data:`DEFAULT_MAX_RECEIVES` if ``create``, else refused with "no such
+    queue", having created nothing (``create=False``: ``deliverylab status``, ``redrive``,
+    ``drop``)."""
 
     dedup_window = None  # RabbitMQ has no producer dedup: the consumer's inbox is the defence
+    # No delayed send (3.10 without a plugin), ready messages cannot be listed, and the lease
+    # is the delivery's channel (closed at the lease's end on the injected clock).
+    capabilities = Capabilities(delayed_send=False, lists_queue=False,
+                                lease_is_connection=True)
 
-    def __init__(self, queue: str, *, clock: Clock, ids: Ids, max_receives: int = 5,
+    def __init__(self, queue: str, *, clock: Clock, ids: Ids, max_receives: int | None = 5,
                  parameters: pika.ConnectionParameters | None = None,
-                 name: str = "deliverylab") -> None:
+                 name: str = "deliverylab", create: bool = True) -> None:
         self.queue = check_queue_name("queue", queue)
-        self.max_receives = check_int("max_receives", max_receives, minimum=1)
+        self._adopt = max_receives is None
+        self._create = create
+        self.max_receives = DEFAULT_MAX_RECEIVES if max_receives is None else check_int(
+            "max_receives", max_receives, minimum=1)
         self.dlq, self.dlx = f"{queue}.dlq", f"{queue}.dlx"
         self.clock, self.ids = clock, ids
         self.parked: list[tuple[Delivery, str]] = []
@@ -174,7 +285,7 @@ class RabbitMQBroker(Broker):
         self._idle: list[BlockingChannel] = []  # open channels holding no message
         self._errors: dict[str, str] = {}  # message id -> last error given to nack
         self._seq = 0
-        self._params = parameters or pika.URLParameters(DEFAULT_URL)
+        self._params = parameters or bounded(pika.URLParameters(DEFAULT_URL))
         self._params.client_properties = {"connection_name": check_id("name", name)}
         self._connect()
 
@@ -182,6 +293,12 @@ class RabbitMQBroker(Broker):
         """Open the connection and its two channels, declaring the queues (idempotent)."""
         self._conn = pika.BlockingConnection(self._params)
         queue = self.queue
+        if self._adopt and self._open_as_it_is():
+            return
+        if not self._create:
+            self._conn.close()
+            raise InvalidInput("queue", queue, "an existing queue (no such queue: nothing was"
+                                               " created)")
         try:
             self._control = self._conn.channel()  # declares, sends, counts: with confirms
             self._control.confirm_delivery()
@@ -198,6 +315,58 @@ class RabbitMQBroker(Broker):
             raise InvalidInput("queue", queue, f"a queue this broker can declare with"
                                                f" max_receives={self.max_receives}"
                                                f" ({exc.reply_text})") from None
+
+    def _open_as_it_is(self) -> bool:
+        """Open the existing queue and dead-letter queue without declaring anything (passive
+        declares), and read ``max_receives`` back from the queue's delivery limit; False,
+        having changed nothing, if the queue does not exist. A queue without this broker's
+        dead-letter queue is refused, naming it."""
+        probe = self._conn.channel()
+        try:
+            probe.queue_declare(self.queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            return False
+        try:
+            probe.queue_declare(self.dlq, passive=True)
+        except pika.exceptions.ChannelClosedByBroker:
+            self._conn.close()
+            raise InvalidInput("queue", self.queue, f"a queue with its dead-letter queue"
+                                                    f" {self.dlq!r} (no such queue)") from None
+        limit = self._delivery_limit(probe)
+        if limit is not None and limit >= 0:
+            self.max_receives = limit + 1
+        if probe.is_open:
+            probe.close()
+        self._control = self._conn.channel()
+        self._control.confirm_delivery()
+        self._dead = self._conn.channel()
+        return True
+
+    def _delivery_limit(self, probe: BlockingChannel) -> int | None:
+        """The existing queue's ``x-delivery-limit``. AMQP has no verb that reads a queue's
+        arguments, but a declare with other arguments is refused naming the current value
+        (3.10.8: ``PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' … received '-1'
+        but current is '2'``) and changes nothing. None when the answer names no value (a
+        queue declared without a limit, or by someone else with other arguments)."""
+        args = queue_arguments(1, self.dlx, self.queue)
+        args["x-delivery-limit"] = -1  # no queue of ours has it: the refusal names the value
+        try:
+            probe.queue_declare(self.queue, durable=True, arguments=args)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            found = re.search(r"'x-delivery-limit'.*current is (?:the value )?'(-?\d+)'",
+                              exc.reply_text)
+            return int(found.group(1)) if found else None
+        return -1  # accepted: the queue really has the limit -1 (never from this broker)
+
+    def _which(self, reply_text: str) -> str:
+        """What a NOT_FOUND names, in words."""
+        if f"'{self.dlq}'" in reply_text:
+            return f"the dead-letter queue {self.dlq!r}"
+        if f"'{self.dlx}'" in reply_text:
+            return f"the dead-letter exchange {self.dlx!r}"
+        return f"the queue {self.queue!r}"
 
     def _lost(self) -> None:
         """The connection is gone: so are its channels and every lease on them."""
@@ -245,7 +414,7 @@ class RabbitMQBroker(Broker):
     # -- receive ---------------------------------------------------------------------------
     @_reconnecting
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,
-                worker: str = "worker") -> list[Delivery]:
+                worker: str = "worker") -> Received:
         """Take up to ``max_messages`` ready messages, oldest first (a message given back is
         served before the rest, as the quorum queue does), each with ``basic.get`` on a channel
         of its own, leased for ``visibility_timeout`` seconds on the broker's clock.
@@ -255,27 +424,42 @@ class RabbitMQBroker(Broker):
         that return (its ``max_receives``-th delivery came back) is listed in ``parked``, after
         it reached the dead-letter queue. The receipt is a fresh token, the channel number
         and the delivery tag: unique for every delivery. A message taken by another connection
-        is invisible here until that connection gives it back."""
+        is invisible here until that connection gives it back.
+
+        A message with no identity (neither a ``message_id`` property nor an
+        ``x-deliverylab-event-id`` header: a foreign producer's, pika's default) is never
+        handed out: no inbox could tell its redelivery from a new message. It goes to the
+        dead letters at once, as it came plus the reason :data:`NO_MESSAGE_ID`, and is listed
+        in ``parked``; it does not count toward ``max_messages``."""
         vt = check_number("visibility_timeout", visibility_timeout, minimum=0,
                           maximum=MAX_VISIBILITY_TIMEOUT_S)
         n = check_int("max_messages", max_messages, minimum=1, maximum=1000)
         self._sweep()
         now, token = self.clock.now(), self.ids.receipt()
         out: list[Delivery] = []
-        for _ in range(n):
+        while len(out) < n:
             channel = self._idle.pop() if self._idle else self._conn.channel()
             method, props, body = channel.basic_get(self.queue)
             if method is None:
                 self._idle.append(channel)
                 break
             self._seq += 1
-            d = self._delivery(self._seq, props, body,
-                               f"{token}.{channel.channel_number}.{method.delivery_tag}",
-                               now + vt)
-            self._leases[d.receipt] = _Lease(channel, method.delivery_tag, d, now + vt)
+            receipt = f"{token}.{channel.channel_number}.{method.delivery_tag}"
+            d = self._delivery(self._seq, props, body, receipt, now + vt)
+            lease = _Lease(channel, method.delivery_tag, d, now + vt, props, body)
+            if identity(props) is None:
+                self._refuse(lease)
+                continue
+            self._leases[d.receipt] = lease
             out.append(d)
         self.parked, self._parking = self._parking, []
-        return out
+        return Received(out, self.parked)
+
+    def _refuse(self, lease: _Lease) -> None:
+        """Dead-letter a message with no identity at once (see :meth:`receive`)."""
+        self._publish_dead(lease, NO_MESSAGE_ID)
+        self._settle(lease)
+        self._parking.append((lease.delivery, NO_MESSAGE_ID))
 
     def _delivery(self, seq: int, props: pika.BasicProperties, body: bytes, receipt: str,
                   lease_until: float) -> Delivery:
@@ -286,8 +470,10 @@ class RabbitMQBroker(Broker):
             payload = None
         if not isinstance(payload, dict):  # not ours: the worker's handler refuses it
             payload = {"body": body.decode(errors="replace")}
-        message_id = props.message_id or f"amqp-{seq}"
-        return Delivery(seq, message_id, str(headers.get(EVENT_ID, message_id)),
+        # No identity: the message is refused before any worker sees it; its delivery names
+        # no id (an empty event id matches no order: ids are never empty).
+        message_id, event_id = identity(props) or ("", "")
+        return Delivery(seq, message_id, event_id,
                         props.type or "", payload, props.correlation_id, receipt,
                         int(headers.get("x-delivery-count", 0)) + 1, lease_until,
                         self._errors.get(message_id))
@@ -452,14 +638,19 @@ class RabbitMQBroker(Broker):
         lease = self._take(delivery)
         if lease is None:
             return False
-        d = lease.delivery
-        self._publish(self.dlq, json.dumps(d.payload, sort_keys=True, separators=(",", ":")),
-                      message_id=d.message_id, event_id=d.event_id, type=d.type,
-                      correlation_id=d.correlation_id,
-                      extra={ERROR: error, DELIVERIES: d.delivery_count})
+        self._publish_dead(lease, error)
         self._settle(lease)
-        self._errors.pop(d.message_id, None)
+        self._errors.pop(lease.delivery.message_id, None)
         return True
+
+    def _publish_dead(self, lease: _Lease, error: str) -> None:
+        """Publish the leased message to the dead-letter queue (confirmed) as it came: its
+        body's bytes and its properties and headers, plus the reason and the delivery
+        count."""
+        headers = {**(lease.props.headers or {}), ERROR: error,
+                   DELIVERIES: lease.delivery.delivery_count}
+        self._control.basic_publish("", self.dlq, lease.body,
+                                    dead_properties(lease.props, headers), mandatory=True)
 
     # -- the dead letters --------------------------------------------------------------------
     def _read_dead_letters(self) -> list[tuple[int, pika.BasicProperties, bytes]]:
@@ -486,21 +677,31 @@ class RabbitMQBroker(Broker):
         """Read from the dead-letter queue (taken and given back on one channel)."""
         letters = self._read_dead_letters()
         self._return_dead_letters(len(letters))
-        return {str((props.headers or {}).get(EVENT_ID, props.message_id))
-                for _, props, _ in letters}
+        return {ident[1] for _, props, _ in letters if (ident := identity(props)) is not None}
+
+    @_reconnecting
+    def dead_letters_without_id(self) -> int:
+        """The dead letters with no identity (read as :meth:`dead_lettered_event_ids`)."""
+        letters = self._read_dead_letters()
+        self._return_dead_letters(len(letters))
+        return sum(1 for _, props, _ in letters if identity(props) is None)
 
     @_reconnecting
     def redrive(self, message_ids: list[str] | None = None, *, worker: str = "operator") -> int:
         """Publish dead letters (all, or the given message ids) to the queue as new messages
-        (new ids, delivery count from 1 again), each confirmed before its dead letter is
-        acked; return how many moved. An id that is not a dead letter moves nothing."""
+        (new ids, delivery count from 1 again; the body's bytes, properties and headers as the
+        message first came, its event id kept), each confirmed before its dead letter is
+        acked; return how many moved. An id that is not a dead letter moves nothing. A dead
+        letter with no identity (:data:`NO_MESSAGE_ID`) stays: it would only be refused
+        again."""
         if message_ids is not None and (not isinstance(message_ids, list | tuple) or not all(
                 isinstance(m, str) for m in message_ids)):
             raise InvalidInput("message_ids", message_ids, "a list of message ids or None")
         letters = self._read_dead_letters()
-        by_id = {props.message_id: (tag, props, body) for tag, props, body in reversed(letters)}
-        if message_ids is None:
-            chosen = letters
+        by_id = {ident[0]: (tag, props, body) for tag, props, body in reversed(letters)
+                 if (ident := identity(props)) is not None}
+        if message_ids is None:  # a letter with no identity would only be refused again
+            chosen = [letter for letter in letters if identity(letter[1]) is not None]
         else:
             missing = [m for m in message_ids if m not in by_id]
             if missing:
@@ -508,9 +709,13 @@ class RabbitMQBroker(Broker):
                 raise InvalidInput("message_ids", missing[0], "the id of a dead letter")
             chosen = [by_id[m] for m in dict.fromkeys(message_ids)]
         for tag, props, body in chosen:
-            self._publish(self.queue, body.decode(), message_id=self.ids.message_id(),
-                          event_id=str((props.headers or {}).get(EVENT_ID, props.message_id)),
-                          type=props.type or "", correlation_id=props.correlation_id)
+            _, event_id = identity(props)  # type: ignore[misc]
+            headers = {k: v for k, v in (props.headers or {}).items() if k not in _DEAD_HEADERS}
+            headers[EVENT_ID] = event_id
+            self._control.basic_publish(
+                "", self.queue, body,
+                dead_properties(props, headers, message_id=self.ids.message_id()),
+                mandatory=True)
             self._dead.basic_ack(tag)
         self._return_dead_letters(len(letters) - len(chosen))
         return len(chosen)
@@ -564,10 +769,13 @@ class RabbitMQBroker(Broker):
     @_reconnecting
     def next_visible_at(self) -> float | None:
         """Now if a message is ready, else the earliest end of a lease or delay this broker
-        holds, else None (messages other connections hold are not seen)."""
+        holds, else None (messages other connections hold are not seen). An idle worker asks
+        this between receives, so it also checks that the dead-letter queue is still there:
+        without it, the server would drop what it dead-letters (:class:`BrokerGone`)."""
         self._sweep()
         if self._count(self.queue):
             return self.clock.now()
+        self._count(self.dlq)
         times = [lease.until for lease in self._leases.values()]
         times += [lease.release_at for lease in self._held if lease.release_at is not None]
         return min(times, default=None)
@@ -622,12 +830,18 @@ def _shown(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
 
 
-def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_receives: int = 5,
-             worker: str = "deliverylab") -> RabbitMQBroker:
+def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids,
+             max_receives: int | None = None, worker: str = "deliverylab",
+             create: bool = True) -> RabbitMQBroker:
     """Connect to ``amqp://user:password@host:port/vhost?queue=NAME`` (pika's other URL
-    options, such as ``heartbeat``, pass through). A bad URL, an unknown option, a server that
-    does not answer or refuses the login is :class:`InvalidInput` naming ``field`` and the URL
-    (password hidden), with the reason."""
+    options, such as ``heartbeat``, pass through; without one the heartbeat is
+    :data:`HEARTBEAT_S`). A bad URL, an unknown option, a queue name that is not clean UTF-8
+    once percent-decoded (``queue=x%FF``), a server that does not answer or refuses the login
+    is :class:`InvalidInput` naming ``field`` and the URL (password hidden), with the reason.
+
+    ``max_receives``: the queue's delivery limit, declared (a worker); None opens an existing
+    queue as it is (see :class:`RabbitMQBroker`). ``create=False`` creates nothing: a missing
+    queue is refused with "no such queue"."""
     if not isinstance(url, str):
         raise InvalidInput(field, url, "an amqp:// URL")
     shown = _shown(url)
@@ -639,12 +853,17 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
     if parts.scheme.lower() != "amqp" or not parts.hostname:
         raise InvalidInput(field, shown, "an amqp:// URL with a host"
                                          " (amqp://user:password@host:5672/%2F?queue=NAME)")
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    try:  # percent-decoded once, strictly: %FF is no UTF-8, and is refused, not replaced
+        query = parse_qsl(parts.query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(field, shown, f"an amqp:// URL whose options are UTF-8 once"
+                                         f" percent-decoded ({exc.reason} at"
+                                         f" {exc.object[exc.start:exc.end]!r})") from None
     queues = [v for k, v in query if k == "queue"]
     if len(queues) != 1:
         raise InvalidInput(field, shown, "an amqp:// URL naming one queue (?queue=NAME)")
     try:
-        check_queue_name("queue", unquote(queues[0]))
+        check_queue_name("queue", queues[0])
     except InvalidInput as exc:
         raise InvalidInput(field, shown, f"an amqp:// URL with a valid queue name"
                                          f" ({exc})") from None
@@ -654,13 +873,14 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
     except (ValueError, TypeError) as exc:
         raise InvalidInput(field, shown, f"an amqp:// URL pika accepts ({exc})") from None
     params.connection_attempts, params.socket_timeout = 1, 5
+    bounded(params, heartbeat=not any(k == "heartbeat" for k, _ in query))
     try:
-        return RabbitMQBroker(unquote(queues[0]), clock=clock, ids=ids,
-                              max_receives=max_receives, parameters=params, name=worker)
+        return RabbitMQBroker(queues[0], clock=clock, ids=ids, max_receives=max_receives,
+                              parameters=params, name=worker, create=create)
     except InvalidInput as exc:
         if exc.field != "queue":
             raise
-        raise InvalidInput(field, shown, f"an amqp:// URL whose queue can be declared"
+        raise InvalidInput(field, shown, f"an amqp:// URL whose queue can be opened"
                                          f" ({exc.expected})") from None
     except pika.exceptions.ProbableAuthenticationError:
         raise InvalidInput(field, shown, "an amqp:// URL whose user and password the server"
@@ -673,3 +893,16 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids, max_rec
         reason = "; ".join(str(a) or repr(a) for a in exc.args) or type(exc).__name__
         raise InvalidInput(field, shown, f"the URL of a reachable RabbitMQ server"
                                          f" ({reason})") from None
+
+
+# -- for the registry ---------------------------------------------------------------------------
+BROKER = RabbitMQBroker
+
+
+def scratch_url(server: str, name: str, *, lease: float = 1.0,
+                dedup_window: float | None = None) -> str:
+    """The URL of queue ``name`` on ``server`` (a throwaway one: ``destroy()`` deletes it).
+    ``lease`` is unused: a receive sets its own. RabbitMQ has no producer dedup."""
+    if dedup_window is not None:
+        raise InvalidInput("dedup_window", dedup_window, "None: RabbitMQ has no producer dedup")
+    return f"{server}?queue={name}"

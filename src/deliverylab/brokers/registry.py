@@ -2,35 +2,65 @@
 
 A SQLite file or a ``postgresql://`` URL is a database, and its broker is the queue table in
 it (``deliverylab.app.cli.broker_on``). Any other engine is reached by a URL whose scheme names
-it; each engine's module provides ``open_url(url, *, clock, ids, max_receives, worker)``, which
-validates the URL (naming the bad part) and connects. The modules are imported only when their
-scheme is used, so their client libraries are needed only by those who use them.
+it, and :data:`ENGINES` is the one place that lists them: the CLI, chapter 7, the benchmark and
+the contract tests all read it, so an engine added here runs everywhere.
+
+Each engine's module provides:
+
+- ``open_url(url, *, field, clock, ids, max_receives, worker)``: validate the URL (naming the
+  bad part) and connect;
+- ``DEFAULT_URL``: where its server is on a development machine (``make services``);
+- ``scratch_url(server, name, *, lease, dedup_window)``: the URL of a throwaway queue or
+  stream called ``name`` on ``server`` (for tests, chapters and benchmarks, removed with the
+  broker's ``destroy()``);
+- ``BROKER``: the broker class, whose ``capabilities`` say what the engine can do.
+
+The modules are imported only when their engine is used, so their client libraries are needed
+only by those who use them.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import uuid
+from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..engine.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from .base import Broker
+    from ..engine.broker import Broker, Capabilities
 
-# scheme -> the module that opens it
-ENGINES: dict[str, str] = {
-    "amqp": "deliverylab.brokers.rabbitmq",
-    "nats": "deliverylab.brokers.jetstream",
+
+@dataclass(frozen=True)
+class Engine:
+    """A broker engine reached by URL: the URL scheme that names it, the module that opens
+    it, and the environment variable that points at another server than ``DEFAULT_URL``."""
+
+    scheme: str
+    module: str
+    server_env: str
+
+
+# Every engine reached by URL, by name: one line each.
+ENGINES: dict[str, Engine] = {
+    "rabbitmq": Engine("amqp", "deliverylab.brokers.rabbitmq", "DELIVERYLAB_AMQP_URL"),
+    "jetstream": Engine("nats", "deliverylab.brokers.jetstream", "DELIVERYLAB_NATS"),
+    "redis": Engine("redis", "deliverylab.brokers.redis", "DELIVERYLAB_REDIS_URL"),
 }
+_BY_SCHEME = {e.scheme: name for name, e in ENGINES.items()}
 
 
 def scheme_of(text: object) -> str | None:
-    """The engine scheme ``text`` starts with (``amqp``, ``nats``), None for anything else."""
+    """The engine scheme ``text`` starts with (``amqp``, ``nats``, …), None for anything
+    else."""
     if not isinstance(text, str) or "://" not in text:
         return None
     scheme = urlsplit(text).scheme.lower()
-    return scheme if scheme in ENGINES else None
+    return scheme if scheme in _BY_SCHEME else None
 
 
 def is_broker_url(text: object) -> bool:
@@ -38,12 +68,50 @@ def is_broker_url(text: object) -> bool:
     return scheme_of(text) is not None
 
 
+def known_urls() -> str:
+    """The URL forms ``--broker`` takes, for help texts and refusals: ``amqp://, nats://, …``."""
+    return ", ".join(f"{e.scheme}://" for e in ENGINES.values())
+
+
+def _module(name: str) -> ModuleType:
+    if name not in ENGINES:
+        raise InvalidInput("engine", name, "one of " + ", ".join(ENGINES))
+    return importlib.import_module(ENGINES[name].module)
+
+
+def capabilities(name: str) -> Capabilities:
+    """What engine ``name`` can do, without connecting (its broker class's capabilities; an
+    open broker may refine them, e.g. JetStream's lease is its stream's AckWait)."""
+    return _module(name).BROKER.capabilities
+
+
+def server_url(name: str) -> str:
+    """Where engine ``name``'s server is: its environment variable, else ``DEFAULT_URL``."""
+    return os.environ.get(ENGINES[name].server_env) or _module(name).DEFAULT_URL
+
+
 def open_broker(url: str, *, field: str = "broker", **kw: Any) -> Broker:
     """Connect to the broker ``url`` names. ``kw`` (clock, ids, max_receives, …) goes to the
     engine's ``open_url``. A URL of no known engine is ``InvalidInput`` naming ``field``."""
     scheme = scheme_of(url)
     if scheme is None:
-        known = ", ".join(f"{s}://" for s in ENGINES)
-        raise InvalidInput(field, url, f"a broker URL ({known})")
-    module = importlib.import_module(ENGINES[scheme])
-    return module.open_url(url, field=field, **kw)
+        raise InvalidInput(field, url, f"a broker URL ({known_urls()})")
+    return _module(_BY_SCHEME[scheme]).open_url(url, field=field, **kw)
+
+
+def scratch_url(name: str, *, lease: float = 1.0, dedup_window: float | None = None,
+                prefix: str = "dl") -> str:
+    """The URL of a fresh, uniquely named queue or stream of engine ``name`` on its server,
+    with ``lease`` seconds where the engine fixes the lease per queue (JetStream's AckWait,
+    Redis's idle time) and ``dedup_window`` where it has producer dedup."""
+    unique = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    return _module(name).scratch_url(server_url(name), unique, lease=lease,
+                                     dedup_window=dedup_window)
+
+
+def open_scratch(name: str, *, lease: float = 1.0, dedup_window: float | None = None,
+                 prefix: str = "dl", **kw: Any) -> Broker:
+    """A broker of engine ``name`` on a fresh queue or stream (:func:`scratch_url`),
+    connected; ``kw`` as for :func:`open_broker`. Its ``destroy()`` removes it."""
+    return open_broker(scratch_url(name, lease=lease, dedup_window=dedup_window,
+                                   prefix=prefix), **kw)

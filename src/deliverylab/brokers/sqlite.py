@@ -27,7 +27,9 @@ from ..engine.trace import Outcome, lease_detail, log, log_delivery, log_many
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
     Broker,
+    Capabilities,
     Delivery,
+    Received,
     check_delivery,
     check_send,
 )
@@ -60,6 +62,9 @@ class SQLiteBroker(Broker):
     # writer only: on a PostgreSQL connection it would hand one message to two workers, so a
     # connection of another database is refused (brokers/postgres.py is PostgreSQL's broker).
     dialect = "sqlite"
+    # Leases are rows compared with the injected clock; on the store's own connection a verb
+    # can commit with the effect.
+    capabilities = Capabilities(joins_store=True)
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
                  max_receives: int = 5, trace: bool = True) -> None:
@@ -121,7 +126,7 @@ class SQLiteBroker(Broker):
     _CLAIM_ONE = _CLAIM.replace("WHERE seq IN (SELECT", "WHERE seq = (SELECT")
 
     def receive(self, visibility_timeout: float, max_messages: int = 1, *,
-                worker: str = "worker") -> list[Delivery]:
+                worker: str = "worker") -> Received:
         """Lease up to ``max_messages`` visible messages for ``visibility_timeout`` seconds.
 
         One statement claims them, so concurrent receivers never get the same message. The
@@ -142,7 +147,7 @@ class SQLiteBroker(Broker):
                 {"lease_until": now + vt, "token": token, "now": now, "n": n}).fetchall()
             if not rows:
                 self.parked = []
-                return []
+                return Received()
             rows.sort()  # by seq: RETURNING promises no order
             out: list[Delivery] = []
             parked: list[tuple[Delivery, str]] = []
@@ -166,7 +171,7 @@ class SQLiteBroker(Broker):
         # Only once the move has committed: what this receive parked, for the caller to report
         # (the worker never holds these, so without this a message would silently vanish).
         self.parked = parked
-        return out
+        return Received(out, parked)
 
     # -- settle ----------------------------------------------------------------------------
     def ack(self, delivery: Delivery, *, worker: str = "worker") -> bool:
@@ -255,6 +260,7 @@ class SQLiteBroker(Broker):
     def dead_letter(self, delivery: Delivery, error: str, *, worker: str = "worker") -> bool:
         """Move the message to ``dead_letters`` now, with ``error``. False if stale."""
         check_delivery(delivery)
+        check_text("error", error, max_length=10_000)  # as every engine: a reason, not nothing
         with transaction(self.conn):
             held = self.conn.execute(
                 "UPDATE queue_messages SET last_error = ? WHERE seq = ? AND receipt = ?",
@@ -353,6 +359,13 @@ class SQLiteBroker(Broker):
         """True when ``store`` is this broker's own connection: one SQLite transaction can
         then hold an effect and an ACK (another connection, even to the same file, cannot)."""
         return store is self.conn
+
+    def destroy(self) -> None:
+        """Delete every queued message and dead letter in this broker's tables. The
+        connection stays open: its owner closes it."""
+        with transaction(self.conn):
+            self.conn.execute("DELETE FROM queue_messages")
+            self.conn.execute("DELETE FROM dead_letters")
 
     # -- look ------------------------------------------------------------------------------
     def depth(self) -> dict[str, int]:

@@ -565,7 +565,7 @@ class CourseWorker(Worker):
             return 1
         deliveries = self.queue.receive(self.visibility_timeout, 1, worker=self.name)
         self.stats.steps += 1
-        self.stats.dead_lettered += len(self.queue.parked)
+        self.stats.dead_lettered += len(deliveries.parked)
         if not deliveries:
             return 0
         self.stats.received += 1

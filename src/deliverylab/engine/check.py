@@ -18,7 +18,7 @@ counted them. A repaired projection is correct; the emails sent twice stay sent,
 verdict says so.
 
 Where messages wait is the broker's business: by default the queue tables on the same
-connection; pass ``broker=`` (any :class:`~deliverylab.brokers.base.Broker`) when they wait
+connection; pass ``broker=`` (any :class:`~deliverylab.engine.broker.Broker`) when they wait
 elsewhere. The broker is then read outside the store's snapshot, so while workers run an
 event may move between *pending* and *correct* between the two reads.
 """
@@ -34,7 +34,7 @@ from .store import OUTBOX_TABLE, missing_tables
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ..brokers.base import Broker
+    from .broker import Broker
 
 EVENT_COLUMNS = ["order_id", "item_id", "qty", "event_id", "applications", "state"]
 # An order's applications: its event's 'applied' rows after its last 'reconciled' row (CTE

@@ -25,7 +25,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..brokers.base import Broker, encode_payload
+from .broker import Broker, encode_payload
 from .clock import Clock
 from .errors import InvalidInput, OrderConflict, check_id, check_int
 from .ids import Ids

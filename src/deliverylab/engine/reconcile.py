@@ -57,7 +57,7 @@ from .worker import CONSUMER
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ..brokers.base import Broker
+    from .broker import Broker
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..brokers.base import Broker
+from .broker import Broker
 from .clock import Clock
 from .errors import (
     BrokerUnavailable,
@@ -111,7 +111,7 @@ class Relay:
             raise InvalidInput("store", store, "a store connection (deliverylab.engine.store,"
                                                " or engine.store_postgres)")
         if not isinstance(broker, Broker):
-            raise InvalidInput("broker", broker, "a deliverylab.brokers.base.Broker")
+            raise InvalidInput("broker", broker, "a deliverylab.engine.broker.Broker")
         if broker.joins(store):
             raise InvalidInput("broker", type(broker).__name__,
                                "a broker outside the store: with the queue table in the"

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..brokers.base import Delivery
+    from .broker import Delivery
 
 
 class Outcome(StrEnum):

@@ -41,8 +41,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
-from ..brokers.base import Broker, Delivery
-from ..brokers.sqlite import SQLiteBroker
+from .broker import NO_MESSAGE_ID, Broker, Delivery
 from .clock import Clock
 from .errors import (
     STORE_ERRORS,
@@ -154,16 +153,18 @@ class Worker:
     """One consumer: it receives from ``broker`` and applies to ``store``. ``echo`` receives one
     human-readable line per step.
 
-    ``Worker(conn, clock=…, ids=…)`` is the lab's form: the store is ``conn`` and the broker
-    the SQLite queue table on that same connection. ``Worker(store=…, broker=…, clock=…)``
-    names both (``queue=`` is the older name of ``broker=``).
+    ``Worker(store=…, broker=…, clock=…)`` names both (``conn=`` and ``queue=`` are the older
+    names). The engine opens no broker itself: the lab's is the SQLite queue table on the
+    store's own connection (``SQLiteBroker(conn, clock=…, ids=…)``), which the caller builds.
+    ``ids`` is accepted for older callers and unused (the broker has its own); so is
+    ``max_receives``, which must then be the broker's.
     """
 
     def __init__(self, conn: sqlite3.Connection | None = None, *, clock: Clock,
                  ids: Ids | None = None,
                  mode: Mode | str = Mode.IDEMPOTENT, faults: Faults = NO_FAULTS,
                  visibility_timeout: float = 2.0, max_messages: int = 1,
-                 max_receives: int = 5, backoff_base: float = 0.1, backoff_cap: float = 10.0,
+                 max_receives: int | None = None, backoff_base: float = 0.1, backoff_cap: float = 10.0,
                  name: str = "worker-1", consumer: str = CONSUMER,
                  handler: Handler = apply_order_placed,
                  echo: Callable[[str], None] | None = None, crash_exits: bool = False,
@@ -175,12 +176,14 @@ class Worker:
         if not is_store(store):
             raise InvalidInput("store", store, "a store connection (deliverylab.engine.store,"
                                                " or engine.store_postgres)")
-        if broker is None:
-            if ids is None:
-                raise InvalidInput("ids", ids, "an Ids when no broker is given (it builds one)")
-            broker = SQLiteBroker(store, clock=clock, ids=ids, max_receives=max_receives)
-        elif not isinstance(broker, Broker):
-            raise InvalidInput("broker", broker, "a deliverylab.brokers.base.Broker")
+        if not isinstance(broker, Broker):
+            raise InvalidInput("broker", broker, "a deliverylab.engine.broker.Broker (the"
+                               " engine opens none: the lab's is SQLiteBroker(conn, clock=…,"
+                               " ids=…) on the store's connection)")
+        if max_receives is not None and max_receives != broker.max_receives:
+            raise InvalidInput("max_receives", max_receives,
+                               f"the broker's own ({broker.max_receives}), or left out: the"
+                               f" broker counts the receives")
         self.mode = Mode.parse(mode)
         joined = broker.joins(store)
         if not joined:
@@ -384,6 +387,7 @@ class Worker:
         try:
             deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
                                             worker=self.name)
+            parked = deliveries.parked
         except sqlite3.OperationalError as exc:
             if not is_busy(exc):
                 raise
@@ -395,12 +399,14 @@ class Worker:
         self._lock_streak = self._broker_streak = 0
         self.stats.steps += 1
         if self._trace_verbs:
-            self._trace([(Outcome.DEAD_LETTERED, d, reason) for d, reason in self.queue.parked]
+            self._trace([(Outcome.DEAD_LETTERED, d, reason) for d, reason in parked]
                         + [(Outcome.RECEIVED, d, lease_detail(d.lease_until))
                            for d in deliveries])
-        for d, reason in self.queue.parked:
+        for d, reason in parked:
             self.stats.dead_lettered += 1
-            self._say(d, f"dead-lettered: {reason} → 'deliverylab redrive' moves it back")
+            self._say(d, f"dead-lettered: {reason}" + (
+                " (a foreign producer's message: nothing can deduplicate it)"
+                if reason == NO_MESSAGE_ID else " → 'deliverylab redrive' moves it back"))
         if not deliveries:
             return 0
         self.stats.received += len(deliveries)
