@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from test_lab_processes import cli
 
+from deliverylab.brokers.jetstream import JetStreamBroker
 from deliverylab.brokers.nats_cluster import NatsCluster, free_base_port
+from deliverylab.engine.clock import SystemClock
+from deliverylab.engine.ids import Ids
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +37,14 @@ def stream_lines(text: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_status_kill_leader_of_and_restart(cluster: tuple[Path, int], tmp_path: Path) -> None:
+def test_status_kill_leader_of_and_restart(cluster: tuple[Path, int]) -> None:
     directory, base = cluster
     d = str(directory)
     servers = ",".join(f"127.0.0.1:{base + i}" for i in range(3))
     url = f"nats://{servers}?stream=lab_cli&replicas=3&ack_wait=2"
-    db = tmp_path / "lab.db"
-    assert cli("init-db", "--db", str(db)).returncode == 0
-    made = cli("status", "--store", str(db), "--broker", url, timeout=60)  # makes the stream
-    assert made.returncode == 0, made.stderr
+    # The stream, replicated on the three nodes, as a worker makes it.
+    JetStreamBroker([f"nats://127.0.0.1:{base + i}" for i in range(3)], stream="lab_cli",
+                    clock=SystemClock(), ids=Ids(), replicas=3, ack_wait=2.0).close()
 
     status = cli("cluster", "status", "--dir", d)
     assert status.returncode == 0, status.stdout

@@ -34,7 +34,7 @@ from deliverylab.brokers.nats_cluster import free_base_port
 
 LONG_RUNNING = re.compile(r"\bdeliverylab (api|worker|relay)\b")
 SKIPPED = re.compile(r"^(make |source |bash scripts/|psql |python -m deliverylab\.book)")
-NAMES = re.compile(r"\b(lab_(?:postgres_broker|postgres|rabbitmq|jetstream|cluster))\b")
+NAMES = re.compile(r"\b(lab_(?:postgres_broker|postgres|rabbitmq|jetstream|redis|cluster))\b")
 ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(\S+)$")
 BIN = str(Path(sys.executable).parent)
 
@@ -225,7 +225,7 @@ def with_suppress_kill(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["README", "four_terminals", "relay", "postgres", "rabbitmq",
-                                  "jetstream", "cluster"])
+                                  "jetstream", "redis", "cluster"])
 def test_the_walkthrough_runs_from_nothing_to_its_clean_up(tmp_path: Path, name: str) -> None:
     reader = Reader(tmp_path, secrets.token_hex(3))
     try:

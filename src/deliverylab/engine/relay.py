@@ -9,6 +9,9 @@ publisher") carries it over. One :meth:`Relay.step`:
 2. publishes each with ``broker.send(…, dedup_id=event_id)``;
 3. marks them sent (one transaction).
 
+A step that ends early (an injected crash, a broker that cannot be reached) gives the attempt
+back to the rows it never reached, so the logged ``attempt=N`` counts real publishes.
+
 A relay that dies between 2 and 3 has published rows it never marked, and publishes them
 again when it restarts: the outbox is at-least-once, like any producer that retries. Two
 defences keep the effect once. A broker with producer dedup (``Broker.dedup_window``, e.g.
