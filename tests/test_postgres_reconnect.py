@@ -245,3 +245,36 @@ def test_the_api_and_a_worker_through_a_crash_and_restart_of_the_server(cluster,
     out = worker.log.read_text()
     assert "database unavailable:" in out and "Traceback" not in out, out[-3000:]
     assert "Traceback" not in api.log.read_text(), api.log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_worker_waits_out_a_lock_held_past_its_busy_timeout_on_postgresql(pg_url, tmp_path):
+    """A lock held for 2 s against a worker with ``--busy-timeout 0.3``: it says "database is
+    locked", backs off, counts ``lock_waits``, and drains the queue once the lock is gone."""
+    _place(pg_url, 10)
+    worker = Proc(tmp_path / "worker.log", "worker", "--db", pg_url, "--name", "w-1",
+                  "--busy-timeout", "0.3", "--poll-interval", "0.02", "--backoff-base", "0.05",
+                  "--backoff-cap", "0.3")
+    holder = pgstore.connect(pg_url)
+    try:
+        _until(lambda: "started:" in worker.output())
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE queue_messages IN ACCESS EXCLUSIVE MODE")
+        time.sleep(2)
+        assert worker.alive(), worker.output()[-3000:]
+        holder.execute("ROLLBACK")
+        _place(pg_url, 5, start=10)  # and orders placed after it
+
+        def drained() -> bool:
+            with pgstore.connect(pg_url) as conn:
+                return check(conn).correct == 15
+
+        _until(drained)
+        assert worker.terminate() == 0
+    finally:
+        holder.close()
+        worker.stop()
+    out = worker.log.read_text()
+    assert "database is locked" in out and "Traceback" not in out, out[-3000:]
+    stopped = next(line for line in out.splitlines() if "[w-1] stopped:" in line)
+    assert "lock_waits=0" not in stopped, stopped

@@ -694,6 +694,11 @@ class Worker:
         except StoreUnavailable as exc:
             self._wait_for_store(exc, "looking for the next message")
             return self.clock.now()
+        except STORE_ERRORS as exc:  # PostgreSQL: even a read waits for an exclusive lock
+            if not is_busy(exc):
+                raise
+            self._wait_for_lock("looking for the next message")
+            return self.clock.now()
 
     # -- loops -----------------------------------------------------------------------------
     def run_until_idle(self, max_steps: int = 1_000_000) -> WorkerStats:
