@@ -267,10 +267,13 @@ def why_read_only(path: str | Path) -> str | None:
         return "the file is not writable"
     for suffix in ("-wal", "-shm"):
         side = Path(f"{p}{suffix}")
+        # The last connection to close deletes both files: one seen a moment ago may be gone
+        # when its rights are asked for, which says nothing about whether it can be written.
+        if os.access(side, os.W_OK):
+            continue
         if side.exists():
-            if not os.access(side, os.W_OK):
-                return f"its {suffix} file is not writable"
-        elif not os.access(p.parent, os.W_OK | os.X_OK):
+            return f"its {suffix} file is not writable"
+        if not os.access(p.parent, os.W_OK | os.X_OK):
             return (f"its directory is not writable, and SQLite needs to create the {suffix}"
                     f" file there")
     return None
