@@ -476,3 +476,18 @@ def test_going_on_after_the_workers_crash_is_a_verdict_not_a_hang():
     assert "went on calling the grader after its worker's simulated crash" in reason
     assert "ops.apply(delivery)" in reason
     assert took < sb.SILENCE_S
+
+
+def reuses_the_graders_own_statement(conn, delivery):
+    # The very text the grader logs with: a statement SQLite has prepared (and cached) for
+    # the grader, without any check, must not be the submission's way in.
+    from deliverylab.engine import trace
+    conn.execute(trace._INSERT, (0.0, "worker-1", delivery.correlation_id, delivery.event_id,
+                                 delivery.message_id, 1, "applied", "effect made"))
+
+
+def test_the_graders_prepared_statements_are_no_way_in():
+    reason = why(graded("idempotent-handler", reuses_the_graders_own_statement)[0])
+    assert "the grader refused INSERT into delivery_log" in reason
+    # Refused on every delivery, not only before the grader's own log used the statement.
+    assert "and the same on" in reason

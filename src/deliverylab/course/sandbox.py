@@ -48,7 +48,7 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any
 
-from .sql import Guard, guarded
+from .sql import Gate, Guard, guarded
 
 SILENCE_S = 3.0     # the submission sends no request for this long: stopped
 RUN_S = 10.0        # the submission's own running time per seed
@@ -283,10 +283,15 @@ class _Conn:
     :class:`~deliverylab.course.sql.Guard`; COMMIT and ROLLBACK only if the submission was
     not called inside a transaction (a handler is: the worker owns it)."""
 
-    def __init__(self, conn: sqlite3.Connection, call: _Call, created: set[str]) -> None:
-        self.conn, self.call = conn, call
+    def __init__(self, conn: sqlite3.Connection, call: _Call, created: set[str],
+                 gate: Gate, tag: int) -> None:
+        self.conn, self.call, self.gate = conn, call, gate
         self.inside = conn.in_transaction
         self.guard = Guard(inside=self.inside, created=created)
+        # Every statement of this call gets a text of its own: SQLite checks a statement
+        # when it prepares it, so the submission never runs a statement prepared for the
+        # grader (or for another call) without its own check.
+        self.tag = f"\n-- submission call {tag}"
 
     @property
     def in_transaction(self) -> bool:
@@ -297,28 +302,41 @@ class _Conn:
         return self.conn.total_changes
 
     def _run(self, what: Callable[[], sqlite3.Cursor]) -> Rows:
+        self.guard.refused = ""
+        self.gate.guard = self.guard
         try:
-            with guarded(self.conn, self.guard):
-                cur = what()
-                rows = [tuple(r) for r in cur.fetchall()]
+            cur = what()
+            rows = [tuple(r) for r in cur.fetchall()]
         except sqlite3.DatabaseError:
             if self.guard.refused:
                 self.call.refuse(f"the grader refused {self.guard.refused}")
             raise
+        finally:
+            self.gate.guard = None
         names = tuple(d[0] for d in cur.description) if cur.description else ()
         return Rows(rows, names, cur.rowcount, cur.lastrowid)
 
     def execute(self, sql: str, parameters: Any = ()) -> Rows:
-        return self._run(lambda: self.conn.execute(sql, parameters))
+        if not isinstance(sql, str):
+            raise TypeError(f"execute() argument 1 must be str, not {type(sql).__name__}")
+        return self._run(lambda: self.conn.execute(sql + self.tag, parameters))
 
     def executemany(self, sql: str, seq_of_parameters: Any) -> Rows:
-        return self._run(lambda: self.conn.executemany(sql, seq_of_parameters))
+        if not isinstance(sql, str):
+            raise TypeError(f"executemany() argument 1 must be str, not {type(sql).__name__}")
+        return self._run(lambda: self.conn.executemany(sql + self.tag, seq_of_parameters))
 
     def executescript(self, script: str) -> Rows:
         if self.inside:
             self.call.refuse("the grader refused executescript() inside the worker's"
                              " transaction (it would commit it)")
-        return self._run(lambda: self.conn.executescript(script))
+        def run() -> sqlite3.Cursor:
+            with guarded(self.conn, self.guard):
+                return self.conn.executescript(script)
+        try:
+            return self._run(run)
+        finally:
+            self.conn.set_authorizer(self.gate)
 
     def _end(self, verb: str) -> None:
         if self.inside:
@@ -327,8 +345,11 @@ class _Conn:
                 " the worker's transaction, and the worker commits it (with the ACK or the"
                 " inbox row) once your handler returns; raise an exception to undo your"
                 " effect")
-        with guarded(self.conn, self.guard):
+        self.gate.guard = self.guard
+        try:
             getattr(self.conn, verb)()
+        finally:
+            self.gate.guard = None
 
     def commit(self) -> None:
         self._end("commit")
@@ -460,6 +481,7 @@ class Sandbox:
             self.child.handles.clear()
             self.child.ids.clear()
             self.child.created.clear()
+            self.child.ungate()
 
     def function(self) -> Callable[..., Any]:
         @functools.wraps(self.submission)
@@ -498,6 +520,7 @@ class _Child:
         self.handles: dict[int, Any] = {}
         self.ids: dict[int, int] = {}
         self.created: set[str] = set()
+        self.gates: dict[int, tuple[sqlite3.Connection, Gate]] = {}
         self.next_id = 0
         self.next_cid = 0
         self.parked: dict[int, deque[tuple[Any, ...]]] = {}
@@ -523,7 +546,12 @@ class _Child:
         if isinstance(obj, sqlite3.Connection):
             if call is None:
                 raise Refused("a connection outside a call")
-            obj = _Conn(obj, call, self.created)
+            gate = self.gates.get(id(obj))
+            if gate is None or gate[0] is not obj:
+                gate = self.gates[id(obj)] = (obj, Gate())
+                obj.set_authorizer(gate[1])  # once per connection and trial
+            self.next_id += 1
+            obj = _Conn(obj, call, self.created, gate[1], self.next_id)
         hid = self.ids.get(id(obj))
         if hid is None:
             self.next_id += 1
@@ -701,7 +729,17 @@ class _Child:
         except ChildProcessError:
             return None
 
+    def ungate(self) -> None:
+        """Take the authorizers off the trial's connections (a lab may outlive its trial)."""
+        for conn, _ in self.gates.values():
+            try:
+                conn.set_authorizer(None)
+            except sqlite3.ProgrammingError:  # closed already
+                pass
+        self.gates.clear()
+
     def kill(self) -> None:
+        self.ungate()
         if not self.dead:
             self.dead = "ended by the grader"
             try:

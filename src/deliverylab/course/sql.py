@@ -111,6 +111,23 @@ class Guard:
         return sqlite3.SQLITE_OK
 
 
+class Gate:
+    """The authorizer installed once on a connection: it asks ``guard`` while one is set
+    (the submission's statement is being prepared) and allows everything otherwise (the
+    grader's own statements). The submission's statements must never reuse a statement
+    the grader prepared: :class:`Gate` users give each of them a text of its own."""
+
+    def __init__(self) -> None:
+        self.guard: Guard | None = None
+
+    def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None,
+                 source: str | None) -> int:
+        guard = self.guard
+        if guard is None:
+            return sqlite3.SQLITE_OK
+        return guard(action, arg1, arg2, db, source)
+
+
 @contextmanager
 def guarded(conn: sqlite3.Connection, guard: Guard) -> Iterator[Guard]:
     """Run the statements of the ``with`` block under ``guard``."""
