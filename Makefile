@@ -3,7 +3,8 @@
 #   make book    set up .venv, execute every chapter, build the HTML into _build/html/
 #                (again: only the pages that changed, or everything after a change to src/),
 #                and the Japanese edition (from the saved outputs) into _build/html/ja/
-#   make test    everything CI runs: lint, nbval, the strict book build, all tests
+#   make test    everything CI runs: lint, the translations complete, nbval, the strict book
+#                build of both editions, all tests
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
@@ -46,7 +47,7 @@ help:
 	@echo "make i18n-update  update the translations' catalogs after English changes"
 	@echo "make i18n-check   list every untranslated or fuzzy message (fails if any)"
 	@echo "make i18n-stats   messages and words per page, and how many are translated"
-	@echo "make test    lint, nbval on every chapter, strict book build, all tests"
+	@echo "make test    lint, translations complete, nbval on every chapter, strict book build, all tests"
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
 	@echo "make bench   run the benchmarks"
@@ -174,6 +175,7 @@ pytest: setup services
 # the book just built.
 test: setup assets chromium services
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory i18n-check
 	$(MAKE) --no-print-directory nbval
 	$(MAKE) --no-print-directory book-strict
 	$(MAKE) --no-print-directory pytest
