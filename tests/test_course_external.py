@@ -15,14 +15,14 @@ import uuid
 import pika
 import pytest
 
-from deliverylab.book import beyond
+from deliverylab.brokers import registry
 from deliverylab.course import ex07, grade
 from deliverylab.course.external import Store, Wire, open_setup
 from deliverylab.engine.errors import BrokerUnavailable, InvalidInput
 from deliverylab.engine.faults import Faults
 
-AMQP = beyond.RABBITMQ
-NATS = beyond.NATS
+AMQP = registry.server_url("rabbitmq")
+NATS = registry.server_url("jetstream")
 GRADED = [("external-inbox", ex07.consume_solution, ex07.consume_apply_then_ack,
            "applied twice"),
           ("relay-publish", ex07.relay_solution, ex07.relay_marks_first, "never applied"),

@@ -520,7 +520,7 @@ class _Child:
             return None
         if isinstance(obj, sqlite3.Row):
             return ("row", tuple(obj), tuple(obj.keys()))
-        if isinstance(obj, sqlite3.Connection):
+        if isinstance(obj, sqlite3.Connection) or getattr(type(obj), "connection_view", False):
             if call is None:
                 raise Refused("a connection outside a call")
             obj = _Conn(obj, call, self.created)
