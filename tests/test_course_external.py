@@ -154,6 +154,7 @@ def test_a_submission_that_exits_or_has_a_sql_typo_gets_a_verdict() -> None:
         store.execute("SELEC event_id FROM outbox")
 
     first = grade("external-inbox", exits, seeds=[0]).failed[0]
-    assert "your code raised SystemExit: 3 (delivery 1 of order" in first.reason
+    assert "your code raised SystemExit(3) (your line" in first.reason
+    assert "while working on delivery 1 of order" in first.reason
     second = grade("relay-publish", typo, seeds=[0]).failed[0]
     assert 'your code raised OperationalError: near "SELEC": syntax error' in second.reason

@@ -421,8 +421,9 @@ _CURSOR_VALUES = ("rowcount", "lastrowid")
 EXPOSED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Ops": (("apply", "ack", "extend", "nack", "work", "transaction", "now"),
             ("visibility_timeout", "work_left", "Rollback")),
-    # The payment service behind its lossy network: the network's verb, not the service.
-    "FlakyPayments": (("charge",), ()),
+    # The payment service behind its lossy network: its verbs (a charge, the provider's
+    # ledger), not the service.
+    "FlakyPayments": (("charge", "find_charges"), ()),
     # The lab's clock, handed to a nightly job: it reads the time, it does not move it.
     "FakeClock": (("now",), ()),
 }
