@@ -15,14 +15,14 @@ import uuid
 import pika
 import pytest
 
-from deliverylab.book import beyond
+from deliverylab.brokers import registry
 from deliverylab.course import ex07, grade
 from deliverylab.course.external import Store, Wire, open_setup
 from deliverylab.engine.errors import BrokerUnavailable, InvalidInput
 from deliverylab.engine.faults import Faults
 
-AMQP = beyond.RABBITMQ
-NATS = beyond.NATS
+AMQP = registry.server_url("rabbitmq")
+NATS = registry.server_url("jetstream")
 GRADED = [("external-inbox", ex07.consume_solution, ex07.consume_apply_then_ack,
            "applied twice"),
           ("relay-publish", ex07.relay_solution, ex07.relay_marks_first, "never applied"),
@@ -154,6 +154,7 @@ def test_a_submission_that_exits_or_has_a_sql_typo_gets_a_verdict() -> None:
         store.execute("SELEC event_id FROM outbox")
 
     first = grade("external-inbox", exits, seeds=[0]).failed[0]
-    assert "your code raised SystemExit: 3 (delivery 1 of order" in first.reason
+    assert "your code raised SystemExit(3) (your line" in first.reason
+    assert "while working on delivery 1 of order" in first.reason
     second = grade("relay-publish", typo, seeds=[0]).failed[0]
     assert 'your code raised OperationalError: near "SELEC": syntax error' in second.reason

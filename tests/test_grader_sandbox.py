@@ -195,7 +195,7 @@ def test_an_exception_in_a_repair_is_a_verdict():
     assert 'conn.execute("SELECT no_such_column FROM orders")' in reason
 
 
-def returns_a_socket(outcomes):
+def returns_a_socket(orders, log, queued):
     import socket
     return socket.socket()
 
@@ -301,7 +301,7 @@ class _Evil:
         return (os.system, ("touch /tmp/deliverylab-sandbox-pwned",))
 
 
-def sends_a_malicious_pickle(outcomes):
+def sends_a_malicious_pickle(orders, log, queued):
     link = sb._LINK
     data = pickle.dumps(("done", 1, _Evil()))
     with link.lock:

@@ -181,7 +181,11 @@ WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "UPSERT")
 class HookedConnection:
     """A connection as the submission sees it: every ``execute`` first calls
     ``before(sql, n)`` (``n``: how many statements the submission ran before this one), then
-    runs on the real connection. Everything else is the real connection's."""
+    runs on the real connection. Everything else is the real connection's. The sandbox
+    hands it to a submission as it hands a connection (``connection_view``): under the same
+    guard, with COMMIT and ROLLBACK refused inside the worker's transaction."""
+
+    connection_view = True
 
     def __init__(self, conn: sqlite3.Connection,
                  before: Callable[[str, int], None]) -> None:

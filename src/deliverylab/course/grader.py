@@ -43,7 +43,7 @@ from ..engine.faults import FAULT_POINTS, NO_FAULTS, Faults
 from ..engine.store import transaction
 from ..engine.trace import Outcome, log_delivery
 from ..engine.worker import Mode, Worker, apply_order_placed
-from .sandbox import REQUESTS, Ended, Rollback, Sandbox
+from .sandbox import REQUESTS, Ended, Raised, Rollback, Sandbox
 
 SEEDS = range(20)
 MAX_SEEDS = 1000
@@ -661,6 +661,9 @@ class CourseWorker(Worker):
         except SubmissionError as exc:
             self._rollback_open()
             self._blame(d, f"SubmissionError: {exc}")
+        except Raised as exc:  # the reader's code let a store error through (its SQL typo)
+            self._rollback_open()
+            self._blame(d, f"{type(exc).__name__}: {exc}")
         except STORE_ERRORS:
             raise
         except Exception as exc:  # the reader's code failed: its lease runs out, it retries

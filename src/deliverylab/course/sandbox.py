@@ -97,6 +97,36 @@ def raised_type(name: str) -> type[Raised]:
     return cls
 
 
+_AS_HANDED: dict[type[Exception], type[Raised]] = {}
+
+
+def _handed(call: _Call, name: str, text: str) -> Exception | None:
+    """The grader's own exception the child let through, if the one it raised is that one
+    (same type name and text): a store's lock or a lost ACK the submission did not catch."""
+    return next((e for e in reversed(call.handed)
+                 if type(e).__name__ == name and str(e) == text), None)
+
+
+def _raised(name: str, text: str, original: Exception | None) -> Raised:
+    """The submission's exception, raised again in the grader: under the same type name,
+    with the submission's line in its text; and, when it is one the grader raised into the
+    child, also an instance of that class (with its fields), so the exercise's run catches a
+    let-through ``Locked`` or ``BrokerUnavailable`` as it would without the sandbox."""
+    if original is None:
+        return raised_type(name)(text)
+    cls = _AS_HANDED.get(type(original))
+    if cls is None:
+        try:
+            cls = type(name, (Raised, type(original)), {"__module__": __name__})
+        except TypeError:  # a layout the two cannot share: the name alone
+            return raised_type(name)(text)
+        _AS_HANDED[type(original)] = cls
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, text)
+    exc.__dict__.update(getattr(original, "__dict__", {}))
+    return exc
+
+
 class _Abort(BaseException):  # noqa: N818 - unwinds the child's call, never seen by a reader
     """In the child: the grader has ended this call (its worker crashed, the run is over)."""
 
@@ -412,8 +442,9 @@ _CURSOR_VALUES = ("rowcount", "lastrowid")
 EXPOSED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Ops": (("apply", "ack", "extend", "nack", "work", "transaction", "now"),
             ("visibility_timeout", "work_left", "Rollback")),
-    # The payment service behind its lossy network: the network's verb, not the service.
-    "FlakyPayments": (("charge",), ()),
+    # The payment service behind its lossy network: its verbs (a charge, the provider's
+    # ledger), not the service.
+    "FlakyPayments": (("charge", "find_charges"), ()),
     # The lab's clock, handed to a nightly job: it reads the time, it does not move it.
     "FakeClock": (("now",), ()),
 }
@@ -440,6 +471,7 @@ class _Call:
     def __init__(self, cid: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.cid, self.args, self.kwargs = cid, args, kwargs
         self.refused = ""
+        self.handed: list[Exception] = []  # the grader's exceptions raised in the child
 
     def refuse(self, text: str) -> None:
         if not self.refused:
@@ -543,7 +575,7 @@ class _Child:
             return None
         if isinstance(obj, sqlite3.Row):
             return ("row", tuple(obj), tuple(obj.keys()))
-        if isinstance(obj, sqlite3.Connection):
+        if isinstance(obj, sqlite3.Connection) or getattr(type(obj), "connection_view", False):
             if call is None:
                 raise Refused("a connection outside a call")
             gate = self.gates.get(id(obj))
@@ -782,7 +814,7 @@ class _Child:
                 what = self._what(call)
                 if not what.startswith("working on delivery"):  # a handler's is named by its run
                     where = f"{where}, while {what}" if where else f"while {what}"
-                raise raised_type(name)(f"{text}{_paren(where)}")
+                raise _raised(name, f"{text}{_paren(where)}", _handed(call, name, text))
 
     def _serve(self, call: _Call, msg: tuple[Any, ...]) -> None:
         _, cid, op, hid, name, args, kwargs = msg
@@ -793,6 +825,7 @@ class _Child:
         try:
             result = self._do(op, hid, name, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - the submission's mistake: raised in the child
+            call.handed.append(exc)
             self._answer(("error", cid, _portable(exc)), call)
             return
         except BaseException as exc:  # the worker crashed, the run is over, ...
@@ -912,6 +945,11 @@ class _Link:
             raise Refused("the grader's objects answer only the thread your function was"
                           " called in")
         if cid in self.aborted:
+            if self.aborted[cid] and isinstance(sys.exc_info()[1], _Abort):
+                # A ``with`` block's exit or a ``finally`` on the crash's way out (such as
+                # ``with transaction(store):`` rolling back): a dead process runs none of
+                # them, so the request does nothing and the crash goes on unwinding.
+                raise _Abort()
             if self.aborted[cid]:  # it goes on after its own worker's crash: the end
                 self.send(("caught", _where_tb_stack(self.files)))
                 _REAL_EXIT(0)
