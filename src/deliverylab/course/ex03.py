@@ -95,8 +95,7 @@ def run_idempotent_handler(handler: Callable[..., Any], seed: int) -> Trial:
     run, _ = run_workers(handler=hostile, seed=seed, faults=faults, orders=30, workers=2,
                          max_receives=INBOX_RECEIVES)
     where = describe_faults(faults, workers=2, orders=30,
-                            extra=f"a peer running your handler between statements"
-                                  f" {INBOX_INTERLEAVE:g}, store"
+                            extra=f"a peer between statements {INBOX_INTERLEAVE:g}, store"
                                   f" failures {INBOX_STORE_FAILURE:g} per write")
     return judge(run.lab, seed=seed, faults=where, errors=run.errors)
 
