@@ -351,7 +351,23 @@ def test_the_grader_process_keeps_no_child_and_no_open_pipe():
 
 
 def repair_not_in_flight(conn, now):
-    """Count only what no worker can still apply (its message is gone), and fence that."""
+    """Count only what no worker can still apply (its message is gone, or the idempotent
+    consumer's inbox already holds it, so its redelivery is skipped), and fence that."""
+    settled = ("(event_id NOT IN (SELECT event_id FROM queue_messages)"
+               " OR event_id IN (SELECT event_id FROM inbox_processed))")
+    with transaction(conn):
+        conn.execute("DELETE FROM inventory_projection")
+        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                     f" SELECT item_id, sum(qty) FROM orders WHERE {settled} GROUP BY item_id")
+        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+                     f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
+                     " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+
+
+def repair_not_in_flight_forgets_the_inbox(conn, now):
+    """Counts only what has no message left: an event an idempotent worker applied whose ACK
+    was lost is still queued, so the rebuild wipes its effect and counts it nowhere, and its
+    redelivery is skipped as a duplicate."""
     settled = "event_id NOT IN (SELECT event_id FROM queue_messages)"
     with transaction(conn):
         conn.execute("DELETE FROM inventory_projection")
@@ -360,6 +376,13 @@ def repair_not_in_flight(conn, now):
         conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+
+
+def test_a_repair_that_drops_an_applied_event_still_queued_fails():
+    verdict = grade("in-flight-repair", repair_not_in_flight_forgets_the_inbox,
+                    seeds=range(25))
+    assert not verdict.passed
+    assert all("counted by no one" in t.reason for t in verdict.failed), str(verdict)
 
 
 def repair_compensating_delta(conn, now):

@@ -192,6 +192,13 @@ class HookedConnection:
         self._conn, self._before = conn, before
         self.statements = 0
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._conn
+
+    def before_statement(self, sql: Any) -> None:
+        self._next(sql)
+
     def _next(self, sql: Any) -> None:
         n = self.statements
         self.statements += 1

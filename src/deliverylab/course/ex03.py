@@ -31,7 +31,7 @@ from .grader import (
 
 # -- 3.1 the idempotent handler ------------------------------------------------------------
 INBOX = dict(ack_fail=0.3, ack_answer_lost=0.1, crash_after_commit=0.1)
-INBOX_INTERLEAVE = 0.3     # a peer consumer runs the same event between two statements
+INBOX_INTERLEAVE = 0.3     # a peer runs the handler on the same event between statements
 INBOX_STORE_FAILURE = 0.1  # a write fails: locked, disk full, a constraint (not a repeat)
 INBOX_RECEIVES = 10
 
@@ -88,8 +88,10 @@ def inbox_swallows_errors(conn: sqlite3.Connection, delivery: Delivery) -> None:
 
 def run_idempotent_handler(handler: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **INBOX)
+    # The peer is another worker of the same consumer running *your* handler on a duplicate
+    # of the event: the verdict judges the outcome of your design, whatever table it keeps.
     hostile = nemesis_handler(handler, faults, interleave=INBOX_INTERLEAVE,
-                              store_failure=INBOX_STORE_FAILURE)
+                              store_failure=INBOX_STORE_FAILURE, rival=handler)
     run, _ = run_workers(handler=hostile, seed=seed, faults=faults, orders=30, workers=2,
                          max_receives=INBOX_RECEIVES)
     where = describe_faults(faults, workers=2, orders=30,

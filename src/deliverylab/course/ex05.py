@@ -104,6 +104,8 @@ class Interleaved:
     ``BEGIN`` included) fail with "database is locked", once: a store failure that is not a
     duplicate, which a repair must not swallow."""
 
+    connection_view = True  # the sandbox hands it over as a connection (see crew)
+
     def __init__(self, conn: sqlite3.Connection, between: Callable[[], Any], *,
                  lock_at: int | None = None) -> None:
         self._conn, self._between, self.lock_at = conn, between, lock_at
@@ -113,6 +115,13 @@ class Interleaved:
     @property
     def in_transaction(self) -> bool:
         return self._conn.in_transaction
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._conn
+
+    def before_statement(self, sql: Any = "") -> None:
+        self._gap()
 
     def _gap(self) -> None:
         n, self.statements = self.statements, self.statements + 1

@@ -314,8 +314,10 @@ class _Conn:
     not called inside a transaction (a handler is: the worker owns it)."""
 
     def __init__(self, conn: sqlite3.Connection, call: _Call, created: set[str],
-                 gate: Gate, tag: int) -> None:
+                 gate: Gate, tag: int, *, view: Any = None) -> None:
         self.conn, self.call, self.gate = conn, call, gate
+        self.view = view  # a connection view: its before_statement runs outside the guard
+        self.handed = conn if view is None else view
         self.inside = conn.in_transaction
         self.guard = Guard(inside=self.inside, created=created)
         # Every statement of this call gets a text of its own: SQLite checks a statement
@@ -331,7 +333,9 @@ class _Conn:
     def total_changes(self) -> int:
         return self.conn.total_changes
 
-    def _run(self, what: Callable[[], sqlite3.Cursor]) -> Rows:
+    def _run(self, what: Callable[[], sqlite3.Cursor], sql: str = "") -> Rows:
+        if self.view is not None:
+            self.view.before_statement(sql)  # the grader's own work: no guard
         self.guard.refused = ""
         self.gate.guard = self.guard
         try:
@@ -349,12 +353,13 @@ class _Conn:
     def execute(self, sql: str, parameters: Any = ()) -> Rows:
         if not isinstance(sql, str):
             raise TypeError(f"execute() argument 1 must be str, not {type(sql).__name__}")
-        return self._run(lambda: self.conn.execute(sql + self.tag, parameters))
+        return self._run(lambda: self.conn.execute(sql + self.tag, parameters), sql)
 
     def executemany(self, sql: str, seq_of_parameters: Any) -> Rows:
         if not isinstance(sql, str):
             raise TypeError(f"executemany() argument 1 must be str, not {type(sql).__name__}")
-        return self._run(lambda: self.conn.executemany(sql + self.tag, seq_of_parameters))
+        return self._run(lambda: self.conn.executemany(sql + self.tag, seq_of_parameters),
+                         sql)
 
     def executescript(self, script: str) -> Rows:
         if self.inside:
@@ -578,12 +583,16 @@ class _Child:
         if isinstance(obj, sqlite3.Connection) or getattr(type(obj), "connection_view", False):
             if call is None:
                 raise Refused("a connection outside a call")
-            gate = self.gates.get(id(obj))
-            if gate is None or gate[0] is not obj:
-                gate = self.gates[id(obj)] = (obj, Gate())
-                obj.set_authorizer(gate[1])  # once per connection and trial
+            # A view (the nemesis's connection) runs its own step before each statement, in
+            # the parent and outside the guard; the statement itself runs on the real one.
+            view = None if isinstance(obj, sqlite3.Connection) else obj
+            real = obj if view is None else view.connection
+            gate = self.gates.get(id(real))
+            if gate is None or gate[0] is not real:
+                gate = self.gates[id(real)] = (real, Gate())
+                real.set_authorizer(gate[1])  # once per connection and trial
             self.next_id += 1
-            obj = _Conn(obj, call, self.created, gate[1], self.next_id)
+            obj = _Conn(real, call, self.created, gate[1], self.next_id, view=view)
         hid = self.ids.get(id(obj))
         if hid is None:
             self.next_id += 1
@@ -599,7 +608,7 @@ class _Child:
             obj = self.handles.get(pid[1])
             if obj is None:
                 raise pickle.UnpicklingError("an object from an earlier run")
-            return obj.conn if isinstance(obj, _Conn) else obj
+            return obj.handed if isinstance(obj, _Conn) else obj
         if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "row":
             return tuple(pid[1])
         raise pickle.UnpicklingError("not a reference")
