@@ -447,6 +447,17 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
             reasons.append(f"{len(bad)} events were sent without a dedup id, or again with a"
                            f" different one (event {bad[0]}: {sorted(map(str, ids[bad[0]]))}):"
                            " an engine with producer dedup cannot drop the repeat")
+        # Each event must travel with its order's id (the row's correlation_id): the trace,
+        # the checker and every consumer's log find an order's deliveries by it.
+        owners = dict(s.store.execute("SELECT event_id, correlation_id FROM outbox"))
+        astray = sorted(e for e, c in wire.correlations.items()
+                        if e in owners and c != {owners[e]})
+        if astray:
+            reasons.append(f"{len(astray)} events were sent without their row's correlation id"
+                           f" (event {astray[0]}: sent with"
+                           f" {sorted(map(str, wire.correlations[astray[0]]))}, the row says"
+                           f" {owners[astray[0]]!r}): nothing downstream can tell which order"
+                           " a delivery belongs to")
         where = _faults_text(s, f"{ORDERS} orders in the outbox; sends lose their request"
                                 " 0.15 and their answer 0.15, and the relay dies right after"
                                 " a send 0.15; its process dies before or after a COMMIT 0.15"

@@ -179,7 +179,9 @@ class Wire:
         self._request, self._answer = request_lost, answer_lost
         self._crash = crash_after or {}
         self._tries: dict[tuple[str, str], int] = {}
-        self.sends: list[tuple[str, str | None]] = []   # (event id, dedup id) of each send
+        # (event id, dedup id) of each send, and the correlation id each send gave its event
+        self.sends: list[tuple[str, str | None]] = []
+        self.correlations: dict[str, set[str | None]] = {}
         self.settled: list[tuple[str, str, str]] = []   # (verb, event id, message id)
         self.history = History()  # what each verb met, per event, for the verdict's trace
         self.clock = getattr(broker, "clock", None)
@@ -241,6 +243,7 @@ class Wire:
              correlation_id: str | None = None, dedup_id: str | None = None) -> str:
         def act() -> str:
             self.sends.append((event_id, dedup_id))
+            self.correlations.setdefault(str(event_id), set()).add(correlation_id)
             return self._broker.send(event_id, type, payload, correlation_id=correlation_id,
                                      dedup_id=dedup_id)
 
