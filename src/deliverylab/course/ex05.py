@@ -455,7 +455,19 @@ def repair_item_unfenced(conn: sqlite3.Connection, item_id: str, now: float) -> 
 
 def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
     lab, faults, modes = _lab(seed)
-    caller = _Caller(lab, repair_item, lambda: None)
+    # Workers step between the repair's statements (outside its transaction, as another
+    # process would); what they change meanwhile is theirs, not the repair's.
+    step = _interleaver(lab, list(lab.workers))
+    moved: dict[str, int] = {}
+
+    def between() -> None:
+        was = {r[0]: r[2] for r in projection_vs_truth(lab.conn)}
+        step()
+        for r in projection_vs_truth(lab.conn):
+            if r[2] != was.get(r[0], 0):
+                moved[r[0]] = moved.get(r[0], 0) + r[2] - was.get(r[0], 0)
+
+    caller = _Caller(lab, repair_item, between)
     errors = caller.errors
     failures: list[str] = []
     suspects: list[str] = []
@@ -472,10 +484,12 @@ def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
         now = lab.clock.now()
         repaired.setdefault(now, item)
         before = {r[0]: r[2] for r in projection_vs_truth(lab.conn) if r[0] != item}
+        moved.clear()
         # The database is locked at one statement of the first repair (BEGIN on seeds 0, 3,
         # 6…): the job runs that repair again.
         caller(item, lock_at=seed % 3 if n == 0 else None)
-        after = {r[0]: r[2] for r in projection_vs_truth(lab.conn) if r[0] != item}
+        after = {r[0]: r[2] - moved.get(r[0], 0) for r in projection_vs_truth(lab.conn)
+                 if r[0] != item}
         touched = sorted(k for k in before.keys() | after.keys()
                          if before.get(k, 0) != after.get(k, 0))
         if touched and not failures:
