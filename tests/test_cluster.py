@@ -179,7 +179,7 @@ def test_the_cli_starts_a_cluster_that_another_process_stops(cluster_dir):
     (["start", "--base-port", "80"], "argument --base-port: must be an integer >= 1024"),
     (["start", "--base-port", "x"], "argument --base-port: must be an integer"),
     (["stop", "--dir", ""], "argument --dir: must be a file path"),
-    (["restart"], "argument action: invalid choice: 'restart'"),
+    (["reboot"], "argument action: invalid choice: 'reboot'"),
 ])
 def test_the_cli_names_a_bad_flag(tmp_path, args, message):
     done = deliverylab("cluster", *args)
