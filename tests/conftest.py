@@ -218,3 +218,26 @@ def client(db_file: Path) -> Iterator[Any]:
         from fastapi.testclient import TestClient
     with TestClient(create_app(db_file)) as c:
         yield c
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema on the test server (tests/pg.py), as a store URL; dropped afterwards."""
+    from pg import schema
+
+    with schema() as url:
+        yield url
+
+
+@pytest.fixture
+def gate() -> Iterator[Any]:
+    """A TCP proxy in front of the test server that can end, refuse or black-hole its own
+    connections (tests/pg_gate.py); stopped afterwards."""
+    from pg_gate import Gate
+
+    g = Gate()
+    try:
+        yield g
+    finally:
+        g.stop()

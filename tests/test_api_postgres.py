@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pg import schema
 from test_api import BAD_REQUESTS, post
 from test_lab_processes import Proc, cli, free_port, request
 
@@ -37,12 +36,6 @@ def counts(url: str) -> dict[str, int]:
     with pgstore.connect(url) as conn:
         return {**store.table_counts(conn),  # type: ignore[arg-type]
                 "outbox": conn.execute("SELECT count(*) FROM outbox").fetchone()[0]}
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with schema() as url:
-        yield url
 
 
 @pytest.fixture

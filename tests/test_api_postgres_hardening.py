@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from pg import SERVER, schema
-from pg_gate import Gate
 from test_api import post
 from test_api_postgres import _serve
 from test_lab_processes import HOST, cli, free_port, request
@@ -31,21 +30,6 @@ from deliverylab.engine.errors import InvalidInput
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*starlette.testclient")
     from fastapi.testclient import TestClient
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with schema() as url:
-        yield url
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    g = Gate()
-    try:
-        yield g
-    finally:
-        g.stop()
 
 
 def orders_in(url: str) -> dict[str, str]:

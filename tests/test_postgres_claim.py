@@ -16,7 +16,6 @@ from collections import Counter
 
 import pytest
 from helpers_proc import env
-from pg import schema
 
 from deliverylab.book.pgdemo import claim_race, race
 from deliverylab.brokers.postgres import CLAIM, NAIVE_CLAIM, PostgresBroker
@@ -26,12 +25,6 @@ NAIVE_BATCH_CLAIM = SQLiteBroker._CLAIM
 from deliverylab.engine import store_postgres as pgstore
 from deliverylab.engine.clock import FakeClock
 from deliverylab.engine.ids import Ids
-
-
-@pytest.fixture
-def pg_url():
-    with schema() as url:
-        yield url
 
 
 def _send(url: str, n: int) -> None:

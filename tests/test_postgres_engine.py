@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from pg import schema
 
 from deliverylab.brokers.postgres import PostgresBroker
 from deliverylab.engine import store as db
@@ -21,12 +20,6 @@ from deliverylab.engine.reconcile import repair
 from deliverylab.engine.worker import Worker
 
 ORDERS = 60
-
-
-@pytest.fixture
-def pg_url():
-    with schema() as url:
-        yield url
 
 
 class PgLab:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from pg import schema
 from pg_cluster import Cluster
 from pg_gate import Gate
 from test_api_postgres import _serve
@@ -29,21 +28,6 @@ from deliverylab.engine.check import check
 from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import place_order
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with schema() as url:
-        yield url
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    g = Gate()
-    try:
-        yield g
-    finally:
-        g.stop()
 
 
 def _place(url: str, n: int, start: int = 0) -> None:
