@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Protocol
 
 from .errors import InvalidInput
 
@@ -42,6 +44,49 @@ OUTBOX_TABLE = "outbox"
 # (json_each); STRICT tables came in 3.37.0, RETURNING (every claim) in 3.35.0, UPSERT in 3.24.0.
 MIN_SQLITE = (3, 38, 0)
 SQLITE_FEATURES = "the ->> operator and built-in JSON 3.38.0, STRICT tables 3.37.0, RETURNING 3.35.0"
+
+
+class Cursor(Protocol):
+    """What the engine reads from a statement's result, on either database: rows readable by
+    index and by column name (``row_factory = None`` on the cursor: plain tuples)."""
+
+    row_factory: Any
+
+    @property
+    def rowcount(self) -> int: ...
+
+    @property
+    def description(self) -> Any: ...
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Store(Protocol):
+    """A store's connection, as the engine uses it: a :class:`sqlite3.Connection` (this
+    module's :func:`connect`) or a PostgreSQL store's (``store_postgres.PgConnection``).
+
+    Autocommit, with explicit transactions (:class:`transaction`); the SQL is SQLite's
+    spelling, which the PostgreSQL store runs as written or translates without changing its
+    meaning. What differs between the two databases is not asked of the connection but of its
+    dialect (``deliverylab.engine.dialect.dialect_of``).
+    """
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor: ...
+
+    def cursor(self) -> Cursor: ...
+
+    def close(self) -> None: ...
 
 
 class SQLiteTooOld(RuntimeError):
