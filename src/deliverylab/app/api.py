@@ -47,8 +47,6 @@ import json
 import logging
 import os
 import re
-import socket
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -59,7 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -68,9 +65,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
-from ..brokers.postgres import PostgresBroker
-from ..brokers.sqlite import Queue
-from ..engine import store_postgres as pgstore
+from ..brokers.registry import table_broker
+from ..brokers.sqlite import SQLiteBroker
 from ..engine.clock import SystemClock
 from ..engine.display import escape_unprintable
 from ..engine.errors import (
@@ -92,14 +88,9 @@ from ..engine.orders import (
     place_order,
     validate_order,
 )
-from ..engine.store import (
-    SYNCHRONOUS_LEVELS,
-    check_schema,
-    check_synchronous,
-    connect,
-    is_busy,
-    require_outbox,
-)
+from ..engine.store import Store as StoreConnection
+from ..engine.store import check_schema, check_synchronous, require_outbox
+from ..engine.store_postgres import for_store
 from . import metrics
 from .status import collect, order_view, snapshot
 
@@ -314,44 +305,7 @@ class _Write:
     done: Future[PlacedOrder]
 
 
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-# PostgreSQL's synchronous_commit for each of the API's levels: ``on``, a commit waits for
-# its WAL flush (as SQLite's FULL); ``off``, it does not, and a crash of the server can lose
-# the last commits, never corrupt (closest to SQLite's NORMAL). EXTRA has no counterpart.
-PG_SYNCHRONOUS = {"FULL": "on", "NORMAL": "off"}
-# PostgreSQL's codes for a statement cut short by its timeout or a lock it could not get.
-PG_TIMEOUTS = ("57014", "55P03")
-# A unique index another transaction filled first (two API processes on one schema placing
-# the same order id or key at once); a deadlock or serialization failure between two batches,
-# which PostgreSQL resolves by aborting one; a write refused by a read-only server.
-PG_UNIQUE, PG_RETRY, PG_READ_ONLY = "23505", ("40P01", "40001"), "25006"
 MAX_RETRIES = 3
-
-
-def _timed_out(exc: BaseException) -> bool:
-    """Whether ``exc`` is the store giving up on a lock or a time budget: SQLite's busy
-    timeout, or PostgreSQL's ``statement_timeout`` / ``lock_timeout``."""
-    return is_busy(exc) or getattr(exc, "sqlstate", None) in PG_TIMEOUTS
-
-
-def _shut_down(conn: Any) -> bool:
-    """Shut the socket of a PostgreSQL connection down, under whatever thread waits on it
-    (``shutdown`` acts on the socket itself): that wait ends as a lost connection, and the
-    store opens a new one for the next statement. False when there was no socket left."""
-    try:
-        fd = conn.raw.pgconn.socket
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except (OSError, psycopg.Error):
-        return False
-    return True
 
 
 class Store:
@@ -370,36 +324,28 @@ class Store:
     def __init__(self, path: str | Path, *, synchronous: str = DEFAULT_SYNCHRONOUS,
                  write_budget: float = WRITE_BUDGET_S, outbox: bool = False) -> None:
         self.path = str(path)
-        self.postgres = pgstore.is_url(self.path)
-        if self.postgres and synchronous not in PG_SYNCHRONOUS:
-            raise InvalidInput("synchronous", synchronous.lower(), "full or normal on PostgreSQL")
+        self.dialect = for_store(self.path)
+        self.dialect.check_durability(synchronous)
         self.clock, self.ids = SystemClock(), Ids()
         self.write_budget = write_budget
         self._writer = self._connect(synchronous=synchronous)
         check_schema(self._writer)
         # The file this process writes to, to notice when the path stops leading to it.
-        self._identity = None if self.postgres else _identity(self.path)
+        self._identity = self.dialect.identity(self.path)
         # Read back, not assumed: what the connection that acknowledges orders really runs.
-        if self.postgres:
-            level = self._writer.execute("SHOW synchronous_commit").fetchone()[0]
-            self.synchronous = {v: k for k, v in PG_SYNCHRONOUS.items()}.get(level, level)
-        else:
-            level = self._writer.execute("PRAGMA synchronous").fetchone()[0]
-            self.synchronous = {v: k for k, v in SYNCHRONOUS_LEVELS.items()}.get(level,
-                                                                                 str(level))
+        self.synchronous = self.dialect.durability(self._writer)
         self.outbox = outbox
+        self.queue: SQLiteBroker | None = None
         if outbox:
             require_outbox(self._writer, "db")
-            self.queue = None
         else:
-            broker = PostgresBroker if self.postgres else Queue
-            self.queue = broker(self._writer, clock=self.clock, ids=self.ids)
+            self.queue = table_broker(self._writer, clock=self.clock, ids=self.ids)
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-write")
         self._jobs: deque[_Write] = deque()
         self.accepted = 0  # orders handed to the write thread
         self.commits = 0  # transactions committed by the write thread (orders share them)
         self._jobs_lock = threading.Lock()
-        self._idle: list[sqlite3.Connection] = []
+        self._idle: list[StoreConnection] = []
         self._pool_lock = threading.Lock()
         self._prober = self._connect(busy_timeout=HEALTH_LOCK_WAIT_S)
         self._probes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-health")
@@ -410,38 +356,17 @@ class Store:
 
     # -- the database -----------------------------------------------------------------------
     def _connect(self, *, synchronous: str = DEFAULT_SYNCHRONOUS,
-                 busy_timeout: float | None = None) -> Any:
-        """A connection to the store, with the commit durability asked for."""
-        if self.postgres:
-            conn = pgstore.connect(self.path)
-            # Session settings made with set() are made again when the connection is.
-            conn.set("synchronous_commit", PG_SYNCHRONOUS[synchronous])
-            if busy_timeout is not None:
-                conn.set("lock_timeout", max(1, int(busy_timeout * 1000)))
-            return conn
-        if busy_timeout is None:
-            return connect(self.path, synchronous=synchronous)
-        return connect(self.path, synchronous=synchronous, busy_timeout=busy_timeout)
-
-    def _wait_at_most(self, conn: Any, seconds: float) -> None:
-        """Bound the next write: SQLite's busy timeout, or on PostgreSQL a statement timeout
-        (row locks are waited for statement by statement; each is cut off at the bound)."""
-        ms = max(1, int(seconds * 1000))
-        if self.postgres:
-            conn.set("statement_timeout", ms)
-        else:
-            conn.execute(f"PRAGMA busy_timeout = {ms}")
+                 busy_timeout: float | None = None, again: bool = False) -> StoreConnection:
+        """A connection to the store, with the commit durability asked for. ``again``: the
+        store was open a moment ago, so a server away now is :class:`StoreUnavailable`."""
+        open_ = self.dialect.reconnect if again else self.dialect.connect
+        return open_(self.path, synchronous=synchronous, busy_timeout=busy_timeout)
 
     def file_state(self) -> str:
         """``ok``, ``deleted`` (nothing at the path: writes would go to a file that vanishes
         with this process) or ``replaced`` (another file at the path). A PostgreSQL store is
         no file: ``ok``."""
-        if self.postgres:
-            return "ok"
-        now = _identity(self.path)
-        if now is None:
-            return "deleted"
-        return "ok" if now == self._identity else "replaced"
+        return self.dialect.file_state(self.path, self._identity)
 
     def _file_gone(self) -> WriteRefused:
         return WriteRefused(f"the database file was {self.file_state()} while the API runs:"
@@ -491,7 +416,7 @@ class Store:
         server itself would enforce: shut its connection's socket down (``shutdown`` acts on
         the socket the thread waits on), so the wait ends as a lost connection, and the next
         write opens a new one. SQLite's waits are bounded by its busy timeout: nothing to do."""
-        if self.postgres and _shut_down(self._writer):
+        if self.dialect.cut(self._writer):
             log.warning("the database did not answer a write in time: its connection was"
                         " shut down, the next write opens a new one")
 
@@ -528,11 +453,11 @@ class Store:
         if isinstance(exc, StoreUnavailable):
             return WriteRefused(f"the database cannot be reached ({exc}); nothing was written,"
                                 " retry the same request: the API reconnects by itself")
-        if _timed_out(exc):  # a lock held past the budget: nothing written, retry
+        if self.dialect.timed_out(exc):  # a lock held past the budget: nothing written, retry
             return WriteRefused(f"the database stayed busy for {self.write_budget:g} s (a"
                                 " lock held by another connection); nothing was written,"
                                 " retry the same request")
-        if getattr(exc, "sqlstate", None) == PG_READ_ONLY:
+        if self.dialect.refuses_writes(exc):
             return WriteRefused("the database accepts no writes (a read-only server, such as"
                                 " a standby); nothing was written, retry the same request")
         return exc
@@ -553,10 +478,10 @@ class Store:
             # SQLite may wait for the lock until the earliest deadline in the batch; on a
             # timeout the orders past theirs are refused and the rest try again.
             try:
-                self._wait_at_most(conn, min(j.deadline for j in batch) - now)
+                self.dialect.wait_at_most(conn, min(j.deadline for j in batch) - now)
                 conn.execute("BEGIN IMMEDIATE")
             except STORE_ERRORS as exc:
-                if _timed_out(exc):
+                if self.dialect.timed_out(exc):
                     continue
                 if isinstance(exc, StoreUnavailable) and retries < MAX_RETRIES:
                     retries += 1  # a connection found dead: the next try opens a new one
@@ -574,7 +499,7 @@ class Store:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 if retries < MAX_RETRIES and (
-                        getattr(exc, "sqlstate", None) in PG_RETRY  # deadlocked with another
+                        self.dialect.must_retry(exc)  # deadlocked with another
                         or isinstance(exc, StoreUnavailable) and not committing):  # rolled back
                     retries += 1  # nothing was written: the whole batch again
                     continue
@@ -602,13 +527,13 @@ class Store:
                 placed = place_order(self.queue, store=conn, clock=self.clock, ids=self.ids,
                                      **job.order)
             except Exception as exc:  # noqa: BLE001 - this order's answer, not the batch's
-                state = getattr(exc, "sqlstate", None)
-                if _timed_out(exc) or isinstance(exc, StoreUnavailable) or \
-                        state in (*PG_RETRY, PG_READ_ONLY):
+                d = self.dialect
+                if d.timed_out(exc) or isinstance(exc, StoreUnavailable) or \
+                        d.must_retry(exc) or d.refuses_writes(exc):
                     raise
                 conn.execute("ROLLBACK TO one_order")
                 conn.execute("RELEASE one_order")
-                if state == PG_UNIQUE and attempt < MAX_RETRIES:
+                if d.lost_race(exc) and attempt < MAX_RETRIES:
                     # Another API process on the same schema committed this order id or key
                     # after this one looked: it is committed now, so placing again reads it
                     # and answers as one API would (a replay, or a 422).
@@ -620,17 +545,11 @@ class Store:
 
     # -- reads ------------------------------------------------------------------------------
     @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
+    def reading(self) -> Iterator[StoreConnection]:
         with self._pool_lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            try:
-                conn = self._connect()
-            except InvalidInput as exc:  # the server was there at start: it is away now
-                if not self.postgres:
-                    raise
-                raise pgstore.PgUnavailable(f"PostgreSQL cannot be reached ({exc.expected})"
-                                            ) from None
+            conn = self._connect(again=True)
         try:
             yield conn
         except StoreUnavailable:
@@ -677,38 +596,19 @@ class Store:
             return {"database": "unreachable", "writable": False,
                     "synchronous": self.synchronous}
         except STORE_ERRORS as exc:  # even a read waited past the probe's lock timeout
-            if not _timed_out(exc):
+            if not self.dialect.timed_out(exc):
                 raise
             return {"database": "locked", "writable": False, "synchronous": self.synchronous}
         return {"database": state, "writable": state == "ok", "orders": orders,
                 "synchronous": self.synchronous,
                 "events": "outbox" if self.outbox else "queue table"}
 
-    def _can_write(self, conn: Any) -> str:
-        """What a write would meet now: ``ok``, ``locked`` or (PostgreSQL) ``read-only``.
-        SQLite: take the write lock and give it back at once. PostgreSQL locks rows, and
-        tables: take, in a transaction rolled back at once, the lock an order's INSERTs take
-        on each table they write (ROW EXCLUSIVE), waiting no longer than the probe's
-        lock_timeout; a ``LOCK TABLE`` or a schema change elsewhere holds it up as it would
-        hold up the write. A server that takes no writes (a standby) is ``read-only``."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            if self.postgres:
-                if conn.execute("SHOW transaction_read_only").fetchone()[0] == "on":
-                    conn.execute("ROLLBACK")
-                    return "read-only"
-                events = "outbox" if self.outbox else "queue_messages"
-                conn.execute(f"LOCK TABLE orders, idempotency_keys, {events}"
-                             " IN ROW EXCLUSIVE MODE")
-            conn.execute("ROLLBACK")
-        except STORE_ERRORS as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if not _timed_out(exc) and not (isinstance(exc, sqlite3.OperationalError) and (
-                    "locked" in str(exc) or "busy" in str(exc))):
-                raise
-            return "locked"
-        return "ok"
+    def _can_write(self, conn: StoreConnection) -> str:
+        """What a write would meet now: ``ok``, ``locked`` or (PostgreSQL) ``read-only``,
+        asked of the database without writing (:meth:`Dialect.probe_write`), waiting no
+        longer than the probe's lock wait."""
+        events = "outbox" if self.outbox else "queue_messages"
+        return self.dialect.probe_write(conn, ("orders", "idempotency_keys", events))
 
     async def health(self) -> dict[str, Any]:
         """The database's state, from one probe shared by every caller that arrives while it
@@ -717,8 +617,8 @@ class Store:
             if self._probe is None or self._probe.done():
                 self._probe = self._probes.submit(self._check_health)
                 self._probe_started = time.monotonic()
-            elif self.postgres and time.monotonic() - self._probe_started > STUCK_S:
-                _shut_down(self._prober)  # a silent server: end the wait, probe anew
+            elif time.monotonic() - self._probe_started > STUCK_S:
+                self.dialect.cut(self._prober)  # a silent server: end the wait, probe anew
             probe = self._probe
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(probe)),
@@ -728,9 +628,8 @@ class Store:
                     "synchronous": self.synchronous}
 
     def close(self) -> None:
-        if self.postgres:  # a thread waiting on a silent server would hold the exit up
-            for conn in (self._writer, self._prober):
-                _shut_down(conn)
+        for conn in (self._writer, self._prober):  # a thread waiting on a silent server
+            self.dialect.cut(conn)  # would hold the exit up
         self._writes.shutdown(wait=True)
         self._probes.shutdown(wait=True)
         with self._pool_lock:

@@ -195,13 +195,9 @@ def db_label(args: argparse.Namespace) -> str:
 def broker_on(conn: Any, **kw: Any) -> Any:
     """The queue table in the store's own database: the broker written for that database
     (SQLite's claim would hand one message to two workers on PostgreSQL)."""
-    if getattr(conn, "dialect", "sqlite") == "postgresql":
-        from ..brokers.postgres import PostgresBroker
+    from ..brokers.registry import table_broker
 
-        return PostgresBroker(conn, **kw)
-    from ..brokers.sqlite import Queue
-
-    return Queue(conn, **kw)
+    return table_broker(conn, **kw)
 
 
 def store_flag(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..brokers.base import NO_MESSAGE_ID
 from ..engine.check import check, event_states, projection_vs_truth
 from ..engine.display import safe_text
-from ..engine.store import OUTBOX_TABLE, missing_tables
+from ..engine.store import OUTBOX_TABLE, dialect_of, missing_tables
 from ..engine.worker import CONSUMER
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     if conn.in_transaction:
         yield conn
         return
-    conn.execute("BEGIN")
+    dialect_of(conn).begin_snapshot(conn)
     try:
         yield conn
     finally:

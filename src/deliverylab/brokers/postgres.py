@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.store_postgres import PgConnection
+from ..engine.dialect import Dialect
+from ..engine.store_postgres import POSTGRESQL, PgConnection
 from .sqlite import _DELIVERY_COLUMNS, Queue
 
 # The claim, as on SQLite, plus the row lock: the subquery locks what it picks and skips what
@@ -58,13 +59,13 @@ class PostgresBroker(Queue):
     """The queue table in a PostgreSQL schema (a :class:`~deliverylab.engine.store_postgres.PgConnection`).
     Every verb but the claim and the batched ack runs the SQLite broker's own SQL."""
 
-    dialect = "postgresql"
+    dialect: Dialect = POSTGRESQL
     _CLAIM = CLAIM  # what the SQLite broker's receive runs, for a batch and for one
     _CLAIM_ONE = CLAIM
     _ACK_MANY = _ACK_MANY
 
     def __init__(self, conn: PgConnection, **kw: Any) -> None:
-        super().__init__(conn, **kw)  # type: ignore[arg-type]
+        super().__init__(conn, **kw)
 
 
 # The name the SQLite broker's alias (Queue) suggests.

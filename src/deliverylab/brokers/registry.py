@@ -1,7 +1,7 @@
 """Brokers by URL: what ``--broker`` names when the broker is not a database.
 
 A SQLite file or a ``postgresql://`` URL is a database, and its broker is the queue table in
-it (``deliverylab.app.cli.broker_on``). Any other engine is reached by a URL whose scheme names
+it (:func:`table_broker`). Any other engine is reached by a URL whose scheme names
 it, and :data:`ENGINES` is the one place that lists them: the CLI, chapter 7, the benchmark and
 the contract tests all read it, so an engine added here runs everywhere.
 
@@ -33,6 +33,8 @@ from ..engine.errors import InvalidInput
 
 if TYPE_CHECKING:
     from ..engine.broker import Broker, Capabilities
+    from ..engine.store import Store
+    from .sqlite import SQLiteBroker
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,19 @@ def open_broker(url: str, *, field: str = "broker", **kw: Any) -> Broker:
     if scheme is None:
         raise InvalidInput(field, url, f"a broker URL ({known_urls()})")
     return _module(_BY_SCHEME[scheme]).open_url(url, field=field, **kw)
+
+
+def table_broker(conn: Store, **kw: Any) -> SQLiteBroker:
+    """The queue table in the store ``conn`` opens, with the broker written for its database:
+    each names its dialect, and a claim is safe only on its own (SQLite's would hand one
+    message to two workers on PostgreSQL). ``kw``: clock, ids, max_receives, trace."""
+    from ..engine.store import dialect_of
+    from .postgres import PostgresBroker
+    from .sqlite import SQLiteBroker
+
+    dialect = dialect_of(conn)
+    found = next(b for b in (SQLiteBroker, PostgresBroker) if b.dialect is dialect)
+    return found(conn, **kw)
 
 
 def scratch_url(name: str, *, lease: float = 1.0, dedup_window: float | None = None,

@@ -16,13 +16,13 @@ Three rules keep it correct with several processes on one file:
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 from ..engine.clock import Clock
+from ..engine.dialect import Dialect
 from ..engine.errors import InvalidInput, check_int, check_number, check_text
 from ..engine.ids import Ids
-from ..engine.store import transaction
+from ..engine.store import SQLITE, Store, names_dialect, transaction
 from ..engine.trace import Outcome, lease_detail, log, log_delivery, log_many
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
@@ -61,21 +61,20 @@ class SQLiteBroker(Broker):
     # The database this broker's SQL is written for. Its claim is safe with SQLite's single
     # writer only: on a PostgreSQL connection it would hand one message to two workers, so a
     # connection of another database is refused (brokers/postgres.py is PostgreSQL's broker).
-    dialect = "sqlite"
+    dialect: Dialect = SQLITE
     # Leases are rows compared with the injected clock; on the store's own connection a verb
     # can commit with the effect.
     capabilities = Capabilities(joins_store=True)
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
+    def __init__(self, conn: Store, *, clock: Clock, ids: Ids,
                  max_receives: int = 5, trace: bool = True) -> None:
-        found = getattr(conn, "dialect",
-                        "sqlite" if isinstance(conn, sqlite3.Connection) else None)
+        found = names_dialect(conn)
         if found is None:
             raise InvalidInput("conn", conn, "a sqlite3 connection (deliverylab.engine.store)")
-        if found != self.dialect:
-            raise InvalidInput("conn", f"a {found} connection",
-                               f"a {self.dialect} connection for {type(self).__name__}"
-                               f" (a {found} store takes its own broker)")
+        if found is not self.dialect:
+            raise InvalidInput("conn", f"a {found.name} connection",
+                               f"a {self.dialect.name} connection for {type(self).__name__}"
+                               f" (a {found.name} store takes its own broker)")
         if not isinstance(trace, bool):
             raise InvalidInput("trace", trace, "True or False")
         self.conn = conn

@@ -25,11 +25,10 @@ event may move between *pending* and *correct* between the two reads.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .store import OUTBOX_TABLE, missing_tables
+from .store import OUTBOX_TABLE, Store, dialect_of, missing_tables
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,7 +65,7 @@ _EVENTS_SQL = APPLICATIONS_CTE + """
 """
 
 
-def _read_events(conn: sqlite3.Connection, broker: Broker | None,
+def _read_events(conn: Store, broker: Broker | None,
                  ) -> tuple[list[tuple[str, str, int, str, int, str]], tuple[int, int, int]]:
     """Every order's state, and the history of its repairs, from one read of the log."""
     if broker is None:
@@ -99,14 +98,14 @@ def _read_events(conn: sqlite3.Connection, broker: Broker | None,
     return out, (duplicated, extra, never)
 
 
-def event_states(conn: sqlite3.Connection, broker: Broker | None = None,
+def event_states(conn: Store, broker: Broker | None = None,
                  ) -> list[tuple[str, str, int, str, int, str]]:
     """(order_id, item_id, qty, event_id, applications, state) for every order; the queued
     and dead-lettered events are read from ``broker``, or from the queue tables on ``conn``."""
     return _read_events(conn, broker)[0]
 
 
-def projection_vs_truth(conn: sqlite3.Connection) -> list[tuple[str, int, int, int]]:
+def projection_vs_truth(conn: Store) -> list[tuple[str, int, int, int]]:
     """(item_id, truth, projection, delta) for every item in either, sorted by item."""
     rows = conn.execute("""
         WITH truth AS (SELECT item_id, sum(qty) AS qty FROM orders GROUP BY item_id),
@@ -188,13 +187,13 @@ class CheckResult:
         return d
 
 
-def check(conn: sqlite3.Connection, broker: Broker | None = None) -> CheckResult:
+def check(conn: Store, broker: Broker | None = None) -> CheckResult:
     """Compare what happened with the truth. Reads only, from one snapshot (a read
     transaction) of the store, so it is consistent while workers run; ``broker``: where the
     messages wait, when not in the queue tables on ``conn``."""
     own = not conn.in_transaction
     if own:
-        conn.execute("BEGIN")
+        dialect_of(conn).begin_snapshot(conn)
     try:
         events, history = _read_events(conn, broker)
         items = projection_vs_truth(conn)
@@ -218,13 +217,13 @@ def _orders(n: int) -> str:
     return f"{n} order" if n == 1 else f"{n} orders"
 
 
-def events_frame(conn: sqlite3.Connection, broker: Broker | None = None) -> pd.DataFrame:
+def events_frame(conn: Store, broker: Broker | None = None) -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame(event_states(conn, broker), columns=EVENT_COLUMNS)
 
 
-def drift_frame(conn: sqlite3.Connection) -> pd.DataFrame:
+def drift_frame(conn: Store) -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame(projection_vs_truth(conn),

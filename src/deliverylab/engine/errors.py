@@ -89,7 +89,8 @@ def check_int(field: str, value: Any, *, minimum: int | None = None,
         if maximum is not None:
             bounds.append(f"<= {maximum}")
         raise InvalidInput(field, value, "an integer" + (" " + " and ".join(bounds) if bounds else ""))
-    return value
+    checked: int = value
+    return checked
 
 
 def check_number(field: str, value: Any, *, minimum: float | None = None,
@@ -143,10 +144,10 @@ def check_id(field: str, value: Any, *, max_length: int = 100) -> str:
     Every id that enters the engine (order, item, event, correlation, idempotency key) goes
     through here, so whatever later prints or logs an id never prints a control sequence.
     """
-    check_text(field, value, max_length=max_length)
-    at = first_forbidden(value)
+    text = check_text(field, value, max_length=max_length)
+    at = first_forbidden(text)
     if at is not None:
-        code = f"U+{ord(value[at]):04X}"
-        raise InvalidInput(field, value, f"an id without control or invisible characters"
-                                         f" ({code} at index {at})")
-    return value
+        code = f"U+{ord(text[at]):04X}"
+        raise InvalidInput(field, text, f"an id without control or invisible characters"
+                                        f" ({code} at index {at})")
+    return text

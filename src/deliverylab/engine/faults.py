@@ -69,13 +69,15 @@ class Faults:
     def rate(self, point: str) -> float:
         if point not in FAULT_POINTS:
             raise InvalidInput("fault point", point, f"one of {', '.join(FAULT_POINTS)}")
-        return getattr(self, point)
+        rate: float = getattr(self, point)
+        return rate
 
     def uniform(self, *key: object) -> float:
         """A number in [0, 1) fixed by the seed and ``key``."""
         digest = hashlib.blake2b("|".join(map(str, key)).encode(), key=self._key,
                                  digest_size=8).digest()
-        return struct.unpack(">Q", digest)[0] / 2**64
+        number: int = struct.unpack(">Q", digest)[0]
+        return number / 2**64
 
     def fires(self, point: str, event_id: str, delivery_count: int) -> bool:
         rate = self._rates.get(point)  # asked several times per message: keep it cheap
@@ -91,7 +93,7 @@ class Faults:
         https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/
         """
         check_int("attempt", attempt, minimum=0)
-        ceiling = min(cap, base * 2 ** min(attempt, 62))
+        ceiling: float = min(cap, base * 2 ** min(attempt, 62))
         return round(self.uniform("backoff", event_id, attempt) * ceiling, 6)
 
 

@@ -29,7 +29,7 @@ from .broker import Broker, encode_payload
 from .clock import Clock
 from .errors import InvalidInput, OrderConflict, check_id, check_int
 from .ids import Ids
-from .store import is_store, require_outbox, transaction
+from .store import Store, is_store, require_outbox, transaction
 
 EVENT_TYPE = "OrderPlaced"
 MAX_QTY = 10_000
@@ -87,7 +87,7 @@ def key_fingerprint(item_id: str, qty: int, order_id: str | None) -> str:
 
 def place_order(queue: Broker | None, *, item_id: str, qty: int, order_id: str | None = None,
                 idempotency_key: str | None = None,
-                store: sqlite3.Connection | None = None, clock: Clock | None = None,
+                store: Store | None = None, clock: Clock | None = None,
                 ids: Ids | None = None) -> PlacedOrder:
     """Write the order and its ``OrderPlaced`` event in one transaction.
 
@@ -133,7 +133,7 @@ def place_order(queue: Broker | None, *, item_id: str, qty: int, order_id: str |
     return placed
 
 
-def _replay_key(conn: sqlite3.Connection, key: str, fingerprint: str, digest: str,
+def _replay_key(conn: Store, key: str, fingerprint: str, digest: str,
                 order_id: str | None) -> PlacedOrder | None:
     """The first answer for ``key`` when the request is the same, None for a new key."""
     row = conn.execute("SELECT * FROM idempotency_keys WHERE key = ?", (key,)).fetchone()
@@ -153,7 +153,7 @@ def _replay_key(conn: sqlite3.Connection, key: str, fingerprint: str, digest: st
     return PlacedOrder(old["order_id"], old["event_id"], created=False, key_first_created=True)
 
 
-def _place(conn: sqlite3.Connection, queue: Broker | None, clock: Clock, ids: Ids,
+def _place(conn: Store, queue: Broker | None, clock: Clock, ids: Ids,
            digest: str, item_id: str, qty: int, order_id: str | None,
            idempotency_key: str | None) -> PlacedOrder:
     """Inside the caller's transaction: replay the order ``order_id`` or write a new one, its
@@ -184,12 +184,12 @@ def _place(conn: sqlite3.Connection, queue: Broker | None, clock: Clock, ids: Id
     return PlacedOrder(order_id, event_id, created=True)
 
 
-def get_order(conn: sqlite3.Connection, order_id: str) -> Order | None:
+def get_order(conn: Store, order_id: str) -> Order | None:
     row = conn.execute("SELECT * FROM orders WHERE order_id = ?", (order_id,)).fetchone()
     return Order.from_row(row) if row is not None else None
 
 
-def list_orders(conn: sqlite3.Connection, *, limit: int = 100, offset: int = 0) -> list[Order]:
+def list_orders(conn: Store, *, limit: int = 100, offset: int = 0) -> list[Order]:
     check_int("limit", limit, minimum=1, maximum=10_000)
     check_int("offset", offset, minimum=0)
     rows = conn.execute("SELECT * FROM orders ORDER BY created_at, order_id LIMIT ? OFFSET ?",

@@ -14,9 +14,10 @@ as ``fenced`` and acknowledges it as usual. Why that is enough, for any interlea
 * Both transactions take SQLite's write lock up front, so a worker's effect commits either
   wholly before the repair or wholly after it; a read inside a write transaction sees every
   commit before it. The whole argument rests on this ordering. PostgreSQL has no such lock, so
-  there the repair takes one (``LOCK TABLE reconciled_events IN ACCESS EXCLUSIVE MODE``, in
-  :func:`repair`); without it, at READ COMMITTED, an effect that read the fence before the
-  repair committed applies on top of the rebuild (``deliverylab.book.pgdemo.repair_race``).
+  there the repair takes one (``LOCK TABLE reconciled_events IN ACCESS EXCLUSIVE MODE``, the
+  dialect's ``lock_for_repair``); without it, at READ COMMITTED, an effect that read the fence
+  before the repair committed applies on top of the rebuild
+  (``deliverylab.book.pgdemo.repair_race``).
 * An effect that committed **before** the repair is overwritten: the rebuild replaces the
   projection with the sum over ``orders``, which counts that order once.
 * An effect that would commit **after** the repair reads the fence row the repair committed,
@@ -43,14 +44,13 @@ statements for ten orders or a hundred thousand.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .check import APPLICATIONS_CTE, drift_frame, event_states
 from .clock import Clock
 from .errors import check_text
-from .store import check_schema, transaction
+from .store import Store, check_schema, dialect_of, transaction
 from .trace import Outcome
 from .worker import CONSUMER
 
@@ -67,10 +67,10 @@ class Drift:
 
     @property
     def clean(self) -> bool:
-        return self.items.empty and self.unapplied.empty
+        return bool(self.items.empty and self.unapplied.empty)
 
 
-def diff(conn: sqlite3.Connection, broker: Broker | None = None) -> Drift:
+def diff(conn: Store, broker: Broker | None = None) -> Drift:
     """The drift, read-only: items whose projection differs from the truth, and the events
     never applied (lost, dead-lettered, or still pending in the queue tables on ``conn`` or
     in ``broker``). The repair itself needs no broker: it reads and writes the store only."""
@@ -120,7 +120,7 @@ _LOG_RECOUNTED = ("INSERT INTO delivery_log (at, worker, correlation_id, event_i
 """)
 
 
-def repair(conn: sqlite3.Connection, *, clock: Clock, consumer: str = CONSUMER,
+def repair(conn: Store, *, clock: Clock, consumer: str = CONSUMER,
            worker: str = "reconcile") -> RepairResult:
     """Rebuild the projection from ``orders`` and fence every order's event, in one
     transaction. Safe to run while workers of any mode run; running it twice changes nothing
@@ -129,13 +129,9 @@ def repair(conn: sqlite3.Connection, *, clock: Clock, consumer: str = CONSUMER,
     check_text("worker", worker)
     check_schema(conn)  # before any write: without the fence table no mode is protected
     with transaction(conn):
-        if getattr(conn, "dialect", "sqlite") == "postgresql":
-            # PostgreSQL has no database-wide write lock to order the repair against the
-            # workers' effects. Every effect reads the fence table inside its transaction, and
-            # holds that read's lock (ACCESS SHARE) until it commits; this lock waits for those
-            # transactions to end and makes every later read of the fence wait for the repair.
-            # So, as on SQLite, an effect commits wholly before the repair or reads its fence.
-            conn.execute("LOCK TABLE reconciled_events IN ACCESS EXCLUSIVE MODE")
+        # SQLite's BEGIN IMMEDIATE already orders the repair against every effect; PostgreSQL
+        # locks the fence table for it (``LOCK TABLE … IN ACCESS EXCLUSIVE MODE``).
+        dialect_of(conn).lock_for_repair(conn)
         changed = conn.execute(_CHANGED).fetchone()[0]
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"

@@ -55,7 +55,7 @@ from .errors import (
     check_number,
 )
 from .faults import Faults
-from .store import is_store, require_outbox, transaction
+from .store import Store, is_store, require_outbox, transaction
 
 CRASH_AFTER_PUBLISH = "crash_after_publish"  # the relay's fault point
 CRASH_EXIT_STATUS = 70  # as the worker's --crash-exits: EX_SOFTWARE
@@ -92,9 +92,10 @@ class RelayStats:
         return asdict(self)
 
 
-def unsent(conn: sqlite3.Connection) -> int:
+def unsent(conn: Store) -> int:
     """How many outbox rows wait for the relay."""
-    return conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
+    n: int = conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
+    return n
 
 
 class Relay:
@@ -105,7 +106,7 @@ class Relay:
     the step. ``echo`` receives one line per publish, crash and mark (the CLI prints them).
     """
 
-    def __init__(self, store: sqlite3.Connection, broker: Broker, *, clock: Clock,
+    def __init__(self, store: Store, broker: Broker, *, clock: Clock,
                  crash_after_publish: float = 0.0, seed: int = 0, crash_exits: bool = False,
                  name: str = "relay", echo: Callable[[str], None] | None = None,
                  backoff_base: float = 0.05, backoff_cap: float = 2.0) -> None:

@@ -20,12 +20,11 @@ told ``force=True``.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 from .clock import Clock
 from .errors import InvalidInput, check_number, check_text
-from .store import transaction
+from .store import Store, transaction
 from .worker import Worker
 
 DAY = 86_400.0
@@ -99,7 +98,7 @@ def horizon_of(worker: Worker, *, max_wait: float = 0.0, redrive_window: float =
                          redrive_window=redrive_window, replay_window=replay_window)
 
 
-def prune_inbox(conn: sqlite3.Connection, *, older_than: float, horizon: Horizon,
+def prune_inbox(conn: Store, *, older_than: float, horizon: Horizon,
                 clock: Clock, consumer: str | None = None, force: bool = False) -> int:
     """Delete inbox rows processed more than ``older_than`` seconds ago (of ``consumer``, or
     of every consumer); returns how many.
@@ -130,7 +129,7 @@ def prune_inbox(conn: sqlite3.Connection, *, older_than: float, horizon: Horizon
         return cur.rowcount
 
 
-def expire_dead_letters(conn: sqlite3.Connection, *, older_than: float, clock: Clock) -> int:
+def expire_dead_letters(conn: Store, *, older_than: float, clock: Clock) -> int:
     """Delete dead letters parked more than ``older_than`` seconds ago; returns how many.
 
     This is what makes a redrive window a promise rather than a hope: a dead letter older than
@@ -142,5 +141,6 @@ def expire_dead_letters(conn: sqlite3.Connection, *, older_than: float, clock: C
                             (clock.now() - older_than,)).rowcount
 
 
-def inbox_rows(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM inbox_processed").fetchone()[0]
+def inbox_rows(conn: Store) -> int:
+    n: int = conn.execute("SELECT count(*) FROM inbox_processed").fetchone()[0]
+    return n

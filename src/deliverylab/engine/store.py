@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, TypeGuard
 
+from .dialect import DIALECTS, Dialect, FileIdentity, register
+from .dialect import Cursor as Cursor  # the store's types, named here: store.Store
+from .dialect import Store as Store
 from .errors import InvalidInput
 
 BUSY_TIMEOUT_S = 30.0
@@ -46,49 +48,6 @@ MIN_SQLITE = (3, 38, 0)
 SQLITE_FEATURES = "the ->> operator and built-in JSON 3.38.0, STRICT tables 3.37.0, RETURNING 3.35.0"
 
 
-class Cursor(Protocol):
-    """What the engine reads from a statement's result, on either database: rows readable by
-    index and by column name (``row_factory = None`` on the cursor: plain tuples)."""
-
-    row_factory: Any
-
-    @property
-    def rowcount(self) -> int: ...
-
-    @property
-    def description(self) -> Any: ...
-
-    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-    def __iter__(self) -> Iterator[Any]: ...
-
-
-class Store(Protocol):
-    """A store's connection, as the engine uses it: a :class:`sqlite3.Connection` (this
-    module's :func:`connect`) or a PostgreSQL store's (``store_postgres.PgConnection``).
-
-    Autocommit, with explicit transactions (:class:`transaction`); the SQL is SQLite's
-    spelling, which the PostgreSQL store runs as written or translates without changing its
-    meaning. What differs between the two databases is not asked of the connection but of its
-    dialect (``deliverylab.engine.dialect.dialect_of``).
-    """
-
-    @property
-    def in_transaction(self) -> bool: ...
-
-    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
-
-    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor: ...
-
-    def cursor(self) -> Cursor: ...
-
-    def close(self) -> None: ...
-
-
 class SQLiteTooOld(RuntimeError):
     """The SQLite library Python is linked against predates what the schema needs."""
 
@@ -110,11 +69,11 @@ def check_sqlite_version(found: tuple[int, ...] | None = None) -> None:
         raise SQLiteTooOld(version)
 
 
-def is_store(value: object) -> bool:
+def is_store(value: object) -> TypeGuard[Store]:
     """Whether ``value`` is a store's connection: sqlite3's, or the PostgreSQL store's
     (``store_postgres.PgConnection``, which has the part of sqlite3's interface the engine
     uses and names its ``dialect``)."""
-    return isinstance(value, sqlite3.Connection) or getattr(value, "dialect", None) == "postgresql"
+    return names_dialect(value) is not None and callable(getattr(value, "execute", None))
 
 
 def schema_sql() -> str:
@@ -200,17 +159,13 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def missing_tables(conn: sqlite3.Connection,
-                   tables: tuple[str, ...] = TABLES) -> list[str]:
-    """The deliverylab tables the file does not have (all of them: not a lab database; some,
+def missing_tables(conn: Store, tables: tuple[str, ...] = TABLES) -> list[str]:
+    """The deliverylab tables the store does not have (all of them: not a lab database; some,
     with ``orders`` present: made by an older version, and ``init_db`` adds them)."""
-    if getattr(conn, "dialect", "sqlite") == "postgresql":  # a PostgreSQL store
-        return conn.missing_tables(tables)  # type: ignore[attr-defined]
-    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return [t for t in tables if t not in have]
+    return dialect_of(conn).missing_tables(conn, tables)
 
 
-def require_outbox(conn: sqlite3.Connection, field: str = "store") -> None:
+def require_outbox(conn: Store, field: str = "store") -> None:
     """:class:`InvalidInput` naming ``field`` when the store has no outbox table (a database
     made before it), instead of "no such table" from inside a transaction."""
     if missing_tables(conn, (OUTBOX_TABLE,)):
@@ -220,7 +175,7 @@ def require_outbox(conn: sqlite3.Connection, field: str = "store") -> None:
                            " the data is kept)")
 
 
-def check_schema(conn: sqlite3.Connection) -> None:
+def check_schema(conn: Store) -> None:
     """Fail with a clear message when the file is not a deliverylab database."""
     missing = missing_tables(conn)
     if missing:
@@ -240,11 +195,11 @@ class transaction:  # noqa: N801 - used like a function: ``with transaction(conn
 
     __slots__ = ("conn", "owner")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Store) -> None:
         self.conn = conn
         self.owner = False
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> Store:
         if not self.conn.in_transaction:
             self.conn.execute("BEGIN IMMEDIATE")
             self.owner = True
@@ -260,11 +215,11 @@ class transaction:  # noqa: N801 - used like a function: ``with transaction(conn
             self.conn.execute("ROLLBACK")
 
 
-def table_counts(conn: sqlite3.Connection) -> dict[str, int]:
+def table_counts(conn: Store) -> dict[str, int]:
     return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
-def dump(conn: sqlite3.Connection) -> str:
+def dump(conn: Store) -> str:
     """Every row of every table as text in a fixed order, to compare two runs byte for byte."""
     out = []
     for t in TABLES:
@@ -274,22 +229,102 @@ def dump(conn: sqlite3.Connection) -> str:
     return "\n".join(out)
 
 
-# -- errors worth a sentence, and files that cannot be written ---------------------------------
-_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended ones add high bits)
+# -- the dialect ---------------------------------------------------------------------------------
+class SQLiteDialect(Dialect):
+    """SQLite: one writer at a time, durability by ``PRAGMA synchronous``, a WAL snapshot
+    per read transaction, and a file that can be deleted or replaced under a process."""
+
+    name = "sqlite"
+    durabilities = ("NORMAL", "FULL", "EXTRA")
+    _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended add high bits)
+
+    def connect(self, where: str | Path, *, synchronous: str | None = None,
+                busy_timeout: float | None = None, must_exist: bool = True,
+                field: str = "db") -> Store:
+        kw: dict[str, Any] = {"must_exist": must_exist}
+        if synchronous is not None:
+            kw["synchronous"] = synchronous
+        if busy_timeout is not None:
+            kw["busy_timeout"] = busy_timeout
+        return connect(where, **kw)
+
+    def init_db(self, where: str | Path, *, field: str = "db") -> Store:
+        return init_db(where)
+
+    def missing_tables(self, conn: Store, tables: tuple[str, ...]) -> list[str]:
+        have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return [t for t in tables if t not in have]
+
+    def durability(self, conn: Store) -> str:
+        level = conn.execute("PRAGMA synchronous").fetchone()[0]
+        return {v: k for k, v in SYNCHRONOUS_LEVELS.items()}.get(level, str(level))
+
+    def wait_at_most(self, conn: Store, seconds: float) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}")
+
+    def begin_snapshot(self, conn: Store) -> None:
+        # A deferred transaction: its first read fixes the WAL snapshot the rest see.
+        conn.execute("BEGIN")
+
+    def lock_for_repair(self, conn: Store) -> None:
+        pass  # the repair's BEGIN IMMEDIATE holds the database's only write lock
+
+    def _probe_write(self, conn: Store, tables: tuple[str, ...]) -> str:
+        conn.execute("BEGIN IMMEDIATE")  # the write lock, given back at once
+        conn.execute("ROLLBACK")
+        return "ok"
+
+    def _probe_locked(self, exc: BaseException) -> bool:
+        return self.timed_out(exc) or isinstance(exc, sqlite3.OperationalError) and (
+            "locked" in str(exc) or "busy" in str(exc))
+
+    def is_locked(self, exc: BaseException) -> bool:
+        if not isinstance(exc, sqlite3.OperationalError):
+            return False
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in self._BUSY_CODES
+        return "locked" in str(exc) or "busy" in str(exc)
+
+    def identity(self, where: str | Path) -> FileIdentity | None:
+        try:
+            st = os.stat(where)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def file_state(self, where: str | Path, identity: FileIdentity | None) -> str:
+        now = self.identity(where)
+        if now is None:
+            return "deleted"
+        return "ok" if now == identity else "replaced"
+
+
+SQLITE = register(SQLiteDialect())
+
+
+def dialect_of(conn: object) -> Dialect:
+    """The dialect of a store's connection: the one it names (``dialect``), else SQLite's
+    (a :class:`sqlite3.Connection`, or a wrapper of one that names none)."""
+    found = getattr(conn, "dialect", None)
+    return found if isinstance(found, Dialect) else SQLITE
+
+
+def names_dialect(conn: object) -> Dialect | None:
+    """The dialect ``conn`` is a connection of, or None when it is no store's connection."""
+    if isinstance(conn, sqlite3.Connection):
+        return SQLITE
+    found = getattr(conn, "dialect", None)
+    return found if isinstance(found, Dialect) else None
 
 
 def is_busy(exc: BaseException) -> bool:
-    """Whether ``exc`` is SQLite giving up on a lock: another connection held the write lock
-    for longer than this connection's busy timeout ("database is locked"); or PostgreSQL
-    giving up on one after its ``lock_timeout`` (SQLSTATE 55P03, lock_not_available)."""
-    if getattr(exc, "sqlstate", None) == "55P03":
-        return True
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _BUSY_CODES
-    return "locked" in str(exc) or "busy" in str(exc)
+    """Whether ``exc`` is a store giving up on a lock, on any database: SQLite's busy timeout
+    ("database is locked"), PostgreSQL's ``lock_timeout`` (SQLSTATE 55P03)."""
+    return any(d.is_locked(exc) for d in DIALECTS.values())
+
+
+# -- errors worth a sentence, and files that cannot be written ---------------------------------
 
 
 def is_read_only_error(exc: BaseException) -> bool:

@@ -1,21 +1,24 @@
-"""The PostgreSQL store: a connection the engine drives exactly as it drives SQLite's.
+"""The PostgreSQL store: a psycopg connection with the part of :class:`sqlite3.Connection`'s
+interface the engine uses, so one engine drives both (``engine.store.Store``).
 
-The engine's SQL is written once, in the subset both databases share (UPSERT ``ON CONFLICT``,
-``INSERT … ON CONFLICT DO NOTHING`` and its rowcount, ``RETURNING``, savepoints). What the two
-spell differently is translated here, once per statement text:
+The engine's SQL is written once, in the subset both databases share and mean the same by
+(UPSERT ``ON CONFLICT``, ``INSERT … ON CONFLICT DO NOTHING`` and its rowcount, ``RETURNING``,
+savepoints). Where the two differ in what a statement does, the SQL is the dialect's own
+(``engine/dialect.py``: a snapshot read, the repair's lock, the queue's claim). What is left
+is spelling, translated here once per statement text without changing its meaning:
 
 * parameters: sqlite3's ``?``, ``?1`` and ``:name`` become psycopg's ``%s`` / ``%(name)s``;
-* ``BEGIN IMMEDIATE`` (take SQLite's write lock up front) is a plain ``BEGIN``: PostgreSQL
-  locks rows, not the database, so there is no lock to take early; a plain ``BEGIN``, which
-  the engine's readers (the checker, status) use to read one snapshot, is ``REPEATABLE READ``
-  (under READ COMMITTED every statement would see a newer snapshot);
+* ``BEGIN IMMEDIATE`` (a write transaction, which SQLite starts by taking its write lock) is
+  a plain ``BEGIN``: PostgreSQL locks rows, not the database, so there is no lock to take
+  up front. Every other statement, a plain ``BEGIN`` included, runs as written: a
+  transaction at READ COMMITTED, PostgreSQL's default. A reader that needs one snapshot asks
+  its dialect (``begin_snapshot``: ``REPEATABLE READ``);
 * ``json_each(param)``, the engine's way to pass a list as one parameter, becomes
   ``json_array_elements_text``, whose rows have the same ``value`` column.
 
-:class:`PgConnection` has the part of :class:`sqlite3.Connection` the engine uses (``execute``,
-``executemany``, ``cursor``, ``in_transaction``, rows readable by name and by index), in
-autocommit mode with explicit ``BEGIN``/``COMMIT``, as the SQLite connections are opened with
-``isolation_level=None``. Transactions run at READ COMMITTED, PostgreSQL's default.
+:class:`PgConnection` has ``execute``, ``executemany``, ``cursor``, ``in_transaction`` and
+rows readable by name and by index, in autocommit mode with explicit ``BEGIN``/``COMMIT``, as
+the SQLite connections are opened with ``isolation_level=None``.
 
 Where a store lives: a libpq URL whose ``options`` set the ``search_path`` to the lab's own
 schema, e.g. ``postgresql://127.0.0.1/test?options=-csearch_path%3Ddl_demo``. The same URL works
@@ -25,19 +28,24 @@ with ``psql``. Every lab gets its own schema, so labs and tests share one server
 from __future__ import annotations
 
 import functools
+import os
 import re
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from importlib import resources
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import psycopg
 
+from .dialect import Dialect, register
 from .errors import InvalidInput, StoreError, StoreUnavailable
+from .store import SQLITE, TABLES, Cursor, Store, _statements, transaction
 
-URL_SCHEMES = ("postgresql", "postgres")
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+URL_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 5
 
 
@@ -76,7 +84,7 @@ def schema_of(url: str, field: str = "db") -> str:
     if not found:
         raise InvalidInput(field, url, "a postgresql:// URL naming its schema, e.g."
                            " postgresql://127.0.0.1/test?options=-csearch_path%3Ddl_demo")
-    schema = found[0]
+    schema: str = found[0]
     if not SCHEMA_RE.fullmatch(schema):
         raise InvalidInput(field, url, "a schema name of lower-case letters, digits and _")
     return schema
@@ -90,14 +98,142 @@ def url_for(base: str, schema: str) -> str:
     return f"{base}{sep}options=-csearch_path%3D{schema}"
 
 
+# -- the dialect ---------------------------------------------------------------------------------
+# PostgreSQL's synchronous_commit for each durability: ``on``, a commit waits for its WAL
+# flush (as SQLite's FULL); ``off``, it does not, and a crash of the server can lose the last
+# commits, never corrupt (closest to SQLite's NORMAL). EXTRA has no counterpart.
+PG_SYNCHRONOUS = {"FULL": "on", "NORMAL": "off"}
+# SQLSTATEs: a lock not had within lock_timeout; a statement cut off by statement_timeout; a
+# unique index another transaction filled first; a deadlock or a serialization failure, which
+# PostgreSQL resolves by aborting one transaction; a write refused by a read-only server.
+PG_LOCK_NOT_AVAILABLE, PG_QUERY_CANCELED = "55P03", "57014"
+PG_UNIQUE, PG_RETRY, PG_READ_ONLY = "23505", ("40P01", "40001"), "25006"
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL: row locks, durability by ``synchronous_commit``, a snapshot by asking for
+    ``REPEATABLE READ``, SQLSTATEs for what failed, and a server that can go away."""
+
+    name = "postgresql"
+    durabilities = tuple(PG_SYNCHRONOUS)
+
+    def connect(self, where: str | Path, *, synchronous: str | None = None,
+                busy_timeout: float | None = None, must_exist: bool = True,
+                field: str = "db") -> Store:
+        conn = connect(str(where), field=field, must_exist=must_exist)
+        try:
+            # Session settings made with set() are made again when the connection is.
+            if synchronous is not None:
+                conn.set("synchronous_commit",
+                         PG_SYNCHRONOUS[self.check_durability(synchronous)])
+            if busy_timeout is not None:
+                conn.set("lock_timeout", max(1, int(busy_timeout * 1000)))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def reconnect(self, where: str | Path, **kw: Any) -> Store:
+        try:
+            return self.connect(where, **kw)
+        except InvalidInput as exc:  # the server was there a moment ago: it is away now
+            raise PgUnavailable(f"PostgreSQL cannot be reached ({exc.expected})") from None
+
+    def init_db(self, where: str | Path, *, field: str = "db") -> Store:
+        return init_db(str(where), field=field)
+
+    def missing_tables(self, conn: Store, tables: tuple[str, ...]) -> list[str]:
+        return missing_tables(_pg(conn), tables)
+
+    def durability(self, conn: Store) -> str:
+        level = str(conn.execute("SHOW synchronous_commit").fetchone()[0])
+        return {v: k for k, v in PG_SYNCHRONOUS.items()}.get(level, level)
+
+    def wait_at_most(self, conn: Store, seconds: float) -> None:
+        # Row locks are waited for statement by statement: each is cut off at the bound.
+        _pg(conn).set("statement_timeout", max(1, int(seconds * 1000)))
+
+    def begin_snapshot(self, conn: Store) -> None:
+        # Under READ COMMITTED every statement would see a newer snapshot.
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+
+    def lock_for_repair(self, conn: Store) -> None:
+        # PostgreSQL has no database-wide write lock to order the repair against the
+        # workers' effects. Every effect reads the fence table inside its transaction, and
+        # holds that read's lock (ACCESS SHARE) until it commits; this lock waits for those
+        # transactions to end and makes every later read of the fence wait for the repair.
+        # So, as on SQLite, an effect commits wholly before the repair or reads its fence.
+        conn.execute("LOCK TABLE reconciled_events IN ACCESS EXCLUSIVE MODE")
+
+    def _probe_write(self, conn: Store, tables: tuple[str, ...]) -> str:
+        # Take, in a transaction rolled back at once, the lock a write's INSERTs take on each
+        # table they write (ROW EXCLUSIVE), waiting no longer than the connection's
+        # lock_timeout: a LOCK TABLE or a schema change elsewhere holds it up as it would
+        # hold up the write.
+        conn.execute("BEGIN")
+        if conn.execute("SHOW transaction_read_only").fetchone()[0] == "on":
+            conn.execute("ROLLBACK")
+            return "read-only"
+        conn.execute(f"LOCK TABLE {', '.join(tables)} IN ROW EXCLUSIVE MODE")
+        conn.execute("ROLLBACK")
+        return "ok"
+
+    def is_locked(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) == PG_LOCK_NOT_AVAILABLE
+
+    def timed_out(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) in (PG_LOCK_NOT_AVAILABLE, PG_QUERY_CANCELED)
+
+    def lost_race(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) == PG_UNIQUE
+
+    def must_retry(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) in PG_RETRY
+
+    def refuses_writes(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) == PG_READ_ONLY
+
+    def cut(self, conn: Store) -> bool:
+        """Shut the connection's socket down (``shutdown`` acts on the socket itself, under
+        the thread waiting on it): the wait ends as a lost connection, and the store opens a
+        new one for the next statement. False when there was no socket left."""
+        try:
+            fd = _pg(conn).raw.pgconn.socket
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, psycopg.Error):
+            return False
+        return True
+
+
+def _pg(conn: Store) -> PgConnection:
+    """``conn`` as the PostgreSQL store's connection it is (``store_postgres.PgConnection``,
+    or a wrapper that passes its attributes through)."""
+    return cast("PgConnection", conn)
+
+
+POSTGRESQL = register(PostgresDialect())
+
+
+def for_store(where: object) -> Dialect:
+    """The dialect of the store ``where`` names: PostgreSQL's for a ``postgresql://`` URL,
+    else SQLite's (a file)."""
+    return POSTGRESQL if is_url(where) else SQLITE
+
+
 # -- the sqlite3-shaped connection --------------------------------------------------------------
-class Row(tuple):
+class Row(tuple[Any, ...]):
     """A result row readable by index and by column name, like :class:`sqlite3.Row`."""
 
     __slots__ = ()
     _names: dict[str, int] = {}
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return tuple.__getitem__(self, self._names[key])
         return tuple.__getitem__(self, key)
@@ -144,11 +280,8 @@ def translate(sql: str) -> tuple[str, tuple[int, ...] | None]:
         return "%%"
 
     out = _TOKEN.sub(sub, sql)
-    begin = out.strip().upper()
-    if begin == "BEGIN IMMEDIATE":  # a write transaction: row locks, READ COMMITTED
+    if out.strip().upper() == "BEGIN IMMEDIATE":  # a write transaction: row locks, READ COMMITTED
         out = "BEGIN"
-    elif begin == "BEGIN":  # SQLite's deferred transaction, which readers use for a snapshot
-        out = "BEGIN ISOLATION LEVEL REPEATABLE READ"
     out = _JSON_EACH.sub(r"json_array_elements_text(CAST(\1 AS json)) AS value", out)
     return out, (tuple(sorted(set(numbered))) if numbered else None)
 
@@ -223,7 +356,8 @@ class PgCursor:
 
     @property
     def rowcount(self) -> int:
-        return self._cur.rowcount
+        count: int = self._cur.rowcount
+        return count
 
     @property
     def description(self) -> Any:
@@ -236,6 +370,10 @@ class _NoRows:
 
     rowcount = 0
     description = None
+    row_factory: Any = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _NoRows:
+        return self
 
     def fetchone(self) -> None:
         return None
@@ -271,7 +409,7 @@ class PgConnection:
     (:attr:`in_transaction` stays true until then). So a transaction's later statements never
     run, in autocommit, on a new connection that knows nothing of its beginning."""
 
-    dialect = "postgresql"
+    dialect = POSTGRESQL
 
     def __init__(self, raw: Any, *, url: str, schema: str) -> None:
         self.raw, self.url, self.schema = raw, url, schema
@@ -284,10 +422,10 @@ class PgConnection:
         self._closed = False
 
     # -- statements ------------------------------------------------------------------------
-    def execute(self, sql: str, params: Any = ()) -> PgCursor:
+    def execute(self, sql: str, params: Any = ()) -> Cursor:
         if self._doomed and sql.strip().upper() == "ROLLBACK":
             self._doomed = False  # the server rolled it back when the connection went
-            return _NoRows()  # type: ignore[return-value]
+            return _NoRows()
         return self.cursor().execute(sql, params)
 
     def executemany(self, sql: str, seq: Iterable[Any]) -> PgCursor:
@@ -338,7 +476,7 @@ class PgConnection:
             try:
                 for name, value in self.settings.items():
                     new.execute(f"SET {name} = {value}")
-                schema = new.execute("SELECT current_schema()").fetchone()[0]
+                schema = _current_schema(new)
             except BaseException:
                 new.close()
                 raise
@@ -361,9 +499,6 @@ class PgConnection:
     def in_transaction(self) -> bool:
         return self._doomed or self.raw.info.transaction_status in _IN_TRANSACTION
 
-    def missing_tables(self, tables: tuple[str, ...] | None = None) -> list[str]:
-        return missing_tables(self, tables)
-
     def close(self) -> None:
         self._closed = True
         self.raw.close()
@@ -373,6 +508,13 @@ class PgConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _current_schema(raw: psycopg.Connection[Any]) -> str | None:
+    """The schema the server reads and writes for the session (None: no schema on its
+    search_path exists)."""
+    row = raw.execute("SELECT current_schema()").fetchone()
+    return None if row is None else row[0]  # one row, always
 
 
 def connect(url: str, *, field: str = "db", must_exist: bool = True) -> PgConnection:
@@ -388,7 +530,7 @@ def connect(url: str, *, field: str = "db", must_exist: bool = True) -> PgConnec
         raise InvalidInput(field, url, f"a reachable PostgreSQL server ({_first_line(exc)})"
                            ) from None
     try:
-        current = raw.execute("SELECT current_schema()").fetchone()[0]
+        current = _current_schema(raw)
     except psycopg.Error as exc:
         raw.close()
         raise InvalidInput(field, url, f"a usable PostgreSQL server ({_first_line(exc)})"
@@ -416,9 +558,7 @@ def schema_sql() -> str:
 def init_db(url: str, *, field: str = "db") -> PgConnection:
     """Create the URL's schema and its tables if they are not there yet. Idempotent."""
     conn = connect(url, field=field, must_exist=False)
-    from .store import _statements, transaction
-
-    with transaction(conn):  # type: ignore[arg-type]
+    with transaction(conn):
         conn.raw.execute(f'CREATE SCHEMA IF NOT EXISTS "{conn.schema}"')
         for statement in _statements(schema_sql()):
             conn.raw.execute(statement)
@@ -434,8 +574,6 @@ def drop_schema(url: str) -> None:
 
 def missing_tables(conn: PgConnection, tables: tuple[str, ...] | None = None) -> list[str]:
     """Which of ``tables`` (default: every table a lab needs) the URL's schema lacks."""
-    from .store import TABLES
-
     rows = conn.execute("SELECT table_name FROM information_schema.tables"
                         " WHERE table_schema = ?", (conn.schema,)).fetchall()
     have = {r[0] for r in rows}

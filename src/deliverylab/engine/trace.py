@@ -10,13 +10,13 @@ draws them.
 from __future__ import annotations
 
 import functools
-import sqlite3
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .broker import Delivery
+    from .store import Store
 
 
 class Outcome(StrEnum):
@@ -55,7 +55,7 @@ _INSERT = ("INSERT INTO delivery_log (at, worker, correlation_id, event_id, mess
            " delivery_count, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-def log(conn: sqlite3.Connection, *, at: float, worker: str, event_id: str,
+def log(conn: Store, *, at: float, worker: str, event_id: str,
         correlation_id: str | None, message_id: str | None, delivery_count: int,
         outcome: Outcome, detail: str = "") -> None:
     """Append one row. Call it inside the transaction whose change it records."""
@@ -63,14 +63,14 @@ def log(conn: sqlite3.Connection, *, at: float, worker: str, event_id: str,
                            outcome, detail))
 
 
-def log_delivery(conn: sqlite3.Connection, d: Delivery, *, at: float, worker: str,
+def log_delivery(conn: Store, d: Delivery, *, at: float, worker: str,
                  outcome: Outcome, detail: str = "") -> None:
     """:func:`log` for one delivery: its event, order, message and count."""
     log(conn, at=at, worker=worker, event_id=d.event_id, correlation_id=d.correlation_id,
         message_id=d.message_id, delivery_count=d.delivery_count, outcome=outcome, detail=detail)
 
 
-def log_many(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+def log_many(conn: Store, rows: list[tuple[Any, ...]]) -> None:
     """Rows of (at, worker, correlation_id, event_id, message_id, delivery_count, outcome,
     detail), appended in order by one INSERT with a VALUES row for each (half the cost of
     ``executemany`` for a batch of a hundred, measured)."""

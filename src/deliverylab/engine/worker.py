@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 from .broker import NO_MESSAGE_ID, Broker, Delivery
 from .clock import Clock
@@ -55,7 +55,7 @@ from .errors import (
 )
 from .faults import NO_FAULTS, Faults
 from .ids import Ids
-from .store import is_busy, is_store, transaction
+from .store import Store, is_busy, is_store, transaction
 from .trace import Outcome, lease_detail, log_delivery, log_many
 
 CONSUMER = "inventory"
@@ -97,12 +97,12 @@ def _reservation(delivery: Delivery) -> tuple[str, int]:
     return item, qty
 
 
-def apply_order_placed(conn: sqlite3.Connection, delivery: Delivery) -> None:
+def apply_order_placed(conn: Store, delivery: Delivery) -> None:
     """The effect: reserve the order's quantity in ``inventory_projection`` with one UPSERT."""
     conn.execute(_RESERVE, _reservation(delivery))
 
 
-def apply_order_placed_many(conn: sqlite3.Connection, deliveries: list[Delivery]) -> None:
+def apply_order_placed_many(conn: Store, deliveries: list[Delivery]) -> None:
     """The same effect for a batch: check every delivery first, then one UPSERT per item."""
     totals: dict[str, int] = {}
     for d in deliveries:
@@ -123,8 +123,8 @@ _INBOX_ONE = ("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
               " ON CONFLICT (consumer, event_id) DO NOTHING")
 FENCED_DETAIL = "counted by reconcile"
 
-Handler = Callable[[sqlite3.Connection, Delivery], None]
-BatchHandler = Callable[[sqlite3.Connection, list[Delivery]], None]
+Handler = Callable[[Store, Delivery], None]
+BatchHandler = Callable[[Store, list[Delivery]], None]
 # Handlers with a batch form: the worker's fast path applies a whole batch in a few statements.
 BATCH_FORMS: dict[Handler, BatchHandler] = {apply_order_placed: apply_order_placed_many}
 
@@ -162,7 +162,7 @@ class Worker:
     ``max_receives``, which must then be the broker's.
     """
 
-    def __init__(self, conn: sqlite3.Connection | None = None, *, clock: Clock,
+    def __init__(self, conn: Store | None = None, *, clock: Clock,
                  ids: Ids | None = None,
                  mode: Mode | str = Mode.IDEMPOTENT, faults: Faults = NO_FAULTS,
                  visibility_timeout: float = 2.0, max_messages: int = 1,
@@ -172,7 +172,7 @@ class Worker:
                  echo: Callable[[str], None] | None = None, crash_exits: bool = False,
                  work_time: float = 0.0, queue: Broker | None = None,
                  broker: Broker | None = None,
-                 store: sqlite3.Connection | None = None) -> None:
+                 store: Store | None = None) -> None:
         store = _one_of("store", store, "conn", conn)
         broker = _one_of("broker", broker, "queue", queue)
         if not is_store(store):
@@ -220,7 +220,7 @@ class Worker:
         return self.queue
 
     @property
-    def store(self) -> sqlite3.Connection:
+    def store(self) -> Store:
         return self.conn
 
     # -- output ----------------------------------------------------------------------------
@@ -353,6 +353,7 @@ class Worker:
                 todo = [d for d, o in zip(deliveries, outcomes, strict=True)
                         if o is Outcome.APPLIED]
                 if todo:
+                    assert self._handle_many is not None  # the fast path needs the batch form
                     self._handle_many(conn, todo)
                 details = {Outcome.APPLIED: str(self.mode), Outcome.FENCED: FENCED_DETAIL,
                            Outcome.DUPLICATE_SKIPPED: ""}
@@ -465,6 +466,7 @@ class Worker:
                 self._log(d, Outcome.LOST, f"failed after the ACK: {error}")
                 self._say(d, f"processing failed after the ACK → effect lost ({error})")
                 continue
+            assert applied is not None  # no error: an outcome
             self._count(d, applied)
 
     def _apply_then_ack(self, deliveries: list[Delivery]) -> None:
@@ -499,6 +501,7 @@ class Worker:
                             self.conn.execute("ROLLBACK TO delivery")
                             rejected.append(d)
                         else:
+                            assert applied is not None  # no error: an outcome
                             done.append((d, applied))
                         if self.mode is Mode.TRANSACTIONAL:
                             self.conn.execute("RELEASE delivery")
@@ -516,7 +519,7 @@ class Worker:
             for d, _ in done:
                 self._say(d, "acked (in the effect's transaction)")
             done = []
-        to_ack = []
+        to_ack: list[Delivery] = []
         for i, (d, _) in enumerate(done):
             if self._fires("crash_after_commit", d):
                 # Every delivery of the batch not settled yet dies with the worker: the ones
@@ -744,7 +747,10 @@ def refuse_apart(mode: Mode | str) -> None:
             " effect's transaction (use idempotent: inbox and effect in one transaction)")
 
 
-def _one_of(name: str, value: object, old_name: str, old_value: object) -> object:
+_T = TypeVar("_T")
+
+
+def _one_of(name: str, value: _T | None, old_name: str, old_value: _T | None) -> _T | None:
     """``value`` or ``old_value`` (two names for one argument), never two different ones."""
     if value is not None and old_value is not None and value is not old_value:
         raise InvalidInput(old_name, old_value, f"left out when {name} is given")
