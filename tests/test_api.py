@@ -1,4 +1,7 @@
-"""The HTTP API in process (FastAPI's TestClient): validation, idempotency, the read endpoints.
+"""The HTTP API in process (FastAPI's TestClient), on each database through one fixture: a
+SQLite file and a PostgreSQL schema (created for the test, dropped after) get the same
+validation, idempotency and read endpoints, the same answers and error codes; and the lab as
+real processes (``deliverylab api``, ``worker``, ``order``, ``status``) on each.
 
 ``BAD_REQUESTS`` is shared with ``test_lab_processes.py``, which sends the same requests to a
 real server.
@@ -7,15 +10,27 @@ real server.
 from __future__ import annotations
 
 import json
+import signal
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from deliverylab.app.api import MAX_BODY_BYTES, create_app
+from deliverylab.brokers.registry import table_broker
+from deliverylab.brokers.sqlite import SQLiteBroker
 from deliverylab.engine import store
+from deliverylab.engine.check import check
+from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.errors import InvalidInput
+from deliverylab.engine.ids import Ids
+from deliverylab.engine.relay import Relay
+from deliverylab.engine.store import Store
+from deliverylab.engine.store_postgres import for_store
+from deliverylab.engine.worker import Worker
 
 with warnings.catch_warnings():
     # Starlette's test client announces a future move to another HTTP package; not ours.
@@ -124,16 +139,52 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, str], bytes | None, int, str]]
 
 
 
-def counts(path: Path) -> dict[str, int]:
-    conn = store.connect(path)
+# -- one fixture, both databases -------------------------------------------------------------
+DATABASES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=DATABASES)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh lab store, named as ``--db`` takes it: a SQLite file under ``tmp_path``, or a
+    schema of its own on the test server (tests/pg.py), dropped after the test."""
+    if request.param == "sqlite":
+        path = tmp_path / "app.db"
+        store.init_db(path).close()
+        yield str(path)
+        return
+    from pg import schema
+
+    with schema() as url:
+        yield url
+
+
+@pytest.fixture
+def client(db: str) -> Iterator[TestClient]:
+    with TestClient(create_app(db)) as c:
+        yield c
+
+
+def open_store(db: str) -> Store:
+    return for_store(db).connect(db)
+
+
+def counts(db: str) -> dict[str, int]:
+    conn = open_store(db)
     try:
-        return store.table_counts(conn)
+        return {**store.table_counts(conn),
+                "outbox": conn.execute("SELECT count(*) FROM outbox").fetchone()[0]}
     finally:
         conn.close()
 
 
-def post(client: TestClient, body: object, **headers: str):
+def post(client: TestClient, body: object, **headers: str) -> Any:
     return client.post("/orders", json=body, headers=headers)
+
+
+# What another process does to hold up every write, on each database: SQLite's write lock;
+# on PostgreSQL a table lock that conflicts with an INSERT's.
+HOLD_WRITES = {"sqlite": ("BEGIN IMMEDIATE",),
+               "postgresql": ("BEGIN", "LOCK TABLE orders IN EXCLUSIVE MODE")}
 
 
 def test_there_are_at_least_thirty_bad_requests() -> None:
@@ -141,18 +192,28 @@ def test_there_are_at_least_thirty_bad_requests() -> None:
     assert len({case[0] for case in BAD_REQUESTS}) == len(BAD_REQUESTS)
 
 
+def test_the_fixture_gives_each_database_its_own_store(db: str) -> None:
+    conn = open_store(db)
+    try:
+        assert store.dialect_of(conn) is for_store(db)
+        assert store.missing_tables(conn) == []
+    finally:
+        conn.close()
+    assert for_store(db).name in DATABASES
+
+
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_request_is_refused_with_a_clear_message_and_writes_nothing(
-        client: TestClient, db_file: Path, case: tuple) -> None:
+        client: TestClient, db: str, case: tuple) -> None:
     _, method, path, headers, body, status, phrase = case
-    before = counts(db_file)
+    before = counts(db)
     r = client.request(method, path, headers=headers, content=body)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
     answer = r.json()
     assert answer["ok"] is False
     assert phrase in answer["error"]
-    assert counts(db_file) == before
+    assert counts(db) == before
     assert client.get("/health").json()["ok"] is True
 
 
@@ -166,7 +227,7 @@ def test_field_errors_name_the_field(client: TestClient) -> None:
 
 
 def test_streamed_body_over_the_limit_is_413_without_content_length(
-        client: TestClient, db_file: Path) -> None:
+        client: TestClient, db: str) -> None:
     def chunks() -> Iterator[bytes]:
         yield b'{"itemId": "x", "qty": 1, "pad": "'
         for _ in range(20):
@@ -177,7 +238,7 @@ def test_streamed_body_over_the_limit_is_413_without_content_length(
     assert "content-length" not in r.request.headers
     assert r.status_code == 413
     assert "limit" in r.json()["error"]
-    assert counts(db_file)["orders"] == 0
+    assert counts(db)["orders"] == 0
 
 
 def test_body_just_under_the_limit_is_read(client: TestClient) -> None:
@@ -192,13 +253,14 @@ def test_content_type_with_charset_is_accepted(client: TestClient) -> None:
     assert r.status_code == 201
 
 
-def test_post_writes_the_order_and_its_event(client: TestClient, db_file: Path) -> None:
+def test_post_writes_the_order_and_its_event_in_one_transaction(
+        client: TestClient, db: str) -> None:
     r = post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
     assert r.status_code == 201
     answer = r.json()
     assert answer["ok"] is True and answer["orderId"] == "o-001"
     assert answer["eventId"].startswith("evt-") and answer["replayed"] is False
-    conn = store.connect(db_file)
+    conn = open_store(db)
     order = conn.execute("SELECT * FROM orders").fetchone()
     message = conn.execute("SELECT * FROM queue_messages").fetchone()
     conn.close()
@@ -207,6 +269,7 @@ def test_post_writes_the_order_and_its_event(client: TestClient, db_file: Path) 
     assert message["correlation_id"] == "o-001"
     assert json.loads(message["payload"]) == {"orderId": "o-001", "itemId": "coffee-beans",
                                               "qty": 1}
+    assert counts(db)["outbox"] == 0  # the queue table is the outbox here
 
 
 def test_order_id_is_generated_when_absent_or_null(client: TestClient) -> None:
@@ -216,27 +279,26 @@ def test_order_id_is_generated_when_absent_or_null(client: TestClient) -> None:
     assert a["orderId"] != b["orderId"]
 
 
-def test_replay_returns_the_first_answer_and_writes_nothing(
-        client: TestClient, db_file: Path) -> None:
+def test_replay_returns_the_first_answer_and_writes_nothing(client: TestClient, db: str) -> None:
     body = {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1}
     first = post(client, body)
     again = post(client, body)
     assert (first.status_code, again.status_code) == (201, 200)
     assert again.json()["eventId"] == first.json()["eventId"]
     assert again.json()["replayed"] is True
-    assert counts(db_file)["queue_messages"] == 1
+    assert counts(db)["queue_messages"] == 1
 
 
-def test_same_order_id_with_a_different_body_is_422(client: TestClient, db_file: Path) -> None:
+def test_same_order_id_with_a_different_body_is_422(client: TestClient, db: str) -> None:
     post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
     r = post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 2})
     assert r.status_code == 422
     assert r.json() == {"ok": False, "field": "orderId",
                         "error": "orderId 'o-001' was already used with a different request"}
-    assert counts(db_file)["orders"] == 1 and counts(db_file)["queue_messages"] == 1
+    assert counts(db)["orders"] == 1 and counts(db)["queue_messages"] == 1
 
 
-def test_idempotency_key_replays_and_conflicts(client: TestClient, db_file: Path) -> None:
+def test_idempotency_key_replays_and_conflicts(client: TestClient, db: str) -> None:
     first = post(client, {"itemId": "tea", "qty": 2}, **{"Idempotency-Key": "k-1"})
     again = post(client, {"itemId": "tea", "qty": 2}, **{"Idempotency-Key": "k-1"})
     other = post(client, {"itemId": "tea", "qty": 3}, **{"Idempotency-Key": "k-1"})
@@ -245,7 +307,7 @@ def test_idempotency_key_replays_and_conflicts(client: TestClient, db_file: Path
     assert again.json() == first.json()
     assert again.headers["idempotent-replayed"] == "true"
     assert other.json()["field"] == "Idempotency-Key"
-    assert counts(db_file)["orders"] == 1
+    assert counts(db)["orders"] == 1 and counts(db)["queue_messages"] == 1
 
 
 def test_read_endpoints(client: TestClient) -> None:
@@ -264,6 +326,8 @@ def test_read_endpoints(client: TestClient) -> None:
     assert status["check"]["pending"] == 2 and status["guaranteeHeld"] is False
     health = client.get("/health").json()
     assert health["ok"] is True and health["orders"] == 2
+    assert (health["database"], health["synchronous"], health["events"]) == \
+        ("ok", "FULL", "queue table")
 
 
 def test_order_ids_with_a_slash_can_be_read_back(client: TestClient) -> None:
@@ -271,20 +335,21 @@ def test_order_ids_with_a_slash_can_be_read_back(client: TestClient) -> None:
     assert client.get("/orders/shop/42").json()["order"]["orderId"] == "shop/42"
 
 
-def test_order_state_follows_the_worker(client: TestClient, db_file: Path) -> None:
-    from deliverylab.brokers.sqlite import SQLiteBroker
-    from deliverylab.engine.clock import SystemClock
-    from deliverylab.engine.ids import Ids
-    from deliverylab.engine.worker import Worker
-
+def test_order_state_follows_the_worker(client: TestClient, db: str) -> None:
     post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
-    conn = store.connect(db_file)
-    Worker(conn, clock=SystemClock(),
-           queue=SQLiteBroker(conn, clock=SystemClock(), ids=Ids(1))).run_until_idle()
-    conn.close()
+    post(client, {"orderId": "o-002", "itemId": "tea", "qty": 3})
+    conn = open_store(db)
+    try:
+        broker = table_broker(conn, clock=SystemClock(), ids=Ids(1))
+        Worker(store=conn, broker=broker, clock=broker.clock).run_until_idle()
+    finally:
+        conn.close()
     assert client.get("/orders/o-001").json()["order"]["state"] == "correct"
+    status = client.get("/status").json()
+    assert status["guaranteeHeld"] is True and status["check"]["correct"] == 2
     items = client.get("/projection").json()["items"]
-    assert items == [{"itemId": "coffee-beans", "reservedQty": 1, "truth": 1, "delta": 0}]
+    assert items == [{"itemId": "coffee-beans", "reservedQty": 1, "truth": 1, "delta": 0},
+                     {"itemId": "tea", "reservedQty": 3, "truth": 3, "delta": 0}]
 
 
 def test_docs_are_not_served(client: TestClient) -> None:
@@ -293,9 +358,15 @@ def test_docs_are_not_served(client: TestClient) -> None:
         assert client.get(path).status_code == 404
 
 
-def test_missing_database_is_an_error_naming_init_db(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="init-db"):
-        create_app(tmp_path / "missing.db")
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_store_init_db_never_made_is_refused_naming_init_db(database: str,
+                                                              tmp_path: Path) -> None:
+    from pg import new_url
+
+    never_made = {"sqlite": str(tmp_path / "missing.db"), "postgresql": new_url()}[database]
+    with pytest.raises(InvalidInput, match="init-db") as bad:
+        create_app(never_made)
+    assert bad.value.field == "db"
 
 
 def test_a_file_without_the_schema_is_refused(tmp_path: Path) -> None:
@@ -305,10 +376,11 @@ def test_a_file_without_the_schema_is_refused(tmp_path: Path) -> None:
         create_app(path)
 
 
-def test_a_database_that_stays_locked_is_a_503_that_wrote_nothing(db_file: Path) -> None:
-    with TestClient(create_app(db_file, write_budget=0.2)) as client:
-        holder = store.connect(db_file)
-        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+def test_a_write_held_up_past_the_budget_is_a_503_that_wrote_nothing(db: str) -> None:
+    with TestClient(create_app(db, write_budget=0.3)) as client:
+        holder = open_store(db)
+        for statement in HOLD_WRITES[for_store(db).name]:  # another process writes
+            holder.execute(statement)
         try:
             r = post(client, {"itemId": "x", "qty": 1})
         finally:
@@ -316,7 +388,7 @@ def test_a_database_that_stays_locked_is_a_503_that_wrote_nothing(db_file: Path)
             holder.close()
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "nothing was written" in r.json()["error"]
-        assert counts(db_file)["orders"] == 0
+        assert counts(db)["orders"] == 0
         assert post(client, {"itemId": "x", "qty": 1}).status_code == 201
 
 
@@ -325,3 +397,165 @@ def test_read_connections_are_reused(client: TestClient) -> None:
         assert client.get("/health").status_code == 200
         assert client.get("/projection").status_code == 200
     assert len(client.app.state.store._idle) == 1
+
+
+@pytest.mark.parametrize("level", ["normal", "full", "extra"])
+def test_each_synchronous_level_the_database_has_is_read_back_the_others_refused(
+        db: str, level: str) -> None:
+    dialect = for_store(db)
+    if level.upper() not in dialect.durabilities:  # EXTRA: SQLite's alone
+        with pytest.raises(InvalidInput, match="full or normal on PostgreSQL") as bad:
+            create_app(db, synchronous=level)
+        assert bad.value.field == "synchronous"
+        return
+    with TestClient(create_app(db, synchronous=level)) as client:
+        assert client.get("/health").json()["synchronous"] == level.upper()
+
+
+def test_with_the_broker_outside_the_api_writes_the_outbox_and_the_relay_publishes(
+        db: str, tmp_path: Path) -> None:
+    with TestClient(create_app(db, outbox=True)) as client:
+        r = post(client, {"orderId": "o-001", "itemId": "tea", "qty": 2})
+        assert r.status_code == 201
+        assert client.get("/health").json()["events"] == "outbox"
+        assert counts(db)["outbox"] == 1 and counts(db)["queue_messages"] == 0
+        assert client.get("/orders/o-001").json()["order"]["state"] == "pending"
+        broker = SQLiteBroker(store.init_db(tmp_path / "broker.db"), clock=SystemClock(),
+                              ids=Ids(), trace=False)
+        conn = open_store(db)
+        try:
+            Relay(conn, broker, clock=broker.clock).run_until_idle()
+            Worker(store=conn, broker=broker, clock=broker.clock).run_until_idle()
+            assert check(conn, broker).ok
+        finally:
+            conn.close()
+            broker.conn.close()
+        assert client.get("/orders/o-001").json()["order"]["state"] == "correct"
+
+
+def test_outbox_mode_on_a_store_without_the_outbox_table_asks_for_init_db(db: str) -> None:
+    conn = open_store(db)
+    conn.execute("DROP TABLE outbox")
+    conn.close()
+    with pytest.raises(InvalidInput, match="init-db") as bad:
+        create_app(db, outbox=True)
+    assert bad.value.field == "db"
+
+
+def test_api_flags_for_the_broker_are_checked_before_serving(db: str, tmp_path: Path) -> None:
+    from test_lab_processes import cli, free_port
+
+    same = cli("api", "--db", db, "--broker", db, "--port", str(free_port()))
+    assert same.returncode == 2 and "--broker must be a broker outside the store" in same.stderr
+    missing = cli("api", "--db", db, "--broker", str(tmp_path / "none.db"))
+    assert missing.returncode == 2 and "no database at" in missing.stderr
+
+
+# -- real processes --------------------------------------------------------------------------
+def _serve(tmp: Path, *args: str) -> tuple[Any, int]:
+    """``deliverylab api`` with ``args`` on a free port, once ``/health`` answers 200."""
+    from test_lab_processes import Proc, free_port, request
+
+    port = free_port()
+    proc = Proc(tmp / "api.log", "api", "--port", str(port), "--no-access-log", *args)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.alive(), f"the API exited:\n{proc.output()}"
+        try:
+            if request("GET", "/health", port=port, timeout=2)[0] == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the API never answered /health:\n{proc.output()}")
+
+
+def _wait(done: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not done after {timeout:g}s")
+
+
+@pytest.mark.slow
+def test_the_lab_as_processes_api_worker_order_status(db: str, tmp_path: Path) -> None:
+    """``deliverylab api`` and ``worker`` on one store, orders placed with ``deliverylab
+    order``, the verdict read with ``deliverylab status``."""
+    from test_lab_processes import Proc, cli
+
+    api, port = _serve(tmp_path, "--db", db)
+    worker = Proc(tmp_path / "worker.log", "worker", "--db", db, "--name", "w-1",
+                  "--poll-interval", "0.05", "--ack-fail-rate", "0.5", "--seed", "3",
+                  "--visibility-timeout", "0.3")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for i in range(5):
+            done = cli("order", "--url", url, "--item", "coffee-beans", "--qty", "1",
+                       "--order-id", f"o-{i}")
+            assert done.returncode == 0 and done.stdout.startswith("201 Created"), done.stderr
+        again = cli("order", "--url", url, "--item", "coffee-beans", "--order-id", "o-0")
+        assert again.stdout.startswith("200 OK") and '"replayed": true' in again.stdout
+        bad = cli("order", "--url", url, "--item", "coffee-beans", "--qty", "2",
+                  "--order-id", "o-0")
+        assert bad.returncode == 1 and bad.stdout.startswith("422")
+
+        def drained() -> bool:
+            conn = open_store(db)
+            try:
+                return check(conn).correct == 5
+            finally:
+                conn.close()
+
+        _wait(drained)
+        status = cli("status", "--db", db)
+        assert status.returncode == 0
+        assert "5 applied exactly once, 0 duplicated, 0 lost" in status.stdout
+        assert "OK: all 5 orders applied exactly once" in status.stdout
+        assert worker.terminate() == 0 and api.terminate() in (0, -signal.SIGTERM)
+        assert "duplicate skipped" in worker.output()  # ACKs were lost, the inbox held
+        assert "Traceback" not in api.output() + worker.output()
+    finally:
+        worker.stop()
+        api.stop()
+
+
+@pytest.mark.slow
+def test_five_processes_api_relay_worker_with_the_broker_outside_the_store(
+        db: str, tmp_path: Path) -> None:
+    """The store on either database, the broker a SQLite file of its own: ``api --broker``
+    writes the outbox, ``relay`` publishes it, ``worker`` consumes it; ``order`` and
+    ``status`` as usual."""
+    from test_lab_processes import Proc, cli
+
+    broker_file = tmp_path / "broker.db"
+    assert cli("init-db", "--db", str(broker_file)).returncode == 0
+    api, port = _serve(tmp_path, "--db", db, "--broker", str(broker_file))
+    relay = Proc(tmp_path / "relay.log", "relay", "--store", db, "--broker",
+                 str(broker_file), "--poll-interval", "0.05", "--name", "r-1")
+    worker = Proc(tmp_path / "worker.log", "worker", "--store", db, "--broker",
+                  str(broker_file), "--poll-interval", "0.05", "--name", "w-1")
+    try:
+        for i in range(4):
+            done = cli("order", "--url", f"http://127.0.0.1:{port}", "--item", "tea",
+                       "--order-id", f"o-{i}")
+            assert done.returncode == 0 and done.stdout.startswith("201"), done.stderr
+
+        def drained() -> bool:
+            conn = open_store(db)
+            try:
+                return check(conn).correct == 4
+            finally:
+                conn.close()
+
+        _wait(drained)
+        assert "OK: all 4 orders applied exactly once" in cli("status", "--db", db).stdout
+        assert counts(db)["queue_messages"] == 0  # nothing went to the store's queue
+        assert relay.terminate() == 0 and worker.terminate() == 0
+        assert api.terminate() in (0, -signal.SIGTERM)
+        assert relay.output().count("published as") == 4
+        assert "[r-1] stopped: steps=" in relay.output()
+    finally:
+        for proc in (relay, worker, api):
+            proc.stop()

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from pg import SERVER, schema
-from test_api import post
-from test_api_postgres import _serve
+from test_api import _serve, post
 from test_lab_processes import HOST, cli, free_port, request
 
 from deliverylab.app.api import Server, create_app

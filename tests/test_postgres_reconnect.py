@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from pg_cluster import Cluster
 from pg_gate import Gate
-from test_api_postgres import _serve
+from test_api import _serve
 from test_lab_processes import Proc, cli, request
 
 from deliverylab.brokers.postgres import PostgresBroker
