@@ -110,8 +110,8 @@ def table_broker(conn: Store, **kw: Any) -> SQLiteBroker:
     from .sqlite import SQLiteBroker
 
     dialect = dialect_of(conn)
-    found = next(b for b in (SQLiteBroker, PostgresBroker) if b.dialect is dialect)
-    return found(conn, **kw)
+    brokers: tuple[type[SQLiteBroker], ...] = (SQLiteBroker, PostgresBroker)
+    return next(b for b in brokers if b.dialect is dialect)(conn, **kw)
 
 
 def scratch_url(name: str, *, lease: float = 1.0, dedup_window: float | None = None,

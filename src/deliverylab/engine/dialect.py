@@ -24,6 +24,7 @@ database's module defines its own dialect, so nothing here imports a database's 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,11 +86,12 @@ def register(dialect: Dialect) -> Dialect:
     return dialect
 
 
-class Dialect:
+class Dialect(ABC):
     """What one database does its own way. Stateless: one instance per database,
     ``store.SQLITE`` and ``store_postgres.POSTGRESQL``."""
 
     name: str = ""
+    title: str = ""  # the database's name in a sentence
     # The commit durabilities a store may be opened with (by SQLite's names).
     durabilities: tuple[str, ...] = ()
 
@@ -97,6 +99,7 @@ class Dialect:
         return f"<dialect {self.name}>"
 
     # -- opening ----------------------------------------------------------------------------
+    @abstractmethod
     def connect(self, where: str | Path, *, synchronous: str | None = None,
                 busy_timeout: float | None = None, must_exist: bool = True,
                 field: str = "db") -> Store:
@@ -110,10 +113,12 @@ class Dialect:
         since is :class:`StoreUnavailable` (retry later), not bad input."""
         return self.connect(where, **kw)
 
+    @abstractmethod
     def init_db(self, where: str | Path, *, field: str = "db") -> Store:
         """Create the store's tables if they are not there yet; an open connection."""
         raise NotImplementedError
 
+    @abstractmethod
     def missing_tables(self, conn: Store, tables: tuple[str, ...]) -> list[str]:
         """Which of ``tables`` the store lacks."""
         raise NotImplementedError
@@ -125,23 +130,23 @@ class Dialect:
         raise InvalidInput("synchronous", synchronous.lower(),
                            f"{' or '.join(d.lower() for d in self.durabilities)} on {self.title}")
 
-    @property
-    def title(self) -> str:
-        return {"sqlite": "SQLite", "postgresql": "PostgreSQL"}.get(self.name, self.name)
-
+    @abstractmethod
     def durability(self, conn: Store) -> str:
         """The durability ``conn`` commits with, read back from the database."""
         raise NotImplementedError
 
+    @abstractmethod
     def wait_at_most(self, conn: Store, seconds: float) -> None:
         """Bound how long the next statements on ``conn`` wait for a lock."""
         raise NotImplementedError
 
     # -- transactions -----------------------------------------------------------------------
+    @abstractmethod
     def begin_snapshot(self, conn: Store) -> None:
         """Open a read transaction whose every statement sees the same committed state."""
         raise NotImplementedError
 
+    @abstractmethod
     def lock_for_repair(self, conn: Store) -> None:
         """Inside the repair's transaction, before it reads: order it against every worker's
         effect, so an effect commits wholly before the repair or reads its fence."""
@@ -159,6 +164,7 @@ class Dialect:
                 raise
             return "locked"
 
+    @abstractmethod
     def _probe_write(self, conn: Store, tables: tuple[str, ...]) -> str:
         raise NotImplementedError
 

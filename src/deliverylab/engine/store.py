@@ -234,7 +234,7 @@ class SQLiteDialect(Dialect):
     """SQLite: one writer at a time, durability by ``PRAGMA synchronous``, a WAL snapshot
     per read transaction, and a file that can be deleted or replaced under a process."""
 
-    name = "sqlite"
+    name, title = "sqlite", "SQLite"
     durabilities = ("NORMAL", "FULL", "EXTRA")
     _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended add high bits)
 

@@ -119,7 +119,7 @@ class PostgresDialect(Dialect):
     """PostgreSQL: row locks, durability by ``synchronous_commit``, a snapshot by asking for
     ``REPEATABLE READ``, SQLSTATEs for what failed, and a server that can go away."""
 
-    name = "postgresql"
+    name, title = "postgresql", "PostgreSQL"
     durabilities = tuple(PG_SYNCHRONOUS)
 
     def connect(self, where: str | Path, *, synchronous: str | None = None,
