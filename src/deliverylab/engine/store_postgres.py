@@ -3,9 +3,11 @@ interface the engine uses, so one engine drives both (``engine.store.Store``).
 
 The engine's SQL is written once, in the subset both databases share and mean the same by
 (UPSERT ``ON CONFLICT``, ``INSERT … ON CONFLICT DO NOTHING`` and its rowcount, ``RETURNING``,
-savepoints). Where the two differ in what a statement does, the SQL is the dialect's own
-(``engine/dialect.py``: a snapshot read, the repair's lock, the queue's claim). What is left
-is spelling, translated here once per statement text without changing its meaning:
+savepoints). Where the two differ in what a statement does, the SQL is written for each
+database: its dialect's (:class:`PostgresDialect` here: a snapshot read, the repair's lock,
+the health probe's write check, durability and timeouts) and its queue table's claim
+(``brokers/postgres.py``). What is left is spelling, translated here once per statement text
+without changing its meaning:
 
 * parameters: sqlite3's ``?``, ``?1`` and ``:name`` become psycopg's ``%s`` / ``%(name)s``;
 * ``BEGIN IMMEDIATE`` (a write transaction, which SQLite starts by taking its write lock) is
