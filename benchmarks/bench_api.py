@@ -55,7 +55,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Lab:
+class ApiRig:
     def __init__(self, tmp: Path, name: str) -> None:
         self.db = tmp / f"{name}.db"
         self.tmp = tmp
@@ -178,7 +178,7 @@ def ms(seconds: float) -> str:
 
 
 def bench_post(tmp: Path, n: int, clients: int, synchronous: str) -> tuple[list[str], int]:
-    lab = Lab(tmp, f"post-{clients}-{synchronous}")
+    lab = ApiRig(tmp, f"post-{clients}-{synchronous}")
     try:
         lab.api("--synchronous", synchronous)
         burst(lab.port, make_orders(200, f"warm-{clients}-{synchronous}"), clients)
@@ -209,7 +209,7 @@ def get_health(port: int) -> tuple[int, float]:
 
 def bench_locked(tmp: Path, requests: int = 45, probes: int = 20) -> tuple[list[list[str]], int]:
     """Another process holds the write lock while ``requests`` clients POST at once."""
-    lab = Lab(tmp, "locked")
+    lab = ApiRig(tmp, "locked")
     try:
         lab.api()
         holder = lab.connect()
@@ -243,7 +243,7 @@ def bench_locked(tmp: Path, requests: int = 45, probes: int = 20) -> tuple[list[
 
 
 def bench_e2e(tmp: Path, workers: int, n: int, clients: int) -> tuple[list[list[str]], int]:
-    lab = Lab(tmp, f"e2e{workers}")
+    lab = ApiRig(tmp, f"e2e{workers}")
     try:
         lab.api()
         lab.workers(workers)

@@ -327,7 +327,7 @@ def cluster_pauses(repetitions: int) -> list[str]:
     (``cluster_run.publish_pauses``: a fresh R3 stream each time, confirmed publishes at 200 a
     second, the leader killed after a quarter of them): one row."""
     from deliverylab.book.cluster_run import publish_pauses
-    from deliverylab.brokers.nats_cluster import free_base_port
+    from deliverylab.clusters.nats_cluster import free_base_port
 
     with tempfile.TemporaryDirectory(prefix="dl-bench-cluster-") as tmp:
         pauses = [k.pause for k in publish_pauses(tmp, repetitions=repetitions,

@@ -3,7 +3,7 @@
     python benchmarks/bench_cluster.py [--repeat 5] [--rate 200] [--base-port N]
                                        [--rabbitmq] [--rabbit-base-port N] [--dir PATH]
 
-NATS JetStream: one three-node cluster (``deliverylab.brokers.nats_cluster``) on 127.0.0.1.
+NATS JetStream: one three-node cluster (``deliverylab.clusters.nats_cluster``) on 127.0.0.1.
 Each repetition creates a stream on three replicas, and the project's outbox relay publishes
 to it through the project's JetStream broker at ``--rate`` events a second, every publish
 confirmed by the leader; after a quarter of the events the stream's leader gets SIGKILL. The
@@ -14,7 +14,7 @@ kill. The killed node is restarted before the next repetition. The table gives t
 shortest and the longest pause, and the servers' resident memory.
 
 RabbitMQ (``--rabbitmq``, needs ``rabbitmq-server`` and the rights to run it): three more
-nodes beside any running one (``deliverylab.brokers.rabbitmq_cluster``), joined into one
+nodes beside any running one (``deliverylab.clusters.rabbitmq_cluster``), joined into one
 cluster; a quorum queue on the three; a pika publisher with publisher confirms, connected to a
 node that does not lead the queue, and the queue's leader SIGKILLed in the same way. Reported:
 the time to start and join the three nodes, their memory, and the pauses. The nodes are
@@ -39,9 +39,9 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from deliverylab.book.cluster_run import longest_gap, publish_pauses
-from deliverylab.brokers.nats_cluster import NatsCluster, free_base_port
-from deliverylab.brokers.rabbitmq_cluster import RabbitCluster
-from deliverylab.brokers.rabbitmq_cluster import free_base_port as rabbit_base_port
+from deliverylab.clusters.nats_cluster import NatsCluster, free_base_port
+from deliverylab.clusters.rabbitmq_cluster import RabbitCluster
+from deliverylab.clusters.rabbitmq_cluster import free_base_port as rabbit_base_port
 
 
 def summary(name: str, pauses: list[float], baselines: list[float]) -> str:

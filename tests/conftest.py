@@ -25,7 +25,7 @@ from deliverylab.engine.worker import Worker
 
 
 @dataclass
-class Lab:
+class EngineRig:
     """Everything a test needs to drive the engine by hand."""
 
     conn: sqlite3.Connection
@@ -72,12 +72,12 @@ class Lab:
         return dict(self.conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
 
 
-def make_lab(path: str | Path = ":memory:", *, seed: int = 1, max_receives: int = 5) -> Lab:
+def make_lab(path: str | Path = ":memory:", *, seed: int = 1, max_receives: int = 5) -> EngineRig:
     conn = store.init_db(path)
     clock = FakeClock()
     ids = Ids(seed)
     queue = Queue(conn, clock=clock, ids=ids, max_receives=max_receives)
-    return Lab(conn, clock, ids, queue, None if str(path) == ":memory:" else Path(path))
+    return EngineRig(conn, clock, ids, queue, None if str(path) == ":memory:" else Path(path))
 
 
 @pytest.fixture
@@ -86,21 +86,21 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
+def lab() -> Iterator[EngineRig]:
     lab = make_lab()
     yield lab
     lab.conn.close()
 
 
 @pytest.fixture
-def file_lab(tmp_path: Path) -> Iterator[Lab]:
+def file_lab(tmp_path: Path) -> Iterator[EngineRig]:
     lab = make_lab(tmp_path / "lab.db")
     yield lab
     lab.conn.close()
 
 
 @pytest.fixture(params=["memory", "file"])
-def any_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+def any_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineRig]:
     lab = make_lab(":memory:" if request.param == "memory" else tmp_path / "lab.db")
     yield lab
     lab.conn.close()

@@ -1,7 +1,7 @@
 """The API under attack: a held write lock, idempotency keys raced and reused, hostile bytes,
 a deleted database file, durability of a 201, and foreign ``Host`` names.
 
-The tests marked ``slow`` run the real ``deliverylab api`` process (``test_lab_processes.Lab``)
+The tests marked ``slow`` run the real ``deliverylab api`` process (``test_lab_processes.ProcessRig``)
 and a real second SQLite connection; every wait is bounded.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_lab_processes import HOST, Lab, child_env, cli, no_failures, request
+from test_lab_processes import HOST, ProcessRig, child_env, cli, no_failures, request
 
 from deliverylab.app.api import WRITE_BUDGET_S, create_app
 from deliverylab.brokers.sqlite import Queue
@@ -38,8 +38,8 @@ JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(tmp_path)
+def lab(tmp_path: Path) -> Iterator[ProcessRig]:
+    lab = ProcessRig(tmp_path)
     try:
         yield lab
     finally:
@@ -84,7 +84,7 @@ def timed_health(port: int) -> tuple[int, Any, float]:
 
 @pytest.mark.slow
 def test_a_held_write_lock_gets_each_request_a_prompt_503_and_health_still_answers(
-        lab: Lab) -> None:
+        lab: ProcessRig) -> None:
     api = lab.api("--no-access-log")
     holder = lab.conn()
     holder.execute("BEGIN IMMEDIATE")  # another process takes the write lock and keeps it
@@ -213,7 +213,7 @@ def test_the_same_key_with_another_request_is_422(client: TestClient, db_file: P
 
 
 @pytest.mark.slow
-def test_a_retry_while_the_first_request_is_in_flight_is_409(lab: Lab) -> None:
+def test_a_retry_while_the_first_request_is_in_flight_is_409(lab: ProcessRig) -> None:
     api = lab.api("--no-access-log")
     body, key = {"itemId": "tea", "qty": 2}, {"Idempotency-Key": "k-race"}
     holder = lab.conn()
@@ -358,7 +358,7 @@ def test_an_internal_error_answers_a_generic_500(db_file: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_an_internal_error_is_logged_by_the_server_and_not_told_to_the_client(lab: Lab) -> None:
+def test_an_internal_error_is_logged_by_the_server_and_not_told_to_the_client(lab: ProcessRig) -> None:
     api = lab.api()
     conn = lab.conn()
     conn.execute("DROP TABLE inventory_projection")
@@ -374,7 +374,7 @@ def test_an_internal_error_is_logged_by_the_server_and_not_told_to_the_client(la
 
 
 @pytest.mark.slow
-def test_hostile_bytes_leave_no_traceback_in_the_server_log(lab: Lab) -> None:
+def test_hostile_bytes_leave_no_traceback_in_the_server_log(lab: ProcessRig) -> None:
     api = lab.api()
     for _, body, _ in SURROGATES:
         status, answer = request("POST", "/orders", body, port=lab.port, headers=JSON)
@@ -394,7 +394,7 @@ def test_hostile_bytes_leave_no_traceback_in_the_server_log(lab: Lab) -> None:
 # -- 4. the database file deleted or replaced under the running API ------------------------------
 
 @pytest.mark.slow
-def test_writes_are_refused_once_the_database_file_is_deleted(lab: Lab) -> None:
+def test_writes_are_refused_once_the_database_file_is_deleted(lab: ProcessRig) -> None:
     api = lab.api("--no-access-log")
     assert raw_post(lab.port, {"orderId": "o-1", "itemId": "x", "qty": 1})[0] == 201
     os.unlink(lab.db)  # the -wal and -shm files stay, as after a careless rm
@@ -408,7 +408,7 @@ def test_writes_are_refused_once_the_database_file_is_deleted(lab: Lab) -> None:
 
 
 @pytest.mark.slow
-def test_writes_are_refused_once_the_database_file_is_replaced(lab: Lab) -> None:
+def test_writes_are_refused_once_the_database_file_is_replaced(lab: ProcessRig) -> None:
     api = lab.api("--no-access-log")
     other = lab.tmp / "other.db"
     store.init_db(other).close()
@@ -464,7 +464,7 @@ def test_connect_sets_synchronous_and_validates_it(db_file: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_api_process_runs_full_unless_told_otherwise(lab: Lab) -> None:
+def test_the_api_process_runs_full_unless_told_otherwise(lab: ProcessRig) -> None:
     lab.api("--no-access-log")
     assert request("GET", "/health", port=lab.port)[1]["synchronous"] == "FULL"
     lab.close()
@@ -524,7 +524,7 @@ def test_allowed_hosts_from_the_environment_add_to_the_argument(
 
 
 @pytest.mark.slow
-def test_the_api_process_refuses_a_foreign_host(lab: Lab) -> None:
+def test_the_api_process_refuses_a_foreign_host(lab: ProcessRig) -> None:
     api = lab.api("--no-access-log", "--allowed-host", "shop.test")
     for host, status in (("evil.example", 400), (f"evil.example:{lab.port}", 400),
                          ("testserver", 400), (f"localhost:{lab.port}", 201),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from deliverylab.book import ordering, relay, retention_runs
+from deliverylab.book import ordering, payment_outbox, retention_runs
 from deliverylab.book.effects import PaymentService, charge_table, worker_for
 from deliverylab.book.lab import Lab
 from deliverylab.book.ordering import change_status, status_check, status_lab, status_log
@@ -75,17 +75,18 @@ def test_without_a_key_each_consumer_charges_twice_for_its_own_reason(charges) -
 
 def test_the_outbox_demo_and_the_relays_table() -> None:
     lab = Lab(seed=12)
-    relay.install(lab.conn)
-    lab.workers = [worker_for(lab, relay.outbox_handler(clock=lab.clock))]
+    payment_outbox.install(lab.conn)
+    lab.workers = [worker_for(lab, payment_outbox.outbox_handler(clock=lab.clock))]
     for i, (item, qty) in enumerate([("coffee-beans", 1), ("green-tea", 2), ("croissant", 3)]):
         lab.place_order(item, qty, order_id=f"o-10{i}")
     assert lab.run_until_idle().ok
-    assert relay.outbox_frame(lab.conn).amount.tolist() == [500, 1000, 1500]
-    assert relay.pending(lab.conn) == 3
+    assert payment_outbox.outbox_frame(lab.conn).amount.tolist() == [500, 1000, 1500]
+    assert payment_outbox.pending(lab.conn) == 3
     provider = PaymentService(clock=lab.clock, seed=12)
-    assert relay.relay(lab.conn, provider, clock=lab.clock) == relay.RelayPass(3, False)
+    assert (payment_outbox.relay(lab.conn, provider, clock=lab.clock)
+            == payment_outbox.RelayPass(3, False))
 
-    table = relay.outbox_table(seeds=range(20), orders=20).set_index("key")
+    table = payment_outbox.outbox_table(seeds=range(20), orders=20).set_index("key")
     bare, keyed = table.loc["none"], table.loc["event id"]
     assert bare.relay_crashes == keyed.relay_crashes > 0
     assert bare.charges == bare.orders + bare.relay_crashes  # one more per crash

@@ -141,9 +141,9 @@ def test_readers_locked_out_exit_2(capsys: pytest.CaptureFixture[str], tmp_path:
 @pytest.mark.slow
 def test_order_through_an_api_locked_out_of_its_database_exits_2(tmp_path: Path) -> None:
     """The real API waits SQLite's 30 s busy timeout, then answers 503; ``order`` says so."""
-    from test_lab_processes import Lab
+    from test_lab_processes import ProcessRig
 
-    lab = Lab(tmp_path)
+    lab = ProcessRig(tmp_path)
     try:
         lab.api("--no-access-log")
         holder = sqlite3.connect(lab.db, isolation_level=None)

@@ -25,14 +25,14 @@ from helpers_proc import env
 
 from deliverylab.book.cluster_run import cluster_run, longest_gap, publish_pauses
 from deliverylab.brokers.jetstream import JetStreamBroker
-from deliverylab.brokers.nats_cluster import (
+from deliverylab.clusters.nats_cluster import (
     ROUTE_OFFSET,
     ClusterError,
     NatsCluster,
     free_base_port,
 )
-from deliverylab.brokers.rabbitmq_cluster import RabbitCluster
-from deliverylab.brokers.rabbitmq_cluster import free_base_port as rabbit_base_port
+from deliverylab.clusters.rabbitmq_cluster import RabbitCluster
+from deliverylab.clusters.rabbitmq_cluster import free_base_port as rabbit_base_port
 from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.errors import InvalidInput
 from deliverylab.engine.ids import Ids

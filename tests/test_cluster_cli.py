@@ -15,7 +15,7 @@ import pytest
 from test_lab_processes import cli
 
 from deliverylab.brokers.jetstream import JetStreamBroker
-from deliverylab.brokers.nats_cluster import NatsCluster, free_base_port
+from deliverylab.clusters.nats_cluster import NatsCluster, free_base_port
 from deliverylab.engine.clock import SystemClock
 from deliverylab.engine.ids import Ids
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deliverylab.book import relay
+from deliverylab.book import payment_outbox
 from deliverylab.book.effects import PaymentService, charge_handler, charge_run, worker_for
 from deliverylab.book.lab import Lab
 from deliverylab.engine.clock import FakeClock
@@ -171,8 +171,8 @@ def test_lost_acks_through_the_inbox_never_call_again() -> None:
 
 def outbox_lab(seed: int, **rates: float) -> Lab:
     lab = Lab(seed=seed, max_receives=2)
-    relay.install(lab.conn)
-    lab.workers = [worker_for(lab, relay.outbox_handler(clock=lab.clock),
+    payment_outbox.install(lab.conn)
+    lab.workers = [worker_for(lab, payment_outbox.outbox_handler(clock=lab.clock),
                               faults=Faults(seed=seed, **rates))]
     return lab
 
@@ -184,17 +184,17 @@ def test_an_outbox_row_exists_exactly_for_the_orders_that_took_effect() -> None:
     events = lab.events()
     applied = set(events[events.state == "correct"].order_id)
     assert 0 < len(applied) < 30  # some orders were dead-lettered, never applied
-    assert set(relay.outbox_frame(lab.conn).order_id) == applied
+    assert set(payment_outbox.outbox_frame(lab.conn).order_id) == applied
 
 
 def test_the_outbox_holds_one_request_per_event_even_without_an_inbox() -> None:
     lab = Lab(seed=5, mode="at-least-once")
-    relay.install(lab.conn)
-    lab.workers = [worker_for(lab, relay.outbox_handler(clock=lab.clock),
+    payment_outbox.install(lab.conn)
+    lab.workers = [worker_for(lab, payment_outbox.outbox_handler(clock=lab.clock),
                               faults=Faults(seed=5, ack_fail=0.6))]
     lab.place_orders(20)
     assert lab.run_until_idle().duplicated > 0
-    assert len(relay.outbox_frame(lab.conn)) == 20
+    assert len(payment_outbox.outbox_frame(lab.conn)) == 20
 
 
 def test_a_relay_crash_leaves_the_row_pending_and_the_next_pass_sends_it_again() -> None:
@@ -202,11 +202,13 @@ def test_a_relay_crash_leaves_the_row_pending_and_the_next_pass_sends_it_again()
     lab.place_orders(5)
     lab.run_until_idle()
     service = PaymentService(clock=lab.clock)
-    crashed = relay.relay(lab.conn, service, clock=lab.clock, crash_rate=1.0)
-    assert crashed == relay.RelayPass(sent=0, crashed=True) and relay.pending(lab.conn) == 5
-    done = relay.relay(lab.conn, service, clock=lab.clock)
-    assert done == relay.RelayPass(sent=5, crashed=False) and relay.pending(lab.conn) == 0
-    frame = relay.outbox_frame(lab.conn)
+    crashed = payment_outbox.relay(lab.conn, service, clock=lab.clock, crash_rate=1.0)
+    assert crashed == payment_outbox.RelayPass(sent=0, crashed=True)
+    assert payment_outbox.pending(lab.conn) == 5
+    done = payment_outbox.relay(lab.conn, service, clock=lab.clock)
+    assert done == payment_outbox.RelayPass(sent=5, crashed=False)
+    assert payment_outbox.pending(lab.conn) == 0
+    frame = payment_outbox.outbox_frame(lab.conn)
     assert frame.attempts.tolist()[0] == 2 and service.calls == 6 and service.charge_count() == 5
 
 
@@ -218,25 +220,25 @@ def test_relay_refuses_bad_arguments_and_writes_nothing() -> None:
     for kwargs, field in (({"crash_rate": -0.1}, "crash_rate"), ({"limit": 0}, "limit"),
                           ({"keyed": 1}, "keyed")):
         with pytest.raises(InvalidInput) as refused:
-            relay.relay(lab.conn, service, clock=lab.clock, **kwargs)
+            payment_outbox.relay(lab.conn, service, clock=lab.clock, **kwargs)
         assert refused.value.field == field
     with pytest.raises(InvalidInput, match="service"):
-        relay.relay(lab.conn, object(), clock=lab.clock)  # type: ignore[arg-type]
-    assert relay.outbox_frame(lab.conn).attempts.tolist() == [0, 0] and service.calls == 0
+        payment_outbox.relay(lab.conn, object(), clock=lab.clock)  # type: ignore[arg-type]
+    assert payment_outbox.outbox_frame(lab.conn).attempts.tolist() == [0, 0] and service.calls == 0
 
 
 def test_relay_without_its_table_says_which_install_to_run() -> None:
     lab = Lab(seed=8)
-    with pytest.raises(InvalidInput, match=r"with payment_outbox \(run deliverylab.book.relay.install") as refused:
-        relay.relay(lab.conn, PaymentService(clock=lab.clock), clock=lab.clock)
+    with pytest.raises(InvalidInput, match=r"with payment_outbox \(run deliverylab.book.payment_outbox.install") as refused:
+        payment_outbox.relay(lab.conn, PaymentService(clock=lab.clock), clock=lab.clock)
     assert refused.value.field == "conn"
 
 
 @pytest.mark.slow
 def test_relay_crashes_charge_twice_without_a_key_and_once_with_it() -> None:
     for seed in SEEDS:
-        keyed = relay.outbox_run(keyed=True, orders=20, seed=seed, relay_crash=0.3)
-        bare = relay.outbox_run(keyed=False, orders=20, seed=seed, relay_crash=0.3)
+        keyed = payment_outbox.outbox_run(keyed=True, orders=20, seed=seed, relay_crash=0.3)
+        bare = payment_outbox.outbox_run(keyed=False, orders=20, seed=seed, relay_crash=0.3)
         assert keyed.relay_crashes == bare.relay_crashes > 0, seed
         assert keyed.charges == 20 and keyed.double_charged == 0, seed
         assert bare.charges == 20 + bare.relay_crashes and bare.double_charged > 0, seed

@@ -23,8 +23,8 @@ import pytest
 from test_lab_processes import Proc, no_failures
 
 from deliverylab.brokers.jetstream import JetStreamBroker, open_url
-from deliverylab.brokers.nats_cluster import DEBIAN_BINARY, free_base_port
 from deliverylab.brokers.registry import open_broker
+from deliverylab.clusters.nats_cluster import DEBIAN_BINARY, free_base_port
 from deliverylab.engine import store
 from deliverylab.engine.check import check
 from deliverylab.engine.clock import FakeClock, SystemClock

@@ -196,7 +196,7 @@ def test_two_cluster_starts_on_one_directory_at_once_start_one_cluster(tmp_path)
     from test_cluster import servers_of
     from test_lab_processes import child_env
 
-    from deliverylab.brokers.nats_cluster import NatsCluster, free_base_port
+    from deliverylab.clusters.nats_cluster import NatsCluster, free_base_port
 
     where = tmp_path / "cluster"
     base = free_base_port()
@@ -228,7 +228,7 @@ def test_two_starts_of_one_cluster_object_pair_at_the_same_instant_take_turns(tm
 
     from test_cluster import servers_of
 
-    from deliverylab.brokers.nats_cluster import NatsCluster, free_base_port
+    from deliverylab.clusters.nats_cluster import NatsCluster, free_base_port
 
     where = tmp_path / "cluster"
     base = free_base_port()

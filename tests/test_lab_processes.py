@@ -93,7 +93,7 @@ class Proc:
             self._out.close()
 
 
-class Lab:
+class ProcessRig:
     """One database file and the processes running on it."""
 
     def __init__(self, tmp: Path) -> None:
@@ -160,8 +160,8 @@ class Lab:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(tmp_path)
+def lab(tmp_path: Path) -> Iterator[ProcessRig]:
+    lab = ProcessRig(tmp_path)
     try:
         yield lab
     finally:
@@ -214,7 +214,7 @@ def ack_fails_then_succeeds(event_id: str) -> int:
 
 
 @pytest.mark.slow
-def test_seed_scenario_ack_failures_are_skipped_as_duplicates(lab: Lab) -> None:
+def test_seed_scenario_ack_failures_are_skipped_as_duplicates(lab: ProcessRig) -> None:
     lab.api()
     placed = cli("order", "--item", "coffee-beans", "--qty", "1", "--order-id", "o-001",
                  "--url", f"http://{HOST}:{lab.port}")
@@ -294,7 +294,7 @@ def run_clients(port: int, orders: list[dict[str, Any]], clients: int = 16,
 
 
 @pytest.mark.slow
-def test_load_16_clients_2000_orders_2_workers(lab: Lab) -> None:
+def test_load_16_clients_2000_orders_2_workers(lab: ProcessRig) -> None:
     api = lab.api("--no-access-log")
     workers = [lab.worker(f"worker-{i}", "--ack-fail-rate", "0.3", "--seed", str(i))
                for i in (1, 2)]
@@ -321,7 +321,7 @@ def test_load_16_clients_2000_orders_2_workers(lab: Lab) -> None:
 
 # -- crashes ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_of_the_api_under_load_loses_no_acknowledged_order(lab: Lab) -> None:
+def test_sigkill_of_the_api_under_load_loses_no_acknowledged_order(lab: ProcessRig) -> None:
     api = lab.api("--no-access-log")
     worker = lab.worker("worker-1")
     orders = make_orders(2000, "crash", seed=1)
@@ -372,7 +372,7 @@ def test_sigkill_of_the_api_under_load_loses_no_acknowledged_order(lab: Lab) -> 
 
 
 @pytest.mark.slow
-def test_sigkill_of_workers_repeatedly_then_drain(lab: Lab) -> None:
+def test_sigkill_of_workers_repeatedly_then_drain(lab: ProcessRig) -> None:
     lab.api("--no-access-log")
     env = child_env(ACK_FAIL_RATE="0.3")
     args = ("--visibility-timeout", "1")
@@ -436,7 +436,7 @@ def test_sigkill_of_workers_repeatedly_then_drain(lab: Lab) -> None:
 
 # -- bad input --------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_malformed_requests_get_a_clear_4xx_and_write_nothing(lab: Lab) -> None:
+def test_malformed_requests_get_a_clear_4xx_and_write_nothing(lab: ProcessRig) -> None:
     api = lab.api()
     for name, method, path, headers, body, status, phrase in BAD_REQUESTS:
         got, answer = request(method, path, body, port=lab.port, headers=headers)
@@ -475,7 +475,7 @@ def test_malformed_requests_get_a_clear_4xx_and_write_nothing(lab: Lab) -> None:
 
 # -- lost messages and reconcile ----------------------------------------------------------------
 @pytest.mark.slow
-def test_lost_messages_are_reconciled_and_leftovers_do_not_double_count(lab: Lab) -> None:
+def test_lost_messages_are_reconciled_and_leftovers_do_not_double_count(lab: ProcessRig) -> None:
     def status() -> dict[str, Any]:
         return json.loads(cli("status", "--json", "--db", str(lab.db)).stdout)
 
@@ -528,7 +528,7 @@ def test_lost_messages_are_reconciled_and_leftovers_do_not_double_count(lab: Lab
 
 # -- clean shutdown -----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigterm_stops_api_and_worker_cleanly(lab: Lab) -> None:
+def test_sigterm_stops_api_and_worker_cleanly(lab: ProcessRig) -> None:
     api = lab.api()
     worker = lab.worker("worker-1")
     assert request("POST", "/orders", {"orderId": "o-1", "itemId": "x", "qty": 2},

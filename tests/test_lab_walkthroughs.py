@@ -30,7 +30,7 @@ import pytest
 from test_lab_guide import LAB, README, bash_blocks, shell_lines
 from test_lab_processes import child_env, free_port
 
-from deliverylab.brokers.nats_cluster import free_base_port
+from deliverylab.clusters.nats_cluster import free_base_port
 
 LONG_RUNNING = re.compile(r"\bdeliverylab (api|worker|relay)\b")
 SKIPPED = re.compile(r"^(make |source |bash scripts/|psql |python -m deliverylab\.book)")

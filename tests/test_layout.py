@@ -1,9 +1,11 @@
-"""The package's layers: no import cycles, and the engine and the brokers stand alone.
+"""The package's layers: no import cycles, and the engine, the brokers and the clusters stand
+alone.
 
-The folders name the layers (``engine/``, ``brokers/``, ``app/``, ``book/``). A consumer
-runs the engine over a broker; the lab's processes and the book sit on top. So the engine
-and the brokers never import the app, the book or the course, not even lazily inside a
-function, and no module imports
+The folders name the layers (``engine/``, ``brokers/``, ``clusters/``, ``app/``, ``book/``,
+``course/``). A consumer runs the engine over a broker; the clusters start servers some
+brokers talk to; the lab's processes and the book sit on top. So the engine, the brokers and
+the clusters never import the app, the book or the course, not even lazily inside a
+function; a broker is a client and never starts a cluster; and no module imports
 itself back through others, even lazily or for type checking only (a cycle there is one
 refactor away from an import error).
 """
@@ -75,13 +77,15 @@ def test_the_package_has_no_import_cycle():
     assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-LOWER = sorted(n for n in MODULES if n.startswith(("deliverylab.engine", "deliverylab.brokers")))
+LOWER = sorted(n for n in MODULES if n.startswith(("deliverylab.engine", "deliverylab.brokers",
+                                                    "deliverylab.clusters")))
 
 
 def test_the_layers_are_folders():
     assert {n.split(".")[1] for n in MODULES if n.count(".") >= 2} == {
-        "engine", "brokers", "app", "book", "course"}
+        "engine", "brokers", "clusters", "app", "book", "course"}
     assert "deliverylab.engine.store" in LOWER and "deliverylab.brokers.base" in LOWER
+    assert "deliverylab.clusters.nats_cluster" in LOWER
 
 
 @pytest.mark.parametrize("name", LOWER)
@@ -100,8 +104,20 @@ ENGINE = sorted(n for n in MODULES if n.startswith("deliverylab.engine"))
 def test_the_engine_never_imports_a_broker(name):
     """The contract lives in the engine (``engine/broker.py``) and the brokers implement it:
     the arrow runs from ``brokers/`` to ``engine/``, never back, not even lazily."""
-    brokers = sorted(m for m in imports_of(name) if m.startswith("deliverylab.brokers"))
+    brokers = sorted(m for m in imports_of(name)
+                     if m.startswith(("deliverylab.brokers", "deliverylab.clusters")))
     assert not brokers, f"{name} imports {brokers}"
+
+
+BROKERS = sorted(n for n in MODULES if n.startswith("deliverylab.brokers"))
+
+
+@pytest.mark.parametrize("name", BROKERS)
+def test_a_broker_never_starts_a_cluster(name):
+    """A broker is a client of a server someone else runs; the modules that start servers
+    (``clusters/``) sit beside the brokers, and the arrow never runs from a broker to them."""
+    clusters = sorted(m for m in imports_of(name) if m.startswith("deliverylab.clusters"))
+    assert not clusters, f"{name} imports {clusters}"
 
 
 @pytest.mark.parametrize("name", LOWER)

@@ -22,7 +22,7 @@ from deliverylab.engine.worker import Worker
 ORDERS = 60
 
 
-class PgLab:
+class PgEngineRig:
     def __init__(self, url: str, seed: int = 1) -> None:
         self.url, self.clock, self.ids = url, FakeClock(), Ids(seed)
         self.conn = pgstore.connect(url)
@@ -62,7 +62,7 @@ FAULTS = Faults(seed=7, ack_fail=0.3, crash_after_commit=0.1, crash_after_receiv
 @pytest.mark.parametrize("mode", ["idempotent", "transactional"])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_lost_acks_and_crashes_neither_lose_nor_double_apply(pg_url, mode, batch):
-    lab = PgLab(pg_url)
+    lab = PgEngineRig(pg_url)
     lab.place(ORDERS)
     workers = [lab.worker(f"w{k}", mode=mode, faults=FAULTS, max_messages=batch)
                for k in range(3)]
@@ -79,7 +79,7 @@ def test_lost_acks_and_crashes_neither_lose_nor_double_apply(pg_url, mode, batch
 
 
 def test_at_least_once_double_applies_a_lost_ack_on_postgres_too(pg_url):
-    lab = PgLab(pg_url)
+    lab = PgEngineRig(pg_url)
     lab.place(ORDERS)
     lab.drain(lab.worker("w0", mode="at-least-once", faults=Faults(seed=7, ack_fail=0.3)))
     result = check(lab.conn)
@@ -88,7 +88,7 @@ def test_at_least_once_double_applies_a_lost_ack_on_postgres_too(pg_url):
 
 
 def test_at_most_once_loses_a_crash_after_the_ack_on_postgres_too(pg_url):
-    lab = PgLab(pg_url)
+    lab = PgEngineRig(pg_url)
     lab.place(ORDERS)
     lab.drain(lab.worker("w0", mode="at-most-once",
                          faults=Faults(seed=7, crash_after_receive=0.2)))
@@ -99,7 +99,7 @@ def test_at_most_once_loses_a_crash_after_the_ack_on_postgres_too(pg_url):
 def test_the_delivery_count_survives_a_crash_and_a_poison_message_is_dead_lettered(pg_url):
     """The lease commits at claim time: every crash keeps its count, so a message that always
     crashes its worker reaches max_receives instead of looping."""
-    lab = PgLab(pg_url)
+    lab = PgEngineRig(pg_url)
     lab.place(1)
     w = lab.worker("w0", mode="idempotent", max_receives=3,
                    faults=Faults(seed=1, crash_after_receive=1.0))
@@ -110,7 +110,7 @@ def test_the_delivery_count_survives_a_crash_and_a_poison_message_is_dead_letter
 
 
 def test_repair_then_late_deliveries_are_fenced(pg_url):
-    lab = PgLab(pg_url)
+    lab = PgEngineRig(pg_url)
     lab.place(ORDERS)
     w = lab.worker("w0", mode="at-least-once", max_messages=5)
     w.step()
@@ -144,7 +144,7 @@ def test_the_sqlite_broker_refuses_a_postgres_connection_and_back(pg_url, tmp_pa
 def test_a_database_error_is_raised_not_retried_as_the_handlers_failure(pg_url):
     """A handler failure is nacked for a retry; an error of the database itself is not the
     message's fault and must surface (as on SQLite, where it is a sqlite3.Error)."""
-    lab = PgLab(pg_url)
+    lab = PgEngineRig(pg_url)
     lab.place(1)
 
     def broken(conn, delivery):
@@ -169,7 +169,7 @@ def test_a_repair_waits_for_an_effect_that_read_the_fence_before_it(pg_url):
     from deliverylab.book.pgdemo import wait_until_blocked
     from deliverylab.engine.worker import _INBOX_ONE, _RESERVE
 
-    lab = PgLab(pg_url)
+    lab = PgEngineRig(pg_url)
     lab.place(1)
     (event_id,) = lab.conn.execute("SELECT event_id FROM orders").fetchone()
     effect = pgstore.connect(pg_url)

@@ -31,7 +31,7 @@ CRASH_EXIT = 70
 ITEMS = ["coffee-beans", "tea", "milk", "oat-milk"]
 
 
-class PgLab:
+class PgProcessRig:
     """One PostgreSQL schema and the worker processes running on it."""
 
     def __init__(self, url: str, tmp: Path, seed: int) -> None:
@@ -71,10 +71,10 @@ class PgLab:
 
 @pytest.fixture
 def make_lab(tmp_path: Path) -> Iterator:
-    labs: list[PgLab] = []
+    labs: list[PgProcessRig] = []
     with schema() as url:
-        def make(seed: int) -> PgLab:
-            labs.append(PgLab(url, tmp_path, seed))
+        def make(seed: int) -> PgProcessRig:
+            labs.append(PgProcessRig(url, tmp_path, seed))
             return labs[-1]
         try:
             yield make

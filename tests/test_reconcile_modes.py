@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable
 
 import pytest
-from conftest import Lab
+from conftest import EngineRig
 
 from deliverylab.brokers.sqlite import Queue
 from deliverylab.engine import store
@@ -51,7 +51,7 @@ class RacingClock(FakeClock):
         super().sleep(seconds)
 
 
-def race(seed: int, modes: tuple[str, ...], *, max_messages: int) -> tuple[Lab, int]:
+def race(seed: int, modes: tuple[str, ...], *, max_messages: int) -> tuple[EngineRig, int]:
     """Place orders, run ``modes`` workers under faults, fire 1-3 repairs at random moments
     (the last one always with a delivery in a worker's hands), then drain. Returns the lab
     and how many deliveries were in a worker's hands at the last repair."""
@@ -59,7 +59,7 @@ def race(seed: int, modes: tuple[str, ...], *, max_messages: int) -> tuple[Lab, 
     clock = RacingClock()
     conn = store.init_db(":memory:")
     ids = Ids(seed)
-    lab = Lab(conn, clock, ids, Queue(conn, clock=clock, ids=ids, max_receives=50))
+    lab = EngineRig(conn, clock, ids, Queue(conn, clock=clock, ids=ids, max_receives=50))
     faults = Faults(seed=seed, ack_fail=0.3, crash_after_receive=0.1, crash_after_commit=0.1,
                     lose_message=0.05)
     workers = [lab.worker(mode=m, name=f"w{i}-{m}", faults=faults, max_messages=max_messages,
@@ -126,7 +126,7 @@ def test_a_repair_between_receive_and_effect_is_not_undone(mode):
     clock = RacingClock()
     conn = store.init_db(":memory:")
     ids = Ids(3)
-    lab = Lab(conn, clock, ids, Queue(conn, clock=clock, ids=ids))
+    lab = EngineRig(conn, clock, ids, Queue(conn, clock=clock, ids=ids))
     lab.order("tea", 2)
     results = []
     clock.hook = lambda: results.append(repair(conn, clock=clock))

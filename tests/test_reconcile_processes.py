@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_lab_processes import HOST, Lab, Proc, cli, no_failures
+from test_lab_processes import HOST, Proc, ProcessRig, cli, no_failures
 
 from deliverylab.brokers.sqlite import Queue
 from deliverylab.engine.check import check
@@ -29,15 +29,15 @@ CRASH_EXIT = 70
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(tmp_path)
+def lab(tmp_path: Path) -> Iterator[ProcessRig]:
+    lab = ProcessRig(tmp_path)
     try:
         yield lab
     finally:
         lab.close()
 
 
-def queued(lab: Lab) -> int:
+def queued(lab: ProcessRig) -> int:
     conn = lab.conn()
     try:
         return conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
@@ -45,7 +45,7 @@ def queued(lab: Lab) -> int:
         conn.close()
 
 
-def wait_empty(lab: Lab, timeout: float) -> None:
+def wait_empty(lab: ProcessRig, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while queued(lab) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -56,7 +56,7 @@ def wait_empty(lab: Lab, timeout: float) -> None:
 @pytest.mark.parametrize("modes", [("transactional",), ("at-least-once",), ("at-most-once",),
                                    ("idempotent",), ("idempotent", "transactional")],
                          ids="+".join)
-def test_drop_reconcile_then_a_worker_of_any_mode_keeps_it_ok(lab: Lab, modes) -> None:
+def test_drop_reconcile_then_a_worker_of_any_mode_keeps_it_ok(lab: ProcessRig, modes) -> None:
     lab.api()
     for i, item in enumerate(["coffee-beans", "tea", "coffee-beans", "milk"]):
         placed = cli("order", "--item", item, "--qty", "1", "--order-id", f"o-{i}",
@@ -99,7 +99,7 @@ TEAMS = [("at-most-once",), ("at-least-once",), ("idempotent",), ("transactional
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("modes", TEAMS, ids="+".join)
-def test_repairs_racing_real_workers_under_ack_loss_and_crashes(lab: Lab, modes, seed) -> None:
+def test_repairs_racing_real_workers_under_ack_loss_and_crashes(lab: ProcessRig, modes, seed) -> None:
     if len(modes) == 1 and seed == 2:
         modes = (modes[0], modes[0])  # the second seed: two processes of the one mode
     rng = random.Random(seed)

@@ -935,7 +935,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Start, show or stop the three-node JetStream cluster whose files live in ``--dir``."""
-    from ..brokers.nats_cluster import (
+    from ..clusters.nats_cluster import (
         DEFAULT_BASE_PORT,
         STATE_FILE,
         ClusterError,
@@ -1019,7 +1019,7 @@ def _cluster_node(args: argparse.Namespace, cluster: Any) -> str:
 def _cluster_kill(args: argparse.Namespace, cluster: Any) -> int:
     """SIGKILL one node: the one named, or the leader of ``--leader-of STREAM``; then wait
     for the stream (if named) to elect another leader, and say who."""
-    from ..brokers.nats_cluster import ClusterError
+    from ..clusters.nats_cluster import ClusterError
 
     if (args.node is None) == (args.leader_of is None):
         raise UsageError("'deliverylab cluster kill' takes a NODE or --leader-of STREAM"

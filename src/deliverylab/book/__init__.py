@@ -14,7 +14,7 @@ chapter                                    modules
 4  The hands-on lab                        ``lab``, ``panel``, ``producer``, ``traceviews``
 5  Reconciliation                          ``lab``, ``labviews``, ``naive``, ``traceviews``
 6  What an inbox does not cover            ``lab``, ``toolkit``, ``effects``, ``ordering``,
-                                           ``relay``, ``retention_runs``
+                                           ``payment_outbox``, ``retention_runs``
 7  Beyond one machine                      ``beyond``, ``cluster_run``
 8  Running it for real                     ``lab``, ``zombies``, ``retries``, ``batches``,
                                            ``sagas``, ``alerts``, ``mqtt``
@@ -23,7 +23,7 @@ chapter                                    modules
 Beside them: ``tables`` (the tables a module adds beside the engine's schema) and
 ``estimates`` (each chapter's reading time, derived from the chapter for the introduction).
 ``naive`` is the seed chapter's design, kept wrong on purpose for teaching.
-``book.relay`` is chapter 6's *outbound* outbox (a payment request sent after the commit);
-the engine's relay, which publishes the transactional outbox to a broker, is
-``deliverylab.engine.relay``.
+``payment_outbox`` is chapter 6's *outbound* outbox (a payment request sent after the
+commit) and the pass that sends it; the engine's relay, which publishes the transactional
+outbox to a broker, is ``deliverylab.engine.relay``.
 """

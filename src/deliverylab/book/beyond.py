@@ -431,7 +431,7 @@ def cluster_demo(mode: str = "idempotent", *, orders: int = 1000, seed: int = 1,
     ACKs, two leader SIGKILLs. Returns its :class:`~deliverylab.book.cluster_run.ClusterRun`."""
     import tempfile
 
-    from ..brokers.nats_cluster import free_base_port
+    from ..clusters.nats_cluster import free_base_port
     from .cluster_run import cluster_run
 
     with tempfile.TemporaryDirectory(prefix="dl-cluster-") as tmp:

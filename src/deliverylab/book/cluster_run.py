@@ -2,7 +2,7 @@
 
 The run, as real processes on this machine:
 
-1. a three-node cluster (:mod:`deliverylab.brokers.nats_cluster`) and a stream replicated on
+1. a three-node cluster (:mod:`deliverylab.clusters.nats_cluster`) and a stream replicated on
    all three;
 2. ``orders`` orders placed in a SQLite store with the transactional outbox: each order and its
    ``OrderPlaced`` event commit together in the store's ``outbox`` table;
@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING
 
 import deliverylab
 
-from ..brokers.nats_cluster import DEFAULT_BASE_PORT, NatsCluster, check_base_port
 from ..brokers.registry import open_broker
+from ..clusters.nats_cluster import DEFAULT_BASE_PORT, NatsCluster, check_base_port
 from ..engine.check import CheckResult, check
 from ..engine.clock import SystemClock
 from ..engine.errors import BrokerUnavailable, InvalidInput, check_int, check_number

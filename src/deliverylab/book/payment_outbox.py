@@ -94,7 +94,7 @@ def relay(conn: sqlite3.Connection, service: PaymentService, *, clock: Clock,
         raise InvalidInput("keyed", keyed, "True or False")
     rate = check_number("crash_rate", crash_rate, minimum=0, maximum=1)
     check_int("limit", limit, minimum=1, maximum=10_000)
-    require_tables(conn, ["payment_outbox"], "deliverylab.book.relay.install")
+    require_tables(conn, ["payment_outbox"], "deliverylab.book.payment_outbox.install")
     faults = Faults(seed=seed)
     rows = conn.execute(
         "SELECT request_key, order_id, amount FROM payment_outbox WHERE sent_at IS NULL"

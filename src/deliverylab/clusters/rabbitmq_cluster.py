@@ -1,6 +1,6 @@
 """A three-node RabbitMQ cluster on this machine, started, watched, killed and stopped.
 
-The RabbitMQ counterpart of :mod:`deliverylab.brokers.nats_cluster`: three RabbitMQ nodes
+The RabbitMQ counterpart of :mod:`deliverylab.clusters.nats_cluster`: three RabbitMQ nodes
 beside any RabbitMQ already running, each with its own node name, AMQP port, Erlang
 distribution port, data and logs under one directory, and no plugins; nodes two and three
 join node one. A quorum queue declared on it is a Raft group over the three nodes: it keeps
@@ -49,7 +49,7 @@ def check_base_port(value: object, field: str = "base_port") -> int:
 
 def free_base_port(rng: random.Random | None = None) -> int:
     """A base port whose AMQP and distribution ports are all free (see
-    :func:`deliverylab.brokers.nats_cluster.free_base_port`)."""
+    :func:`deliverylab.clusters.nats_cluster.free_base_port`)."""
     return nats_cluster.free_base_port(rng, offsets=(0, DIST_OFFSET))
 
 
