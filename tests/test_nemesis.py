@@ -11,9 +11,9 @@ import sqlite3
 from typing import Any
 
 import pytest
-from corpus import SEEDS, chapter1, chapter2, chapter3, chapter4  # noqa: F401
+from corpus import SEEDS, chapter1, chapter2, chapter3, chapter4, chapter7  # noqa: F401
 
-from deliverylab.course import ex02, ex03, ex04, grade
+from deliverylab.course import ex02, ex03, ex04, ex07, grade
 from deliverylab.course.crew import HookedConnection, is_write, nemesis_handler, pausing_process
 from deliverylab.engine.errors import InvalidInput
 from deliverylab.engine.faults import Faults
@@ -41,6 +41,10 @@ ONLY = [
     ("stopped", "producer-retries", chapter3.key_per_call, ex03, {"RESTART": 0.0}),
     ("past-range", "late-worker", chapter2.lease_edge_counts_as_held, ex02,
      {"LATE_WORK": (0.5, 1.9, 3.0)}),
+    ("past-range", "heartbeat", chapter3.beat_at_the_edge_checked, ex03,
+     {"BEAT_LATENCY": (0.0, 0.0)}),
+    ("store-failure", "poison-or-retry", chapter7.triage_retries_at_once, ex07,
+     {"LOCK_SPAN": (0.0, 0.0)}),
 ]
 
 
@@ -59,6 +63,7 @@ def test_only_this_nemesis_catches_the_wrong_answer(
 
 def test_the_lease_edge_and_a_little_less_differ() -> None:
     assert not grade("heartbeat", chapter3.beat_at_the_lease_edge, seeds=SEEDS).passed
+    assert not grade("heartbeat", chapter3.beat_at_the_edge_checked, seeds=SEEDS).passed
     assert grade("heartbeat", chapter3.beat_just_inside_the_lease, seeds=SEEDS).passed
 
 
@@ -93,7 +98,9 @@ def test_nemesis_handler_names_a_bad_rate(kwargs: dict[str, Any], field: str) ->
     assert err.value.field == field
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [({"pause": 2}, "pause"), ({"lease": 0}, "lease")])
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"pause": 2}, "pause"), ({"lease": 0}, "lease"), ({"latency": (0.5, 0.1)}, "latency"),
+    ({"latency": 0.1}, "latency"), ({"latency": (0.0, 3.0)}, "latency")])
 def test_pausing_process_names_a_bad_setting(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidInput) as err:
         pausing_process(lambda d, ops: None, Faults(seed=1), **kwargs)

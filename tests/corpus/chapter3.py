@@ -108,6 +108,19 @@ def ignore_lost_lease(delivery, ops):
         ops.nack(delivery)
 
 
+def beat_at_the_edge_checked(delivery, ops):
+    # Renews when the lease is up, by the whole lease: the renewal reaches the queue after
+    # the lease ran out, and an idle peer takes the message first, every time.
+    while ops.work_left > 0:
+        if not ops.extend(delivery, ops.visibility_timeout):
+            return
+        ops.work(min(ops.visibility_timeout, ops.work_left))
+    with ops.transaction():
+        ops.apply(delivery)
+        if not ops.ack(delivery):
+            raise ops.Rollback
+
+
 # -- heartbeat: correct ----------------------------------------------------------------------
 def beat_just_inside_the_lease(delivery, ops):
     # The lease-edge answer with chunks a little shorter than the lease, and the ACK checked.
@@ -203,6 +216,7 @@ WRONG = [
     ("heartbeat", beat_at_the_lease_edge, "duplicated", "past-range"),
     ("heartbeat", extend_once, "duplicated", "baseline"),
     ("heartbeat", ignore_lost_lease, "duplicated", "lost-message"),
+    ("heartbeat", beat_at_the_edge_checked, "lost", "past-range"),
     ("producer-retries", retry_without_key, "placed more than once", "lost-message"),
     ("producer-retries", retry_fresh_key, "placed more than once", "lost-message"),
     ("producer-retries", no_retry, "never placed", "lost-message"),

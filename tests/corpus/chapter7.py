@@ -200,6 +200,27 @@ def triage_without_inbox(store, broker, delivery):
         pass
 
 
+def triage_retries_at_once(store, broker, delivery):
+    try:
+        with transaction(store):
+            fresh = store.execute(
+                "INSERT INTO inbox_processed (consumer, event_id, processed_at)"
+                " VALUES ('inventory', ?, clock_now()) ON CONFLICT DO NOTHING",
+                (delivery.event_id,)).rowcount
+            if fresh:
+                apply_order_placed(store, delivery)
+    except PoisonMessage as exc:
+        broker.dead_letter(delivery, str(exc))
+        return
+    except sqlite3.OperationalError:
+        broker.nack(delivery)  # "the lock is gone by the next try"
+        return
+    try:
+        broker.ack(delivery)
+    except BrokerUnavailable:
+        pass
+
+
 def triage_validates_first(store, broker, delivery):
     p = delivery.payload
     item, qty = p.get("itemId"), p.get("qty")
@@ -256,6 +277,7 @@ WRONG = [
     ("poison-or-retry", triage_parks_after_three_failures, "good orders parked",
      "past-range"),
     ("poison-or-retry", triage_without_inbox, "applied twice", "lost-message"),
+    ("poison-or-retry", triage_retries_at_once, "good orders parked", "store-failure"),
 ]
 CORRECT = [
     ("external-inbox", consume_select_inside_immediate),

@@ -319,6 +319,7 @@ def _chain_texts(exc: BaseException | None) -> list[str]:
 
 def pausing_process(process: Callable[[Delivery, Ops], Any], faults: Faults, *,
                     pause: float = 0.0, lease: float = 2.0,
+                    latency: tuple[float, float] = (0.0, 0.0),
                     ) -> Callable[[Delivery, Ops], Any]:
     """``process`` whose deliveries may stall between two of its queue or store verbs
     (``apply``, ``ack``, ``extend``, ``nack``, the start of a ``transaction``), with the other
@@ -326,12 +327,22 @@ def pausing_process(process: Callable[[Delivery, Ops], Any], faults: Faults, *,
     pause, a slow disk, a preempted VM. At rate ``pause`` per verb (never the first one,
     never inside a transaction, only once the work is done) the delivery waits for a seeded
     share of ``lease``: a third of the time exactly the lease, otherwise a little less or a
-    little more."""
+    little more.
+
+    ``latency`` (seconds, low and high) is how long a renewal takes to reach the queue: each
+    ``extend`` made outside a transaction arrives a seeded time in that range after it is
+    sent (work does not go on meanwhile, the other workers run). A heartbeat that renews
+    only when its lease is up then renews a lease already gone, and an idle peer has taken
+    the message in between."""
     check_number("pause", pause, minimum=0, maximum=1)
     check_number("lease", lease, minimum=0.001, maximum=3600)
+    if not isinstance(latency, tuple) or len(latency) != 2:
+        raise InvalidInput("latency", latency, "a (low, high) pair of seconds")
+    lo = check_number("latency", latency[0], minimum=0, maximum=lease)
+    hi = check_number("latency", latency[1], minimum=lo, maximum=lease)
 
     def run(delivery: Delivery, ops: Ops) -> Any:
-        return process(delivery, PausingOps(ops, delivery, faults, pause, lease))
+        return process(delivery, PausingOps(ops, delivery, faults, pause, lease, (lo, hi)))
 
     return run
 
@@ -341,10 +352,12 @@ class PausingOps:
     same verbs, with a seeded stall before some of them."""
 
     def __init__(self, ops: Ops, delivery: Delivery, faults: Faults, rate: float,
-                 lease: float) -> None:
+                 lease: float, latency: tuple[float, float] = (0.0, 0.0)) -> None:
         self._ops, self._d, self._faults, self._rate, self._lease = (
             ops, delivery, faults, rate, lease)
+        self._latency = latency
         self._verbs = 0
+        self._extends = 0
         self._in_tx = False
         self.Rollback = ops.Rollback
         self.visibility_timeout = ops.visibility_timeout
@@ -391,7 +404,20 @@ class PausingOps:
 
     def extend(self, d: Delivery, seconds: float) -> bool:
         self._stall()
+        self._travel()
         return self._ops.extend(d, seconds)
+
+    def _travel(self) -> None:
+        """The renewal on its way to the queue: time passes, no work is done."""
+        lo, hi = self._latency
+        if hi <= 0 or self._in_tx:
+            return
+        self._extends += 1
+        u = self._faults.uniform("latency", self._d.event_id, self._d.delivery_count,
+                                 self._extends)
+        left = self._ops.work_left
+        self._ops.work(round(lo + (hi - lo) * u, 6))  # the other workers run meanwhile
+        self._ops.work_left = left
 
     def nack(self, d: Delivery, delay: float = 0.0) -> bool:
         self._stall()

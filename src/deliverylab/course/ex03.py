@@ -113,6 +113,7 @@ BEAT = dict(crash_after_receive=0.1, ack_fail=0.2, ack_answer_lost=0.1)
 BEAT_LEASE = 2.0
 BEAT_WORK = (1.5, 7.5)  # seconds of work per delivery, seeded in this range
 BEAT_PAUSE = 0.3        # a stall between two verbs, about one lease long
+BEAT_LATENCY = (0.02, 0.1)  # seconds a renewal takes to reach the queue
 BEAT_RECEIVES = 10
 
 
@@ -175,13 +176,16 @@ def beat_work(faults: Faults) -> Callable[[Delivery], float]:
 
 def run_heartbeat(process: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **BEAT)
-    hostile = pausing_process(process, faults, pause=BEAT_PAUSE, lease=BEAT_LEASE)
+    hostile = pausing_process(process, faults, pause=BEAT_PAUSE, lease=BEAT_LEASE,
+                              latency=BEAT_LATENCY)
     run, _ = run_workers(process=hostile, seed=seed, faults=faults, orders=20, workers=2,
                          work=beat_work(faults), visibility_timeout=BEAT_LEASE,
                          max_receives=BEAT_RECEIVES)
     where = describe_faults(faults, workers=2, orders=20,
                             extra=f"{BEAT_WORK[0]:g}-{BEAT_WORK[1]:g}s of work per delivery,"
-                                  f" {BEAT_LEASE:g}s lease, stalls {BEAT_PAUSE:g}")
+                                  f" {BEAT_LEASE:g}s lease, stalls {BEAT_PAUSE:g},"
+                                  f" renewals reach the queue {BEAT_LATENCY[0]:g}-"
+                                  f"{BEAT_LATENCY[1]:g}s after they are sent")
     return judge(run.lab, seed=seed, faults=where, errors=run.errors)
 
 

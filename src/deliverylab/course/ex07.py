@@ -25,7 +25,9 @@ from ..engine.ids import Ids
 from ..engine.orders import place_order
 from ..engine.store import transaction
 from ..engine.worker import PoisonMessage, apply_order_placed
+from .crew import is_write
 from .external import (
+    LEASE_FAKE,
     Crashed,
     History,
     Locked,
@@ -79,9 +81,11 @@ class _Consumers:
 
     def __init__(self, setup: Setup, consume: Callable[..., Any], faults: Faults, *,
                  crash: float, locked: float, ack_lost: float, interleave: bool,
-                 expected: tuple[type[BaseException], ...] = ()) -> None:
+                 expected: tuple[type[BaseException], ...] = (),
+                 lock_span: tuple[float, float] | None = None) -> None:
         self.setup, self.consume, self.faults = setup, consume, faults
         self.crash, self.locked, self.interleave = crash, locked, interleave
+        self.lock_span = lock_span  # (from, until) on the clock: every write is locked out
         self.expected = expected
         self.errors: list[str] = []
         self.deliveries = 0
@@ -123,13 +127,20 @@ class _Consumers:
         say = self.history.say
         say(d.event_id, who, f"received (delivery {d.delivery_count}, message {d.message_id})")
         # A poison message is not locked out: its deliveries all reach the code.
-        lock_first_insert = (self._roll("locked", d) < self.locked
-                             and not d.event_id.startswith("evt-poison"))
+        good = not d.event_id.startswith("evt-poison")
+        lock_first_insert = self._roll("locked", d) < self.locked and good
+
+        def locked(sql: str, n: int) -> bool:
+            if lock_first_insert and n <= 2 and sql.lstrip().upper().startswith("INSERT"):
+                return True
+            span = self.lock_span
+            return (good and span is not None and span[0] <= s.clock.now() < span[1]
+                    and is_write(sql))
+
         store = Store(
             s.store,
             between=(lambda: self.step(1)) if self.interleave and who == "worker-1" else None,
-            lock=(lambda sql, n: lock_first_insert and n <= 2
-                  and sql.lstrip().upper().startswith("INSERT")),
+            lock=locked,
             crash_before_commit=self._roll("crash_before_commit", d) < self.crash,
             crash_after_commit=self._roll("crash_after_commit", d) < self.crash,
             crash_at=(1 + int(self._roll("crash_where", d) * 3)
@@ -479,6 +490,12 @@ register(Exercise(
 # -- 7.3 poison or retry ----------------------------------------------------------------------
 POISON = 3
 MAX_POISON_DELIVERIES = 3
+# Once per run another writer (a backup, a migration) holds the store's lock for a while:
+# it starts a seeded time after the consumers do and lasts a seeded span, both in seconds
+# of the fake clock (on RabbitMQ and JetStream scaled by their shorter lease).
+LOCK_START = (0.1, 0.5)
+LOCK_SPAN = (6.0, 10.0)
+TRIAGE_RECEIVES = 20  # the broker parks a message after this many deliveries
 
 
 def triage_starter(store: Any, broker: Any, delivery: Delivery) -> None:
@@ -578,13 +595,18 @@ def _send_poison(setup: Setup, seed: int) -> list[str]:
 def run_triage(triage: Callable[..., Any], seed: int, *, broker: str | None = None) -> Trial:
     url = check_broker_url(broker)
     faults = Faults(seed=seed)
-    with open_setup(url, seed=seed, max_receives=10) as s:
+    with open_setup(url, seed=seed, max_receives=TRIAGE_RECEIVES) as s:
         rows = _place(s, seed, ORDERS)
         _publish(s, rows[: ORDERS // 2], twice=lambda e: False)
         poison = _send_poison(s, seed)
         _publish(s, rows[ORDERS // 2:], twice=lambda e: faults.uniform("dup", e) < 0.2)
+        scale = s.lease / LEASE_FAKE
+        offset = scale * _between(LOCK_START, faults.uniform("lock_start"))
+        start = s.clock.now() + offset
+        span = scale * _between(LOCK_SPAN, faults.uniform("lock_span"))
         crew = _Consumers(s, triage, faults, crash=0.05, locked=0.3, ack_lost=0.1,
-                          interleave=False, expected=(PoisonMessage, sqlite3.OperationalError))
+                          interleave=False, expected=(PoisonMessage, sqlite3.OperationalError),
+                          lock_span=(start, start + span))
         stop = crew.drain()
         reasons = [f"your code raised {e}" for e in crew.errors]
         if stop:
@@ -611,9 +633,12 @@ def run_triage(triage: Callable[..., Any], seed: int, *, broker: str | None = No
             reasons.append("once the queue is quiet the projection differs from the truth: "
                            + "; ".join(off))
         where = _faults_text(s, f"{ORDERS} orders and {POISON} poison messages; the store"
-                                " locked at the first INSERT of a delivery 0.3; ACK requests"
+                                " locked at the first INSERT of a delivery 0.3, and for"
+                                f" {scale * LOCK_SPAN[0]:g}-{scale * LOCK_SPAN[1]:g}s once, from"
+                                f" {scale * LOCK_START[0]:g}-{scale * LOCK_START[1]:g}s in,"
+                                " by another writer; ACK requests"
                                 " and answers lost 0.1 each; crash before or after the commit"
-                                " 0.05 each; the broker parks after 10 deliveries")
+                                f" 0.05 each; the broker parks after {TRIAGE_RECEIVES} deliveries")
         focus = _focus(s, crew.applied) if off else None
         if focus is None and parked_good:
             focus = _order_of(s, parked_good[0])
@@ -625,6 +650,10 @@ def run_triage(triage: Callable[..., Any], seed: int, *, broker: str | None = No
             trial = Trial(seed=trial.seed, faults=trial.faults, passed=False,
                           reason=trial.reason, trace=trace)
         return trial
+
+
+def _between(bounds: tuple[float, float], u: float) -> float:
+    return round(bounds[0] + (bounds[1] - bounds[0]) * u, 3)
 
 
 def _order_of(s: Setup, event_id: str) -> str | None:
