@@ -3,8 +3,8 @@
 #   make book    set up .venv, execute every chapter, build the HTML into _build/html/
 #                (again: only the pages that changed, or everything after a change to src/),
 #                and the Japanese edition (from the saved outputs) into _build/html/ja/
-#   make test    everything CI runs: lint, the translations complete, nbval, the strict book
-#                build of both editions, all tests
+#   make test    everything CI runs: lint (ruff, mypy), the translations complete, nbval,
+#                the strict book build of both editions, all tests
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
@@ -156,8 +156,11 @@ i18n-stats: setup
 
 # --- checks ------------------------------------------------------------------------------
 
+# ruff, and mypy on the package (its configuration, in pyproject.toml: strict on the engine
+# and the brokers).
 lint: setup
 	ruff check .
+	mypy
 
 # Every chapter runs top to bottom and reproduces its saved outputs exactly. With notebooks
 # present, collecting no cell (pytest's exit 5) is a failure, not a pass.
