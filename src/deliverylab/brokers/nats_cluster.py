@@ -382,7 +382,8 @@ class NatsCluster:
         try:
             with urllib.request.urlopen(f"http://{HOST}:{node.http_port}/jsz?{query}",
                                         timeout=2) as resp:
-                return json.load(resp)
+                doc: dict[str, Any] = json.load(resp)
+                return doc
         except (OSError, ValueError, urllib.error.URLError):
             return None
 
