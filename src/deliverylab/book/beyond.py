@@ -89,7 +89,7 @@ def check_engine(name: object) -> str:
     """``name`` if it is one of :data:`ENGINES`, else InvalidInput naming ``engine``."""
     if name not in ENGINES:
         raise InvalidInput("engine", name, "one of " + ", ".join(ENGINES))
-    return name  # type: ignore[return-value]
+    return name
 
 
 def _unavailable(name: str, where: str, exc: BaseException) -> EngineUnavailable:
@@ -256,12 +256,13 @@ def guarantee_matrix(engines: Sequence[str] = ENGINES, *, orders: int = 200,
         check_engine(name)
     modes = [str(Mode.parse(m)) for m in modes]
     faults = faults if faults is not None else Faults(seed=seed, **CHAPTER_FAULTS)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in engines:
         for mode in modes:
             result, received, why = run_mode(name, mode, orders=orders, faults=faults,
                                              seed=seed)
             if result is None:
+                assert why is not None  # run_mode gives its reason when it gives no result
                 reason = why.split(": ", 1)[-1].split(" (")[0]
                 rows.append({"engine": name, "mode": mode, "verdict": f"refused: {reason}"})
                 continue
