@@ -46,7 +46,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, NoReturn
 
 from .sql import Gate, Guard, guarded
 
@@ -137,7 +137,7 @@ class Row(tuple):  # noqa: SLOT001 - a row of a query result, in the child
 
     _keys: tuple[str, ...] = ()
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             try:
                 return tuple.__getitem__(self, self._keys.index(key))
@@ -708,7 +708,7 @@ class _Child:
         except (BlockingIOError, OSError):
             pass
 
-    def _died(self, call: _Call) -> None:
+    def _died(self, call: _Call) -> NoReturn:
         status = self._reap()
         self._drain_err()
         where = _where_dump(self.dump, self.box.files)
@@ -1081,12 +1081,12 @@ def _child_main(submission: Callable[..., Any], down: int, up: int, err: int) ->
     files = link.files = _files_of(submission)
     real_exit = os._exit
 
-    def _exit(code: int) -> None:
+    def _exit(status: int) -> NoReturn:
         where = _where_tb_stack(files)
         try:
-            link.send(("exit", f"{code} {where}" if where else f"{code}"))
+            link.send(("exit", f"{status} {where}" if where else f"{status}"))
         finally:
-            real_exit(code)
+            real_exit(status)
 
     os._exit = _exit
     while True:
