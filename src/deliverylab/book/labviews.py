@@ -500,7 +500,8 @@ def plot_fault_sweep(sweeps: Mapping[str, pd.DataFrame], *, orders: int, seed: i
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4.4), sharey=True,
                              squeeze=False)
     colors: dict[Hashable, Any] = {}  # by mode
-    styles: dict[str, dict[str, str | None]] = {"lost": {"marker": "o", "ls": "-", "mfc": None},
+    styles: dict[str, dict[str, str | None]]
+    styles = {"lost": {"marker": "o", "ls": "-", "mfc": None},
               "duplicated": {"marker": "s", "ls": "--", "mfc": "none"}}
     for ax, (point, sweep) in zip(axes[0], sweeps.items(), strict=True):
         if point not in sweep.columns:

@@ -273,7 +273,8 @@ def status_lab(*, versioned: bool, seed: int = 0, mode: Mode | str = Mode.IDEMPO
     install(lab.conn)
     handler = status_handler(versioned=versioned, clock=lab.clock)
     first = lab.workers[0]
-    kw: dict[str, Any] = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
+    kw: dict[str, Any]  # the keyword arguments both workers share
+    kw = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
           "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
           "handler": handler}
     second = Worker(lab.conn, clock=lab.clock, name="worker-2", **kw)
