@@ -1092,7 +1092,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             print("nothing was removed")
             return 1
     for t in doomed:
-        t.remove()  # type: ignore[misc]
+        t.remove()  # type: ignore[misc]  # not None: doomed holds only those
         print(safe_text(hide_secrets(f"removed {t.what}"
                                      + (f": {', '.join(t.parts)}" if t.parts else ""))))
     return 0

@@ -172,6 +172,7 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
                                                                             SystemClock):
         raise InvalidInput("clock", clock, f"the wall clock (SystemClock): the {name} server"
                                            f" times its leases itself")
+    # The store and the broker are None only until the engine's opener sets them.
     e = Engine(name, None, None, clock, isinstance(clock, SystemClock))  # type: ignore[arg-type]
     try:
         _OPENERS[name](e, Ids(seed), max_receives, directory, dedup_window)

@@ -926,7 +926,7 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids,
     except InvalidInput as exc:  # named by the URL the caller gave, whatever part was wrong
         if hasattr(exc, "differ"):  # the stream is there with other settings
             worded = InvalidInput(field, url, _settings_differ(kw["stream"], exc.differ, url))
-            worded.differ = exc.differ  # type: ignore[attr-defined]
+            worded.differ = exc.differ  # type: ignore[attr-defined]  # kept for the caller
             raise worded from None
         raise InvalidInput(field, url, exc.expected if exc.field == field
                            else f"valid options ({exc})") from None

@@ -64,6 +64,7 @@ class PostgresBroker(Queue):
     _ACK_MANY = _ACK_MANY
 
     def __init__(self, conn: PgConnection, **kw: Any) -> None:
+        # The queue's SQL, the SQLite broker's, runs on a PostgreSQL connection as it is.
         super().__init__(conn, **kw)  # type: ignore[arg-type]
 
 

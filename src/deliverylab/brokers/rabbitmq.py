@@ -201,9 +201,9 @@ def identity(props: pika.BasicProperties) -> tuple[str, str] | None:
     if not (isinstance(event_id, str) and event_id.strip()):
         event_id = None
     message_id = props.message_id if props.message_id and props.message_id.strip() else None
-    if message_id is None and event_id is None:
-        return None
-    return message_id or event_id, event_id or message_id  # type: ignore[return-value]
+    if event_id is None:
+        return None if message_id is None else (message_id, message_id)
+    return message_id or event_id, event_id
 
 
 def dead_properties(props: pika.BasicProperties, headers: dict[str, Any],
@@ -490,6 +490,7 @@ class RabbitMQBroker(Broker):
         expired = [lease for lease in self._leases.values() if lease.until <= now]
         for lease in expired:
             del self._leases[lease.delivery.receipt]
+        # Every held lease has its release_at (a nack with a delay put it there).
         due = [lease for lease in self._held if lease.release_at <= now]  # type: ignore[operator]
         if due:
             self._held = [lease for lease in self._held if lease.release_at > now]  # type: ignore[operator]
@@ -714,6 +715,7 @@ class RabbitMQBroker(Broker):
                 raise InvalidInput("message_ids", missing[0], "the id of a dead letter")
             chosen = [by_id[m] for m in dict.fromkeys(message_ids)]
         for tag, props, body in chosen:
+            # Only letters with an identity were chosen (both ways above).
             _, event_id = identity(props)  # type: ignore[misc]
             headers = {k: v for k, v in (props.headers or {}).items() if k not in _DEAD_HEADERS}
             headers[EVENT_ID] = event_id

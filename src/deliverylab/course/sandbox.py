@@ -571,6 +571,7 @@ class _Child:
     def _pickle(self, msg: Any, call: _Call | None) -> bytes:
         buf = io.BytesIO()
         p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+        # pickle looks persistent_id up on the instance: set there, it needs no subclass.
         p.persistent_id = lambda obj: self._ref(obj, call)  # type: ignore[method-assign]
         p.dump(msg)
         return buf.getvalue()
@@ -921,7 +922,7 @@ class _Link:
     def send(self, msg: Any) -> None:
         buf = io.BytesIO()
         p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
-        p.persistent_id = _child_ref  # type: ignore[method-assign]
+        p.persistent_id = _child_ref  # type: ignore[method-assign]  # as in _pickle
         p.dump(msg)
         data = _frame(buf.getvalue())
         with self.lock:
@@ -935,7 +936,7 @@ class _Link:
         if body is None:
             return None
         u = pickle.Unpickler(io.BytesIO(body))
-        u.persistent_load = _child_load  # type: ignore[method-assign]
+        u.persistent_load = _child_load  # type: ignore[method-assign]  # as in _pickle
         return u.load()
 
     def _exact(self, n: int) -> bytes | None:
