@@ -55,7 +55,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -101,7 +101,7 @@ MAX_BODY_BYTES = 64 * 1024
 BODY_TIMEOUT_S = 10.0
 # How long ``deliverylab api`` waits, once told to stop, for the requests in progress: a
 # write is answered within WRITE_BUDGET_S, a body still on its way gets a 503 at once.
-SHUTDOWN_WAIT_S = 5.0
+SHUTDOWN_WAIT_S = 5
 ORDER_FIELDS = ("orderId", "itemId", "qty")
 # How long a write may take from the request's arrival, queueing behind this process's earlier
 # writes included, before it is answered 503: long enough for any healthy commit (milliseconds,
@@ -983,7 +983,8 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         self.app = config.app
         if not config.loaded:
-            config.app = _QuietOnCancel(config.app)
+            # This module's app (ASGI 3); uvicorn's Config would also take an import string.
+            config.app = _QuietOnCancel(cast(ASGIApp, config.app))
         super().__init__(config)
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:

@@ -45,7 +45,7 @@ class Target:
 
     flag: str
     what: str
-    remove: Callable[[], None] | None = None
+    remove: Callable[[], object] | None = None
     parts: list[str] = field(default_factory=list)
 
 
@@ -121,8 +121,9 @@ def _postgres(flag: str, value: str) -> Target:
         tables = {r[0] for r in raw.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
             (schema,))}
-        orders = raw.execute(f'SELECT count(*) FROM "{schema}".orders').fetchone()[0] \
+        counted = raw.execute(f'SELECT count(*) FROM "{schema}".orders').fetchone() \
             if "orders" in tables else None
+        orders = None if counted is None else counted[0]
     finally:
         raw.close()
     if found is None:
@@ -325,7 +326,8 @@ def find(flag: str, value: str) -> Target:
     if scheme == "redis":
         return _redis(flag, value)
     if scheme is not None:  # another engine: its module may know how to remove its data
-        module = importlib.import_module(ENGINES[scheme])
+        module = importlib.import_module(
+            next(e.module for e in ENGINES.values() if e.scheme == scheme))
         remove_url = getattr(module, "remove_url", None)
         if remove_url is None:
             raise _bad(flag, value, f"a store or broker 'deliverylab cleanup' can remove (it"

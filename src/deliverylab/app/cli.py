@@ -39,10 +39,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import __version__
-from ..brokers.base import BrokerGone
+from ..brokers.base import Broker, BrokerGone
 from ..engine.display import safe_json, safe_text
 from ..engine.errors import STORE_ERRORS, InvalidInput, check_int, check_number, check_text
 from ..engine.faults import FAULT_POINTS
@@ -298,7 +298,7 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
         if is_busy(exc):
             raise
         raise UsageError(f"cannot open {str(path)!r} ({exc})") from None
-    except (*STORE_ERRORS, InvalidInput) as exc:
+    except STORE_ERRORS + (InvalidInput,) as exc:
         raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc}); run"
                          f" 'deliverylab init-db' on a new path") from None
     try:
@@ -310,7 +310,7 @@ def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connecti
         check_schema(conn)
     except UsageError:
         raise
-    except (*STORE_ERRORS, InvalidInput) as exc:
+    except STORE_ERRORS + (InvalidInput,) as exc:
         conn.close()
         if is_busy(exc):
             raise
@@ -388,7 +388,7 @@ def cmd_init_db(args: argparse.Namespace) -> int:
             orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
         finally:
             conn.close()
-    except (*STORE_ERRORS, InvalidInput) as exc:
+    except STORE_ERRORS + (InvalidInput,) as exc:
         if created:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
@@ -756,7 +756,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except BaseException:
         conn.close()
         raise
-    apart = None if broker.joins(conn) else Unlisted(broker, conn)
+    apart = None if broker.joins(conn) else cast(Broker, Unlisted(broker, conn))
     try:
         while True:
             report = collect(conn, broker=apart)
@@ -1088,7 +1088,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             print("nothing was removed")
             return 1
     for t in doomed:
-        t.remove()  # type: ignore[misc]
+        t.remove()  # type: ignore[misc]  # not None: doomed holds only those
         print(safe_text(hide_secrets(f"removed {t.what}"
                                      + (f": {', '.join(t.parts)}" if t.parts else ""))))
     return 0

@@ -160,7 +160,8 @@ class _Collector:
             full = f"{PREFIX}_{name}"
             if isinstance(source, tuple):
                 label, fields = source
-                family = GaugeMetricFamily(full, help_text, labels=[label])
+                family: GaugeMetricFamily | CounterMetricFamily = GaugeMetricFamily(
+                    full, help_text, labels=[label])
                 for value, field in fields.items():
                     family.add_metric([value], getattr(self.reading, field))
             elif kind == "counter":

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..brokers.base import NO_MESSAGE_ID
 from ..engine.check import check, event_states, projection_vs_truth
@@ -151,7 +151,7 @@ def collect(conn: sqlite3.Connection, *, now: float | None = None,
                                    (now,)).fetchone()[0]
         else:
             if not isinstance(broker, Unlisted):
-                broker = Unlisted(broker, conn)  # type: ignore[assignment]
+                broker = cast("Broker", Unlisted(broker, conn))  # every verb passed through
             depth = broker.depth()
             visible, total = depth["visible"], depth["visible"] + depth["in_flight"]
         inbox = conn.execute("SELECT count(*) FROM inbox_processed WHERE consumer = ?",

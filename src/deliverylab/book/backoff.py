@@ -77,8 +77,8 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 def _check_real(name: str, value: object, minimum: float, *, strict: bool) -> float:
     sign = ">" if strict else ">="
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < minimum or (strict and value == minimum):
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not math.isfinite(value) or value < minimum or (strict and value == minimum)):
         raise ValueError(f"{name} must be a finite number {sign} {minimum:g}, got {value!r}")
     return float(value)
 

@@ -113,11 +113,11 @@ def poison_batch(consumer: str, *, n: int = 100, poison_at: int = 37, seed: int 
     place_batch(lab, n, poison_at=poison_at)
     if consumer == "all or nothing":
         deliveries = 0
-        while lab.queue.next_visible_at() is not None:
+        while (due := lab.queue.next_visible_at()) is not None:
             got = all_or_nothing_step(lab.conn, lab.queue, lab.clock, batch=n)
             deliveries += got
-            if not got:
-                lab.clock.sleep_until(lab.queue.next_visible_at())
+            if not got:  # nothing received: the queue is as it was, due as it said
+                lab.clock.sleep_until(due)
     elif consumer == "per message":
         worker = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
                         max_messages=n, max_receives=max_receives)

@@ -89,7 +89,7 @@ def check_engine(name: object) -> str:
     """``name`` if it is one of :data:`ENGINES`, else InvalidInput naming ``engine``."""
     if name not in ENGINES:
         raise InvalidInput("engine", name, "one of " + ", ".join(ENGINES))
-    return name  # type: ignore[return-value]
+    return name
 
 
 def _unavailable(name: str, where: str, exc: BaseException) -> EngineUnavailable:
@@ -172,6 +172,7 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
                                                                             SystemClock):
         raise InvalidInput("clock", clock, f"the wall clock (SystemClock): the {name} server"
                                            f" times its leases itself")
+    # The store and the broker are None only until the engine's opener sets them.
     e = Engine(name, None, None, clock, isinstance(clock, SystemClock))  # type: ignore[arg-type]
     try:
         _OPENERS[name](e, Ids(seed), max_receives, directory, dedup_window)
@@ -256,12 +257,13 @@ def guarantee_matrix(engines: Sequence[str] = ENGINES, *, orders: int = 200,
         check_engine(name)
     modes = [str(Mode.parse(m)) for m in modes]
     faults = faults if faults is not None else Faults(seed=seed, **CHAPTER_FAULTS)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in engines:
         for mode in modes:
             result, received, why = run_mode(name, mode, orders=orders, faults=faults,
                                              seed=seed)
             if result is None:
+                assert why is not None  # run_mode gives its reason when it gives no result
                 reason = why.split(": ", 1)[-1].split(" (")[0]
                 rows.append({"engine": name, "mode": mode, "verdict": f"refused: {reason}"})
                 continue

@@ -413,7 +413,7 @@ def cluster_run(directory: str | Path, *, mode: Mode | str = Mode.IDEMPOTENT,
         relay.start()
         wait = _waiter(relay, deadline, timeout, directory, workers.keep_running)
 
-        kills = []
+        kills: list[Kill] = []
         for fraction in (0.25, 0.6) if second_kill else (0.25,):
             if kills:  # deliveries resumed since the last kill, before another node dies
                 wait("deliveries after the last kill",

@@ -21,7 +21,7 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..brokers.base import Delivery
 from ..engine.clock import Clock
@@ -273,9 +273,10 @@ def charge_table(*, seeds: range | list[int], orders: int = 20, ack_fail: float 
     if not seeds:
         raise InvalidInput("seeds", seeds, "at least one seed")
     rows = []
-    for fault, rates in (("lost ACKs", {"ack_fail": ack_fail}),
-                         ("lost requests", {"lost_request": lost_request}),
-                         ("lost answers", {"lost_answer": lost_answer})):
+    by_fault: list[tuple[str, dict[str, Any]]] = [("lost ACKs", {"ack_fail": ack_fail}),
+                                                ("lost requests", {"lost_request": lost_request}),
+                                                ("lost answers", {"lost_answer": lost_answer})]
+    for fault, rates in by_fault:
         for mode in (Mode.AT_LEAST_ONCE, Mode.IDEMPOTENT):
             for keyed in (False, True):
                 runs = [charge_run(mode, keyed=keyed, orders=orders, seed=s, **rates)

@@ -16,7 +16,7 @@ import random
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..brokers.postgres import PostgresBroker
 from ..brokers.sqlite import Queue
@@ -72,7 +72,7 @@ class Lab:
             self.conn = init_db(path)
             self.queue = Queue(self.conn, clock=self.clock, ids=self.ids,
                                max_receives=max_receives)
-        extra = {"handler": handler} if handler is not None else {}
+        extra: dict[str, Any] = {"handler": handler} if handler is not None else {}
         self.workers = [
             Worker(self.conn, clock=self.clock, ids=self.ids, mode=self.mode, faults=faults,
                    visibility_timeout=visibility_timeout, max_messages=max_messages,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -499,7 +499,8 @@ def plot_fault_sweep(sweeps: Mapping[str, pd.DataFrame], *, orders: int, seed: i
     titles = dict(titles or {})
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4.4), sharey=True,
                              squeeze=False)
-    colors: dict[str, Any] = {}
+    colors: dict[Hashable, Any] = {}  # by mode
+    styles: dict[str, dict[str, str | None]]
     styles = {"lost": {"marker": "o", "ls": "-", "mfc": None},
               "duplicated": {"marker": "s", "ls": "--", "mfc": "none"}}
     for ax, (point, sweep) in zip(axes[0], sweeps.items(), strict=True):
@@ -513,7 +514,9 @@ def plot_fault_sweep(sweeps: Mapping[str, pd.DataFrame], *, orders: int, seed: i
             for count in styles:
                 if count in zero:
                     continue
-                color = colors.setdefault(mode, plt.cm.tab10.colors[k % 10])
+                # tab10 is a ListedColormap; matplotlib annotates every colormap as a Colormap
+                color = colors.setdefault(
+                    mode, plt.cm.tab10.colors[k % 10])  # type: ignore[attr-defined]
                 style = styles[count]
                 ax.plot(rows[point], rows[count], color=color, marker=style["marker"],
                         ls=style["ls"], mfc=style["mfc"] or color, zorder=3)

@@ -96,7 +96,7 @@ def _subscriber(db: str, client_id: str, topic: str, qos: int, clean: bool, kill
         conn.execute("BEGIN IMMEDIATE")
         fresh = True
         if inbox:
-            fresh = conn.execute("INSERT OR IGNORE INTO inbox VALUES (?)", (event,)).rowcount
+            fresh = conn.execute("INSERT OR IGNORE INTO inbox VALUES (?)", (event,)).rowcount > 0
         if fresh:
             conn.execute("INSERT INTO effects (event_id) VALUES (?)", (event,))
         conn.execute("COMMIT")

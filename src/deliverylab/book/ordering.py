@@ -19,7 +19,7 @@ import random
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..brokers.base import Delivery
 from ..brokers.sqlite import Queue
@@ -126,6 +126,8 @@ NEWER_WINS = LAST_WRITE_WINS + " WHERE excluded.version > order_status.version"
 
 def _status_of(delivery: Delivery) -> tuple[str, str, int]:
     p = delivery.payload
+    status: Any
+    version: Any
     if delivery.type == "OrderPlaced":
         order_id, status, version = p.get("orderId"), "placed", 1
     elif delivery.type == STATUS_EVENT:
@@ -271,6 +273,7 @@ def status_lab(*, versioned: bool, seed: int = 0, mode: Mode | str = Mode.IDEMPO
     install(lab.conn)
     handler = status_handler(versioned=versioned, clock=lab.clock)
     first = lab.workers[0]
+    kw: dict[str, Any]  # the keyword arguments both workers share
     kw = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
           "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
           "handler": handler}
@@ -306,7 +309,7 @@ def status_run(*, versioned: bool, orders: int = 30, seed: int = 0,
 
 
 # The scenarios of the chapter's table: (name, mode, fault rates, overlap).
-SCENARIOS = (
+SCENARIOS: tuple[tuple[str, Mode, dict[str, float], float], ...] = (
     ("lost ACKs, no inbox", Mode.AT_LEAST_ONCE, {"ack_fail": 0.3}, 0.0),
     ("lost ACKs, inbox", Mode.IDEMPOTENT, {"ack_fail": 0.3}, 0.0),
     ("failed first attempts, inbox", Mode.IDEMPOTENT, {"process_error": 0.2}, 0.0),

@@ -198,7 +198,8 @@ def modes_table(*, orders: int = 60, workers: int = 3, seed: int = 7) -> pd.Data
                         r.projection_equals_truth)
             finally:
                 for w in team:
-                    w.conn.close()
+                    if w.conn is not None:
+                        w.conn.close()
                 conn.close()
 
         rows.append(with_schema(run))

@@ -73,6 +73,8 @@ def saga_handler(design: str, *, first_attempt_fails: bool = False
 
     def handle(conn: sqlite3.Connection, d: Delivery) -> None:
         order, item, qty = d.payload.get("orderId"), d.payload.get("itemId"), d.payload.get("qty")
+        if not isinstance(order, str):
+            raise PoisonMessage(f"payload needs an orderId, got {d.payload!r}")
         if d.type == "OrderPlaced":
             if first_attempt_fails and d.delivery_count == 1:
                 raise TimeoutError("the stock service did not answer in time")

@@ -90,6 +90,7 @@ def place_order_with_crash(queue: Queue, *, item_id: str, qty: int,
     transaction, the crash rolls the order back too: nothing was written, and the client's retry
     of the same ``orderId`` succeeds. Compare :func:`deliverylab.book.naive.dual_write_place_order`.
     """
+    # _CrashOnSend stands in for the queue: place_order calls only its send.
     return place_order(_CrashOnSend(queue), item_id=item_id, qty=qty,  # type: ignore[arg-type]
                        order_id=order_id, idempotency_key=idempotency_key)
 

@@ -98,7 +98,7 @@ def leases(frame: pd.DataFrame) -> list[tuple[int, float, float, bool]]:
     redelivered.
     """
     out = []
-    rows = list(frame.itertuples())
+    rows: list[Any] = list(frame.itertuples())  # named tuples of the frame's columns
     for i, row in enumerate(rows):
         if row.outcome != "received":
             continue
@@ -216,6 +216,7 @@ def plot_timeline(conn: sqlite3.Connection, correlation_id: str, ax: Any = None,
             say("lease expired: visible again", end, 2.0, (2.0, "above"), 0, 20, 12,
                 "center", "#8a4b00")
 
+    row: Any  # a named tuple of the frame's columns
     for row in frame.itertuples():
         outcome, x = row.outcome, float(row.at)
         color = _COLORS.get(outcome, "#555555")

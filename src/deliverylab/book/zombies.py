@@ -249,7 +249,7 @@ class ZombieRun:
 
 
 def zombie_story(store: sqlite3.Connection, broker: Broker, clock: Clock, *,
-                 fence: bool, pause: Callable[[float], None], lease: float = 2.0,
+                 fence: bool, pause: Callable[[float], object], lease: float = 2.0,
                  pause_s: float = 5.0, ack_b_before_a: bool = True) -> ZombieRun:
     """The story, on any engine: order ``o-001`` to 12 Old Street; worker A receives it,
     reads the address, and stalls for ``pause_s`` seconds (``pause`` moves time: a fake clock
@@ -295,7 +295,8 @@ def zombie_story(store: sqlite3.Connection, broker: Broker, clock: Clock, *,
         acks["worker-A"] = a.ack()
         if not ack_b_before_a:
             acks["worker-B"] = b.ack()
-        steps = pd.DataFrame(sorted(a.steps + b.steps, key=lambda s: s["t"]))
+        in_order = sorted(a.steps + b.steps, key=lambda s: s["t"])
+        steps = pd.DataFrame(in_order)
         steps["t"] = steps["t"] - steps["t"].iloc[0]
         steps["t"] = steps["t"].round(1)
         return ZombieRun(steps=steps, writes=docs.writes(), final_label=docs.get("o-001"),

@@ -70,11 +70,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import re
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -200,9 +201,9 @@ class _Loop:
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
-    def run(self, coro: Awaitable[T], timeout: float) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the loop and wait at most ``timeout`` seconds for it."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -243,6 +244,7 @@ class JetStreamBroker(Broker):
     # the stream's) for every receive.
     capabilities = Capabilities(delayed_send=False, refuses_stale_receipts=False,
                                 lease_clock="server", fixed_lease=30.0, dedup_window=120.0)
+    dedup_window: float  # JetStream always dedups: the stream's duplicate window
 
     def __init__(self, servers: str | list[str] = f"nats://127.0.0.1:{DEFAULT_PORT}", *,
                  stream: str, clock: Clock, ids: Ids, max_receives: int | None = 5,
@@ -299,7 +301,7 @@ class JetStreamBroker(Broker):
             raise
 
     # -- the loop ----------------------------------------------------------------------------
-    def _run(self, coro: Awaitable[T], verb: str) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], verb: str) -> T:
         """Run ``coro`` on the loop for the verb named ``verb``; a transient error (or no
         answer within ``timeout``) raises ``BrokerUnavailable`` naming the verb."""
         try:
@@ -390,6 +392,7 @@ class JetStreamBroker(Broker):
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         """Create the stream, or check that the one there has this broker's settings."""
+        assert config.name is not None
         try:
             have = (await self.js.stream_info(config.name)).config
         except NotFoundError:
@@ -403,7 +406,7 @@ class JetStreamBroker(Broker):
                 have = (await self.js.stream_info(config.name)).config
         if self._adopt and config.name == self.stream:  # as the workers' broker made it
             self.dedup_window = config.duplicate_window = have.duplicate_window
-            self.replicas = config.num_replicas = have.num_replicas
+            self.replicas = config.num_replicas = have.num_replicas or 1
         mine = (config.subjects, config.retention, config.num_replicas,
                 config.duplicate_window if config.name == self.stream else None)
         theirs = (have.subjects, have.retention, have.num_replicas,
@@ -417,6 +420,7 @@ class JetStreamBroker(Broker):
         """Create the durable consumer, or check the one there: on 2.9.10 a create with
         another MaxDeliver or AckWait would silently *update* the consumer every worker of the
         stream shares, so a broker with other settings is refused instead."""
+        assert config.durable_name is not None
         try:
             have = (await self.js.consumer_info(stream, config.durable_name)).config
         except NotFoundError:
@@ -472,7 +476,7 @@ class JetStreamBroker(Broker):
         async def delete() -> None:
             for name in (self.stream, self.dead_stream, self.advisory_stream):
                 try:
-                    await self._retrying(lambda name=name: self._api.delete_stream(name))
+                    await self._retrying(functools.partial(self._api.delete_stream, name))
                 except NotFoundError:
                     pass
         try:
@@ -664,7 +668,7 @@ class JetStreamBroker(Broker):
             raise InvalidInput("deliveries", deliveries, "a list of deliveries")
         for d in deliveries:
             check_delivery(d)
-        first = {}
+        first: dict[int, int] = {}
         for i, d in enumerate(deliveries):
             first.setdefault(d.seq, i)
 
@@ -812,7 +816,7 @@ class JetStreamBroker(Broker):
         state = (await self._retrying(lambda: self._api.stream_info(stream))).state
         if not state.messages:
             return []
-        out = []
+        out: list[Any] = []
         seqs = range(state.first_seq, state.last_seq + 1)
         for start in range(0, len(seqs), _READ_AHEAD):
             got = await asyncio.gather(*(self._get(stream, s)
@@ -922,7 +926,7 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids,
     except InvalidInput as exc:  # named by the URL the caller gave, whatever part was wrong
         if hasattr(exc, "differ"):  # the stream is there with other settings
             worded = InvalidInput(field, url, _settings_differ(kw["stream"], exc.differ, url))
-            worded.differ = exc.differ  # type: ignore[attr-defined]
+            worded.differ = exc.differ  # type: ignore[attr-defined]  # kept for the caller
             raise worded from None
         raise InvalidInput(field, url, exc.expected if exc.field == field
                            else f"valid options ({exc})") from None

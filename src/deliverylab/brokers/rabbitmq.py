@@ -72,7 +72,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pika
@@ -138,12 +138,17 @@ _DEAD_HEADERS = {ERROR, DELIVERIES, "x-death", "x-first-death-exchange", "x-firs
 _CHANNEL_GONE = (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError)
 
 
-def _reconnecting(verb: Callable[..., Any]) -> Callable[..., Any]:
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reconnecting(verb: Callable[Concatenate[RabbitMQBroker, P], R]
+                  ) -> Callable[Concatenate[RabbitMQBroker, P], R]:
     """The verb on a live connection: connect again first if the last one was lost, and turn
     a connection lost during the verb into ``BrokerUnavailable`` (forgetting the leases: the
     server gave their messages back)."""
     @functools.wraps(verb)
-    def run(self: RabbitMQBroker, *args: Any, **kwargs: Any) -> Any:
+    def run(self: RabbitMQBroker, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             if not self._conn.is_open:
                 self._connect()
@@ -196,9 +201,9 @@ def identity(props: pika.BasicProperties) -> tuple[str, str] | None:
     if not (isinstance(event_id, str) and event_id.strip()):
         event_id = None
     message_id = props.message_id if props.message_id and props.message_id.strip() else None
-    if message_id is None and event_id is None:
-        return None
-    return message_id or event_id, event_id or message_id  # type: ignore[return-value]
+    if event_id is None:
+        return None if message_id is None else (message_id, message_id)
+    return message_id or event_id, event_id
 
 
 def dead_properties(props: pika.BasicProperties, headers: dict[str, Any],
@@ -225,8 +230,8 @@ def queue_arguments(max_receives: int, dlx: str, queue: str) -> dict[str, Any]:
             "x-overflow": "reject-publish"}
 
 
-def bounded(params: pika.ConnectionParameters, *, heartbeat: bool = True
-            ) -> pika.ConnectionParameters:
+def bounded(params: pika.connection.Parameters, *, heartbeat: bool = True
+            ) -> pika.connection.Parameters:
     """``params`` with this broker's bounds on a link that dies: the heartbeat
     (:data:`HEARTBEAT_S`, unless ``heartbeat`` is False: the URL chose its own), the blocked
     connection timeout and the handshake timeout."""
@@ -240,11 +245,11 @@ def bounded(params: pika.ConnectionParameters, *, heartbeat: bool = True
 def check_queue_name(field: str, name: Any) -> str:
     """A queue name RabbitMQ takes and leaves room for ``.dlq``: an id (no control
     characters) of at most 240 bytes, not starting with ``amq.`` (reserved by the server)."""
-    check_id(field, name, max_length=240)
-    if len(name.encode()) > 240 or name.startswith("amq."):
+    checked = check_id(field, name, max_length=240)
+    if len(checked.encode()) > 240 or checked.startswith("amq."):
         raise InvalidInput(field, name, "a queue name of at most 240 bytes, not starting"
                                         " with 'amq.'")
-    return name
+    return checked
 
 
 class RabbitMQBroker(Broker):
@@ -269,7 +274,7 @@ class RabbitMQBroker(Broker):
                                 lease_is_connection=True)
 
     def __init__(self, queue: str, *, clock: Clock, ids: Ids, max_receives: int | None = 5,
-                 parameters: pika.ConnectionParameters | None = None,
+                 parameters: pika.connection.Parameters | None = None,
                  name: str = "deliverylab", create: bool = True) -> None:
         self.queue = check_queue_name("queue", queue)
         self._adopt = max_receives is None
@@ -485,6 +490,7 @@ class RabbitMQBroker(Broker):
         expired = [lease for lease in self._leases.values() if lease.until <= now]
         for lease in expired:
             del self._leases[lease.delivery.receipt]
+        # Every held lease has its release_at (a nack with a delay put it there).
         due = [lease for lease in self._held if lease.release_at <= now]  # type: ignore[operator]
         if due:
             self._held = [lease for lease in self._held if lease.release_at > now]  # type: ignore[operator]
@@ -656,7 +662,7 @@ class RabbitMQBroker(Broker):
     def _read_dead_letters(self) -> list[tuple[int, pika.BasicProperties, bytes]]:
         """Every dead letter, taken on the dead-letter channel and left unacked there: the
         caller acks what it moves and gives the rest back (:meth:`_return_dead_letters`)."""
-        out = []
+        out: list[tuple[int, pika.BasicProperties, bytes]] = []
         while True:
             method, props, body = self._dead.basic_get(self.dlq)
             if method is None:
@@ -709,6 +715,7 @@ class RabbitMQBroker(Broker):
                 raise InvalidInput("message_ids", missing[0], "the id of a dead letter")
             chosen = [by_id[m] for m in dict.fromkeys(message_ids)]
         for tag, props, body in chosen:
+            # Only letters with an identity were chosen (both ways above).
             _, event_id = identity(props)  # type: ignore[misc]
             headers = {k: v for k, v in (props.headers or {}).items() if k not in _DEAD_HEADERS}
             headers[EVENT_ID] = event_id
@@ -754,7 +761,8 @@ class RabbitMQBroker(Broker):
     # -- look ------------------------------------------------------------------------------
     def _count(self, queue: str) -> int:
         """Messages ready in ``queue`` (a passive declare: not those unacked anywhere)."""
-        return self._control.queue_declare(queue, passive=True).method.message_count
+        count: int = self._control.queue_declare(queue, passive=True).method.message_count
+        return count
 
     @_reconnecting
     def depth(self) -> dict[str, int]:

@@ -35,11 +35,12 @@ import functools
 import json
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
 import redis.exceptions
+from redis.typing import EncodableT, FieldT
 
 from ..engine.clock import Clock
 from ..engine.errors import BrokerUnavailable, InvalidInput, check_int, check_number, check_text
@@ -357,7 +358,7 @@ class RedisBroker(Broker):
         if message_ids is not None and (not isinstance(message_ids, list | tuple) or not all(
                 isinstance(m, str) for m in message_ids)):
             raise InvalidInput("message_ids", message_ids, "a list of message ids or None")
-        dead = {f["m"]: (sid, f) for sid, f in self._r.xrange(self.dead)}
+        dead = {f["m"]: (sid, f) for sid, f in self._entries(self.dead)}
         if message_ids is None:
             chosen = list(dead)
         else:
@@ -367,7 +368,7 @@ class RedisBroker(Broker):
                     raise InvalidInput("message_ids", mid, "the id of a dead letter")
         for mid in chosen:
             sid, f = dead[mid]
-            fields = {k: f.get(k, "") for k in ("e", "t", "p", "c")}
+            fields: dict[FieldT, EncodableT] = {k: f.get(k, "") for k in ("e", "t", "p", "c")}
             pipe = self._r.pipeline(transaction=True)
             pipe.xadd(self.stream, {"m": self.ids.message_id(), **fields, "n": "0", "err": ""})
             pipe.xdel(self.dead, sid)
@@ -379,10 +380,10 @@ class RedisBroker(Broker):
     def drop(self, message_id: str, *, reason: str = "dropped", worker: str = "chaos") -> bool:
         """Forget the message ``message_id`` (queued, leased or delayed). Scans the stream:
         fault injection, not a hot path."""
-        for sid, f in self._r.xrange(self.stream):
+        for sid, f in self._entries(self.stream):
             if f["m"] == message_id:
                 return self._forget(sid)
-        for member in self._r.zrange(self.delayed, 0, -1):
+        for member in self._members(self.delayed):
             if json.loads(member)[1] == message_id:
                 return bool(self._r.zrem(self.delayed, member))
         return False
@@ -398,6 +399,16 @@ class RedisBroker(Broker):
         pipe.xdel(self.stream, sid)
         self._due.pop(sid, None)
         return bool(pipe.execute()[1])
+
+    # The client decodes every reply (decode_responses=True): ids, fields and members are str,
+    # which redis-py's annotations (bytes or str, for any client) cannot tell.
+    def _entries(self, key: str) -> list[tuple[str, dict[str, str]]]:
+        """The entries of the stream ``key``, first to last: each id with its fields."""
+        return cast("list[tuple[str, dict[str, str]]]", self._r.xrange(key))
+
+    def _members(self, key: str) -> list[str]:
+        """The members of the sorted set ``key``, lowest score first."""
+        return cast("list[str]", self._r.zrange(key, 0, -1))
 
     # -- look ------------------------------------------------------------------------------
     def _expired(self) -> int:
@@ -421,7 +432,8 @@ class RedisBroker(Broker):
         and the pending entries' lease ends (this broker's own record for the entries it
         leased, the server's idle time for the others)."""
         now = self.clock.now()
-        pending = self._r.xpending_range(self.stream, GROUP, "-", "+", 10_000)
+        pending = cast("list[dict[str, Any]]",
+                       self._r.xpending_range(self.stream, GROUP, "-", "+", 10_000))
         if self._r.xlen(self.stream) > len(pending):
             return now
         ends = [self._due.get(p["message_id"],
@@ -429,7 +441,8 @@ class RedisBroker(Broker):
                 for p in pending]
         self._due = {p["message_id"]: self._due[p["message_id"]] for p in pending
                      if p["message_id"] in self._due}
-        first = self._r.zrange(self.delayed, 0, 0, withscores=True)
+        first = cast("list[tuple[str, float]]",
+                     self._r.zrange(self.delayed, 0, 0, withscores=True))
         if first:
             ends.append(first[0][1])
         return max(now, min(ends)) if ends else None
@@ -437,15 +450,15 @@ class RedisBroker(Broker):
     @_reachable("queued_event_ids")
     def queued_event_ids(self) -> set[str]:
         """The event ids in the stream (visible or leased) and in the delayed set."""
-        events = {f["e"] for _, f in self._r.xrange(self.stream) if f.get("e")}
-        for member in self._r.zrange(self.delayed, 0, -1):
+        events = {f["e"] for _, f in self._entries(self.stream) if f.get("e")}
+        for member in self._members(self.delayed):
             fields = json.loads(member)
             events.add(fields[fields.index("e") + 1])
         return events
 
     @_reachable("dead_lettered_event_ids")
     def dead_lettered_event_ids(self) -> set[str]:
-        return {f["e"] for _, f in self._r.xrange(self.dead) if f.get("e")}
+        return {f["e"] for _, f in self._entries(self.dead) if f.get("e")}
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

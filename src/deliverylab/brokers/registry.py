@@ -84,12 +84,14 @@ def _module(name: str) -> ModuleType:
 def capabilities(name: str) -> Capabilities:
     """What engine ``name`` can do, without connecting (its broker class's capabilities; an
     open broker may refine them, e.g. JetStream's lease is its stream's AckWait)."""
-    return _module(name).BROKER.capabilities
+    caps: Capabilities = _module(name).BROKER.capabilities
+    return caps
 
 
 def server_url(name: str) -> str:
     """Where engine ``name``'s server is: its environment variable, else ``DEFAULT_URL``."""
-    return os.environ.get(ENGINES[name].server_env) or _module(name).DEFAULT_URL
+    default: str = _module(name).DEFAULT_URL
+    return os.environ.get(ENGINES[name].server_env) or default
 
 
 def open_broker(url: str, *, field: str = "broker", **kw: Any) -> Broker:
@@ -98,7 +100,8 @@ def open_broker(url: str, *, field: str = "broker", **kw: Any) -> Broker:
     scheme = scheme_of(url)
     if scheme is None:
         raise InvalidInput(field, url, f"a broker URL ({known_urls()})")
-    return _module(_BY_SCHEME[scheme]).open_url(url, field=field, **kw)
+    broker: Broker = _module(_BY_SCHEME[scheme]).open_url(url, field=field, **kw)
+    return broker
 
 
 def table_broker(conn: Store, **kw: Any) -> SQLiteBroker:
@@ -120,8 +123,9 @@ def scratch_url(name: str, *, lease: float = 1.0, dedup_window: float | None = N
     with ``lease`` seconds where the engine fixes the lease per queue (JetStream's AckWait,
     Redis's idle time) and ``dedup_window`` where it has producer dedup."""
     unique = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    return _module(name).scratch_url(server_url(name), unique, lease=lease,
-                                     dedup_window=dedup_window)
+    scratch: str = _module(name).scratch_url(server_url(name), unique, lease=lease,
+                                             dedup_window=dedup_window)
+    return scratch
 
 
 def open_scratch(name: str, *, lease: float = 1.0, dedup_window: float | None = None,

@@ -379,7 +379,8 @@ class SQLiteBroker(Broker):
     def next_visible_at(self) -> float | None:
         """When the next message becomes visible (None if the queue is empty)."""
         row = self.conn.execute("SELECT min(visible_at) FROM queue_messages").fetchone()
-        return row[0]
+        at: float | None = row[0]
+        return at
 
     def queued_event_ids(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT event_id FROM queue_messages")}

@@ -306,8 +306,9 @@ class NatsCluster:
                     raise ClusterError(f"{node.name} exited with status {proc.returncode}:"
                                        f" {self._log_tail(node)}")
             leaders = {s.meta_leader for s in self.status() if s.running}
-            if len(leaders) == 1 and None not in leaders:
-                return leaders.pop()  # type: ignore[return-value]
+            leader = next(iter(leaders)) if len(leaders) == 1 else None
+            if leader is not None:
+                return leader
             if time.monotonic() > deadline:
                 raise ClusterError(f"no JetStream meta leader after {timeout:g}s:"
                                    f" {self.status()}")
@@ -356,16 +357,18 @@ class NatsCluster:
         names of those that were running. Leaves no server of this cluster behind."""
         running = [n.name for n in self.nodes if self.pid(n.name) is not None]
         for name in running:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pids[name], signal.SIGTERM)  # type: ignore[arg-type]
+            term = self._pids[name]
+            if term is not None:  # running: it has a process
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(term, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for name in running:
             pid = self._pids[name]
             while self._is_ours(name, pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if self._is_ours(name, pid):
+            if pid is not None and self._is_ours(name, pid):
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+                    os.kill(pid, signal.SIGKILL)
             proc = self._procs.pop(name, None)
             if proc is not None:
                 proc.wait()
@@ -382,7 +385,8 @@ class NatsCluster:
         try:
             with urllib.request.urlopen(f"http://{HOST}:{node.http_port}/jsz?{query}",
                                         timeout=2) as resp:
-                return json.load(resp)
+                doc: dict[str, Any] = json.load(resp)
+                return doc
         except (OSError, ValueError, urllib.error.URLError):
             return None
 

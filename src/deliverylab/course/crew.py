@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from ..book.lab import Lab
 from ..brokers.base import Delivery
@@ -57,8 +57,8 @@ def course_lab(*, seed: int, handler: Handler | None = None, faults: Faults = NO
             raise InvalidInput(name, fn, "a function")
     lab = Lab(seed=seed, mode=mode, faults=faults, visibility_timeout=visibility_timeout,
               max_receives=max_receives)
-    lab.workers = crew(lab, handler or inbox_consumer(lab.clock), faults=faults,
-                       workers=workers, process=process)
+    lab.workers = list(crew(lab, handler or inbox_consumer(lab.clock), faults=faults,
+                            workers=workers, process=process))
     # The lab's clock in SQL, for a handler that stamps rows (an inbox's processed_at).
     lab.conn.create_function("clock_now", 0, lab.clock.now, deterministic=False)
     return lab
@@ -66,13 +66,22 @@ def course_lab(*, seed: int, handler: Handler | None = None, faults: Faults = NO
 
 def drain(lab: Lab) -> None:
     """Run the lab's course workers until the queue is empty and nobody holds a delivery."""
-    schedule(lab, lab.workers)
+    schedule(lab, course_workers(lab))
+
+
+def course_workers(lab: Lab) -> list[CourseWorker]:
+    """The workers of a lab that :func:`course_lab` made: course workers, every one."""
+    team = [w for w in lab.workers if isinstance(w, CourseWorker)]
+    if len(team) != len(lab.workers):
+        raise InvalidInput("lab", lab, "a lab of course workers (deliverylab.course.crew"
+                                       ".course_lab)")
+    return team
 
 
 def crew(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS, workers: int = 1,
          process: Callable[[Delivery, Ops], Any] = at_least_once,
          first: int = 1) -> list[CourseWorker]:
-    """``workers`` course workers on ``lab``'s queue and clock, each the others' peer."""
+    """``workers`` course workers on ``lab``'s queue and clock."""
     if not isinstance(lab, Lab):
         raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
     check_int("workers", workers, minimum=1, maximum=16)
@@ -82,8 +91,6 @@ def crew(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS, workers: int
                          name=f"worker-{first + i}", queue=lab.queue, process=process,
                          effect_handler=handler)
             for i in range(workers)]
-    for w in team:
-        w.peers = team
     return team
 
 
@@ -278,7 +285,8 @@ def nemesis_handler(handler: Handler, faults: Faults, *, interleave: float = 0.0
 
         _savepoint(conn, "SAVEPOINT nemesis")
         try:
-            out = handler(HookedConnection(conn, before), delivery)
+            # The hooked connection passes every verb through to the real one.
+            out = handler(cast(sqlite3.Connection, HookedConnection(conn, before)), delivery)
         except Exception as exc:
             _savepoint(conn, "ROLLBACK TO nemesis", "RELEASE nemesis")
             # Matched by text along the chain: the exception may come back re-raised (by
@@ -342,7 +350,8 @@ def pausing_process(process: Callable[[Delivery, Ops], Any], faults: Faults, *,
     hi = check_number("latency", latency[1], minimum=lo, maximum=lease)
 
     def run(delivery: Delivery, ops: Ops) -> Any:
-        return process(delivery, PausingOps(ops, delivery, faults, pause, lease, (lo, hi)))
+        return process(delivery, cast(Ops, PausingOps(ops, delivery, faults, pause, lease,
+                                                      (lo, hi))))
 
     return run
 

@@ -184,7 +184,7 @@ def run_classify(classify: Callable[..., Any], seed: int) -> Trial:
     errors: list[str] = []
     total = 0
     for i, mode in enumerate(CLASSIFY_MODES):
-        handler = {"handler": _inbox_handler} if mode == "idempotent" else {}
+        handler: dict[str, Any] = {"handler": _inbox_handler} if mode == "idempotent" else {}
         # Stopped at a seeded moment: some orders still queued, some held mid-delivery.
         steps = 4 + (seed * 7 + i * 11) % 40
         run, _ = run_workers(process=_engine_process(mode), seed=seed, faults=faults,
@@ -216,6 +216,7 @@ def run_classify(classify: Callable[..., Any], seed: int) -> Trial:
     if not wrong:
         return Trial(seed=seed, faults=where, passed=True, reason="")
     order_id, truth_state, said_state = wrong[0]
+    assert first_conn is not None  # kept with the first wrong answer
     reason = (f"misjudged {len(wrong)} of {total} orders; order {order_id} was"
               f" {truth_state}, you said {said_state!r}")
     if errors:

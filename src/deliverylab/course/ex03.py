@@ -299,6 +299,7 @@ def run_producer(submit: Callable[..., Any], seed: int) -> Trial:
     lab = Lab(seed=seed)
     nets = []
     errors: list[str] = []
+    request: dict[str, Any]
     for i in range(REQUESTS):
         request = {"request_id": f"req-{seed}-{i:03d}",
                    "item_id": lab.rng.choice(ITEMS), "qty": lab.rng.randint(1, 3)}

@@ -19,7 +19,7 @@ from ..engine.check import event_states
 from ..engine.clock import FakeClock
 from ..engine.faults import Faults
 from ..engine.worker import Worker, apply_order_placed
-from .crew import course_lab, drain, nemesis_handler
+from .crew import course_lab, drain, errors_of, nemesis_handler
 from .grader import Exercise, SubmissionError, Trial, describe_faults, judge, order_trace, register
 
 # -- 4.1 run until idle --------------------------------------------------------------------
@@ -281,10 +281,7 @@ def run_redrive_inbox(handler: Callable[..., Any], seed: int) -> Trial:
                                   f" failures {REDRIVE_STORE_FAILURE:g} per write; 3 receives,"
                                   f" then {parked} dead letters redriven"
                                   f" (ack_fail={HEALED['ack_fail']:g} afterwards)")
-    errors = []
-    for w in lab.workers:
-        errors.extend(e for e in w.errors if e not in errors)
-    return judge(lab, seed=seed, faults=where, errors=errors)
+    return judge(lab, seed=seed, faults=where, errors=errors_of(lab))
 
 
 register(Exercise(

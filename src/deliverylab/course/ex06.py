@@ -23,7 +23,7 @@ from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import Faults
 from ..engine.worker import CONSUMER, Mode, Worker, apply_order_placed
-from .crew import call, course_lab, drain, errors_of
+from .crew import call, course_lab, course_workers, drain, errors_of
 from .grader import Exercise, Trial, describe_faults, judge, order_trace, register
 
 # -- 6.1 one charge per order --------------------------------------------------------------
@@ -174,7 +174,7 @@ def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
             charge(flaky, delivery)
             apply_order_placed(conn, delivery)
 
-    for w in lab.workers:
+    for w in course_workers(lab):
         w.effect_handler = handle
     lab.place_orders(CHARGE_ORDERS)
     drain(lab)
@@ -353,6 +353,7 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
             raise
 
     first = lab.workers[0]
+    kw: dict[str, Any]  # the keyword arguments both workers share
     kw = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
           "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
           "handler": handle}

@@ -10,6 +10,7 @@ whose process dies around its commits.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sqlite3
@@ -19,6 +20,7 @@ from typing import Any
 from ..book.lab import ITEMS
 from ..brokers.base import Delivery
 from ..engine.check import projection_vs_truth
+from ..engine.clock import FakeClock
 from ..engine.errors import BrokerUnavailable
 from ..engine.faults import Faults
 from ..engine.ids import Ids
@@ -115,15 +117,15 @@ class _Consumers:
     def _roll(self, point: str, d: Delivery) -> float:
         return self.faults.uniform(point, d.event_id, d.message_id, d.delivery_count)
 
-    def step(self, who: int = 0) -> int:
+    def step(self, nth: int = 0) -> int:
         s = self.setup
-        got = s.broker.receive(s.lease, 1, worker=f"worker-{who + 1}")
+        got = s.broker.receive(s.lease, 1, worker=f"worker-{nth + 1}")
         if not got:
             return 0
         d = got[0]
         self.deliveries += 1
         self.seen[d.event_id] = max(self.seen.get(d.event_id, 0), d.delivery_count)
-        who = f"worker-{who + 1}"
+        who = f"worker-{nth + 1}"
         say = self.history.say
         say(d.event_id, who, f"received (delivery {d.delivery_count}, message {d.message_id})")
         # A poison message is not locked out: its deliveries all reach the code.
@@ -175,7 +177,7 @@ class _Consumers:
                                      " delivery)")
             if s.store.in_transaction:
                 s.store.rollback()
-        if not s.realtime:
+        if isinstance(s.clock, FakeClock):  # not realtime
             s.clock.advance(0.05)
         return 1
 
@@ -402,6 +404,11 @@ def relay_marks_on_timeout(store: Any, broker: Any) -> None:
 RELAY_RUNS = 60  # calls of the reader's relay before the run stops
 
 
+def _locked(faults: Faults, run: int, sql: str, n: int) -> bool:
+    """Whether statement ``n`` of relay run ``run`` finds the store locked (5% of them)."""
+    return faults.uniform("locked", run, n) < 0.05
+
+
 def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None) -> Trial:
     url = check_broker_url(broker)
     faults = Faults(seed=seed)
@@ -415,7 +422,7 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
         for runs in range(1, RELAY_RUNS + 1):  # noqa: B007 - counted for the verdict
             # The relay's process dies at a COMMIT now and then, before it or after it.
             store = Store(s.store,
-                          lock=lambda sql, n, r=runs: faults.uniform("locked", r, n) < 0.05,
+                          lock=functools.partial(_locked, faults, runs),
                           crash_before_commit=faults.uniform("cbc", runs) < 0.15,
                           crash_after_commit=faults.uniform("cac", runs) < 0.15)
             try:
@@ -427,7 +434,7 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
             finally:
                 if s.store.in_transaction:
                     s.store.rollback()
-            if not s.realtime:
+            if isinstance(s.clock, FakeClock):  # not realtime
                 s.clock.advance(0.5)
             left = s.store.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL"
                                    ).fetchone()[0]
@@ -580,6 +587,7 @@ def triage_never_parks(store: Any, broker: Any, delivery: Delivery) -> None:
 
 
 def _send_poison(setup: Setup, seed: int) -> list[str]:
+    bad: list[dict[str, Any]]
     bad = [{"orderId": f"ord-poison-{seed}-1", "itemId": "espresso-cups"},
            {"orderId": f"ord-poison-{seed}-2", "itemId": "espresso-cups", "qty": 0},
            {"orderId": f"ord-poison-{seed}-3", "itemId": "", "qty": 2}]

@@ -944,6 +944,7 @@ def run_mqtt_once(handler: Callable[..., Any], seed: int) -> Trial:
     conn = connect(":memory:", must_exist=False)
     install_schema(conn, MQTT_SCHEMA)
     stream: list[dict[str, Any]] = []
+    body: dict[str, Any]
     for i in range(MQTT_MESSAGES):
         body = {"orderId": f"o-{i + 1:03d}", "itemId": ("tea", "mugs", "oat-milk")[i % 3],
                 "qty": 1 + i % 3}

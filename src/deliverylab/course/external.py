@@ -113,6 +113,7 @@ def open_setup(url: str | None, *, seed: int, max_receives: int) -> Iterator[Set
         store = sqlite_store.init_db(tmp / "store.db")
         closers.callback(store.close)
         ids = Ids(seed)
+        url = url or ""
         scheme = urlsplit(url).scheme.lower() if url else "sqlite"
         broker: Broker
         if scheme == "sqlite":
@@ -160,7 +161,7 @@ def open_setup(url: str | None, *, seed: int, max_receives: int) -> Iterator[Set
 
 def _remove(broker: Broker) -> None:
     try:
-        broker.destroy()  # type: ignore[attr-defined]
+        broker.destroy()
     finally:
         broker.close()
 
@@ -361,6 +362,7 @@ def wait_for_next(setup: Setup) -> bool:
     elif nxt > clock.now():
         clock.sleep_until(nxt)
     else:
+        assert isinstance(clock, FakeClock)  # not realtime: the lab's fake clock
         clock.advance(0.01)
     return True
 

@@ -180,7 +180,8 @@ def _path_to(tree: ast.AST, target: ast.AST) -> list[tuple[str, int | None]]:
     return found
 
 
-def _follow(tree: ast.AST, path: list[tuple[str, int | None]]) -> ast.AST:
+def _follow(tree: ast.AST, path: list[tuple[str, int | None]]) -> Any:
+    """The node at ``path`` in ``tree`` (of the type the path was taken to)."""
     node = tree
     for name, i in path:
         node = getattr(node, name) if i is None else getattr(node, name)[i]
@@ -285,6 +286,7 @@ def mutants(fn: Callable[..., Any], *, operators: Iterable[str] = OPERATORS) -> 
             raise InvalidInput("operators", op, "one of " + ", ".join(OPERATORS))
     src = solution_source(fn)
     tree = ast.parse(src)
+    assert isinstance(tree.body[0], ast.FunctionDef | ast.AsyncFunctionDef)  # a solution: a def
     tree.body[0].decorator_list = []
     original = ast.unparse(tree)
     out: list[Mutant] = []
@@ -417,9 +419,10 @@ def _normalized(fn: Callable[..., Any]) -> list[str]:
     src = solution_source(fn)
     tree = ast.parse(src)
     f = tree.body[0]
+    assert isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)  # a solution: a def
     skip: set[int] = set(range(1, f.body[0].lineno))  # decorators and the signature
     if _is_docstring(f.body[0]):
-        skip |= set(range(f.body[0].lineno, f.body[0].end_lineno + 1))
+        skip |= set(range(f.body[0].lineno, (f.body[0].end_lineno or f.body[0].lineno) + 1))
     lines = src.splitlines()
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:

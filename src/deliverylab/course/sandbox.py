@@ -46,7 +46,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, NoReturn
 
 from .sql import Gate, Guard, guarded
 
@@ -137,7 +137,7 @@ class Row(tuple):  # noqa: SLOT001 - a row of a query result, in the child
 
     _keys: tuple[str, ...] = ()
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             try:
                 return tuple.__getitem__(self, self._keys.index(key))
@@ -571,6 +571,7 @@ class _Child:
     def _pickle(self, msg: Any, call: _Call | None) -> bytes:
         buf = io.BytesIO()
         p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+        # pickle looks persistent_id up on the instance: set there, it needs no subclass.
         p.persistent_id = lambda obj: self._ref(obj, call)  # type: ignore[method-assign]
         p.dump(msg)
         return buf.getvalue()
@@ -708,7 +709,7 @@ class _Child:
         except (BlockingIOError, OSError):
             pass
 
-    def _died(self, call: _Call) -> None:
+    def _died(self, call: _Call) -> NoReturn:
         status = self._reap()
         self._drain_err()
         where = _where_dump(self.dump, self.box.files)
@@ -921,7 +922,7 @@ class _Link:
     def send(self, msg: Any) -> None:
         buf = io.BytesIO()
         p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
-        p.persistent_id = _child_ref  # type: ignore[method-assign]
+        p.persistent_id = _child_ref  # type: ignore[method-assign]  # as in _pickle
         p.dump(msg)
         data = _frame(buf.getvalue())
         with self.lock:
@@ -935,7 +936,7 @@ class _Link:
         if body is None:
             return None
         u = pickle.Unpickler(io.BytesIO(body))
-        u.persistent_load = _child_load  # type: ignore[method-assign]
+        u.persistent_load = _child_load  # type: ignore[method-assign]  # as in _pickle
         return u.load()
 
     def _exact(self, n: int) -> bytes | None:
@@ -1081,12 +1082,12 @@ def _child_main(submission: Callable[..., Any], down: int, up: int, err: int) ->
     files = link.files = _files_of(submission)
     real_exit = os._exit
 
-    def _exit(code: int) -> None:
+    def _exit(status: int) -> NoReturn:
         where = _where_tb_stack(files)
         try:
-            link.send(("exit", f"{code} {where}" if where else f"{code}"))
+            link.send(("exit", f"{status} {where}" if where else f"{status}"))
         finally:
-            real_exit(code)
+            real_exit(status)
 
     os._exit = _exit
     while True:
