@@ -68,8 +68,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
-from ..brokers.postgres import PostgresBroker
-from ..brokers.sqlite import Queue
+from ..brokers.registry import open_store_and_broker
 from ..engine import store_postgres as pgstore
 from ..engine.clock import SystemClock
 from ..engine.display import escape_unprintable
@@ -375,7 +374,12 @@ class Store:
             raise InvalidInput("synchronous", synchronous.lower(), "full or normal on PostgreSQL")
         self.clock, self.ids = SystemClock(), Ids()
         self.write_budget = write_budget
-        self._writer = self._connect(synchronous=synchronous)
+        # The writer and the queue table in its own database, opened together; with the
+        # broker outside the store (outbox), the relay opens that broker, not the API.
+        self._opened = open_store_and_broker(
+            self.path, clock=self.clock, ids=self.ids, store_field="db",
+            open_database=lambda url, field: self._connect(synchronous=synchronous))
+        self._writer = self._opened.store
         check_schema(self._writer)
         # The file this process writes to, to notice when the path stops leading to it.
         self._identity = None if self.postgres else _identity(self.path)
@@ -390,10 +394,7 @@ class Store:
         self.outbox = outbox
         if outbox:
             require_outbox(self._writer, "db")
-            self.queue = None
-        else:
-            broker = PostgresBroker if self.postgres else Queue
-            self.queue = broker(self._writer, clock=self.clock, ids=self.ids)
+        self.queue = None if outbox else self._opened.broker
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-write")
         self._jobs: deque[_Write] = deque()
         self.accepted = 0  # orders handed to the write thread
@@ -737,7 +738,7 @@ class Store:
             for conn in self._idle:
                 conn.close()
             self._idle.clear()
-        self._writer.close()
+        self._opened.close()  # the queue table, then the writer
         self._prober.close()
 
 
