@@ -268,7 +268,7 @@ def _hand_redis(e: beyond.Engine, n: int, k: int) -> None:
 
 
 BY_HAND: dict[str, Callable[[beyond.Engine, int, int], None]] = {
-    "sqlite": _hand_sqlite, "postgres": _hand_postgres, "rabbitmq": _hand_rabbitmq,
+    "sqlite": _hand_sqlite, "postgresql": _hand_postgres, "rabbitmq": _hand_rabbitmq,
     "jetstream": _hand_jetstream, "redis": _hand_redis}
 
 

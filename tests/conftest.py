@@ -1,7 +1,9 @@
 """Shared fixtures: a fresh lab (database + FakeClock + seeded ids + queue) per test.
 
 ``lab`` is in memory, ``file_lab`` is a WAL file under ``tmp_path``, and ``any_lab`` runs the
-test once against each, so a contract holds for both configurations.
+test once against each, so a contract holds for both configurations. Every store and broker
+here is opened as the CLI, the API and the book open theirs, by
+:func:`deliverylab.brokers.registry.open_store_and_broker`.
 """
 
 from __future__ import annotations
@@ -73,11 +75,13 @@ class EngineRig:
 
 
 def make_lab(path: str | Path = ":memory:", *, seed: int = 1, max_receives: int = 5) -> EngineRig:
-    conn = store.init_db(path)
     clock = FakeClock()
     ids = Ids(seed)
-    queue = Queue(conn, clock=clock, ids=ids, max_receives=max_receives)
-    return EngineRig(conn, clock, ids, queue, None if str(path) == ":memory:" else Path(path))
+    opened = registry.open_store_and_broker(path, clock=clock, ids=ids,
+                                            max_receives=max_receives, init=True)
+    assert opened.joined
+    return EngineRig(opened.store, clock, ids, opened.broker,  # type: ignore[arg-type]
+                     None if str(path) == ":memory:" else Path(path))
 
 
 @pytest.fixture
@@ -109,20 +113,31 @@ def any_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineRi
 # -- brokers ---------------------------------------------------------------------------------
 # Every broker engine the contract suite (tests/test_broker_contract.py) and the worker's
 # broker tests run against. An engine is a function (directory, clock, ids, max_receives) ->
-# (broker, close); add one here and every contract case runs against it.
+# (broker, close); add one here and every contract case runs against it. Each opens a store
+# and its broker with the opener, from URLs.
+def _opened(store_url: str | Path, broker_url: str | None, clock: FakeClock, ids: Ids,
+            max_receives: int, *, scratch: bool = False) -> tuple[Broker, Callable[[], None]]:
+    opened = registry.open_store_and_broker(store_url, broker_url, clock=clock, ids=ids,
+                                            max_receives=max_receives, init=True,
+                                            worker="pytest")
+
+    def close() -> None:
+        if scratch:
+            opened.broker.destroy()
+        opened.close()
+    return opened.broker, close
+
+
 def _sqlite_memory(where: Path, clock: FakeClock, ids: Ids,
                    max_receives: int) -> tuple[Broker, Callable[[], None]]:
     """The lab's broker: the queue table on the connection it shares with the store."""
-    conn = store.init_db()
-    return SQLiteBroker(conn, clock=clock, ids=ids, max_receives=max_receives), conn.close
+    return _opened(":memory:", None, clock, ids, max_receives)
 
 
 def _sqlite_file(where: Path, clock: FakeClock, ids: Ids,
                  max_receives: int) -> tuple[Broker, Callable[[], None]]:
-    """A broker in its own SQLite file, apart from any store; it writes no trace."""
-    conn = store.init_db(where / "broker.db")
-    return (SQLiteBroker(conn, clock=clock, ids=ids, max_receives=max_receives, trace=False),
-            conn.close)
+    """A broker in its own SQLite file, apart from the store; it writes no trace."""
+    return _opened(":memory:", str(where / "broker.db"), clock, ids, max_receives)
 
 
 def _postgres(where: Path, clock: FakeClock, ids: Ids,
@@ -133,13 +148,10 @@ def _postgres(where: Path, clock: FakeClock, ids: Ids,
 
     from pg import schema
 
-    from deliverylab.brokers.postgres import PostgresBroker
-    from deliverylab.engine import store_postgres
-
     stack = ExitStack()
-    conn = store_postgres.connect(stack.enter_context(schema()))
-    stack.callback(conn.close)
-    return PostgresBroker(conn, clock=clock, ids=ids, max_receives=max_receives), stack.close
+    broker, close = _opened(stack.enter_context(schema()), None, clock, ids, max_receives)
+    stack.callback(close)
+    return broker, stack.close
 
 
 def _by_url(name: str) -> Callable[..., tuple[Broker, Callable[[], None]]]:
@@ -149,16 +161,15 @@ def _by_url(name: str) -> Callable[..., tuple[Broker, Callable[[], None]]]:
     lease per queue. Fails, never skips, when the server does not answer."""
     def open_it(where: Path, clock: FakeClock, ids: Ids,
                 max_receives: int) -> tuple[Broker, Callable[[], None]]:
-        broker = registry.open_scratch(name, lease=1.0, clock=clock, ids=ids,
-                                       max_receives=max_receives, worker="pytest")
-        return broker, broker.destroy
+        return _opened(":memory:", registry.scratch_url(name, lease=1.0), clock, ids,
+                       max_receives, scratch=True)
     return open_it
 
 
 BROKER_ENGINES: dict[str, Callable[..., tuple[Broker, Callable[[], None]]]] = {
     "sqlite-memory": _sqlite_memory,
     "sqlite-file": _sqlite_file,
-    "postgres": _postgres,
+    "postgresql": _postgres,
     **{name: _by_url(name) for name in registry.ENGINES},
 }
 

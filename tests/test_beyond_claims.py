@@ -46,7 +46,7 @@ from deliverylab.engine.faults import Faults
 THREE = ("at-most-once", "at-least-once", "idempotent")
 COUNTS = ["orders", "correct", "lost", "duplicated", "extra_applications", "dead_lettered",
           "deliveries"]
-FAST = ("sqlite", "postgres")
+FAST = ("sqlite", "postgresql")
 REALTIME = beyond.REMOTE  # the registry's engines, each on a server of its own
 
 
@@ -153,7 +153,7 @@ def test_a_message_whose_lease_ran_out_is_seen_as_queued_until_it_is_received_ag
 def test_a_postgres_run_drops_its_schema():
     from deliverylab.engine import store_postgres
 
-    with beyond.open_engine("postgres") as e:
+    with beyond.open_engine("postgresql") as e:
         url = e.store.url
         assert e.broker.joins(e.store)
     with pytest.raises(InvalidInput, match="init-db"):
@@ -180,7 +180,7 @@ def test_bad_arguments_are_named():
 def test_without_a_server_the_engine_says_how_to_start_it(monkeypatch):
     monkeypatch.setattr(beyond, "POSTGRES", "postgresql://127.0.0.1:1/test")
     with pytest.raises(beyond.EngineUnavailable, match="make services") as gone:
-        with beyond.open_engine("postgres"):
+        with beyond.open_engine("postgresql"):
             pass
     assert "127.0.0.1:1" in str(gone.value)
 

@@ -152,7 +152,7 @@ def test_chapter_2_story_every_answer_lost():
     assert saved == repr(verdicts["at-most-once"].verdict)
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgres",
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql",
                                     pytest.param("rabbitmq", marks=pytest.mark.slow),
                                     pytest.param("jetstream", marks=pytest.mark.slow)])
 def test_a_lost_answer_loses_the_same_orders_on_every_engine(engine):

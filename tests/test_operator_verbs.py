@@ -27,13 +27,13 @@ from deliverylab.engine.relay import Relay
 TRACE = "SELECT worker, correlation_id, event_id, outcome FROM delivery_log ORDER BY seq"
 
 
-@pytest.fixture(params=["sqlite-file", "postgres"])
+@pytest.fixture(params=["sqlite-file", "postgresql"])
 def apart(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A store file with 3 orders relayed to a broker outside it (a SQLite file or a
     PostgreSQL schema): (store file, broker as --broker names it)."""
     store_file = tmp_path / "store.db"
     with ExitStack() as stack:
-        if request.param == "postgres":
+        if request.param == "postgresql":
             where = stack.enter_context(schema())
         else:
             where = str(tmp_path / "broker.db")

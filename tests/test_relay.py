@@ -43,7 +43,7 @@ from deliverylab.engine.relay import CRASH_EXIT_STATUS, Relay, unsent
 from deliverylab.engine.worker import Worker
 
 # The brokers apart from the store without producer dedup: the inbox is the only defence.
-NO_DEDUP = ["sqlite-file", "postgres"]
+NO_DEDUP = ["sqlite-file", "postgresql"]
 
 
 @pytest.fixture(params=NO_DEDUP)

@@ -124,7 +124,7 @@ def worker_command(request: pytest.FixtureRequest, tmp_path: Path
 
             closers.append(conn.close)
             return ["--db", str(db)], Queue(conn, clock=clock, ids=ids), conn
-        if engine == "postgres":
+        if engine == "postgresql":
             from contextlib import ExitStack
 
             from pg import schema
@@ -160,7 +160,7 @@ def worker_command(request: pytest.FixtureRequest, tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("worker_command", ["sqlite-file", "postgres", "rabbitmq", "jetstream"],
+@pytest.mark.parametrize("worker_command", ["sqlite-file", "postgresql", "rabbitmq", "jetstream"],
                          indirect=True)
 def test_a_sigkilled_worker_process_loses_nothing_and_applies_nothing_twice(
         worker_command, tmp_path):
@@ -396,7 +396,7 @@ def test_a_body_that_is_no_json_object_is_dead_lettered_at_max_receives_bytes_ke
     assert headers.get("x-origin") == "billing"
 
 
-@pytest.mark.parametrize("make_broker", ["sqlite-file", "postgres"], indirect=True)
+@pytest.mark.parametrize("make_broker", ["sqlite-file", "postgresql"], indirect=True)
 def test_a_queue_table_refuses_a_row_with_no_id(make_broker):
     """Where the queue is a table only the project writes, a row with no ids cannot exist:
     the schema refuses it (NOT NULL), and the queue is unchanged."""

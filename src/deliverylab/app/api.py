@@ -67,6 +67,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__
 from ..brokers.registry import table_broker
 from ..brokers.sqlite import SQLiteBroker
+from ..brokers.registry import open_store_and_broker
+from ..engine import store_postgres as pgstore
 from ..engine.clock import SystemClock
 from ..engine.display import escape_unprintable
 from ..engine.errors import (
@@ -328,7 +330,12 @@ class Store:
         self.dialect.check_durability(synchronous)
         self.clock, self.ids = SystemClock(), Ids()
         self.write_budget = write_budget
-        self._writer = self._connect(synchronous=synchronous)
+        # The writer and the queue table in its own database, opened together; with the
+        # broker outside the store (outbox), the relay opens that broker, not the API.
+        self._opened = open_store_and_broker(
+            self.path, clock=self.clock, ids=self.ids, store_field="db",
+            open_database=lambda url, field: self._connect(synchronous=synchronous))
+        self._writer = self._opened.store
         check_schema(self._writer)
         # The file this process writes to, to notice when the path stops leading to it.
         self._identity = self.dialect.identity(self.path)
@@ -338,8 +345,7 @@ class Store:
         self.queue: SQLiteBroker | None = None
         if outbox:
             require_outbox(self._writer, "db")
-        else:
-            self.queue = table_broker(self._writer, clock=self.clock, ids=self.ids)
+        self.queue = None if outbox else self._opened.broker
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-write")
         self._jobs: deque[_Write] = deque()
         self.accepted = 0  # orders handed to the write thread
@@ -636,7 +642,7 @@ class Store:
             for conn in self._idle:
                 conn.close()
             self._idle.clear()
-        self._writer.close()
+        self._opened.close()  # the queue table, then the writer
         self._prober.close()
 
 

@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import inspect
 import json
 import os
 import re
 import secrets
 import signal
 import socket
-import sqlite3
 import stat
 import sys
 import time
@@ -192,14 +190,6 @@ def db_label(args: argparse.Namespace) -> str:
     return hide_secrets(db_url(args) or str(db_path(args)))
 
 
-def broker_on(conn: Any, **kw: Any) -> Any:
-    """The queue table in the store's own database: the broker written for that database
-    (SQLite's claim would hand one message to two workers on PostgreSQL)."""
-    from ..brokers.registry import table_broker
-
-    return table_broker(conn, **kw)
-
-
 def store_flag(args: argparse.Namespace) -> None:
     """``--store`` is ``--db`` (the consumer's database); both given must name the same."""
     if getattr(args, "store", None) is None:
@@ -210,25 +200,38 @@ def store_flag(args: argparse.Namespace) -> None:
     args.db, args.flag = args.store, "--store"
 
 
-def open_broker_arg(args: argparse.Namespace, conn: Any, **kw: Any) -> tuple[Any, Any, str | None]:
-    """The broker ``--broker`` names, for a command whose store is open on ``conn``: (broker,
-    the broker's own database connection or None, its label or None when it is the queue
-    table of the store's own database). ``kw`` (clock, ids, max_receives) goes to the broker.
-    A queue in another database writes no trace of its own (``trace=False``): the command
-    writes the rows into the store, as the worker does. ``create=False`` (status, redrive,
-    drop): a broker URL's queue or stream must exist; nothing is created."""
-    from ..brokers.registry import is_broker_url, open_broker
+def store_value(args: argparse.Namespace) -> str:
+    """The store as the user named it: ``--db`` (or ``--store``), else the environment, else
+    the default file."""
+    return db_url(args) or str(db_path(args))
 
-    name = kw.pop("worker", "deliverylab")
-    create = kw.pop("create", True)
-    if is_broker_url(args.broker):  # RabbitMQ, NATS: not a database
-        return (open_broker(args.broker, field="--broker", worker=name, create=create, **kw),
-                None, hide_secrets(args.broker))
-    if args.broker is None or args.broker == (args.db or os.environ.get(DB_ENV, "")):
-        return broker_on(conn, **kw), None, None
-    broker_args = argparse.Namespace(**{**vars(args), "db": args.broker, "flag": "--broker"})
-    broker_conn = open_db(broker_args)
-    return broker_on(broker_conn, trace=False, **kw), broker_conn, db_label(broker_args)
+
+def open_lab(args: argparse.Namespace, *, write: bool = True, broker: bool = True,
+             **kw: Any) -> Any:
+    """The store the command names and the broker ``--broker`` names (without it, or with
+    ``broker=False``: the queue table of the store's own database), opened together by
+    :func:`deliverylab.brokers.registry.open_store_and_broker`, each database with this
+    command's checks and words (:func:`_database`). ``kw`` (clock, ids, max_receives, worker,
+    create) goes to the opener; ``create=False`` (status, redrive, drop): a broker URL's queue
+    or stream must exist, nothing is created. A queue in another database writes no trace of
+    its own: the command writes the rows into the store, as the worker does."""
+    from ..brokers.registry import open_store_and_broker
+    from ..engine.clock import SystemClock
+    from ..engine.ids import Ids
+
+    kw.setdefault("clock", SystemClock())
+    kw.setdefault("ids", Ids())
+    return open_store_and_broker(
+        store_value(args), getattr(args, "broker", None) if broker else None,
+        store_field=_where(args), broker_field="--broker",
+        open_database=lambda value, where: _database(args, value, where,
+                                                     write=write or where == "--broker"),
+        **kw)
+
+
+def _broker_label(opened: Any) -> str | None:
+    """The broker as the user named it, password hidden; None for the store's queue table."""
+    return None if opened.joined else hide_secrets(opened.broker_url)
 
 
 def _where(args: argparse.Namespace) -> str:
@@ -257,66 +260,41 @@ def _busy_timeout(args: argparse.Namespace) -> float:
     return BUSY_TIMEOUT_S if value is None else value
 
 
-def open_db(args: argparse.Namespace, *, write: bool = True) -> sqlite3.Connection:
-    """Connect to an existing lab database, or explain how to make one.
+def _database(args: argparse.Namespace, value: str, where: str, *, write: bool = True) -> Any:
+    """Open the database ``value`` (a file or a PostgreSQL URL, named by ``where``: the flag
+    or variable) through :func:`deliverylab.brokers.registry.open_store`, or explain how to
+    make one. ``write=False`` (status, trace) opens a file nobody here may write read-only
+    instead of refusing it; every other command names why the file cannot be written."""
+    from ..brokers.registry import NotALabDatabase, open_store
+    from ..engine.store import why_read_only
+    from ..engine.store_postgres import is_url
 
-    ``write=False`` (status, trace) opens a database nobody here may write read-only instead
-    of refusing it; every other command names why the file cannot be written."""
-    from ..engine.store import (
-        check_schema,
-        connect,
-        connect_read_only,
-        is_busy,
-        missing_tables,
-        why_read_only,
-    )
-
-    url = db_url(args)
-    if url is not None:  # a PostgreSQL schema: a bad URL or no server is InvalidInput, exit 2
-        from ..engine.store_postgres import connect as pg_connect
-
-        conn = pg_connect(url, field=_where(args))
-        # --busy-timeout is PostgreSQL's lock_timeout: a lock held elsewhere past it ends the
-        # statement with "lock not available", which exits 2 "locked", as on SQLite.
-        conn.set("lock_timeout", max(1, int(_busy_timeout(args) * 1000)))
-        return conn  # type: ignore[return-value]
-    path = db_path(args)
-    init = f"deliverylab init-db{'' if args.db is None else ' --db ' + str(path)}"
+    # --busy-timeout is PostgreSQL's lock_timeout: a lock held elsewhere past it ends the
+    # statement with "lock not available", which exits 2 "locked", as on SQLite.
+    if is_url(value):  # a PostgreSQL schema: a bad URL or no server is InvalidInput, exit 2
+        return open_store(value, field=where, busy_timeout=_busy_timeout(args))
+    path = Path(value)
+    named = where not in (DB_ENV, "the default database")
+    init = f"deliverylab init-db{' --db ' + str(path) if named else ''}"
     if not path.exists():
-        raise UsageError(f"no database at {str(path)!r} ({_where(args)}): run '{init}' first")
+        raise UsageError(f"no database at {str(path)!r} ({where}): run '{init}' first")
     if not path.is_file():
-        raise UsageError(f"{_where(args)} must be a database file, got {str(path)!r}"
+        raise UsageError(f"{where} must be a database file, got {str(path)!r}"
                          f" ({_kind(path)})")
     read_only = why_read_only(path)
     if read_only and write:
         raise UsageError(f"{str(path)!r} is read-only ({read_only}): 'deliverylab"
                          f" {args.command}' writes to it; {READERS} can still read it")
     try:
-        conn = (connect_read_only(path, busy_timeout=_busy_timeout(args)) if read_only
-                else connect(path, busy_timeout=_busy_timeout(args)))
-    except sqlite3.OperationalError as exc:
-        if is_busy(exc):
-            raise
-        raise UsageError(f"cannot open {str(path)!r} ({exc})") from None
-    except STORE_ERRORS + (InvalidInput,) as exc:
-        raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc}); run"
+        return open_store(path, field=where, read_only=bool(read_only),
+                          busy_timeout=_busy_timeout(args))
+    except NotALabDatabase as exc:
+        if exc.missing and "orders" not in exc.missing:  # an older version's file: keep its data
+            raise UsageError(f"{str(path)!r} has no {', '.join(exc.missing)} table(s) (made by"
+                             f" an older deliverylab): run '{init}' to add them; the data is"
+                             f" kept") from None
+        raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc.reason}); run"
                          f" 'deliverylab init-db' on a new path") from None
-    try:
-        missing = missing_tables(conn)
-        if missing and "orders" not in missing:  # an older version's file: keep its data
-            conn.close()
-            raise UsageError(f"{str(path)!r} has no {', '.join(missing)} table(s) (made by an"
-                             f" older deliverylab): run '{init}' to add them; the data is kept")
-        check_schema(conn)
-    except UsageError:
-        raise
-    except STORE_ERRORS + (InvalidInput,) as exc:
-        conn.close()
-        if is_busy(exc):
-            raise
-        raise UsageError(f"{str(path)!r} is not a deliverylab database ({exc}); run"
-                         f" 'deliverylab init-db' on a new path") from None
-    return conn
 
 
 def _make_room(path: Path, where: str) -> bool:
@@ -405,25 +383,21 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from ..engine.clock import SystemClock
-    from ..engine.ids import Ids
     from ..engine.store import require_outbox
 
     database = db_url(args) or db_path(args)
-    # Fail here, with a clear message, not inside the server.
-    conn = open_db(args)
-    try:
-        outbox = args.broker is not None
+    # Fail here, with a clear message, not inside the server. The API never sends on an
+    # outside broker (the relay does): it is opened once to check it is there.
+    outbox = args.broker is not None
+    with open_lab(args, broker=False) as opened:  # the store alone: a refusal declares no queue
         if outbox:
-            require_outbox(conn, _where(args))
-            if args.broker == (args.db or os.environ.get(DB_ENV, "")):
+            require_outbox(opened.store, _where(args))
+    if outbox:
+        with open_lab(args) as opened:
+            if opened.joined:
                 raise UsageError(f"--broker must be a broker outside the store, got the store"
                                  f" itself ({args.broker!r}); leave --broker out to use its"
                                  f" queue table")
-            # The API never sends on it (the relay does): opened once to check it is there.
-            _close_broker(*open_broker_arg(args, conn, clock=SystemClock(), ids=Ids())[:2])
-    finally:
-        conn.close()
     import uvicorn
 
     from .api import SHUTDOWN_WAIT_S, Server, check_allowed_hosts, create_app
@@ -518,14 +492,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     faults = Faults.from_rates(seed=args.seed, **rates)
     name = args.name or f"worker-{os.getpid()}"
     store_flag(args)
-    from ..brokers.registry import is_broker_url, scheme_of
+    from ..brokers.registry import is_broker_url
 
     if is_broker_url(args.broker):  # refused before connecting: a refusal declares no queue
         refuse_apart(args.mode)
-    lease = _jetstream_lease(args)
-    vt = lease if lease is not None else (
+    lease = _fixed_lease(args)
+    vt = lease.seconds if lease is not None else (
         DEFAULT_VISIBILITY_TIMEOUT if args.visibility_timeout is None else args.visibility_timeout)
-    conn = open_db(args)
 
     def echo(line: str) -> None:
         print(safe_text(hide_secrets(_wall(line))), flush=True)
@@ -533,12 +506,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     clock, ids = SystemClock(), Ids()
     # The broker: the queue table in the store's own database, or (--broker) a queue in
     # another database or system, which leaves the trace rows of its verbs to the worker.
-    try:
-        broker, broker_conn, broker_label = open_broker_arg(
-            args, conn, clock=clock, ids=ids, max_receives=args.max_receives, worker=name)
-    except BaseException:
-        conn.close()
-        raise
+    opened = open_lab(args, clock=clock, ids=ids, max_receives=args.max_receives, worker=name)
+    conn, broker, broker_label = opened.store, opened.broker, _broker_label(opened)
     try:
         worker = Worker(store=conn, broker=broker, clock=clock, ids=ids, mode=args.mode,
                         faults=faults, visibility_timeout=vt,
@@ -547,17 +516,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         name=name, echo=echo, crash_exits=args.crash_exits,
                         work_time=args.work_time)
     except InvalidInput:
-        _close(conn, broker, broker_conn)
+        opened.close()
         raise
 
     stop_on_signals(worker, name)  # a second Ctrl-C: open transactions roll back
 
     fault_text = ", ".join(f"{p}={r:g}" for p, r in rates.items() if r) or "none"
-    # The lease really in force: JetStream's is its consumer's AckWait, not a flag.
-    lease_text = (f"visibility_timeout={vt:g}s" if lease is None else
-                  f"lease={lease:g}s (the stream's: lease= in the --broker URL)"
-                  if scheme_of(args.broker) == "redis" else
-                  f"lease=AckWait {lease:g}s (the stream consumer's ack_wait)")
+    # The lease really in force: where the engine fixes it per queue, the URL's, not a flag.
+    lease_text = f"visibility_timeout={vt:g}s" if lease is None else f"lease={lease.shown}"
     print(safe_text(f"[{name}] started: mode={worker.mode} {lease_text}"
                     f" max_receives={args.max_receives} faults: {fault_text}"
                     f" (seed {faults.seed}) db={db_label(args)}"
@@ -569,80 +535,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(safe_text(f"[{name}] interrupted"), flush=True)
         return 130
     finally:
-        _close(conn, broker, broker_conn)
+        opened.close()
     totals = stats.as_dict()
     counts = " ".join(f"{k}={v}" for k, v in totals.items() if k != "steps")
     print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
     return 0
 
 
-def _jetstream_lease(args: argparse.Namespace) -> float | None:
-    """The lease of a ``nats://`` broker: its consumer's ``AckWait`` (``ack_wait=`` in the
-    URL, 30 s without), None for any other broker. JetStream leases every message for
-    ``AckWait`` whatever a receive asks, so ``--visibility-timeout`` is refused there unless
-    it says the same (it is then the same lease)."""
-    from ..brokers.registry import scheme_of
-
-    if scheme_of(args.broker) == "redis":
-        return _redis_lease(args)
-    if scheme_of(args.broker) != "nats":
-        return None
-    from ..brokers.jetstream import JetStreamBroker, parse_url
+def _fixed_lease(args: argparse.Namespace) -> Any:
+    """The lease the ``--broker`` URL fixes (a :class:`~deliverylab.brokers.base.UrlLease`,
+    from the registry), None when each receive sets its own. An engine that leases every
+    message for the same time whatever a receive asks (``capabilities.fixed_lease``) refuses
+    ``--visibility-timeout`` unless it says the same (it is then the same lease)."""
+    from ..brokers.registry import ENGINES, fixed_lease, scheme_of
 
     try:
-        _, kw = parse_url(args.broker, field="--broker")
+        lease = fixed_lease(args.broker, field="--broker")
     except InvalidInput as exc:
         raise UsageError(str(exc)) from None
-    default = inspect.signature(JetStreamBroker).parameters["ack_wait"].default
-    ack_wait = float(kw.get("ack_wait", default))
-    if args.visibility_timeout is not None and args.visibility_timeout != ack_wait:
-        raise UsageError(
-            f"--visibility-timeout does not apply to a JetStream broker, got"
-            f" {args.visibility_timeout:g}: its lease is the AckWait of the stream's consumer,"
-            f" set by ack_wait= in the --broker URL (here {ack_wait:g}s"
-            f"{'' if 'ack_wait' in kw else ', the default'}); leave the flag out, or put"
-            f" ack_wait={args.visibility_timeout:g} in the URL (a stream made with another"
-            f" ack_wait must be removed first: deliverylab cleanup --broker URL --yes)")
-    return ack_wait
-
-
-def _redis_lease(args: argparse.Namespace) -> float:
-    """The lease of a ``redis://`` broker: the idle time after which another consumer takes a
-    pending entry over (``lease=`` in the URL, 30 s without). Like JetStream's AckWait it is
-    the stream's, not a receive's, so ``--visibility-timeout`` is refused unless it says the
-    same."""
-    from urllib.parse import parse_qsl, urlsplit
-
-    from ..brokers.redis import RedisBroker
-
-    default = inspect.signature(RedisBroker).parameters["lease"].default
-    found = dict(parse_qsl(urlsplit(args.broker).query))
-    try:
-        lease = float(found.get("lease", default))
-    except ValueError:
-        raise UsageError(f"--broker must give lease= in seconds, got"
-                         f" {hide_secrets(args.broker)!r}") from None
-    if args.visibility_timeout is not None and args.visibility_timeout != lease:
-        raise UsageError(
-            f"--visibility-timeout does not apply to a Redis broker, got"
-            f" {args.visibility_timeout:g}: its lease is the idle time after which another"
-            f" consumer takes an entry over, set by lease= in the --broker URL (here"
-            f" {lease:g}s{'' if 'lease' in found else ', the default'}); leave the flag out,"
-            f" or put lease={args.visibility_timeout:g} in the URL")
-    return lease
-
-
-def _close_broker(broker: Any, broker_conn: Any) -> None:
-    """Close what :func:`open_broker_arg` opened."""
-    broker.close()
-    if broker_conn is not None:
-        broker_conn.close()
-
-
-def _close(conn: Any, broker: Any, broker_conn: Any) -> None:
-    """Close what :func:`open_broker_arg` opened, then the store."""
-    _close_broker(broker, broker_conn)
-    conn.close()
+    if lease is None or args.visibility_timeout in (None, lease.seconds):
+        return lease
+    title = next(e.title for e in ENGINES.values() if e.scheme == scheme_of(args.broker))
+    raise UsageError(
+        f"--visibility-timeout does not apply to a {title} broker, got"
+        f" {args.visibility_timeout:g}: its lease is {lease.what}, set by {lease.option}= in"
+        f" the --broker URL (here {lease.seconds:g}s{'' if lease.given else ', the default'});"
+        f" leave the flag out, or put {lease.option}={args.visibility_timeout:g} in the URL")
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
@@ -651,21 +569,16 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from ..engine.relay import Relay, unsent
 
     store_flag(args)
-    conn = open_db(args)
-    if args.broker == (args.db or os.environ.get(DB_ENV, "")):
-        conn.close()
+    name = args.name or f"relay-{os.getpid()}"
+    clock = SystemClock()
+    opened = open_lab(args, clock=clock, ids=Ids(), worker=name)
+    if opened.joined:
+        opened.close()
         raise UsageError(f"--broker must be a broker outside the store, got the store itself"
                          f" ({args.broker!r}): with the queue table in the store's own"
                          f" database an order and its event commit together, and there is"
                          f" nothing to relay")
-    name = args.name or f"relay-{os.getpid()}"
-    clock = SystemClock()
-    try:
-        broker, broker_conn, broker_label = open_broker_arg(args, conn, clock=clock, ids=Ids(),
-                                                            worker=name)
-    except BaseException:
-        conn.close()
-        raise
+    conn, broker, broker_label = opened.store, opened.broker, _broker_label(opened)
     try:
         relay = Relay(conn, broker, clock=clock, crash_after_publish=args.crash_after_publish_rate,
                       seed=args.seed if args.seed is not None else secrets.randbits(63),
@@ -673,7 +586,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
                       echo=lambda line: print(safe_text(hide_secrets(_wall(line))),
                                                  flush=True))
     except InvalidInput:
-        _close(conn, broker, broker_conn)
+        opened.close()
         raise
 
     stop_on_signals(relay, name)  # a second Ctrl-C: what it published goes again
@@ -689,7 +602,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         print(safe_text(f"[{name}] interrupted"), flush=True)
         return 130
     finally:
-        _close(conn, broker, broker_conn)
+        opened.close()
     counts = " ".join(f"{k}={v}" for k, v in stats.as_dict().items())
     print(safe_text(f"[{name}] stopped: {counts}"), flush=True)
     return 0
@@ -743,20 +656,13 @@ def cmd_order(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ..engine.clock import SystemClock
-    from ..engine.ids import Ids
     from . import metrics
     from .status import Unlisted, collect, render
 
     store_flag(args)
-    conn = open_db(args, write=False)
-    try:
-        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids(),
-                                                 create=False)
-    except BaseException:
-        conn.close()
-        raise
-    apart = None if broker.joins(conn) else cast(Broker, Unlisted(broker, conn))
+    opened = open_lab(args, write=False, create=False)
+    conn, broker = opened.store, opened.broker
+    apart = None if opened.joined else cast(Broker, Unlisted(broker, conn))
     try:
         while True:
             report = collect(conn, broker=apart)
@@ -774,17 +680,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _close(conn, broker, broker_conn)
+        opened.close()
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from .status import render_trace, trace
 
-    conn = open_db(args, write=False)
-    try:
-        story = trace(conn, args.order)
-    finally:
-        conn.close()
+    with open_lab(args, write=False, broker=False) as opened:
+        story = trace(opened.store, args.order)
     if story is None:
         raise Failure(f"no order or event {args.order!r} in {db_label(args)}")
     print(safe_json(story) if args.json else render_trace(story))
@@ -797,7 +700,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from ..engine.reconcile import diff, repair
     from .status import snapshot, table
 
-    conn = open_db(args, write=not args.dry_run)  # a dry run only reads
+    opened = open_lab(args, write=not args.dry_run, broker=False)  # a dry run only reads
+    conn = opened.store
     try:
         with snapshot(conn):
             drift = diff(conn)
@@ -832,7 +736,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
               f" counted order is not applied again, whatever mode the workers run in")
         print(safe_text(f"verdict: {check(conn).verdict}"))
     finally:
-        conn.close()
+        opened.close()
     return 0
 
 
@@ -850,27 +754,18 @@ def _operator_trace(conn: Any, broker: Any, rows: list[tuple[Any, ...]]) -> None
         log_many(conn, [(now, *row) for row in rows])
 
 
-def _open_for_verb(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """The store, the broker ``--broker`` names (default the store's queue table) and the
-    broker's own connection, for an operator verb."""
-    from ..engine.clock import SystemClock
-    from ..engine.ids import Ids
-
+def _open_for_verb(args: argparse.Namespace) -> Any:
+    """The store and the broker ``--broker`` names (default the store's queue table), for an
+    operator verb: nothing is created on a broker's server."""
     store_flag(args)
-    conn = open_db(args)
-    try:
-        broker, broker_conn, _ = open_broker_arg(args, conn, clock=SystemClock(), ids=Ids(),
-                                                 create=False)
-    except BaseException:
-        conn.close()
-        raise
-    return conn, broker, broker_conn
+    return open_lab(args, create=False)
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
     from ..engine.trace import Outcome
 
-    conn, broker, broker_conn = _open_for_verb(args)
+    opened = _open_for_verb(args)
+    conn, broker = opened.store, opened.broker
     try:
         before = broker.dead_lettered_event_ids()
         try:
@@ -887,7 +782,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             ("operator", orders.get(e), e, None, 0, Outcome.REDRIVEN,
              "redriven by 'deliverylab redrive'") for e in back])
     finally:
-        _close(conn, broker, broker_conn)
+        opened.close()
     print(f"redrove {moved} dead letter(s) back to the queue (delivery count reset to 0)")
     return 0
 
@@ -895,7 +790,8 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 def cmd_drop(args: argparse.Namespace) -> int:
     from ..engine.trace import Outcome
 
-    conn, broker, broker_conn = _open_for_verb(args)
+    opened = _open_for_verb(args)
+    conn, broker = opened.store, opened.broker
     try:
         queue = getattr(broker, "conn", None)
         if queue is None:
@@ -927,7 +823,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
             ("chaos", r["correlation_id"], r["event_id"], r["message_id"], r["delivery_count"],
              Outcome.LOST, reason) for r in dropped])
     finally:
-        _close(conn, broker, broker_conn)
+        opened.close()
     print(f"{len(dropped)} message(s) dropped behind the workers' backs; 'deliverylab status'"
           f" shows the drift, 'deliverylab reconcile' repairs it")
     return 0
@@ -1056,6 +952,7 @@ def _cluster_kill(args: argparse.Namespace, cluster: Any) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove what ``--store`` and ``--broker`` name, on any engine, after finding all of it
     (a bad value removes nothing); ask first unless ``--yes``."""
+    from ..brokers.registry import same_database
     from .cleanup import find
 
     if args.store is None and args.broker is None:
@@ -1063,7 +960,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     try:
         targets = [find(flag, value) for flag, value in (("--store", args.store),
                                                           ("--broker", args.broker))
-                   if value is not None and not (flag == "--broker" and value == args.store)]
+                   if value is not None and not (flag == "--broker" and args.store is not None
+                                                 and same_database(args.store, value))]
     except InvalidInput as exc:
         raise UsageError(f"{exc}; nothing was removed") from None
     doomed = [t for t in targets if t.remove is not None]
@@ -1095,6 +993,13 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 # -- the parser -------------------------------------------------------------------------------
+def _broker_help(role: str) -> str:
+    """A ``--broker`` help text: ``role``, then every form a broker takes, from the registry."""
+    from ..brokers.registry import broker_forms
+
+    return f"{role}. One of: {broker_forms()}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..engine.worker import Mode
 
@@ -1121,8 +1026,8 @@ def build_parser() -> argparse.ArgumentParser:
     where_flags.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
                              help="the consumer's database: the same as --db")
     where_flags.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
-                             help="where the messages wait (default: the queue table of the"
-                                  " store's own database)")
+                             help=_broker_help("where the messages wait (default: the queue"
+                                               " table of the store's own database)"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("init-db", parents=[busy], help="create the database (idempotent)")
@@ -1143,10 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
-                   help="the workers' broker, outside the store (another database, amqp://…,"
-                        " nats://…): each order's event goes to the store's outbox, and"
-                        " 'deliverylab relay' publishes it (default: the store's own queue"
-                        " table, in the order's transaction)")
+                   help=_broker_help("the workers' broker, outside the store: each order's"
+                                     " event goes to the store's outbox, and 'deliverylab"
+                                     " relay' publishes it (default: the store's own queue"
+                                     " table, in the order's transaction)"))
     p.set_defaults(run=cmd_api)
 
     p = sub.add_parser(
@@ -1161,8 +1066,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visibility-timeout", type=_num_arg(0, 12 * 3600), default=None,
                    metavar="SECONDS",
                    help=f"lease length (default {DEFAULT_VISIBILITY_TIMEOUT:g}, like the seed);"
-                        f" on JetStream the lease is the URL's ack_wait, and this flag is"
-                        f" refused unless it says the same")
+                        f" on a broker whose URL fixes the lease of its queue (a stream's"
+                        f" ack_wait= or lease=) the URL's, and this flag is refused unless it"
+                        f" says the same")
     p.add_argument("--max-receives", type=_int_arg(1, 1000), default=5,
                    help="deliveries before a message is dead-lettered (default 5)")
     p.add_argument("--max-messages", type=_int_arg(1, 1000), default=1,
@@ -1187,10 +1093,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the consumer's database (orders, inbox, projection, trace): the same"
                         " as --db")
     p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
-                   help="where the messages wait (default: the queue table of the store's"
-                        " own database); another database, amqp://… (RabbitMQ) or nats://…"
-                        " (JetStream) makes it an external broker, and --mode transactional"
-                        " is refused there")
+                   help=_broker_help("where the messages wait (default: the queue table of"
+                                     " the store's own database); a broker outside the store"
+                                     " refuses --mode transactional"))
     p.set_defaults(run=cmd_worker)
 
     p = sub.add_parser(
@@ -1202,8 +1107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
                    help="the database whose outbox is published: the same as --db")
     p.add_argument("--broker", metavar="PATH|URL", type=_path_text, required=True,
-                   help="a broker outside the store: another database, amqp://… (RabbitMQ)"
-                        " or nats://… (JetStream)")
+                   help=_broker_help("a broker outside the store"))
     p.add_argument("--batch", type=_int_arg(1, 1000), default=100,
                    help="rows published per step, then marked in one commit (default 100)")
     p.add_argument("--poll-interval", type=_num_arg(0.001, 60), default=0.2,
@@ -1289,16 +1193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "cleanup", help="remove a lab's data on any engine: its store and its broker",
         description="Remove the store (a SQLite file with its -wal and -shm, or a PostgreSQL"
-                    " schema) and the broker (a file or schema, a RabbitMQ queue with its dead"
-                    " letters, a JetStream stream with its dead letters and advisories), and"
-                    " say what was removed. Everything is found before anything is removed: a"
+                    " schema) and the broker (a file or schema, or a queue or stream on a"
+                    " broker's server with its dead letters), and say what was removed. Everything is found before anything is removed: a"
                     " bad value removes nothing. Without --yes it asks on a terminal, and"
                     " refuses when there is none.")
     p.add_argument("--store", metavar="PATH|URL", type=_path_text, default=None,
                    help="the lab's store: a SQLite file or a postgresql:// URL")
     p.add_argument("--broker", metavar="PATH|URL", type=_path_text, default=None,
-                   help="the lab's broker outside the store: another file or schema, amqp://…"
-                        " (a queue) or nats://… (a stream)")
+                   help=_broker_help("the lab's broker outside the store (its file or schema,"
+                                     " queue or stream)"))
     p.add_argument("--yes", action="store_true", help="remove without asking")
     p.set_defaults(run=cmd_cleanup)
     return parser

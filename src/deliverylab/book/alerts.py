@@ -102,7 +102,7 @@ def evaluate(rule: Rule, before: Signals, after: Signals) -> float:
 
 
 def _reading(lab: Lab) -> Signals:
-    return signals(lab.conn, now=lab.clock.now())
+    return signals(lab.store, now=lab.clock.now())
 
 
 # -- runs that make each rule fire --------------------------------------------------------------
@@ -112,7 +112,7 @@ def _stalled(lab: Lab) -> None:  # orders come in, no worker takes them
 
 
 def _poison(lab: Lab) -> None:  # a message no handler can apply
-    lab.queue.send("evt-poison", "OrderPlaced", {"orderId": "o-x", "itemId": "tea",
+    lab.broker.send("evt-poison", "OrderPlaced", {"orderId": "o-x", "itemId": "tea",
                                                  "qty": "three"}, correlation_id="o-x")
     lab.run_until_idle()
 
@@ -127,7 +127,7 @@ def _zombie(lab: Lab, fence: bool) -> None:
     from .zombies import zombie_story
 
     lab.place_order("coffee-beans", 1, order_id="o-001")
-    zombie_story(lab.conn, lab.queue, lab.clock, fence=fence, pause=lab.clock.advance)
+    zombie_story(lab.store, lab.broker, lab.clock, fence=fence, pause=lab.clock.advance)
 
 
 def _lost_messages(lab: Lab) -> None:
@@ -138,7 +138,7 @@ def _lost_messages(lab: Lab) -> None:
 
 def _relay_down(lab: Lab) -> None:  # orders written to the outbox, no relay running
     for i in range(3):
-        place_order(None, item_id="tea", qty=1, order_id=f"o-out-{i}", store=lab.conn,
+        place_order(None, item_id="tea", qty=1, order_id=f"o-out-{i}", store=lab.store,
                     clock=lab.clock, ids=lab.ids)
     lab.advance(120)
 

@@ -53,7 +53,7 @@ def place_batch(lab: Lab, n: int = 100, *, poison_at: int = 37) -> None:
     check_int("poison_at", poison_at, minimum=0, maximum=n - 1)
     for i in range(n):
         if i == poison_at:
-            lab.queue.send(f"evt-{POISON_ORDER}", "OrderPlaced",
+            lab.broker.send(f"evt-{POISON_ORDER}", "OrderPlaced",
                            {"orderId": POISON_ORDER, "itemId": "coffee-beans", "qty": "three"},
                            correlation_id=POISON_ORDER)
         else:
@@ -99,8 +99,8 @@ class BatchRun:
 
 
 def _summary(lab: Lab, consumer: str, deliveries: int) -> BatchRun:
-    result = check(lab.conn)
-    dead = {r[0] for r in lab.conn.execute("SELECT correlation_id FROM dead_letters")}
+    result = check(lab.store)
+    dead = {r[0] for r in lab.store.execute("SELECT correlation_id FROM dead_letters")}
     return BatchRun(consumer, result.orders + 1, result.correct, len(dead),
                     len(dead - {POISON_ORDER}), deliveries)
 
@@ -113,13 +113,13 @@ def poison_batch(consumer: str, *, n: int = 100, poison_at: int = 37, seed: int 
     place_batch(lab, n, poison_at=poison_at)
     if consumer == "all or nothing":
         deliveries = 0
-        while (due := lab.queue.next_visible_at()) is not None:
-            got = all_or_nothing_step(lab.conn, lab.queue, lab.clock, batch=n)
+        while (due := lab.broker.next_visible_at()) is not None:
+            got = all_or_nothing_step(lab.store, lab.broker, lab.clock, batch=n)
             deliveries += got
             if not got:  # nothing received: the queue is as it was, due as it said
                 lab.clock.sleep_until(due)
     elif consumer == "per message":
-        worker = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
+        worker = Worker(lab.store, clock=lab.clock, ids=lab.ids, queue=lab.broker,
                         max_messages=n, max_receives=max_receives)
         deliveries = worker.run_until_idle().received
     else:
@@ -182,7 +182,7 @@ def crash_run(prefetch: int, directory: Path, *, n: int = 100, poison_at: int = 
     db = Path(directory) / f"prefetch-{prefetch}.db"
     lab = Lab(db, seed=1, max_receives=3)
     place_batch(lab, n, poison_at=poison_at)
-    lab.conn.close()
+    lab.close()
     kills = 0
     for _ in range(max_processes):
         proc = subprocess.run([sys.executable, "-m", "deliverylab.book.batches", str(db),
@@ -201,7 +201,7 @@ def crash_run(prefetch: int, directory: Path, *, n: int = 100, poison_at: int = 
         s = _summary(lab, "", 0)
         return CrashRun(prefetch, kills, s.applied, s.dead_lettered, s.good_orders_dead_lettered)
     finally:
-        lab.conn.close()
+        lab.close()
 
 
 def crash_table(directory: Path, *, prefetches: tuple[int, ...] = (1, 10, 100)) -> pd.DataFrame:

@@ -7,14 +7,16 @@ wait), opened together on a throwaway queue, stream or schema that is removed af
 engine      broker                            store
 ==========  ================================  ==========================================
 sqlite      the queue table in the store      an in-memory SQLite database (the lab's)
-postgres    the queue table in the store      a fresh schema on the PostgreSQL server
+postgresql  the queue table in the store      a fresh schema on the PostgreSQL server
 rabbitmq    a quorum queue on RabbitMQ        an in-memory SQLite database (or a file)
 jetstream   a stream and consumer on NATS     an in-memory SQLite database (or a file)
 redis       a stream and consumer group       an in-memory SQLite database (or a file)
 ==========  ================================  ==========================================
 
 The engines after the first two are every engine of :mod:`deliverylab.brokers.registry`, in
-its order: an engine added there is in every table here. On SQLite and PostgreSQL time is a
+its order: an engine added there is in every table here. Each is opened as every other part
+of the lab opens a store and a broker, by
+:func:`~deliverylab.brokers.registry.open_store_and_broker`, from a store URL and a broker URL. On SQLite and PostgreSQL time is a
 :class:`~deliverylab.engine.clock.FakeClock` (leases are rows the engine compares with the
 clock). On a broker with a server of its own it is the wall clock: JetStream and Redis time
 their leases on the server (``capabilities.lease_clock``), and RabbitMQ's lease is a channel,
@@ -38,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..brokers import registry
 from ..brokers.base import Broker, Delivery
-from ..engine import store as sqlite_store
 from ..engine.check import CheckResult, check
 from ..engine.clock import Clock, FakeClock, SystemClock
 from ..engine.errors import InvalidInput, check_int, check_number
@@ -52,7 +53,7 @@ from .lab import ITEMS
 if TYPE_CHECKING:
     import pandas as pd
 
-ENGINES = ("sqlite", "postgres", *registry.ENGINES)
+ENGINES = ("sqlite", "postgresql", *registry.ENGINES)
 REMOTE = tuple(registry.ENGINES)  # the brokers apart from the store, each on its own server
 MODES = ("at-most-once", "at-least-once", "idempotent", "transactional")
 # Where the servers are: the ones `make services` brings up (overridable, as pgdemo's is).
@@ -97,52 +98,41 @@ def _unavailable(name: str, where: str, exc: BaseException) -> EngineUnavailable
                              f" answer ({exc}); start it with 'make services'")
 
 
-def _sqlite_store(e: Engine, directory: Path | None) -> None:
-    """The SQLite store: in memory, or a WAL file in ``directory``."""
-    path = ":memory:" if directory is None else directory / f"{e.name}-store.db"
-    e.store = sqlite_store.init_db(path)
-    e._closers.callback(e.store.close)
-
-
-def _open_sqlite(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
-                 dedup_window: float | None) -> None:
-    from ..brokers.sqlite import SQLiteBroker
-
-    _sqlite_store(e, directory)
-    e.broker = SQLiteBroker(e.store, clock=e.clock, ids=ids, max_receives=max_receives)
-
-
-def _open_postgres(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
-                   dedup_window: float | None) -> None:
-    from ..brokers.postgres import PostgresBroker
+def _urls(name: str, directory: Path | None, dedup_window: float | None) -> tuple[str, str | None]:
+    """The store URL and the broker URL of a fresh run of engine ``name``: an in-memory SQLite
+    store (or a file in ``directory``) with its own queue table, a fresh schema on the
+    PostgreSQL server with its own, or a SQLite store beside a fresh queue or stream of an
+    engine of the registry (a lease of :data:`LEASE_S` where the engine fixes it per queue)."""
     from ..engine import store_postgres
 
-    url = store_postgres.url_for(POSTGRES, f"dl_beyond_{secrets.token_hex(4)}")
+    if name == "postgresql":
+        return store_postgres.url_for(POSTGRES, f"dl_beyond_{secrets.token_hex(4)}"), None
+    store = ":memory:" if directory is None else str(directory / f"{name}-store.db")
+    if name == "sqlite":
+        return store, None
+    return store, registry.scratch_url(name, lease=LEASE_S, dedup_window=dedup_window,
+                                       prefix="dl-beyond")
+
+
+def _open(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
+          dedup_window: float | None) -> None:
+    """Open engine ``e.name`` on fresh URLs (:func:`_urls`), removed again on close: a
+    PostgreSQL schema is dropped, a queue or stream destroyed."""
+    from ..engine import store_postgres
+
+    store_url, broker_url = _urls(e.name, directory, dedup_window)
     try:
-        e.store = store_postgres.init_db(url)
+        opened = registry.open_store_and_broker(store_url, broker_url, clock=e.clock, ids=ids,
+                                                max_receives=max_receives, init=True)
     except InvalidInput as exc:
-        raise _unavailable("postgres", POSTGRES, exc) from None
-    e._closers.callback(store_postgres.drop_schema, url)
-    e._closers.callback(e.store.close)
-    e.broker = PostgresBroker(e.store, clock=e.clock, ids=ids, max_receives=max_receives)
-
-
-def _open_remote(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
-                 dedup_window: float | None) -> None:
-    """An engine of ``brokers.registry``, on a queue or stream of its own (a lease of
-    :data:`LEASE_S` where the engine fixes it per queue), with a SQLite store."""
-    _sqlite_store(e, directory)
-    try:
-        e.broker = registry.open_scratch(e.name, lease=LEASE_S, dedup_window=dedup_window,
-                                         prefix="dl-beyond", clock=e.clock, ids=ids,
-                                         max_receives=max_receives)
-    except InvalidInput as exc:
-        raise _unavailable(e.name, registry.server_url(e.name), exc) from None
-    e._closers.callback(e.broker.destroy)
-
-
-_OPENERS = {"sqlite": _open_sqlite, "postgres": _open_postgres,
-            **dict.fromkeys(REMOTE, _open_remote)}
+        where = POSTGRES if e.name == "postgresql" else registry.server_url(e.name)
+        raise _unavailable(e.name, where, exc) from None
+    if e.name == "postgresql":
+        e._closers.callback(store_postgres.drop_schema, store_url)
+    e._closers.callback(opened.close)
+    if broker_url is not None:
+        e._closers.callback(opened.broker.destroy)
+    e.store, e.broker = opened.store, opened.broker
 
 
 @contextmanager
@@ -175,7 +165,7 @@ def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
     # The store and the broker are None only until the engine's opener sets them.
     e = Engine(name, None, None, clock, isinstance(clock, SystemClock))  # type: ignore[arg-type]
     try:
-        _OPENERS[name](e, Ids(seed), max_receives, directory, dedup_window)
+        _open(e, Ids(seed), max_receives, directory, dedup_window)
         yield e
     finally:
         e.close()

@@ -213,7 +213,7 @@ def worker_for(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS) -> Wor
     if not isinstance(lab, Lab):
         raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
     first = lab.workers[0]
-    return Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue, mode=lab.mode,
+    return Worker(lab.store, clock=lab.clock, ids=lab.ids, queue=lab.broker, mode=lab.mode,
                   faults=faults, visibility_timeout=first.visibility_timeout,
                   work_time=first.work_time, name=first.name, handler=handler)
 
@@ -258,7 +258,7 @@ def charge_run(mode: Mode | str, *, keyed: bool, orders: int = 20, seed: int = 0
                     double_charged=sum(1 for n in per_order.values() if n > 1),
                     verdict=result.verdict)
     service.conn.close()
-    lab.conn.close()
+    lab.close()
     return run
 
 

@@ -18,16 +18,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..brokers.postgres import PostgresBroker
+from ..brokers.registry import open_store_and_broker
 from ..brokers.sqlite import Queue
-from ..engine import reconcile, store_postgres
+from ..engine import reconcile
 from ..engine.check import CheckResult, check, drift_frame, events_frame
 from ..engine.clock import FakeClock
 from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import NO_FAULTS, Faults
 from ..engine.ids import Ids
 from ..engine.orders import PlacedOrder, place_order
-from ..engine.store import init_db
+from ..engine.store import Store
 from ..engine.worker import Mode, Worker, WorkerStats
 from .traceviews import log_frame
 
@@ -38,12 +38,17 @@ ITEMS = ("coffee-beans", "green-tea", "oat-milk", "croissant", "espresso-cups")
 
 
 class Lab:
-    """A database, a queue, ``workers`` workers in one mode, one fake clock, one seed.
+    """A store, a broker, ``workers`` workers in one mode, one fake clock, one seed.
 
-    ``path`` is a SQLite file or ``":memory:"`` (the default), or a PostgreSQL URL naming a
-    schema (``postgresql://HOST/DB?options=-csearch_path%3DNAME``), created if missing: the same
-    scenario then runs on PostgreSQL, its queue table claiming with ``FOR UPDATE SKIP LOCKED``.
-    Give each lab a schema of its own: a lab adds to what the schema already holds.
+    ``path`` is the store: a SQLite file or ``":memory:"`` (the default), or a PostgreSQL URL
+    naming a schema (``postgresql://HOST/DB?options=-csearch_path%3DNAME``), created if
+    missing: the same scenario then runs on PostgreSQL, its queue table claiming with
+    ``FOR UPDATE SKIP LOCKED``. Give each lab a schema of its own: a lab adds to what the
+    schema already holds. Both are opened by
+    :func:`deliverylab.brokers.registry.open_store_and_broker`: ``store`` is the store's
+    connection and ``broker`` the queue table in its own database, joined to it (an effect
+    and its ACK can commit in one transaction). ``conn`` and ``queue`` are the same two
+    objects under the names older code uses.
     """
 
     def __init__(self, path: str | Path = ":memory:", *, seed: int = 0,
@@ -61,31 +66,41 @@ class Lab:
         self.clock = FakeClock()
         self.ids = Ids(seed)
         self.rng = random.Random(seed)
-        if store_postgres.is_url(path):  # a PostgreSQL schema: its queue table locks its claims
-            self.engine = "postgresql"
-            self.conn: sqlite3.Connection = store_postgres.init_db(str(path),
-                                                                   field="path")  # type: ignore[assignment]
-            self.queue: Queue = PostgresBroker(self.conn, clock=self.clock, ids=self.ids,
-                                               max_receives=max_receives)  # type: ignore[arg-type]
-        else:
-            self.engine = "sqlite"
-            self.conn = init_db(path)
-            self.queue = Queue(self.conn, clock=self.clock, ids=self.ids,
-                               max_receives=max_receives)
+        check_int("max_receives", max_receives, minimum=1)
+        self.opened = open_store_and_broker(path, clock=self.clock, ids=self.ids,
+                                            max_receives=max_receives, init=True,
+                                            store_field="path")
+        self.engine = self.opened.store_kind  # "sqlite" or "postgresql"
+        self.store: Store = self.opened.store
+        self.broker: Queue = self.opened.broker  # type: ignore[assignment]
         extra: dict[str, Any] = {"handler": handler} if handler is not None else {}
         self.workers = [
-            Worker(self.conn, clock=self.clock, ids=self.ids, mode=self.mode, faults=faults,
+            Worker(self.store, clock=self.clock, ids=self.ids, mode=self.mode, faults=faults,
                    visibility_timeout=visibility_timeout, max_messages=max_messages,
-                   name=f"worker-{i + 1}", echo=echo, queue=self.queue,
+                   name=f"worker-{i + 1}", echo=echo, queue=self.broker,
                    work_time=self.tick / 2, **extra)
             for i in range(n_workers)
         ]
         self._turn = 0
 
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The store's connection: :attr:`store`."""
+        return self.store
+
+    @property
+    def queue(self) -> Queue:
+        """The broker: :attr:`broker`."""
+        return self.broker
+
+    def close(self) -> None:
+        """Close the broker and the store."""
+        self.opened.close()
+
     # -- producing -------------------------------------------------------------------------
     def place_order(self, item_id: str, qty: int, *, order_id: str | None = None,
                     idempotency_key: str | None = None) -> PlacedOrder:
-        return place_order(self.queue, item_id=item_id, qty=qty, order_id=order_id,
+        return place_order(self.broker, item_id=item_id, qty=qty, order_id=order_id,
                            idempotency_key=idempotency_key)
 
     def place_orders(self, n: int, *, items: Sequence[str] = ITEMS,
@@ -107,7 +122,7 @@ class Lab:
         if n:
             self.clock.advance(self.tick / 2)
         else:
-            nxt = self.queue.next_visible_at()
+            nxt = self.broker.next_visible_at()
             if nxt is not None and nxt > self.clock.now():
                 self.clock.sleep_until(nxt)
         return n
@@ -116,7 +131,7 @@ class Lab:
         """Step until the queue is empty; returns the checker's result."""
         check_int("max_steps", max_steps, minimum=1)
         for _ in range(max_steps):
-            if self.queue.next_visible_at() is None:
+            if self.broker.next_visible_at() is None:
                 break
             self.step()
         return self.check()
@@ -128,22 +143,22 @@ class Lab:
     def lose_messages(self, n: int = 1) -> list[str]:
         """Delete ``n`` queued messages behind the workers' backs (chosen from the seed)."""
         check_int("n", n, minimum=0)
-        ids = [r[0] for r in self.conn.execute(
+        ids = [r[0] for r in self.store.execute(
             "SELECT message_id FROM queue_messages ORDER BY seq")]
         chosen = sorted(self.rng.sample(ids, min(n, len(ids))))
         for mid in chosen:
-            self.queue.drop(mid, reason="deleted behind the worker's back")
+            self.broker.drop(mid, reason="deleted behind the worker's back")
         return chosen
 
     def diff(self) -> reconcile.Drift:
-        return reconcile.diff(self.conn)
+        return reconcile.diff(self.store)
 
     def reconcile(self) -> reconcile.RepairResult:
-        return reconcile.repair(self.conn, clock=self.clock)
+        return reconcile.repair(self.store, clock=self.clock)
 
     # -- looking ---------------------------------------------------------------------------
     def check(self) -> CheckResult:
-        return check(self.conn)
+        return check(self.store)
 
     def stats(self) -> WorkerStats:
         """All workers' counters added up."""
@@ -156,7 +171,7 @@ class Lab:
     def _frame(self, sql: str) -> pd.DataFrame:
         import pandas as pd
 
-        cur = self.conn.execute(sql)
+        cur = self.store.execute(sql)
         return pd.DataFrame([tuple(r) for r in cur], columns=[c[0] for c in cur.description])
 
     def orders(self) -> pd.DataFrame:
@@ -174,7 +189,7 @@ class Lab:
 
     def projection(self) -> pd.DataFrame:
         """The projection beside the truth, per item, with the difference."""
-        return drift_frame(self.conn)
+        return drift_frame(self.store)
 
     def dead_letters(self) -> pd.DataFrame:
         return self._frame("SELECT message_id, event_id, correlation_id AS order_id,"
@@ -182,10 +197,10 @@ class Lab:
                            " ORDER BY dead_at, message_id")
 
     def events(self) -> pd.DataFrame:
-        return events_frame(self.conn)
+        return events_frame(self.store)
 
     def log(self, correlation_id: str | None = None) -> pd.DataFrame:
-        return log_frame(self.conn, correlation_id=correlation_id)
+        return log_frame(self.store, correlation_id=correlation_id)
 
 
 def run_scenario(*, mode: Mode | str, orders: int, faults: Faults = NO_FAULTS, seed: int = 0,

@@ -9,7 +9,7 @@ same tables a reader sees live.
 >>> lab = Lab(seed=7, faults=Faults(seed=7, ack_fail=0.8))
 >>> _ = lab.place_orders(3)
 >>> _ = lab.run_until_idle()
->>> counters(lab.conn)["applied"], counters(lab.conn)["duplicated"]
+>>> counters(lab.store)["applied"], counters(lab.store)["duplicated"]
 (3, 0)
 """
 
@@ -190,12 +190,12 @@ def reconfigure(lab: Lab, *, mode: Mode | str | None = None, faults: Faults | No
     first = lab.workers[0]
     if n is not None and n > len(lab.workers):
         lab.workers.extend(
-            Worker(lab.conn, clock=lab.clock, ids=lab.ids, mode=new_mode, faults=lab.faults,
+            Worker(lab.store, clock=lab.clock, ids=lab.ids, mode=new_mode, faults=lab.faults,
                    visibility_timeout=first.visibility_timeout,
                    max_messages=first.max_messages, backoff_base=first.backoff_base,
                    backoff_cap=first.backoff_cap, name=f"worker-{i + 1}",
                    consumer=first.consumer, handler=first.handler, echo=first.echo,
-                   work_time=first.work_time, queue=lab.queue)
+                   work_time=first.work_time, queue=lab.broker)
             for i in range(len(lab.workers), n))
     elif n is not None:
         del lab.workers[n:]
@@ -420,7 +420,7 @@ def render(lab: Lab, history: History | None = None, *, limit: int = DEFAULT_LIM
            uuid: str = "dl") -> Views:
     """Compute every view of ``lab`` once: the checker's verdict, the counters, the chart of
     ``history`` and the four tables (each cut to ``limit`` rows)."""
-    conn, now = lab.conn, lab.clock.now()
+    conn, now = lab.store, lab.clock.now()
     counts = counters(conn)
     verdict = lab.check().verdict
     chart = svg_chart(history.rows if history is not None else [])
@@ -472,8 +472,8 @@ def run_with_schedule(lab: Lab, *, steps: int, every: int | None, order_every: i
                 lab.reconcile()
                 repairs += 1
         if step % record_every == 0 or step == steps:
-            counts = counters(lab.conn)
-            drift = sum(abs(d) for *_, d in projection_vs_truth(lab.conn))
+            counts = counters(lab.store)
+            drift = sum(abs(d) for *_, d in projection_vs_truth(lab.store))
             rows.append((step, round(lab.clock.now(), 6), counts["orders"], counts["lost"],
                          drift, repairs))
     import pandas as pd

@@ -270,16 +270,16 @@ def status_lab(*, versioned: bool, seed: int = 0, mode: Mode | str = Mode.IDEMPO
     """A lab whose consumer keeps the status projection: worker 1 on an :class:`Overlap`
     clock, worker 2 stepping while worker 1 works at rate ``overlap``."""
     lab = Lab(seed=seed, mode=mode)
-    install(lab.conn)
+    install(lab.store)
     handler = status_handler(versioned=versioned, clock=lab.clock)
     first = lab.workers[0]
     kw: dict[str, Any]  # the keyword arguments both workers share
-    kw = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
+    kw = {"ids": lab.ids, "queue": lab.broker, "mode": lab.mode, "faults": faults,
           "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
           "handler": handler}
-    second = Worker(lab.conn, clock=lab.clock, name="worker-2", **kw)
+    second = Worker(lab.store, clock=lab.clock, name="worker-2", **kw)
     clock = Overlap(lab.clock, second.step, rate=overlap, seed=seed)
-    lab.workers = [Worker(lab.conn, clock=clock, name="worker-1", **kw)]
+    lab.workers = [Worker(lab.store, clock=clock, name="worker-1", **kw)]
     return lab, clock
 
 
@@ -298,11 +298,11 @@ def status_run(*, versioned: bool, orders: int = 30, seed: int = 0,
     for placed in lab.place_orders(orders):
         events += 1
         for status in rng.choices([life for _, life in LIVES], weights)[0]:
-            change_status(lab.queue, placed.order_id, status)
+            change_status(lab.broker, placed.order_id, status)
             events += 1
     verdict = lab.run_until_idle().verdict
-    result = status_check(lab.conn)
-    lab.conn.close()
+    result = status_check(lab.store)
+    lab.close()
     return StatusRun(versioned=versioned, orders=orders, events=events,
                      overlaps=clock.overlaps, correct=result.correct, wrong=result.wrong,
                      missing=result.missing, verdict=verdict)

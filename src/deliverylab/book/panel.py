@@ -264,7 +264,7 @@ class LabPanel:
     def close(self) -> None:
         """Close the lab's database and drop the PostgreSQL schema this panel made, if any."""
         self.autorun.playing = False
-        self.lab.conn.close()
+        self.lab.close()
         if self._schema_url is not None:
             store_postgres.drop_schema(self._schema_url)
             self._schema_url = None
@@ -287,7 +287,7 @@ class LabPanel:
 
     def step(self) -> int:
         """One worker step on the fake clock. Returns how many messages it received."""
-        if self.lab.queue.next_visible_at() is None:
+        if self.lab.broker.next_visible_at() is None:
             self._say("step", "Nothing to step: the queue is empty. Place orders first.")
             self.refresh()
             return 0
@@ -305,7 +305,7 @@ class LabPanel:
     def run_until_idle(self) -> int:
         """Step until the queue is empty; the chart gets up to 100 points on the way.
         Returns the number of steps taken."""
-        queued = self.lab.queue.depth()
+        queued = self.lab.broker.depth()
         pending = queued["visible"] + queued["in_flight"]
         if pending == 0:
             self._say("run", "Nothing to run: the queue is empty. Place orders first.")
@@ -313,7 +313,7 @@ class LabPanel:
             return 0
         stride = max(1, (2 * pending) // CHART_POINTS_PER_RUN)
         taken = 0
-        while taken < MAX_RUN_STEPS and self.lab.queue.next_visible_at() is not None:
+        while taken < MAX_RUN_STEPS and self.lab.broker.next_visible_at() is not None:
             self.lab.step()
             self.steps += 1
             taken += 1
@@ -399,7 +399,7 @@ class LabPanel:
     def _on_tick(self, change: dict[str, Any]) -> None:
         if change["new"] <= change["old"]:
             return  # a rewound timer (a reset) is not a tick
-        if self.lab.queue.next_visible_at() is None:
+        if self.lab.broker.next_visible_at() is None:
             self.autorun.playing = False
             self._say("autorun", "Auto-run stopped: the queue is empty.")
             self.refresh()
@@ -416,14 +416,14 @@ class LabPanel:
                         f' data-seq="{self._actions}">{message_html}</div>')
 
     def _record(self) -> None:
-        self.history.record(self.steps, self.lab.clock.now(), labviews.counters(self.lab.conn))
+        self.history.record(self.steps, self.lab.clock.now(), labviews.counters(self.lab.store))
 
     def refresh(self, *, force: bool = False) -> labviews.Views:
         """Redraw every view from the database. Skipped when nothing changed since the last
         redraw (no row written, the clock and the chart unchanged), unless ``force``."""
         start = time.perf_counter()
         # SQLite counts the rows written; on PostgreSQL every action redraws.
-        written = getattr(self.lab.conn, "total_changes", self._actions)
+        written = getattr(self.lab.store, "total_changes", self._actions)
         key = (id(self.lab), written, self.lab.clock.now(),
                len(self.history), self.history.rows[-1] if len(self.history) else None,
                tuple(self._log))
@@ -455,7 +455,7 @@ class LabPanel:
 
     @property
     def counts(self) -> dict[str, int]:
-        return labviews.counters(self.lab.conn)
+        return labviews.counters(self.lab.store)
 
     def snapshot(self) -> Snapshot:
         """The panel's views as an ordinary output: HTML tables in a static page, text in a

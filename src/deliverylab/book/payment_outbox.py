@@ -155,16 +155,16 @@ def outbox_run(*, keyed: bool, orders: int = 20, seed: int = 0, ack_fail: float 
     check_int("orders", orders, minimum=0, maximum=100_000)
     check_int("max_passes", max_passes, minimum=1)
     lab = Lab(seed=seed, mode=Mode.IDEMPOTENT)
-    install(lab.conn)
+    install(lab.store)
     service = PaymentService(clock=lab.clock, seed=seed)
     lab.workers = [worker_for(lab, outbox_handler(clock=lab.clock),
                               faults=Faults(seed=seed, ack_fail=ack_fail))]
     lab.place_orders(orders)
     verdict = lab.run_until_idle().verdict
     passes = crashes = 0
-    while pending(lab.conn) and passes < max_passes:
+    while pending(lab.store) and passes < max_passes:
         passes += 1
-        crashes += relay(lab.conn, service, clock=lab.clock, keyed=keyed,
+        crashes += relay(lab.store, service, clock=lab.clock, keyed=keyed,
                          crash_rate=relay_crash, seed=seed).crashed
         lab.clock.advance(1.0)  # the relay runs again a second later
     per_order = service.charged_orders()
@@ -173,7 +173,7 @@ def outbox_run(*, keyed: bool, orders: int = 20, seed: int = 0, ack_fail: float 
                     double_charged=sum(1 for n in per_order.values() if n > 1),
                     verdict=verdict)
     service.conn.close()
-    lab.conn.close()
+    lab.close()
     return run
 
 

@@ -43,13 +43,13 @@ def late_redrive(*, redrive_window: float, redrive_after: float = DAY, orders: i
     parked = len(lab.dead_letters())
     horizon = horizon_of(lab.workers[0], redrive_window=redrive_window)
     lab.advance(redrive_after)
-    pruned = prune_inbox(lab.conn, older_than=horizon.total, horizon=horizon, clock=lab.clock)
-    redriven = lab.queue.redrive()
-    healthy = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
+    pruned = prune_inbox(lab.store, older_than=horizon.total, horizon=horizon, clock=lab.clock)
+    redriven = lab.broker.redrive()
+    healthy = Worker(lab.store, clock=lab.clock, ids=lab.ids, queue=lab.broker,
                      name="worker-healthy")
     healthy.run_until_idle()
     result = lab.check()
-    lab.conn.close()
+    lab.close()
     return LateRedrive(orders=result.orders, dead_letters=parked, pruned=pruned,
                        redriven=redriven, duplicated=result.duplicated, verdict=result.verdict)
 
@@ -70,12 +70,12 @@ def growth_table(*, days: int = 30, orders_per_day: int = 50, keep_days: float =
         for lab in (forever, pruned):
             lab.place_orders(orders_per_day)
             lab.run_until_idle()
-        prune_inbox(pruned.conn, older_than=horizon.total, horizon=horizon, clock=pruned.clock)
+        prune_inbox(pruned.store, older_than=horizon.total, horizon=horizon, clock=pruned.clock)
         rows.append({"day": day, "orders so far": day * orders_per_day,
-                     "inbox rows, kept forever": inbox_rows(forever.conn),
-                     f"inbox rows, pruned at {keep_days:g} days": inbox_rows(pruned.conn)})
+                     "inbox rows, kept forever": inbox_rows(forever.store),
+                     f"inbox rows, pruned at {keep_days:g} days": inbox_rows(pruned.store)})
         for lab in (forever, pruned):
             lab.clock.sleep_until(day * DAY)
-    forever.conn.close()
-    pruned.conn.close()
+    forever.close()
+    pruned.close()
     return pd.DataFrame(rows)

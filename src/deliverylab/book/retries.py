@@ -213,7 +213,7 @@ def run(policy: Policy, *, orders: int = 1, every: float = 0.0,
     bank = Bank(lab.clock, outage=outage, timeout_s=timeout_s)
     budget = RetryBudget(policy.budget_ratio) if policy.budget_ratio is not None else None
     api = PaymentApi(bank, tries=policy.tries, budget=budget)
-    worker = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue, mode="idempotent",
+    worker = Worker(lab.store, clock=lab.clock, ids=lab.ids, queue=lab.broker, mode="idempotent",
                     visibility_timeout=lease, max_receives=policy.max_receives,
                     handler=payment_handler(api, policy), name="worker-1")
     due = [i * every for i in range(orders)]
@@ -224,7 +224,7 @@ def run(policy: Policy, *, orders: int = 1, every: float = 0.0,
             placed += 1
         if worker.step():
             continue
-        nxt = [t for t in (lab.queue.next_visible_at(),
+        nxt = [t for t in (lab.broker.next_visible_at(),
                            due[placed] if placed < orders else None) if t is not None]
         if not nxt:
             break

@@ -116,7 +116,7 @@ class SagaRun:
 def decline(lab: Lab, order_id: str, item_id: str, qty: int, *, attempt: int = 1) -> None:
     """The payment service's decline, published (``attempt`` > 1: published again after a
     lost confirmation, under a new event id, as a producer without dedup does)."""
-    lab.queue.send(f"evt-declined-{order_id}-{attempt}", "PaymentDeclined",
+    lab.broker.send(f"evt-declined-{order_id}-{attempt}", "PaymentDeclined",
                    {"orderId": order_id, "itemId": item_id, "qty": qty},
                    correlation_id=order_id)
 
@@ -135,7 +135,7 @@ def saga_run(design: str, *, orders: int = 1, decline_every: int = 1, republish:
     chance = Faults(seed=seed)
     lab = Lab(seed=seed, faults=faults if faults is not None else Faults(seed=seed),
               handler=saga_handler(design, first_attempt_fails=first_attempt_fails))
-    install_schema(lab.conn, SCHEMA)
+    install_schema(lab.store, SCHEMA)
     should: dict[str, int] = {}
     for i in range(orders):
         order, item, qty = f"o-{i + 1:03d}", f"item-{i + 1:03d}", 1 + i % 3
@@ -147,10 +147,10 @@ def saga_run(design: str, *, orders: int = 1, decline_every: int = 1, republish:
             if chance.uniform("republish", order) < republish:
                 decline(lab, order, item, qty, attempt=2)
     lab.run_until_idle()
-    have = dict(lab.conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+    have = dict(lab.store.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
     leaked = sum(1 for i, q in should.items() if q == 0 and have.get(i, 0) > 0)
     over = sum(1 for i in should if have.get(i, 0) < 0)
-    dead = lab.conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+    dead = lab.store.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
     correct = sum(1 for i, q in should.items() if have.get(i, 0) == q)
     return SagaRun(design, orders, sum(1 for q in should.values() if q == 0), leaked, over,
                    dead, correct)

@@ -157,7 +157,7 @@ def separate_inbox_commit(ordering: str, *, orders: int = 200, crash_rate: float
     crash_rate = check_number("crash_rate", crash_rate, minimum=0, maximum=1)
     lab = Lab(seed=seed)
     lab.place_orders(check_int("orders", orders, minimum=0, maximum=100_000))
-    conn, clock, queue, faults = lab.conn, lab.clock, lab.queue, Faults(seed=seed)
+    conn, clock, queue, faults = lab.store, lab.clock, lab.broker, Faults(seed=seed)
     worker = f"worker ({ordering})"
     deliveries = crashes = 0
     while (nxt := queue.next_visible_at()) is not None:
@@ -386,7 +386,7 @@ def ack_loss_run(p: float, *, orders: int = 400, seed: int = 0, max_receives: in
               max_receives=check_int("max_receives", max_receives, minimum=1))
     lab.place_orders(check_int("orders", orders, minimum=0))
     if poison:
-        lab.queue.send(lab.ids.event_id(), "OrderPlaced",
+        lab.broker.send(lab.ids.event_id(), "OrderPlaced",
                        {"orderId": "o-poison", "itemId": "coffee-beans", "qty": "2"},
                        correlation_id="o-poison")
     lab.run_until_idle()

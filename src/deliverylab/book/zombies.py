@@ -313,7 +313,7 @@ def sqlite_story(*, fence: bool, seed: int = 8) -> ZombieRun:
 
     lab = Lab(seed=seed)
     lab.place_order("coffee-beans", 1, order_id="o-001")
-    return zombie_story(lab.conn, lab.queue, lab.clock, fence=fence, pause=lab.clock.advance)
+    return zombie_story(lab.store, lab.broker, lab.clock, fence=fence, pause=lab.clock.advance)
 
 
 def jetstream_story(*, fence: bool, seed: int = 8) -> ZombieRun:

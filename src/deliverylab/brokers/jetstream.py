@@ -118,6 +118,8 @@ from .base import (
     Capabilities,
     Delivery,
     Received,
+    Removal,
+    UrlLease,
     check_delivery,
     check_send,
 )
@@ -943,3 +945,66 @@ def scratch_url(server: str, name: str, *, lease: float = 1.0,
     with an AckWait of ``lease`` seconds and, if given, a duplicate window."""
     url = f"{server}?stream={name}&ack_wait={lease:g}"
     return url if dedup_window is None else f"{url}&dedup_window={dedup_window:g}"
+
+
+def url_lease(url: str, *, field: str = "broker") -> UrlLease:
+    """The lease a ``nats://`` URL fixes: its consumer's ``AckWait`` (``ack_wait=`` in the URL,
+    30 s without), which JetStream gives every delivery whatever a receive asks. Read from the
+    URL (:func:`parse_url`), without connecting."""
+    _, kw = parse_url(url, field=field)
+    default = JetStreamBroker.capabilities.fixed_lease
+    seconds = float(kw.get("ack_wait", default))
+    return UrlLease(seconds, "ack_wait", "ack_wait" in kw,
+                    "the AckWait of the stream's consumer",
+                    f"AckWait {seconds:g}s (the stream consumer's ack_wait)")
+
+
+def removal_of(url: str, *, field: str = "broker") -> Removal:
+    """What ``deliverylab cleanup`` removes for the ``nats://`` URL ``url``: the stream,
+    ``STREAM_DEAD`` and ``STREAM_ADVISORIES`` (their consumers with them). Reads only; nothing
+    is opened the way a worker opens it, so a stream made with other settings is removed all
+    the same. A bad URL or no server answering is InvalidInput naming ``field``; a stream
+    already gone is said, not refused."""
+    servers, kw = parse_url(url, field=field)
+    stream = kw["stream"]
+    names = (stream, f"{stream}_DEAD", f"{stream}_ADVISORIES")
+
+    async def quiet(exc: Exception) -> None:  # nats-py logs every failed attempt otherwise
+        pass
+
+    async def streams(names: tuple[str, ...], delete: bool) -> dict[str, int]:
+        if not any(await asyncio.gather(*(_reachable(s) for s in servers))):
+            raise InvalidInput(field, url, f"the URL of a reachable NATS server with JetStream"
+                                           f" (no server answers at {', '.join(servers)})")
+        try:
+            nc = await nats.connect(servers=servers, connect_timeout=2, allow_reconnect=False,
+                                    max_reconnect_attempts=1, error_cb=quiet,
+                                    name="deliverylab-cleanup")
+        except Exception as exc:  # nats-py raises several kinds: none is a reason to go on
+            raise InvalidInput(field, url, f"the URL of a reachable NATS server with JetStream"
+                                           f" ({type(exc).__name__}: {exc})".rstrip(": ")
+                               ) from None
+        try:
+            js = nc.jetstream(timeout=5)
+            out: dict[str, int] = {}
+            for name in names:
+                try:
+                    info = await js.stream_info(name)
+                except NotFoundError:
+                    continue
+                out[name] = info.state.messages
+                if delete:
+                    await js.delete_stream(name)
+            return out
+        finally:
+            await nc.close()
+
+    found = asyncio.run(streams(names, False))
+    if not found:
+        return Removal(f"JetStream stream {stream} (not there: nothing to remove)")
+
+    def remove() -> None:
+        asyncio.run(streams(tuple(found), True))
+
+    return Removal(f"JetStream stream {stream}", remove,
+                   [f"stream {n} ({found[n]} messages)" for n in names if n in found])

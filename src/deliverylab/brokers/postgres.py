@@ -24,6 +24,9 @@ from typing import Any
 
 from ..engine.dialect import Dialect
 from ..engine.store_postgres import POSTGRESQL, PgConnection
+from ..engine.errors import InvalidInput
+from ..engine.store_postgres import PgConnection
+from .base import Removal
 from .sqlite import _DELIVERY_COLUMNS, Queue
 
 # The claim, as on SQLite, plus the row lock: the subquery locks what it picks and skips what
@@ -70,3 +73,50 @@ class PostgresBroker(Queue):
 
 # The name the SQLite broker's alias (Queue) suggests.
 PostgresQueue = PostgresBroker
+
+
+# -- for the registry ---------------------------------------------------------------------------
+def removal_of(url: str, *, field: str = "store") -> Removal:
+    """What ``deliverylab cleanup`` removes for the ``postgresql://`` URL ``url``: its schema,
+    ``DROP SCHEMA … CASCADE`` (never ``public``). Reads only. A bad URL, a server that does
+    not answer, or a schema holding other tables than a lab's is InvalidInput naming
+    ``field``; a schema already gone is said, not refused."""
+    import psycopg
+
+    from ..engine.store_postgres import CONNECT_TIMEOUT_S, schema_of
+
+    schema = schema_of(url, field)
+    if schema == "public":
+        raise InvalidInput(field, url, "the URL of a lab's own schema: 'deliverylab cleanup'"
+                                       " never drops the schema 'public'")
+    try:
+        raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+    except psycopg.Error as exc:
+        text = str(exc).strip()
+        reason = text.splitlines()[0].removeprefix("connection failed: ") if text else \
+            type(exc).__name__
+        raise InvalidInput(field, url, f"the URL of a reachable PostgreSQL server ({reason})"
+                           ) from None
+    try:
+        found = raw.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s",
+                            (schema,)).fetchone()
+        tables = {r[0] for r in raw.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (schema,))}
+        orders = raw.execute(f'SELECT count(*) FROM "{schema}".orders').fetchone()[0] \
+            if "orders" in tables else None
+    finally:
+        raw.close()
+    if found is None:
+        return Removal(f"PostgreSQL schema {schema} (not there: nothing to remove)")
+    if tables and not tables & {"orders", "queue_messages"}:
+        raise InvalidInput(field, url, f"the URL of a deliverylab schema, and schema {schema!r}"
+                                       f" holds other tables ({', '.join(sorted(tables)[:5])});"
+                                       f" drop it yourself if it is yours")
+
+    def drop() -> None:
+        with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as c:
+            c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    detail = "" if orders is None else f" ({orders} orders)"
+    return Removal(f"PostgreSQL schema {schema}{detail}", drop, [f"{len(tables)} tables"])

@@ -73,7 +73,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -97,6 +97,7 @@ from .base import (
     Capabilities,
     Delivery,
     Received,
+    Removal,
     check_delivery,
     check_send,
 )
@@ -914,3 +915,78 @@ def scratch_url(server: str, name: str, *, lease: float = 1.0,
     if dedup_window is not None:
         raise InvalidInput("dedup_window", dedup_window, "None: RabbitMQ has no producer dedup")
     return f"{server}?queue={name}"
+
+
+def removal_of(url: str, *, field: str = "broker") -> Removal:
+    """What ``deliverylab cleanup`` removes for the ``amqp://`` URL ``url``: the queue, its
+    dead letters ``QUEUE.dlq`` and its exchange ``QUEUE.dlx``. Reads only (passive declares:
+    nothing is created). A bad URL, a login refused or a server that does not answer is
+    InvalidInput naming ``field``; a queue already gone is said, not refused."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    queues = [v for k, v in query if k == "queue"]
+    if len(queues) != 1 or not parts.hostname:
+        raise InvalidInput(field, url, "an amqp:// URL with a host, naming one queue"
+                                       " (amqp://user:password@host:5672/%2F?queue=NAME)")
+    queue = unquote(queues[0])
+    try:
+        check_queue_name("queue", queue)
+    except InvalidInput as exc:
+        raise InvalidInput(field, url, f"an amqp:// URL with a valid queue name ({exc})"
+                           ) from None
+    rest = urlencode([(k, v) for k, v in query if k != "queue"], quote_via=quote)
+    try:
+        params = pika.URLParameters(urlunsplit(parts._replace(query=rest, fragment="")))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(field, url, f"an amqp:// URL pika accepts ({exc})") from None
+    params.connection_attempts, params.socket_timeout = 1, 5
+    dlq, dlx = f"{queue}.dlq", f"{queue}.dlx"
+
+    def connect() -> Any:
+        try:
+            return pika.BlockingConnection(params)
+        except pika.exceptions.ProbableAuthenticationError:
+            raise InvalidInput(field, url, "an amqp:// URL whose user and password the server"
+                                           " accepts (login refused)") from None
+        except pika.exceptions.AMQPConnectionError as exc:
+            reason = "; ".join(str(a) or repr(a) for a in exc.args) or type(exc).__name__
+            raise InvalidInput(field, url, f"the URL of a reachable RabbitMQ server ({reason})"
+                               ) from None
+
+    conn = connect()
+    try:
+        found: dict[str, int] = {}
+        for name in (queue, dlq):
+            channel = conn.channel()
+            try:
+                found[name] = channel.queue_declare(name, passive=True).method.message_count
+                channel.close()
+            except pika.exceptions.ChannelClosedByBroker:  # 404: no such queue
+                pass
+        channel = conn.channel()
+        try:
+            channel.exchange_declare(dlx, passive=True)
+            channel.close()
+            exchange = True
+        except pika.exceptions.ChannelClosedByBroker:
+            exchange = False
+    finally:
+        conn.close()
+    if not found and not exchange:
+        return Removal(f"RabbitMQ queue {queue} (not there: nothing to remove)")
+    listed = [f"queue {n} ({found[n]} messages)" for n in (queue, dlq) if n in found]
+    if exchange:
+        listed.append(f"exchange {dlx}")
+
+    def remove() -> None:
+        c = connect()
+        try:
+            ch = c.channel()
+            for name in found:
+                ch.queue_delete(name)
+            if exchange:
+                ch.exchange_delete(dlx)
+        finally:
+            c.close()
+
+    return Removal(f"RabbitMQ queue {queue}", remove, listed)

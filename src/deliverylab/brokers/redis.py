@@ -52,6 +52,8 @@ from .base import (
     Capabilities,
     Delivery,
     Received,
+    Removal,
+    UrlLease,
     check_delivery,
     check_send,
 )
@@ -556,3 +558,56 @@ def scratch_url(server: str, name: str, *, lease: float = 1.0,
     if dedup_window is not None:
         raise InvalidInput("dedup_window", dedup_window, "None: Redis has no producer dedup")
     return f"{server}?stream={name}&lease={lease:g}"
+
+
+def url_lease(url: str, *, field: str = "broker") -> UrlLease:
+    """The lease a ``redis://`` URL fixes: the idle time after which another consumer takes a
+    pending entry over (``lease=`` in the URL, 30 s without). Like JetStream's AckWait it is
+    the stream's, not a receive's. Read from the URL, without connecting."""
+    found = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    seconds = RedisBroker.capabilities.fixed_lease
+    if "lease" in found:
+        try:
+            seconds = check_number("lease", float(found["lease"]), minimum=0.01,
+                                   maximum=MAX_VISIBILITY_TIMEOUT_S)
+        except (ValueError, InvalidInput):
+            raise InvalidInput(field, _shown(url), "lease in seconds (0.01 to 43200)") from None
+    return UrlLease(seconds, "lease", "lease" in found,  # type: ignore[arg-type]
+                    "the idle time after which another consumer takes an entry over",
+                    f"{seconds:g}s (the stream's: lease= in the --broker URL)")
+
+
+def removal_of(url: str, *, field: str = "broker") -> Removal:
+    """What ``deliverylab cleanup`` removes for the ``redis://`` URL ``url``: the stream (its
+    consumer group with it), ``STREAM:dead`` and ``STREAM:delayed``. Reads only. A bad URL or
+    a server that does not answer is InvalidInput naming ``field``; a stream already gone is
+    said, not refused."""
+    parts = urlsplit(url)
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    streams = [v for k, v in options if k == "stream"]
+    if not parts.hostname or len(streams) != 1 or not STREAM_NAME.match(streams[0]):
+        raise InvalidInput(field, _shown(url), "a redis:// URL with a host, naming one stream"
+                                               " (redis://host:6379/0?stream=NAME)")
+    stream = streams[0]
+    names = (stream, f"{stream}:dead", f"{stream}:delayed")
+    try:
+        client = redis.Redis.from_url(urlunsplit(parts._replace(query="", fragment="")),
+                                      decode_responses=True, socket_timeout=5,
+                                      socket_connect_timeout=5)
+        found = {n: client.xlen(n) if client.type(n) == "stream" else client.zcard(n)
+                 for n in names if client.exists(n)}
+    except (ValueError, redis.exceptions.RedisError) as exc:
+        raise InvalidInput(field, _shown(url), f"the URL of a reachable Redis server"
+                                               f" ({type(exc).__name__}: {exc})") from None
+    if not found:
+        client.close()
+        return Removal(f"Redis stream {stream} (not there: nothing to remove)")
+
+    def remove() -> None:
+        try:
+            client.delete(*found)
+        finally:
+            client.close()
+
+    return Removal(f"Redis stream {stream}", remove,
+                   [f"{n} ({found[n]} entries)" for n in names if n in found])

@@ -30,6 +30,7 @@ from .base import (
     Capabilities,
     Delivery,
     Received,
+    Removal,
     check_delivery,
     check_send,
 )
@@ -391,3 +392,55 @@ class SQLiteBroker(Broker):
 
 # The name the chapters and the lab have always used.
 Queue = SQLiteBroker
+
+
+# -- for the registry ---------------------------------------------------------------------------
+_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+_LAB_TABLES = ("orders", "queue_messages")  # one of them makes a database a lab's
+
+
+def removal_of(path: str, *, field: str = "store") -> Removal:
+    """What ``deliverylab cleanup`` removes for the SQLite file ``path``: the file with its
+    ``-wal``, ``-shm`` and ``-journal``. Reads only. A path that is not a regular file, or a
+    file that is not a lab's database, is InvalidInput naming ``field``; a file already gone
+    (its ``-wal`` or ``-shm`` perhaps left behind) is said, not refused."""
+    import contextlib
+    from pathlib import Path
+
+    p = Path(path)
+
+    def family() -> list[Path]:
+        return [Path(f"{p}{s}") for s in _SQLITE_SUFFIXES if Path(f"{p}{s}").exists()]
+
+    def unlink() -> None:
+        for f in family():
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+
+    if not p.exists():
+        present = family()
+        if not present:
+            return Removal(f"file {path} (not there: nothing to remove)")
+        # Only the -wal or -shm left behind: they are the database's, remove them.
+        return Removal(f"file {path}", unlink, [f.name for f in present])
+    if not p.is_file():
+        raise InvalidInput(field, path, "a database file (a SQLite file or a postgresql://"
+                                        " URL); that path is not a regular file")
+    try:
+        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=5)
+        try:
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0] \
+                if "orders" in tables else None
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise InvalidInput(field, path, f"a deliverylab database, and this file is not one"
+                                        f" ({exc}); remove it yourself if it is yours") from None
+    if not tables & set(_LAB_TABLES):
+        raise InvalidInput(field, path, "a deliverylab database, and this SQLite file has none"
+                                        " of its tables; remove it yourself if it is yours")
+    detail = "" if orders is None else f" ({orders} orders)"
+    # Listed after the look inside: opening a WAL database makes its -shm.
+    return Removal(f"file {path}{detail}", unlink, [f.name for f in family()])
