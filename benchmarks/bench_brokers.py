@@ -301,6 +301,16 @@ def redelivery(name: str) -> Callable[[], float]:
     return run
 
 
+NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL", "rabbitmq": "RabbitMQ",
+         "jetstream": "JetStream", "redis": "Redis"}
+
+
+def shown(label: str) -> str:
+    """``label`` with its engine's name as the tables write it (``sqlite: …``: ``SQLite: …``)."""
+    name, sep, rest = label.partition(":")
+    return NAMES.get(name, name) + sep + rest
+
+
 def available(name: str) -> bool:
     """Whether the engine opens here; says why not on stdout."""
     try:
@@ -351,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the sqlite engine is the baseline: keep it in --engines")
     n, r = args.messages, args.repeat
     print(f"deliverylab broker benchmark: {n:,} messages per run, {r} interleaved rounds,"
-          f" ratios of medians against the {BASELINE}\n", flush=True)
+          f" ratios of medians against the {shown(BASELINE)}\n", flush=True)
 
     throughput: dict[str, Callable[[], float]] = {}
     for name in names:
@@ -367,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| measurement | median msg/s | best msg/s | ratio of medians |")
     print("|---|---:|---:|---|")
     for label, values in rates.items():
-        print(f"| {label} | {med[label]:,.0f} | {max(values):,.0f} |"
+        print(f"| {shown(label)} | {med[label]:,.0f} | {max(values):,.0f} |"
               f" {med[label] / med[BASELINE]:.2f}x |")
     print()
     # deliverylab ÷ by hand: each round's two runs are back to back, so the machine's load of
@@ -383,12 +393,12 @@ def main(argv: list[str] | None = None) -> None:
                                             strict=True)]
             cells.append(f"{statistics.median(ratios):.2f}x"
                          f" ({min(ratios):.2f} to {max(ratios):.2f})")
-        print(f"| {name} | {cells[0]} | {cells[1]} |")
+        print(f"| {shown(name)} | {cells[0]} | {cells[1]} |")
     print()
     print("| measurement | median | best | worst |")
     print("|---|---:|---:|---:|")
     for label, values in delays.items():
-        print(f"| {label} | {statistics.median(values):.3f} s | {min(values):.3f} s |"
+        print(f"| {shown(label)} | {statistics.median(values):.3f} s | {min(values):.3f} s |"
               f" {max(values):.3f} s |")
     if args.cluster:
         print("\n".join(cluster_pauses(r)))
