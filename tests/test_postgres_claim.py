@@ -133,3 +133,87 @@ def test_competing_worker_processes_never_share_a_message(pg_url, tmp_path):
     assert set(seqs.values()) == {1}
     assert {count for got in claims for _, _, count in got} == {1}
     assert sum(1 for got in claims if got) >= 2  # they really competed
+
+
+def test_the_claim_that_writes_its_trace_rows_locks_too(pg_url):
+    """The broker's receive with the trace on runs the claim and its ``received`` rows as one
+    statement: it must skip a row another claim holds, as CLAIM does."""
+    import threading
+
+    from deliverylab.book.pgdemo import wait_until_blocked
+
+    _send(pg_url, 2)
+    a, b = pgstore.connect(pg_url), pgstore.connect(pg_url)
+    try:
+        qa = PostgresBroker(a, clock=FakeClock(), ids=Ids(1))
+        qb = PostgresBroker(b, clock=FakeClock(), ids=Ids(2))
+        a.raw.execute("BEGIN")
+        got_a = qa.receive(30, 1, worker="a")
+        got_b = []
+        t = threading.Thread(target=lambda: got_b.extend(qb.receive(30, 1, worker="b")))
+        t.start()
+        waited = wait_until_blocked(pg_url, b.raw.info.backend_pid, t)
+        a.execute("COMMIT")
+        t.join(10)
+        assert not waited
+        assert [d.seq for d in got_a] == [1] and [d.seq for d in got_b] == [2]
+        logged = a.execute("SELECT worker, event_id, outcome FROM delivery_log"
+                           " ORDER BY seq").fetchall()
+        assert sorted(tuple(r) for r in logged) == [("a", "evt-0", "received"),
+                                                    ("b", "evt-1", "received")]
+    finally:
+        a.close()
+        b.close()
+
+
+def _settle_script(q, clock) -> list:
+    """Receives and acks that take every path of receive and ack_many: a batch with a message
+    due for the dead letters in it, stale and current deliveries of one message in one ack,
+    the same delivery twice. What each call answered."""
+    q.send("evt-0", "OrderPlaced", {"i": 0}, correlation_id="o-0")
+    seen = []
+    first = q.receive(1, 1, worker="w1")
+    clock.advance(2)
+    second = q.receive(1, 1, worker="w1")  # evt-0 again: its second delivery
+    clock.advance(2)
+    for i in range(1, 4):
+        q.send(f"evt-{i}", "OrderPlaced", {"i": i}, correlation_id=f"o-{i}")
+    batch = q.receive(10, 4, worker="w2")  # evt-0 over max_receives=2; evt-1 to evt-3
+    seen.append([(d.event_id, d.delivery_count) for d in first + second + batch])
+    seen.append([(d.event_id, d.delivery_count, r) for d, r in batch.parked])
+    seen.append(q.ack_many([batch[0], batch[1]], worker="w2"))
+    clock.advance(20)
+    again = q.receive(10, 1, worker="w3")  # evt-3, its lease over
+    seen.append(q.ack_many([again[0], again[0], first[0]], worker="w3"))
+    seen.append(q.ack_many([again[0]], worker="w3"))  # already acked: refused
+    return seen
+
+
+def test_the_postgres_broker_answers_and_traces_as_the_sqlite_broker(pg_url):
+    """The same verbs on the SQLite broker and on the PostgreSQL one (whose receive and ack
+    take one statement each where they can): the same answers, the same trace rows in the
+    same order, the same queue and dead letters."""
+    from deliverylab.engine import store
+
+    def run(conn) -> tuple:
+        clock = FakeClock()
+        broker = (PostgresBroker if conn is not lite else SQLiteBroker)(
+            conn, clock=clock, ids=Ids(5), max_receives=2)
+        seen = _settle_script(broker, clock)
+        trace = [tuple(r) for r in conn.execute(
+            "SELECT at, worker, correlation_id, event_id, message_id, delivery_count, outcome,"
+            " detail FROM delivery_log ORDER BY seq")]
+        queued = [tuple(r) for r in conn.execute(
+            "SELECT event_id, delivery_count, receipt FROM queue_messages ORDER BY seq")]
+        dead = [tuple(r) for r in conn.execute(
+            "SELECT event_id, delivery_count, last_error FROM dead_letters ORDER BY event_id")]
+        return seen, trace, queued, dead
+
+    lite = store.init_db(":memory:")
+    with pgstore.connect(pg_url) as pg:
+        expected, got = run(lite), run(pg)
+    assert got == expected
+    seen, trace, _, dead = got
+    assert [e for e, _, _ in seen[1]] == ["evt-0"] and [e for e, _, _ in dead] == ["evt-0"]
+    assert seen[2:] == [[True, True], [True, False, False], [False]]
+    assert {r[6] for r in trace} >= {"received", "dead_lettered", "acked", "ack_rejected"}

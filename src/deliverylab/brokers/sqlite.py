@@ -137,8 +137,11 @@ class SQLiteBroker(Broker):
         vt = check_number("visibility_timeout", visibility_timeout, minimum=0,
                           maximum=MAX_VISIBILITY_TIMEOUT_S)
         n = check_int("max_messages", max_messages, minimum=1, maximum=1000)
-        now = self.clock.now()
-        token = self.ids.receipt()
+        return self._claim(self.clock.now(), vt, n, self.ids.receipt(), worker)
+
+    def _claim(self, now: float, vt: float, n: int, token: str, worker: str) -> Received:
+        """:meth:`receive` once its arguments are checked: the claim, in one transaction
+        with the dead-letter moves and the ``received`` rows."""
         with transaction(self.conn):
             cur = self.conn.cursor()
             cur.row_factory = None  # plain tuples, in Delivery's field order
@@ -163,8 +166,8 @@ class SQLiteBroker(Broker):
                     parked.append((d, reason))
                 else:
                     out.append(d)
-            detail = lease_detail(now + vt)
             if self.writes_trace:
+                detail = lease_detail(now + vt)
                 log_many(self.conn, [(now, worker, d.correlation_id, d.event_id, d.message_id,
                                       d.delivery_count, Outcome.RECEIVED, detail)
                                      for d in out])
