@@ -172,7 +172,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("poison-or-retry", "delete-call L16.2"):
         "without the NACK the message stays leased: its lease runs out and it comes back"
         " counted, as a NACK with a delay of one lease would bring it",
-    ("relay-publish", "unwrap L12"):
+    ("relay-publish", "unwrap L24"):
         "the mark is one UPDATE, atomic alone; a mark lost to a crash only sends the row again"
         " with the same dedup id, which the design already allows",
     ("fenced-write", "off-by-one L4.2"):

@@ -514,3 +514,19 @@ def test_the_graders_prepared_statements_are_no_way_in():
     assert "the grader refused INSERT into delivery_log" in reason
     # Refused on every delivery, not only before the grader's own log used the statement.
     assert "and the same on" in reason
+
+
+def test_an_error_of_the_graders_objects_keeps_its_builtin_kind_in_the_child():
+    """``InvalidInput`` does not pickle (its __init__ takes three arguments): it reaches the
+    submission under its own name and as the ``ValueError`` it is, so ``except ValueError``
+    catches it there as it would without the sandbox."""
+    from deliverylab.engine.errors import InvalidInput
+
+    sent = sb._portable(InvalidInput("correlation_id", "a\x1b", "an id"))
+    assert isinstance(sent, tuple) and sent[0] == "InvalidInput" and sent[2] == "ValueError"
+    exc = sb._child_error(pickle.loads(pickle.dumps(sent)))
+    assert isinstance(exc, ValueError) and type(exc).__name__ == "InvalidInput"
+    assert "correlation_id" in str(exc)
+    assert type(sb._child_error(("Weird", "text"))).__mro__[1] is Exception
+    assert type(sb._child_error(("x y", "text", "SystemExit"))).__name__ == "Exception"
+    assert not issubclass(type(sb._child_error(("X", "t", "SystemExit"))), SystemExit)

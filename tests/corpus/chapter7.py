@@ -15,8 +15,10 @@ from deliverylab.course.ex07 import (
     consume_ack_then_apply,
     consume_apply_then_ack,
     consume_swallows_inbox_errors,
+    park_row,
     relay_marks_first,
     relay_marks_on_timeout,
+    relay_skips_the_bad_row,
     relay_without_dedup_id,
     triage_acks_every_error,
     triage_never_parks,
@@ -113,6 +115,9 @@ def relay_fresh_dedup_id_per_attempt(store, broker):
                         dedup_id=f"{event_id}-{attempts + 1}")
         except BrokerUnavailable:
             return
+        except ValueError as exc:
+            park_row(store, seq, exc)
+            continue
         with transaction(store):
             store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
                           (seq,))
@@ -121,43 +126,149 @@ def relay_fresh_dedup_id_per_attempt(store, broker):
 def relay_batch_marks_everything(store, broker):
     rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
                          " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
-    with transaction(store):  # one batch: send them all, then mark them all
-        for _seq, event_id, type_, payload, corr in rows:
-            try:
-                broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
-                            dedup_id=event_id)
-            except BrokerUnavailable:
-                continue  # retried by the broker client, surely
+    bad = []
+    for seq, event_id, type_, payload, corr in rows:  # send them all, then mark them all
+        try:
+            broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
+                        dedup_id=event_id)
+        except BrokerUnavailable:
+            continue  # retried by the broker client, surely
+        except ValueError as exc:
+            bad.append((seq, exc))
+    for seq, exc in bad:
+        park_row(store, seq, exc)
+    with transaction(store):
         store.execute("UPDATE outbox SET sent_at = clock_now() WHERE sent_at IS NULL")
+
+
+def relay_parks_without_a_transaction(store, broker):
+    rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id,"
+                         " created_at FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq")
+    for seq, event_id, type_, payload, corr, created in rows.fetchall():
+        try:
+            broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
+                        dedup_id=event_id)
+        except BrokerUnavailable:
+            return
+        except ValueError as exc:
+            # Out of the outbox first, then into the dead letters: two statements, no
+            # transaction, so a crash between them loses the row.
+            store.execute("DELETE FROM outbox WHERE outbox_seq = ?", (seq,))
+            store.execute("INSERT INTO dead_letters (message_id, event_id, type, payload,"
+                          " correlation_id, delivery_count, last_error, created_at, dead_at)"
+                          " VALUES (?, ?, ?, ?, ?, 1, ?, ?, clock_now())",
+                          (event_id, event_id, type_, payload, corr, str(exc), created))
+            continue
+        with transaction(store):
+            store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
+                          (seq,))
+
+
+def relay_parks_on_any_error(store, broker):
+    rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
+                         " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
+    for seq, event_id, type_, payload, corr in rows:
+        try:
+            broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
+                        dedup_id=event_id)
+        except Exception as exc:  # "whatever failed, get it out of the way"
+            park_row(store, seq, exc)
+            continue
+        with transaction(store):
+            store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
+                          (seq,))
+
+
+def relay_marks_the_bad_row_sent(store, broker):
+    rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
+                         " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
+    for seq, event_id, type_, payload, corr in rows:
+        try:
+            broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
+                        dedup_id=event_id)
+        except BrokerUnavailable:
+            return
+        except ValueError:
+            pass  # "done with it": it will never go, so call it sent
+        with transaction(store):
+            store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
+                          (seq,))
 
 
 def relay_send_inside_the_mark(store, broker):
     rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
                          " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
     for seq, event_id, type_, payload, corr in rows:
-        # The mark and the send in one store transaction: a failed send rolls the mark back.
-        with transaction(store):
-            store.execute("UPDATE outbox SET sent_at = clock_now(), attempts = attempts + 1"
-                          " WHERE outbox_seq = ?", (seq,))
-            broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
-                        dedup_id=event_id)
+        try:
+            # The mark and the send in one store transaction: a failed send rolls the mark
+            # back.
+            with transaction(store):
+                store.execute("UPDATE outbox SET sent_at = clock_now(),"
+                              " attempts = attempts + 1 WHERE outbox_seq = ?", (seq,))
+                broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
+                            dedup_id=event_id)
+        except ValueError as exc:
+            # The mark rolled back. Parked by one statement pair in one transaction, the
+            # DELETE handing its row to the INSERT.
+            with transaction(store):
+                gone = store.execute("DELETE FROM outbox WHERE outbox_seq = ? RETURNING"
+                                     " event_id, type, payload, correlation_id, attempts,"
+                                     " created_at", (seq,)).fetchone()
+                store.execute("INSERT INTO dead_letters (message_id, event_id, type,"
+                              " payload, correlation_id, delivery_count, last_error,"
+                              " created_at, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+                              " clock_now())", (gone[0], *gone[:5], str(exc), gone[5]))
 
 
 def relay_send_all_then_mark_the_sent(store, broker):
     rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
                          " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
-    sent = []
+    sent, bad = [], []
     try:
         for seq, event_id, type_, payload, corr in rows:
-            broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
-                        dedup_id=event_id)
+            try:
+                broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
+                            dedup_id=event_id)
+            except ValueError as exc:
+                bad.append((str(exc), seq))
+                continue
             sent.append(seq)
     except BrokerUnavailable:
         pass  # the rest waits for the next run
-    if sent:
-        with transaction(store):
+    if sent or bad:
+        with transaction(store):  # the marks and the parking commit together
             store.executemany("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
                               [(s,) for s in sent])
+            store.executemany(
+                "INSERT INTO dead_letters (message_id, event_id, type, payload,"
+                " correlation_id, delivery_count, last_error, created_at, dead_at)"
+                " SELECT event_id, event_id, type, payload, correlation_id, attempts + 1, ?,"
+                " created_at, clock_now() FROM outbox WHERE outbox_seq = ?", bad)
+            store.executemany("DELETE FROM outbox WHERE outbox_seq = ?",
+                              [(seq,) for _, seq in bad])
+
+
+def relay_parks_idempotently(store, broker):
+    # No transaction needed: the dead letter goes in first and only once (its key is the
+    # event id), then the row leaves the outbox; a crash between them is repaired by the
+    # next run doing both again.
+    rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
+                         " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
+    for seq, event_id, type_, payload, corr in rows:
+        try:
+            broker.send(event_id, type_, json.loads(payload), correlation_id=corr,
+                        dedup_id=event_id)
+        except BrokerUnavailable:
+            return
+        except ValueError as exc:
+            store.execute("INSERT OR IGNORE INTO dead_letters (message_id, event_id, type,"
+                          " payload, correlation_id, delivery_count, last_error, created_at,"
+                          " dead_at) SELECT event_id, event_id, type, payload,"
+                          " correlation_id, attempts + 1, ?, created_at, clock_now()"
+                          " FROM outbox WHERE outbox_seq = ?", (str(exc), seq))
+            store.execute("DELETE FROM outbox WHERE outbox_seq = ?", (seq,))
+            continue
+        store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?", (seq,))
 
 
 # -- poison-or-retry ----------------------------------------------------------------------
@@ -271,6 +382,10 @@ WRONG = [
     ("relay-publish", relay_without_dedup_id, "dedup id", "lost-message"),
     ("relay-publish", relay_fresh_dedup_id_per_attempt, "dedup id", "lost-message"),
     ("relay-publish", relay_batch_marks_everything, "never applied", "lost-message"),
+    ("relay-publish", relay_skips_the_bad_row, "still in the outbox", "past-range"),
+    ("relay-publish", relay_marks_the_bad_row_sent, "was marked sent", "past-range"),
+    ("relay-publish", relay_parks_without_a_transaction, "vanished", "stopped"),
+    ("relay-publish", relay_parks_on_any_error, "good rows parked", "lost-message"),
     ("poison-or-retry", triage_parks_every_error, "good orders parked", "store-failure"),
     ("poison-or-retry", triage_acks_every_error, "not in the dead letters", "store-failure"),
     ("poison-or-retry", triage_never_parks, "deliveries (at most 3)", "past-range"),
@@ -284,6 +399,7 @@ CORRECT = [
     ("external-inbox", consume_catches_only_the_duplicate),
     ("relay-publish", relay_send_inside_the_mark),
     ("relay-publish", relay_send_all_then_mark_the_sent),
+    ("relay-publish", relay_parks_idempotently),
     ("poison-or-retry", triage_validates_first),
     ("poison-or-retry", triage_value_error_and_fixed_retry),
 ]

@@ -8,8 +8,8 @@ flight, repair while a worker holds one, redrive the dead letters), so here the 
 The nemesis (in the spirit of Jepsen's): a peer consumer between any two statements of a
 handler (:func:`nemesis_handler`), workers of every mode between any two statements of a
 job (:func:`workers_between`, :func:`rivals`), writes that fail for a reason other than a
-repeat (:data:`STORE_FAILURES`), and stalls of about one lease between two verbs of a
-process (:func:`pausing_process`).
+repeat (:data:`STORE_FAILURES`), stalls of about one lease between two verbs of a
+process, and renewals that take a moment to reach the queue (:func:`pausing_process`).
 """
 
 from __future__ import annotations

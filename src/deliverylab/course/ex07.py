@@ -343,8 +343,13 @@ def relay_starter(store: Any, broker: Any) -> None:
     event_id, type, payload, correlation_id, created_at, sent_at, attempts)`` whose
     ``sent_at`` is NULL, oldest first, with ``broker.send(event_id, type, payload_dict,
     correlation_id=…, dedup_id=…)``, then mark it sent. The harness calls you again and
-    again until no row is unsent; the process may die right after a send, ``send`` may raise
-    ``BrokerUnavailable`` (sent or not), and the store may be locked."""
+    again until the outbox has no unsent row; the process may die right after a send or
+    between two statements, ``send`` may raise ``BrokerUnavailable`` (sent or not), and the
+    store may be locked. A row that can never be sent (its payload is not JSON, or the
+    broker refuses it with ``InvalidInput``, a ``ValueError``) must not hold up the rows
+    behind it: move it out of the outbox into ``dead_letters (message_id, event_id, type,
+    payload, correlation_id, delivery_count, last_error, created_at, dead_at)``, its event id
+    as the message id and the error as ``last_error``, for an operator to look at."""
 
 
 def relay_solution(store: Any, broker: Any) -> None:
@@ -358,9 +363,33 @@ def relay_solution(store: Any, broker: Any) -> None:
                         dedup_id=event_id)
         except BrokerUnavailable:
             return  # sent or not: the row stays unsent, the next run sends it again
+        except ValueError as exc:
+            # Not JSON, or refused by the broker: it never will go. Park it, in one
+            # transaction: a crash leaves it in the outbox or parked, never both or neither.
+            with transaction(store):
+                store.execute(
+                    "INSERT INTO dead_letters (message_id, event_id, type, payload,"
+                    " correlation_id, delivery_count, last_error, created_at, dead_at)"
+                    " SELECT event_id, event_id, type, payload, correlation_id,"
+                    " attempts + 1, ?, created_at, clock_now() FROM outbox"
+                    " WHERE outbox_seq = ?", (f"{type(exc).__name__}: {exc}", seq))
+                store.execute("DELETE FROM outbox WHERE outbox_seq = ?", (seq,))
+            continue  # the rows behind it go on
         with transaction(store):  # marked only once the broker has it
             store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
                           (seq,))
+
+
+def park_row(store: Any, seq: int, exc: BaseException) -> None:
+    """The model's parking of an outbox row that can never be sent (for the wrong answers
+    below, each wrong in one other way)."""
+    with transaction(store):
+        store.execute(
+            "INSERT INTO dead_letters (message_id, event_id, type, payload, correlation_id,"
+            " delivery_count, last_error, created_at, dead_at) SELECT event_id, event_id,"
+            " type, payload, correlation_id, attempts + 1, ?, created_at, clock_now()"
+            " FROM outbox WHERE outbox_seq = ?", (str(exc), seq))
+        store.execute("DELETE FROM outbox WHERE outbox_seq = ?", (seq,))
 
 
 def relay_marks_first(store: Any, broker: Any) -> None:
@@ -370,8 +399,11 @@ def relay_marks_first(store: Any, broker: Any) -> None:
         with transaction(store):
             store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
                           (seq,))
-        broker.send(event_id, type_, json.loads(payload), correlation_id=correlation_id,
-                    dedup_id=event_id)
+        try:
+            broker.send(event_id, type_, json.loads(payload), correlation_id=correlation_id,
+                        dedup_id=event_id)
+        except ValueError as exc:
+            park_row(store, seq, exc)
 
 
 def relay_without_dedup_id(store: Any, broker: Any) -> None:
@@ -382,6 +414,9 @@ def relay_without_dedup_id(store: Any, broker: Any) -> None:
             broker.send(event_id, type_, json.loads(payload), correlation_id=correlation_id)
         except BrokerUnavailable:
             return
+        except ValueError as exc:
+            park_row(store, seq, exc)
+            continue
         with transaction(store):
             store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
                           (seq,))
@@ -396,12 +431,48 @@ def relay_marks_on_timeout(store: Any, broker: Any) -> None:
                         dedup_id=event_id)
         except BrokerUnavailable:
             pass  # the broker probably got it
+        except ValueError as exc:
+            park_row(store, seq, exc)
+            continue
+        with transaction(store):
+            store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
+                          (seq,))
+
+
+def relay_skips_the_bad_row(store: Any, broker: Any) -> None:
+    rows = store.execute("SELECT outbox_seq, event_id, type, payload, correlation_id"
+                         " FROM outbox WHERE sent_at IS NULL ORDER BY outbox_seq").fetchall()
+    for seq, event_id, type_, payload, correlation_id in rows:
+        try:
+            broker.send(event_id, type_, json.loads(payload), correlation_id=correlation_id,
+                        dedup_id=event_id)
+        except BrokerUnavailable:
+            return
+        except ValueError:
+            continue  # "it will fail again anyway": tried on every run, seen by no one
         with transaction(store):
             store.execute("UPDATE outbox SET sent_at = clock_now() WHERE outbox_seq = ?",
                           (seq,))
 
 
 RELAY_RUNS = 60  # calls of the reader's relay before the run stops
+RELAY_CRASH = 0.3  # the relay's process dies right after a commit (a write made alone is one)
+
+
+def _legacy_rows(setup: Setup, seed: int, at: int) -> str:
+    """A row a legacy writer left in the outbox that can never be sent: its payload is not
+    JSON (``at`` 1), or its correlation id holds a control character every engine refuses
+    (``at`` 2). Returns its event id."""
+    event_id = f"evt-legacy-{seed}-{at}"
+    order = f"ord-legacy-{seed}-{at}"
+    payload = (f"{{'orderId': '{order}', 'itemId': 'croissant', 'qty': 1}}" if at == 1
+               else json.dumps({"orderId": order, "itemId": "croissant", "qty": 1}))
+    corr = order if at == 1 else f"{order}\x1b[2J"
+    with transaction(setup.store):
+        setup.store.execute(
+            "INSERT INTO outbox (event_id, type, payload, correlation_id, created_at)"
+            " VALUES (?, 'OrderPlaced', ?, ?, ?)", (event_id, payload, corr, setup.clock.now()))
+    return event_id
 
 
 def _locked(faults: Faults, run: int, sql: str, n: int) -> bool:
@@ -413,7 +484,12 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
     url = check_broker_url(broker)
     faults = Faults(seed=seed)
     with open_setup(url, seed=seed, max_receives=20) as s:
-        _place(s, seed, ORDERS)
+        # The rows that can never be sent sit first and in the middle: each holds up the
+        # rows behind it unless the relay moves it aside.
+        legacy = [_legacy_rows(s, seed, 1)]
+        _place(s, seed, ORDERS // 2)
+        legacy.append(_legacy_rows(s, seed, 2))
+        _place(s, seed + 1, ORDERS - ORDERS // 2)
         wire = Wire(s.broker, faults, request_lost={"send": 0.15}, answer_lost={"send": 0.15},
                     crash_after={"send": 0.15}, worker="relay")
         wire.history.clock = s.clock
@@ -424,7 +500,9 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
             store = Store(s.store,
                           lock=functools.partial(_locked, faults, runs),
                           crash_before_commit=faults.uniform("cbc", runs) < 0.15,
-                          crash_after_commit=faults.uniform("cac", runs) < 0.15)
+                          crash_after_commit=faults.uniform("cac", runs) < 0.15,
+                          crash_after=lambda k, r=runs: faults.uniform(
+                              "crash_after", r, k) < RELAY_CRASH)
             try:
                 relay(store, wire)
             except (Crashed, BrokerUnavailable, Locked):
@@ -447,11 +525,37 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
         reasons = [f"your code raised {e}" for e in errors]
         if stop:
             reasons.append(stop)
+        marks = "(" + ", ".join("?" * len(legacy)) + ")"
         unsent = s.store.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL"
-                                 ).fetchone()[0]
+                                 f" AND event_id NOT IN {marks}", legacy).fetchone()[0]
         if unsent:
             reasons.append(f"{unsent} outbox rows never marked sent after {runs} runs of your"
                            " relay")
+        parked = dict(s.store.execute(
+            "SELECT event_id, count(*) FROM dead_letters GROUP BY event_id"))
+        waiting = s.store.execute(f"SELECT event_id, sent_at FROM outbox WHERE event_id IN"
+                                  f" {marks} ORDER BY outbox_seq", legacy).fetchall()
+        faked = [e for e, at in waiting if at is not None]
+        stuck = [e for e, at in waiting if at is None]
+        if faked:
+            reasons.append(f"a row that can never be sent was marked sent (event {faked[0]}):"
+                           " the broker never had it, and no one will look at it")
+        if stuck:
+            reasons.append(f"a row that can never be sent is still in the outbox after {runs}"
+                           f" runs (event {stuck[0]}): move it to dead_letters, out of the way"
+                           " of the rows behind it")
+        gone = [e for e in legacy if e not in parked and e not in {r[0] for r in waiting}]
+        if gone:
+            reasons.append(f"a row that can never be sent vanished (event {gone[0]}): neither"
+                           " in the outbox nor in dead_letters (a crash between its delete"
+                           " and its insert?)")
+        twice = sorted(e for e, n in parked.items() if n > 1)
+        if twice:
+            reasons.append(f"a row was parked {parked[twice[0]]} times (event {twice[0]})")
+        wrongly = sorted(e for e in parked if e not in legacy)
+        if wrongly:
+            reasons.append(f"{len(wrongly)} good rows parked in dead_letters (event"
+                           f" {wrongly[0]}): only a row that can never be sent is parked")
         off = drift(s.store)
         if off:
             reasons.append("once the queue is quiet the projection differs from the truth"
@@ -460,14 +564,16 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
         ids: dict[str, set[str | None]] = {}
         for event_id, dedup_id in wire.sends:
             ids.setdefault(event_id, set()).add(dedup_id)
-        bad = sorted(e for e, d in ids.items() if len(d) > 1 or None in d)
+        bad = sorted(e for e, d in ids.items()
+                     if (len(d) > 1 or None in d) and e not in legacy)
         if bad:
             reasons.append(f"{len(bad)} events were sent without a dedup id, or again with a"
                            f" different one (event {bad[0]}: {sorted(map(str, ids[bad[0]]))}):"
                            " an engine with producer dedup cannot drop the repeat")
         # Each event must travel with its order's id (the row's correlation_id): the trace,
         # the checker and every consumer's log find an order's deliveries by it.
-        owners = dict(s.store.execute("SELECT event_id, correlation_id FROM outbox"))
+        owners = {e: c for e, c in s.store.execute(
+            "SELECT event_id, correlation_id FROM outbox") if e not in legacy}
         astray = sorted(e for e, c in wire.correlations.items()
                         if e in owners and c != {owners[e]})
         if astray:
@@ -476,14 +582,22 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
                            f" {sorted(map(str, wire.correlations[astray[0]]))}, the row says"
                            f" {owners[astray[0]]!r}): nothing downstream can tell which order"
                            " a delivery belongs to")
-        where = _faults_text(s, f"{ORDERS} orders in the outbox; sends lose their request"
-                                " 0.15 and their answer 0.15, and the relay dies right after"
-                                " a send 0.15; its process dies before or after a COMMIT 0.15"
-                                " each; the store is locked at a statement 0.05; your relay"
-                                f" runs up to {RELAY_RUNS} times")
+        where = _faults_text(s, f"{ORDERS} orders in the outbox and {len(legacy)} rows that"
+                                " can never be sent; sends lose their request 0.15 and their"
+                                " answer 0.15, and the relay dies right after a send 0.15; its"
+                                " process dies before or after a COMMIT 0.15 each, and right"
+                                f" after a commit {RELAY_CRASH:g} (a write outside a"
+                                " transaction commits alone); the store is locked at a"
+                                f" statement 0.05; your relay runs up to {RELAY_RUNS} times")
         wire.history.lines.update({k: [*v, *crew.history.lines.get(k, [])]
                                    for k, v in wire.history.lines.items()})
-        return _trial(seed, where, reasons, s, _focus(s, crew.applied), wire.history)
+        trial = _trial(seed, where, reasons, s, _focus(s, crew.applied), wire.history)
+        odd = [*faked, *stuck, *gone, *twice]
+        if odd and not trial.passed:
+            trial = Trial(seed=trial.seed, faults=trial.faults, passed=False,
+                          reason=trial.reason, trace=wire.history.text(
+                              odd[0], f"What happened to the row of event {odd[0]}:"))
+        return trial
 
 
 register(Exercise(
@@ -491,7 +605,8 @@ register(Exercise(
     run=run_relay, solution=relay_solution, starter=relay_starter,
     params=("store", "broker"),
     wrong=(("never applied", relay_marks_first), ("dedup id", relay_without_dedup_id),
-           ("never applied", relay_marks_on_timeout))))
+           ("never applied", relay_marks_on_timeout),
+           ("still in the outbox", relay_skips_the_bad_row))))
 
 
 # -- 7.3 poison or retry ----------------------------------------------------------------------

@@ -282,15 +282,21 @@ class Store:
     * ``crash_before_commit`` / ``crash_after_commit``: the process dies at its next COMMIT,
       before it (rolled back) or after it (committed);
     * ``crash_at``: the process dies just before that statement (counted from 0): what it
-      committed so far stays, an open transaction is rolled back."""
+      committed so far stays, an open transaction is rolled back;
+    * ``crash_after``: a predicate of the commit's number (1, 2, …) for which the process
+      dies right after that commit: a ``COMMIT``, or a write made outside a transaction,
+      which commits alone. Two writes that must go together die between them."""
 
     def __init__(self, conn: sqlite3.Connection, *,
                  between: Callable[[], Any] | None = None,
                  lock: Callable[[str, int], bool] | None = None,
                  crash_before_commit: bool = False, crash_after_commit: bool = False,
-                 crash_at: int | None = None) -> None:
+                 crash_at: int | None = None,
+                 crash_after: Callable[[int], bool] | None = None) -> None:
         self._conn, self._between, self._lock = conn, between, lock
         self.crash_at = crash_at
+        self._crash_after = crash_after
+        self.commits = 0
         self.crash_before_commit, self.crash_after_commit = crash_before_commit, \
             crash_after_commit
         self.statements = 0
@@ -317,7 +323,11 @@ class Store:
             raise Locked("database is locked")
         if self._between is not None and n > 0 and not self._conn.in_transaction:
             self._between()  # between two statements: not before the first
-        return self._conn.execute(sql, params)
+        alone = not self._conn.in_transaction
+        cur = self._conn.execute(sql, params)
+        if alone and head in ("INSERT", "UPDATE", "DELETE", "REPLACE"):
+            self._committed()  # a write outside a transaction commits by itself
+        return cur
 
     def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
         self.statements += 1
@@ -335,7 +345,13 @@ class Store:
         if self.crash_after_commit:
             self.crash_after_commit = False
             raise Crashed("after_commit_before_ack")
+        self._committed()
         return out
+
+    def _committed(self) -> None:
+        self.commits += 1
+        if self._crash_after is not None and self._crash_after(self.commits):
+            raise Crashed(f"after commit {self.commits}")
 
     def commit(self) -> None:
         self._commit(self._conn.commit)

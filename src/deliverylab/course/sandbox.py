@@ -888,12 +888,33 @@ def _paren(where: str) -> str:
 
 
 def _portable(exc: Exception) -> Any:
-    """``exc`` as the child can raise it: itself if it pickles, else its type name and text."""
+    """``exc`` as the child can raise it: itself if it pickles, else its type name, its text
+    and the nearest built-in exception it is (``InvalidInput`` is a ``ValueError``), so that
+    an ``except ValueError`` in the submission catches it as it would without the sandbox."""
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
     except Exception:  # noqa: BLE001 - any exception type may come from the grader's objects
-        return (type(exc).__name__, str(exc))
+        return (type(exc).__name__, str(exc), _builtin_base(type(exc)))
+
+
+def _builtin_base(cls: type[BaseException]) -> str:
+    """The name of the first built-in ``Exception`` subclass in ``cls``'s MRO."""
+    import builtins
+
+    return next((c.__name__ for c in cls.__mro__ if getattr(builtins, c.__name__, None) is c
+                 and issubclass(c, Exception)), "Exception")
+
+
+def _child_error(err: tuple[Any, ...]) -> Exception:
+    """In the child: an exception from its type name, text and built-in base (if named)."""
+    import builtins
+
+    name = str(err[0]) if str(err[0]).isidentifier() else "Exception"
+    base = getattr(builtins, str(err[2]), Exception) if len(err) > 2 else Exception
+    if not (isinstance(base, type) and issubclass(base, Exception)):
+        base = Exception
+    return type(name, (base,), {})(err[1])
 
 
 def _rebuild(info: Any) -> BaseException | None:
@@ -972,8 +993,7 @@ class _Link:
             err = msg[2]
             if isinstance(err, BaseException):
                 raise err
-            raise type(err[0] if str(err[0]).isidentifier() else "Exception",
-                       (Exception,), {})(err[1])
+            raise _child_error(err)
         self.aborted[cid] = bool(msg[2]) if len(msg) > 2 else False
         raise _Abort()
 
