@@ -3,8 +3,8 @@
 #   make book    set up .venv, execute every chapter, build the HTML into _build/html/
 #                (again: only the pages that changed, or everything after a change to src/),
 #                and the Japanese edition (from the saved outputs) into _build/html/ja/
-#   make test    everything CI runs: lint, the type check, the translations complete, nbval,
-#                the strict book build of both editions, all tests
+#   make test    everything CI runs: lint, the translations complete, nbval, the strict book
+#                build of both editions, all tests
 #   make lab     JupyterLab on chapters/, on 127.0.0.1
 #   make notebooks  re-execute every chapter in place, saving the outputs nbval checks
 #   make bench   run every benchmarks/*.py
@@ -38,7 +38,7 @@ export JUPYTER_PREFER_ENV_PATH := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: help setup assets chromium services book book-strict book-ja i18n-update i18n-check \
-	i18n-stats lint typecheck nbval pytest test lab notebooks bench clean
+	i18n-stats lint nbval pytest test lab notebooks bench clean
 
 help:
 	@echo "make book    build the HTML book into _build/html/ (Japanese: _build/html/ja/;"
@@ -47,7 +47,7 @@ help:
 	@echo "make i18n-update  update the translations' catalogs after English changes"
 	@echo "make i18n-check   list every untranslated or fuzzy message (fails if any)"
 	@echo "make i18n-stats   messages and words per page, and how many are translated"
-	@echo "make test    lint, type check, translations complete, nbval on every chapter, strict book build, all tests"
+	@echo "make test    lint, translations complete, nbval on every chapter, strict book build, all tests"
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
 	@echo "make bench   run the benchmarks"
@@ -159,11 +159,6 @@ i18n-stats: setup
 lint: setup
 	ruff check .
 
-# The package ships py.typed: its annotations are checked (pyproject.toml [tool.mypy]: strict
-# on the engine).
-typecheck: setup
-	mypy src/deliverylab/engine
-
 # Every chapter runs top to bottom and reproduces its saved outputs exactly. With notebooks
 # present, collecting no cell (pytest's exit 5) is a failure, not a pass.
 nbval: setup services
@@ -180,7 +175,6 @@ pytest: setup services
 # the book just built.
 test: setup assets chromium services
 	$(MAKE) --no-print-directory lint
-	$(MAKE) --no-print-directory typecheck
 	$(MAKE) --no-print-directory i18n-check
 	$(MAKE) --no-print-directory nbval
 	$(MAKE) --no-print-directory book-strict
