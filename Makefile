@@ -47,7 +47,7 @@ help:
 	@echo "make i18n-update  update the translations' catalogs after English changes"
 	@echo "make i18n-check   list every untranslated or fuzzy message (fails if any)"
 	@echo "make i18n-stats   messages and words per page, and how many are translated"
-	@echo "make test    lint, type check, translations complete, nbval on every chapter, strict book build, all tests"
+	@echo "make test    lint, translations complete, nbval on every chapter, strict book build, all tests"
 	@echo "make lab     JupyterLab on chapters/ (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make notebooks  re-execute the chapters in place (after changing src/)"
 	@echo "make bench   run the benchmarks"
