@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.processes import Proc, cli, free_port, request
 from test_api import BAD_REQUESTS, post
-from test_lab_processes import Proc, cli, free_port, request
 
 from deliverylab.app.api import create_app
 from deliverylab.brokers.postgres import PostgresBroker
@@ -129,7 +129,7 @@ def test_synchronous_levels_on_postgresql(pg_url):
 
 
 def test_a_schema_init_db_never_made_is_refused():
-    from pg import new_url
+    from support.pg import new_url
 
     with pytest.raises(InvalidInput, match="init-db"):
         create_app(new_url())
