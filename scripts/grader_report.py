@@ -2,10 +2,10 @@
 
 Columns: chapter, exercise, design or edit (``deliverylab.course.mutate.kind``), how many
 lines the solution changes in its starter, wrong answers (the exercise's own and the
-corpus's in ``tests/corpus/chapterN.py``, each function once), correct designs other than
+corpus's in ``tests/course/corpus/chapterN.py``, each function once), correct designs other than
 the model (corpus),
 and mutants of the model solution killed / total, graded over five seeds each, with the
-survivors ``tests/test_grader_mutants.py`` lists as equivalent, and the rest (holes).
+survivors ``tests/course/test_grader_mutants.py`` lists as equivalent, and the rest (holes).
 
     python scripts/grader_report.py            # every exercise, as a Markdown table
     python scripts/grader_report.py --chapter 8
@@ -25,8 +25,8 @@ def corpus() -> tuple[dict[str, set], dict[str, set]]:
     """Wrong answers and correct designs per exercise id, from every corpus module."""
     wrong: dict[str, set] = {}
     correct: dict[str, set] = {}
-    sys.path.insert(0, str(ROOT / "tests"))
-    for path in sorted((ROOT / "tests" / "corpus").glob("chapter*.py")):
+    sys.path.insert(0, str(ROOT / "tests" / "course"))
+    for path in sorted((ROOT / "tests" / "course" / "corpus").glob("chapter*.py")):
         module = importlib.import_module(f"corpus.{path.stem}")
         for entry in getattr(module, "WRONG", []):
             wrong.setdefault(entry[0], set()).add(entry[1])
@@ -37,7 +37,7 @@ def corpus() -> tuple[dict[str, set], dict[str, set]]:
 
 def equivalent() -> dict[tuple[str, str], str]:
     """The survivors the mutation test lists as equivalent, with their reasons."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "course"))
     return importlib.import_module("test_grader_mutants").EQUIVALENT
 
 

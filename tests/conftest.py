@@ -1,5 +1,7 @@
 """Shared fixtures: a fresh lab (database + FakeClock + seeded ids + queue) per test.
 
+The helpers behind them, and everything else the tests share, are in ``tests/support/``.
+
 ``lab`` is in memory, ``file_lab`` is a WAL file under ``tmp_path``, and ``any_lab`` runs the
 test once against each, so a contract holds for both configurations. Every store and broker
 here is opened as the CLI, the API and the book open theirs, by
@@ -8,81 +10,22 @@ here is opened as the CLI, the API and the book open theirs, by
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.brokers import BROKER_ENGINES
+from support.engine import EngineRig, make_lab
 
-from deliverylab.brokers import registry
-from deliverylab.brokers.base import Broker, Capabilities
-from deliverylab.brokers.sqlite import Queue, SQLiteBroker
+from deliverylab.brokers.base import Broker
 from deliverylab.engine import store
 from deliverylab.engine.clock import FakeClock
 from deliverylab.engine.ids import Ids
-from deliverylab.engine.orders import PlacedOrder, place_order
-from deliverylab.engine.worker import Worker
 
-
-@dataclass
-class EngineRig:
-    """Everything a test needs to drive the engine by hand."""
-
-    conn: sqlite3.Connection
-    clock: FakeClock
-    ids: Ids
-    queue: Queue
-    path: Path | None = None
-
-    def order(self, item_id: str = "coffee-beans", qty: int = 1, **kw: Any) -> PlacedOrder:
-        return place_order(self.queue, item_id=item_id, qty=qty, **kw)
-
-    def worker(self, conn: sqlite3.Connection | None = None, **kw: Any) -> Worker:
-        """A worker on this lab's clock and ids and on ``conn`` (default: the lab's own
-        connection); override anything by keyword."""
-        kw.setdefault("clock", self.clock)
-        conn = self.conn if conn is None else conn
-        if conn is self.conn and "max_receives" not in kw:
-            kw.setdefault("queue", self.queue)
-        elif "queue" not in kw and "broker" not in kw:
-            kw["queue"] = Queue(conn, clock=kw["clock"], ids=kw.get("ids", self.ids),
-                                max_receives=kw.pop("max_receives", 5))
-        return Worker(conn, **kw)
-
-    def drain(self, *workers: Worker, max_rounds: int = 100_000) -> None:
-        """Step the workers in turn until the queue is empty, jumping the clock to the next
-        visible message whenever none of them got one."""
-        for _ in range(max_rounds):
-            if sum(w.step() for w in workers) == 0:
-                nxt = self.queue.next_visible_at()
-                if nxt is None:
-                    return
-                self.clock.sleep_until(nxt)
-        raise AssertionError(f"the queue did not drain in {max_rounds} rounds")
-
-    def connect(self) -> sqlite3.Connection:
-        """A second connection to the same file (file labs only)."""
-        assert self.path is not None, "an in-memory lab has a single connection"
-        return store.connect(self.path)
-
-    def projection(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-
-    def truth(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
-
-
-def make_lab(path: str | Path = ":memory:", *, seed: int = 1, max_receives: int = 5) -> EngineRig:
-    clock = FakeClock()
-    ids = Ids(seed)
-    opened = registry.open_store_and_broker(path, clock=clock, ids=ids,
-                                            max_receives=max_receives, init=True)
-    assert opened.joined
-    return EngineRig(opened.store, clock, ids, opened.broker,  # type: ignore[arg-type]
-                     None if str(path) == ":memory:" else Path(path))
-
+# Fixtures that live beside the helpers they use: ``browser`` (Chromium, for the built book)
+# and ``jupyterlab`` (a JupyterLab server on a copy of the chapters).
+pytest_plugins = ["support.built_book", "support.jupyterlab"]
 
 @pytest.fixture
 def clock() -> FakeClock:
@@ -111,77 +54,7 @@ def any_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineRi
 
 
 # -- brokers ---------------------------------------------------------------------------------
-# Every broker engine the contract suite (tests/test_broker_contract.py) and the worker's
-# broker tests run against. An engine is a function (directory, clock, ids, max_receives) ->
-# (broker, close); add one here and every contract case runs against it. Each opens a store
-# and its broker with the opener, from URLs.
-def _opened(store_url: str | Path, broker_url: str | None, clock: FakeClock, ids: Ids,
-            max_receives: int, *, scratch: bool = False) -> tuple[Broker, Callable[[], None]]:
-    opened = registry.open_store_and_broker(store_url, broker_url, clock=clock, ids=ids,
-                                            max_receives=max_receives, init=True,
-                                            worker="pytest")
-
-    def close() -> None:
-        if scratch:
-            opened.broker.destroy()
-        opened.close()
-    return opened.broker, close
-
-
-def _sqlite_memory(where: Path, clock: FakeClock, ids: Ids,
-                   max_receives: int) -> tuple[Broker, Callable[[], None]]:
-    """The lab's broker: the queue table on the connection it shares with the store."""
-    return _opened(":memory:", None, clock, ids, max_receives)
-
-
-def _sqlite_file(where: Path, clock: FakeClock, ids: Ids,
-                 max_receives: int) -> tuple[Broker, Callable[[], None]]:
-    """A broker in its own SQLite file, apart from the store; it writes no trace."""
-    return _opened(":memory:", str(where / "broker.db"), clock, ids, max_receives)
-
-
-def _postgres(where: Path, clock: FakeClock, ids: Ids,
-              max_receives: int) -> tuple[Broker, Callable[[], None]]:
-    """The PostgreSQL queue table, in a schema of its own on the shared server (see
-    tests/pg.py), dropped on close; it writes its trace in its own schema, as the lab's does."""
-    from contextlib import ExitStack
-
-    from pg import schema
-
-    stack = ExitStack()
-    broker, close = _opened(stack.enter_context(schema()), None, clock, ids, max_receives)
-    stack.callback(close)
-    return broker, stack.close
-
-
-def _by_url(name: str) -> Callable[..., tuple[Broker, Callable[[], None]]]:
-    """Engine ``name`` of the registry (``deliverylab.brokers.registry``) on its shared server
-    (``make services`` starts it; its environment variable points elsewhere): a queue or
-    stream of its own, deleted on close, with a 1-second lease where the engine fixes the
-    lease per queue. Fails, never skips, when the server does not answer."""
-    def open_it(where: Path, clock: FakeClock, ids: Ids,
-                max_receives: int) -> tuple[Broker, Callable[[], None]]:
-        return _opened(":memory:", registry.scratch_url(name, lease=1.0), clock, ids,
-                       max_receives, scratch=True)
-    return open_it
-
-
-BROKER_ENGINES: dict[str, Callable[..., tuple[Broker, Callable[[], None]]]] = {
-    "sqlite-memory": _sqlite_memory,
-    "sqlite-file": _sqlite_file,
-    "postgresql": _postgres,
-    **{name: _by_url(name) for name in registry.ENGINES},
-}
-
-
-def capabilities_of(engine: str) -> Capabilities:
-    """What engine ``engine`` (a key of :data:`BROKER_ENGINES`) can do, before opening one:
-    for choosing the engines of a test that needs a capability."""
-    if engine in registry.ENGINES:
-        return registry.capabilities(engine)
-    return SQLiteBroker.capabilities  # the queue table, on SQLite or PostgreSQL
-
-
+# One param per engine of BROKER_ENGINES (tests/support/brokers.py).
 @pytest.fixture(params=list(BROKER_ENGINES))
 def make_broker(request: pytest.FixtureRequest,
                 tmp_path: Path) -> Iterator[Callable[..., Broker]]:
@@ -234,8 +107,9 @@ def client(db_file: Path) -> Iterator[Any]:
 # -- PostgreSQL ---------------------------------------------------------------------------------
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    """A fresh schema on the test server (tests/pg.py), as a store URL; dropped afterwards."""
-    from pg import schema
+    """A fresh schema on the test server (tests/support/pg.py), as a store URL; dropped
+    afterwards."""
+    from support.pg import schema
 
     with schema() as url:
         yield url
@@ -244,8 +118,8 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def gate() -> Iterator[Any]:
     """A TCP proxy in front of the test server that can end, refuse or black-hole its own
-    connections (tests/pg_gate.py); stopped afterwards."""
-    from pg_gate import Gate
+    connections (tests/support/pg_gate.py); stopped afterwards."""
+    from support.pg_gate import Gate
 
     g = Gate()
     try:

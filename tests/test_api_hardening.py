@@ -1,7 +1,7 @@
 """The API under attack: a held write lock, idempotency keys raced and reused, hostile bytes,
 a deleted database file, durability of a 201, and foreign ``Host`` names.
 
-The tests marked ``slow`` run the real ``deliverylab api`` process (``test_lab_processes.ProcessRig``)
+The tests marked ``slow`` run the real ``deliverylab api`` process (``support.processes.ProcessRig``)
 and a real second SQLite connection; every wait is bounded.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_lab_processes import HOST, ProcessRig, child_env, cli, no_failures, request
+from support.processes import HOST, ProcessRig, child_env, cli, no_failures, request
 
 from deliverylab.app.api import WRITE_BUDGET_S, create_app
 from deliverylab.brokers.sqlite import Queue

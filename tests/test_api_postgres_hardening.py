@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pg import SERVER, schema
+from support.pg import SERVER, schema
+from support.processes import HOST, cli, free_port, request
 from test_api import _serve, post
-from test_lab_processes import HOST, cli, free_port, request
 
 from deliverylab.app.api import Server, create_app
 from deliverylab.engine import store_postgres as pgstore

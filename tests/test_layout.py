@@ -130,3 +130,13 @@ def test_engine_and_broker_modules_import_alone(name):
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_tests_mirror_the_layers():
+    """One test folder per layer of the package, beside ``chapters/`` (what the chapters claim),
+    ``docs/`` (the book's build and pages) and ``support/`` (what the tests share)."""
+    tests = Path(__file__).parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    layers = {n.split(".")[1] for n in MODULES if n.count(".") >= 2}
+    assert folders == layers | {"chapters", "docs", "support"}
+    assert not list((tests / "support").glob("test_*.py")), "a test in tests/support/"

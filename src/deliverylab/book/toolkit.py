@@ -2,7 +2,7 @@
 
 Each function runs the engine (queue, worker verbs, checker, trace) under a seed and a
 :class:`~deliverylab.engine.clock.FakeClock` and returns plain values or a DataFrame, so a chapter can
-show the result and ``tests/test_toolkit.py`` can assert it.
+show the result and ``tests/book/test_toolkit.py`` can assert it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A chapter's exercise cell holds the starter under the name the reader uses (``repair``, not
 ``repair_rebuild_only``), and its "Model solution" dropdown holds the solution. Both are
 generated from the functions the grader tests, so the chapter cannot drift from them
-(``tests/test_course_late.py`` checks it). Type hints are left out of the header: a notebook
+(``tests/course/test_course_late.py`` checks it). Type hints are left out of the header: a notebook
 has not imported the names they mention.
 """
 

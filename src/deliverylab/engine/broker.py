@@ -3,7 +3,7 @@
 A broker holds messages between a producer and the consumers. The contract lives here, in the
 engine, because the engine is what uses it: the worker, the relay and the checker are written
 against :class:`Broker`, and every engine in :mod:`deliverylab.brokers` implements it with the
-same verbs and the same meaning (the contract suite in ``tests/test_broker_contract.py`` runs
+same verbs and the same meaning (the contract suite in ``tests/brokers/test_broker_contract.py`` runs
 against every engine). Nothing in the engine imports a concrete broker; the caller passes one.
 
 Each method's docstring states what an engine must do. What an engine cannot do is data, not a
