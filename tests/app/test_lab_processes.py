@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.api import BAD_REQUESTS
 from support.processes import HOST, Proc, ProcessRig, child_env, cli, no_failures, request, untimed
-from test_api import BAD_REQUESTS
 
 from deliverylab.engine import store
 from deliverylab.engine.faults import Faults

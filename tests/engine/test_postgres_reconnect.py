@@ -16,10 +16,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from support.api import serve
 from support.pg_cluster import Cluster
 from support.pg_gate import Gate
 from support.processes import Proc, cli, request
-from test_api import _serve
 
 from deliverylab.brokers.postgres import PostgresBroker
 from deliverylab.engine import store
@@ -173,7 +173,7 @@ def test_the_api_and_a_worker_through_a_crash_and_restart_of_the_server(cluster,
     order exactly once, and every order is applied exactly once."""
     url = pgstore.url_for(cluster.base, "dl_restart")
     pgstore.init_db(url).close()
-    api, port = _serve(tmp_path, "--db", url, "--no-access-log")
+    api, port = serve(tmp_path, "--db", url, "--no-access-log")
     worker = Proc(tmp_path / "worker.log", "worker", "--db", url, "--name", "w-1",
                   "--poll-interval", "0.02", "--backoff-base", "0.05", "--backoff-cap", "0.5")
     answers: dict[str, list[int]] = {}

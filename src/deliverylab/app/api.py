@@ -65,10 +65,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
-from ..brokers.registry import table_broker
-from ..brokers.sqlite import SQLiteBroker
 from ..brokers.registry import open_store_and_broker
-from ..engine import store_postgres as pgstore
+from ..brokers.sqlite import SQLiteBroker
 from ..engine.clock import SystemClock
 from ..engine.display import escape_unprintable
 from ..engine.errors import (

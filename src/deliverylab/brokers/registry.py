@@ -48,10 +48,10 @@ from .base import Removal, UrlLease
 
 if TYPE_CHECKING:
     from ..engine.broker import Broker, Capabilities
-    from ..engine.store import Store
-    from .sqlite import SQLiteBroker
     from ..engine.clock import Clock
     from ..engine.ids import Ids
+    from ..engine.store import Store
+    from .sqlite import SQLiteBroker
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Three rules keep it correct with several processes on one file:
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from ..engine.clock import Clock

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pg import SERVER as PG_SERVER
-from pg import new_url
+from support.pg import SERVER as PG_SERVER
+from support.pg import new_url
 
 from deliverylab.brokers import registry
 from deliverylab.brokers.postgres import PostgresBroker

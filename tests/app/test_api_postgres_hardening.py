@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.api import post, serve
 from support.pg import SERVER, schema
 from support.processes import HOST, cli, free_port, request
-from test_api import _serve, post
 
 from deliverylab.app.api import Server, create_app
 from deliverylab.engine import store_postgres as pgstore
@@ -55,7 +55,7 @@ def test_the_api_reconnects_and_answers_503_while_the_database_is_gone(pg_url, g
     request is answered within the write budget, writes with a 503 and Retry-After,
     ``/health`` says unreachable; nothing answered 201 is missing. The server back: POSTs
     succeed again, no restart. Then a SIGTERM stops the API at once, without a traceback."""
-    api, port = _serve(tmp_path, "--db", gate.url(pg_url))
+    api, port = serve(tmp_path, "--db", gate.url(pg_url))
     acked: list[str] = []
     try:
         assert request("POST", "/orders", {"orderId": "o-0", "itemId": "tea", "qty": 1},
@@ -117,7 +117,7 @@ def test_clients_posting_through_an_outage_get_201_only_for_what_committed(pg_ur
     three times and the server disappears for two seconds. Every answer is a 201 or a 503,
     within the write budget; every 201 is in the database; and retrying each 503 with the
     same order id after the outage places it exactly once."""
-    api, port = _serve(tmp_path, "--db", gate.url(pg_url), "--no-access-log")
+    api, port = serve(tmp_path, "--db", gate.url(pg_url), "--no-access-log")
     answers: dict[str, list[int]] = {}
     slow: list[float] = []
     stop = threading.Event()
@@ -175,8 +175,8 @@ def test_two_apis_on_one_schema_answer_a_race_as_one_api_does(pg_url, tmp_path):
     one order is written per round."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    api_a, port_a = _serve(tmp_path / "a", "--db", pg_url, "--no-access-log")
-    api_b, port_b = _serve(tmp_path / "b", "--db", pg_url, "--no-access-log")
+    api_a, port_a = serve(tmp_path / "a", "--db", pg_url, "--no-access-log")
+    api_b, port_b = serve(tmp_path / "b", "--db", pg_url, "--no-access-log")
     try:
         rounds = []
         for r in range(20):
@@ -393,7 +393,7 @@ def test_stopping_with_slow_clients_is_quick_and_quiet(pg_url, capfd):
 
 # -- the API's command line ----------------------------------------------------------------
 def test_the_api_process_stops_quietly_with_slow_clients(pg_url, tmp_path):
-    api, port = _serve(tmp_path, "--db", pg_url, "--no-access-log")
+    api, port = serve(tmp_path, "--db", pg_url, "--no-access-log")
     try:
         posts = [_slow_post(port) for _ in range(30)]
         time.sleep(0.5)

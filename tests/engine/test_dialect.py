@@ -35,7 +35,7 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         store.init_db(path).close()
         yield str(path)
         return
-    from pg import schema
+    from support.pg import schema
 
     with schema() as url:
         yield url

@@ -15,9 +15,9 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from support.api import BAD_REQUESTS, JSON, _j, post, serve
 
 from deliverylab.app.api import MAX_BODY_BYTES, create_app
 from deliverylab.brokers.registry import table_broker
@@ -37,105 +37,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*starlette.testclient")
     from fastapi.testclient import TestClient
 
-JSON = {"content-type": "application/json"}
 
 
-def _j(obj: object) -> bytes:
-    return json.dumps(obj).encode()
 
-
-# (id, method, path, headers, body, status, a phrase the error must contain)
-BAD_REQUESTS: list[tuple[str, str, str, dict[str, str], bytes | None, int, str]] = [
-    ("truncated json", "POST", "/orders", JSON, b'{"itemId": "x", "qty": 1', 400,
-     "not valid JSON"),
-    ("trailing garbage", "POST", "/orders", JSON, b'{"itemId": "x", "qty": 1} x', 400,
-     "not valid JSON"),
-    ("single quotes", "POST", "/orders", JSON, b"{'itemId': 'x', 'qty': 1}", 400,
-     "not valid JSON"),
-    ("empty body", "POST", "/orders", JSON, b"", 400, "body is empty"),
-    ("not utf-8", "POST", "/orders", JSON, b'{"itemId": "\xff", "qty": 1}', 400, "UTF-8"),
-    ("NaN", "POST", "/orders", JSON, b'{"itemId": "x", "qty": NaN}', 400, "NaN"),
-    ("duplicate key", "POST", "/orders", JSON, b'{"itemId": "x", "qty": 1, "qty": 2}', 400,
-     "duplicate key 'qty'"),
-    ("array body", "POST", "/orders", JSON, _j([{"itemId": "x", "qty": 1}]), 422,
-     "JSON object"),
-    ("string body", "POST", "/orders", JSON, _j("coffee-beans"), 422, "JSON object"),
-    ("null body", "POST", "/orders", JSON, b"null", 422, "JSON object"),
-    ("empty object", "POST", "/orders", JSON, b"{}", 422, "itemId is required"),
-    ("missing itemId", "POST", "/orders", JSON, _j({"qty": 1}), 422, "itemId is required"),
-    ("missing qty", "POST", "/orders", JSON, _j({"itemId": "x"}), 422, "qty is required"),
-    ("unknown field", "POST", "/orders", JSON, _j({"itemId": "x", "quantity": 1}), 422,
-     "unknown field 'quantity'"),
-    ("qty zero", "POST", "/orders", JSON, _j({"itemId": "x", "qty": 0}), 422, "qty must be"),
-    ("qty negative", "POST", "/orders", JSON, _j({"itemId": "x", "qty": -3}), 422,
-     "got -3"),
-    ("qty 1.0", "POST", "/orders", JSON, b'{"itemId": "x", "qty": 1.0}', 422, "got 1.0"),
-    ("qty 1.5", "POST", "/orders", JSON, _j({"itemId": "x", "qty": 1.5}), 422, "got 1.5"),
-    ("qty string", "POST", "/orders", JSON, _j({"itemId": "x", "qty": "1"}), 422,
-     'got "1"'),
-    ("qty bool", "POST", "/orders", JSON, _j({"itemId": "x", "qty": True}), 422, "got true"),
-    ("qty null", "POST", "/orders", JSON, _j({"itemId": "x", "qty": None}), 422, "got null"),
-    ("qty too big", "POST", "/orders", JSON, _j({"itemId": "x", "qty": 10_001}), 422,
-     "<= 10000"),
-    ("qty huge", "POST", "/orders", JSON, _j({"itemId": "x", "qty": 10**40}), 422,
-     "qty must be"),
-    ("qty overflow float", "POST", "/orders", JSON, b'{"itemId": "x", "qty": 1e400}', 422,
-     "qty must be"),
-    ("qty list", "POST", "/orders", JSON, _j({"itemId": "x", "qty": [1]}), 422, "qty must be"),
-    ("itemId empty", "POST", "/orders", JSON, _j({"itemId": "", "qty": 1}), 422,
-     "itemId must be"),
-    ("itemId blank", "POST", "/orders", JSON, _j({"itemId": "   ", "qty": 1}), 422,
-     "itemId must be"),
-    ("itemId too long", "POST", "/orders", JSON, _j({"itemId": "x" * 101, "qty": 1}), 422,
-     "101 characters"),
-    ("itemId number", "POST", "/orders", JSON, _j({"itemId": 42, "qty": 1}), 422,
-     "itemId must be"),
-    ("itemId null", "POST", "/orders", JSON, _j({"itemId": None, "qty": 1}), 422,
-     "itemId must be"),
-    ("orderId empty", "POST", "/orders", JSON, _j({"orderId": "", "itemId": "x", "qty": 1}),
-     422, "orderId must be"),
-    ("orderId too long", "POST", "/orders", JSON,
-     _j({"orderId": "o" * 101, "itemId": "x", "qty": 1}), 422, "orderId must be"),
-    ("orderId number", "POST", "/orders", JSON, _j({"orderId": 7, "itemId": "x", "qty": 1}),
-     422, "orderId must be"),
-    ("body over 64 KiB", "POST", "/orders", JSON,
-     _j({"itemId": "x", "qty": 1, "pad": "p" * MAX_BODY_BYTES}), 413, "limit"),
-    ("text/plain", "POST", "/orders", {"content-type": "text/plain"},
-     _j({"itemId": "x", "qty": 1}), 415, "content-type must be application/json"),
-    ("no content-type", "POST", "/orders", {}, _j({"itemId": "x", "qty": 1}), 415,
-     "content-type must be application/json"),
-    ("form post", "POST", "/orders", {"content-type": "application/x-www-form-urlencoded"},
-     b"itemId=x&qty=1", 415, "content-type"),
-    ("idempotency key empty", "POST", "/orders", {**JSON, "Idempotency-Key": ""},
-     _j({"itemId": "x", "qty": 1}), 400, "Idempotency-Key must be"),
-    ("idempotency key too long", "POST", "/orders", {**JSON, "Idempotency-Key": "k" * 201},
-     _j({"itemId": "x", "qty": 1}), 400, "Idempotency-Key must be"),
-    ("DELETE /orders", "DELETE", "/orders", {}, None, 405, "method DELETE is not allowed"),
-    ("PUT /orders/o-1", "PUT", "/orders/o-1", JSON, _j({"qty": 2}), 405, "not allowed"),
-    ("POST /health", "POST", "/health", JSON, b"{}", 405, "not allowed"),
-    ("unknown route", "GET", "/inventory", {}, None, 404, "no route GET /inventory"),
-    ("typo in route", "POST", "/order", JSON, _j({"itemId": "x", "qty": 1}), 404,
-     "no route POST /order"),
-    ("limit not a number", "GET", "/orders?limit=ten", {}, None, 400, "limit must be"),
-    ("limit zero", "GET", "/orders?limit=0", {}, None, 400, "limit must be"),
-    ("offset negative", "GET", "/orders?offset=-1", {}, None, 400, "offset must be"),
-    ("unknown order", "GET", "/orders/o-404", {}, None, 404, 'no order "o-404"'),
-    ("lone surrogate in itemId", "POST", "/orders", JSON, b'{"itemId": "\\ud800", "qty": 1}',
-     400, "lone UTF-16 surrogate"),
-    ("lone surrogate as a field name", "POST", "/orders", JSON,
-     b'{"\\udfff": 1, "itemId": "x", "qty": 1}', 400, "lone UTF-16 surrogate"),
-    ("newline in orderId", "POST", "/orders", JSON,
-     _j({"orderId": "o-1\n[worker-1] applied projection", "itemId": "x", "qty": 1}), 422,
-     "orderId must be an id without control or invisible characters (U+000A"),
-    ("terminal escape in itemId", "POST", "/orders", JSON, _j({"itemId": "\x1b[2Jx", "qty": 1}),
-     422, "itemId must be an id without control"),
-    ("bidi override in orderId", "POST", "/orders", JSON,
-     _j({"orderId": "o-\u202e1", "itemId": "x", "qty": 1}), 422, "(U+202E at index 2)"),
-    ("idempotency key with a tab", "POST", "/orders", {**JSON, "Idempotency-Key": "k\t1"},
-     _j({"itemId": "x", "qty": 1}), 400, "Idempotency-Key must be an id without control"),
-    ("a foreign Host", "POST", "/orders", {**JSON, "Host": "evil.example:3000"},
-     _j({"itemId": "x", "qty": 1}), 400, 'Host must be one this server answers to'),
-]
 
 
 
@@ -152,7 +56,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         store.init_db(path).close()
         yield str(path)
         return
-    from pg import schema
+    from support.pg import schema
 
     with schema() as url:
         yield url
@@ -177,8 +81,7 @@ def counts(db: str) -> dict[str, int]:
         conn.close()
 
 
-def post(client: TestClient, body: object, **headers: str) -> Any:
-    return client.post("/orders", json=body, headers=headers)
+
 
 
 # What another process does to hold up every write, on each database: SQLite's write lock;
@@ -361,7 +264,7 @@ def test_docs_are_not_served(client: TestClient) -> None:
 @pytest.mark.parametrize("database", DATABASES)
 def test_a_store_init_db_never_made_is_refused_naming_init_db(database: str,
                                                               tmp_path: Path) -> None:
-    from pg import new_url
+    from support.pg import new_url
 
     never_made = {"sqlite": str(tmp_path / "missing.db"), "postgresql": new_url()}[database]
     with pytest.raises(InvalidInput, match="init-db") as bad:
@@ -443,7 +346,7 @@ def test_outbox_mode_on_a_store_without_the_outbox_table_asks_for_init_db(db: st
 
 
 def test_api_flags_for_the_broker_are_checked_before_serving(db: str, tmp_path: Path) -> None:
-    from test_lab_processes import cli, free_port
+    from support.processes import cli, free_port
 
     same = cli("api", "--db", db, "--broker", db, "--port", str(free_port()))
     assert same.returncode == 2 and "--broker must be a broker outside the store" in same.stderr
@@ -452,22 +355,7 @@ def test_api_flags_for_the_broker_are_checked_before_serving(db: str, tmp_path: 
 
 
 # -- real processes --------------------------------------------------------------------------
-def _serve(tmp: Path, *args: str) -> tuple[Any, int]:
-    """``deliverylab api`` with ``args`` on a free port, once ``/health`` answers 200."""
-    from test_lab_processes import Proc, free_port, request
 
-    port = free_port()
-    proc = Proc(tmp / "api.log", "api", "--port", str(port), "--no-access-log", *args)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.alive(), f"the API exited:\n{proc.output()}"
-        try:
-            if request("GET", "/health", port=port, timeout=2)[0] == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the API never answered /health:\n{proc.output()}")
 
 
 def _wait(done: Callable[[], bool], timeout: float = 60) -> None:
@@ -483,9 +371,9 @@ def _wait(done: Callable[[], bool], timeout: float = 60) -> None:
 def test_the_lab_as_processes_api_worker_order_status(db: str, tmp_path: Path) -> None:
     """``deliverylab api`` and ``worker`` on one store, orders placed with ``deliverylab
     order``, the verdict read with ``deliverylab status``."""
-    from test_lab_processes import Proc, cli
+    from support.processes import Proc, cli
 
-    api, port = _serve(tmp_path, "--db", db)
+    api, port = serve(tmp_path, "--db", db)
     worker = Proc(tmp_path / "worker.log", "worker", "--db", db, "--name", "w-1",
                   "--poll-interval", "0.05", "--ack-fail-rate", "0.5", "--seed", "3",
                   "--visibility-timeout", "0.3")
@@ -527,11 +415,11 @@ def test_five_processes_api_relay_worker_with_the_broker_outside_the_store(
     """The store on either database, the broker a SQLite file of its own: ``api --broker``
     writes the outbox, ``relay`` publishes it, ``worker`` consumes it; ``order`` and
     ``status`` as usual."""
-    from test_lab_processes import Proc, cli
+    from support.processes import Proc, cli
 
     broker_file = tmp_path / "broker.db"
     assert cli("init-db", "--db", str(broker_file)).returncode == 0
-    api, port = _serve(tmp_path, "--db", db, "--broker", str(broker_file))
+    api, port = serve(tmp_path, "--db", db, "--broker", str(broker_file))
     relay = Proc(tmp_path / "relay.log", "relay", "--store", db, "--broker",
                  str(broker_file), "--poll-interval", "0.05", "--name", "r-1")
     worker = Proc(tmp_path / "worker.log", "worker", "--store", db, "--broker",
