@@ -66,7 +66,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..brokers.registry import open_store_and_broker
-from ..brokers.sqlite import SQLiteBroker
+from ..engine.broker import Broker
 from ..engine.clock import SystemClock
 from ..engine.display import escape_unprintable
 from ..engine.errors import (
@@ -88,8 +88,7 @@ from ..engine.orders import (
     place_order,
     validate_order,
 )
-from ..engine.store import Store as StoreConnection
-from ..engine.store import check_schema, check_synchronous, require_outbox
+from ..engine.store import Store, check_schema, check_synchronous, require_outbox
 from ..engine.store_postgres import for_store
 from . import metrics
 from .status import collect, order_view, snapshot
@@ -111,7 +110,7 @@ WRITE_BUDGET_S = 3.0
 # server went silent (its statement timeout enforces the budget only while it answers).
 STUCK_S = 2.0
 RETRY_AFTER_S = 1
-# At most this many orders share one commit (see Store._write_batch).
+# At most this many orders share one commit (see ApiDatabase._write_batch).
 MAX_BATCH = 64
 # /health waits this long for the write lock: longer than a worker's commit, so a busy lab
 # reads as writable, and short enough to answer well within 100 ms.
@@ -308,7 +307,7 @@ class _Write:
 MAX_RETRIES = 3
 
 
-class Store:
+class ApiDatabase:
     """The database side of the API: a SQLite file, or a PostgreSQL schema (a
     ``postgresql://`` URL, see ``engine/store_postgres.py``).
 
@@ -340,7 +339,7 @@ class Store:
         # Read back, not assumed: what the connection that acknowledges orders really runs.
         self.synchronous = self.dialect.durability(self._writer)
         self.outbox = outbox
-        self.queue: SQLiteBroker | None = None
+        self.queue: Broker | None = None
         if outbox:
             require_outbox(self._writer, "db")
         self.queue = None if outbox else self._opened.broker
@@ -349,7 +348,7 @@ class Store:
         self.accepted = 0  # orders handed to the write thread
         self.commits = 0  # transactions committed by the write thread (orders share them)
         self._jobs_lock = threading.Lock()
-        self._idle: list[StoreConnection] = []
+        self._idle: list[Store] = []
         self._pool_lock = threading.Lock()
         self._prober = self._connect(busy_timeout=HEALTH_LOCK_WAIT_S)
         self._probes = ThreadPoolExecutor(1, thread_name_prefix="deliverylab-health")
@@ -360,7 +359,7 @@ class Store:
 
     # -- the database -----------------------------------------------------------------------
     def _connect(self, *, synchronous: str = DEFAULT_SYNCHRONOUS,
-                 busy_timeout: float | None = None, again: bool = False) -> StoreConnection:
+                 busy_timeout: float | None = None, again: bool = False) -> Store:
         """A connection to the store, with the commit durability asked for. ``again``: the
         store was open a moment ago, so a server away now is :class:`StoreUnavailable`."""
         open_ = self.dialect.reconnect if again else self.dialect.connect
@@ -549,7 +548,7 @@ class Store:
 
     # -- reads ------------------------------------------------------------------------------
     @contextmanager
-    def reading(self) -> Iterator[StoreConnection]:
+    def reading(self) -> Iterator[Store]:
         with self._pool_lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
@@ -607,7 +606,7 @@ class Store:
                 "synchronous": self.synchronous,
                 "events": "outbox" if self.outbox else "queue table"}
 
-    def _can_write(self, conn: StoreConnection) -> str:
+    def _can_write(self, conn: Store) -> str:
         """What a write would meet now: ``ok``, ``locked`` or (PostgreSQL) ``read-only``,
         asked of the database without writing (:meth:`Dialect.probe_write`), waiting no
         longer than the probe's lock wait."""
@@ -795,7 +794,7 @@ def create_app(db_path: str | Path, *, synchronous: str | None = None,
     body_timeout = check_number("body_timeout", body_timeout, minimum=0.001, maximum=3600)
     if not isinstance(outbox, bool):
         raise InvalidInput("outbox", outbox, "True or False")
-    store = Store(db_path, synchronous=synchronous, write_budget=write_budget, outbox=outbox)
+    store = ApiDatabase(db_path, synchronous=synchronous, write_budget=write_budget, outbox=outbox)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

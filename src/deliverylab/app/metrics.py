@@ -24,7 +24,6 @@ Prometheus expects of a counter. The rules that alert on them are in
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ..engine.check import projection_vs_truth
 from ..engine.errors import InvalidInput, check_number
-from ..engine.store import OUTBOX_TABLE, is_store, missing_tables
+from ..engine.store import OUTBOX_TABLE, Store, is_store, missing_tables
 from .status import snapshot
 
 if TYPE_CHECKING:
@@ -78,7 +77,7 @@ class Signals:
         return asdict(self)
 
 
-def signals(conn: sqlite3.Connection, *, now: float, broker: Broker | None = None) -> Signals:
+def signals(conn: Store, *, now: float, broker: Broker | None = None) -> Signals:
     """Every signal, read from the store ``conn`` at ``now``. ``broker``: where the messages
     wait when it is not the queue table of the store's own database (RabbitMQ, JetStream);
     its depth and dead letters are then asked of it, and the oldest message's age is that of

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..brokers.base import NO_MESSAGE_ID
 from ..engine.check import check, event_states, projection_vs_truth
 from ..engine.display import safe_text
-from ..engine.store import OUTBOX_TABLE, dialect_of, missing_tables
+from ..engine.store import OUTBOX_TABLE, Store, dialect_of, missing_tables
 from ..engine.worker import CONSUMER
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ MAX_DEAD_ROWS = 10
 
 
 @contextmanager
-def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def snapshot(conn: Store) -> Iterator[Store]:
     """A read transaction: every SELECT inside sees the same committed state (WAL snapshot)."""
     if conn.in_transaction:
         yield conn
@@ -50,7 +50,7 @@ def applications(rows: list[tuple[int, str]]) -> int:
     return applied + (last_rec is not None)
 
 
-def event_state(conn: sqlite3.Connection, event_id: str,
+def event_state(conn: Store, event_id: str,
                 log_rows: list[tuple[int, str]] | None = None) -> tuple[int, str]:
     """(applications, state) of one event, counted exactly as :func:`deliverylab.engine.check` does.
 
@@ -75,7 +75,7 @@ def event_state(conn: sqlite3.Connection, event_id: str,
     return n, "lost"
 
 
-def order_view(conn: sqlite3.Connection, row: sqlite3.Row,
+def order_view(conn: Store, row: sqlite3.Row,
                log_rows: list[tuple[int, str]] | None = None) -> dict[str, Any]:
     """An order row as the API shows it, with what became of its event."""
     applications, state = event_state(conn, row["event_id"], log_rows)
@@ -84,7 +84,7 @@ def order_view(conn: sqlite3.Connection, row: sqlite3.Row,
             "applications": applications, "state": state}
 
 
-def find_order(conn: sqlite3.Connection, ref: str) -> sqlite3.Row | None:
+def find_order(conn: Store, ref: str) -> sqlite3.Row | None:
     """The order with id ``ref``, or the order whose event id is ``ref``."""
     row = conn.execute("SELECT * FROM orders WHERE order_id = ?", (ref,)).fetchone()
     if row is None:
@@ -95,7 +95,7 @@ def find_order(conn: sqlite3.Connection, ref: str) -> sqlite3.Row | None:
 TRACE_KEYS = ("seq", "at", "worker", "deliveryCount", "outcome", "detail", "messageId")
 
 
-def trace(conn: sqlite3.Connection, ref: str) -> dict[str, Any] | None:
+def trace(conn: Store, ref: str) -> dict[str, Any] | None:
     """Every delivery-log row of one order's event, in order; None when there is no such order.
 
     ``ref`` is an order id or an event id."""
@@ -121,7 +121,7 @@ class Unlisted:
     and how many orders are not applied, not which message is which. ``unlisted`` tells the
     report that it guessed (how many messages were ready then); 0 when the broker listed."""
 
-    def __init__(self, broker: Broker, conn: sqlite3.Connection) -> None:
+    def __init__(self, broker: Broker, conn: Store) -> None:
         self._broker, self._conn, self.unlisted = broker, conn, 0
 
     def __getattr__(self, name: str) -> Any:
@@ -138,7 +138,7 @@ class Unlisted:
             " delivery_log WHERE outcome IN ('applied', 'reconciled'))")} - dead
 
 
-def collect(conn: sqlite3.Connection, *, now: float | None = None,
+def collect(conn: Store, *, now: float | None = None,
             broker: Broker | None = None) -> dict[str, Any]:
     """The status report as plain, JSON-ready data. ``broker``: where the messages wait, when
     not in the queue table of the store's own database; its depth and its dead letters (by
@@ -192,7 +192,7 @@ def collect(conn: sqlite3.Connection, *, now: float | None = None,
     }
 
 
-def strangers(conn: sqlite3.Connection) -> int:
+def strangers(conn: Store) -> int:
     """How many events took effect here whose order is not in this store: their orders were
     placed in another database (a worker whose --store is not the API's --db, or whose
     --broker is another lab's queue). Nothing the store holds can explain their effect."""
@@ -201,7 +201,7 @@ def strangers(conn: sqlite3.Connection) -> int:
         " AND event_id NOT IN (SELECT event_id FROM orders)").fetchone()[0]
 
 
-def _verdict(conn: sqlite3.Connection, result: Any) -> str:
+def _verdict(conn: Store, result: Any) -> str:
     """The checker's verdict, with the reason when it has none to give: a projection that
     differs from the truth with no event problem among this store's orders."""
     verdict = result.verdict

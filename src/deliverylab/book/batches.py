@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from ..brokers.base import Broker, Delivery
 from ..engine.check import check
 from ..engine.clock import Clock
 from ..engine.errors import check_int, check_number
-from ..engine.store import transaction
+from ..engine.store import Store, transaction
 from ..engine.trace import Outcome, log_delivery
 from ..engine.worker import CONSUMER, Worker, apply_order_placed
 from .lab import Lab
@@ -60,7 +59,7 @@ def place_batch(lab: Lab, n: int = 100, *, poison_at: int = 37) -> None:
             lab.place_order("coffee-beans", 1, order_id=f"o-{i:03d}")
 
 
-def all_or_nothing_step(store: sqlite3.Connection, broker: Broker, clock: Clock, *,
+def all_or_nothing_step(store: Store, broker: Broker, clock: Clock, *,
                         batch: int = 100, lease: float = 2.0) -> int:
     """One step of the all-or-nothing consumer: receive up to ``batch``, apply them all in one
     transaction (inbox row and reservation each), then ACK all, or nack all if any failed."""
@@ -137,7 +136,7 @@ def batch_table(*, n: int = 100, seed: int = 0) -> pd.DataFrame:
 
 
 # -- a poison that kills the process ---------------------------------------------------------
-def _killing_handler(conn: sqlite3.Connection, delivery: Delivery) -> None:
+def _killing_handler(conn: Store, delivery: Delivery) -> None:
     """Reserve the order; on the poison, die as the OOM killer would have it: SIGKILL."""
     if delivery.correlation_id == POISON_ORDER:
         os.kill(os.getpid(), signal.SIGKILL)

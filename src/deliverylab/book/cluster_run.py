@@ -37,7 +37,6 @@ import itertools
 import os
 import random
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,7 @@ from ..engine.errors import BrokerUnavailable, InvalidInput, check_int, check_nu
 from ..engine.ids import Ids
 from ..engine.orders import place_order
 from ..engine.relay import Relay
-from ..engine.store import connect, init_db, transaction
+from ..engine.store import Store, connect, init_db, transaction
 from ..engine.worker import Mode
 from .lab import ITEMS
 
@@ -255,7 +254,7 @@ class Workers:
                 proc.wait()
 
 
-def _counts(conn: sqlite3.Connection) -> dict[str, int]:
+def _counts(conn: Store) -> dict[str, int]:
     row = conn.execute(
         "SELECT sum(CASE WHEN outcome = 'applied' THEN 1 ELSE 0 END),"
         " sum(CASE WHEN outcome = 'duplicate_skipped' THEN 1 ELSE 0 END),"
@@ -266,12 +265,12 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {name: value or 0 for name, value in zip(names, row, strict=True)}
 
 
-def _received_since(conn: sqlite3.Connection, at: float) -> bool:
+def _received_since(conn: Store, at: float) -> bool:
     return conn.execute("SELECT EXISTS (SELECT 1 FROM delivery_log WHERE outcome = 'received'"
                         " AND at > ?)", (at,)).fetchone()[0] == 1
 
 
-def _place_orders(conn: sqlite3.Connection, orders: int, seed: int) -> None:
+def _place_orders(conn: Store, orders: int, seed: int) -> None:
     """``orders`` orders, each with its event in the store's outbox, in one transaction;
     items and quantities from ``seed``."""
     rng = random.Random(seed)

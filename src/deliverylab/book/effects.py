@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, OrderConflict, check_int, check_number, check_text
 from ..engine.faults import NO_FAULTS, Faults
 from ..engine.ids import Ids
-from ..engine.store import connect, transaction
+from ..engine.store import Store, connect, transaction
 from ..engine.worker import Handler, Mode, PoisonMessage, Worker, apply_order_placed
 from .lab import Lab
 from .tables import install_schema
@@ -56,7 +55,7 @@ CREATE TABLE IF NOT EXISTS payment_idempotency (
 """
 
 
-def install(conn: sqlite3.Connection) -> None:
+def install(conn: Store) -> None:
     """Create the service's two tables if they are not there yet (idempotent)."""
     install_schema(conn, SCHEMA)
 
@@ -191,7 +190,7 @@ def charge_handler(service: PaymentService, *, keyed: bool, lost_answer: float =
         return bool(rate) and faults.uniform(point, delivery.event_id,
                                              delivery.delivery_count) < rate
 
-    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    def handle(conn: Store, delivery: Delivery) -> None:
         order_id, qty = delivery.payload.get("orderId"), delivery.payload.get("qty")
         if not isinstance(order_id, str) or not isinstance(qty, int) or isinstance(qty, bool):
             raise PoisonMessage(f"payload needs orderId and an integer qty, got {delivery.payload!r}")

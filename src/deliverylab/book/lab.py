@@ -13,7 +13,6 @@ and every id and fault comes from the seed: the same arguments give the same tab
 from __future__ import annotations
 
 import random
-import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,7 +83,7 @@ class Lab:
         self._turn = 0
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Store:
         """The store's connection: :attr:`store`."""
         return self.store
 

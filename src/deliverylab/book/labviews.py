@@ -16,15 +16,16 @@ same tables a reader sees live.
 from __future__ import annotations
 
 import html
-import sqlite3
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from ..engine.check import APPLICATIONS_CTE, drift_frame, projection_vs_truth
+from ..engine.dialect import Cursor
 from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import Faults
+from ..engine.store import Store
 from ..engine.worker import Mode, Worker
 from .lab import Lab
 
@@ -85,7 +86,7 @@ _COUNTERS_SQL = APPLICATIONS_CTE + """,
 """
 
 
-def counters(conn: sqlite3.Connection) -> dict[str, int]:
+def counters(conn: Store) -> dict[str, int]:
     """Counts for the whole run so far, read from the database.
 
     ``deliveries``, ``applied`` and ``duplicates_skipped`` count delivery-log rows;
@@ -113,7 +114,7 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     }
 
 
-def _frame(cur: sqlite3.Cursor) -> pd.DataFrame:
+def _frame(cur: Cursor) -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame([tuple(r) for r in cur], columns=[c[0] for c in cur.description])
@@ -123,7 +124,7 @@ def _limit(limit: int | None) -> int:
     return -1 if limit is None else check_int("limit", limit, minimum=0)
 
 
-def queue_view(conn: sqlite3.Connection, now: float, limit: int | None = DEFAULT_LIMIT
+def queue_view(conn: Store, now: float, limit: int | None = DEFAULT_LIMIT
                ) -> pd.DataFrame:
     """The queue, oldest message first: delivery counts, and whether each message is visible,
     leased (held by a worker until ``lease_until``) or delayed (nacked, waiting out a backoff).
@@ -144,7 +145,7 @@ def queue_view(conn: sqlite3.Connection, now: float, limit: int | None = DEFAULT
     return frame
 
 
-def inbox_view(conn: sqlite3.Connection, limit: int | None = DEFAULT_LIMIT) -> pd.DataFrame:
+def inbox_view(conn: Store, limit: int | None = DEFAULT_LIMIT) -> pd.DataFrame:
     """The inbox (processed event ids), newest first, with the order each event belongs to."""
     return _frame(conn.execute(
         "SELECT i.event_id, o.order_id, i.processed_at FROM inbox_processed AS i"
@@ -153,12 +154,12 @@ def inbox_view(conn: sqlite3.Connection, limit: int | None = DEFAULT_LIMIT) -> p
         (_limit(limit),)))
 
 
-def projection_view(conn: sqlite3.Connection) -> pd.DataFrame:
+def projection_view(conn: Store) -> pd.DataFrame:
     """The projection beside the truth, one row per item: ``delta`` is projection − truth."""
     return drift_frame(conn)
 
 
-def dead_letter_view(conn: sqlite3.Connection, limit: int | None = DEFAULT_LIMIT
+def dead_letter_view(conn: Store, limit: int | None = DEFAULT_LIMIT
                      ) -> pd.DataFrame:
     """Messages parked after too many receives, newest first, with their last error."""
     return _frame(conn.execute(

@@ -16,7 +16,6 @@ what it holds: ``UPDATE … WHERE version < ?``, here an UPSERT whose ``DO UPDAT
 from __future__ import annotations
 
 import random
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,7 @@ from ..brokers.sqlite import Queue
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_int, check_number, check_text
 from ..engine.faults import NO_FAULTS, Faults
-from ..engine.store import transaction
+from ..engine.store import Store, transaction
 from ..engine.worker import Handler, Mode, PoisonMessage, Worker, apply_order_placed
 from .lab import Lab
 from .tables import install_schema, require_tables
@@ -61,7 +60,7 @@ CREATE TABLE IF NOT EXISTS order_status (
 """
 
 
-def install(conn: sqlite3.Connection) -> None:
+def install(conn: Store) -> None:
     """Create the status truth (``order_status_changes``, beside ``orders``) and the status
     projection (``order_status``) if they are not there yet (idempotent)."""
     install_schema(conn, SCHEMA)
@@ -77,7 +76,7 @@ class StatusChange:
     event_id: str
 
 
-def _current(conn: sqlite3.Connection, order_id: str) -> tuple[str, int] | None:
+def _current(conn: Store, order_id: str) -> tuple[str, int] | None:
     """(status, version) of an order in the truth; None if there is no such order."""
     row = conn.execute(
         "SELECT status, version FROM order_status_changes WHERE order_id = ?"
@@ -148,7 +147,7 @@ def status_handler(*, versioned: bool, clock: Clock) -> Handler:
         raise InvalidInput("versioned", versioned, "True or False")
     sql = NEWER_WINS if versioned else LAST_WRITE_WINS
 
-    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    def handle(conn: Store, delivery: Delivery) -> None:
         order_id, status, version = _status_of(delivery)
         if delivery.type == "OrderPlaced":
             apply_order_placed(conn, delivery)
@@ -194,12 +193,12 @@ class StatusCheck:
         return f"BROKEN: {', '.join(parts)} of {self.orders} order statuses"
 
 
-def status_rows(conn: sqlite3.Connection) -> list[tuple[str, str, int, str | None, int | None]]:
+def status_rows(conn: Store) -> list[tuple[str, str, int, str | None, int | None]]:
     """(order_id, truth, truth_version, projection, projection_version) per order."""
     return [tuple(r) for r in conn.execute(_STATUS_SQL)]
 
 
-def status_check(conn: sqlite3.Connection) -> StatusCheck:
+def status_check(conn: Store) -> StatusCheck:
     require_tables(conn, ["order_status_changes", "order_status"], "deliverylab.book.ordering.install")
     rows = status_rows(conn)
     missing = sum(1 for r in rows if r[3] is None)
@@ -208,7 +207,7 @@ def status_check(conn: sqlite3.Connection) -> StatusCheck:
                        missing=missing)
 
 
-def status_frame(conn: sqlite3.Connection) -> pd.DataFrame:
+def status_frame(conn: Store) -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame(status_rows(conn), columns=STATUS_COLUMNS)
@@ -339,7 +338,7 @@ def status_table(*, seeds: range | list[int], orders: int = 30) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def status_log(conn: sqlite3.Connection, order_id: str) -> pd.DataFrame:
+def status_log(conn: Store, order_id: str) -> pd.DataFrame:
     """The delivery log of one order, each row named by the status its event carries."""
     from .traceviews import log_frame
 

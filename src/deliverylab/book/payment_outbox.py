@@ -15,7 +15,6 @@ as the idempotency key, the service answers the repeat with the first charge.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from ..brokers.base import Delivery
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import Faults
-from ..engine.store import transaction
+from ..engine.store import Store, transaction
 from ..engine.worker import Handler, Mode, PoisonMessage, apply_order_placed
 from .effects import UNIT_PRICE, PaymentService, worker_for
 from .lab import Lab
@@ -49,7 +48,7 @@ CREATE INDEX IF NOT EXISTS payment_outbox_pending ON payment_outbox (created_at)
 RELAY_CRASH = "relay_crash"  # the fault point: the relay dies after the call, before the mark
 
 
-def install(conn: sqlite3.Connection) -> None:
+def install(conn: Store) -> None:
     """Create ``payment_outbox`` in the consumer's database if it is not there (idempotent)."""
     install_schema(conn, SCHEMA)
 
@@ -59,7 +58,7 @@ def outbox_handler(*, clock: Clock) -> Handler:
     both inside the worker's transaction. The request's key is the event id, so a second
     delivery of the same event (without an inbox) cannot add a second request."""
 
-    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    def handle(conn: Store, delivery: Delivery) -> None:
         order_id, qty = delivery.payload.get("orderId"), delivery.payload.get("qty")
         if not isinstance(order_id, str) or not isinstance(qty, int) or isinstance(qty, bool):
             raise PoisonMessage(f"payload needs orderId and an integer qty, got {delivery.payload!r}")
@@ -78,7 +77,7 @@ class RelayPass:
     crashed: bool  # the pass died between a call and its mark
 
 
-def relay(conn: sqlite3.Connection, service: PaymentService, *, clock: Clock,
+def relay(conn: Store, service: PaymentService, *, clock: Clock,
           keyed: bool = True, crash_rate: float = 0.0, seed: int = 0,
           limit: int = 100) -> RelayPass:
     """One pass of the relay over up to ``limit`` pending rows, oldest first.
@@ -117,12 +116,12 @@ def relay(conn: sqlite3.Connection, service: PaymentService, *, clock: Clock,
     return RelayPass(sent, crashed=False)
 
 
-def pending(conn: sqlite3.Connection) -> int:
+def pending(conn: Store) -> int:
     return conn.execute(
         "SELECT count(*) FROM payment_outbox WHERE sent_at IS NULL").fetchone()[0]
 
 
-def outbox_frame(conn: sqlite3.Connection) -> pd.DataFrame:
+def outbox_frame(conn: Store) -> pd.DataFrame:
     import pandas as pd
 
     rows = conn.execute("SELECT request_key, order_id, amount, attempts, sent_at, charge_id"

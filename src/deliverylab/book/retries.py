@@ -26,13 +26,13 @@ out after ``timeout_s`` when it is down; the counts and times replay exactly.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..brokers.base import Delivery
 from ..engine.clock import FakeClock
 from ..engine.errors import InvalidInput, check_int, check_number
+from ..engine.store import Store
 from ..engine.worker import Worker, apply_order_placed
 from .lab import Lab
 
@@ -162,7 +162,7 @@ def payment_handler(api: PaymentApi, policy: Policy):
     delivery's lease when the deadline is propagated), then reserve the order."""
     budget = RetryBudget(policy.budget_ratio) if policy.budget_ratio is not None else None
 
-    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    def handle(conn: Store, delivery: Delivery) -> None:
         deadline = delivery.lease_until if policy.deadline else None
         try:
             _call_with_retries(

@@ -26,7 +26,6 @@ tombstone   as guarded, and with no reservation yet it    nothing: the order's r
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 from ..brokers.base import Delivery
 from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import Faults
+from ..engine.store import Store
 from ..engine.worker import PoisonMessage, apply_order_placed
 from .lab import Lab
 from .tables import install_schema
@@ -51,27 +51,27 @@ CREATE TABLE IF NOT EXISTS saga_reservations (
 _RELEASE = ("UPDATE inventory_projection SET reserved_qty = reserved_qty - ? WHERE item_id = ?")
 
 
-def _state(conn: sqlite3.Connection, order_id: str) -> str | None:
+def _state(conn: Store, order_id: str) -> str | None:
     row = conn.execute("SELECT state FROM saga_reservations WHERE order_id = ?",
                        (order_id,)).fetchone()
     return None if row is None else row[0]
 
 
-def _set(conn: sqlite3.Connection, order_id: str, state: str) -> None:
+def _set(conn: Store, order_id: str, state: str) -> None:
     conn.execute("INSERT INTO saga_reservations (order_id, state) VALUES (?, ?)"
                  " ON CONFLICT (order_id) DO UPDATE SET state = excluded.state",
                  (order_id, state))
 
 
 def saga_handler(design: str, *, first_attempt_fails: bool = False
-                 ) -> Callable[[sqlite3.Connection, Delivery], None]:
+                 ) -> Callable[[Store, Delivery], None]:
     """The inventory consumer's handler for ``OrderPlaced`` (reserve) and ``PaymentDeclined``
     (compensate), in one of :data:`HANDLERS`. ``first_attempt_fails``: the first delivery of
     every ``OrderPlaced`` fails (the stock service timed out), so it is retried later."""
     if design not in HANDLERS:
         raise InvalidInput("design", design, "one of " + ", ".join(HANDLERS))
 
-    def handle(conn: sqlite3.Connection, d: Delivery) -> None:
+    def handle(conn: Store, d: Delivery) -> None:
         order, item, qty = d.payload.get("orderId"), d.payload.get("itemId"), d.payload.get("qty")
         if not isinstance(order, str):
             raise PoisonMessage(f"payload needs an orderId, got {d.payload!r}")

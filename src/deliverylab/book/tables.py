@@ -7,13 +7,11 @@ and creates them with its ``install(conn)``, so the shared schema stays as it is
 
 from __future__ import annotations
 
-import sqlite3
-
 from ..engine.errors import InvalidInput
-from ..engine.store import transaction
+from ..engine.store import Store, transaction
 
 
-def install_schema(conn: sqlite3.Connection, schema: str) -> None:
+def install_schema(conn: Store, schema: str) -> None:
     """Run each ``CREATE … IF NOT EXISTS`` statement of ``schema`` in one transaction."""
     with transaction(conn):
         for statement in schema.split(";"):
@@ -21,7 +19,7 @@ def install_schema(conn: sqlite3.Connection, schema: str) -> None:
                 conn.execute(statement)
 
 
-def require_tables(conn: sqlite3.Connection, tables: list[str], install: str) -> None:
+def require_tables(conn: Store, tables: list[str], install: str) -> None:
     """:class:`InvalidInput` naming the missing tables, rather than SQLite's "no such table"
     from deep inside a statement."""
     have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

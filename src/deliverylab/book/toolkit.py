@@ -8,7 +8,6 @@ show the result and ``tests/book/test_toolkit.py`` can assert it.
 from __future__ import annotations
 
 import random
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, SimulatedCrash, check_int, check_number
 from ..engine.faults import Faults
 from ..engine.orders import PlacedOrder, place_order
-from ..engine.store import transaction
+from ..engine.store import Store, transaction
 from ..engine.trace import Outcome, log_delivery
 from ..engine.worker import CONSUMER, Handler, apply_order_placed
 from .lab import Lab
@@ -101,24 +100,24 @@ INBOX_ORDERINGS = ("one_transaction", "inbox_then_effect", "effect_then_inbox")
 CRASH_POINT = "crash_between_inbox_and_effect"
 
 
-def _inbox_insert(conn: sqlite3.Connection, d: Delivery, now: float) -> bool:
+def _inbox_insert(conn: Store, d: Delivery, now: float) -> bool:
     return conn.execute(
         "INSERT INTO inbox_processed (consumer, event_id, processed_at) VALUES (?, ?, ?)"
         " ON CONFLICT (consumer, event_id) DO NOTHING", (CONSUMER, d.event_id, now)).rowcount == 1
 
 
-def _seen(conn: sqlite3.Connection, d: Delivery) -> bool:
+def _seen(conn: Store, d: Delivery) -> bool:
     return conn.execute("SELECT 1 FROM inbox_processed WHERE consumer = ? AND event_id = ?",
                         (CONSUMER, d.event_id)).fetchone() is not None
 
 
-def _effect(conn: sqlite3.Connection, d: Delivery, now: float, worker: str,
+def _effect(conn: Store, d: Delivery, now: float, worker: str,
             detail: str) -> None:
     apply_order_placed(conn, d)
     log_delivery(conn, d, at=now, worker=worker, outcome=Outcome.APPLIED, detail=detail)
 
 
-def _skip(conn: sqlite3.Connection, d: Delivery, now: float, worker: str) -> None:
+def _skip(conn: Store, d: Delivery, now: float, worker: str) -> None:
     log_delivery(conn, d, at=now, worker=worker, outcome=Outcome.DUPLICATE_SKIPPED)
 
 
@@ -307,7 +306,7 @@ def catalogue_handler(items: Iterable[str]) -> Handler:
     """
     known = frozenset(items)
 
-    def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
+    def handle(conn: Store, delivery: Delivery) -> None:
         item = delivery.payload.get("itemId")
         if item not in known:
             raise UnknownItem(f"item {item!r} is not in the catalogue")
@@ -333,7 +332,7 @@ def geometric_expected(n: int, p: float, max_receives: int) -> pd.DataFrame:
     return pd.DataFrame({"deliveries": list(ks), "expected": expected})
 
 
-def delivery_histogram(conn: sqlite3.Connection, p: float, max_receives: int) -> pd.DataFrame:
+def delivery_histogram(conn: Store, p: float, max_receives: int) -> pd.DataFrame:
     """Observed events per delivery count (from the trace) beside :func:`geometric_expected`."""
     from .traceviews import delivery_counts
 
@@ -393,7 +392,7 @@ def ack_loss_run(p: float, *, orders: int = 400, seed: int = 0, max_receives: in
     return lab
 
 
-def delivery_summary(conn: sqlite3.Connection) -> pd.DataFrame:
+def delivery_summary(conn: Store) -> pd.DataFrame:
     """One row per event, most deliveries first: how often it was received, whether it took
     effect, how many ACKs were lost, how many deliveries failed with an error, how it ended.
 
@@ -420,7 +419,7 @@ def delivery_summary(conn: sqlite3.Connection) -> pd.DataFrame:
 
 # -- ④ one correlation id through every table ---------------------------------------------------
 
-def follow(conn: sqlite3.Connection, correlation_id: str) -> pd.DataFrame:
+def follow(conn: Store, correlation_id: str) -> pd.DataFrame:
     """Everything the database holds about one order, in time order: the order row, each
     delivery-log row of its event, the inbox row, a dead letter if any.
 

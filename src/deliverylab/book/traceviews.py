@@ -5,8 +5,9 @@ leases, and the swimlane picture. The rows are written by ``deliverylab.engine.t
 from __future__ import annotations
 
 import re
-import sqlite3
 from typing import TYPE_CHECKING, Any
+
+from ..engine.store import Store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -16,7 +17,7 @@ COLUMNS = ["seq", "at", "worker", "correlation_id", "event_id", "message_id",
            "delivery_count", "outcome", "detail"]
 
 
-def log_frame(conn: sqlite3.Connection, *, correlation_id: str | None = None,
+def log_frame(conn: Store, *, correlation_id: str | None = None,
               event_id: str | None = None) -> pd.DataFrame:
     """The delivery log as a DataFrame, optionally for one order or one event, in order."""
     import pandas as pd
@@ -33,14 +34,14 @@ def log_frame(conn: sqlite3.Connection, *, correlation_id: str | None = None,
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def timeline(conn: sqlite3.Connection, correlation_id: str) -> pd.DataFrame:
+def timeline(conn: Store, correlation_id: str) -> pd.DataFrame:
     """One order's story: each delivery of its event with what happened to it, in order."""
     frame = log_frame(conn, correlation_id=correlation_id)
     return frame[["at", "worker", "delivery_count", "outcome", "detail", "message_id"]] \
         .reset_index(drop=True)
 
 
-def delivery_counts(conn: sqlite3.Connection) -> pd.DataFrame:
+def delivery_counts(conn: Store) -> pd.DataFrame:
     """How many deliveries each event needed: one row per event that was received."""
     import pandas as pd
 
@@ -136,7 +137,7 @@ def worker_mode(frame: pd.DataFrame) -> str | None:
     return modes.pop() if len(modes) == 1 else None
 
 
-def plot_timeline(conn: sqlite3.Connection, correlation_id: str, ax: Any = None, *,
+def plot_timeline(conn: Store, correlation_id: str, ax: Any = None, *,
                   mode: str | None = None) -> Any:
     """A swimlane picture (queue, worker, database) of one order's deliveries, from the log.
 

@@ -24,7 +24,6 @@ ACK: only the current lease may settle the message.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from ..brokers.base import Broker, Delivery
 from ..engine.check import check
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_id, check_int, check_text
-from ..engine.store import connect, transaction
+from ..engine.store import Store, connect, transaction
 from ..engine.trace import Outcome, log_delivery
 from ..engine.worker import CONSUMER, apply_order_placed
 from .tables import install_schema
@@ -128,12 +127,12 @@ class DocumentStore:
         self.conn.close()
 
 
-def install_addresses(conn: sqlite3.Connection) -> None:
+def install_addresses(conn: Store) -> None:
     """The store's table of shipping addresses (idempotent)."""
     install_schema(conn, ADDRESSES)
 
 
-def set_address(conn: sqlite3.Connection, order_id: str, address: str, *, now: float) -> None:
+def set_address(conn: Store, order_id: str, address: str, *, now: float) -> None:
     """The customer sets (or changes) the order's shipping address."""
     check_id("order_id", order_id)
     check_text("address", address)
@@ -150,7 +149,7 @@ class LabelAttempt:
     run can stop a worker between any two of them (the pause). ``fence``: send the delivery
     count as the token, and skip the ACK once the store has refused it."""
 
-    store: sqlite3.Connection
+    store: Store
     broker: Broker
     docs: DocumentStore
     clock: Clock
@@ -248,7 +247,7 @@ class ZombieRun:
     acks: dict[str, bool | None]
 
 
-def zombie_story(store: sqlite3.Connection, broker: Broker, clock: Clock, *,
+def zombie_story(store: Store, broker: Broker, clock: Clock, *,
                  fence: bool, pause: Callable[[float], object], lease: float = 2.0,
                  pause_s: float = 5.0, ack_b_before_a: bool = True) -> ZombieRun:
     """The story, on any engine: order ``o-001`` to 12 Old Street; worker A receives it,

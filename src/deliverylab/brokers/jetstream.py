@@ -953,7 +953,7 @@ def url_lease(url: str, *, field: str = "broker") -> UrlLease:
     URL (:func:`parse_url`), without connecting."""
     _, kw = parse_url(url, field=field)
     default = JetStreamBroker.capabilities.fixed_lease
-    seconds = float(kw.get("ack_wait", default))
+    seconds = float(kw["ack_wait"] if "ack_wait" in kw else default or 0)
     return UrlLease(seconds, "ack_wait", "ack_wait" in kw,
                     "the AckWait of the stream's consumer",
                     f"AckWait {seconds:g}s (the stream consumer's ack_wait)")

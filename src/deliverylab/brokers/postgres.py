@@ -203,8 +203,9 @@ def removal_of(url: str, *, field: str = "store") -> Removal:
         tables = {r[0] for r in raw.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
             (schema,))}
-        orders = raw.execute(f'SELECT count(*) FROM "{schema}".orders').fetchone()[0] \
+        counted = raw.execute(f'SELECT count(*) FROM "{schema}".orders').fetchone() \
             if "orders" in tables else None
+        orders = None if counted is None else counted[0]
     finally:
         raw.close()
     if found is None:

@@ -224,7 +224,8 @@ def fixed_lease(url: object, *, field: str = "broker") -> UrlLease | None:
     name = _BY_SCHEME[scheme]
     if capabilities(name).fixed_lease is None:
         return None
-    return _module(name).url_lease(url, field=field)
+    lease: UrlLease = _module(name).url_lease(url, field=field)
+    return lease
 
 
 # -- what cleanup removes --------------------------------------------------------------------------
@@ -237,7 +238,8 @@ def removal_of(value: str, *, field: str = "store") -> Removal:
     if finder is None:
         raise InvalidInput(field, value, f"a store or broker whose data can be removed (the"
                                          f" {kind} engine does not say how)")
-    return finder(str(value), field=field)
+    found: Removal = finder(str(value), field=field)
+    return found
 
 
 # -- opening a store and a broker -------------------------------------------------------------------
@@ -309,7 +311,7 @@ def _open_sqlite(path: str, *, field: str, init: bool, read_only: bool,
 
     from ..engine import store
 
-    wait = {} if busy_timeout is None else {"busy_timeout": busy_timeout}
+    wait: dict[str, Any] = {} if busy_timeout is None else {"busy_timeout": busy_timeout}
     if path == MEMORY:
         if not init:
             raise InvalidInput(field, path, "a database file (an in-memory database is new and"
@@ -445,7 +447,7 @@ def open_store_and_broker(store_url: str | Path, broker_url: str | Path | None =
     broker_text = None if broker_url is None else str(broker_url)
     broker_kind = store_kind if joined else kind_of(broker_url, field=broker_field)
     if not joined and broker_kind == "sqlite" and not init and open_database is None:
-        if broker_text == MEMORY or not Path(broker_text).is_file():  # type: ignore[arg-type]
+        if broker_text == MEMORY or not Path(str(broker_url)).is_file():
             raise InvalidInput(broker_field, broker_text,
                                "an existing deliverylab database file (there is none: create"
                                " it first, e.g. with 'deliverylab init-db')")
@@ -474,16 +476,17 @@ def open_store_and_broker(store_url: str | Path, broker_url: str | Path | None =
         if made is not None:
             undo.append(made)
         broker_store = None
+        broker: Broker
         if joined:
             broker = table_broker(store, clock=clock, ids=ids, **on_broker)
         elif broker_kind in DATABASES:
-            broker_store, made = database(broker_text, broker_field, False)  # type: ignore[arg-type]
+            broker_store, made = database(str(broker_url), broker_field, False)
             closers.append(broker_store.close)
             if made is not None:
                 undo.append(made)
             broker = table_broker(broker_store, clock=clock, ids=ids, trace=False, **on_broker)
         else:
-            broker = open_broker(broker_text, field=broker_field, clock=clock, ids=ids,  # type: ignore[arg-type]
+            broker = open_broker(str(broker_url), field=broker_field, clock=clock, ids=ids,
                                  max_receives=max_receives, worker=worker, create=create)
         closers.append(broker.close)
     except BaseException:

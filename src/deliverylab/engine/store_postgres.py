@@ -121,6 +121,7 @@ class PostgresDialect(Dialect):
     """PostgreSQL: row locks, durability by ``synchronous_commit``, a snapshot by asking for
     ``REPEATABLE READ``, SQLSTATEs for what failed, and a server that can go away."""
 
+    rows_as_json = True  # psycopg parses a statement of more than 50 parameters at every call
     name, title = "postgresql", "PostgreSQL"
     durabilities = tuple(PG_SYNCHRONOUS)
 

@@ -15,6 +15,8 @@ import time
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from .store import dialect_of
+
 if TYPE_CHECKING:
     from .broker import Delivery
     from .store import Store
@@ -89,13 +91,14 @@ _INSERT_JSON = ("INSERT INTO delivery_log (at, worker, correlation_id, event_id,
 
 
 def log_many(conn: Store, rows: list[tuple[Any, ...]]) -> None:
+
     """Rows of (at, worker, correlation_id, event_id, message_id, delivery_count, outcome,
     detail), appended in order by one INSERT: on SQLite with a VALUES row for each (half the
     cost of ``executemany`` for a batch of a hundred, measured), on PostgreSQL from one JSON
     list (:data:`_INSERT_JSON`)."""
     if not rows:
         return
-    if len(rows) > 1 and getattr(conn, "dialect", None) == "postgresql":
+    if len(rows) > 1 and dialect_of(conn).rows_as_json:
         conn.execute(_INSERT_JSON, (json.dumps(rows),))
     else:
         conn.execute(_insert_rows(len(rows)), [value for row in rows for value in row])
