@@ -279,8 +279,8 @@ def test_order_state_follows_the_worker(client: TestClient, db_file: Path) -> No
 
     post(client, {"orderId": "o-001", "itemId": "coffee-beans", "qty": 1})
     conn = store.connect(db_file)
-    Worker(conn, clock=SystemClock(),
-           queue=SQLiteBroker(conn, clock=SystemClock(), ids=Ids(1))).run_until_idle()
+    Worker(store=conn, clock=SystemClock(),
+           broker=SQLiteBroker(conn, clock=SystemClock(), ids=Ids(1))).run_until_idle()
     conn.close()
     assert client.get("/orders/o-001").json()["order"]["state"] == "correct"
     items = client.get("/projection").json()["items"]

@@ -492,7 +492,7 @@ def stop_on_signals(runner: Any, name: str) -> None:
     """SIGTERM or Ctrl-C stops ``runner`` (a worker or a relay) after its current step; a
     second one stops it now, with KeyboardInterrupt."""
     def on_signal(signum: int, frame: Any) -> None:
-        if runner._stopping:
+        if runner.stopping:
             raise KeyboardInterrupt
         runner.stop()
         print(safe_text(f"[{name}] {signal.Signals(signum).name}: stopping after the current"
@@ -544,9 +544,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         conn.close()
         raise
     try:
-        worker = Worker(store=conn, broker=broker, clock=clock, ids=ids, mode=args.mode,
+        worker = Worker(store=conn, broker=broker, clock=clock, mode=args.mode,
                         faults=faults, visibility_timeout=vt,
-                        max_messages=args.max_messages, max_receives=args.max_receives,
+                        max_messages=args.max_messages,
                         backoff_base=args.backoff_base, backoff_cap=args.backoff_cap,
                         name=name, echo=echo, crash_exits=args.crash_exits,
                         work_time=args.work_time)

@@ -119,8 +119,8 @@ def poison_batch(consumer: str, *, n: int = 100, poison_at: int = 37, seed: int 
             if not got:
                 lab.clock.sleep_until(lab.queue.next_visible_at())
     elif consumer == "per message":
-        worker = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
-                        max_messages=n, max_receives=max_receives)
+        worker = Worker(store=lab.conn, clock=lab.clock, broker=lab.queue,
+                        max_messages=n)
         deliveries = worker.run_until_idle().received
     else:
         from ..engine.errors import InvalidInput

@@ -74,9 +74,9 @@ class Lab:
                                max_receives=max_receives)
         extra = {"handler": handler} if handler is not None else {}
         self.workers = [
-            Worker(self.conn, clock=self.clock, ids=self.ids, mode=self.mode, faults=faults,
+            Worker(store=self.conn, clock=self.clock, mode=self.mode, faults=faults,
                    visibility_timeout=visibility_timeout, max_messages=max_messages,
-                   name=f"worker-{i + 1}", echo=echo, queue=self.queue,
+                   name=f"worker-{i + 1}", echo=echo, broker=self.queue,
                    work_time=self.tick / 2, **extra)
             for i in range(n_workers)
         ]

@@ -271,12 +271,12 @@ def status_lab(*, versioned: bool, seed: int = 0, mode: Mode | str = Mode.IDEMPO
     install(lab.conn)
     handler = status_handler(versioned=versioned, clock=lab.clock)
     first = lab.workers[0]
-    kw = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
+    kw = {"broker": lab.queue, "mode": lab.mode, "faults": faults,
           "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
           "handler": handler}
-    second = Worker(lab.conn, clock=lab.clock, name="worker-2", **kw)
+    second = Worker(store=lab.conn, clock=lab.clock, name="worker-2", **kw)
     clock = Overlap(lab.clock, second.step, rate=overlap, seed=seed)
-    lab.workers = [Worker(lab.conn, clock=clock, name="worker-1", **kw)]
+    lab.workers = [Worker(store=lab.conn, clock=clock, name="worker-1", **kw)]
     return lab, clock
 
 

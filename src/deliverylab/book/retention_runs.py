@@ -45,7 +45,7 @@ def late_redrive(*, redrive_window: float, redrive_after: float = DAY, orders: i
     lab.advance(redrive_after)
     pruned = prune_inbox(lab.conn, older_than=horizon.total, horizon=horizon, clock=lab.clock)
     redriven = lab.queue.redrive()
-    healthy = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
+    healthy = Worker(store=lab.conn, clock=lab.clock, broker=lab.queue,
                      name="worker-healthy")
     healthy.run_until_idle()
     result = lab.check()

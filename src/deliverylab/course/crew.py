@@ -77,9 +77,9 @@ def crew(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS, workers: int
         raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
     check_int("workers", workers, minimum=1, maximum=16)
     check_int("first", first, minimum=1)
-    team = [CourseWorker(lab.conn, clock=lab.clock, ids=lab.ids, mode=lab.mode, faults=faults,
+    team = [CourseWorker(store=lab.conn, clock=lab.clock, mode=lab.mode, faults=faults,
                          visibility_timeout=lab.workers[0].visibility_timeout,
-                         name=f"worker-{first + i}", queue=lab.queue, process=process,
+                         name=f"worker-{first + i}", broker=lab.queue, process=process,
                          effect_handler=handler)
             for i in range(workers)]
     for w in team:
@@ -404,9 +404,9 @@ def rivals(lab: Lab, *, faults: Faults = NO_FAULTS,
     store, queue and clock: the other consumers a submission shares the queue with."""
     if not isinstance(lab, Lab):
         raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
-    return [Worker(lab.conn, clock=lab.clock, ids=lab.ids, mode=Mode.parse(mode),
+    return [Worker(store=lab.conn, clock=lab.clock, mode=Mode.parse(mode),
                    faults=faults, visibility_timeout=lab.workers[0].visibility_timeout,
-                   queue=lab.queue, name=f"rival-{Mode.parse(mode).value}")
+                   broker=lab.queue, name=f"rival-{Mode.parse(mode).value}")
             for mode in modes]
 
 
