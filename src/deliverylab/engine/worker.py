@@ -57,8 +57,16 @@ from .errors import (
     check_int,
     check_number,
 )
+from .faults import Faults
 from .hooks import Dispatch, Hook, Narration, Trace, VerbTrace, WorkerStats
-from .settings import CONSUMER, DEFAULT_MAX_RECEIVES, Mode, WorkerSettings, check_names
+from .settings import (
+    CONSUMER,
+    DEFAULT_MAX_RECEIVES,
+    FIELDS,
+    Mode,
+    WorkerSettings,
+    check_names,
+)
 from .store import is_busy, is_store, transaction
 from .trace import Outcome, log_delivery, log_many
 
@@ -169,7 +177,23 @@ class Worker:
     The engine opens no broker itself: the lab's is the SQLite queue table on the store's own
     connection (``SQLiteBroker(conn, clock=…, ids=…)``), which the caller builds. The broker
     counts the receives (its ``max_receives``).
+
+    Each setting is also an attribute (``worker.mode``, ``worker.faults``…); setting one checks
+    it and replaces that field of ``worker.settings``.
     """
+
+    settings: WorkerSettings
+    mode: Mode
+    faults: Faults
+    visibility_timeout: float
+    max_messages: int
+    backoff_base: float
+    backoff_cap: float
+    name: str
+    consumer: str
+    work_time: float
+    crash_exits: bool
+    hooks: tuple[Hook, ...]
 
     def __init__(self, *, store: sqlite3.Connection | None = None,
                  broker: Broker | None = None, clock: Clock,
@@ -201,30 +225,46 @@ class Worker:
         for hook in extra:
             if not isinstance(hook, Hook):
                 raise InvalidInput("hooks", hook, "deliverylab.engine.hooks.Hook objects")
-        self.settings = settings
-        # The settings the hot path reads, as plain attributes.
-        self.mode, self.faults, self.name = settings.mode, settings.faults, settings.name
-        self.consumer, self.work_time = settings.consumer, settings.work_time
-        self.visibility_timeout = settings.visibility_timeout
-        self.max_messages = settings.max_messages
-        self.backoff_base, self.backoff_cap = settings.backoff_base, settings.backoff_cap
-        self.crash_exits = settings.crash_exits
+        self._adopt(settings)
         self.conn = self.store = store  # ``conn``: the store's connection, the effect's
-        self.broker, self.clock, self.handler, self.echo = broker, clock, handler, echo
-        self._process = MODES[self.mode]
-        self._handle_many = BATCH_FORMS.get(handler)
-        self.stats = WorkerStats()
+        self.broker, self.clock, self.handler = broker, clock, handler
+        self._joined = joined
         # Who writes the trace rows of the broker's verbs: the broker, inside each verb's
         # transaction on the store; or this worker, into the store right after the verb.
-        verbs = not (joined and broker.writes_trace)
-        self.hooks: tuple[Hook, ...] = (self.stats, Trace(), *([VerbTrace()] if verbs else []),
-                                        *([Narration(echo)] if echo is not None else []),
-                                        *extra)
-        self._on = Dispatch(list(self.hooks))
+        self._verbs = not (joined and broker.writes_trace)
+        self._extra = tuple(extra)
+        self.stats = WorkerStats()
+        self.echo = echo  # builds the hooks (see __setattr__)
         self._stopping = False
         self._lock_streak = 0  # lock waits in a row: the exponent of the next backoff
         self._broker_streak = 0  # broker waits in a row: the same, for the broker
         self._store_streak = 0  # store waits in a row: the same, for the store's database
+
+    def _adopt(self, settings: WorkerSettings) -> None:
+        """Take ``settings``: each field also a plain attribute, which the hot path reads."""
+        if settings.mode is Mode.TRANSACTIONAL and not self.__dict__.get("_joined", True):
+            refuse_apart(settings.mode)
+        d = self.__dict__
+        d["settings"] = settings
+        for name in FIELDS:
+            d[name] = getattr(settings, name)
+        d["_process"] = MODES[settings.mode]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A setting set on the worker (``worker.faults = …``) is checked, and replaces the
+        settings' field; a new ``echo``, ``stats`` or ``handler`` takes effect at once."""
+        if name in FIELDS:
+            self._adopt(self.settings.replace(**{name: value}))
+            return
+        object.__setattr__(self, name, value)
+        if name == "handler":
+            object.__setattr__(self, "_handle_many", BATCH_FORMS.get(value))
+        elif name in ("echo", "stats") and "echo" in self.__dict__:
+            hooks: tuple[Hook, ...] = (
+                self.stats, Trace(), *([VerbTrace()] if self._verbs else []),
+                *([Narration(self.echo)] if self.echo is not None else []), *self._extra)
+            object.__setattr__(self, "hooks", hooks)
+            object.__setattr__(self, "_on", Dispatch(list(hooks)))
 
     @property
     def stopping(self) -> bool:
@@ -353,6 +393,18 @@ class Worker:
             return None
         return outcomes
 
+    def _apply_alone(self, d: Delivery) -> list[Outcome] | None:
+        """The fast path for a batch of one: :meth:`_apply` in a transaction of its own, the
+        same statements and rows as :meth:`_apply_batch` (no savepoint: nothing else shares
+        the transaction). None, and nothing written, when the handler fails."""
+        try:
+            with transaction(self.conn):
+                return [self._apply(d)]
+        except STORE_ERRORS:
+            raise
+        except Exception:  # the handler refused it: redo it under a savepoint, as a batch
+            return None
+
     def _fenced_among(self, ids: list[str]) -> set[str]:
         """The event ids in ``ids`` a repair has fenced, read in the open transaction."""
         if len(ids) == 1:
@@ -408,7 +460,8 @@ class Worker:
                 and not (self.faults.active
                          and any(self.fires(p, d) for d in deliveries
                                  for p in ("crash_after_receive", "process_error")))):
-            outcomes = self._apply_batch(deliveries)
+            outcomes = (self._apply_batch(deliveries) if len(deliveries) > 1
+                        else self._apply_alone(deliveries[0]))
         if outcomes is not None:
             done, failed, rejected = list(zip(deliveries, outcomes, strict=True)), [], []
         else:
@@ -584,7 +637,8 @@ class Worker:
         except BrokerUnavailable as exc:
             self._wait_for_broker(exc, "nothing leased")
             return 0
-        self._lock_streak = self._broker_streak = self._store_streak = 0
+        if self._lock_streak or self._broker_streak or self._store_streak:
+            self._lock_streak = self._broker_streak = self._store_streak = 0
         on = self._on
         for f in on.after_receive:
             f(self, deliveries)
