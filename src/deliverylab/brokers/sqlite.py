@@ -22,6 +22,7 @@ from typing import Any
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_int, check_number, check_text
 from ..engine.ids import Ids
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from ..engine.store import transaction
 from ..engine.trace import Outcome, lease_detail, log, log_delivery, log_many
 from .base import (
@@ -67,7 +68,7 @@ class SQLiteBroker(Broker):
     capabilities = Capabilities(joins_store=True)
 
     def __init__(self, conn: sqlite3.Connection, *, clock: Clock, ids: Ids,
-                 max_receives: int = 5, trace: bool = True) -> None:
+                 max_receives: int = DEFAULT_MAX_RECEIVES, trace: bool = True) -> None:
         found = getattr(conn, "dialect",
                         "sqlite" if isinstance(conn, sqlite3.Connection) else None)
         if found is None:

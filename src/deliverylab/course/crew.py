@@ -25,6 +25,7 @@ from ..engine.check import projection_vs_truth
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import NO_FAULTS, Faults
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from ..engine.trace import Outcome, log_many
 from ..engine.worker import CONSUMER, Mode, Worker, apply_order_placed
 from .grader import CourseWorker, Ops, at_least_once, schedule
@@ -46,7 +47,8 @@ def inbox_consumer(clock: Clock) -> Handler:
 
 
 def course_lab(*, seed: int, handler: Handler | None = None, faults: Faults = NO_FAULTS,
-               workers: int = 2, max_receives: int = 5, visibility_timeout: float = 2.0,
+               workers: int = 2, max_receives: int = DEFAULT_MAX_RECEIVES,
+               visibility_timeout: float = 2.0,
                process: Callable[[Delivery, Ops], Any] = at_least_once,
                mode: Mode | str = Mode.IDEMPOTENT) -> Lab:
     """A lab whose ``workers`` are :class:`CourseWorker` objects running ``process`` with
