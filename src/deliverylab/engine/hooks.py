@@ -38,17 +38,29 @@ point                  called
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .broker import NO_MESSAGE_ID, Delivery, Received
+from .clock import Clock
 from .settings import Mode
 from .store import transaction
 from .trace import Outcome, lease_detail, log_many
 
-if TYPE_CHECKING:
-    from .worker import Worker
+
+class Worker(Protocol):
+    """What a hook may use of the worker that calls it (a
+    :class:`deliverylab.engine.worker.Worker`): its settings, clock and store, and
+    :meth:`log` for a trace row in a transaction of its own."""
+
+    name: str
+    mode: Mode
+    clock: Clock
+    conn: sqlite3.Connection
+
+    def log(self, d: Delivery, outcome: Outcome, detail: str = "") -> None: ...
 
 POINTS = ("after_receive", "before_process", "after_lose", "after_apply", "after_ack_sent",
           "after_ack", "on_rejected", "on_ack_failed", "after_nack", "after_dead_letter",
