@@ -244,3 +244,29 @@ def test_transactional_is_refused_apart_from_the_store_even_when_set_later():
     assert refused.value.field == "mode" and w.mode is Mode.IDEMPOTENT
     conn.close()
     other.close()
+
+
+def test_a_signal_stops_a_worker_or_a_relay_through_their_public_stopping(capsys):
+    import signal
+
+    from deliverylab.app.cli import stop_on_signals
+    from deliverylab.engine.relay import Relay
+
+    conn, other, clock = store.init_db(), store.init_db(), FakeClock()
+    apart = SQLiteBroker(other, clock=clock, ids=Ids(1))
+    runners = [Worker(store=conn, broker=apart, clock=clock), Relay(conn, apart, clock=clock)]
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        for runner in runners:
+            stop_on_signals(runner, "runner-1")
+            assert not runner.stopping
+            signal.raise_signal(signal.SIGTERM)  # the first: stop after the current step
+            assert runner.stopping
+            with pytest.raises(KeyboardInterrupt):  # the second: now
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    assert capsys.readouterr().out.count("[runner-1] SIGTERM: stopping after the current") == 2
+    conn.close()
+    other.close()
