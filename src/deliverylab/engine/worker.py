@@ -368,6 +368,14 @@ class Worker:
                 else:
                     fresh = set(ids)
                     fenced = self._fenced_among(ids)
+                name, applied = self.name, str(self.mode)
+                if not fenced and len(fresh) == len(deliveries):  # the common case: all new
+                    outcomes = [Outcome.APPLIED] * len(deliveries)
+                    self._handle_many(conn, deliveries)
+                    log_many(conn, [(now, name, d.correlation_id, d.event_id, d.message_id,
+                                     d.delivery_count, Outcome.APPLIED, applied)
+                                    for d in deliveries])
+                    return outcomes
                 outcomes = []
                 for d in deliveries:  # a second message for one event is a duplicate
                     if d.event_id in fenced:
@@ -382,9 +390,9 @@ class Worker:
                         if o is Outcome.APPLIED]
                 if todo:
                     self._handle_many(conn, todo)
-                details = {Outcome.APPLIED: str(self.mode), Outcome.FENCED: FENCED_DETAIL,
+                details = {Outcome.APPLIED: applied, Outcome.FENCED: FENCED_DETAIL,
                            Outcome.DUPLICATE_SKIPPED: ""}
-                log_many(conn, [(now, self.name, d.correlation_id, d.event_id, d.message_id,
+                log_many(conn, [(now, name, d.correlation_id, d.event_id, d.message_id,
                                  d.delivery_count, o, details[o])
                                 for d, o in zip(deliveries, outcomes, strict=True)])
         except STORE_ERRORS:
