@@ -3,14 +3,16 @@
 A mode (:mod:`deliverylab.engine.worker`) is the order of receive, effect and ACK, and
 nothing else. Around it, at each named point, the worker calls its hooks, in the middleware
 style: a :class:`Hook` overrides the methods of the points it cares about, and the worker
-calls only those, so a point no hook uses costs nothing. Three hooks come with every worker,
-in this order:
+calls only those, so a point no hook uses costs nothing. A worker's own hooks come first, in
+this order:
 
 * :class:`WorkerStats` counts (``worker.stats``);
 * :class:`Trace` writes the trace rows nobody else writes: a crash, a lost or refused ACK, a
-  refused NACK, and, when the broker is not the store's own database, the rows of the broker's
-  verbs (received, acked, nacked, lost, dead-lettered), into the store right after each verb;
-* :class:`Narration` prints one line per step to ``echo``, when the worker has one.
+  refused NACK, an effect lost after its ACK;
+* :class:`VerbTrace`, only when the broker writes no trace of its own (it is not the store's
+  own database): the rows of the broker's verbs (received, acked, nacked, lost,
+  dead-lettered), into the store right after each verb;
+* :class:`Narration`, only when the worker has an ``echo``: one line per step.
 
 ``Worker(..., hooks=[...])`` adds more after them. The rows an effect writes in its own
 transaction (``applied``, ``duplicate_skipped``, ``fenced``) are the effect's, not a hook's:
