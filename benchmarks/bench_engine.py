@@ -135,8 +135,8 @@ class Engine:
         settle(self.conn)
 
     def worker(self, max_messages: int) -> Worker:
-        return Worker(self.conn, clock=self.clock, ids=Ids(), mode="idempotent",
-                      max_messages=max_messages, queue=self.queue)
+        return Worker(store=self.conn, clock=self.clock, mode="idempotent",
+                      max_messages=max_messages, broker=self.queue)
 
 
 class PgEngine(Engine):

@@ -50,7 +50,8 @@ def seed_orders(path: Path, n: int = 4, *, process: bool = True) -> list[Any]:
     placed = [place_order(queue, item_id=("coffee-beans", "tea")[i % 2], qty=i + 1,
                           order_id=f"o-{i + 1:03d}") for i in range(n)]
     if process:
-        Worker(conn, clock=SystemClock(), queue=Queue(conn, clock=SystemClock(), ids=Ids()),
+        Worker(store=conn, clock=SystemClock(),
+               broker=Queue(conn, clock=SystemClock(), ids=Ids()),
                faults=Faults(seed=3, ack_fail=0.5), visibility_timeout=0.0).run_until_idle()
     conn.close()
     return placed
@@ -364,7 +365,8 @@ def test_dead_letter_on_receive_is_announced(dbfile: Path) -> None:
     said: list[str] = []
     conn = store.connect(dbfile)
     clock = FakeClock(start=SystemClock().now())
-    worker = Worker(conn, clock=clock, queue=Queue(conn, clock=clock, ids=Ids(), max_receives=1),
+    worker = Worker(store=conn, clock=clock,
+                    broker=Queue(conn, clock=clock, ids=Ids(), max_receives=1),
                     visibility_timeout=1.0,
                     faults=Faults(seed=1, ack_fail=1.0), echo=said.append)
     assert worker.step() == 1
@@ -386,7 +388,7 @@ def test_event_state_agrees_with_the_checker(tmp_path: Path) -> None:
         place_order(queue, item_id=f"item-{i % 3}", qty=1 + i % 4)
     faults = Faults(seed=9, ack_fail=0.5, process_error=0.3, lose_message=0.1)
     for mode in ("at-least-once", "idempotent"):
-        Worker(conn, clock=clock, ids=Ids(6), mode=mode, faults=faults, queue=queue,
+        Worker(store=conn, clock=clock, mode=mode, faults=faults, broker=queue,
                visibility_timeout=1.0, max_messages=3).run_until_idle(max_steps=40)
     states = {e: (n, s) for _, _, _, e, n, s in event_states(conn)}
     assert len({s for _, s in states.values()}) >= 3  # a mix of outcomes
@@ -409,7 +411,7 @@ def test_status_lists_only_drifted_items_when_there_are_many(tmp_path: Path) -> 
     queue = Queue(conn, clock=FakeClock(), ids=Ids(1))
     for i in range(30):
         place_order(queue, item_id=f"item-{i:02d}", qty=1)
-    Worker(conn, clock=queue.clock, ids=Ids(2), queue=queue).run_until_idle()
+    Worker(store=conn, clock=queue.clock, broker=queue).run_until_idle()
     conn.execute("UPDATE inventory_projection SET reserved_qty = 5 WHERE item_id = 'item-07'")
     text = render(collect(conn, now=0))
     conn.close()

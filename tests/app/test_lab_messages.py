@@ -198,7 +198,7 @@ def test_status_names_effects_whose_orders_are_in_another_database(tmp_path: Pat
         place_order(Queue(other, clock=clock, ids=ids), item_id="coffee-beans", qty=1,
                     order_id="o-001")
         broker = Queue(other, clock=clock, ids=ids, trace=False)
-        Worker(store=conn, broker=broker, clock=clock, ids=ids, name="worker-1").step()
+        Worker(store=conn, broker=broker, clock=clock, name="worker-1").step()
     finally:
         other.close()
         conn.close()
@@ -273,7 +273,7 @@ def test_worker_lines_carry_the_message_id(tmp_path: Path) -> None:
     place_order(queue, item_id="tea", qty=1, order_id="o-1")
     message_id = conn.execute("SELECT message_id FROM queue_messages").fetchone()[0]
     lines: list[str] = []
-    Worker(conn, broker=queue, clock=clock, echo=lines.append).step()
+    Worker(store=conn, broker=queue, clock=clock, echo=lines.append).step()
     conn.close()
     assert lines and all(f"message={message_id} " in line for line in lines), lines
 

@@ -308,7 +308,7 @@ def test_engine_lets_the_locked_database_surface_and_applies_the_event_later(tmp
     api = store.connect(path)
     clock = WhileWorking(lab.clock, lambda: api.execute("BEGIN IMMEDIATE"))
     conn = store.connect(path, busy_timeout=0.05)
-    worker = Worker(conn, clock=clock, queue=Queue(conn, clock=clock, ids=Ids(9)),
+    worker = Worker(store=conn, clock=clock, broker=Queue(conn, clock=clock, ids=Ids(9)),
                     work_time=0.05)
     with pytest.raises(sqlite3.OperationalError, match="database is locked"):
         worker.step()  # received, then the API took the lock while the worker worked
@@ -409,7 +409,7 @@ def test_engine_dead_letters_after_max_receives_and_redrives_after_the_fix():
     assert parked[["order_id", "delivery_count"]].values.tolist() == [["o-703", 4]]
     assert parked.last_error.str.contains("UnknownItem: item 'oat-milk'").all()
     # The fix: deploy the handler with the new catalogue, then redrive.
-    fixed = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue, name="worker-2",
+    fixed = Worker(store=lab.conn, clock=lab.clock, broker=lab.queue, name="worker-2",
                    handler=catalogue_handler((*OLD_CATALOGUE, "oat-milk")))
     assert lab.queue.redrive() == 1
     fixed.run_until_idle()
@@ -422,10 +422,10 @@ def overlapping(mode: str, visibility_timeout: float, work_time: float = 3.0) ->
     """worker-2 polls while worker-1 is still working on the only message."""
     lab = Lab(seed=8, mode=mode)
     lab.place_order("coffee-beans", 1, order_id="o-800")
-    kw = {"ids": lab.ids, "queue": lab.queue, "mode": mode,
+    kw = {"broker": lab.queue, "mode": mode,
           "visibility_timeout": visibility_timeout, "work_time": work_time}
-    w2 = Worker(lab.conn, clock=lab.clock, name="worker-2", **kw)
-    w1 = Worker(lab.conn, clock=WhileWorking(lab.clock, w2.step), name="worker-1", **kw)
+    w2 = Worker(store=lab.conn, clock=lab.clock, name="worker-2", **kw)
+    w1 = Worker(store=lab.conn, clock=WhileWorking(lab.clock, w2.step), name="worker-1", **kw)
     w1.step()
     return lab
 

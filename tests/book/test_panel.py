@@ -165,7 +165,7 @@ def test_reconfigure_changes_the_knobs_and_keeps_the_data():
     assert [w.name for w in lab.workers] == ["worker-1", "worker-2", "worker-3"]
     assert {str(w.mode) for w in lab.workers} == {"at-least-once"}
     assert {w.visibility_timeout for w in lab.workers} == {0.5}
-    assert all(w.queue is lab.queue and w.faults is faults for w in lab.workers)
+    assert all(w.broker is lab.queue and w.faults is faults for w in lab.workers)
     labviews.reconfigure(lab, workers=1)
     assert len(lab.workers) == 1 and str(lab.mode) == "at-least-once"
     assert lab.orders().equals(before)

@@ -137,10 +137,11 @@ def two_workers(versioned):
     lab.run_until_idle()
     change_status(lab.queue, "o-002", "paid")
     change_status(lab.queue, "o-002", "shipped")
-    kw = {"ids": lab.ids, "queue": lab.queue, "work_time": 0.05,
+    kw = {"broker": lab.queue, "work_time": 0.05,
           "handler": ordering.status_handler(versioned=versioned, clock=lab.clock)}
-    second = Worker(lab.conn, clock=lab.clock, name="worker-2", **kw)
-    first = Worker(lab.conn, clock=WhileWorking(lab.clock, second.step), name="worker-1", **kw)
+    second = Worker(store=lab.conn, clock=lab.clock, name="worker-2", **kw)
+    first = Worker(store=lab.conn, clock=WhileWorking(lab.clock, second.step), name="worker-1",
+                   **kw)
     first.step()
     return lab
 
@@ -201,7 +202,7 @@ def flaky_day(seed=3):
 
 
 def healthy(lab):
-    return Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue, name="worker-healthy")
+    return Worker(store=lab.conn, clock=lab.clock, broker=lab.queue, name="worker-healthy")
 
 
 def test_seed_3_the_short_horizon_duplicates_every_redriven_dead_letter() -> None:

@@ -99,8 +99,8 @@ def test_worker_threads_upserting_the_same_items_reach_the_truth(file_lab):
 
     def run(k: int) -> None:
         conn = store.connect(lab.path)
-        w = Worker(conn, clock=SystemClock(), mode="at-least-once",
-                   queue=Queue(conn, clock=SystemClock(), ids=Ids()),
+        w = Worker(store=conn, clock=SystemClock(), mode="at-least-once",
+                   broker=Queue(conn, clock=SystemClock(), ids=Ids()),
                    visibility_timeout=60, name=f"t{k}")
         while w.step():
             pass

@@ -82,7 +82,7 @@ class DeliveryModel(RuleBasedStateMachine):
     @rule(k=WORKER, n=st.integers(1, 3))
     def receive(self, k, n):
         w = self.workers[k]
-        for d in w.queue.receive(VT, n, worker=w.name):
+        for d in w.broker.receive(VT, n, worker=w.name):
             self.held.append([k, d, "received"])
 
     @precondition(lambda self: self._eligible(self._before_effect))
@@ -93,7 +93,7 @@ class DeliveryModel(RuleBasedStateMachine):
         held = self._pick(i, self._before_effect)
         k, d, _ = held
         if self.mode is Mode.TRANSACTIONAL:
-            self.workers[k]._apply_then_ack([d])
+            self.workers[k].handle([d])
             self.held.remove(held)
         elif self.mode is Mode.AT_MOST_ONCE:
             self._apply(k, d)
@@ -109,7 +109,7 @@ class DeliveryModel(RuleBasedStateMachine):
         held = self._pick(i, self._before_ack)
         k, d, _ = held
         w = self.workers[k]
-        if w.queue.ack(d, worker=w.name) and self.mode is Mode.AT_MOST_ONCE:
+        if w.broker.ack(d, worker=w.name) and self.mode is Mode.AT_MOST_ONCE:
             held[2] = "acked"
         else:  # settled, or (at-most-once) stale: someone else holds it, so do not process
             self.held.remove(held)

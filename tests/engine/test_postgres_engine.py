@@ -38,7 +38,7 @@ class PgEngineRig:
         conn = pgstore.connect(self.url)  # each worker its own connection, as processes have
         queue = PostgresBroker(conn, clock=self.clock, ids=self.ids,
                               max_receives=kw.pop("max_receives", 50))
-        return Worker(conn, clock=self.clock, ids=self.ids, queue=queue, name=name, **kw)
+        return Worker(store=conn, clock=self.clock, broker=queue, name=name, **kw)
 
     def drain(self, *workers: Worker) -> None:
         for _ in range(100_000):
@@ -132,9 +132,9 @@ def test_the_sqlite_broker_refuses_a_postgres_connection_and_back(pg_url, tmp_pa
         with pytest.raises(InvalidInput, match="a sqlite connection for SQLiteBroker"):
             Queue(conn, clock=FakeClock(), ids=Ids(1))
         with pytest.raises(InvalidInput, match="the engine opens none"):
-            Worker(conn, clock=FakeClock(), ids=Ids(1))
-        assert type(Worker(conn, clock=FakeClock(), ids=Ids(1), queue=PostgresBroker(
-            conn, clock=FakeClock(), ids=Ids(1))).queue) is PostgresBroker
+            Worker(store=conn, clock=FakeClock())
+        assert type(Worker(store=conn, clock=FakeClock(), broker=PostgresBroker(
+            conn, clock=FakeClock(), ids=Ids(1))).broker) is PostgresBroker
     sqlite_conn = db.init_db(tmp_path / "lab.db")
     with pytest.raises(InvalidInput, match="a postgresql connection for PostgresBroker"):
         PostgresBroker(sqlite_conn, clock=FakeClock(), ids=Ids(1))

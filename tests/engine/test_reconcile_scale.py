@@ -94,7 +94,7 @@ def test_diff_and_repair_of_100000_drifted_orders(big) -> None:
 
     # The queued third now arrives at a batched at-least-once worker: all fenced.
     late = FakeClock(1e6)
-    w = Worker(conn, clock=late, queue=SQLiteBroker(conn, clock=late, ids=Ids(1)),
+    w = Worker(store=conn, clock=late, broker=SQLiteBroker(conn, clock=late, ids=Ids(1)),
                mode="at-least-once", max_messages=500)
     for _ in range(4):
         w.step()

@@ -52,7 +52,7 @@ def test_the_horizon_adds_the_redeliveries_and_each_way_back() -> None:
 def test_horizon_of_reads_the_workers_own_settings() -> None:
     lab = Lab(seed=1)
     queue = Queue(lab.conn, clock=lab.clock, ids=lab.ids, max_receives=7)
-    worker = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=queue,
+    worker = Worker(store=lab.conn, clock=lab.clock, broker=queue,
                     visibility_timeout=30, backoff_cap=60)
     assert horizon_of(worker, redrive_window=DAY) == dedup_horizon(
         visibility_timeout=30, max_receives=7, backoff_cap=60, redrive_window=DAY)
@@ -130,7 +130,7 @@ def test_expiring_dead_letters_deletes_only_the_old_ones() -> None:
     lab = Lab(seed=2, max_receives=1)
     from deliverylab.book.toolkit import catalogue_handler
 
-    lab.workers = [Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
+    lab.workers = [Worker(store=lab.conn, clock=lab.clock, broker=lab.queue,
                           handler=catalogue_handler([]))]
     lab.place_orders(2)
     lab.run_until_idle()

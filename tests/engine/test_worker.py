@@ -484,7 +484,7 @@ def test_bad_worker_settings_name_the_field_and_value_and_write_nothing(lab, fie
     before = store.dump(lab.conn)
     kwargs = {"clock": lab.clock, **change}
     with pytest.raises(InvalidInput) as info:
-        Worker(lab.conn, queue=Queue(lab.conn, clock=lab.clock, ids=lab.ids,
+        Worker(store=lab.conn, broker=Queue(lab.conn, clock=lab.clock, ids=lab.ids,
                                      max_receives=kwargs.pop("max_receives", 5)), **kwargs)
     value = change[field]
     assert info.value.field == field
@@ -538,7 +538,7 @@ def test_a_worker_built_by_hand_matches_the_fixture(tmp_path):
         q = Queue(conn, clock=clock, ids=ids)
         for i in range(10):
             place_order(q, item_id="tea", qty=i + 1)
-        Worker(conn, clock=clock, ids=ids, queue=q, faults=Faults(seed=1, ack_fail=0.5)) \
+        Worker(store=conn, clock=clock, broker=q, faults=Faults(seed=1, ack_fail=0.5)) \
             .run_until_idle()
         return store.dump(conn)
 

@@ -158,33 +158,32 @@ def test_a_second_connection_to_the_same_file_is_another_system(tmp_path):
     own = SQLiteBroker(conn, clock=clock, ids=Ids(1))
     assert Worker(store=conn, broker=own, clock=clock, mode="transactional").mode == \
         "transactional"
-    assert Worker(conn, clock=clock, broker=own, mode="transactional").broker.joins(conn)
+    assert Worker(store=conn, clock=clock, broker=own, mode="transactional").broker.joins(conn)
     conn.close()
     other.close()
 
 
-def test_conflicting_or_missing_arguments_are_named():
+def test_old_or_missing_arguments_are_named():
     conn, other = store.init_db(), store.init_db()
     clock = FakeClock()
-    with pytest.raises(InvalidInput, match="^conn must be left out when store is given"):
-        Worker(conn, store=other, clock=clock, ids=Ids(1))
+    own = SQLiteBroker(conn, clock=clock, ids=Ids(1))
+    # One name for each role: store= and broker=. The older names, the unused ids and the
+    # broker's own max_receives are refused, each named with its value.
+    for old, value in (("conn", other), ("queue", own), ("ids", Ids(1)), ("max_receives", 9)):
+        with pytest.raises(InvalidInput, match=f"^{old} must be a keyword Worker takes") \
+                as refused:
+            Worker(store=conn, broker=own, clock=clock, **{old: value})
+        assert (refused.value.field, refused.value.value) == (old, value)
+    with pytest.raises(TypeError):  # the store is named, never positional
+        Worker(conn, broker=own, clock=clock)  # type: ignore[misc]
     with pytest.raises(InvalidInput, match="the engine opens none") as refused:
-        Worker(store=conn, clock=clock, ids=Ids(1))  # no broker: the engine builds none
+        Worker(store=conn, clock=clock)  # no broker: the engine builds none
     assert refused.value.field == "broker"
-    with pytest.raises(InvalidInput) as refused:  # a count the broker does not keep
-        Worker(store=conn, broker=SQLiteBroker(conn, clock=clock, ids=Ids(1)), clock=clock,
-               max_receives=9)
-    assert refused.value.field == "max_receives"
     with pytest.raises(InvalidInput) as refused:
         Worker(store=conn, broker="a queue", clock=clock)
     assert refused.value.field == "broker"
     with pytest.raises(InvalidInput) as refused:
-        Worker(store="app.db", clock=clock, ids=Ids(1))
+        Worker(store="app.db", broker=own, clock=clock)
     assert refused.value.field == "store"
-    queue = SQLiteBroker(conn, clock=clock, ids=Ids(1))
-    with pytest.raises(InvalidInput) as refused:
-        Worker(conn, queue=queue, broker=SQLiteBroker(other, clock=clock, ids=Ids(1)),
-               clock=clock)
-    assert refused.value.field == "queue"
     conn.close()
     other.close()

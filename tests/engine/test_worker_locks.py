@@ -51,7 +51,7 @@ def hold_write_lock(path: Path) -> sqlite3.Connection:
 
 def locked_worker(path: Path, clock: FakeClock, said: list[str], seed: int, name: str = "w-1"):
     conn = store.connect(path, busy_timeout=BUSY)
-    return Worker(conn, clock=clock, queue=Queue(conn, clock=clock, ids=Ids(seed)),
+    return Worker(store=conn, clock=clock, broker=Queue(conn, clock=clock, ids=Ids(seed)),
                   faults=Faults(seed=seed), name=name,
                   backoff_base=0.1, backoff_cap=0.8, echo=said.append)
 
@@ -188,7 +188,7 @@ def test_a_lock_taken_mid_step_is_waited_out_and_the_message_comes_back(tmp_path
     path = lab_file(tmp_path, 2)
     clock, said = LockingClock(path), []
     conn = store.connect(path, busy_timeout=BUSY)
-    worker = Worker(conn, clock=clock, queue=Queue(conn, clock=clock, ids=Ids(2)),
+    worker = Worker(store=conn, clock=clock, broker=Queue(conn, clock=clock, ids=Ids(2)),
                     faults=Faults(seed=2), name="w-1",
                     visibility_timeout=1.0, work_time=0.25, backoff_base=0.5, backoff_cap=2.0)
 

@@ -14,6 +14,7 @@ from deliverylab.engine import store
 from deliverylab.engine.clock import FakeClock
 from deliverylab.engine.ids import Ids
 from deliverylab.engine.orders import PlacedOrder, place_order
+from deliverylab.engine.settings import DEFAULT_MAX_RECEIVES
 from deliverylab.engine.worker import Worker
 
 
@@ -36,11 +37,11 @@ class EngineRig:
         kw.setdefault("clock", self.clock)
         conn = self.conn if conn is None else conn
         if conn is self.conn and "max_receives" not in kw:
-            kw.setdefault("queue", self.queue)
-        elif "queue" not in kw and "broker" not in kw:
-            kw["queue"] = Queue(conn, clock=kw["clock"], ids=kw.get("ids", self.ids),
-                                max_receives=kw.pop("max_receives", 5))
-        return Worker(conn, **kw)
+            kw.setdefault("broker", self.queue)
+        elif "broker" not in kw:
+            kw["broker"] = Queue(conn, clock=kw["clock"], ids=self.ids,
+                                 max_receives=kw.pop("max_receives", DEFAULT_MAX_RECEIVES))
+        return Worker(store=conn, **kw)
 
     def drain(self, *workers: Worker, max_rounds: int = 100_000) -> None:
         """Step the workers in turn until the queue is empty, jumping the clock to the next
@@ -65,7 +66,8 @@ class EngineRig:
         return dict(self.conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
 
 
-def make_lab(path: str | Path = ":memory:", *, seed: int = 1, max_receives: int = 5) -> EngineRig:
+def make_lab(path: str | Path = ":memory:", *, seed: int = 1,
+             max_receives: int = DEFAULT_MAX_RECEIVES) -> EngineRig:
     clock = FakeClock()
     ids = Ids(seed)
     opened = registry.open_store_and_broker(path, clock=clock, ids=ids,

@@ -38,8 +38,8 @@ def queue_empty(conn) -> bool:
 def work(args: argparse.Namespace) -> None:
     conn = store.connect(args.db)
     faults = Faults(seed=args.fault_seed, ack_fail=args.ack_fail)
-    worker = Worker(conn, clock=SystemClock(), mode=args.mode, faults=faults,
-                    queue=Queue(conn, clock=SystemClock(), ids=Ids(),
+    worker = Worker(store=conn, clock=SystemClock(), mode=args.mode, faults=faults,
+                    broker=Queue(conn, clock=SystemClock(), ids=Ids(),
                                 max_receives=args.max_receives),
                     visibility_timeout=args.visibility_timeout,
                     max_messages=args.max_messages,

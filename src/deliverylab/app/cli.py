@@ -45,13 +45,15 @@ from ..engine.display import safe_json, safe_text
 from ..engine.errors import STORE_ERRORS, InvalidInput, check_int, check_number, check_text
 from ..engine.faults import FAULT_POINTS
 from ..engine.orders import MAX_ID_LENGTH, MAX_QTY
+from ..engine.settings import DEFAULT_MAX_RECEIVES, WorkerSettings
 from ..engine.store import SQLiteTooOld
 from .redact import hide_secrets
 
 DEFAULT_DB = "data/app.db"
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_CLUSTER_DIR = "data/nats-cluster"
-DEFAULT_VISIBILITY_TIMEOUT = 2.0
+WORKER_DEFAULTS = WorkerSettings()  # the worker's defaults, written once, in engine/settings.py
+DEFAULT_VISIBILITY_TIMEOUT = WORKER_DEFAULTS.visibility_timeout
 DB_ENV = "DELIVERYLAB_DB"
 URL_ENV = "DELIVERYLAB_URL"
 # One flag and one environment variable per fault point: --ack-fail-rate / ACK_FAIL_RATE, …
@@ -462,7 +464,7 @@ def stop_on_signals(runner: Any, name: str) -> None:
     """SIGTERM or Ctrl-C stops ``runner`` (a worker or a relay) after its current step; a
     second one stops it now, with KeyboardInterrupt."""
     def on_signal(signum: int, frame: Any) -> None:
-        if runner._stopping:
+        if runner.stopping:
             raise KeyboardInterrupt
         runner.stop()
         print(safe_text(f"[{name}] {signal.Signals(signum).name}: stopping after the current"
@@ -509,9 +511,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     opened = open_lab(args, clock=clock, ids=ids, max_receives=args.max_receives, worker=name)
     conn, broker, broker_label = opened.store, opened.broker, _broker_label(opened)
     try:
-        worker = Worker(store=conn, broker=broker, clock=clock, ids=ids, mode=args.mode,
+        worker = Worker(store=conn, broker=broker, clock=clock, mode=args.mode,
                         faults=faults, visibility_timeout=vt,
-                        max_messages=args.max_messages, max_receives=args.max_receives,
+                        max_messages=args.max_messages,
                         backoff_base=args.backoff_base, backoff_cap=args.backoff_cap,
                         name=name, echo=echo, crash_exits=args.crash_exits,
                         work_time=args.work_time)
@@ -1069,15 +1071,20 @@ def build_parser() -> argparse.ArgumentParser:
                         f" on a broker whose URL fixes the lease of its queue (a stream's"
                         f" ack_wait= or lease=) the URL's, and this flag is refused unless it"
                         f" says the same")
-    p.add_argument("--max-receives", type=_int_arg(1, 1000), default=5,
-                   help="deliveries before a message is dead-lettered (default 5)")
-    p.add_argument("--max-messages", type=_int_arg(1, 1000), default=1,
-                   help="messages leased per receive (default 1)")
+    p.add_argument("--max-receives", type=_int_arg(1, 1000), default=DEFAULT_MAX_RECEIVES,
+                   help=f"deliveries before a message is dead-lettered (default"
+                        f" {DEFAULT_MAX_RECEIVES})")
+    p.add_argument("--max-messages", type=_int_arg(1, 1000),
+                   default=WORKER_DEFAULTS.max_messages,
+                   help=f"messages leased per receive (default {WORKER_DEFAULTS.max_messages})")
     p.add_argument("--poll-interval", type=_num_arg(0.001, 60), default=0.2,
                    metavar="SECONDS", help="wait when the queue is empty (default 0.2)")
-    p.add_argument("--backoff-base", type=_num_arg(0, 3600), default=0.1, metavar="SECONDS")
-    p.add_argument("--backoff-cap", type=_num_arg(0, 3600), default=10.0, metavar="SECONDS")
-    p.add_argument("--work-time", type=_num_arg(0, 3600), default=0.0, metavar="SECONDS",
+    p.add_argument("--backoff-base", type=_num_arg(0, 3600),
+                   default=WORKER_DEFAULTS.backoff_base, metavar="SECONDS")
+    p.add_argument("--backoff-cap", type=_num_arg(0, 3600),
+                   default=WORKER_DEFAULTS.backoff_cap, metavar="SECONDS")
+    p.add_argument("--work-time", type=_num_arg(0, 3600), default=WORKER_DEFAULTS.work_time,
+                   metavar="SECONDS",
                    help="pretend each message takes this long to process")
     for point in FAULT_POINTS:
         p.add_argument(RATE_FLAGS[point], dest=point + "_rate", type=_num_arg(0, 1),

@@ -118,8 +118,8 @@ def poison_batch(consumer: str, *, n: int = 100, poison_at: int = 37, seed: int 
             if not got:  # nothing received: the queue is as it was, due as it said
                 lab.clock.sleep_until(due)
     elif consumer == "per message":
-        worker = Worker(lab.store, clock=lab.clock, ids=lab.ids, queue=lab.broker,
-                        max_messages=n, max_receives=max_receives)
+        worker = Worker(store=lab.store, clock=lab.clock, broker=lab.broker,
+                        max_messages=n)
         deliveries = worker.run_until_idle().received
     else:
         from ..engine.errors import InvalidInput

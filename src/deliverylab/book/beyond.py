@@ -47,6 +47,7 @@ from ..engine.faults import Faults
 from ..engine.ids import Ids
 from ..engine.orders import place_order
 from ..engine.relay import Relay
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from ..engine.worker import Mode, Worker
 from .lab import ITEMS
 
@@ -136,7 +137,8 @@ def _open(e: Engine, ids: Ids, max_receives: int, directory: Path | None,
 
 
 @contextmanager
-def open_engine(name: str, *, seed: int = CHAPTER_SEED, max_receives: int = 5,
+def open_engine(name: str, *, seed: int = CHAPTER_SEED,
+                max_receives: int = DEFAULT_MAX_RECEIVES,
                 clock: Clock | None = None, directory: Path | None = None,
                 dedup_window: float | None = None) -> Iterator[Engine]:
     """The engine ``name`` on a fresh queue, stream or schema, removed on exit. ``clock``

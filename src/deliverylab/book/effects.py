@@ -212,7 +212,7 @@ def worker_for(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS) -> Wor
     if not isinstance(lab, Lab):
         raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
     first = lab.workers[0]
-    return Worker(lab.store, clock=lab.clock, ids=lab.ids, queue=lab.broker, mode=lab.mode,
+    return Worker(store=lab.store, clock=lab.clock, broker=lab.broker, mode=lab.mode,
                   faults=faults, visibility_timeout=first.visibility_timeout,
                   work_time=first.work_time, name=first.name, handler=handler)
 

@@ -26,6 +26,7 @@ from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import NO_FAULTS, Faults
 from ..engine.ids import Ids
 from ..engine.orders import PlacedOrder, place_order
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from ..engine.store import Store
 from ..engine.worker import Mode, Worker, WorkerStats
 from .traceviews import log_frame
@@ -52,7 +53,8 @@ class Lab:
 
     def __init__(self, path: str | Path = ":memory:", *, seed: int = 0,
                  mode: Mode | str = Mode.IDEMPOTENT, faults: Faults = NO_FAULTS,
-                 workers: int = 1, visibility_timeout: float = 2.0, max_receives: int = 5,
+                 workers: int = 1, visibility_timeout: float = 2.0,
+                 max_receives: int = DEFAULT_MAX_RECEIVES,
                  max_messages: int = 1, tick: float = 0.1,
                  echo: Callable[[str], None] | None = None,
                  handler: Callable | None = None) -> None:
@@ -74,9 +76,9 @@ class Lab:
         self.broker: Queue = self.opened.broker  # type: ignore[assignment]
         extra: dict[str, Any] = {"handler": handler} if handler is not None else {}
         self.workers = [
-            Worker(self.store, clock=self.clock, ids=self.ids, mode=self.mode, faults=faults,
+            Worker(store=self.store, clock=self.clock, mode=self.mode, faults=faults,
                    visibility_timeout=visibility_timeout, max_messages=max_messages,
-                   name=f"worker-{i + 1}", echo=echo, queue=self.broker,
+                   name=f"worker-{i + 1}", echo=echo, broker=self.broker,
                    work_time=self.tick / 2, **extra)
             for i in range(n_workers)
         ]
@@ -204,7 +206,7 @@ class Lab:
 
 def run_scenario(*, mode: Mode | str, orders: int, faults: Faults = NO_FAULTS, seed: int = 0,
                  workers: int = 1, visibility_timeout: float = 2.0,
-                 max_receives: int = 5) -> Lab:
+                 max_receives: int = DEFAULT_MAX_RECEIVES) -> Lab:
     """A fresh lab: place ``orders`` orders, run until idle, return the lab to inspect."""
     lab = Lab(seed=seed, mode=mode, faults=faults, workers=workers,
               visibility_timeout=visibility_timeout, max_receives=max_receives)

@@ -191,12 +191,12 @@ def reconfigure(lab: Lab, *, mode: Mode | str | None = None, faults: Faults | No
     first = lab.workers[0]
     if n is not None and n > len(lab.workers):
         lab.workers.extend(
-            Worker(lab.store, clock=lab.clock, ids=lab.ids, mode=new_mode, faults=lab.faults,
+            Worker(store=lab.store, clock=lab.clock, mode=new_mode, faults=lab.faults,
                    visibility_timeout=first.visibility_timeout,
                    max_messages=first.max_messages, backoff_base=first.backoff_base,
                    backoff_cap=first.backoff_cap, name=f"worker-{i + 1}",
                    consumer=first.consumer, handler=first.handler, echo=first.echo,
-                   work_time=first.work_time, queue=lab.broker)
+                   work_time=first.work_time, broker=lab.broker)
             for i in range(len(lab.workers), n))
     elif n is not None:
         del lab.workers[n:]

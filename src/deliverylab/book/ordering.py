@@ -273,12 +273,12 @@ def status_lab(*, versioned: bool, seed: int = 0, mode: Mode | str = Mode.IDEMPO
     handler = status_handler(versioned=versioned, clock=lab.clock)
     first = lab.workers[0]
     kw: dict[str, Any]  # the keyword arguments both workers share
-    kw = {"ids": lab.ids, "queue": lab.broker, "mode": lab.mode, "faults": faults,
+    kw = {"broker": lab.broker, "mode": lab.mode, "faults": faults,
           "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
           "handler": handler}
-    second = Worker(lab.store, clock=lab.clock, name="worker-2", **kw)
+    second = Worker(store=lab.store, clock=lab.clock, name="worker-2", **kw)
     clock = Overlap(lab.clock, second.step, rate=overlap, seed=seed)
-    lab.workers = [Worker(lab.store, clock=clock, name="worker-1", **kw)]
+    lab.workers = [Worker(store=lab.store, clock=clock, name="worker-1", **kw)]
     return lab, clock
 
 

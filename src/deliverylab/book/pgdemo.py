@@ -145,7 +145,7 @@ def poison_run(*, max_receives: int = 3) -> pd.DataFrame:
         try:
             broker = PostgresBroker(conn, clock=clock, ids=ids, max_receives=max_receives)
             place_order(broker, item_id="coffee-beans", qty=1, order_id="o-poison")
-            worker = Worker(conn, clock=clock, ids=ids, queue=broker, name="worker-1",
+            worker = Worker(store=conn, clock=clock, broker=broker, name="worker-1",
                             faults=Faults(seed=1, crash_after_receive=1.0))
             worker.run_until_idle()
             rows = conn.execute("SELECT at, worker, delivery_count, outcome, detail"
@@ -183,9 +183,9 @@ def modes_table(*, orders: int = 60, workers: int = 3, seed: int = 7) -> pd.Data
                                     order_id=f"o-{i:03d}")
                 for k in range(workers):
                     c = store_postgres.connect(url)
-                    team.append(Worker(c, clock=clock, ids=ids, mode=mode, faults=faults,
+                    team.append(Worker(store=c, clock=clock, mode=mode, faults=faults,
                                        name=f"w{k}", max_messages=1 + 2 * (k % 2),
-                                       queue=PostgresBroker(c, clock=clock, ids=ids,
+                                       broker=PostgresBroker(c, clock=clock, ids=ids,
                                                             max_receives=50)))
                 for _ in range(100_000):
                     if sum(w.step() for w in team) == 0:
@@ -265,7 +265,7 @@ def repair_race(*, lock: bool) -> dict[str, Any]:
                 apply_order_placed(c, delivery)
                 waiting.append(t)
 
-            worker = Worker(conn, clock=clock, ids=ids, queue=broker, mode=Mode.AT_LEAST_ONCE,
+            worker = Worker(store=conn, clock=clock, broker=broker, mode=Mode.AT_LEAST_ONCE,
                             name="worker-1", handler=handler)
             worker.step()
             for t in waiting:

@@ -45,7 +45,7 @@ def late_redrive(*, redrive_window: float, redrive_after: float = DAY, orders: i
     lab.advance(redrive_after)
     pruned = prune_inbox(lab.store, older_than=horizon.total, horizon=horizon, clock=lab.clock)
     redriven = lab.broker.redrive()
-    healthy = Worker(lab.store, clock=lab.clock, ids=lab.ids, queue=lab.broker,
+    healthy = Worker(store=lab.store, clock=lab.clock, broker=lab.broker,
                      name="worker-healthy")
     healthy.run_until_idle()
     result = lab.check()

@@ -213,9 +213,9 @@ def run(policy: Policy, *, orders: int = 1, every: float = 0.0,
     bank = Bank(lab.clock, outage=outage, timeout_s=timeout_s)
     budget = RetryBudget(policy.budget_ratio) if policy.budget_ratio is not None else None
     api = PaymentApi(bank, tries=policy.tries, budget=budget)
-    worker = Worker(lab.store, clock=lab.clock, ids=lab.ids, queue=lab.broker, mode="idempotent",
-                    visibility_timeout=lease, max_receives=policy.max_receives,
-                    handler=payment_handler(api, policy), name="worker-1")
+    worker = Worker(store=lab.store, clock=lab.clock, broker=lab.broker, mode="idempotent",
+                    visibility_timeout=lease, handler=payment_handler(api, policy),
+                    name="worker-1")
     due = [i * every for i in range(orders)]
     placed = 0
     while True:

@@ -110,6 +110,7 @@ from ..engine.errors import (
     check_text,
 )
 from ..engine.ids import Ids
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
     NO_MESSAGE_ID,
@@ -249,7 +250,8 @@ class JetStreamBroker(Broker):
     dedup_window: float  # JetStream always dedups: the stream's duplicate window
 
     def __init__(self, servers: str | list[str] = f"nats://127.0.0.1:{DEFAULT_PORT}", *,
-                 stream: str, clock: Clock, ids: Ids, max_receives: int | None = 5,
+                 stream: str, clock: Clock, ids: Ids,
+                 max_receives: int | None = DEFAULT_MAX_RECEIVES,
                  ack_wait: float = 30.0, replicas: int = 1, dedup_window: float = 120.0,
                  confirm_acks: bool = True, fetch_wait: float = 0.1, timeout: float = 10.0,
                  name: str = "worker", field: str = "broker", create: bool = True) -> None:
@@ -265,7 +267,7 @@ class JetStreamBroker(Broker):
             raise InvalidInput("confirm_acks", confirm_acks, "True or False")
         self.clock, self.ids = clock, ids
         self._adopt, self._create = max_receives is None, create
-        self.max_receives = 5 if max_receives is None else check_int(
+        self.max_receives = DEFAULT_MAX_RECEIVES if max_receives is None else check_int(
             "max_receives", max_receives, minimum=1)
         self.ack_wait = check_number("ack_wait", ack_wait, minimum=0.1,
                                      maximum=MAX_VISIBILITY_TIMEOUT_S)

@@ -89,6 +89,7 @@ from ..engine.errors import (
     check_text,
 )
 from ..engine.ids import Ids
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
     NO_MESSAGE_ID,
@@ -103,9 +104,6 @@ from .base import (
 )
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-# The delivery limit a queue this broker must create gets when the caller chose none (the
-# relay's first publish to a queue no worker declared yet).
-DEFAULT_MAX_RECEIVES = 5
 # Headers this broker writes beside the AMQP properties (message id, correlation id, type).
 EVENT_ID = "x-deliverylab-event-id"
 ERROR = "x-deliverylab-error"  # a dead letter's reason
@@ -274,7 +272,8 @@ class RabbitMQBroker(Broker):
     capabilities = Capabilities(delayed_send=False, lists_queue=False,
                                 lease_is_connection=True)
 
-    def __init__(self, queue: str, *, clock: Clock, ids: Ids, max_receives: int | None = 5,
+    def __init__(self, queue: str, *, clock: Clock, ids: Ids,
+                 max_receives: int | None = DEFAULT_MAX_RECEIVES,
                  parameters: pika.connection.Parameters | None = None,
                  name: str = "deliverylab", create: bool = True) -> None:
         self.queue = check_queue_name("queue", queue)

@@ -45,6 +45,7 @@ from redis.typing import EncodableT, FieldT
 from ..engine.clock import Clock
 from ..engine.errors import BrokerUnavailable, InvalidInput, check_int, check_number, check_text
 from ..engine.ids import Ids
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from .base import (
     MAX_VISIBILITY_TIMEOUT_S,
     NO_MESSAGE_ID,
@@ -185,7 +186,8 @@ class RedisBroker(Broker):
     capabilities = Capabilities(lease_clock="server", fixed_lease=30.0)
 
     def __init__(self, client: redis.Redis, *, stream: str, clock: Clock, ids: Ids,
-                 max_receives: int = 5, lease: float = 30.0, name: str = "worker") -> None:
+                 max_receives: int = DEFAULT_MAX_RECEIVES, lease: float = 30.0,
+                 name: str = "worker") -> None:
         if not isinstance(client, redis.Redis):
             raise InvalidInput("client", client, "a redis.Redis client")
         if not isinstance(stream, str) or not STREAM_NAME.match(stream):
@@ -535,7 +537,8 @@ def open_url(url: str, *, field: str = "broker", clock: Clock, ids: Ids,
             raise InvalidInput(field, shown, "an existing stream (no such stream: nothing was"
                                              " created)")
         return RedisBroker(client, clock=clock, ids=ids,
-                           max_receives=5 if max_receives is None else max_receives,
+                           max_receives=(DEFAULT_MAX_RECEIVES if max_receives is None
+                                         else max_receives),
                            name=worker, **kw)
     except redis.exceptions.AuthenticationError:
         client.close()

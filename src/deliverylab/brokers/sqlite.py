@@ -23,6 +23,7 @@ from ..engine.clock import Clock
 from ..engine.dialect import Dialect
 from ..engine.errors import InvalidInput, check_int, check_number, check_text
 from ..engine.ids import Ids
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from ..engine.store import SQLITE, Store, names_dialect, transaction
 from ..engine.trace import Outcome, lease_detail, log, log_delivery, log_many
 from .base import (
@@ -69,7 +70,7 @@ class SQLiteBroker(Broker):
     capabilities = Capabilities(joins_store=True)
 
     def __init__(self, conn: Store, *, clock: Clock, ids: Ids,
-                 max_receives: int = 5, trace: bool = True) -> None:
+                 max_receives: int = DEFAULT_MAX_RECEIVES, trace: bool = True) -> None:
         found = names_dialect(conn)
         if found is None:
             raise InvalidInput("conn", conn, "a sqlite3 connection (deliverylab.engine.store)")

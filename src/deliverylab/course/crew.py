@@ -25,6 +25,7 @@ from ..engine.check import projection_vs_truth
 from ..engine.clock import Clock
 from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import NO_FAULTS, Faults
+from ..engine.settings import DEFAULT_MAX_RECEIVES
 from ..engine.trace import Outcome, log_many
 from ..engine.worker import CONSUMER, Mode, Worker, apply_order_placed
 from .grader import CourseWorker, Ops, at_least_once, schedule
@@ -46,7 +47,8 @@ def inbox_consumer(clock: Clock) -> Handler:
 
 
 def course_lab(*, seed: int, handler: Handler | None = None, faults: Faults = NO_FAULTS,
-               workers: int = 2, max_receives: int = 5, visibility_timeout: float = 2.0,
+               workers: int = 2, max_receives: int = DEFAULT_MAX_RECEIVES,
+               visibility_timeout: float = 2.0,
                process: Callable[[Delivery, Ops], Any] = at_least_once,
                mode: Mode | str = Mode.IDEMPOTENT) -> Lab:
     """A lab whose ``workers`` are :class:`CourseWorker` objects running ``process`` with
@@ -86,9 +88,9 @@ def crew(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS, workers: int
         raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
     check_int("workers", workers, minimum=1, maximum=16)
     check_int("first", first, minimum=1)
-    team = [CourseWorker(lab.conn, clock=lab.clock, ids=lab.ids, mode=lab.mode, faults=faults,
+    team = [CourseWorker(store=lab.conn, clock=lab.clock, mode=lab.mode, faults=faults,
                          visibility_timeout=lab.workers[0].visibility_timeout,
-                         name=f"worker-{first + i}", queue=lab.queue, process=process,
+                         name=f"worker-{first + i}", broker=lab.queue, process=process,
                          effect_handler=handler)
             for i in range(workers)]
     return team
@@ -439,9 +441,9 @@ def rivals(lab: Lab, *, faults: Faults = NO_FAULTS,
     store, queue and clock: the other consumers a submission shares the queue with."""
     if not isinstance(lab, Lab):
         raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
-    return [Worker(lab.conn, clock=lab.clock, ids=lab.ids, mode=Mode.parse(mode),
+    return [Worker(store=lab.conn, clock=lab.clock, mode=Mode.parse(mode),
                    faults=faults, visibility_timeout=lab.workers[0].visibility_timeout,
-                   queue=lab.queue, name=f"rival-{Mode.parse(mode).value}")
+                   broker=lab.queue, name=f"rival-{Mode.parse(mode).value}")
             for mode in modes]
 
 

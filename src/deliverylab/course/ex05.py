@@ -59,7 +59,7 @@ def _hold_while(lab: Lab, faults: Faults, action: Callable[[], Any], *,
     nothing."""
     clock = WhileWorking(lab.clock, action)
     mode = lab.mode if mode is None else mode
-    Worker(lab.conn, clock=clock, ids=lab.ids, queue=lab.queue, mode=mode,
+    Worker(store=lab.conn, clock=clock, broker=lab.queue, mode=mode,
            faults=faults if mode is lab.mode else Faults(seed=lab.seed),
            name=f"worker-{len(lab.workers) + 1}", work_time=lab.tick / 2).step()
     if clock.action is not None:
@@ -168,7 +168,7 @@ def _interleaver(lab: Lab, crew: list[Worker]) -> Callable[[], None]:
 def _bystanders(lab: Lab) -> list[Worker]:
     """Fault-free workers of the two modes without an inbox, beside the lab's own: they read
     the fence too, and an at-most-once one deletes the message before its effect."""
-    return [Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue, mode=mode,
+    return [Worker(store=lab.conn, clock=lab.clock, broker=lab.queue, mode=mode,
                    name=f"worker-{mode}", work_time=lab.tick / 2)
             for mode in (Mode.AT_MOST_ONCE, Mode.AT_LEAST_ONCE)]
 

@@ -354,12 +354,12 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
 
     first = lab.workers[0]
     kw: dict[str, Any]  # the keyword arguments both workers share
-    kw = {"ids": lab.ids, "queue": lab.queue, "mode": lab.mode, "faults": faults,
+    kw = {"broker": lab.queue, "mode": lab.mode, "faults": faults,
           "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
           "handler": handle}
     # Worker 2 takes a whole step while worker 1 works, on a seeded share of its steps.
-    second = Worker(lab.conn, clock=lab.clock, name="worker-2", **kw)
-    lab.workers = [Worker(lab.conn, name="worker-1", **kw,
+    second = Worker(store=lab.conn, clock=lab.clock, name="worker-2", **kw)
+    lab.workers = [Worker(store=lab.conn, name="worker-1", **kw,
                           clock=ordering.Overlap(lab.clock, second.step, rate=OVERLAP,
                                                  seed=seed))]
     rng = random.Random(seed)
@@ -469,7 +469,7 @@ def run_cleanup(nightly: Callable[..., Any], seed: int) -> Trial:
     policy = QueuePolicy(visibility_timeout=first.visibility_timeout, max_receives=receives,
                          backoff_cap=first.backoff_cap, redrive_window=window)
     horizon = retention.horizon_of(first, redrive_window=window)
-    healthy = Worker(lab.conn, clock=lab.clock, ids=lab.ids, queue=lab.queue,
+    healthy = Worker(store=lab.conn, clock=lab.clock, broker=lab.queue,
                      name="worker-healthy", visibility_timeout=lease)
     redrive_days = (1, DAYS - 1)  # one redrive inside the window, one long after
     errors: list[str] = []

@@ -432,7 +432,7 @@ class Ops:
             committed = True
         except Rollback:
             if self._held is not None:
-                w._log(self._held, Outcome.ACK_REJECTED, "rolled back: effect and ACK undone")
+                w.log(self._held, Outcome.ACK_REJECTED, "rolled back: effect and ACK undone")
         finally:
             w.in_tx = False
         if committed and w.pending_crash:
@@ -445,31 +445,31 @@ class Ops:
         if self.work_left > 1e-9:
             raise SubmissionError(f"ops.apply() with {self.work_left:g}s of work left: call"
                                   " ops.work() until ops.work_left is 0 first")
-        if w._fires("crash_after_receive", d):
+        if w.fires("crash_after_receive", d):
             raise Crashed("before_effect")
         if w.in_tx:
             w.effect(d)
-            w.pending_crash = w.pending_crash or w._fires("crash_after_commit", d)
+            w.pending_crash = w.pending_crash or w.fires("crash_after_commit", d)
             return
         with transaction(w.conn):
             w.effect(d)
-        if w._fires("crash_after_commit", d):
+        if w.fires("crash_after_commit", d):
             raise Crashed("after_commit_before_ack")
 
     def ack(self, d: Delivery) -> bool:
         w = self._w
         self._held = _check(d)
         if w.in_tx:  # a local delete in the effect's transaction: nothing travels
-            ok = w.queue.ack(d, worker=w.name)
-        elif w._fires("ack_fail", d):
+            ok = w.broker.ack(d, worker=w.name)
+        elif w.fires("ack_fail", d):
             w.stats.ack_failed += 1
-            w._log(d, Outcome.ACK_FAILED, "the ACK never reached the queue")
+            w.log(d, Outcome.ACK_FAILED, "the ACK never reached the queue")
             return False
         else:
-            ok = w.queue.ack(d, worker=w.name)
-            if w._fires("ack_answer_lost", d):  # deleted, but the answer never came back
+            ok = w.broker.ack(d, worker=w.name)
+            if w.fires("ack_answer_lost", d):  # deleted, but the answer never came back
                 w.stats.ack_failed += 1
-                w._log(d, Outcome.ACK_FAILED, "the queue deleted the message, but its answer"
+                w.log(d, Outcome.ACK_FAILED, "the queue deleted the message, but its answer"
                                               " never came back")
                 return False
         if ok:
@@ -480,11 +480,11 @@ class Ops:
 
     def extend(self, d: Delivery, seconds: float) -> bool:
         _check(d)
-        return self._w.queue.extend(d, seconds, worker=self._w.name)
+        return self._w.broker.extend(d, seconds, worker=self._w.name)
 
     def nack(self, d: Delivery, delay: float = 0.0) -> bool:
         _check(d)
-        return self._w.queue.nack(d, delay, worker=self._w.name)
+        return self._w.broker.nack(d, delay, worker=self._w.name)
 
     def work(self, seconds: float) -> None:
         w = self._w
@@ -627,15 +627,15 @@ class CourseWorker(Worker):
                 return 0
             self._resume()
             return 1
-        deliveries = self.queue.receive(self.visibility_timeout, 1, worker=self.name)
+        deliveries = self.broker.receive(self.visibility_timeout, 1, worker=self.name)
         self.stats.steps += 1
         self.stats.dead_lettered += len(deliveries.parked)
         if not deliveries:
             return 0
         self.stats.received += 1
         d = deliveries[0]
-        if self._fires("lose_message", d):
-            self.queue.lose(d, reason="lost in transit (auto-ack)", worker=self.name)
+        if self.fires("lose_message", d):
+            self.broker.lose(d, reason="lost in transit (auto-ack)", worker=self.name)
             self.stats.lost += 1
             return 1
         self.task = _Task(lambda: self._process_one(d))
@@ -657,7 +657,7 @@ class CourseWorker(Worker):
             self.process(d, ops)
         except Crashed as crash:
             self._rollback_open()
-            self._crash([d], crash.point)
+            self.crash([d], crash.point)
         except SubmissionError as exc:
             self._rollback_open()
             self._blame(d, f"SubmissionError: {exc}")
@@ -681,7 +681,7 @@ class CourseWorker(Worker):
         where = f"{error} (delivery {d.delivery_count} of order {d.correlation_id})"
         if where not in self.errors:
             self.errors.append(where)
-        self._log(d, Outcome.CRASHED, f"the code raised {error}")
+        self.log(d, Outcome.CRASHED, f"the code raised {error}")
 
 
 @dataclass
@@ -728,9 +728,9 @@ def run_workers(*, process: Callable[[Delivery, Ops], Any] = at_least_once,
     check_int("max_steps", max_steps, minimum=1)
     lab = Lab(seed=seed, mode=mode, faults=faults, workers=1,
               visibility_timeout=visibility_timeout, max_receives=max_receives)
-    crew = [CourseWorker(lab.conn, clock=lab.clock, ids=lab.ids, mode=lab.mode, faults=faults,
+    crew = [CourseWorker(store=lab.conn, clock=lab.clock, mode=lab.mode, faults=faults,
                          visibility_timeout=visibility_timeout, name=f"worker-{i + 1}",
-                         queue=lab.queue, process=process, effect_handler=handler, work=work,
+                         broker=lab.queue, process=process, effect_handler=handler, work=work,
                          meter=meter)
             for i in range(workers)]
     lab.workers = list(crew)

@@ -265,3 +265,8 @@ class Relay:
 
     def stop(self) -> None:
         self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: the loop ends after the current pass."""
+        return self._stopping

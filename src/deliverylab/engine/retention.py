@@ -93,7 +93,7 @@ def horizon_of(worker: Worker, *, max_wait: float = 0.0, redrive_window: float =
     if not isinstance(worker, Worker):
         raise InvalidInput("worker", worker, "a deliverylab.engine.worker.Worker")
     return dedup_horizon(visibility_timeout=worker.visibility_timeout,
-                         max_receives=worker.queue.max_receives,
+                         max_receives=worker.broker.max_receives,
                          backoff_cap=worker.backoff_cap, max_wait=max_wait,
                          redrive_window=redrive_window, replay_window=replay_window)
 

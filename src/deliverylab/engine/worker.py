@@ -4,12 +4,18 @@
 mode               order of work                                what a fault does
 =================  ===========================================  ==============================
 at-most-once       ack, then apply                              a crash after the ack loses it
-at-least-once      apply, then ack; no inbox                    a lost ack applies it twice
+at-least-once      apply, then ack; no inbox                    a lost ACK applies it twice
 idempotent         inbox row + effect in one transaction, ack   a duplicate is skipped, acked
 transactional      effect + ack in one transaction              exactly once, inside one DB
 =================  ===========================================  ==============================
 
-Every mode runs the same code path otherwise, with the same fault schedule (see ``faults``).
+Each mode is one short function below (:data:`MODES`), which reads as the table does; the
+verbs it calls (:meth:`Worker.apply`, :meth:`Worker.ack`, …) are the same for every mode, with
+the same fault schedule (see ``faults``: the modes ask :meth:`Worker.fires` at its named
+points). Counting, narrating and the trace rows nobody else writes are hooks around the modes
+(:mod:`deliverylab.engine.hooks`); the settings are one validated object
+(:class:`~deliverylab.engine.settings.WorkerSettings`).
+
 The projection update is one UPSERT, never read-then-write. An inbox conflict means "already
 processed"; any other database error propagates.
 
@@ -36,12 +42,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from enum import StrEnum
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from .broker import NO_MESSAGE_ID, Broker, Delivery
+from .broker import Broker, Delivery
 from .clock import Clock
 from .errors import (
     STORE_ERRORS,
@@ -49,32 +53,25 @@ from .errors import (
     InvalidInput,
     SimulatedCrash,
     StoreUnavailable,
-    check_id,
     check_int,
     check_number,
 )
-from .faults import NO_FAULTS, Faults
-from .ids import Ids
+from .faults import Faults
+from .hooks import Dispatch, Hook, Narration, Trace, VerbTrace, WorkerStats
+from .settings import (
+    CONSUMER,
+    DEFAULT_MAX_RECEIVES,
+    FIELDS,
+    Mode,
+    WorkerSettings,
+    check_names,
+)
 from .store import Store, is_busy, is_store, transaction
-from .trace import Outcome, lease_detail, log_delivery, log_many
+from .trace import Outcome, log_delivery, log_many
 
-CONSUMER = "inventory"
-
-
-class Mode(StrEnum):
-    AT_MOST_ONCE = "at-most-once"
-    AT_LEAST_ONCE = "at-least-once"
-    IDEMPOTENT = "idempotent"
-    TRANSACTIONAL = "transactional"
-
-    @classmethod
-    def parse(cls, value: object) -> Mode:
-        if isinstance(value, cls):
-            return value
-        for mode in cls:
-            if value == mode.value:
-                return mode
-        raise InvalidInput("mode", value, "one of " + ", ".join(m.value for m in cls))
+__all__ = ["CONSUMER", "DEFAULT_MAX_RECEIVES", "FENCED_DETAIL", "MODES", "Hook", "Mode",
+           "PoisonMessage", "Worker", "WorkerSettings", "WorkerStats", "apply_order_placed",
+           "apply_order_placed_many", "refuse_apart"]
 
 
 class PoisonMessage(ValueError):
@@ -104,6 +101,9 @@ def apply_order_placed(conn: Store, delivery: Delivery) -> None:
 
 def apply_order_placed_many(conn: Store, deliveries: list[Delivery]) -> None:
     """The same effect for a batch: check every delivery first, then one UPSERT per item."""
+    if len(deliveries) == 1:  # the common case: one statement, no totals to add up
+        conn.execute(_RESERVE, _reservation(deliveries[0]))
+        return
     totals: dict[str, int] = {}
     for d in deliveries:
         item, qty = _reservation(d)
@@ -129,52 +129,85 @@ BatchHandler = Callable[[Store, list[Delivery]], None]
 BATCH_FORMS: dict[Handler, BatchHandler] = {apply_order_placed: apply_order_placed_many}
 
 
-@dataclass
-class WorkerStats:
-    steps: int = 0
-    received: int = 0
-    applied: int = 0
-    duplicates_skipped: int = 0
-    acked: int = 0
-    ack_failed: int = 0
-    ack_rejected: int = 0
-    crashed: int = 0
-    lost: int = 0
-    nacked: int = 0
-    dead_lettered: int = 0
-    fenced: int = 0
-    lock_waits: int = 0  # times the write lock stayed taken past the busy timeout
-    broker_waits: int = 0  # times the broker could not be reached (BrokerUnavailable)
-    store_waits: int = 0  # times the store's database could not be reached (StoreUnavailable)
+# -- the modes: each is the order of work in the table above ---------------------------------
+def ack_then_apply(w: Worker, batch: list[Delivery]) -> None:
+    """at-most-once: ack, then apply. A crash or a failure after the ACK loses the effect."""
+    for d in batch:
+        if w.ack_first(d):
+            w.apply_acked(d)
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+
+def apply_then_ack(w: Worker, batch: list[Delivery]) -> None:
+    """at-least-once and idempotent: apply, then ack. The idempotent effect writes its inbox
+    row in its own transaction (:meth:`Worker.apply`), so a redelivery is skipped; without
+    the inbox a lost ACK applies the effect again. A failure goes back, or to the dead
+    letters."""
+    done, failed = w.apply(batch)
+    w.ack(done, unsettled=failed)
+    w.give_back(failed)
+
+
+def effect_and_ack(w: Worker, batch: list[Delivery]) -> None:
+    """transactional: the effect and the ACK in one transaction (the ACK is a row delete in
+    the store), so exactly once, inside one database."""
+    _, failed = w.apply(batch, ack=True)
+    w.give_back(failed)
+
+
+MODES: dict[Mode, Callable[[Worker, list[Delivery]], None]] = {
+    Mode.AT_MOST_ONCE: ack_then_apply,
+    Mode.AT_LEAST_ONCE: apply_then_ack,
+    Mode.IDEMPOTENT: apply_then_ack,
+    Mode.TRANSACTIONAL: effect_and_ack,
+}
+
+_NO_HOOKS: tuple[Hook, ...] = ()
 
 
 class Worker:
-    """One consumer: it receives from ``broker`` and applies to ``store``. ``echo`` receives one
-    human-readable line per step.
+    """One consumer: it receives from ``broker`` and applies to ``store``, as its
+    ``settings`` say (:class:`WorkerSettings`; or the same names as keywords, which build
+    them: ``Worker(store=conn, broker=b, clock=c, mode="at-least-once")``; keywords given with
+    ``settings`` replace those fields). ``handler`` is the effect. ``echo`` receives one
+    human-readable line per step (the :class:`~deliverylab.engine.hooks.Narration` hook);
+    ``hooks`` are more :class:`~deliverylab.engine.hooks.Hook` objects, called after the
+    worker's own (stats, trace, narration).
 
-    ``Worker(store=…, broker=…, clock=…)`` names both (``conn=`` and ``queue=`` are the older
-    names). The engine opens no broker itself: the lab's is the SQLite queue table on the
-    store's own connection (``SQLiteBroker(conn, clock=…, ids=…)``), which the caller builds.
-    ``ids`` is accepted for older callers and unused (the broker has its own); so is
-    ``max_receives``, which must then be the broker's.
+    The engine opens no broker itself: the lab's is the SQLite queue table on the store's own
+    connection (``SQLiteBroker(conn, clock=…, ids=…)``), which the caller builds. The broker
+    counts the receives (its ``max_receives``).
+
+    Each setting is also an attribute (``worker.mode``, ``worker.faults``…); setting one checks
+    it and replaces that field of ``worker.settings``.
     """
 
-    def __init__(self, conn: Store | None = None, *, clock: Clock,
-                 ids: Ids | None = None,
-                 mode: Mode | str = Mode.IDEMPOTENT, faults: Faults = NO_FAULTS,
-                 visibility_timeout: float = 2.0, max_messages: int = 1,
-                 max_receives: int | None = None, backoff_base: float = 0.1, backoff_cap: float = 10.0,
-                 name: str = "worker-1", consumer: str = CONSUMER,
-                 handler: Handler = apply_order_placed,
-                 echo: Callable[[str], None] | None = None, crash_exits: bool = False,
-                 work_time: float = 0.0, queue: Broker | None = None,
-                 broker: Broker | None = None,
-                 store: Store | None = None) -> None:
-        store = _one_of("store", store, "conn", conn)
-        broker = _one_of("broker", broker, "queue", queue)
+    settings: WorkerSettings
+    mode: Mode
+    faults: Faults
+    visibility_timeout: float
+    max_messages: int
+    backoff_base: float
+    backoff_cap: float
+    name: str
+    consumer: str
+    work_time: float
+    crash_exits: bool
+    hooks: tuple[Hook, ...]
+
+    def __init__(self, *, store: Store | None = None,
+                 broker: Broker | None = None, clock: Clock,
+                 settings: WorkerSettings | None = None, handler: Handler = apply_order_placed,
+                 echo: Callable[[str], None] | None = None, hooks: Iterable[Hook] = _NO_HOOKS,
+                 **changes: Any) -> None:
+        check_names(changes, "a keyword Worker takes: store, broker, clock, settings,"
+                             " handler, echo, hooks, or a setting")
+        if settings is None:
+            settings = WorkerSettings(**changes)
+        elif not isinstance(settings, WorkerSettings):
+            raise InvalidInput("settings", settings, "a deliverylab.engine.settings"
+                                                     ".WorkerSettings")
+        elif changes:
+            settings = settings.replace(**changes)
         if not is_store(store):
             raise InvalidInput("store", store, "a store connection (deliverylab.engine.store,"
                                                " or engine.store_postgres)")
@@ -182,90 +215,84 @@ class Worker:
             raise InvalidInput("broker", broker, "a deliverylab.engine.broker.Broker (the"
                                " engine opens none: the lab's is SQLiteBroker(conn, clock=…,"
                                " ids=…) on the store's connection)")
-        if max_receives is not None and max_receives != broker.max_receives:
-            raise InvalidInput("max_receives", max_receives,
-                               f"the broker's own ({broker.max_receives}), or left out: the"
-                               f" broker counts the receives")
-        self.mode = Mode.parse(mode)
         joined = broker.joins(store)
         if not joined:
-            refuse_apart(self.mode)
-        if not isinstance(faults, Faults):
-            raise InvalidInput("faults", faults, "a deliverylab.engine.faults.Faults")
-        self.visibility_timeout = check_number("visibility_timeout", visibility_timeout,
-                                               minimum=0, maximum=12 * 3600)
-        self.max_messages = check_int("max_messages", max_messages, minimum=1, maximum=1000)
-        self.backoff_base = check_number("backoff_base", backoff_base, minimum=0)
-        self.backoff_cap = check_number("backoff_cap", backoff_cap, minimum=self.backoff_base)
-        self.name = check_id("name", name)
-        self.consumer = check_id("consumer", consumer)
-        self.conn, self.clock, self.faults = store, clock, faults
-        self.queue = broker
+            refuse_apart(settings.mode)
+        if not callable(handler):
+            raise InvalidInput("handler", handler, "a function (conn, delivery)")
+        extra = list(hooks)
+        for hook in extra:
+            if not isinstance(hook, Hook):
+                raise InvalidInput("hooks", hook, "deliverylab.engine.hooks.Hook objects")
+        self._adopt(settings)
+        self.conn = self.store = store  # ``conn``: the store's connection, the effect's
+        self.broker, self.clock, self.handler = broker, clock, handler
+        self._joined = joined
         # Who writes the trace rows of the broker's verbs: the broker, inside each verb's
         # transaction on the store; or this worker, into the store right after the verb.
-        self._trace_verbs = not (joined and broker.writes_trace)
-        self.handler, self.echo, self.crash_exits = handler, echo, crash_exits
-        self._handle_many = BATCH_FORMS.get(handler)
-        # How long processing takes, on the clock: a lease shorter than this runs out while
-        # the worker is still busy (the brief's "visibility timeout shorter than processing").
-        self.work_time = check_number("work_time", work_time, minimum=0)
+        self._verbs = not (joined and broker.writes_trace)
+        self._extra = tuple(extra)
         self.stats = WorkerStats()
+        self.echo = echo  # builds the hooks (see __setattr__)
         self._stopping = False
         self._lock_streak = 0  # lock waits in a row: the exponent of the next backoff
         self._broker_streak = 0  # broker waits in a row: the same, for the broker
         self._store_streak = 0  # store waits in a row: the same, for the store's database
 
-    @property
-    def broker(self) -> Broker:
-        return self.queue
+    def _adopt(self, settings: WorkerSettings) -> None:
+        """Take ``settings``: each field also a plain attribute, which the hot path reads."""
+        if settings.mode is Mode.TRANSACTIONAL and not self.__dict__.get("_joined", True):
+            refuse_apart(settings.mode)
+        d = self.__dict__
+        d["settings"] = settings
+        for name in FIELDS:
+            d[name] = getattr(settings, name)
+        d["_process"] = MODES[settings.mode]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A setting set on the worker (``worker.faults = …``) is checked, and replaces the
+        settings' field; a new ``echo``, ``stats`` or ``handler`` takes effect at once."""
+        if name in FIELDS:
+            self._adopt(self.settings.replace(**{name: value}))
+            return
+        object.__setattr__(self, name, value)
+        if name == "handler":
+            object.__setattr__(self, "_handle_many", BATCH_FORMS.get(value))
+        elif name in ("echo", "stats") and "echo" in self.__dict__:
+            hooks: tuple[Hook, ...] = (
+                self.stats, Trace(), *([VerbTrace()] if self._verbs else []),
+                *([Narration(self.echo)] if self.echo is not None else []), *self._extra)
+            object.__setattr__(self, "hooks", hooks)
+            object.__setattr__(self, "_on", Dispatch(list(hooks)))
 
     @property
-    def store(self) -> Store:
-        return self.conn
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: the loop ends after the current step."""
+        return self._stopping
 
-    # -- output ----------------------------------------------------------------------------
-    def _say(self, d: Delivery, words: str) -> None:
-        if self.echo is not None:
-            self.echo(f"[{self.name}] t={self.clock.now():.3f} message={d.message_id}"
-                      f" event={d.event_id} order={d.correlation_id}"
-                      f" delivery={d.delivery_count} {words}")
+    # -- what the modes and the hooks use ----------------------------------------------------
+    def fires(self, point: str, d: Delivery) -> bool:
+        """Whether fault ``point`` strikes this delivery (the schedule of ``faults``: the same
+        for every mode and every worker)."""
+        return self.faults.active and self.faults.fires(point, d.event_id, d.delivery_count)
 
-    def _log(self, d: Delivery, outcome: Outcome, detail: str = "") -> None:
-        """A log row for something with no transaction of its own (a crash, a lost ACK)."""
+    def log(self, d: Delivery, outcome: Outcome, detail: str = "") -> None:
+        """A trace row for something with no transaction of its own (a crash, a lost ACK), in
+        a transaction of its own."""
         with transaction(self.conn):
             log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
                          outcome=outcome, detail=detail)
 
-    def _trace(self, rows: list[tuple[Outcome, Delivery, str]]) -> None:
-        """The trace rows of a broker verb that wrote none itself (a broker that is not the
-        store): written into the store after the verb, so not atomic with it."""
-        if self._trace_verbs and rows:
-            now = self.clock.now()
-            with transaction(self.conn):
-                log_many(self.conn, [(now, self.name, d.correlation_id, d.event_id,
-                                      d.message_id, d.delivery_count, outcome, detail)
-                                     for outcome, d, detail in rows])
-
-    def _acked(self, deliveries: list[Delivery], results: list[bool]) -> None:
-        if not self._trace_verbs:  # the hot path: the broker logged them in the ACK's commit
-            return
-        self._trace([(Outcome.ACKED, d, "") if ok
-                     else (Outcome.ACK_REJECTED, d, "receipt is no longer current")
-                     for d, ok in zip(deliveries, results, strict=True)])
-
-    def _crash(self, deliveries: list[Delivery], point: str) -> None:
-        self.stats.crashed += 1
-        for d in deliveries:
-            self._log(d, Outcome.CRASHED, point)
-            self._say(d, f"crashed ({point}) → effect lost" if self.mode is Mode.AT_MOST_ONCE
-                      else f"crashed ({point}) → lease will expire, expect redelivery")
+    def crash(self, deliveries: list[Delivery], point: str) -> None:
+        """The worker dies at ``point`` holding ``deliveries``: the ``on_crash`` hooks record
+        it; then the process exits (``crash_exits``) or the broker sees the consumer go (the
+        leases run out, or end at once where the lease is a connection). The caller raises
+        :class:`~deliverylab.engine.errors.SimulatedCrash`, or returns."""
+        for f in self._on.on_crash:
+            f(self, deliveries, point)
         if self.crash_exits:
             os._exit(70)
-        self.queue.abandon(deliveries)  # what the broker sees of a crash (a process exit too)
-
-    def _fires(self, point: str, d: Delivery) -> bool:
-        """Whether fault ``point`` strikes this delivery; never asked when no rate is set."""
-        return self.faults.active and self.faults.fires(point, d.event_id, d.delivery_count)
+        self.broker.abandon(deliveries)  # what the broker sees of a crash (a process exit too)
 
     # -- the effect ------------------------------------------------------------------------
     def _fenced(self, event_id: str) -> bool:
@@ -298,7 +325,7 @@ class Worker:
         whose partial writes are undone. Database errors are not caught: they surface."""
         self.conn.execute("SAVEPOINT message")
         try:
-            if self._fires("process_error", d):
+            if self.fires("process_error", d):
                 raise RuntimeError("injected processing error")
             applied = self._apply(d)
         except STORE_ERRORS:
@@ -340,6 +367,14 @@ class Worker:
                 else:
                     fresh = set(ids)
                     fenced = self._fenced_among(ids)
+                name, applied = self.name, str(self.mode)
+                if not fenced and len(fresh) == len(deliveries):  # the common case: all new
+                    outcomes = [Outcome.APPLIED] * len(deliveries)
+                    self._handle_many(conn, deliveries)
+                    log_many(conn, [(now, name, d.correlation_id, d.event_id, d.message_id,
+                                     d.delivery_count, Outcome.APPLIED, applied)
+                                    for d in deliveries])
+                    return outcomes
                 outcomes = []
                 for d in deliveries:  # a second message for one event is a duplicate
                     if d.event_id in fenced:
@@ -355,9 +390,9 @@ class Worker:
                 if todo:
                     assert self._handle_many is not None  # the fast path needs the batch form
                     self._handle_many(conn, todo)
-                details = {Outcome.APPLIED: str(self.mode), Outcome.FENCED: FENCED_DETAIL,
+                details = {Outcome.APPLIED: applied, Outcome.FENCED: FENCED_DETAIL,
                            Outcome.DUPLICATE_SKIPPED: ""}
-                log_many(conn, [(now, self.name, d.correlation_id, d.event_id, d.message_id,
+                log_many(conn, [(now, name, d.correlation_id, d.event_id, d.message_id,
                                  d.delivery_count, o, details[o])
                                 for d, o in zip(deliveries, outcomes, strict=True)])
         except STORE_ERRORS:
@@ -366,6 +401,18 @@ class Worker:
             return None
         return outcomes
 
+    def _apply_alone(self, d: Delivery) -> list[Outcome] | None:
+        """The fast path for a batch of one: :meth:`_apply` in a transaction of its own, the
+        same statements and rows as :meth:`_apply_batch` (no savepoint: nothing else shares
+        the transaction). None, and nothing written, when the handler fails."""
+        try:
+            with transaction(self.conn):
+                return [self._apply(d)]
+        except STORE_ERRORS:
+            raise
+        except Exception:  # the handler refused it: redo it under a savepoint, as a batch
+            return None
+
     def _fenced_among(self, ids: list[str]) -> set[str]:
         """The event ids in ``ids`` a repair has fenced, read in the open transaction."""
         if len(ids) == 1:
@@ -373,180 +420,148 @@ class Worker:
         return {r[0] for r in self.conn.execute(_FENCED_MANY, (self.consumer,
                                                                json.dumps(ids)))}
 
-    def _count(self, d: Delivery, outcome: Outcome) -> None:
-        if outcome is Outcome.APPLIED:
-            self.stats.applied += 1
-            self._say(d, "applied projection (first time)" if self.mode is Mode.IDEMPOTENT
-                      else "applied projection")
-        elif outcome is Outcome.FENCED:
-            self.stats.fenced += 1
-            self._say(d, "fenced: a repair already counted it → not applied")
-        else:
-            self.stats.duplicates_skipped += 1
-            self._say(d, "duplicate skipped")
-
-    # -- one step --------------------------------------------------------------------------
-    def step(self) -> int:
-        """Receive up to ``max_messages`` and handle them. Returns how many were received."""
-        try:
-            deliveries = self.queue.receive(self.visibility_timeout, self.max_messages,
-                                            worker=self.name)
-            parked = deliveries.parked
-        except STORE_ERRORS as exc:
-            if not is_busy(exc):
-                raise
-            self._wait_for_lock("receive: nothing leased")
-            return 0
-        except BrokerUnavailable as exc:
-            self._wait_for_broker(exc, "nothing leased")
-            return 0
-        self._lock_streak = self._broker_streak = self._store_streak = 0
-        self.stats.steps += 1
-        if self._trace_verbs:
-            self._trace([(Outcome.DEAD_LETTERED, d, reason) for d, reason in parked]
-                        + [(Outcome.RECEIVED, d, lease_detail(d.lease_until))
-                           for d in deliveries])
-        for d, reason in parked:
-            self.stats.dead_lettered += 1
-            self._say(d, f"dead-lettered: {reason}" + (
-                " (a foreign producer's message: nothing can deduplicate it)"
-                if reason == NO_MESSAGE_ID else " → 'deliverylab redrive' moves it back"))
-        if not deliveries:
-            return 0
-        self.stats.received += len(deliveries)
-        kept = []
-        for d in deliveries:
-            self._say(d, "received")
-            if self._fires("lose_message", d):
-                if self.queue.lose(d, reason="lost in transit (auto-ack)", worker=self.name):
-                    self._trace([(Outcome.LOST, d, "lost in transit (auto-ack)")])
-                self.stats.lost += 1
-                self._say(d, "lost before processing → no effect, no redelivery")
-            else:
-                kept.append(d)
-        try:
-            if self.mode is Mode.AT_MOST_ONCE:
-                self._ack_then_apply(kept)
-            else:
-                self._apply_then_ack(kept)
-        except SimulatedCrash:
-            pass  # already logged; the leases run out and the queue redelivers
-        return len(deliveries)
-
-    def _ack_then_apply(self, deliveries: list[Delivery]) -> None:
-        for d in deliveries:
-            try:
-                (answer,) = self._send_acks([d])
-            except BrokerUnavailable:
-                self._ack_in_doubt([d], "not processed: the ACK was not confirmed")
-                raise
-            if answer is None:  # no answer: the worker cannot know whether the queue has it
-                self.stats.ack_failed += 1
-                self._log(d, Outcome.ACK_FAILED, "not processed: the ACK was not confirmed"
-                          + self._lost_half(d))
-                self.queue.abandon([d])
-                self._say(d, "ack failed → not processing, expect redelivery")
-                continue
-            ok = answer
-            if not ok:
-                self.stats.ack_rejected += 1
-                self._say(d, "ack rejected (stale receipt) → not processing")
-                continue
-            self.stats.acked += 1
-            self._say(d, "acked")
-            if self._fires("crash_after_receive", d):
-                self.stats.lost += 1
-                self._crash([d], "after_ack")
-                continue
-            self.clock.sleep(self.work_time)
-            with transaction(self.conn):
-                applied, error = self._apply_guarded(d)
-            if error is not None:
-                self.stats.lost += 1
-                self._log(d, Outcome.LOST, f"failed after the ACK: {error}")
-                self._say(d, f"processing failed after the ACK → effect lost ({error})")
-                continue
-            assert applied is not None  # no error: an outcome
-            self._count(d, applied)
-
-    def _apply_then_ack(self, deliveries: list[Delivery]) -> None:
+    def _apply_each(self, deliveries: list[Delivery], ack: bool
+                    ) -> tuple[list[tuple[Delivery, Outcome]], list[tuple[Delivery, str]],
+                               list[Delivery]]:
+        """Apply one by one in one transaction, each under its own savepoint: (done, failed,
+        rejected). With ``ack``, each effect's ACK is a row delete in the same transaction,
+        valid only while the delivery holds the lease; if not, its effect is undone
+        (rejected)."""
         done: list[tuple[Delivery, Outcome]] = []
         failed: list[tuple[Delivery, str]] = []
         rejected: list[Delivery] = []
-        if deliveries:
+        try:
+            with transaction(self.conn):
+                for d in deliveries:
+                    if self.fires("crash_after_receive", d):
+                        raise SimulatedCrash("after_receive")
+                    if ack:  # its ACK may undo the effect
+                        self.conn.execute("SAVEPOINT delivery")
+                    applied, error = self._apply_guarded(d)
+                    if error is not None:
+                        failed.append((d, error))
+                    elif ack and not self.broker.ack(d, worker=self.name):
+                        self.conn.execute("ROLLBACK TO delivery")
+                        rejected.append(d)
+                    else:
+                        done.append((d, applied))  # type: ignore[arg-type]
+                    if ack:
+                        self.conn.execute("RELEASE delivery")
+        except SimulatedCrash as crash:
+            self.crash(deliveries, crash.point)
+            raise
+        return done, failed, rejected
+
+    # -- the verbs of the modes ------------------------------------------------------------
+    def apply(self, deliveries: list[Delivery], *, ack: bool = False
+              ) -> tuple[list[tuple[Delivery, Outcome]], list[tuple[Delivery, str]]]:
+        """Work ``work_time``, then apply ``deliveries`` in one transaction: (done, failed),
+        done with each delivery's outcome (``applied``, or ``duplicate_skipped`` and
+        ``fenced`` with no effect), failed with the handler's error (nothing of it written).
+        With ``ack`` (transactional), each ACK is a row delete in the effect's transaction.
+        A batch with no fault to strike goes through the handler's batch form, in a few
+        statements; otherwise one by one, each under a savepoint."""
+        if deliveries and self.work_time:
             self.clock.sleep(self.work_time)
-        fast = None
-        if (self._handle_many is not None and self.mode is not Mode.TRANSACTIONAL
+        outcomes = None
+        if (self._handle_many is not None and not ack
                 and not (self.faults.active
-                         and any(self._fires(p, d) for d in deliveries
+                         and any(self.fires(p, d) for d in deliveries
                                  for p in ("crash_after_receive", "process_error")))):
-            fast = self._apply_batch(deliveries)
-        if fast is not None:
-            done = list(zip(deliveries, fast, strict=True))
+            outcomes = (self._apply_batch(deliveries) if len(deliveries) > 1
+                        else self._apply_alone(deliveries[0]))
+        if outcomes is not None:
+            done, failed, rejected = list(zip(deliveries, outcomes, strict=True)), [], []
         else:
-            try:
-                with transaction(self.conn):
-                    for d in deliveries:
-                        if self._fires("crash_after_receive", d):
-                            raise SimulatedCrash("after_receive")
-                        if self.mode is Mode.TRANSACTIONAL:  # its ACK may undo the effect
-                            self.conn.execute("SAVEPOINT delivery")
-                        applied, error = self._apply_guarded(d)
-                        if error is not None:
-                            failed.append((d, error))
-                        elif self.mode is Mode.TRANSACTIONAL and not self.queue.ack(
-                                d, worker=self.name):
-                            # The ACK is a row delete in the effect's own transaction, valid
-                            # only while this delivery holds the lease: if not, undo the effect.
-                            self.conn.execute("ROLLBACK TO delivery")
-                            rejected.append(d)
-                        else:
-                            assert applied is not None  # no error: an outcome
-                            done.append((d, applied))
-                        if self.mode is Mode.TRANSACTIONAL:
-                            self.conn.execute("RELEASE delivery")
-            except SimulatedCrash as crash:
-                self._crash(deliveries, crash.point)
-                raise
+            done, failed, rejected = self._apply_each(deliveries, ack)
         for d in rejected:
-            self.stats.ack_rejected += 1
-            self._log(d, Outcome.ACK_REJECTED, "lease lost before commit: effect rolled back")
-            self._say(d, "lease lost before commit → effect rolled back")
-        for d, applied in done:
-            self._count(d, applied)
-        if self.mode is Mode.TRANSACTIONAL:
-            self.stats.acked += len(done)
+            for f in self._on.on_rejected:
+                f(self, d, "commit")
+        if done:
+            for f in self._on.after_apply:
+                f(self, done)
+            if ack:
+                for d, _ in done:
+                    for f in self._on.after_ack:
+                        f(self, d)
+        return done, failed
+
+    def ack(self, done: list[tuple[Delivery, Outcome]], *,
+            unsettled: Sequence[tuple[Delivery, str]] = ()) -> None:
+        """Acknowledge the deliveries whose effect committed, in one batch. A crash after the
+        commit (``crash_after_commit``) takes every delivery not settled yet with it: those
+        waiting for the ACK, the rest, and ``unsettled`` (failed ones not given back yet)."""
+        if not done:
+            return
+        if self.faults.active:
             for d, _ in done:
-                self._say(d, "acked (in the effect's transaction)")
-            done = []
-        to_ack: list[Delivery] = []
-        for i, (d, _) in enumerate(done):
-            if self._fires("crash_after_commit", d):
-                # Every delivery of the batch not settled yet dies with the worker: the ones
-                # waiting for the batched ACK, the rest, and the failed ones never nacked.
-                self._crash([*to_ack, *(x for x, _ in done[i:]), *(x for x, _ in failed)],
-                            "after_commit_before_ack")
-                raise SimulatedCrash("after_commit_before_ack")
-            to_ack.append(d)
-        if to_ack:
-            try:
-                answers = self._send_acks(to_ack)
-            except BrokerUnavailable:  # the effects have committed; the ACKs are in doubt
-                self._ack_in_doubt(to_ack, "the effect committed; the ACK may or may not"
-                                           " have reached the broker")
-                raise
-            for d, ok in zip(to_ack, answers, strict=True):
-                if ok is None:  # the effect has committed; whether the ACK did is unknown
-                    self.stats.ack_failed += 1
-                    self._log(d, Outcome.ACK_FAILED, self._lost_half(d).lstrip("; "))
-                    self.queue.abandon([d])
-                    self._say(d, "ack failed → expect redelivery")
-                elif ok:
-                    self.stats.acked += 1
-                    self._say(d, "acked")
-                else:
-                    self.stats.ack_rejected += 1
-                    self._say(d, "ack rejected (stale receipt) → another delivery holds it")
+                if self.fires("crash_after_commit", d):
+                    self.crash([*(x for x, _ in done), *(x for x, _ in unsettled)],
+                               "after_commit_before_ack")
+                    raise SimulatedCrash("after_commit_before_ack")
+        to_ack = [d for d, _ in done]
+        try:
+            answers = self._send_acks(to_ack)
+        except BrokerUnavailable:  # the effects have committed; the ACKs are in doubt
+            self._ack_in_doubt(to_ack, "the effect committed; the ACK may or may not"
+                                       " have reached the broker")
+            raise
+        on = self._on
+        for d, ok in zip(to_ack, answers, strict=True):
+            if ok:
+                for f in on.after_ack:
+                    f(self, d)
+            elif ok is None:  # the effect has committed; whether the ACK did is unknown
+                for g in on.on_ack_failed:
+                    g(self, d, self._lost_half(d).lstrip("; "), False)
+                self.broker.abandon([d])
+            else:
+                for h in on.on_rejected:
+                    h(self, d, "ack")
+
+    def ack_first(self, d: Delivery) -> bool:
+        """At-most-once: acknowledge ``d`` before its effect. True if the broker deleted the
+        message; False if the ACK went unanswered or was refused (then ``d`` is not
+        processed)."""
+        try:
+            (answer,) = self._send_acks([d])
+        except BrokerUnavailable:
+            self._ack_in_doubt([d], "not processed: the ACK was not confirmed")
+            raise
+        if answer is None:  # no answer: the worker cannot know whether the queue has it
+            for f in self._on.on_ack_failed:
+                f(self, d, "not processed: the ACK was not confirmed" + self._lost_half(d),
+                  False)
+            self.broker.abandon([d])
+            return False
+        if not answer:
+            for g in self._on.on_rejected:
+                g(self, d, "ack")
+            return False
+        for h in self._on.after_ack:
+            h(self, d)
+        return True
+
+    def apply_acked(self, d: Delivery) -> None:
+        """At-most-once: apply ``d``, already acknowledged. A crash before the effect
+        (``crash_after_receive``) or a failure of the effect loses it."""
+        if self.fires("crash_after_receive", d):
+            self.crash([d], "after_ack")
+            return
+        if self.work_time:
+            self.clock.sleep(self.work_time)
+        with transaction(self.conn):
+            applied, error = self._apply_guarded(d)
+        if error is not None:
+            for f in self._on.on_failure:
+                f(self, d, error)
+            return
+        for g in self._on.after_apply:
+            g(self, [(d, applied)])  # type: ignore[list-item]
+
+    def give_back(self, failed: list[tuple[Delivery, str]]) -> None:
+        """Each failed delivery goes back with a backoff (nack), or to the dead letters on its
+        last receive."""
         for d, error in failed:
             self._retry_or_dead_letter(d, error)
 
@@ -558,53 +573,110 @@ class Worker:
         (``ack_fail``: nothing is sent) and the answer that never came back
         (``ack_answer_lost``: the queue deleted the message all the same). The caller gets
         the same None for either, so it cannot tell them apart, as a real consumer cannot."""
-        lost_request = [self._fires("ack_fail", d) for d in deliveries]
+        if not self.faults.active:  # the hot path: every ACK is sent, every answer heard
+            results = self.broker.ack_many(deliveries, worker=self.name)
+            if self._on.after_ack_sent:
+                heard = list(zip(deliveries, results, strict=True))
+                for f in self._on.after_ack_sent:
+                    f(self, heard)
+            return list(results)
+        lost_request = [self.fires("ack_fail", d) for d in deliveries]
         sent = [d for d, lost in zip(deliveries, lost_request, strict=True) if not lost]
-        results = iter(self.queue.ack_many(sent, worker=self.name) if sent else [])
+        replies = iter(self.broker.ack_many(sent, worker=self.name) if sent else [])
         answers: list[bool | None] = []
         heard_sent: list[tuple[Delivery, bool]] = []
         for d, lost in zip(deliveries, lost_request, strict=True):
             if lost:
                 answers.append(None)
                 continue
-            ok = next(results)
+            ok = next(replies)
             heard_sent.append((d, ok))
-            answers.append(None if self._fires("ack_answer_lost", d) else ok)
+            answers.append(None if self.fires("ack_answer_lost", d) else ok)
         # The broker's own record of what it did, whether its answer arrived or not.
         if heard_sent:
-            self._acked([d for d, _ in heard_sent], [ok for _, ok in heard_sent])
+            for f in self._on.after_ack_sent:
+                f(self, heard_sent)
         return answers
 
     def _lost_half(self, d: Delivery) -> str:
         """For the trace, which is the fault injector's record and not the worker's view:
         which half of the ACK was lost."""
-        if self._fires("ack_fail", d):
+        if self.fires("ack_fail", d):
             return "; the ACK never reached the queue"
         return "; the queue deleted the message, but its answer never came back"
 
     def _retry_or_dead_letter(self, d: Delivery, error: str) -> None:
-        if d.delivery_count >= self.queue.max_receives:
-            if self.queue.dead_letter(d, error, worker=self.name):
-                self._trace([(Outcome.DEAD_LETTERED, d, error)])
-                self.stats.dead_lettered += 1
-                self._say(d, f"dead-lettered after {d.delivery_count} receives ({error})")
+        if d.delivery_count >= self.broker.max_receives:
+            if self.broker.dead_letter(d, error, worker=self.name):
+                for f in self._on.after_dead_letter:
+                    f(self, d, error)
             else:
-                self._refused(d, "dead-letter")
+                for g in self._on.on_rejected:
+                    g(self, d, "dead-letter")
             return
         delay = self.faults.backoff(d.delivery_count - 1, base=self.backoff_base,
                                     cap=self.backoff_cap, event_id=d.event_id)
-        if self.queue.nack(d, delay, error=error, worker=self.name):
-            self._trace([(Outcome.NACKED, d, f"retry in {delay:g}s; error: {error}")])
-            self.stats.nacked += 1
-            self._say(d, f"nacked ({error}) → retry in {delay:.3f}s (backoff with full jitter)")
+        if self.broker.nack(d, delay, error=error, worker=self.name):
+            for f in self._on.after_nack:
+                f(self, d, delay, error)
         else:
-            self._refused(d, "nack")
+            for g in self._on.on_rejected:
+                g(self, d, "nack")
 
-    def _refused(self, d: Delivery, verb: str) -> None:
-        """The lease ran out and another delivery holds the message: say so in the trace."""
-        self.stats.ack_rejected += 1
-        self._log(d, Outcome.ACK_REJECTED, f"{verb} refused: receipt is no longer current")
-        self._say(d, f"{verb} rejected (stale receipt) → another delivery holds it")
+    def _ack_in_doubt(self, deliveries: list[Delivery], detail: str) -> None:
+        """An ACK that raised ``BrokerUnavailable``: it may have reached the broker or not.
+        Counted and logged as ``ack_failed``; if the message comes back, it is a duplicate."""
+        for d in deliveries:
+            for f in self._on.on_ack_failed:
+                f(self, d, f"broker unavailable: {detail}", True)
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self) -> int:
+        """Receive up to ``max_messages`` and handle them in the worker's mode. Returns how
+        many were received."""
+        try:
+            deliveries = self.broker.receive(self.visibility_timeout, self.max_messages,
+                                             worker=self.name)
+        except STORE_ERRORS as exc:
+            if not is_busy(exc):
+                raise
+            self._wait_for_lock("receive: nothing leased")
+            return 0
+        except BrokerUnavailable as exc:
+            self._wait_for_broker(exc, "nothing leased")
+            return 0
+        if self._lock_streak or self._broker_streak or self._store_streak:
+            self._lock_streak = self._broker_streak = self._store_streak = 0
+        on = self._on
+        for f in on.after_receive:
+            f(self, deliveries)
+        if not deliveries:
+            return 0
+        kept = deliveries
+        if on.before_process or self.faults.active:
+            kept = []
+            for d in deliveries:
+                for g in on.before_process:
+                    g(self, d)
+                if self.fires("lose_message", d):
+                    recorded = self.broker.lose(d, reason="lost in transit (auto-ack)",
+                                                worker=self.name)
+                    for h in on.after_lose:
+                        h(self, d, recorded)
+                else:
+                    kept.append(d)
+        if kept:
+            self.handle(kept)
+        return len(deliveries)
+
+    def handle(self, deliveries: list[Delivery]) -> None:
+        """Handle ``deliveries``, received by this worker, in its mode (:data:`MODES`). An
+        injected crash is recorded and ends the batch: its leases run out and the broker hands
+        the messages out again."""
+        try:
+            self._process(self, deliveries)
+        except SimulatedCrash:
+            pass  # already recorded; the leases run out and the queue redelivers
 
     # -- waits: the write lock, the broker ---------------------------------------------------
     def _wait_for_lock(self, during: str) -> None:
@@ -639,7 +711,7 @@ class Worker:
         What the transaction in flight wrote is gone with it (the server rolled it back), and
         the step's leases run out and come back; a COMMIT whose answer was lost may have
         committed, and a redelivery of its message is then a duplicate the inbox skips."""
-        for conn in {id(c): c for c in (self.conn, getattr(self.queue, "conn", None))
+        for conn in {id(c): c for c in (self.conn, getattr(self.broker, "conn", None))
                      if c is not None}.values():
             if conn.in_transaction:  # only forgets a transaction its connection took along
                 conn.execute("ROLLBACK")
@@ -655,21 +727,12 @@ class Worker:
         wait early."""
         delay = self.faults.backoff(min(streak - 1, 62), base=self.backoff_base,
                                     cap=self.backoff_cap, event_id=draw)
-        if self.echo is not None:
-            self.echo(f"[{self.name}] t={self.clock.now():.3f} {why}"
-                      f" → retry in {delay:.3f}s (wait {streak} in a row)")
+        for f in self._on.on_wait:
+            f(self, why, delay, streak)
         left = delay
         while left > 0 and not self._stopping:
             self.clock.sleep(min(0.1, left))
             left -= 0.1
-
-    def _ack_in_doubt(self, deliveries: list[Delivery], detail: str) -> None:
-        """An ACK that raised ``BrokerUnavailable``: it may have reached the broker or not.
-        Counted and logged as ``ack_failed``; if the message comes back, it is a duplicate."""
-        self.stats.ack_failed += len(deliveries)
-        for d in deliveries:
-            self._log(d, Outcome.ACK_FAILED, f"broker unavailable: {detail}")
-            self._say(d, "ack unconfirmed (broker unavailable) → it may come back")
 
     def _step_through_waits(self) -> int | None:
         """One step; None when the write lock stayed taken past the busy timeout or the broker
@@ -690,7 +753,7 @@ class Worker:
         """The broker's :meth:`~Broker.next_visible_at`; when the broker cannot be reached,
         now (after waiting it out), so the loop steps again at once."""
         try:
-            return self.queue.next_visible_at()
+            return self.broker.next_visible_at()
         except BrokerUnavailable as exc:
             self._wait_for_broker(exc, "looking for the next message")
             return self.clock.now()
@@ -735,6 +798,7 @@ class Worker:
         self._stopping = True
 
 
+
 def refuse_apart(mode: Mode | str) -> None:
     """:class:`InvalidInput` for ``transactional`` over a broker that is not the store's own
     database (the CLI asks before it connects to such a broker, so a refusal declares nothing
@@ -745,13 +809,3 @@ def refuse_apart(mode: Mode | str) -> None:
             "a mode other than transactional when the broker is not the store's own"
             " database: the ACK is a write in another system, so it cannot commit in the"
             " effect's transaction (use idempotent: inbox and effect in one transaction)")
-
-
-_T = TypeVar("_T")
-
-
-def _one_of(name: str, value: _T | None, old_name: str, old_value: _T | None) -> _T | None:
-    """``value`` or ``old_value`` (two names for one argument), never two different ones."""
-    if value is not None and old_value is not None and value is not old_value:
-        raise InvalidInput(old_name, old_value, f"left out when {name} is given")
-    return value if value is not None else old_value
