@@ -125,6 +125,20 @@ class Dispatch:
 
     __slots__ = POINTS
 
+    after_receive: tuple[Callable[[Worker, Received], None], ...]
+    before_process: tuple[Callable[[Worker, Delivery], None], ...]
+    after_lose: tuple[Callable[[Worker, Delivery, bool], None], ...]
+    after_apply: tuple[Callable[[Worker, list[tuple[Delivery, Outcome]]], None], ...]
+    after_ack_sent: tuple[Callable[[Worker, list[tuple[Delivery, bool]]], None], ...]
+    after_ack: tuple[Callable[[Worker, Delivery], None], ...]
+    on_rejected: tuple[Callable[[Worker, Delivery, str], None], ...]
+    on_ack_failed: tuple[Callable[[Worker, Delivery, str, bool], None], ...]
+    after_nack: tuple[Callable[[Worker, Delivery, float, str], None], ...]
+    after_dead_letter: tuple[Callable[[Worker, Delivery, str], None], ...]
+    on_failure: tuple[Callable[[Worker, Delivery, str], None], ...]
+    on_crash: tuple[Callable[[Worker, list[Delivery], str], None], ...]
+    on_wait: tuple[Callable[[Worker, str, float, int], None], ...]
+
     def __init__(self, hooks: list[Hook]) -> None:
         for point in POINTS:
             base = getattr(Hook, point)

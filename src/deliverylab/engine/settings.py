@@ -67,7 +67,7 @@ class WorkerSettings:
     crash_exits: bool = False
 
     def __post_init__(self) -> None:
-        checked = {
+        checked: dict[str, Any] = {
             "mode": Mode.parse(self.mode),
             "visibility_timeout": check_number("visibility_timeout", self.visibility_timeout,
                                                minimum=0, maximum=MAX_LEASE_S),

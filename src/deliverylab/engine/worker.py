@@ -193,6 +193,10 @@ class Worker:
     work_time: float
     crash_exits: bool
     hooks: tuple[Hook, ...]
+    # Set with the settings and the handler (:meth:`_adopt`, :meth:`__setattr__`).
+    _on: Dispatch
+    _process: Callable[[Worker, list[Delivery]], None]
+    _handle_many: BatchHandler | None
 
     def __init__(self, *, store: Store | None = None,
                  broker: Broker | None = None, clock: Clock,
@@ -288,8 +292,8 @@ class Worker:
         it; then the process exits (``crash_exits``) or the broker sees the consumer go (the
         leases run out, or end at once where the lease is a connection). The caller raises
         :class:`~deliverylab.engine.errors.SimulatedCrash`, or returns."""
-        for f in self._on.on_crash:
-            f(self, deliveries, point)
+        for on_crash_hook in self._on.on_crash:
+            on_crash_hook(self, deliveries, point)
         if self.crash_exits:
             os._exit(70)
         self.broker.abandon(deliveries)  # what the broker sees of a crash (a process exit too)
@@ -351,6 +355,8 @@ class Worker:
         own savepoint."""
         conn, now = self.conn, self.clock.now()
         ids = [d.event_id for d in deliveries]
+        handle_many = self._handle_many
+        assert handle_many is not None  # a batch is applied only with its handler's batch form
         try:
             with transaction(conn):
                 fenced: set[str] = set()
@@ -370,7 +376,7 @@ class Worker:
                 name, applied = self.name, str(self.mode)
                 if not fenced and len(fresh) == len(deliveries):  # the common case: all new
                     outcomes = [Outcome.APPLIED] * len(deliveries)
-                    self._handle_many(conn, deliveries)
+                    handle_many(conn, deliveries)
                     log_many(conn, [(now, name, d.correlation_id, d.event_id, d.message_id,
                                      d.delivery_count, Outcome.APPLIED, applied)
                                     for d in deliveries])
@@ -388,8 +394,7 @@ class Worker:
                 todo = [d for d, o in zip(deliveries, outcomes, strict=True)
                         if o is Outcome.APPLIED]
                 if todo:
-                    assert self._handle_many is not None  # the fast path needs the batch form
-                    self._handle_many(conn, todo)
+                    handle_many(conn, todo)
                 details = {Outcome.APPLIED: applied, Outcome.FENCED: FENCED_DETAIL,
                            Outcome.DUPLICATE_SKIPPED: ""}
                 log_many(conn, [(now, name, d.correlation_id, d.event_id, d.message_id,
@@ -470,20 +475,22 @@ class Worker:
                                  for p in ("crash_after_receive", "process_error")))):
             outcomes = (self._apply_batch(deliveries) if len(deliveries) > 1
                         else self._apply_alone(deliveries[0]))
+        failed: list[tuple[Delivery, str]]
+        rejected: list[Delivery]
         if outcomes is not None:
             done, failed, rejected = list(zip(deliveries, outcomes, strict=True)), [], []
         else:
             done, failed, rejected = self._apply_each(deliveries, ack)
         for d in rejected:
-            for f in self._on.on_rejected:
-                f(self, d, "commit")
+            for on_rejected_hook in self._on.on_rejected:
+                on_rejected_hook(self, d, "commit")
         if done:
-            for f in self._on.after_apply:
-                f(self, done)
+            for after_apply_hook in self._on.after_apply:
+                after_apply_hook(self, done)
             if ack:
                 for d, _ in done:
-                    for f in self._on.after_ack:
-                        f(self, d)
+                    for after_ack_hook in self._on.after_ack:
+                        after_ack_hook(self, d)
         return done, failed
 
     def ack(self, done: list[tuple[Delivery, Outcome]], *,
@@ -509,15 +516,15 @@ class Worker:
         on = self._on
         for d, ok in zip(to_ack, answers, strict=True):
             if ok:
-                for f in on.after_ack:
-                    f(self, d)
+                for after_ack_hook in on.after_ack:
+                    after_ack_hook(self, d)
             elif ok is None:  # the effect has committed; whether the ACK did is unknown
-                for g in on.on_ack_failed:
-                    g(self, d, self._lost_half(d).lstrip("; "), False)
+                for on_ack_failed_hook in on.on_ack_failed:
+                    on_ack_failed_hook(self, d, self._lost_half(d).lstrip("; "), False)
                 self.broker.abandon([d])
             else:
-                for h in on.on_rejected:
-                    h(self, d, "ack")
+                for on_rejected_hook in on.on_rejected:
+                    on_rejected_hook(self, d, "ack")
 
     def ack_first(self, d: Delivery) -> bool:
         """At-most-once: acknowledge ``d`` before its effect. True if the broker deleted the
@@ -529,17 +536,17 @@ class Worker:
             self._ack_in_doubt([d], "not processed: the ACK was not confirmed")
             raise
         if answer is None:  # no answer: the worker cannot know whether the queue has it
-            for f in self._on.on_ack_failed:
-                f(self, d, "not processed: the ACK was not confirmed" + self._lost_half(d),
+            for on_ack_failed_hook in self._on.on_ack_failed:
+                on_ack_failed_hook(self, d, "not processed: the ACK was not confirmed" + self._lost_half(d),
                   False)
             self.broker.abandon([d])
             return False
         if not answer:
-            for g in self._on.on_rejected:
-                g(self, d, "ack")
+            for on_rejected_hook in self._on.on_rejected:
+                on_rejected_hook(self, d, "ack")
             return False
-        for h in self._on.after_ack:
-            h(self, d)
+        for after_ack_hook in self._on.after_ack:
+            after_ack_hook(self, d)
         return True
 
     def apply_acked(self, d: Delivery) -> None:
@@ -553,11 +560,12 @@ class Worker:
         with transaction(self.conn):
             applied, error = self._apply_guarded(d)
         if error is not None:
-            for f in self._on.on_failure:
-                f(self, d, error)
+            for on_failure_hook in self._on.on_failure:
+                on_failure_hook(self, d, error)
             return
-        for g in self._on.after_apply:
-            g(self, [(d, applied)])  # type: ignore[list-item]
+        assert applied is not None  # no error: an outcome
+        for after_apply_hook in self._on.after_apply:
+            after_apply_hook(self, [(d, applied)])
 
     def give_back(self, failed: list[tuple[Delivery, str]]) -> None:
         """Each failed delivery goes back with a backoff (nack), or to the dead letters on its
@@ -577,8 +585,8 @@ class Worker:
             results = self.broker.ack_many(deliveries, worker=self.name)
             if self._on.after_ack_sent:
                 heard = list(zip(deliveries, results, strict=True))
-                for f in self._on.after_ack_sent:
-                    f(self, heard)
+                for after_ack_sent_hook in self._on.after_ack_sent:
+                    after_ack_sent_hook(self, heard)
             return list(results)
         lost_request = [self.fires("ack_fail", d) for d in deliveries]
         sent = [d for d, lost in zip(deliveries, lost_request, strict=True) if not lost]
@@ -594,8 +602,8 @@ class Worker:
             answers.append(None if self.fires("ack_answer_lost", d) else ok)
         # The broker's own record of what it did, whether its answer arrived or not.
         if heard_sent:
-            for f in self._on.after_ack_sent:
-                f(self, heard_sent)
+            for after_ack_sent_hook in self._on.after_ack_sent:
+                after_ack_sent_hook(self, heard_sent)
         return answers
 
     def _lost_half(self, d: Delivery) -> str:
@@ -608,27 +616,27 @@ class Worker:
     def _retry_or_dead_letter(self, d: Delivery, error: str) -> None:
         if d.delivery_count >= self.broker.max_receives:
             if self.broker.dead_letter(d, error, worker=self.name):
-                for f in self._on.after_dead_letter:
-                    f(self, d, error)
+                for after_dead_letter_hook in self._on.after_dead_letter:
+                    after_dead_letter_hook(self, d, error)
             else:
-                for g in self._on.on_rejected:
-                    g(self, d, "dead-letter")
+                for on_rejected_hook in self._on.on_rejected:
+                    on_rejected_hook(self, d, "dead-letter")
             return
         delay = self.faults.backoff(d.delivery_count - 1, base=self.backoff_base,
                                     cap=self.backoff_cap, event_id=d.event_id)
         if self.broker.nack(d, delay, error=error, worker=self.name):
-            for f in self._on.after_nack:
-                f(self, d, delay, error)
+            for after_nack_hook in self._on.after_nack:
+                after_nack_hook(self, d, delay, error)
         else:
-            for g in self._on.on_rejected:
-                g(self, d, "nack")
+            for on_rejected_hook in self._on.on_rejected:
+                on_rejected_hook(self, d, "nack")
 
     def _ack_in_doubt(self, deliveries: list[Delivery], detail: str) -> None:
         """An ACK that raised ``BrokerUnavailable``: it may have reached the broker or not.
         Counted and logged as ``ack_failed``; if the message comes back, it is a duplicate."""
         for d in deliveries:
-            for f in self._on.on_ack_failed:
-                f(self, d, f"broker unavailable: {detail}", True)
+            for on_ack_failed_hook in self._on.on_ack_failed:
+                on_ack_failed_hook(self, d, f"broker unavailable: {detail}", True)
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> int:
@@ -648,21 +656,21 @@ class Worker:
         if self._lock_streak or self._broker_streak or self._store_streak:
             self._lock_streak = self._broker_streak = self._store_streak = 0
         on = self._on
-        for f in on.after_receive:
-            f(self, deliveries)
+        for after_receive_hook in on.after_receive:
+            after_receive_hook(self, deliveries)
         if not deliveries:
             return 0
-        kept = deliveries
+        kept: list[Delivery] = deliveries
         if on.before_process or self.faults.active:
             kept = []
             for d in deliveries:
-                for g in on.before_process:
-                    g(self, d)
+                for before_process_hook in on.before_process:
+                    before_process_hook(self, d)
                 if self.fires("lose_message", d):
                     recorded = self.broker.lose(d, reason="lost in transit (auto-ack)",
                                                 worker=self.name)
-                    for h in on.after_lose:
-                        h(self, d, recorded)
+                    for after_lose_hook in on.after_lose:
+                        after_lose_hook(self, d, recorded)
                 else:
                     kept.append(d)
         if kept:
@@ -727,8 +735,8 @@ class Worker:
         wait early."""
         delay = self.faults.backoff(min(streak - 1, 62), base=self.backoff_base,
                                     cap=self.backoff_cap, event_id=draw)
-        for f in self._on.on_wait:
-            f(self, why, delay, streak)
+        for on_wait_hook in self._on.on_wait:
+            on_wait_hook(self, why, delay, streak)
         left = delay
         while left > 0 and not self._stopping:
             self.clock.sleep(min(0.1, left))
