@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import make_lab
+from support.engine import make_lab
 
 from deliverylab.brokers.sqlite import SQLiteBroker
 from deliverylab.engine import store
