@@ -185,9 +185,12 @@ def _hand_postgres(e: beyond.Engine, n: int, k: int) -> None:
                         CONSUMER, [e for e, _ in batch], now))}
                     with conn.cursor() as cur:
                         cur.executemany(project, _totals(batch, new))
-            with conn.cursor() as cur:
-                cur.executemany("DELETE FROM queue_messages WHERE seq = %s AND receipt = %s",
-                                [(r[0], r[3]) for r in rows])
+            delete = "DELETE FROM queue_messages WHERE seq = %s AND receipt = %s"
+            if len(rows) == 1:  # one statement (executemany pipelines: three round trips)
+                conn.execute(delete, (rows[0][0], rows[0][3]))
+            else:
+                with conn.cursor() as cur:
+                    cur.executemany(delete, [(r[0], r[3]) for r in rows])
             got += len(rows)
 
 

@@ -341,9 +341,12 @@ class PgCursor:
         return self
 
     def executemany(self, sql: str, seq: Iterable[Any]) -> PgCursor:
+        rows = list(seq)
+        if len(rows) == 1:  # one statement: psycopg's executemany pipelines, three round trips
+            return self.execute(sql, rows[0])
         text, numbers = translate(sql)
         try:
-            self._cur.executemany(text, [_args(numbers, p) for p in seq])
+            self._cur.executemany(text, [_args(numbers, p) for p in rows])
         except psycopg.Error as exc:
             raise self._failed(exc) from exc
         return self
