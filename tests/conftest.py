@@ -36,21 +36,21 @@ def clock() -> FakeClock:
 def lab() -> Iterator[EngineRig]:
     lab = make_lab()
     yield lab
-    lab.conn.close()
+    lab.store.close()
 
 
 @pytest.fixture
 def file_lab(tmp_path: Path) -> Iterator[EngineRig]:
     lab = make_lab(tmp_path / "lab.db")
     yield lab
-    lab.conn.close()
+    lab.store.close()
 
 
 @pytest.fixture(params=["memory", "file"])
 def any_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineRig]:
     lab = make_lab(":memory:" if request.param == "memory" else tmp_path / "lab.db")
     yield lab
-    lab.conn.close()
+    lab.store.close()
 
 
 # -- brokers ---------------------------------------------------------------------------------

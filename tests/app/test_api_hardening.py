@@ -86,7 +86,7 @@ def timed_health(port: int) -> tuple[int, Any, float]:
 def test_a_held_write_lock_gets_each_request_a_prompt_503_and_health_still_answers(
         lab: ProcessRig) -> None:
     api = lab.api("--no-access-log")
-    holder = lab.conn()
+    holder = lab.connect()
     holder.execute("BEGIN IMMEDIATE")  # another process takes the write lock and keeps it
     answers: list[Any] = []
     errors: list[BaseException] = []
@@ -216,7 +216,7 @@ def test_the_same_key_with_another_request_is_422(client: TestClient, db_file: P
 def test_a_retry_while_the_first_request_is_in_flight_is_409(lab: ProcessRig) -> None:
     api = lab.api("--no-access-log")
     body, key = {"itemId": "tea", "qty": 2}, {"Idempotency-Key": "k-race"}
-    holder = lab.conn()
+    holder = lab.connect()
     holder.execute("BEGIN IMMEDIATE")  # keeps the first request in flight, waiting to write
     first: list[Any] = []
     thread = threading.Thread(target=lambda: first.append(raw_post(lab.port, body, key)))
@@ -247,10 +247,10 @@ def test_place_order_records_every_key_it_is_given(file_lab) -> None:
     assert not replay.created and replay.key_first_created is None
     again = lab.order("tea", 1, order_id="A1", idempotency_key="K2")
     assert again.key_first_created is False  # the first answer with K2 was a replay
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     with pytest.raises(OrderConflict, match="Idempotency-Key 'K2'"):
         lab.order("tea", 1, order_id="B7", idempotency_key="K2")
-    assert store.dump(lab.conn) == before
+    assert store.dump(lab.store) == before
 
 
 # -- 3. bytes that must never reach a 500, a log or a terminal -----------------------------------
@@ -309,29 +309,29 @@ def test_control_and_invisible_characters_in_ids_are_refused_by_the_api(
 def test_control_and_invisible_characters_in_ids_are_refused_by_place_order(
         file_lab, field: str, value: str) -> None:
     lab = file_lab
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     kwargs = {"item_id": "tea", "qty": 1, {"orderId": "order_id", "itemId": "item_id"}[field]:
               value}
     with pytest.raises(InvalidInput) as info:
-        place_order(lab.queue, **kwargs)
+        place_order(lab.broker, **kwargs)
     assert info.value.field == field and info.value.value == value
     with pytest.raises(InvalidInput) as info:
-        place_order(lab.queue, item_id="tea", qty=1, idempotency_key=value)
+        place_order(lab.broker, item_id="tea", qty=1, idempotency_key=value)
     assert info.value.field == "Idempotency-Key"
-    assert store.dump(lab.conn) == before
+    assert store.dump(lab.store) == before
 
 
 @pytest.mark.parametrize("value", ["e-1\n", "e\x1b[2J", "e\u202e", "e\ud800"])
 def test_queue_send_refuses_hostile_event_and_correlation_ids(file_lab, value: str) -> None:
     lab = file_lab
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     with pytest.raises(InvalidInput) as info:
-        lab.queue.send(value, "OrderPlaced", {})
+        lab.broker.send(value, "OrderPlaced", {})
     assert info.value.field == "event_id"
     with pytest.raises(InvalidInput) as info:
-        lab.queue.send("evt-1", "OrderPlaced", {}, correlation_id=value)
+        lab.broker.send("evt-1", "OrderPlaced", {}, correlation_id=value)
     assert info.value.field == "correlation_id"
-    assert store.dump(lab.conn) == before
+    assert store.dump(lab.store) == before
 
 
 def test_check_id_keeps_ordinary_text_and_says_what_it_found() -> None:
@@ -360,7 +360,7 @@ def test_an_internal_error_answers_a_generic_500(db_file: Path, tmp_path: Path) 
 @pytest.mark.slow
 def test_an_internal_error_is_logged_by_the_server_and_not_told_to_the_client(lab: ProcessRig) -> None:
     api = lab.api()
-    conn = lab.conn()
+    conn = lab.connect()
     conn.execute("DROP TABLE inventory_projection")
     conn.close()
     status, body = request("GET", "/projection", port=lab.port)

@@ -181,7 +181,7 @@ def test_sigkill_of_the_api_under_load_loses_no_acknowledged_order(lab: ProcessR
     acked = {oid: r[1] for oid, r in results.items() if isinstance(r, tuple) and r[0] == 201}
     assert not [r for r in results.values() if isinstance(r, tuple) and r[0] != 201]
     assert 300 <= len(acked) < 2000
-    conn = lab.conn()
+    conn = lab.connect()
     try:
         rows = {r["order_id"]: r["event_id"] for r in conn.execute("SELECT * FROM orders")}
         queued = {r[0] for r in conn.execute("SELECT event_id FROM queue_messages")}
@@ -295,7 +295,7 @@ def test_malformed_requests_get_a_clear_4xx_and_write_nothing(lab: ProcessRig) -
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413"), head
 
-    conn = lab.conn()
+    conn = lab.connect()
     try:
         assert sum(store.table_counts(conn).values()) == 0
     finally:

@@ -33,7 +33,7 @@ def test_exposition_parses_and_carries_every_signal():
     lab.run_until_idle()
     lab.place_orders(3)
     lab.advance(30)
-    reading = metrics.signals(lab.conn, now=lab.clock.now())
+    reading = metrics.signals(lab.store, now=lab.clock.now())
     got = samples(metrics.exposition(reading).decode())
     assert got[("deliverylab_queue_messages", (("state", "visible"),))] == 3
     assert got[("deliverylab_oldest_message_age_seconds", ())] == 30
@@ -50,7 +50,7 @@ def test_totals_match_the_trace_and_the_checker():
     lab = Lab(seed=2, faults=Faults(seed=2, ack_fail=0.4))
     lab.place_orders(20)
     lab.run_until_idle()
-    r = metrics.signals(lab.conn, now=lab.clock.now())
+    r = metrics.signals(lab.store, now=lab.clock.now())
     stats = lab.stats()
     assert r.deliveries_total == stats.received
     assert r.redeliveries_total == stats.received - 20
@@ -65,10 +65,10 @@ def test_drift_and_relay_backlog_are_seen():
     lab.place_orders(10)
     lab.lose_messages(2)
     lab.run_until_idle()
-    place_order(None, item_id="tea", qty=1, order_id="o-out", store=lab.conn, clock=lab.clock,
+    place_order(None, item_id="tea", qty=1, order_id="o-out", store=lab.store, clock=lab.clock,
                 ids=lab.ids)
     lab.advance(9)
-    r = metrics.signals(lab.conn, now=lab.clock.now())
+    r = metrics.signals(lab.store, now=lab.clock.now())
     assert r.reconcile_drift_items >= 1 and r.reconcile_drift_qty >= 2
     assert (r.relay_backlog, r.relay_oldest_unsent_age_seconds) == (1, 9)
 
@@ -97,7 +97,7 @@ def test_status_prints_the_same_numbers(capsys, tmp_path: Path):
     lab = Lab(tmp_path / "s.db", seed=6, faults=Faults(seed=6, ack_fail=0.5))
     lab.place_orders(8)
     lab.run_until_idle()
-    lab.conn.close()
+    lab.store.close()
     code, out, _ = run(capsys, "status", "--db", str(tmp_path / "s.db"))
     assert code == 0
     conn = store.connect(tmp_path / "s.db")

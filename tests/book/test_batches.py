@@ -35,7 +35,7 @@ def test_place_batch_names_the_bad_field(kwargs, field):
     with pytest.raises(InvalidInput) as err:
         batches.place_batch(lab, **kwargs)
     assert err.value.field == field
-    assert lab.conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 0
+    assert lab.store.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 0
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_a_fault_sweep_plot_needs_a_sweep() -> None:
 @pytest.fixture(scope="module")
 def histogram():
     lab = ack_loss_run(0.5, orders=120, seed=0, max_receives=6)
-    return delivery_histogram(lab.conn, 0.5, 6)
+    return delivery_histogram(lab.store, 0.5, 6)
 
 
 def test_the_last_bar_is_labelled_as_the_capped_tail(histogram) -> None:

@@ -80,11 +80,11 @@ def test_a_charge_survives_the_callers_rollback() -> None:
     charge back (chapter 2's emails)."""
     lab = Lab(seed=1)
     service = PaymentService(clock=lab.clock)
-    with pytest.raises(TimeoutError), transaction(lab.conn):
-        lab.conn.execute("INSERT INTO inventory_projection VALUES ('coffee-beans', 1)")
+    with pytest.raises(TimeoutError), transaction(lab.store):
+        lab.store.execute("INSERT INTO inventory_projection VALUES ('coffee-beans', 1)")
         service.charge(order_id="o-1", amount=500, idempotency_key="evt-1")
         raise TimeoutError
-    assert lab.conn.execute("SELECT count(*) FROM inventory_projection").fetchone()[0] == 0
+    assert lab.store.execute("SELECT count(*) FROM inventory_projection").fetchone()[0] == 0
     assert service.charge_count() == 1
 
 
@@ -132,12 +132,12 @@ def test_a_poison_payload_charges_nothing_and_is_dead_lettered() -> None:
     service = PaymentService(clock=lab.clock)
     handler = charge_handler(service, keyed=True)
     lab.workers = [worker_for(lab, handler)]
-    lab.queue.send("evt-bad", "OrderPlaced", {"orderId": "o-x", "itemId": "tea", "qty": "2"})
+    lab.broker.send("evt-bad", "OrderPlaced", {"orderId": "o-x", "itemId": "tea", "qty": "2"})
     lab.run_until_idle()
     assert service.calls == 0 and len(lab.dead_letters()) == 1
-    lab.queue.send("evt-bad-2", "OrderPlaced", {"orderId": "o-y", "qty": None})
+    lab.broker.send("evt-bad-2", "OrderPlaced", {"orderId": "o-y", "qty": None})
     with pytest.raises(PoisonMessage, match="integer qty"):
-        handler(lab.conn, lab.queue.receive(1.0)[0])
+        handler(lab.store, lab.broker.receive(1.0)[0])
     assert service.calls == 0
 
 
@@ -171,7 +171,7 @@ def test_lost_acks_through_the_inbox_never_call_again() -> None:
 
 def outbox_lab(seed: int, **rates: float) -> Lab:
     lab = Lab(seed=seed, max_receives=2)
-    payment_outbox.install(lab.conn)
+    payment_outbox.install(lab.store)
     lab.workers = [worker_for(lab, payment_outbox.outbox_handler(clock=lab.clock),
                               faults=Faults(seed=seed, **rates))]
     return lab
@@ -184,17 +184,17 @@ def test_an_outbox_row_exists_exactly_for_the_orders_that_took_effect() -> None:
     events = lab.events()
     applied = set(events[events.state == "correct"].order_id)
     assert 0 < len(applied) < 30  # some orders were dead-lettered, never applied
-    assert set(payment_outbox.outbox_frame(lab.conn).order_id) == applied
+    assert set(payment_outbox.outbox_frame(lab.store).order_id) == applied
 
 
 def test_the_outbox_holds_one_request_per_event_even_without_an_inbox() -> None:
     lab = Lab(seed=5, mode="at-least-once")
-    payment_outbox.install(lab.conn)
+    payment_outbox.install(lab.store)
     lab.workers = [worker_for(lab, payment_outbox.outbox_handler(clock=lab.clock),
                               faults=Faults(seed=5, ack_fail=0.6))]
     lab.place_orders(20)
     assert lab.run_until_idle().duplicated > 0
-    assert len(payment_outbox.outbox_frame(lab.conn)) == 20
+    assert len(payment_outbox.outbox_frame(lab.store)) == 20
 
 
 def test_a_relay_crash_leaves_the_row_pending_and_the_next_pass_sends_it_again() -> None:
@@ -202,13 +202,13 @@ def test_a_relay_crash_leaves_the_row_pending_and_the_next_pass_sends_it_again()
     lab.place_orders(5)
     lab.run_until_idle()
     service = PaymentService(clock=lab.clock)
-    crashed = payment_outbox.relay(lab.conn, service, clock=lab.clock, crash_rate=1.0)
+    crashed = payment_outbox.relay(lab.store, service, clock=lab.clock, crash_rate=1.0)
     assert crashed == payment_outbox.RelayPass(sent=0, crashed=True)
-    assert payment_outbox.pending(lab.conn) == 5
-    done = payment_outbox.relay(lab.conn, service, clock=lab.clock)
+    assert payment_outbox.pending(lab.store) == 5
+    done = payment_outbox.relay(lab.store, service, clock=lab.clock)
     assert done == payment_outbox.RelayPass(sent=5, crashed=False)
-    assert payment_outbox.pending(lab.conn) == 0
-    frame = payment_outbox.outbox_frame(lab.conn)
+    assert payment_outbox.pending(lab.store) == 0
+    frame = payment_outbox.outbox_frame(lab.store)
     assert frame.attempts.tolist()[0] == 2 and service.calls == 6 and service.charge_count() == 5
 
 
@@ -220,17 +220,17 @@ def test_relay_refuses_bad_arguments_and_writes_nothing() -> None:
     for kwargs, field in (({"crash_rate": -0.1}, "crash_rate"), ({"limit": 0}, "limit"),
                           ({"keyed": 1}, "keyed")):
         with pytest.raises(InvalidInput) as refused:
-            payment_outbox.relay(lab.conn, service, clock=lab.clock, **kwargs)
+            payment_outbox.relay(lab.store, service, clock=lab.clock, **kwargs)
         assert refused.value.field == field
     with pytest.raises(InvalidInput, match="service"):
-        payment_outbox.relay(lab.conn, object(), clock=lab.clock)  # type: ignore[arg-type]
-    assert payment_outbox.outbox_frame(lab.conn).attempts.tolist() == [0, 0] and service.calls == 0
+        payment_outbox.relay(lab.store, object(), clock=lab.clock)  # type: ignore[arg-type]
+    assert payment_outbox.outbox_frame(lab.store).attempts.tolist() == [0, 0] and service.calls == 0
 
 
 def test_relay_without_its_table_says_which_install_to_run() -> None:
     lab = Lab(seed=8)
     with pytest.raises(InvalidInput, match=r"with payment_outbox \(run deliverylab.book.payment_outbox.install") as refused:
-        payment_outbox.relay(lab.conn, PaymentService(clock=lab.clock), clock=lab.clock)
+        payment_outbox.relay(lab.store, PaymentService(clock=lab.clock), clock=lab.clock)
     assert refused.value.field == "conn"
 
 

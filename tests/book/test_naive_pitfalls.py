@@ -37,35 +37,35 @@ def file_lab(tmp_path: Path, name: str = "lab.db", seed: int = 1, **kw) -> tuple
 
 def test_naive_dual_write_crash_loses_the_event_for_good(lab):
     with pytest.raises(SimulatedCrash, match="between_order_and_event"):
-        naive.dual_write_place_order(lab.conn, clock=lab.clock, ids=lab.ids,
+        naive.dual_write_place_order(lab.store, clock=lab.clock, ids=lab.ids,
                                      item_id="coffee-beans", qty=1, order_id="o-100",
                                      crash_between=True)
-    counts = store.table_counts(lab.conn)
+    counts = store.table_counts(lab.store)
     assert (counts["orders"], counts["queue_messages"]) == (1, 0)  # an order with no event
     # The client retries the same order: the primary key refuses it, the event is never written.
     with pytest.raises(sqlite3.IntegrityError, match="orders.order_id"):
-        naive.dual_write_place_order(lab.conn, clock=lab.clock, ids=lab.ids,
+        naive.dual_write_place_order(lab.store, clock=lab.clock, ids=lab.ids,
                                      item_id="coffee-beans", qty=1, order_id="o-100")
     lab.worker().run_until_idle()
-    result = check(lab.conn)
+    result = check(lab.store)
     assert (result.orders, result.lost) == (1, 1) and not result.projection_equals_truth
 
 
 def test_naive_dual_write_without_a_crash_works_so_the_bug_hides(lab):
-    naive.dual_write_place_order(lab.conn, clock=lab.clock, ids=lab.ids, item_id="tea", qty=2)
+    naive.dual_write_place_order(lab.store, clock=lab.clock, ids=lab.ids, item_id="tea", qty=2)
     lab.worker().run_until_idle()
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
 
 
 def test_engine_outbox_crash_writes_nothing_and_the_retry_succeeds(lab):
     with pytest.raises(SimulatedCrash, match="between_order_and_event"):
-        place_order_with_crash(lab.queue, item_id="coffee-beans", qty=1, order_id="o-100")
-    counts = store.table_counts(lab.conn)
+        place_order_with_crash(lab.broker, item_id="coffee-beans", qty=1, order_id="o-100")
+    counts = store.table_counts(lab.store)
     assert (counts["orders"], counts["queue_messages"]) == (0, 0)  # both or neither
     placed = lab.order("coffee-beans", 1, order_id="o-100")
     assert placed.created
     lab.worker().run_until_idle()
-    assert check(lab.conn).ok and lab.projection() == {"coffee-beans": 1}
+    assert check(lab.store).ok and lab.projection() == {"coffee-beans": 1}
 
 
 # -- 2. SELECT, then UPDATE ---------------------------------------------------------------------
@@ -160,7 +160,7 @@ def queued(tmp_path: Path, n: int) -> tuple[Path, set[str]]:
     """A database file with ``n`` queued orders, and no connection left open on it."""
     lab, path = file_lab(tmp_path)
     lab.place_orders(n)
-    lab.conn.close()
+    lab.store.close()
     return path, _message_ids(path)
 
 
@@ -196,9 +196,9 @@ def test_engine_claim_two_free_running_processes_never_share(tmp_path):
 def stale_and_current(lab: Lab):
     """worker-1 receives and stalls past its lease; worker-2 receives the redelivery."""
     lab.place_order("coffee-beans", 1, order_id="o-300")
-    stale = lab.queue.receive(2.0, worker="worker-1")[0]
+    stale = lab.broker.receive(2.0, worker="worker-1")[0]
     lab.clock.advance(2.5)
-    current = lab.queue.receive(2.0, worker="worker-2")[0]
+    current = lab.broker.receive(2.0, worker="worker-2")[0]
     lab.clock.advance(0.5)
     assert (stale.delivery_count, current.delivery_count) == (1, 2)
     return stale, current
@@ -207,11 +207,11 @@ def stale_and_current(lab: Lab):
 def test_naive_ack_by_id_lets_a_stale_worker_delete_the_message_another_holds():
     lab = Lab(seed=2)
     stale, current = stale_and_current(lab)
-    assert naive.ack_by_id(lab.conn, stale.message_id)  # "yes" to a worker that is late
+    assert naive.ack_by_id(lab.store, stale.message_id)  # "yes" to a worker that is late
     assert lab.queue_table().empty                     # gone, though worker-2's lease runs
     assert lab.clock.now() < current.lease_until
-    assert not lab.queue.extend(current, 2.0, worker="worker-2")  # the holder is robbed
-    assert not lab.queue.ack(current, worker="worker-2")
+    assert not lab.broker.extend(current, 2.0, worker="worker-2")  # the holder is robbed
+    assert not lab.broker.ack(current, worker="worker-2")
     log = lab.log()
     assert log[log.worker == "worker-1"].outcome.tolist() == ["received"]  # nobody learns
     # that worker-1 was late, so nobody learns that the visibility timeout is too short
@@ -220,10 +220,10 @@ def test_naive_ack_by_id_lets_a_stale_worker_delete_the_message_another_holds():
 def test_engine_ack_needs_the_current_receipt():
     lab = Lab(seed=2)
     stale, current = stale_and_current(lab)
-    assert not lab.queue.ack(stale, worker="worker-1")
+    assert not lab.broker.ack(stale, worker="worker-1")
     assert lab.queue_table().receipt.tolist() == [current.receipt]
-    assert lab.queue.extend(current, 2.0, worker="worker-2")
-    assert lab.queue.ack(current, worker="worker-2")
+    assert lab.broker.extend(current, 2.0, worker="worker-2")
+    assert lab.broker.ack(current, worker="worker-2")
     log = lab.log()
     rejected = log[log.outcome == "ack_rejected"]
     assert rejected[["worker", "delivery_count"]].values.tolist() == [["worker-1", 1]]
@@ -242,7 +242,7 @@ def two_orders_two_connections(tmp_path):
 
 def test_naive_read_then_write_loses_an_update(tmp_path):
     lab, (a, da), (b, db_) = two_orders_two_connections(tmp_path)
-    lab.conn.execute("INSERT INTO inventory_projection VALUES ('coffee-beans', 0)")
+    lab.store.execute("INSERT INTO inventory_projection VALUES ('coffee-beans', 0)")
     seen_a = naive.read_reserved(a, "coffee-beans")
     seen_b = naive.read_reserved(b, "coffee-beans")
     naive.write_reserved(a, "coffee-beans", seen_a, da.payload["qty"])
@@ -266,7 +266,7 @@ def test_naive_read_then_write_in_deferred_transactions_sqlite_refuses_the_secon
     # SQLite serialises writers: inside transactions the lost update becomes an error (the
     # second writer's snapshot is stale), an error the seed's catch-all then hides.
     lab, (a, da), (b, db_) = two_orders_two_connections(tmp_path)
-    lab.conn.execute("INSERT INTO inventory_projection VALUES ('coffee-beans', 0)")
+    lab.store.execute("INSERT INTO inventory_projection VALUES ('coffee-beans', 0)")
     a.execute("BEGIN")
     b.execute("BEGIN")
     seen_a = naive.read_reserved(a, "coffee-beans")
@@ -297,9 +297,9 @@ def test_naive_catch_all_turns_a_locked_database_into_a_lost_event(tmp_path):
     assert seed.process(m) is False  # "duplicate skipped": the error was "database is locked"
     api.execute("COMMIT")
     assert seed.ack(m)
-    result = check(lab.conn)
+    result = check(lab.store)
     assert (result.lost, result.correct) == (1, 0)
-    assert store.table_counts(lab.conn)["inbox_processed"] == 0  # never processed, yet acked
+    assert store.table_counts(lab.store)["inbox_processed"] == 0  # never processed, yet acked
 
 
 def test_engine_lets_the_locked_database_surface_and_applies_the_event_later(tmp_path):
@@ -315,7 +315,7 @@ def test_engine_lets_the_locked_database_surface_and_applies_the_event_later(tmp
     assert lab.queue_table().delivery_count.tolist() == [1]  # still there, leased, not acked
     api.execute("COMMIT")
     worker.run_until_idle()
-    assert check(lab.conn).ok and worker.stats.applied == 1
+    assert check(lab.store).ok and worker.stats.applied == 1
 
 
 def full_disk(conn: sqlite3.Connection) -> None:
@@ -327,23 +327,23 @@ def full_disk(conn: sqlite3.Connection) -> None:
 
 def test_naive_catch_all_hides_a_failing_insert_as_a_duplicate(lab):
     lab.order("coffee-beans", 1)
-    full_disk(lab.conn)
-    seed = naive.SeedWorker(lab.conn, clock=lab.clock)
+    full_disk(lab.store)
+    seed = naive.SeedWorker(lab.store, clock=lab.clock)
     seed.run(10)
     assert (seed.stats.duplicates_skipped, seed.stats.applied, seed.stats.acked) == (1, 0, 1)
-    assert check(lab.conn).lost == 1
+    assert check(lab.store).lost == 1
 
 
 def test_engine_surfaces_a_failing_insert_and_retries_after_the_fix(lab):
     lab.order("coffee-beans", 1)
-    full_disk(lab.conn)
+    full_disk(lab.store)
     worker = lab.worker()
     with pytest.raises(sqlite3.IntegrityError, match="database or disk is full"):
         worker.step()
     assert worker.stats.duplicates_skipped == 0
-    lab.conn.execute("DROP TRIGGER temp.full_disk")  # space freed
+    lab.store.execute("DROP TRIGGER temp.full_disk")  # space freed
     worker.run_until_idle()
-    assert check(lab.conn).ok and worker.stats.applied == 1
+    assert check(lab.store).ok and worker.stats.applied == 1
 
 
 # -- 6. reconcile while events are in flight ----------------------------------------------------
@@ -360,7 +360,7 @@ def drifted() -> Lab:
 
 def test_naive_rebuild_double_counts_the_events_in_flight():
     lab = drifted()
-    naive.rebuild_projection(lab.conn)
+    naive.rebuild_projection(lab.store)
     assert lab.check().projection_equals_truth  # looks repaired ...
     in_flight = int(lab.orders().qty.tail(5).sum())
     lab.run_until_idle()  # ... until the five queued events arrive
@@ -391,7 +391,7 @@ def poisoned(lab: Lab) -> None:
 def test_naive_worker_redelivers_a_poison_message_forever():
     lab = Lab(seed=7)
     poisoned(lab)
-    seed = naive.SeedWorker(lab.conn, clock=lab.clock, handler=catalogue_handler(OLD_CATALOGUE))
+    seed = naive.SeedWorker(lab.store, clock=lab.clock, handler=catalogue_handler(OLD_CATALOGUE))
     for steps in (50, 500):
         seed.run(steps)
         left = lab.queue_table()
@@ -409,9 +409,9 @@ def test_engine_dead_letters_after_max_receives_and_redrives_after_the_fix():
     assert parked[["order_id", "delivery_count"]].values.tolist() == [["o-703", 4]]
     assert parked.last_error.str.contains("UnknownItem: item 'oat-milk'").all()
     # The fix: deploy the handler with the new catalogue, then redrive.
-    fixed = Worker(store=lab.conn, clock=lab.clock, broker=lab.queue, name="worker-2",
+    fixed = Worker(store=lab.store, clock=lab.clock, broker=lab.broker, name="worker-2",
                    handler=catalogue_handler((*OLD_CATALOGUE, "oat-milk")))
-    assert lab.queue.redrive() == 1
+    assert lab.broker.redrive() == 1
     fixed.run_until_idle()
     assert fixed.stats.applied == 1 and lab.check().ok and lab.dead_letters().empty
 
@@ -422,10 +422,10 @@ def overlapping(mode: str, visibility_timeout: float, work_time: float = 3.0) ->
     """worker-2 polls while worker-1 is still working on the only message."""
     lab = Lab(seed=8, mode=mode)
     lab.place_order("coffee-beans", 1, order_id="o-800")
-    kw = {"broker": lab.queue, "mode": mode,
+    kw = {"broker": lab.broker, "mode": mode,
           "visibility_timeout": visibility_timeout, "work_time": work_time}
-    w2 = Worker(store=lab.conn, clock=lab.clock, name="worker-2", **kw)
-    w1 = Worker(store=lab.conn, clock=WhileWorking(lab.clock, w2.step), name="worker-1", **kw)
+    w2 = Worker(store=lab.store, clock=lab.clock, name="worker-2", **kw)
+    w1 = Worker(store=lab.store, clock=WhileWorking(lab.clock, w2.step), name="worker-1", **kw)
     w1.step()
     return lab
 
@@ -457,10 +457,10 @@ def test_a_timeout_sized_from_the_work_time_delivers_once():
 def test_extending_the_lease_while_working_delivers_once():
     lab = Lab(seed=8)
     lab.place_order("coffee-beans", 1, order_id="o-800")
-    d = lab.queue.receive(2.0, worker="worker-1")[0]
+    d = lab.broker.receive(2.0, worker="worker-1")[0]
     for _ in range(3):  # a heartbeat every second of a three-second job
         lab.clock.advance(1.0)
-        assert lab.queue.receive(2.0, worker="worker-2") == []
-        assert lab.queue.extend(d, 2.0, worker="worker-1")
-    assert lab.queue.ack(d, worker="worker-1")
+        assert lab.broker.receive(2.0, worker="worker-2") == []
+        assert lab.broker.extend(d, 2.0, worker="worker-1")
+    assert lab.broker.ack(d, worker="worker-1")
     assert lab.log("o-800").outcome.tolist() == ["received"] + ["extended"] * 3 + ["acked"]

@@ -21,24 +21,24 @@ SEEDS = range(30)
 @pytest.fixture
 def lab() -> Lab:
     lab = Lab(seed=3)
-    ordering.install(lab.conn)
+    ordering.install(lab.store)
     lab.place_order("coffee-beans", 1, order_id="o-1")
     yield lab
-    lab.conn.close()
+    lab.store.close()
 
 
 def written(lab: Lab) -> tuple[int, int]:
-    changes = lab.conn.execute("SELECT count(*) FROM order_status_changes").fetchone()[0]
-    return changes, lab.conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+    changes = lab.store.execute("SELECT count(*) FROM order_status_changes").fetchone()[0]
+    return changes, lab.store.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
 
 
 # -- the producer -------------------------------------------------------------------------------
 
 def test_each_change_gets_the_next_version_and_an_event_carrying_it(lab) -> None:
-    paid = change_status(lab.queue, "o-1", "paid")
-    shipped = change_status(lab.queue, "o-1", "shipped")
+    paid = change_status(lab.broker, "o-1", "paid")
+    shipped = change_status(lab.broker, "o-1", "shipped")
     assert (paid.version, shipped.version) == (2, 3)
-    payloads = [r[0] for r in lab.conn.execute(
+    payloads = [r[0] for r in lab.store.execute(
         "SELECT payload FROM queue_messages WHERE type = ? ORDER BY seq", (ordering.STATUS_EVENT,))]
     assert payloads == ['{"orderId":"o-1","status":"paid","version":2}',
                         '{"orderId":"o-1","status":"shipped","version":3}']
@@ -54,10 +54,10 @@ def test_each_change_gets_the_next_version_and_an_event_carrying_it(lab) -> None
 def test_a_change_the_life_cycle_forbids_is_refused_and_writes_nothing(lab, steps, bad, field,
                                                                      words) -> None:
     for step in steps:
-        change_status(lab.queue, "o-1", step)
+        change_status(lab.broker, "o-1", step)
     before = written(lab)
     with pytest.raises(InvalidInput, match=re.escape(words)) as refused:
-        change_status(lab.queue, "o-1", bad)
+        change_status(lab.broker, "o-1", bad)
     assert refused.value.field == field and refused.value.value == bad
     assert written(lab) == before
 
@@ -65,7 +65,7 @@ def test_a_change_the_life_cycle_forbids_is_refused_and_writes_nothing(lab, step
 def test_an_unknown_order_is_refused_naming_it(lab) -> None:
     before = written(lab)
     with pytest.raises(InvalidInput, match="the id of a placed order") as refused:
-        change_status(lab.queue, "o-404", "paid")
+        change_status(lab.broker, "o-404", "paid")
     assert (refused.value.field, refused.value.value) == ("order_id", "o-404")
     assert written(lab) == before
 
@@ -92,9 +92,9 @@ def delivery(status: str, version: int, n: int = 1) -> Delivery:
 @pytest.mark.parametrize(("versioned", "final"), [(False, "paid"), (True, "shipped")])
 def test_an_older_event_after_a_newer_one(lab, versioned, final) -> None:
     handle = ordering.status_handler(versioned=versioned, clock=FakeClock())
-    handle(lab.conn, delivery("shipped", 3))
-    handle(lab.conn, delivery("paid", 2))
-    assert lab.conn.execute("SELECT status FROM order_status").fetchone()[0] == final
+    handle(lab.store, delivery("shipped", 3))
+    handle(lab.store, delivery("paid", 2))
+    assert lab.store.execute("SELECT status FROM order_status").fetchone()[0] == final
 
 
 def test_newer_wins_ignores_order_and_repetition(lab) -> None:
@@ -103,10 +103,10 @@ def test_newer_wins_ignores_order_and_repetition(lab) -> None:
     events = [delivery("paid", 2), delivery("shipped", 3), delivery("paid", 2, n=2)]
     handle = ordering.status_handler(versioned=True, clock=FakeClock())
     for order in itertools.permutations(events):
-        lab.conn.execute("DELETE FROM order_status")
+        lab.store.execute("DELETE FROM order_status")
         for d in order:
-            handle(lab.conn, d)
-        assert tuple(lab.conn.execute("SELECT status, version FROM order_status").fetchone()) == (
+            handle(lab.store, d)
+        assert tuple(lab.store.execute("SELECT status, version FROM order_status").fetchone()) == (
             "shipped", 3)
 
 
@@ -118,9 +118,9 @@ def test_a_bad_status_event_is_a_poison_message(lab, payload) -> None:
     handle = ordering.status_handler(versioned=True, clock=FakeClock())
     bad = delivery("paid", 2)._replace(payload=payload)
     with pytest.raises(PoisonMessage):
-        handle(lab.conn, bad)
+        handle(lab.store, bad)
     with pytest.raises(PoisonMessage, match="unknown event type"):
-        handle(lab.conn, delivery("paid", 2)._replace(type="OrderShipped"))
+        handle(lab.store, delivery("paid", 2)._replace(type="OrderShipped"))
 
 
 def test_bad_arguments_name_the_field() -> None:
@@ -133,9 +133,9 @@ def test_bad_arguments_name_the_field() -> None:
 
 
 def test_the_check_counts_missing_statuses_while_events_are_queued(lab) -> None:
-    change_status(lab.queue, "o-1", "paid")
-    assert status_check(lab.conn) == ordering.StatusCheck(orders=1, correct=0, wrong=0, missing=1)
-    assert status_check(lab.conn).verdict == "BROKEN: 1 missing of 1 order statuses"
+    change_status(lab.broker, "o-1", "paid")
+    assert status_check(lab.store) == ordering.StatusCheck(orders=1, correct=0, wrong=0, missing=1)
+    assert status_check(lab.store).verdict == "BROKEN: 1 missing of 1 order statuses"
 
 
 # -- over many seeds ------------------------------------------------------------------------------

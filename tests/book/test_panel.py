@@ -43,8 +43,8 @@ def ran(mode: str = "idempotent", orders: int = 30, seed: int = 3, steps: int | 
 @pytest.mark.parametrize("steps", [None, 25])
 def test_counters_agree_with_the_checker_and_the_log(mode, rates, steps):
     lab = ran(mode, steps=steps, **rates)
-    counts = labviews.counters(lab.conn)
-    result = check(lab.conn)
+    counts = labviews.counters(lab.store)
+    result = check(lab.store)
     assert counts["duplicated"] == result.extra_applications
     assert counts["lost"] == result.lost
     assert counts["orders"] == result.orders == 30
@@ -65,10 +65,10 @@ def test_counters_follow_a_repair_like_the_checker():
     lab.place_orders(5)
     lab.lose_messages(3)
     lab.run_until_idle()
-    before = labviews.counters(lab.conn)
+    before = labviews.counters(lab.store)
     assert before["duplicated"] > 0 and before["lost"] == 3
     lab.reconcile()
-    after = labviews.counters(lab.conn)
+    after = labviews.counters(lab.store)
     # The repair fixed the projection, not the history: the duplicates stay counted, as the
     # verdict's "OK (repaired)" names them, and the lost orders are now counted by the repair.
     assert (after["duplicated"], after["lost"], after["repaired"]) == \
@@ -82,10 +82,10 @@ def test_counters_follow_a_repair_like_the_checker():
 def test_queue_view_says_which_messages_are_visible_leased_or_delayed():
     lab = Lab(seed=1)
     lab.place_orders(3)
-    (held,) = lab.queue.receive(2.0)
-    other = lab.queue.receive(2.0)[0]
-    lab.queue.nack(other, 5.0, error="RuntimeError: boom")
-    view = labviews.queue_view(lab.conn, lab.clock.now())
+    (held,) = lab.broker.receive(2.0)
+    other = lab.broker.receive(2.0)[0]
+    lab.broker.nack(other, 5.0, error="RuntimeError: boom")
+    view = labviews.queue_view(lab.store, lab.clock.now())
     assert list(view.columns) == ["message_id", "order_id", "deliveries", "state",
                                   "visible_at", "lease_until", "last_error"]
     by_id = view.set_index("message_id")
@@ -95,26 +95,26 @@ def test_queue_view_says_which_messages_are_visible_leased_or_delayed():
     assert by_id.loc[other.message_id, "last_error"] == "RuntimeError: boom"
     assert list(view.state).count("visible") == 1
     lab.advance(2.5)  # the lease ran out: visible again, nobody holds it
-    later = labviews.queue_view(lab.conn, lab.clock.now()).set_index("message_id")
+    later = labviews.queue_view(lab.store, lab.clock.now()).set_index("message_id")
     assert later.loc[held.message_id, "state"] == "visible"
-    assert len(labviews.queue_view(lab.conn, 0.0, limit=2)) == 2
-    assert len(labviews.queue_view(lab.conn, 0.0, limit=None)) == 3
+    assert len(labviews.queue_view(lab.store, 0.0, limit=2)) == 2
+    assert len(labviews.queue_view(lab.store, 0.0, limit=None)) == 3
 
 
 def test_inbox_view_is_newest_first_with_the_order_of_each_event():
     lab = ran("idempotent", orders=6)
-    view = labviews.inbox_view(lab.conn)
+    view = labviews.inbox_view(lab.store)
     assert list(view.columns) == ["event_id", "order_id", "processed_at"]
     assert list(view.processed_at) == sorted(view.processed_at, reverse=True)
     orders = lab.orders().set_index("event_id")
     assert all(orders.loc[e, "order_id"] == o for e, o in zip(view.event_id, view.order_id,
                                                               strict=True))
-    assert len(labviews.inbox_view(lab.conn, limit=4)) == 4
+    assert len(labviews.inbox_view(lab.store, limit=4)) == 4
 
 
 def test_dead_letter_view_shows_the_last_error():
     lab = ran("idempotent", orders=5, process_error=1.0)
-    view = labviews.dead_letter_view(lab.conn)
+    view = labviews.dead_letter_view(lab.store)
     assert len(view) == 5
     assert list(view.columns) == ["message_id", "order_id", "deliveries", "last_error",
                                   "dead_at"]
@@ -124,7 +124,7 @@ def test_dead_letter_view_shows_the_last_error():
 def test_views_refuse_a_negative_limit():
     lab = Lab()
     with pytest.raises(InvalidInput, match="^limit must be an integer >= 0, got -1$"):
-        labviews.inbox_view(lab.conn, limit=-1)
+        labviews.inbox_view(lab.store, limit=-1)
 
 
 def test_table_html_escapes_shades_and_counts_rows():
@@ -142,7 +142,7 @@ def test_table_html_escapes_shades_and_counts_rows():
 
 def test_projection_html_highlights_only_the_items_that_drifted():
     lab = ran("at-least-once", orders=12, ack_fail=0.5)
-    frame = labviews.projection_view(lab.conn)
+    frame = labviews.projection_view(lab.store)
     drifted = int((frame.delta != 0).sum())
     assert 0 < drifted < len(frame)
     out = labviews.projection_html(frame, uuid="t")
@@ -165,7 +165,7 @@ def test_reconfigure_changes_the_knobs_and_keeps_the_data():
     assert [w.name for w in lab.workers] == ["worker-1", "worker-2", "worker-3"]
     assert {str(w.mode) for w in lab.workers} == {"at-least-once"}
     assert {w.visibility_timeout for w in lab.workers} == {0.5}
-    assert all(w.broker is lab.queue and w.faults is faults for w in lab.workers)
+    assert all(w.broker is lab.broker and w.faults is faults for w in lab.workers)
     labviews.reconfigure(lab, workers=1)
     assert len(lab.workers) == 1 and str(lab.mode) == "at-least-once"
     assert lab.orders().equals(before)
@@ -274,7 +274,7 @@ def test_at_most_once_with_crashes_loses_effects():
     panel = LabPanel(seed=7, orders=20, mode="at-most-once", crash_rate=0.3)
     panel.place_button.click()
     panel.run_button.click()
-    assert value_of(panel.counter_widgets["lost"]) == check(panel.lab.conn).lost > 0
+    assert value_of(panel.counter_widgets["lost"]) == check(panel.lab.store).lost > 0
     assert "lost" in panel.verdict_text
 
 

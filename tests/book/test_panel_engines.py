@@ -95,7 +95,7 @@ def test_a_lab_on_a_postgres_url_runs_the_scenario_of_the_sqlite_lab():
             lab.place_orders(20)
             results.append((lab.engine, lab.run_until_idle().verdict, lab.stats().as_dict(),
                             lab.events().to_dict("records")))
-            lab.conn.close()
+            lab.store.close()
         (e1, *sqlite_run), (e2, *pg_run) = results
         assert (e1, e2) == ("sqlite", "postgresql")
         assert pg_run == sqlite_run

@@ -64,8 +64,8 @@ def test_while_working_ignores_a_zero_sleep_and_checks_after():
 
 def test_place_order_with_crash_writes_nothing(lab):
     with pytest.raises(SimulatedCrash, match="between_order_and_event"):
-        place_order_with_crash(lab.queue, item_id="tea", qty=1, idempotency_key="k-1")
-    assert store.table_counts(lab.conn) == dict.fromkeys(store.TABLES, 0)
+        place_order_with_crash(lab.broker, item_id="tea", qty=1, idempotency_key="k-1")
+    assert store.table_counts(lab.store) == dict.fromkeys(store.TABLES, 0)
     # The key was never used, so the retry is a first request, and a replay after it is not.
     assert lab.order("tea", 1, idempotency_key="k-1").created
     assert not lab.order("tea", 1, idempotency_key="k-1").created
@@ -187,10 +187,10 @@ def test_catalogue_handler_refuses_unknown_items_and_applies_known_ones(lab):
     lab.order("tea", 2)
     lab.order("oat-milk", 1)
     handle = catalogue_handler(["tea"])
-    first, second = lab.queue.receive(2.0, max_messages=2)
-    handle(lab.conn, first)
+    first, second = lab.broker.receive(2.0, max_messages=2)
+    handle(lab.store, first)
     with pytest.raises(UnknownItem, match="item 'oat-milk' is not in the catalogue"):
-        handle(lab.conn, second)
+        handle(lab.store, second)
     assert lab.projection() == {"tea": 2}
 
 
@@ -247,7 +247,7 @@ def test_the_poison_message_stands_out_by_its_errors(acks_lost):
 
 def test_delivery_histogram_without_poison_is_within_max_receives():
     lab = ack_loss_run(0.3, orders=100, seed=5, max_receives=3, poison=False)
-    hist = delivery_histogram(lab.conn, 0.3, 3)
+    hist = delivery_histogram(lab.store, 0.3, 3)
     assert hist.observed.sum() == 100
     # A healthy message whose ACKs keep failing is dead-lettered after max_receives receives,
     # though it was applied: the check still counts it once.
@@ -261,7 +261,7 @@ def test_follow_lists_the_order_each_delivery_and_the_inbox_row_in_time_order():
     lab = Lab(seed=9, mode="idempotent", faults=Faults(seed=9, ack_fail=0.8))
     lab.place_order("coffee-beans", 1, order_id="o-001")
     lab.run_until_idle()
-    trail = follow(lab.conn, "o-001")
+    trail = follow(lab.store, "o-001")
     assert list(trail.columns) == ["at", "table", "what", "detail"]
     assert trail.table.iloc[0] == "orders"
     whats = trail.what.tolist()
@@ -270,7 +270,7 @@ def test_follow_lists_the_order_each_delivery_and_the_inbox_row_in_time_order():
     assert trail["at"].is_monotonic_increasing
     log_rows = trail[trail.table == "delivery_log"]
     assert len(log_rows) == len(lab.log("o-001"))
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
     # Seed 9 (chapter 3) loses the first two ACKs and lets the third through.
     assert log_rows.what.tolist()[-3:] == ["received (delivery #3)",
                                            "duplicate_skipped (delivery #3)",

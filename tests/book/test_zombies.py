@@ -33,8 +33,8 @@ def test_fencing_token_refuses_the_zombies_write_and_ack():
 def test_a_refused_write_is_in_the_trace_as_fenced():
     lab = Lab(seed=8)
     lab.place_order("coffee-beans", 1, order_id="o-001")
-    zombies.zombie_story(lab.conn, lab.queue, lab.clock, fence=True, pause=lab.clock.advance)
-    rows = lab.conn.execute("SELECT worker, detail FROM delivery_log WHERE outcome = 'fenced'"
+    zombies.zombie_story(lab.store, lab.broker, lab.clock, fence=True, pause=lab.clock.advance)
+    rows = lab.store.execute("SELECT worker, detail FROM delivery_log WHERE outcome = 'fenced'"
                             ).fetchall()
     assert [tuple(r) for r in rows] == [("worker-A", "stale fencing token 1")]
 
@@ -79,7 +79,7 @@ def test_store_refuses_a_non_bool_fenced():
 
 def test_attempt_before_receive_is_refused():
     lab = Lab(seed=1)
-    attempt = zombies.LabelAttempt(lab.conn, lab.queue, zombies.DocumentStore(clock=lab.clock),
+    attempt = zombies.LabelAttempt(lab.store, lab.broker, zombies.DocumentStore(clock=lab.clock),
                                    lab.clock, "w")
     with pytest.raises(InvalidInput, match="delivery"):
         attempt.write_label()

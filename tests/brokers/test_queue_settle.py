@@ -15,7 +15,7 @@ VT = 2.0
 
 def deliver_until_parked(lab, q: Queue, path: str) -> int:
     """Deliver one message until the queue parks it; return how many deliveries happened."""
-    lab.queue.send("evt-0", "OrderPlaced", {"itemId": "tea", "qty": 1}, correlation_id="o-0")
+    lab.broker.send("evt-0", "OrderPlaced", {"itemId": "tea", "qty": 1}, correlation_id="o-0")
     delivered = 0
     while True:
         got = q.receive(VT)
@@ -35,12 +35,12 @@ def deliver_until_parked(lab, q: Queue, path: str) -> int:
 @pytest.mark.parametrize("path", ["nack", "lease_expiry"])
 def test_a_dead_letter_records_the_deliveries_that_happened(any_lab, path):
     lab = any_lab
-    q = Queue(lab.conn, clock=lab.clock, ids=lab.ids, max_receives=3)
+    q = Queue(lab.store, clock=lab.clock, ids=lab.ids, max_receives=3)
     delivered = deliver_until_parked(lab, q, path)
     assert delivered == 3
-    dead = lab.conn.execute("SELECT delivery_count, last_error FROM dead_letters").fetchone()
+    dead = lab.store.execute("SELECT delivery_count, last_error FROM dead_letters").fetchone()
     assert dead["delivery_count"] == delivered
-    log = lab.conn.execute("SELECT outcome, delivery_count FROM delivery_log ORDER BY seq"
+    log = lab.store.execute("SELECT outcome, delivery_count FROM delivery_log ORDER BY seq"
                            ).fetchall()
     assert [r[0] for r in log].count("received") == delivered
     assert tuple(log[-1]) == ("dead_lettered", delivered)
@@ -48,7 +48,7 @@ def test_a_dead_letter_records_the_deliveries_that_happened(any_lab, path):
         assert dead["last_error"].startswith(f"received {delivered} times (max_receives=3)")
         assert [(d.delivery_count, reason) for d, reason in q.parked] == [
             (delivered, dead["last_error"])]
-    (shown,) = collect(lab.conn, now=lab.clock.now())["deadLetters"]
+    (shown,) = collect(lab.store, now=lab.clock.now())["deadLetters"]
     assert shown["receives"] == delivered
 
 
@@ -56,20 +56,20 @@ def test_ack_many_acks_only_the_current_receipt(any_lab):
     """Whatever the order, ``ack_many`` answers as ``ack`` one by one would: the stale
     delivery is rejected, the current one acks, and the log says so."""
     lab = any_lab
-    lab.queue.send("evt-0", "OrderPlaced", {"i": 0}, correlation_id="o-0")
-    (stale,) = lab.queue.receive(VT)
+    lab.broker.send("evt-0", "OrderPlaced", {"i": 0}, correlation_id="o-0")
+    (stale,) = lab.broker.receive(VT)
     lab.clock.advance(VT)
-    (current,) = lab.queue.receive(VT)
+    (current,) = lab.broker.receive(VT)
     assert stale.seq == current.seq and stale.receipt != current.receipt
     for batch in itertools.permutations([stale, current]):
-        lab.conn.execute("SAVEPOINT try")
+        lab.store.execute("SAVEPOINT try")
         expected = [d is current for d in batch]
-        first = lab.conn.execute("SELECT max(seq) FROM delivery_log").fetchone()[0]
-        assert lab.queue.ack_many(list(batch)) == expected
-        logged = {r["delivery_count"]: r["outcome"] for r in lab.conn.execute(
+        first = lab.store.execute("SELECT max(seq) FROM delivery_log").fetchone()[0]
+        assert lab.broker.ack_many(list(batch)) == expected
+        logged = {r["delivery_count"]: r["outcome"] for r in lab.store.execute(
             "SELECT delivery_count, outcome FROM delivery_log WHERE seq > ?", (first,))}
         assert logged == {stale.delivery_count: "ack_rejected",
                           current.delivery_count: "acked"}
-        assert lab.queue.depth()["in_flight"] == 0
-        lab.conn.execute("ROLLBACK TO try")
-        lab.conn.execute("RELEASE try")
+        assert lab.broker.depth()["in_flight"] == 0
+        lab.store.execute("ROLLBACK TO try")
+        lab.store.execute("RELEASE try")

@@ -75,15 +75,15 @@ def test_without_a_key_each_consumer_charges_twice_for_its_own_reason(charges) -
 
 def test_the_outbox_demo_and_the_relays_table() -> None:
     lab = Lab(seed=12)
-    payment_outbox.install(lab.conn)
+    payment_outbox.install(lab.store)
     lab.workers = [worker_for(lab, payment_outbox.outbox_handler(clock=lab.clock))]
     for i, (item, qty) in enumerate([("coffee-beans", 1), ("green-tea", 2), ("croissant", 3)]):
         lab.place_order(item, qty, order_id=f"o-10{i}")
     assert lab.run_until_idle().ok
-    assert payment_outbox.outbox_frame(lab.conn).amount.tolist() == [500, 1000, 1500]
-    assert payment_outbox.pending(lab.conn) == 3
+    assert payment_outbox.outbox_frame(lab.store).amount.tolist() == [500, 1000, 1500]
+    assert payment_outbox.pending(lab.store) == 3
     provider = PaymentService(clock=lab.clock, seed=12)
-    assert (payment_outbox.relay(lab.conn, provider, clock=lab.clock)
+    assert (payment_outbox.relay(lab.store, provider, clock=lab.clock)
             == payment_outbox.RelayPass(3, False))
 
     table = payment_outbox.outbox_table(seeds=range(20), orders=20).set_index("key")
@@ -99,31 +99,31 @@ def test_the_outbox_demo_and_the_relays_table() -> None:
 def life_of_o_001(versioned, mode, faults, seed):
     lab, _ = status_lab(versioned=versioned, seed=seed, mode=mode, faults=faults)
     lab.place_order("coffee-beans", 1, order_id="o-001")
-    change_status(lab.queue, "o-001", "paid")
-    change_status(lab.queue, "o-001", "shipped")
+    change_status(lab.broker, "o-001", "paid")
+    change_status(lab.broker, "o-001", "shipped")
     return lab, lab.run_until_idle()
 
 
 def final_status(lab):
-    return lab.conn.execute("SELECT status FROM order_status").fetchone()[0]
+    return lab.store.execute("SELECT status FROM order_status").fetchone()[0]
 
 
 def test_seed_6_a_lost_ack_brings_paid_back_after_shipped() -> None:
     lab, result = life_of_o_001(False, "at-least-once", Faults(seed=6, ack_fail=0.5), 6)
-    log = status_log(lab.conn, "o-001")
+    log = status_log(lab.store, "o-001")
     assert log.outcome.tolist().count("ack_failed") == 1
     lost = log[log.outcome == "ack_failed"].iloc[0]
     assert lost.event == "paid (v2)" and lost.delivery_count == 1
     shipped = log[(log.event == "shipped (v3)") & (log.outcome == "applied")]["at"].tolist()
     again = log[(log.event == "paid (v2)") & (log.delivery_count == 2)]
     assert shipped == [0.25] and again["at"].tolist()[0] == 2.1
-    assert final_status(lab) == "paid" and status_check(lab.conn).wrong == 1
+    assert final_status(lab) == "paid" and status_check(lab.store).wrong == 1
     assert result.ok  # the checker counts OrderPlaced: applied once
 
 
 def test_seed_7_a_failed_attempt_is_overtaken_while_the_checker_is_satisfied() -> None:
     lab, result = life_of_o_001(False, "idempotent", Faults(seed=7, process_error=0.5), 7)
-    log = status_log(lab.conn, "o-001")
+    log = status_log(lab.store, "o-001")
     nacked = log[log.outcome == "nacked"]
     assert nacked.event.tolist() == ["paid (v2)"]
     applied = log[log.outcome == "applied"].event.tolist()
@@ -135,12 +135,12 @@ def two_workers(versioned):
     lab, _ = status_lab(versioned=versioned, seed=40)
     lab.place_order("coffee-beans", 1, order_id="o-002")
     lab.run_until_idle()
-    change_status(lab.queue, "o-002", "paid")
-    change_status(lab.queue, "o-002", "shipped")
-    kw = {"broker": lab.queue, "work_time": 0.05,
+    change_status(lab.broker, "o-002", "paid")
+    change_status(lab.broker, "o-002", "shipped")
+    kw = {"broker": lab.broker, "work_time": 0.05,
           "handler": ordering.status_handler(versioned=versioned, clock=lab.clock)}
-    second = Worker(store=lab.conn, clock=lab.clock, name="worker-2", **kw)
-    first = Worker(store=lab.conn, clock=WhileWorking(lab.clock, second.step), name="worker-1",
+    second = Worker(store=lab.store, clock=lab.clock, name="worker-2", **kw)
+    first = Worker(store=lab.store, clock=WhileWorking(lab.clock, second.step), name="worker-1",
                    **kw)
     first.step()
     return lab
@@ -148,7 +148,7 @@ def two_workers(versioned):
 
 def test_two_workers_commit_in_the_opposite_order_of_the_events() -> None:
     lab = two_workers(False)
-    log = status_log(lab.conn, "o-002")
+    log = status_log(lab.store, "o-002")
     applied = log[log.outcome == "applied"][["worker", "event"]].values.tolist()
     assert applied == [["worker-1", "placed (v1)"], ["worker-2", "shipped (v3)"],
                        ["worker-1", "paid (v2)"]]
@@ -160,7 +160,7 @@ def test_versions_fix_the_three_stories() -> None:
     ack, _ = life_of_o_001(True, "at-least-once", Faults(seed=6, ack_fail=0.5), 6)
     retry, _ = life_of_o_001(True, "idempotent", Faults(seed=7, process_error=0.5), 7)
     for lab in (ack, retry, two_workers(True)):
-        assert status_check(lab.conn).ok and final_status(lab) == "shipped"
+        assert status_check(lab.store).ok and final_status(lab) == "shipped"
 
 
 def test_the_status_table() -> None:
@@ -202,7 +202,7 @@ def flaky_day(seed=3):
 
 
 def healthy(lab):
-    return Worker(store=lab.conn, clock=lab.clock, broker=lab.queue, name="worker-healthy")
+    return Worker(store=lab.store, clock=lab.clock, broker=lab.broker, name="worker-healthy")
 
 
 def test_seed_3_the_short_horizon_duplicates_every_redriven_dead_letter() -> None:
@@ -210,9 +210,9 @@ def test_seed_3_the_short_horizon_duplicates_every_redriven_dead_letter() -> Non
     plain = retention.horizon_of(lab.workers[0])
     parked = len(lab.dead_letters())
     lab.advance(retention.DAY)
-    assert retention.prune_inbox(lab.conn, older_than=plain.total, horizon=plain,
+    assert retention.prune_inbox(lab.store, older_than=plain.total, horizon=plain,
                                  clock=lab.clock) == 20
-    assert lab.queue.redrive() == parked
+    assert lab.broker.redrive() == parked
     healthy(lab).run_until_idle()
     result = lab.check()
     assert result.duplicated == result.extra_applications == parked
@@ -225,10 +225,10 @@ def test_seed_3_the_horizon_with_the_redrive_window_keeps_the_rows() -> None:
     parked = len(lab.dead_letters())
     lab.advance(retention.DAY)
     with pytest.raises(InvalidInput):
-        retention.prune_inbox(lab.conn, older_than=plain.total, horizon=long, clock=lab.clock)
-    assert retention.prune_inbox(lab.conn, older_than=long.total, horizon=long,
+        retention.prune_inbox(lab.store, older_than=plain.total, horizon=long, clock=lab.clock)
+    assert retention.prune_inbox(lab.store, older_than=long.total, horizon=long,
                                  clock=lab.clock) == 0
-    assert lab.queue.redrive() == parked
+    assert lab.broker.redrive() == parked
     assert healthy(lab).run_until_idle().duplicates_skipped == parked
     assert lab.check().ok
 

@@ -193,10 +193,10 @@ def test_the_naive_consumer_applies_the_order_twice_step_by_step() -> None:
     queue = lab.queue_table()
     assert queue[["delivery_count", "lease_until"]].values.tolist() == [[1, 2.0]]
     assert lab.projection()[["truth", "projection"]].values.tolist() == [[1, 1]]
-    assert lab.queue.depth() == {"visible": 0, "in_flight": 1, "dead_letters": 0}
+    assert lab.broker.depth() == {"visible": 0, "in_flight": 1, "dead_letters": 0}
     lab.advance(1.9)
     assert lab.clock.now() == 2.0
-    assert lab.queue.depth() == {"visible": 1, "in_flight": 0, "dead_letters": 0}
+    assert lab.broker.depth() == {"visible": 1, "in_flight": 0, "dead_letters": 0}
     assert lab.step() == 1
     assert outcomes(lab) == [(1, "received"), (1, "applied"), (1, "ack_failed"),
                              (2, "received"), (2, "applied"), (2, "acked")]
@@ -281,12 +281,12 @@ def test_a_transaction_cannot_take_back_an_email() -> None:
 def test_a_stale_receipt_is_refused_and_the_refusal_is_recorded() -> None:
     lab = Lab(seed=STORY_SEED)
     lab.place_order("coffee-beans", 1, order_id="o-001")
-    [stale] = lab.queue.receive(2.0, worker="worker-1")
+    [stale] = lab.broker.receive(2.0, worker="worker-1")
     lab.advance(2.5)  # the lease ran out; the queue hands the message to worker 2
-    [current] = lab.queue.receive(2.0, worker="worker-2")
-    assert lab.queue.ack(stale, worker="worker-1") is False
+    [current] = lab.broker.receive(2.0, worker="worker-2")
+    assert lab.broker.ack(stale, worker="worker-1") is False
     assert len(lab.queue_table()) == 1  # nothing deleted
     rejected = lab.log("o-001").query("outcome == 'ack_rejected'")
     assert rejected[["worker", "delivery_count"]].values.tolist() == [["worker-1", 1]]
-    assert lab.queue.ack(current, worker="worker-2") is True
+    assert lab.broker.ack(current, worker="worker-2") is True
     assert lab.queue_table().empty

@@ -44,7 +44,7 @@ def test_chapter_4_one_order_with_most_acks_lost():
               echo=lines.append)
     lab.place_order("coffee-beans", 1, order_id="o-001")
     assert lab.run_until_idle().ok
-    story = timeline(lab.conn, "o-001")
+    story = timeline(lab.store, "o-001")
     by_delivery = story.groupby("delivery_count").outcome.apply(list).to_dict()
     assert by_delivery == {1: ["received", "applied", "ack_failed"],
                            2: ["received", "duplicate_skipped", "ack_failed"],
@@ -189,11 +189,11 @@ def test_chapter_5_a_watermark_loses_an_order_committed_out_of_id_order():
         lab.place_order("green-tea", 1, order_id=f"o-{n:04d}")
     lab.run_until_idle()
     lab.place_order("green-tea", 2, order_id="o-0012")
-    with store.transaction(lab.conn):  # the chapter's repair_with_watermark
-        lab.conn.execute("DELETE FROM inventory_projection")
-        lab.conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+    with store.transaction(lab.store):  # the chapter's repair_with_watermark
+        lab.store.execute("DELETE FROM inventory_projection")
+        lab.store.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                          " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-        watermark["order_id"] = lab.conn.execute("SELECT max(order_id) FROM orders").fetchone()[0]
+        watermark["order_id"] = lab.store.execute("SELECT max(order_id) FROM orders").fetchone()[0]
     lab.place_order("green-tea", 5, order_id="o-0011")
     result = lab.run_until_idle()
     assert watermark == {"order_id": "o-0012"}

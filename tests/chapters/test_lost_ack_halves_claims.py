@@ -333,9 +333,9 @@ def test_the_counters_keep_what_a_repair_hid_as_the_verdict_does(seed):
               faults=Faults(seed=seed, ack_fail=0.5, lose_message=0.1))
     lab.place_orders(30)
     lab.run_until_idle()
-    before = labviews.counters(lab.conn)
+    before = labviews.counters(lab.store)
     lab.reconcile()
-    after, result = labviews.counters(lab.conn), lab.check()
+    after, result = labviews.counters(lab.store), lab.check()
     assert result.ok and result.repaired
     assert after["duplicated"] == before["duplicated"] == \
         result.extra_applications + result.repaired_extra_applications > 0
@@ -345,7 +345,7 @@ def test_the_counters_keep_what_a_repair_hid_as_the_verdict_does(seed):
     # More duplicates after the repair add to the ones it hid, as the verdict's two parts do.
     lab.place_orders(10)
     lab.run_until_idle()
-    later, result = labviews.counters(lab.conn), lab.check()
+    later, result = labviews.counters(lab.store), lab.check()
     assert later["duplicated"] == result.extra_applications + result.repaired_extra_applications
 
 

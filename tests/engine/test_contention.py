@@ -27,7 +27,7 @@ ITEMS = [f"item-{i}" for i in range(10)]
 
 
 def fill(lab, n):
-    with store.transaction(lab.conn):  # one commit for the whole setup
+    with store.transaction(lab.store):  # one commit for the whole setup
         for i in range(n):
             lab.order(ITEMS[i % len(ITEMS)], 1 + i % 5)
 
@@ -88,7 +88,7 @@ def test_threads_with_their_own_connections_never_claim_the_same_message(file_la
     every = [m for got in claimed.values() for m in got]
     assert len(every) == len(set(every)) == 1200
     assert sum(1 for got in claimed.values() if got) >= 2  # they really did compete
-    assert_each_delivery_received_once(lab.conn)
+    assert_each_delivery_received_once(lab.store)
 
 
 def test_worker_threads_upserting_the_same_items_reach_the_truth(file_lab):
@@ -113,7 +113,7 @@ def test_worker_threads_upserting_the_same_items_reach_the_truth(file_lab):
         t.join(120)
     assert sum(s.applied for s in stats) == 900
     assert lab.projection() == lab.truth()
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_processes_never_claim_the_same_message(tmp_path):
     every = [m for g in got for m in g]
     assert len(every) == len(set(every)) == 1500
     assert sum(1 for g in got if g) >= 2
-    assert_each_delivery_received_once(lab.conn)
+    assert_each_delivery_received_once(lab.store)
 
 
 @pytest.mark.slow
@@ -152,9 +152,9 @@ def test_three_worker_processes_with_lost_acks_apply_every_event_once(tmp_path):
     # About 30% of ACKs were lost, and every one of those came back as a duplicate.
     assert 0.2 < total["ack_failed"] / total["received"] < 0.4
     assert total["duplicates_skipped"] >= total["ack_failed"]
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.ok, result.verdict
     assert (result.duplicated, result.lost, result.pending) == (0, 0, 0)
     assert lab.projection() == lab.truth()
-    assert_each_delivery_received_once(lab.conn)
-    assert store.table_counts(lab.conn)["queue_messages"] == 0
+    assert_each_delivery_received_once(lab.store)
+    assert store.table_counts(lab.store)["queue_messages"] == 0

@@ -24,7 +24,7 @@ SETTLED = {"acked", "ack_failed", "ack_rejected", "crashed", "lost", "nacked", "
 
 
 def place(lab, n, start):
-    with store.transaction(lab.conn):
+    with store.transaction(lab.store):
         for i in range(start, start + n):
             lab.order(f"item-{i % 8}", 1 + i % 4, order_id=f"o-{i:05d}")
     return start + n
@@ -66,7 +66,7 @@ def test_sigkilled_workers_restart_and_the_guarantee_holds(tmp_path, mode):
     while kills < KILLS:
         time.sleep(rng.uniform(0.02, 0.12))
         # The producer keeps going through the crashes, topping the backlog up.
-        queued = store.table_counts(lab.conn)["queue_messages"]
+        queued = store.table_counts(lab.store)["queue_messages"]
         placed = place(lab, max(10, BACKLOG - queued), placed)
         k = rng.randrange(WORKERS)
         victim = procs[k]
@@ -86,8 +86,8 @@ def test_sigkilled_workers_restart_and_the_guarantee_holds(tmp_path, mode):
 
     assert kills >= 20
     # Most kills landed while a worker held a delivery (between its receive and its ACK).
-    assert interrupted_deliveries(lab.conn) >= KILLS // 3
-    result = check(lab.conn)
+    assert interrupted_deliveries(lab.store) >= KILLS // 3
+    result = check(lab.store)
     assert result.orders == placed
     assert (result.pending, result.lost, result.dead_lettered) == (0, 0, 0), result.verdict
     if mode == "at-least-once":
@@ -96,4 +96,4 @@ def test_sigkilled_workers_restart_and_the_guarantee_holds(tmp_path, mode):
         assert result.ok, result.verdict
         assert result.duplicated == 0
         assert lab.projection() == lab.truth()
-    assert store.table_counts(lab.conn)["queue_messages"] == 0
+    assert store.table_counts(lab.store)["queue_messages"] == 0

@@ -62,11 +62,11 @@ def test_file_database_runs_in_wal_with_a_busy_timeout(tmp_path):
 
 def test_every_table_is_strict(lab):
     # table_list: schema, name, type, ncol, wr (WITHOUT ROWID), strict
-    strict = {r[1]: r[5] == 1 for r in lab.conn.execute("PRAGMA main.table_list")}
+    strict = {r[1]: r[5] == 1 for r in lab.store.execute("PRAGMA main.table_list")}
     assert set(store.TABLES) <= set(strict)
     assert all(strict[t] for t in store.TABLES)
     with pytest.raises(sqlite3.IntegrityError):  # STRICT: no text in an INTEGER column
-        lab.conn.execute("INSERT INTO inventory_projection VALUES ('x', 'three')")
+        lab.store.execute("INSERT INTO inventory_projection VALUES ('x', 'three')")
 
 
 def test_schema_ships_inside_the_package():
@@ -107,33 +107,33 @@ def _rows(conn):
 
 
 def test_transaction_commits(lab):
-    with store.transaction(lab.conn):
-        lab.conn.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
-    assert not lab.conn.in_transaction
-    assert _rows(lab.conn) == [("a", 1)]
+    with store.transaction(lab.store):
+        lab.store.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
+    assert not lab.store.in_transaction
+    assert _rows(lab.store) == [("a", 1)]
 
 
 @pytest.mark.parametrize("exc", [ValueError, RuntimeError, KeyboardInterrupt, sqlite3.Error])
 def test_transaction_rolls_back_on_any_exception(lab, exc):
     with pytest.raises(exc):
-        with store.transaction(lab.conn):
-            lab.conn.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
+        with store.transaction(lab.store):
+            lab.store.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
             raise exc("boom")
-    assert not lab.conn.in_transaction
-    assert _rows(lab.conn) == []
+    assert not lab.store.in_transaction
+    assert _rows(lab.store) == []
 
 
 def test_transaction_rolls_back_after_a_failed_statement(lab):
     with pytest.raises(sqlite3.IntegrityError):
-        with store.transaction(lab.conn):
-            lab.conn.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
-            lab.conn.execute("INSERT INTO inventory_projection VALUES ('a', 2)")  # duplicate key
-    assert _rows(lab.conn) == []
+        with store.transaction(lab.store):
+            lab.store.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
+            lab.store.execute("INSERT INTO inventory_projection VALUES ('a', 2)")  # duplicate key
+    assert _rows(lab.store) == []
 
 
 def test_inner_transaction_joins_the_outer_one(file_lab):
     other = file_lab.connect()
-    conn = file_lab.conn
+    conn = file_lab.store
     with store.transaction(conn):
         with store.transaction(conn):
             conn.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
@@ -144,23 +144,23 @@ def test_inner_transaction_joins_the_outer_one(file_lab):
 
 def test_outer_rollback_undoes_the_joined_inner_write(lab):
     with pytest.raises(RuntimeError):
-        with store.transaction(lab.conn):
-            with store.transaction(lab.conn):
-                lab.conn.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
+        with store.transaction(lab.store):
+            with store.transaction(lab.store):
+                lab.store.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
             raise RuntimeError("the caller fails after the inner block finished")
-    assert _rows(lab.conn) == []
+    assert _rows(lab.store) == []
 
 
 def test_transaction_takes_the_write_lock_up_front(file_lab):
     """BEGIN IMMEDIATE: a second writer waits (here: times out) even before the first writes."""
     other = store.connect(file_lab.path, busy_timeout=0.05)
-    with store.transaction(file_lab.conn):
+    with store.transaction(file_lab.store):
         with pytest.raises(sqlite3.OperationalError, match="database is locked"):
             with store.transaction(other):
                 pass
     with store.transaction(other):  # free again once the first commits
         other.execute("INSERT INTO inventory_projection VALUES ('b', 2)")
-    assert _rows(file_lab.conn) == [("b", 2)]
+    assert _rows(file_lab.store) == [("b", 2)]
 
 
 def test_a_waiting_writer_gets_through_after_the_holder_commits(file_lab):
@@ -169,8 +169,8 @@ def test_a_waiting_writer_gets_through_after_the_holder_commits(file_lab):
     release = threading.Event()
 
     def hold() -> None:
-        with store.transaction(file_lab.conn):
-            file_lab.conn.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
+        with store.transaction(file_lab.store):
+            file_lab.store.execute("INSERT INTO inventory_projection VALUES ('a', 1)")
             holding.set()
             release.wait(5)
 
@@ -181,17 +181,17 @@ def test_a_waiting_writer_gets_through_after_the_holder_commits(file_lab):
     with store.transaction(other):  # blocks until the holder commits, then succeeds
         other.execute("UPDATE inventory_projection SET reserved_qty = reserved_qty + 1")
     t.join()
-    assert _rows(file_lab.conn) == [("a", 2)]
+    assert _rows(file_lab.store) == [("a", 2)]
 
 
 # -- dump and counts ---------------------------------------------------------------------------
 
 def test_dump_and_counts_see_every_table(lab):
     lab.order("coffee-beans", 2, order_id="o-001")
-    counts = store.table_counts(lab.conn)
+    counts = store.table_counts(lab.store)
     assert counts["orders"] == 1 and counts["queue_messages"] == 1
-    text = store.dump(lab.conn)
+    text = store.dump(lab.store)
     assert [line for line in text.splitlines() if line.startswith("-- ")] == [
         f"-- {t}" for t in store.TABLES]
     assert "'o-001'" in text
-    assert store.dump(lab.conn) == text  # reading does not change it
+    assert store.dump(lab.store) == text  # reading does not change it

@@ -162,20 +162,20 @@ class DeliveryModel(RuleBasedStateMachine):
     @invariant()
     def projection_matches_the_log(self):
         applied = defaultdict(int)
-        for _, item, qty, _, n, _ in event_states(self.lab.conn):
+        for _, item, qty, _, n, _ in event_states(self.lab.store):
             applied[item] += qty * n
         assert self.lab.projection() == {k: v for k, v in applied.items() if v}
 
     @invariant()
     def never_double_applies_unless_at_least_once(self):
         if self.mode is not Mode.AT_LEAST_ONCE:
-            assert check(self.lab.conn).duplicated == 0
+            assert check(self.lab.store).duplicated == 0
 
     def teardown(self):
         try:
             self._drain_and_judge()
         finally:
-            self.lab.conn.close()
+            self.lab.store.close()
 
     def _drain_and_judge(self):
         self.held = []  # every worker crashes; a fresh one drains the queue
@@ -183,9 +183,9 @@ class DeliveryModel(RuleBasedStateMachine):
         cleaner = self.lab.worker(mode=self.mode, name="drain", max_receives=MAX_RECEIVES)
         for _ in range(10):
             self.lab.drain(cleaner)
-            if not self.lab.queue.redrive():
+            if not self.lab.broker.redrive():
                 break
-        result = check(self.lab.conn)
+        result = check(self.lab.store)
         assert result.pending == 0 and result.dead_lettered == 0
         if self.mode is Mode.AT_MOST_ONCE:
             assert result.duplicated == 0, result.verdict

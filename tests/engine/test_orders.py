@@ -22,7 +22,7 @@ from deliverylab.engine.orders import (
 
 
 def counts(lab):
-    c = store.table_counts(lab.conn)
+    c = store.table_counts(lab.store)
     return c["orders"], c["queue_messages"]
 
 
@@ -30,9 +30,9 @@ def test_an_order_and_its_event_are_written_together(any_lab):
     lab = any_lab
     placed = lab.order("coffee-beans", 2, order_id="o-001")
     assert placed.created and placed.order_id == "o-001"
-    order = get_order(lab.conn, "o-001")
+    order = get_order(lab.store, "o-001")
     assert (order.item_id, order.qty, order.event_id) == ("coffee-beans", 2, placed.event_id)
-    msg = lab.conn.execute("SELECT * FROM queue_messages").fetchone()
+    msg = lab.store.execute("SELECT * FROM queue_messages").fetchone()
     assert msg["event_id"] == placed.event_id and msg["type"] == EVENT_TYPE
     assert msg["correlation_id"] == "o-001"
     assert json.loads(msg["payload"]) == {"orderId": "o-001", "itemId": "coffee-beans", "qty": 2}
@@ -49,14 +49,14 @@ def test_order_ids_are_generated_when_not_given_and_are_unique(lab):
 
 def test_a_database_error_on_the_event_insert_rolls_back_the_order(any_lab):
     lab = any_lab
-    lab.conn.execute("CREATE TRIGGER outbox_fails BEFORE INSERT ON queue_messages"
+    lab.store.execute("CREATE TRIGGER outbox_fails BEFORE INSERT ON queue_messages"
                      " BEGIN SELECT RAISE(ABORT, 'disk full (simulated)'); END")
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     with pytest.raises(sqlite3.IntegrityError, match="disk full"):
         lab.order("coffee-beans", 1, order_id="o-001")
     assert counts(lab) == (0, 0)
-    assert store.dump(lab.conn) == before
-    assert not lab.conn.in_transaction
+    assert store.dump(lab.store) == before
+    assert not lab.store.in_transaction
 
 
 def test_a_crash_after_the_order_insert_leaves_neither(any_lab, monkeypatch):
@@ -83,14 +83,14 @@ def test_a_crash_after_the_order_insert_leaves_neither(any_lab, monkeypatch):
 
 def test_the_seeds_dual_write_loses_the_event_and_the_checker_sees_it(lab):
     """Contrast: order committed on its own, then the process dies before the second write."""
-    with store.transaction(lab.conn):
-        lab.conn.execute(
+    with store.transaction(lab.store):
+        lab.store.execute(
             "INSERT INTO orders (order_id, item_id, qty, event_id, request_hash, created_at)"
             " VALUES ('o-001', 'coffee-beans', 1, 'evt-1', ?, 0)",
             (request_hash("coffee-beans", 1),))
     # ... crash here: the queue insert never happens.
     assert counts(lab) == (1, 0)
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.lost == 1 and not result.ok
 
 
@@ -99,29 +99,29 @@ def test_the_seeds_dual_write_loses_the_event_and_the_checker_sees_it(lab):
 def test_replaying_the_same_order_returns_the_first_result_and_writes_nothing(any_lab):
     lab = any_lab
     first = lab.order("coffee-beans", 1, order_id="o-001")
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     lab.clock.advance(3)
     again = lab.order("coffee-beans", 1, order_id="o-001")
     assert (again.order_id, again.event_id, again.created) == ("o-001", first.event_id, False)
-    assert store.dump(lab.conn) == before
+    assert store.dump(lab.store) == before
     assert counts(lab) == (1, 1)
 
 
 def test_the_same_order_id_with_a_different_body_is_a_conflict(any_lab):
     lab = any_lab
     lab.order("coffee-beans", 1, order_id="o-001")
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     with pytest.raises(OrderConflict, match="orderId 'o-001' was already used"):
         lab.order("coffee-beans", 2, order_id="o-001")
     with pytest.raises(OrderConflict):
         lab.order("tea", 1, order_id="o-001")
-    assert store.dump(lab.conn) == before
+    assert store.dump(lab.store) == before
 
 
 def test_idempotency_key_replay_and_conflict(any_lab):
     lab = any_lab
     first = lab.order("coffee-beans", 1, idempotency_key="req-42")
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     again = lab.order("coffee-beans", 1, idempotency_key="req-42")
     assert (again.order_id, again.event_id, again.created) == (first.order_id, first.event_id,
                                                                False)
@@ -129,7 +129,7 @@ def test_idempotency_key_replay_and_conflict(any_lab):
         lab.order("coffee-beans", 5, idempotency_key="req-42")
     with pytest.raises(OrderConflict, match="Idempotency-Key 'req-42'"):
         lab.order("coffee-beans", 1, idempotency_key="req-42", order_id="o-other")
-    assert store.dump(lab.conn) == before
+    assert store.dump(lab.store) == before
     # A new key is a new order, even with the same body.
     assert lab.order("coffee-beans", 1, idempotency_key="req-43").created
     assert counts(lab) == (2, 2)
@@ -161,15 +161,15 @@ BAD_ORDERS = [
 def test_bad_order_names_the_field_and_value_and_writes_nothing(any_lab, field, change):
     lab = any_lab
     lab.order("coffee-beans", 1, order_id="o-000")
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     kwargs = {"item_id": "coffee-beans", "qty": 1, **change}
     (value,) = change.values()
     with pytest.raises(InvalidInput) as info:
-        place_order(lab.queue, **kwargs)
+        place_order(lab.broker, **kwargs)
     assert info.value.field == field and info.value.value == value
     assert str(info.value).startswith(f"{field} must be ")
     assert str(info.value).endswith(f"got {value!r}")
-    assert store.dump(lab.conn) == before
+    assert store.dump(lab.store) == before
 
 
 def test_qty_message_states_the_bounds(lab):
@@ -190,10 +190,10 @@ def test_get_and_list_orders(lab):
     for i in range(5):
         lab.order("tea", i + 1, order_id=f"o-{i}")
         lab.clock.advance(1)
-    assert get_order(lab.conn, "o-missing") is None
-    assert [o.order_id for o in list_orders(lab.conn)] == [f"o-{i}" for i in range(5)]
-    assert [o.qty for o in list_orders(lab.conn, limit=2, offset=1)] == [2, 3]
+    assert get_order(lab.store, "o-missing") is None
+    assert [o.order_id for o in list_orders(lab.store)] == [f"o-{i}" for i in range(5)]
+    assert [o.qty for o in list_orders(lab.store, limit=2, offset=1)] == [2, 3]
     with pytest.raises(InvalidInput, match="^limit must be an integer >= 1 and <= 10000, got 0$"):
-        list_orders(lab.conn, limit=0)
+        list_orders(lab.store, limit=0)
     with pytest.raises(InvalidInput, match="^offset must be an integer >= 0, got -1$"):
-        list_orders(lab.conn, offset=-1)
+        list_orders(lab.store, offset=-1)

@@ -25,13 +25,13 @@ ORDERS = 60
 class PgEngineRig:
     def __init__(self, url: str, seed: int = 1) -> None:
         self.url, self.clock, self.ids = url, FakeClock(), Ids(seed)
-        self.conn = pgstore.connect(url)
-        self.queue = PostgresBroker(self.conn, clock=self.clock, ids=self.ids)
+        self.store = pgstore.connect(url)
+        self.broker = PostgresBroker(self.store, clock=self.clock, ids=self.ids)
 
     def place(self, n: int) -> None:
-        with db.transaction(self.conn):
+        with db.transaction(self.store):
             for i in range(n):
-                place_order(self.queue, item_id=f"item-{i % 5}", qty=1 + i % 3,
+                place_order(self.broker, item_id=f"item-{i % 5}", qty=1 + i % 3,
                             order_id=f"o-{i:04d}")
 
     def worker(self, name: str, **kw) -> Worker:
@@ -43,17 +43,17 @@ class PgEngineRig:
     def drain(self, *workers: Worker) -> None:
         for _ in range(100_000):
             if sum(w.step() for w in workers) == 0:
-                nxt = self.queue.next_visible_at()
+                nxt = self.broker.next_visible_at()
                 if nxt is None:
                     return
                 self.clock.sleep_until(nxt)
         raise AssertionError("the queue did not drain")
 
     def projection(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+        return dict(self.store.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
 
     def truth(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
+        return dict(self.store.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
 
 
 FAULTS = Faults(seed=7, ack_fail=0.3, crash_after_commit=0.1, crash_after_receive=0.1)
@@ -67,7 +67,7 @@ def test_lost_acks_and_crashes_neither_lose_nor_double_apply(pg_url, mode, batch
     workers = [lab.worker(f"w{k}", mode=mode, faults=FAULTS, max_messages=batch)
                for k in range(3)]
     lab.drain(*workers)
-    result = check(lab.conn)
+    result = check(lab.store)
     assert (result.orders, result.correct, result.lost, result.duplicated) == (ORDERS, ORDERS,
                                                                                0, 0)
     assert lab.projection() == lab.truth()
@@ -82,7 +82,7 @@ def test_at_least_once_double_applies_a_lost_ack_on_postgres_too(pg_url):
     lab = PgEngineRig(pg_url)
     lab.place(ORDERS)
     lab.drain(lab.worker("w0", mode="at-least-once", faults=Faults(seed=7, ack_fail=0.3)))
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.duplicated > 0 and result.lost == 0
     assert lab.projection() != lab.truth()
 
@@ -92,7 +92,7 @@ def test_at_most_once_loses_a_crash_after_the_ack_on_postgres_too(pg_url):
     lab.place(ORDERS)
     lab.drain(lab.worker("w0", mode="at-most-once",
                          faults=Faults(seed=7, crash_after_receive=0.2)))
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.lost > 0 and result.duplicated == 0
 
 
@@ -105,7 +105,7 @@ def test_the_delivery_count_survives_a_crash_and_a_poison_message_is_dead_letter
                    faults=Faults(seed=1, crash_after_receive=1.0))
     lab.drain(w)
     assert w.stats.crashed == 3 and w.stats.dead_lettered == 1
-    (count,) = lab.conn.execute("SELECT delivery_count FROM dead_letters").fetchone()
+    (count,) = lab.store.execute("SELECT delivery_count FROM dead_letters").fetchone()
     assert count == 3
 
 
@@ -114,12 +114,12 @@ def test_repair_then_late_deliveries_are_fenced(pg_url):
     lab.place(ORDERS)
     w = lab.worker("w0", mode="at-least-once", max_messages=5)
     w.step()
-    result = repair(lab.conn, clock=lab.clock)
+    result = repair(lab.store, clock=lab.clock)
     assert result.orders == ORDERS and result.events_fenced == ORDERS
     lab.drain(w)
     assert lab.projection() == lab.truth()
     assert w.stats.fenced == ORDERS - 5
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
 
 
 def test_the_sqlite_broker_refuses_a_postgres_connection_and_back(pg_url, tmp_path):
@@ -171,7 +171,7 @@ def test_a_repair_waits_for_an_effect_that_read_the_fence_before_it(pg_url):
 
     lab = PgEngineRig(pg_url)
     lab.place(1)
-    (event_id,) = lab.conn.execute("SELECT event_id FROM orders").fetchone()
+    (event_id,) = lab.store.execute("SELECT event_id FROM orders").fetchone()
     effect = pgstore.connect(pg_url)
     repairer = pgstore.connect(pg_url)
     try:

@@ -36,15 +36,15 @@ class PgProcessRig:
 
     def __init__(self, url: str, tmp: Path, seed: int) -> None:
         self.url, self.tmp, self.rng = url, tmp, random.Random(seed)
-        self.conn = pgstore.connect(url)
-        self.queue = PostgresBroker(self.conn, clock=SystemClock(), ids=Ids(seed))
+        self.store = pgstore.connect(url)
+        self.broker = PostgresBroker(self.store, clock=SystemClock(), ids=Ids(seed))
         self.procs: list[Proc] = []
         self.placed = 0
 
     def place(self, n: int) -> None:
-        with db.transaction(self.conn):
+        with db.transaction(self.store):
             for _ in range(n):
-                place_order(self.queue, item_id=self.rng.choice(ITEMS),
+                place_order(self.broker, item_id=self.rng.choice(ITEMS),
                             qty=self.rng.randint(1, 4))
         self.placed += n
 
@@ -55,18 +55,18 @@ class PgProcessRig:
         return proc
 
     def queued(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+        return self.store.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
 
     def projection(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+        return dict(self.store.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
 
     def truth(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
+        return dict(self.store.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
 
     def close(self) -> None:
         for p in self.procs:
             p.stop()
-        self.conn.close()
+        self.store.close()
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_sigkilled_worker_processes_on_postgres(make_lab, mode):
         assert w.terminate() == 0, w.output()[-3000:]
     no_failures(*lab.procs)
 
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.orders == lab.placed
     assert (result.pending, result.lost, result.dead_lettered) == (0, 0, 0), result.verdict
     if mode == "at-least-once":  # lost ACKs were redelivered and applied again
@@ -166,7 +166,7 @@ def test_repairs_racing_worker_processes_on_postgres(make_lab, modes):
         lab.place(lab.rng.randint(5, 15))
         if left == 1:
             in_queue_at_last = lab.queued()
-        repair(lab.conn, clock=SystemClock())
+        repair(lab.store, clock=SystemClock())
         repairs += 1
     deadline = time.monotonic() + 120
     while lab.queued() and time.monotonic() < deadline:
@@ -178,7 +178,7 @@ def test_repairs_racing_worker_processes_on_postgres(make_lab, modes):
             w.terminate()
     no_failures(*lab.procs)
 
-    result = check(lab.conn)
+    result = check(lab.store)
     assert crashes > 0 and repairs == 3 and in_queue_at_last > 0
     assert lab.projection() == lab.truth(), result.verdict
     assert result.ok, result.verdict

@@ -89,11 +89,11 @@ def race(seed: int, modes: tuple[str, ...], *, max_messages: int) -> tuple[Engin
     while repairs_left:
         if rng.random() < 0.15:
             place(1)
-        if lab.queue.next_visible_at() is None:
+        if lab.broker.next_visible_at() is None:
             place(rng.randint(1, 3))  # keep events in flight until the last repair
         w = rng.choice(workers)
         if w.step() == 0:
-            clock.sleep_until(lab.queue.next_visible_at())
+            clock.sleep_until(lab.broker.next_visible_at())
     lab.drain(*workers)
     return lab, in_hand_at_last
 
@@ -105,12 +105,12 @@ def test_repair_racing_workers_leaves_projection_equal_to_truth(modes, max_messa
     for seed in SEEDS:
         lab, at_last = race(seed, modes, max_messages=max_messages)
         assert lab.projection() == lab.truth(), f"seed {seed}"
-        result = check(lab.conn)
+        result = check(lab.store)
         assert result.ok and result.projection_equals_truth, f"seed {seed}: {result.verdict}"
         in_hand += at_last
-        fenced += lab.conn.execute("SELECT count(*) FROM delivery_log"
+        fenced += lab.store.execute("SELECT count(*) FROM delivery_log"
                                    " WHERE outcome = 'fenced'").fetchone()[0]
-        lab.conn.close()
+        lab.store.close()
     # The race was real: repairs landed with deliveries in the workers' hands, and the fence
     # refused late effects (not an empty, lucky schedule). A team of at-most-once workers only
     # holds a lease between its receive and its ACK, so a repair catches one in hand less
@@ -137,7 +137,7 @@ def test_a_repair_between_receive_and_effect_is_not_undone(mode):
     assert lab.projection() == lab.truth() == {"tea": 2}
     assert (w.stats.applied, w.stats.fenced) == (0, 1)
     lab.drain(w)
-    assert lab.conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 0
+    assert lab.store.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 0
     assert check(conn).verdict == ("OK (repaired): projection equals truth; 1 order was never"
                                    " applied (lost or in flight) and counted by the repair")
 
@@ -147,20 +147,20 @@ def test_a_repair_between_receive_and_effect_is_not_undone(mode):
 def test_every_mode_applies_orders_placed_after_the_repair(mode, max_messages, lab):
     """The fence holds only what the repair counted: later orders apply normally."""
     lab.order("tea", 1)
-    repair(lab.conn, clock=lab.clock)
+    repair(lab.store, clock=lab.clock)
     for i in range(6):
         lab.order(ITEMS[i % 4], i + 1)
     w = lab.worker(mode=mode, max_messages=max_messages)
     lab.drain(w)
     assert (w.stats.applied, w.stats.fenced) == (6, 1)
     assert lab.projection() == lab.truth()
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
 
 
 def test_the_fence_is_per_consumer(lab):
     """A repair rebuilds one consumer's projection; another consumer's effects go on."""
     lab.order("tea", 3)
-    repair(lab.conn, clock=lab.clock, consumer="billing")
+    repair(lab.store, clock=lab.clock, consumer="billing")
     w = lab.worker(mode="at-least-once")
     lab.drain(w)
     assert (w.stats.applied, w.stats.fenced) == (1, 0)

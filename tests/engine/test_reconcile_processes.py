@@ -38,7 +38,7 @@ def lab(tmp_path: Path) -> Iterator[ProcessRig]:
 
 
 def queued(lab: ProcessRig) -> int:
-    conn = lab.conn()
+    conn = lab.connect()
     try:
         return conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
     finally:
@@ -103,7 +103,7 @@ def test_repairs_racing_real_workers_under_ack_loss_and_crashes(lab: ProcessRig,
     if len(modes) == 1 and seed == 2:
         modes = (modes[0], modes[0])  # the second seed: two processes of the one mode
     rng = random.Random(seed)
-    conn = lab.conn()
+    conn = lab.connect()
     queue = Queue(conn, clock=SystemClock(), ids=Ids(seed))
     items = ["coffee-beans", "tea", "milk", "oat-milk"]
 

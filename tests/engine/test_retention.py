@@ -17,7 +17,7 @@ HORIZON = dedup_horizon(visibility_timeout=2, max_receives=5, backoff_cap=10)
 
 
 def inbox(lab: Lab) -> list[tuple[str, float]]:
-    return [tuple(r) for r in lab.conn.execute(
+    return [tuple(r) for r in lab.store.execute(
         "SELECT event_id, processed_at FROM inbox_processed ORDER BY processed_at, event_id")]
 
 
@@ -31,7 +31,7 @@ def lab() -> Lab:
     lab.place_orders(10)
     lab.run_until_idle()
     yield lab
-    lab.conn.close()
+    lab.store.close()
 
 
 # -- the horizon ----------------------------------------------------------------------------------
@@ -51,8 +51,8 @@ def test_the_horizon_adds_the_redeliveries_and_each_way_back() -> None:
 
 def test_horizon_of_reads_the_workers_own_settings() -> None:
     lab = Lab(seed=1)
-    queue = Queue(lab.conn, clock=lab.clock, ids=lab.ids, max_receives=7)
-    worker = Worker(store=lab.conn, clock=lab.clock, broker=queue,
+    queue = Queue(lab.store, clock=lab.clock, ids=lab.ids, max_receives=7)
+    worker = Worker(store=lab.store, clock=lab.clock, broker=queue,
                     visibility_timeout=30, backoff_cap=60)
     assert horizon_of(worker, redrive_window=DAY) == dedup_horizon(
         visibility_timeout=30, max_receives=7, backoff_cap=60, redrive_window=DAY)
@@ -82,7 +82,7 @@ def test_pruning_shorter_than_the_horizon_is_refused_naming_the_field_and_writes
         lab) -> None:
     before = inbox(lab)
     with pytest.raises(InvalidInput) as refused:
-        prune_inbox(lab.conn, older_than=30, horizon=HORIZON, clock=lab.clock)
+        prune_inbox(lab.store, older_than=30, horizon=HORIZON, clock=lab.clock)
     assert (refused.value.field, refused.value.value) == ("older_than", 30.0)
     message = str(refused.value)
     assert message.startswith("older_than must be at least the dedup horizon of 50 s")
@@ -93,19 +93,19 @@ def test_pruning_shorter_than_the_horizon_is_refused_naming_the_field_and_writes
 def test_pruning_at_the_horizon_deletes_only_rows_older_than_it(lab) -> None:
     before = inbox(lab)
     cutoff = lab.clock.now() - 1800
-    gone = prune_inbox(lab.conn, older_than=1800, horizon=HORIZON, clock=lab.clock)
+    gone = prune_inbox(lab.store, older_than=1800, horizon=HORIZON, clock=lab.clock)
     assert gone == 10 == sum(1 for _, at in before if at < cutoff)
     assert inbox(lab) == [r for r in before if r[1] >= cutoff]
 
 
 def test_force_prunes_inside_the_horizon(lab) -> None:
-    assert prune_inbox(lab.conn, older_than=0, horizon=HORIZON, clock=lab.clock,
+    assert prune_inbox(lab.store, older_than=0, horizon=HORIZON, clock=lab.clock,
                        force=True) == 20
 
 
 def test_pruning_one_consumer_leaves_the_others(lab) -> None:
-    lab.conn.execute("INSERT INTO inbox_processed VALUES ('mailer', 'evt-x', 0.0)")
-    assert prune_inbox(lab.conn, older_than=1800, horizon=HORIZON, clock=lab.clock,
+    lab.store.execute("INSERT INTO inbox_processed VALUES ('mailer', 'evt-x', 0.0)")
+    assert prune_inbox(lab.store, older_than=1800, horizon=HORIZON, clock=lab.clock,
                        consumer="mailer") == 1
     assert len(inbox(lab)) == 20
 
@@ -121,7 +121,7 @@ def test_bad_prune_arguments_name_the_field_and_write_nothing(lab, kwargs, field
     before = inbox(lab)
     args = {"older_than": 1800, "horizon": HORIZON, "clock": lab.clock, **kwargs}
     with pytest.raises(InvalidInput) as refused:
-        prune_inbox(lab.conn, **args)
+        prune_inbox(lab.store, **args)
     assert refused.value.field == field
     assert inbox(lab) == before
 
@@ -130,7 +130,7 @@ def test_expiring_dead_letters_deletes_only_the_old_ones() -> None:
     lab = Lab(seed=2, max_receives=1)
     from deliverylab.book.toolkit import catalogue_handler
 
-    lab.workers = [Worker(store=lab.conn, clock=lab.clock, broker=lab.queue,
+    lab.workers = [Worker(store=lab.store, clock=lab.clock, broker=lab.broker,
                           handler=catalogue_handler([]))]
     lab.place_orders(2)
     lab.run_until_idle()
@@ -138,10 +138,10 @@ def test_expiring_dead_letters_deletes_only_the_old_ones() -> None:
     lab.place_orders(1)
     lab.run_until_idle()
     assert len(lab.dead_letters()) == 3
-    assert retention.expire_dead_letters(lab.conn, older_than=3600, clock=lab.clock) == 2
+    assert retention.expire_dead_letters(lab.store, older_than=3600, clock=lab.clock) == 2
     assert len(lab.dead_letters()) == 1
     with pytest.raises(InvalidInput, match="older_than"):
-        retention.expire_dead_letters(lab.conn, older_than=-1, clock=lab.clock)
+        retention.expire_dead_letters(lab.store, older_than=-1, clock=lab.clock)
 
 
 # -- the duplicate a short horizon lets in --------------------------------------------------------

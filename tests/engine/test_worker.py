@@ -43,14 +43,14 @@ def scenario(mode, *, seed=3, fault_seed=21, orders=200, workers=1, max_messages
 def applied_per_item(lab):
     """What the log says was applied, per item: sum of qty over every 'applied' row."""
     out = defaultdict(int)
-    for _, item, qty, _, n, _ in event_states(lab.conn):
+    for _, item, qty, _, n, _ in event_states(lab.store):
         out[item] += qty * n
     return {k: v for k, v in out.items() if v}
 
 
 def dead_qty(lab):
     out = defaultdict(int)
-    for _, item, qty, _, _, state in event_states(lab.conn):
+    for _, item, qty, _, _, state in event_states(lab.store):
         if state == "dead_lettered":
             out[item] += qty
     return out
@@ -62,7 +62,7 @@ def dead_qty(lab):
 @pytest.mark.parametrize(("workers", "max_messages"), [(1, 1), (2, 1), (2, 10)])
 def test_every_mode_keeps_its_promise_on_one_fault_schedule(mode, workers, max_messages):
     lab, ws = scenario(mode, workers=workers, max_messages=max_messages)
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.orders == 200 and result.pending == 0
     # Whatever the mode, the projection is exactly what the log says was applied: the
     # 'applied' row commits in the effect's own transaction.
@@ -93,21 +93,21 @@ def test_every_mode_keeps_its_promise_on_one_fault_schedule(mode, workers, max_m
 def test_after_a_redrive_without_faults_the_safe_modes_are_exactly_once(mode):
     # Batches of ten crash together, so some messages use up their receives.
     lab, _ = scenario(mode, workers=2, max_messages=10)
-    first = check(lab.conn)
+    first = check(lab.store)
     assert first.dead_lettered > 0 or mode == "transactional"
-    lab.queue.redrive()
+    lab.broker.redrive()
     lab.drain(lab.worker(mode=mode, name="after-redrive"))
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.ok, result.verdict
     assert lab.projection() == lab.truth()
 
 
 def test_at_least_once_never_loses_and_lose_message_does():
     lab, _ = scenario("at-least-once", lose_message=0.2, ack_fail=0.3)
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.lost > 0
-    lost = {o for o, *_, s in event_states(lab.conn) if s == "lost"}
-    logged = {r[0] for r in lab.conn.execute(
+    lost = {o for o, *_, s in event_states(lab.store) if s == "lost"}
+    logged = {r[0] for r in lab.store.execute(
         "SELECT correlation_id FROM delivery_log WHERE outcome = 'lost'")}
     # Every loss was the injected fault (some dropped messages had taken effect before).
     assert lost <= logged
@@ -119,12 +119,12 @@ def test_a_lost_answer_loses_at_most_once_orders_with_no_crash_at_all(max_messag
     """``if ack(d): apply(d)``: the queue deleted the message, the worker heard nothing, so
     it never applies. No crash anywhere, and orders are lost."""
     lab, ws = scenario("at-most-once", max_messages=max_messages, ack_answer_lost=0.3)
-    result = check(lab.conn)
+    result = check(lab.store)
     assert sum(w.stats.crashed for w in ws) == 0
     assert result.lost > 0 and result.duplicated == 0 and result.pending == 0
-    lost = {o for o, *_, s in event_states(lab.conn) if s == "lost"}
+    lost = {o for o, *_, s in event_states(lab.store) if s == "lost"}
     # Each lost order was acked by the queue and then logged ack_failed by the worker.
-    acked_then_failed = {o for (o,) in lab.conn.execute(
+    acked_then_failed = {o for (o,) in lab.store.execute(
         "SELECT a.correlation_id FROM delivery_log AS a JOIN delivery_log AS f"
         " ON f.correlation_id = a.correlation_id AND f.seq > a.seq"
         " WHERE a.outcome = 'acked' AND f.outcome = 'ack_failed'")}
@@ -135,7 +135,7 @@ def test_a_lost_answer_loses_at_most_once_orders_with_no_crash_at_all(max_messag
 @pytest.mark.parametrize("max_messages", [1, 10])
 def test_a_lost_answer_harms_no_mode_that_applies_before_it_acks(mode, max_messages):
     lab, ws = scenario(mode, max_messages=max_messages, ack_answer_lost=0.4)
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.ok, result.verdict
     assert lab.projection() == lab.truth()
     # The message is gone: nothing comes back, so no duplicate either, even at-least-once.
@@ -156,11 +156,11 @@ def test_the_worker_takes_the_same_path_after_either_half():
                        echo=said.append, max_receives=2)
         w.step()
         lines[point] = (said, w.stats.ack_failed, w.stats.acked)
-        details = [r[0] for r in lab.conn.execute(
+        details = [r[0] for r in lab.store.execute(
             "SELECT detail FROM delivery_log WHERE outcome = 'ack_failed'")]
         assert details == ["the ACK never reached the queue" if point == "ack_fail" else
                            "the queue deleted the message, but its answer never came back"]
-        depth = lab.queue.depth()
+        depth = lab.broker.depth()
         assert (depth["in_flight"] == 1) == (point == "ack_fail")
     assert lines["ack_fail"] == lines["ack_answer_lost"]
 
@@ -168,7 +168,7 @@ def test_the_worker_takes_the_same_path_after_either_half():
 @pytest.mark.parametrize("mode", MODES)
 def test_no_faults_means_exactly_once_in_every_mode(mode):
     lab, (w,) = scenario(mode, orders=50, ack_fail=0.0)
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
     assert w.stats.applied == 50 and w.stats.received == 50 and w.stats.acked == 50
 
 
@@ -176,25 +176,25 @@ def test_at_most_once_loses_the_effect_of_a_crash_after_the_ack(lab):
     lab.order("coffee-beans", 1, order_id="o-001")
     w = lab.worker(mode="at-most-once", faults=Faults(seed=1, crash_after_receive=1.0))
     lab.drain(w)
-    result = check(lab.conn)
+    result = check(lab.store)
     assert (result.lost, result.correct) == (1, 0)
     assert w.stats.acked == 1 and w.stats.crashed == 1 and w.stats.applied == 0
 
 
 def test_at_least_once_redelivers_after_a_crash_before_processing(lab):
     lab.order("coffee-beans", 1, order_id="o-001")
-    (event_id,) = [r[0] for r in lab.conn.execute("SELECT event_id FROM orders")]
+    (event_id,) = [r[0] for r in lab.store.execute("SELECT event_id FROM orders")]
     seed = next(s for s in itertools.count() if
                 Faults(seed=s, crash_after_receive=0.5).fires("crash_after_receive", event_id, 1)
                 and not Faults(seed=s, crash_after_receive=0.5).fires(
                     "crash_after_receive", event_id, 2))
     w = lab.worker(mode="at-least-once", faults=Faults(seed=seed, crash_after_receive=0.5))
     assert w.step() == 1 and w.stats.crashed == 1
-    assert lab.queue.receive(2.0) == []  # still leased by the dead worker
+    assert lab.broker.receive(2.0) == []  # still leased by the dead worker
     lab.drain(w)
-    assert check(lab.conn).ok and w.stats.received == 2
+    assert check(lab.store).ok and w.stats.received == 2
     # The redelivery waited for the lease to run out.
-    at = [r[0] for r in lab.conn.execute(
+    at = [r[0] for r in lab.store.execute(
         "SELECT at FROM delivery_log WHERE outcome = 'received' ORDER BY seq")]
     assert at == [0.0, 2.0]
 
@@ -214,7 +214,7 @@ def test_the_seeds_lab_story_ack_lost_then_duplicate_skipped(lab):
                     "2 received", "2 duplicate skipped", "2 acked"]
     assert all(line.startswith("[worker-1] t=") and "order=o-001" in line for line in lines)
     assert lab.projection() == {"coffee-beans": 1}
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
 
 
 # -- processing errors: nack with backoff, then dead-letter -------------------------------------
@@ -228,7 +228,7 @@ def test_a_processing_error_is_retried_with_full_jitter_then_dead_lettered(lab):
     while True:
         before = lab.clock.now()
         assert w.step() == 1
-        row = lab.conn.execute("SELECT visible_at, delivery_count, last_error"
+        row = lab.store.execute("SELECT visible_at, delivery_count, last_error"
                                " FROM queue_messages").fetchone()
         if row is None:
             break
@@ -239,11 +239,11 @@ def test_a_processing_error_is_retried_with_full_jitter_then_dead_lettered(lab):
     for n, delay in delays:  # attempt n-1: uniform(0, min(cap, base * 2**(n-1)))
         assert 0 <= delay <= min(cap, base * 2 ** (n - 1)) + 1e-9
     assert len({d for _, d in delays}) > 1  # jittered, not a constant
-    dead = lab.conn.execute("SELECT delivery_count, last_error FROM dead_letters").fetchone()
+    dead = lab.store.execute("SELECT delivery_count, last_error FROM dead_letters").fetchone()
     assert tuple(dead) == (max_receives, "RuntimeError: injected processing error")
     assert w.stats.nacked == max_receives - 1 and w.stats.dead_lettered == 1
     assert w.stats.applied == 0
-    result = check(lab.conn)
+    result = check(lab.store)
     assert result.dead_lettered == 1 and result.lost == 0
 
 
@@ -264,16 +264,16 @@ def test_a_failed_handler_leaves_no_partial_write_and_the_retry_applies(lab, mod
     w = lab.worker(mode=mode, handler=flaky, max_messages=2)
     lab.drain(w)
     assert lab.projection() == {"coffee-beans": 2, "tea": 1}
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
     assert w.stats.nacked == 1 and w.stats.duplicates_skipped == 0
 
 
 def test_a_poison_message_is_dead_lettered_with_its_error(lab):
-    lab.queue.send("evt-bad", "OrderPlaced", {"orderId": "o-x", "itemId": "", "qty": 1})
-    lab.queue.send("evt-odd", "OrderCancelled", {"orderId": "o-y"})
+    lab.broker.send("evt-bad", "OrderPlaced", {"orderId": "o-x", "itemId": "", "qty": 1})
+    lab.broker.send("evt-odd", "OrderCancelled", {"orderId": "o-y"})
     w = lab.worker(max_receives=2, backoff_base=0.0, backoff_cap=0.0)
     lab.drain(w)
-    errors = dict(lab.conn.execute("SELECT event_id, last_error FROM dead_letters"))
+    errors = dict(lab.store.execute("SELECT event_id, last_error FROM dead_letters"))
     assert errors == {
         "evt-bad": "PoisonMessage: payload itemId must be a non-empty string, got ''",
         "evt-odd": "PoisonMessage: unknown event type 'OrderCancelled'",
@@ -285,7 +285,7 @@ def test_a_poison_message_is_dead_lettered_with_its_error(lab):
 
 def test_an_inbox_conflict_is_a_duplicate_skipped_and_acked(lab):
     placed = lab.order("coffee-beans", 1)
-    lab.conn.execute("INSERT INTO inbox_processed VALUES ('inventory', ?, 0)", (placed.event_id,))
+    lab.store.execute("INSERT INTO inbox_processed VALUES ('inventory', ?, 0)", (placed.event_id,))
     w = lab.worker()
     lab.drain(w)
     assert (w.stats.duplicates_skipped, w.stats.applied, w.stats.acked) == (1, 0, 1)
@@ -294,8 +294,8 @@ def test_an_inbox_conflict_is_a_duplicate_skipped_and_acked(lab):
 
 def test_the_inbox_is_per_consumer(lab):
     lab.order("coffee-beans", 1)
-    ((event_id,),) = lab.conn.execute("SELECT event_id FROM orders").fetchall()
-    lab.conn.execute("INSERT INTO inbox_processed VALUES ('billing', ?, 0)", (event_id,))
+    ((event_id,),) = lab.store.execute("SELECT event_id FROM orders").fetchall()
+    lab.store.execute("INSERT INTO inbox_processed VALUES ('billing', ?, 0)", (event_id,))
     w = lab.worker()
     lab.drain(w)
     assert w.stats.applied == 1 and lab.projection() == {"coffee-beans": 1}
@@ -320,25 +320,25 @@ BREAKAGES = {
 def test_any_other_database_error_surfaces_and_nothing_is_acked(lab, mode, breakage):
     sql, error, words = BREAKAGES[breakage]
     lab.order("coffee-beans", 1, order_id="o-001")
-    lab.conn.execute(sql)
+    lab.store.execute(sql)
     w = lab.worker(mode=mode)
     if mode == "idempotent" or breakage != "inbox-trigger":
         with pytest.raises(error, match=words):
             w.step()
-        assert not lab.conn.in_transaction
-        assert lab.conn.execute("SELECT count(*) FROM inbox_processed").fetchone()[0] == 0
-        outcomes = [r[0] for r in lab.conn.execute("SELECT outcome FROM delivery_log")]
+        assert not lab.store.in_transaction
+        assert lab.store.execute("SELECT count(*) FROM inbox_processed").fetchone()[0] == 0
+        outcomes = [r[0] for r in lab.store.execute("SELECT outcome FROM delivery_log")]
         assert "applied" not in outcomes and "duplicate_skipped" not in outcomes
         if mode == "at-most-once":
             # This mode acked before it processed: the error cost the message, as promised.
             assert outcomes == ["received", "acked"]
         else:
             assert outcomes == ["received"]
-            msg = lab.conn.execute("SELECT delivery_count, receipt FROM queue_messages").fetchone()
+            msg = lab.store.execute("SELECT delivery_count, receipt FROM queue_messages").fetchone()
             assert msg["delivery_count"] == 1 and msg["receipt"] is not None  # still leased
     else:  # the inbox is not on these modes' path
         lab.drain(w)
-        assert check(lab.conn).ok
+        assert check(lab.store).ok
 
 
 # -- the projection update is one UPSERT ----------------------------------------------------------
@@ -347,9 +347,9 @@ def test_the_effect_is_one_upsert_never_a_read_then_write(lab):
     for i in range(3):
         lab.order("coffee-beans", i + 1)
     statements: list[str] = []
-    lab.conn.set_trace_callback(statements.append)
+    lab.store.set_trace_callback(statements.append)
     lab.drain(lab.worker())
-    lab.conn.set_trace_callback(None)
+    lab.store.set_trace_callback(None)
     touching = [s for s in statements if "inventory_projection" in s]
     assert len(touching) == 3
     for s in touching:
@@ -369,7 +369,7 @@ def test_two_workers_on_two_connections_interleaved_reach_the_truth(file_lab):
     b = lab.worker(conn=lab.connect(), name="b", faults=faults)
     lab.drain(a, b)
     assert a.stats.applied > 0 and b.stats.applied > 0
-    assert lab.projection() == lab.truth() and check(lab.conn).ok
+    assert lab.projection() == lab.truth() and check(lab.store).ok
 
 
 # -- a lease that runs out mid-processing: another worker takes over ------------------------------
@@ -387,7 +387,7 @@ def test_a_worker_whose_lease_was_taken_over_cannot_ack(file_lab, mode):
 
     a = lab.worker(mode=mode, name="A", echo=slow_a)
     assert a.step() == 1
-    result = check(lab.conn)
+    result = check(lab.store)
     assert a.stats.ack_rejected == 1 and a.stats.acked == 0
     assert b.stats.acked == 1
     if mode == "at-least-once":
@@ -399,7 +399,7 @@ def test_a_worker_whose_lease_was_taken_over_cannot_ack(file_lab, mode):
     if mode == "idempotent":
         assert a.stats.duplicates_skipped == 1
     if mode == "transactional":
-        detail = lab.conn.execute("SELECT detail FROM delivery_log WHERE worker = 'A' AND"
+        detail = lab.store.execute("SELECT detail FROM delivery_log WHERE worker = 'A' AND"
                                   " outcome = 'ack_rejected'").fetchone()[0]
         assert "rolled back" in detail
 
@@ -424,8 +424,8 @@ def test_a_stale_nack_is_refused_and_traced(file_lab):
     a = lab.worker(name="A", handler=fails_first_time, echo=slow_a, mode="at-least-once")
     a.step()
     assert a.stats.nacked == 0 and a.stats.ack_rejected == 1
-    assert check(lab.conn).ok
-    a_rows = [tuple(r) for r in lab.conn.execute(
+    assert check(lab.store).ok
+    a_rows = [tuple(r) for r in lab.store.execute(
         "SELECT delivery_count, outcome FROM delivery_log WHERE worker = 'A' ORDER BY seq")]
     assert a_rows == [(1, "received"), (1, "ack_rejected")]
 
@@ -437,11 +437,11 @@ def test_run_until_idle_jumps_the_fake_clock_over_backoff(lab):
     faults = Faults(seed=3, process_error=0.9)
     w = lab.worker(faults=faults, max_receives=50, backoff_base=1.0, backoff_cap=60.0)
     stats = w.run_until_idle()
-    assert stats is w.stats and lab.queue.next_visible_at() is None
+    assert stats is w.stats and lab.broker.next_visible_at() is None
     # The schedule says which delivery first gets through; the clock waited out every backoff.
     first_ok = next(n for n in range(1, 51)
                     if not faults.fires("process_error", placed.event_id, n))
-    assert check(lab.conn).ok
+    assert check(lab.store).ok
     assert stats.received == first_ok and stats.nacked == first_ok - 1
     waited = sum(faults.backoff(n - 1, base=1.0, cap=60.0, event_id=placed.event_id)
                  for n in range(1, first_ok))
@@ -458,7 +458,7 @@ def test_run_forever_stops_cleanly_when_asked(lab):
 
     w = lab.worker(echo=stop_when_done)
     stats = w.run_forever(poll_interval=0.5)
-    assert stats.acked == 5 and check(lab.conn).ok
+    assert stats.acked == 5 and check(lab.store).ok
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -481,16 +481,16 @@ BAD_WORKERS = [
                          ids=[f"{f}={next(iter(c.values()))!r}" for f, c in BAD_WORKERS])
 def test_bad_worker_settings_name_the_field_and_value_and_write_nothing(lab, field, change):
     lab.order("coffee-beans", 1)
-    before = store.dump(lab.conn)
+    before = store.dump(lab.store)
     kwargs = {"clock": lab.clock, **change}
     with pytest.raises(InvalidInput) as info:
-        Worker(store=lab.conn, broker=Queue(lab.conn, clock=lab.clock, ids=lab.ids,
+        Worker(store=lab.store, broker=Queue(lab.store, clock=lab.clock, ids=lab.ids,
                                      max_receives=kwargs.pop("max_receives", 5)), **kwargs)
     value = change[field]
     assert info.value.field == field
     assert str(info.value).startswith(f"{field} must be ")
     assert str(info.value).endswith(f"got {value!r}")
-    assert store.dump(lab.conn) == before
+    assert store.dump(lab.store) == before
 
 
 def test_mode_message_lists_the_modes():
@@ -511,10 +511,10 @@ def replay(path, seed, mode="idempotent"):
     faults = Faults(seed=seed, **FAULTY)
     ws = [lab.worker(mode=mode, faults=faults, name=f"w{k}", max_messages=1 + k) for k in range(2)]
     lab.drain(*ws)
-    lab.queue.redrive()
+    lab.broker.redrive()
     lab.drain(*ws)
-    text = store.dump(lab.conn)
-    lab.conn.close()
+    text = store.dump(lab.store)
+    lab.store.close()
     return text
 
 
@@ -546,7 +546,7 @@ def test_a_worker_built_by_hand_matches_the_fixture(tmp_path):
     for i in range(10):
         lab.order("tea", i + 1)
     lab.worker(faults=Faults(seed=1, ack_fail=0.5)).run_until_idle()
-    assert store.dump(lab.conn) == by_hand()
+    assert store.dump(lab.store) == by_hand()
 
 
 # -- the batch fast path writes exactly what the one-by-one path writes ---------------------------
@@ -564,15 +564,15 @@ def test_the_batch_fast_path_is_indistinguishable_from_one_by_one(mode, max_mess
         for i in range(80):
             lab.order(f"item-{i % 6}", 1 + i % 4)
             lab.clock.advance(0.01)
-        lab.queue.send("evt-poison", "OrderPlaced", {"orderId": "o-p", "itemId": "", "qty": 1})
+        lab.broker.send("evt-poison", "OrderPlaced", {"orderId": "o-p", "itemId": "", "qty": 1})
         faults = Faults(seed=2, ack_fail=0.3, crash_after_receive=0.05, crash_after_commit=0.1,
                         process_error=0.05)
         ws = [lab.worker(mode=mode, faults=faults, max_messages=max_messages, handler=handler,
                          name=f"w{k}", max_receives=4) for k in range(2)]
         lab.drain(*ws)
-        lab.queue.redrive()  # a second message for events already applied: duplicates in a batch
+        lab.broker.redrive()  # a second message for events already applied: duplicates in a batch
         lab.drain(*ws)
-        return store.dump(lab.conn), [w.stats.as_dict() for w in ws]
+        return store.dump(lab.store), [w.stats.as_dict() for w in ws]
 
     fast, slow = run(apply_order_placed), run(_one_by_one)
     assert fast[1] == slow[1]
@@ -583,10 +583,10 @@ def test_the_fast_path_takes_a_handful_of_statements_per_batch(lab):
     for i in range(50):
         lab.order(f"item-{i % 5}", 1)
     statements: list[str] = []
-    lab.conn.set_trace_callback(statements.append)
+    lab.store.set_trace_callback(statements.append)
     assert lab.worker(max_messages=50).step() == 50
-    lab.conn.set_trace_callback(None)
+    lab.store.set_trace_callback(None)
     assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in statements)
     # receive (claim + log), apply (inbox + UPSERT per item + log), ack (delete + log)
     assert sum(1 for s in statements if s.startswith("BEGIN")) == 3
-    assert check(lab.conn).ok
+    assert check(lab.store).ok

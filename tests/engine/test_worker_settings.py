@@ -169,7 +169,7 @@ def test_a_hook_sees_what_the_stats_count(mode, max_messages):
     assert rec.count("on_crash") == s.crashed
     assert rec.count("after_lose") + rec.count("on_failure") <= s.lost
     # The same run, seen by the trace: one received row per delivery, one applied per effect.
-    rows = dict(lab.conn.execute("SELECT outcome, count(*) FROM delivery_log GROUP BY 1"))
+    rows = dict(lab.store.execute("SELECT outcome, count(*) FROM delivery_log GROUP BY 1"))
     assert rows.get("received", 0) == s.received
     assert rows.get("applied", 0) == s.applied
     assert rows.get("crashed", 0) >= s.crashed
@@ -189,7 +189,7 @@ def test_narration_is_a_hook_like_any_other():
         for _ in range(12):
             lab.order()
         lab.worker(mode="at-least-once", faults=FAULTS, **kw).run_until_idle()
-        return lab.conn.execute("SELECT count(*) FROM delivery_log").fetchone()[0]
+        return lab.store.execute("SELECT count(*) FROM delivery_log").fetchone()[0]
 
     by_echo: list[str] = []
     by_hook: list[str] = []

@@ -22,22 +22,22 @@ from deliverylab.engine.worker import Worker
 class EngineRig:
     """Everything a test needs to drive the engine by hand."""
 
-    conn: sqlite3.Connection
+    store: sqlite3.Connection
     clock: FakeClock
     ids: Ids
-    queue: Queue
+    broker: Queue
     path: Path | None = None
 
     def order(self, item_id: str = "coffee-beans", qty: int = 1, **kw: Any) -> PlacedOrder:
-        return place_order(self.queue, item_id=item_id, qty=qty, **kw)
+        return place_order(self.broker, item_id=item_id, qty=qty, **kw)
 
     def worker(self, conn: sqlite3.Connection | None = None, **kw: Any) -> Worker:
         """A worker on this lab's clock and ids and on ``conn`` (default: the lab's own
         connection); override anything by keyword."""
         kw.setdefault("clock", self.clock)
-        conn = self.conn if conn is None else conn
-        if conn is self.conn and "max_receives" not in kw:
-            kw.setdefault("broker", self.queue)
+        conn = self.store if conn is None else conn
+        if conn is self.store and "max_receives" not in kw:
+            kw.setdefault("broker", self.broker)
         elif "broker" not in kw:
             kw["broker"] = Queue(conn, clock=kw["clock"], ids=self.ids,
                                  max_receives=kw.pop("max_receives", DEFAULT_MAX_RECEIVES))
@@ -48,7 +48,7 @@ class EngineRig:
         visible message whenever none of them got one."""
         for _ in range(max_rounds):
             if sum(w.step() for w in workers) == 0:
-                nxt = self.queue.next_visible_at()
+                nxt = self.broker.next_visible_at()
                 if nxt is None:
                     return
                 self.clock.sleep_until(nxt)
@@ -60,10 +60,10 @@ class EngineRig:
         return store.connect(self.path)
 
     def projection(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+        return dict(self.store.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
 
     def truth(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
+        return dict(self.store.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
 
 
 def make_lab(path: str | Path = ":memory:", *, seed: int = 1,

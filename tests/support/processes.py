@@ -139,11 +139,12 @@ class ProcessRig:
         return self.start(name, "worker", "--name", name, "--poll-interval", "0.05", *extra,
                           env=env)
 
-    def conn(self) -> Any:
+    def connect(self) -> Any:
+        """A new connection to the lab's database."""
         return store.connect(self.db)
 
     def check(self) -> Any:
-        conn = self.conn()
+        conn = self.connect()
         try:
             return check(conn)
         finally:
@@ -153,7 +154,7 @@ class ProcessRig:
         """Until no message is left in the queue and nothing is pending."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            conn = self.conn()
+            conn = self.connect()
             try:
                 left = conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
                 result = check(conn)
