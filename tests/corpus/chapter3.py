@@ -161,14 +161,18 @@ def ack_first_in_the_transaction(delivery, ops):
 # -- producer-retries: wrong -----------------------------------------------------------------
 def key_per_call(send, request, clock):
     key = str(uuid.uuid4())  # the same on every retry of this call, new after a restart
+    reached = False
     while clock.now() < request["deadline"] - 1.0:
         try:
             return "placed", send(request["item_id"], request["qty"], idempotency_key=key)
-        except (TimeoutError, ConnectionError):
+        except ConnectionError:
+            clock.sleep(1.0)
+        except TimeoutError:
+            reached = True
             clock.sleep(1.0)
         except ValueError as refusal:
             return "refused", str(refusal)
-    return "unknown", None
+    return ("unknown" if reached else "failed"), None
 
 
 def key_from_content(send, request, clock):

@@ -294,13 +294,17 @@ def no_retry(send: Callable[..., str], request: dict[str, Any],
 
 def retry_refusals(send: Callable[..., str], request: dict[str, Any],
                    clock: Any) -> tuple[str, str | None]:
+    reached = False
     while clock.now() < request["deadline"] - 1.0:
         try:
             return "placed", send(request["item_id"], request["qty"],
                                   idempotency_key=request["request_id"])
-        except Exception:  # noqa: BLE001 - the mistake: a refusal is retried like a timeout
-            clock.sleep(1.0)
-    return "unknown", None
+        except ConnectionError:
+            pass
+        except (TimeoutError, ValueError):  # the mistake: a refusal retried like a timeout
+            reached = True
+        clock.sleep(1.0)
+    return ("unknown" if reached else "failed"), None
 
 
 class _Restarted(BaseException):  # noqa: N818 - a fault, not an error
