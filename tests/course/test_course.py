@@ -218,7 +218,7 @@ def test_a_submission_that_never_finishes_is_stopped_and_reported() -> None:
 
 
 def test_a_producer_that_retries_without_end_is_stopped_even_if_it_catches_everything() -> None:
-    def stubborn(send, request):  # noqa: ANN001
+    def stubborn(send, request, clock):  # noqa: ANN001
         while True:
             try:
                 send("no-such-item-" + "x" * 200, request["qty"])  # refused every time

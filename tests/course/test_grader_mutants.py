@@ -75,26 +75,22 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("heartbeat", "swap L12"):
         "the checked ACK and the effect share one transaction: a refused ACK rolls back both,"
         " whichever came first",
-    ("producer-retries", "swap L4"):
-        "naming the key and zeroing the attempt counter are independent statements",
-    ("producer-retries", "off-by-one L5"):
-        "gives up after 19 tries instead of 20: the number of tries is a choice, and the key"
-        " is the same on every one",
-    ("producer-retries", "off-by-one L5.2"):
-        "gives up after 21 tries instead of 20: the number of tries is a choice, and the key"
-        " is the same on every one",
-    ("producer-retries", "swap L7"):
-        "counting the attempt after it instead of before: gives up after 21 tries, a choice",
-    ("producer-retries", "off-by-one L13"):
-        "gives up after 21 tries instead of 20: the number of tries is a choice",
-    ("producer-retries", "off-by-one L13.2"):
-        "gives up after 19 tries instead of 20: the number of tries is a choice",
-    ("producer-retries", "off-by-one L7"):
-        "never gives up (the counter skips 20): the exercise asks for exactly one order"
-        " however many answers are lost and sets no limit; every retry carries the same key",
-    ("producer-retries", "off-by-one L7.2"):
-        "never gives up (the counter stays 0): the exercise asks for exactly one order"
-        " however many answers are lost and sets no limit; every retry carries the same key",
+    ("producer-retries", "swap L5"):
+        "naming the key and setting the first pause are independent statements",
+    ("producer-retries", "swap L6"):
+        "setting the first pause and the reached flag are independent statements",
+    ("producer-retries", "swap L9"):
+        "the deadline checked before each attempt instead of after each failure: no attempt"
+        " is sent after the deadline either way, and the first attempt is always made",
+    ("producer-retries", "swap L20"):
+        "pausing before the deadline check: the check before the next attempt still keeps"
+        " every attempt inside the deadline, and the pause after the last one ends within"
+        " one attempt's wait of it, which the exercise allows",
+    ("producer-retries", "swap L25"):
+        "doubling the pause before sleeping it: a first pause of 0.4 s instead of 0.2 s, a"
+        " choice, still growing and still capped",
+    ("producer-retries", "off-by-one L26"):
+        "a pause that triples instead of doubling: another backoff factor, a choice",
     ("drain", "swap L2"):
         "initialising the turn and the idle counter are independent statements",
     ("drain", "off-by-one L2"):
@@ -144,9 +140,17 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("drain", "off-by-one L13.2"):
         "the idle counter only decides how many misses come before next_visible_at() is"
         " read; reading it earlier or later never returns while a message is left",
-    ("in-flight-repair", "swap L7"):
+    ("in-flight-repair", "swap L10"):
         "the rebuild and the fence are two statements of one transaction: nothing sees the"
         " state between them, in either order",
+    ("in-flight-repair", "swap L15"):
+        "the fence and the read of the counts after the rebuild: the fence does not touch"
+        " the projection, so the read is the same in either order",
+    ("in-flight-repair", "off-by-one L15.2"):
+        "row[-1] of a row of one column (RETURNING event_id) is row[0]",
+    ("in-flight-repair", "off-by-one L22.2"):
+        "an item new to the projection has a count above zero: it differs from -1 as it"
+        " differs from 0, so the same items are reported",
     ("repair-item", "swap L4"):
         "the rebuild and the fence are two statements of one transaction: nothing sees the"
         " state between them, in either order",

@@ -356,12 +356,18 @@ def repair_not_in_flight(conn, now):
     settled = ("(event_id NOT IN (SELECT event_id FROM queue_messages)"
                " OR event_id IN (SELECT event_id FROM inbox_processed))")
     with transaction(conn):
+        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      f" SELECT item_id, sum(qty) FROM orders WHERE {settled} GROUP BY item_id")
-        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-                     f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
-                     " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        fenced = conn.execute(
+            "INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+            f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
+            " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id", (now,)).fetchall()
+        after = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+    return {"moved": {k: after.get(k, 0) - before.get(k, 0) for k in before.keys() | after.keys()
+                      if after.get(k, 0) != before.get(k, 0)},
+            "fenced": [e for (e,) in fenced]}
 
 
 def repair_not_in_flight_forgets_the_inbox(conn, now):
@@ -370,12 +376,18 @@ def repair_not_in_flight_forgets_the_inbox(conn, now):
     redelivery is skipped as a duplicate."""
     settled = "event_id NOT IN (SELECT event_id FROM queue_messages)"
     with transaction(conn):
+        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      f" SELECT item_id, sum(qty) FROM orders WHERE {settled} GROUP BY item_id")
-        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-                     f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
-                     " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        fenced = conn.execute(
+            "INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+            f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
+            " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id", (now,)).fetchall()
+        after = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+    return {"moved": {k: after.get(k, 0) - before.get(k, 0) for k in before.keys() | after.keys()
+                      if after.get(k, 0) != before.get(k, 0)},
+            "fenced": [e for (e,) in fenced]}
 
 
 def test_a_repair_that_drops_an_applied_event_still_queued_fails():
@@ -388,6 +400,7 @@ def test_a_repair_that_drops_an_applied_event_still_queued_fails():
 def repair_compensating_delta(conn, now):
     """Add only the orders never applied (no message left, no applied row, not fenced yet),
     and fence each one added."""
+    added: dict[str, int] = {}
     with transaction(conn):
         missing = conn.execute(
             "SELECT o.item_id, o.qty, o.event_id FROM orders AS o"
@@ -404,6 +417,8 @@ def repair_compensating_delta(conn, now):
                          (item, qty))
             conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                          " VALUES ('inventory', ?, ?)", (event_id, now))
+            added[item] = added.get(item, 0) + qty
+    return {"moved": added, "fenced": [e for _, _, e in missing]}
 
 
 @pytest.mark.parametrize("design", [repair_not_in_flight, repair_compensating_delta,

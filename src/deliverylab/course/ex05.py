@@ -181,14 +181,17 @@ class _Caller:
                  ) -> None:
         self.lab, self.repair, self.between = lab, repair, between
         self.errors: list[str] = []
+        self.returned: Any = None  # what the last call that ended without an error returned
 
-    def __call__(self, *args: Any, lock_at: int | None = None) -> None:
+    def __call__(self, *args: Any, lock_at: int | None = None) -> bool:
+        """Run the repair (again, after the lock ``lock_at`` made); True if it returned."""
         lab = self.lab
+        self.returned = None
         for attempt in (1, 2):
             conn = Interleaved(lab.conn, self.between, lock_at=lock_at if attempt == 1 else None)
             now = lab.clock.now()
             try:
-                self.repair(conn, *args, now)
+                result = self.repair(conn, *args, now)
             except (Exception, SystemExit) as exc:  # the reader's code: report it, go on
                 # By name: from the sandbox it comes back as another object of that name.
                 if lab.conn.in_transaction:
@@ -197,11 +200,15 @@ class _Caller:
                         and "locked" in str(exc):
                     continue  # the lock we made: the operator runs the repair again
                 self._note(f"{type(exc).__name__}: {exc} (your repair at t={now:g})")
+                return False
             else:
                 if lab.conn.in_transaction:
                     lab.conn.rollback()
                     self._note("your repair left a transaction open (it was rolled back)")
-            return
+                    return False
+            self.returned = result
+            return True
+        return False
 
     def _note(self, text: str) -> None:
         if text not in self.errors:
@@ -209,10 +216,10 @@ class _Caller:
 
 
 def _quiet_verdict(lab: Lab, *, seed: int, faults: str, errors: list[str],
-                   since: float = 0.0) -> Trial:
+                   since: float = 0.0, failures: list[str] | None = None) -> Trial:
     """The exercise's invariant once the queue is quiet: the projection equals the truth on
     every item. Over means an order counted twice; under, an order counted by no one."""
-    reasons = [f"your code raised {e}" for e in errors]
+    reasons = [f"your code raised {e}" for e in errors] + list(failures or ())
     off = [r for r in projection_vs_truth(lab.conn) if r[3] != 0]
     focus: tuple[str, ...] = ()
     if off:
@@ -253,45 +260,79 @@ def _park_one(lab: Lab) -> None:
 
 
 # -- 5.1 a repair that survives the in-flight race -----------------------------------------
-def repair_starter(conn: sqlite3.Connection, now: float) -> None:
+def repair_starter(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     """Make ``inventory_projection`` equal the truth in ``orders`` again, after messages
     were lost, while workers of any mode keep consuming: no event still in flight (queued,
     held by a worker, parked in the dead letters) may be counted twice, and no order may be
     counted by no one. The engine's fence is ``reconciled_events``; ``now`` is the lab's
-    time."""
+    time. Return what this run changed, for the operator's record: ``{"moved": {item_id:
+    how much it moved that item's reserved_qty, for every item it changed and no other},
+    "fenced": [the event ids it added to the fence]}``."""
 
 
-def repair_solution(conn: sqlite3.Connection, now: float) -> None:
+def repair_solution(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     # One write transaction (BEGIN IMMEDIATE takes the lock at once): no worker commits
     # between the rebuild and the fence, and none between reading the orders and writing.
     with transaction(conn):
+        # Read inside the transaction: what the workers commit before BEGIN or after COMMIT
+        # is theirs, not the repair's, and must not show in its report.
+        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
         # The rebuild: the truth, whatever the projection held (lost or doubled effects).
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
         # The fence: every order counted here, whatever state its message is in (queued,
         # held by a worker that acked first, parked): no worker applies its event again.
-        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-                     " SELECT 'inventory', event_id, ? FROM orders WHERE true"
-                     " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        # RETURNING lists the rows inserted, so the events fenced by an earlier run are not.
+        fenced = [row[0] for row in conn.execute(
+            "INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+            " SELECT 'inventory', event_id, ? FROM orders WHERE true"
+            " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id", (now,))]
+        after = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+    # Every item with a row before has orders, so it has a row after the rebuild too.
+    moved = {item: qty - before.get(item, 0) for item, qty in sorted(after.items())
+             if qty != before.get(item, 0)}
+    return {"moved": moved, "fenced": sorted(fenced)}
 
 
-def repair_rebuild_only(conn: sqlite3.Connection, now: float) -> None:
+def _fence_of(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT event_id FROM reconciled_events WHERE consumer = 'inventory'")}
+
+
+def _changes(conn: sqlite3.Connection, before: dict[str, int], fence: set[str]
+             ) -> dict[str, Any]:
+    """A true report of what changed since ``before`` and ``fence`` (for wrong answers
+    whose mistake is elsewhere)."""
+    after = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+    return {"moved": {k: after.get(k, 0) - before.get(k, 0) for k in before.keys() | after.keys()
+                      if after.get(k, 0) != before.get(k, 0)},
+            "fenced": sorted(_fence_of(conn) - fence)}
+
+
+def repair_rebuild_only(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     with transaction(conn):
+        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+        fence = _fence_of(conn)
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
+        return _changes(conn, before, fence)
 
 
-def repair_fence_only(conn: sqlite3.Connection, now: float) -> None:
+def repair_fence_only(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     with transaction(conn):
+        fence = _fence_of(conn)
         conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM orders WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        return _changes(conn, {}, fence) | {"moved": {}}
 
 
-def repair_fence_in_inbox(conn: sqlite3.Connection, now: float) -> None:
+def repair_fence_in_inbox(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     with transaction(conn):
+        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+        fence = _fence_of(conn)
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
@@ -299,6 +340,49 @@ def repair_fence_in_inbox(conn: sqlite3.Connection, now: float) -> None:
         conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
                      " SELECT 'inventory', event_id, ? FROM orders WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        return _changes(conn, before, fence)
+
+
+def repair_reports_from_outside(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    # The report's "before" is read first, outside the transaction: a worker commits between.
+    before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+    fence = _fence_of(conn)
+    with transaction(conn):
+        conn.execute("DELETE FROM inventory_projection")
+        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                     " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
+        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+                     " SELECT 'inventory', event_id, ? FROM orders WHERE true"
+                     " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        return _changes(conn, before, fence)
+
+
+def _projection(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+
+
+def _report_error(report: Any, changed: dict[str, int], fenced: set[str]) -> str:
+    """Why ``report`` is not what the repair changed ("" when it is)."""
+    moved = report.get("moved") if isinstance(report, dict) else None
+    listed = report.get("fenced") if isinstance(report, dict) else None
+    if not isinstance(moved, dict) or not isinstance(listed, list | tuple | set) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in moved.items()):
+        return (f"returned {report!r}, not a report: {{'moved': {{item id: how much it moved"
+                " that item}, 'fenced': [the event ids it fenced]}")
+    wrong = sorted(k for k in moved.keys() | changed.keys()
+                   if moved.get(k, 0) != changed.get(k, 0) or (k in moved) != (k in changed))
+    if wrong:
+        shown = "; ".join(f"{k} {moved[k]:+g}" if k in moved else f"{k} missing"
+                          for k in wrong[:3])
+        really = ", ".join(f"{k} {changed[k]:+g}" for k in sorted(changed)) or "nothing"
+        return f"reported changes it did not make ({shown}; it changed {really})"
+    extra, missed = set(listed) - fenced, fenced - set(listed)
+    if extra or missed:
+        return (f"reported a fence it did not add ({len(fenced)} events fenced by this run;"
+                f" {len(extra)} listed that it did not fence, {len(missed)} fenced and not"
+                " listed)")
+    return ""
 
 
 def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
@@ -306,7 +390,32 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
     # Seeds 3, 7, 11…: the worker holding an event while the repair runs is an at-most-once
     # one, which deleted the message before its effect (in flight, yet in no queue).
     holder = Mode.AT_MOST_ONCE if seed % 4 == 3 else lab.mode
-    call = _Caller(lab, repair, _interleaver(lab, [*lab.workers, *_bystanders(lab)]))
+    step = _interleaver(lab, [*lab.workers, *_bystanders(lab)])
+    moved: dict[str, int] = {}  # what the workers changed between the repair's statements
+
+    def between() -> None:
+        was = _projection(lab.conn)
+        step()
+        for item, qty in _projection(lab.conn).items():
+            moved[item] = moved.get(item, 0) + qty - was.get(item, 0)
+
+    repairs = _Caller(lab, repair, between)
+    bad_reports: list[str] = []
+
+    def call(lock_at: int | None = None) -> None:
+        was, fence = _projection(lab.conn), _fence_of(lab.conn)
+        moved.clear()
+        now = lab.clock.now()
+        if not repairs(lock_at=lock_at):
+            return
+        after = _projection(lab.conn)
+        changed = {k: after.get(k, 0) - was.get(k, 0) - moved.get(k, 0)
+                   for k in sorted(was.keys() | after.keys() | moved.keys())}
+        why = _report_error(repairs.returned, {k: v for k, v in changed.items() if v},
+                            _fence_of(lab.conn) - fence)
+        if why and not bad_reports:
+            bad_reports.append(f"your repair at t={now:g} {why}")
+
     lab.place_orders(10)
     lab.lose_messages(2)      # deleted behind the workers' backs: only a repair brings them back
     lab.run_until_idle()
@@ -329,7 +438,8 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
               " 4 times with events in flight, once while a worker in"
               f" {holder} mode holds one, other workers stepping between its statements, and"
               f" 'database is locked' at statement {seed % 3} of the last run")
-    return _quiet_verdict(lab, seed=seed, faults=where, errors=call.errors, since=start)
+    return _quiet_verdict(lab, seed=seed, faults=where, errors=repairs.errors, since=start,
+                          failures=bad_reports)
 
 
 register(Exercise(
@@ -337,7 +447,8 @@ register(Exercise(
     run=run_repair, solution=repair_solution, starter=repair_starter,
     params=("conn", "now"),
     wrong=(("counted twice", repair_rebuild_only), ("missing", repair_fence_only),
-           ("counted twice", repair_fence_in_inbox))))
+           ("counted twice", repair_fence_in_inbox),
+           ("reported changes it did not make", repair_reports_from_outside))))
 
 
 # -- 5.2 the worker's side of the fence ----------------------------------------------------

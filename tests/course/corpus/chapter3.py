@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import uuid
 
@@ -15,6 +16,7 @@ from deliverylab.course.ex03 import (
     no_retry,
     plain_handler,
     retry_fresh_key,
+    retry_refusals,
     retry_without_key,
 )
 
@@ -157,51 +159,148 @@ def ack_first_in_the_transaction(delivery, ops):
 
 
 # -- producer-retries: wrong -----------------------------------------------------------------
-def key_per_call(send, request):
+def key_per_call(send, request, clock):
     key = str(uuid.uuid4())  # the same on every retry of this call, new after a restart
-    while True:
+    reached = False
+    while clock.now() < request["deadline"] - 1.0:
         try:
-            return send(request["item_id"], request["qty"], idempotency_key=key)
+            return "placed", send(request["item_id"], request["qty"], idempotency_key=key)
+        except ConnectionError:
+            clock.sleep(1.0)
         except TimeoutError:
-            continue
+            reached = True
+            clock.sleep(1.0)
+        except ValueError as refusal:
+            return "refused", str(refusal)
+    return ("unknown" if reached else "failed"), None
 
 
-def key_from_content(send, request):
+def key_from_content(send, request, clock):
     key = f"{request['item_id']}:{request['qty']}"
-    while True:
+    while clock.now() < request["deadline"] - 1.0:
         try:
-            return send(request["item_id"], request["qty"], idempotency_key=key)
-        except TimeoutError:
-            continue
+            return "placed", send(request["item_id"], request["qty"], idempotency_key=key)
+        except (TimeoutError, ConnectionError):
+            clock.sleep(1.0)
+        except ValueError as refusal:
+            return "refused", str(refusal)
+    return "unknown", None
 
 
-def three_attempts(send, request):
+def three_attempts(send, request, clock):
     for _ in range(3):
         try:
-            return send(request["item_id"], request["qty"],
-                        idempotency_key=request["request_id"])
-        except TimeoutError:
+            return "placed", send(request["item_id"], request["qty"],
+                                  idempotency_key=request["request_id"])
+        except (TimeoutError, ConnectionError):
+            clock.sleep(0.5)
+        except ValueError as refusal:
+            return "refused", str(refusal)
+    return "unknown", None
+
+
+def retry_at_once(send, request, clock):
+    while clock.now() < request["deadline"]:  # no pause: a down server gets hammered
+        try:
+            return "placed", send(request["item_id"], request["qty"],
+                                  idempotency_key=request["request_id"])
+        except (TimeoutError, ConnectionError):
             continue
-    return None
+        except ValueError as refusal:
+            return "refused", str(refusal)
+    return "unknown", None
+
+
+def failed_at_the_deadline(send, request, clock):
+    pause = 0.2
+    while clock.now() + pause < request["deadline"]:
+        try:
+            return "placed", send(request["item_id"], request["qty"],
+                                  idempotency_key=request["request_id"])
+        except (TimeoutError, ConnectionError):
+            clock.sleep(pause)
+            pause = min(pause * 2, 2.0)
+        except ValueError as refusal:
+            return "refused", str(refusal)
+    return "failed", None  # no answer is not a no: the order may exist
+
+
+def backoff_without_deadline(send, request, clock):
+    pause = 0.5
+    while True:
+        try:
+            return "placed", send(request["item_id"], request["qty"],
+                                  idempotency_key=request["request_id"])
+        except (TimeoutError, ConnectionError):
+            clock.sleep(pause)
+            pause = min(pause * 2, 4.0)
+        except ValueError as refusal:
+            return "refused", str(refusal)
+
+
+def every_error_is_a_refusal(send, request, clock):
+    pause = 0.2
+    while clock.now() + pause < request["deadline"]:
+        try:
+            return "placed", send(request["item_id"], request["qty"],
+                                  idempotency_key=request["request_id"])
+        except TimeoutError:
+            clock.sleep(pause)
+            pause = min(pause * 2, 2.0)
+        except Exception as exc:  # noqa: BLE001 - the mistake: a down server is no refusal
+            return "refused", str(exc)
+    return "unknown", None
+
+
+def unknown_whatever_happened(send, request, clock):
+    pause = 0.2
+    while True:
+        try:
+            return "placed", send(request["item_id"], request["qty"],
+                                  idempotency_key=request["request_id"])
+        except ValueError as refusal:
+            return "refused", str(refusal)
+        except (TimeoutError, ConnectionError):
+            pass
+        if clock.now() + pause >= request["deadline"]:
+            return "unknown", None  # even when no attempt ever reached the server
+        clock.sleep(pause)
+        pause = min(pause * 2, 2.0)
 
 
 # -- producer-retries: correct ---------------------------------------------------------------
-def bounded_retries(send, request):
-    for attempt in range(20):
+def fixed_pause(send, request, clock):
+    maybe_placed = False
+    for _ in range(12):
         try:
-            return send(request["item_id"], request["qty"],
-                        idempotency_key=request["request_id"])
+            return "placed", send(request["item_id"], request["qty"],
+                                  idempotency_key=request["request_id"])
+        except ConnectionError:
+            pass
         except TimeoutError:
-            if attempt == 19:
-                raise
-    return None
+            maybe_placed = True
+        except ValueError as refusal:
+            return "refused", str(refusal)
+        if clock.now() + 1.0 >= request["deadline"]:
+            break
+        clock.sleep(1.0)
+    return ("unknown" if maybe_placed else "failed"), None
 
 
-def recursive_retry(send, request, attempt=0):
+def jittered_backoff_to_the_deadline(send, request, clock, attempt=0, reached=False):
     try:
-        return send(request["item_id"], request["qty"], idempotency_key=request["request_id"])
-    except TimeoutError:
-        return recursive_retry(send, request, attempt + 1)
+        return "placed", send(request["item_id"], request["qty"],
+                              idempotency_key=request["request_id"])
+    except ValueError as refusal:
+        return "refused", str(refusal)
+    except (TimeoutError, ConnectionError) as exc:
+        reached = reached or isinstance(exc, TimeoutError)
+        left = request["deadline"] - clock.now()
+        if left < 0.6:
+            return ("unknown" if reached else "failed"), None
+        base = min(0.25 * 2 ** attempt, 3.0)
+        clock.sleep(min(base * (0.5 + random.random() / 2), left - 0.5))
+        return jittered_backoff_to_the_deadline(send, request, clock, attempt + 1, reached)
 
 
 WRONG = [
@@ -223,6 +322,17 @@ WRONG = [
     ("producer-retries", three_attempts, "never placed", "lost-message"),
     ("producer-retries", key_per_call, "placed more than once", "stopped"),
     ("producer-retries", key_from_content, "never placed", "baseline"),
+    ("producer-retries", retry_refusals, "retried a refusal", "past-range"),
+    ("producer-retries", every_error_is_a_refusal, "answered 'refused' to a request the"
+                                                   " server never refused", "lost-message"),
+    ("producer-retries", retry_at_once, "retry storm", "lost-message"),
+    ("producer-retries", failed_at_the_deadline, "answered 'failed' after an attempt got"
+                                                 " through", "lost-message"),
+    ("producer-retries", unknown_whatever_happened, "answered 'unknown' when every attempt"
+                                                    " was refused a connection",
+     "lost-message"),
+    ("producer-retries", backoff_without_deadline, "sent after their deadline",
+     "lost-message"),
 ]
 
 CORRECT = [
@@ -233,6 +343,6 @@ CORRECT = [
     ("heartbeat", one_long_extension),
     ("heartbeat", beat_just_inside_the_lease),
     ("heartbeat", ack_first_in_the_transaction),
-    ("producer-retries", bounded_retries),
-    ("producer-retries", recursive_retry),
+    ("producer-retries", fixed_pause),
+    ("producer-retries", jittered_backoff_to_the_deadline),
 ]

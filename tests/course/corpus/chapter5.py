@@ -19,55 +19,78 @@ from deliverylab.course.ex05 import (
     repair_item_fence_all,
     repair_item_unfenced,
     repair_rebuild_only,
+    repair_reports_from_outside,
 )
 
 CHAPTER = 5
 
 # -- in-flight-repair: wrong ---------------------------------------------------------------
+COUNTS = "SELECT item_id, reserved_qty FROM inventory_projection"
+REBUILD = ("INSERT INTO inventory_projection (item_id, reserved_qty)"
+           " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
+FENCE_ALL = ("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+             " SELECT 'inventory', event_id, ? FROM orders WHERE true"
+             " ON CONFLICT (consumer, event_id) DO NOTHING")
+
+
+FENCED = "SELECT event_id FROM reconciled_events WHERE consumer = 'inventory'"
+
+
+def snapshot(conn):
+    return dict(conn.execute(COUNTS)), {r[0] for r in conn.execute(FENCED)}
+
+
+def report_since(conn, before):
+    """A true report: how much each item moved and which events were fenced since
+    ``before`` (a snapshot)."""
+    counts, fence = before
+    after, fence_now = snapshot(conn)
+    return {"moved": {k: after.get(k, 0) - counts.get(k, 0) for k in counts.keys() | after.keys()
+                      if after.get(k, 0) != counts.get(k, 0)},
+            "fenced": sorted(fence_now - fence)}
 
 
 def repair_two_transactions(conn, now):
     with transaction(conn):
+        before = snapshot(conn)
         conn.execute("DELETE FROM inventory_projection")
-        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                     " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
+        conn.execute(REBUILD)
+        report = report_since(conn, before)
     with transaction(conn):  # the fence, a moment later
-        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-                     " SELECT 'inventory', event_id, ? FROM orders WHERE true"
-                     " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        conn.execute(FENCE_ALL, (now,))
+    return report
 
 
 def repair_no_transaction(conn, now):
+    before = snapshot(conn)
     conn.execute("DELETE FROM inventory_projection")
-    conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                 " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-    conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-                 " SELECT 'inventory', event_id, ? FROM orders WHERE true"
-                 " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+    conn.execute(REBUILD)
+    conn.execute(FENCE_ALL, (now,))
+    return report_since(conn, before)
 
 
 def repair_fences_only_queued(conn, now):
     with transaction(conn):
+        before = snapshot(conn)
         conn.execute("DELETE FROM inventory_projection")
-        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                     " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
+        conn.execute(REBUILD)
         # Only what could still arrive... from the queue.
         conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM queue_messages WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        return report_since(conn, before)
 
 
 def repair_swallows_lock(conn, now):
     try:
         with transaction(conn):
+            before = snapshot(conn)
             conn.execute("DELETE FROM inventory_projection")
-            conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                         " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-            conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-                         " SELECT 'inventory', event_id, ? FROM orders WHERE true"
-                         " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+            conn.execute(REBUILD)
+            conn.execute(FENCE_ALL, (now,))
+            return report_since(conn, before)
     except sqlite3.OperationalError:
-        pass  # another repair holds the lock: it will do the job
+        return {"moved": {}, "fenced": []}  # another repair holds the lock: it will do the job
 
 
 def repair_reads_then_writes(conn, now):
@@ -75,6 +98,7 @@ def repair_reads_then_writes(conn, now):
     queued = {r[0] for r in conn.execute("SELECT event_id FROM queue_messages")}
     applied = {r[0] for r in conn.execute("SELECT event_id FROM inbox_processed")}
     with transaction(conn):
+        before = snapshot(conn)
         rows = conn.execute("SELECT item_id, qty, event_id FROM orders").fetchall()
         counted = [r for r in rows if r[2] not in queued or r[2] in applied]
         sums: dict[str, int] = {}
@@ -86,6 +110,56 @@ def repair_reads_then_writes(conn, now):
         conn.executemany("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                          " VALUES ('inventory', ?, ?) ON CONFLICT DO NOTHING",
                          [(r[2], now) for r in counted])
+        return report_since(conn, before)
+
+
+def repair_reports_new_counts(conn, now):
+    with transaction(conn):
+        before = snapshot(conn)
+        conn.execute("DELETE FROM inventory_projection")
+        conn.execute(REBUILD)
+        conn.execute(FENCE_ALL, (now,))
+        # The counts it wrote, not how much they moved.
+        return report_since(conn, before) | {"moved": dict(conn.execute(COUNTS))}
+
+
+def repair_reports_every_item(conn, now):
+    with transaction(conn):
+        before = snapshot(conn)
+        conn.execute("DELETE FROM inventory_projection")
+        conn.execute(REBUILD)
+        conn.execute(FENCE_ALL, (now,))
+        report = report_since(conn, before)
+        after = dict(conn.execute(COUNTS))
+    report["moved"] = {k: after[k] - before[0].get(k, 0) for k in after}  # 0 if untouched
+    return report
+
+
+def repair_reports_the_plan(conn, now):
+    # The drift as the diff saw it a moment before the repair: workers move on meanwhile.
+    truth = dict(conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
+    have = dict(conn.execute(COUNTS))
+    with transaction(conn):
+        before = snapshot(conn)
+        conn.execute("DELETE FROM inventory_projection")
+        conn.execute(REBUILD)
+        conn.execute(FENCE_ALL, (now,))
+        report = report_since(conn, before)
+    report["moved"] = {k: truth.get(k, 0) - have.get(k, 0) for k in truth.keys() | have.keys()
+                       if truth.get(k, 0) != have.get(k, 0)}
+    return report
+
+
+def repair_reports_every_fenced_event(conn, now):
+    with transaction(conn):
+        before = snapshot(conn)
+        conn.execute("DELETE FROM inventory_projection")
+        conn.execute(REBUILD)
+        conn.execute(FENCE_ALL, (now,))
+        report = report_since(conn, before)
+        # The whole fence, not what this run added to it.
+        report["fenced"] = sorted(r[0] for r in conn.execute(FENCED))
+    return report
 
 
 # -- in-flight-repair: correct designs ------------------------------------------------------
@@ -99,6 +173,7 @@ def repair_counts_what_is_not_in_flight(conn, now):
                " OR event_id IN (SELECT event_id FROM inbox_processed)"
                " OR event_id IN (SELECT event_id FROM reconciled_events))")
     with transaction(conn):
+        before = snapshot(conn)
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      f" SELECT item_id, sum(qty) FROM orders WHERE {settled}"
@@ -106,40 +181,51 @@ def repair_counts_what_is_not_in_flight(conn, now):
         conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
+        return report_since(conn, before)
 
 
 def repair_adds_never_applied(conn, now):
     """A compensating delta: add only the orders no one applied and no queued message will
-    apply, and fence exactly those."""
+    apply, and fence exactly those; the report is the sum it added per item."""
     never = ("event_id NOT IN (SELECT event_id FROM queue_messages)"
              " AND event_id NOT IN (SELECT event_id FROM reconciled_events)"
              " AND event_id NOT IN (SELECT event_id FROM delivery_log"
              "                      WHERE outcome = 'applied')")
+    added = {}
     with transaction(conn):
+        fenced = [r[0] for r in conn.execute(f"SELECT event_id FROM orders WHERE {never}")]
         for item, qty in conn.execute(f"SELECT item_id, sum(qty) FROM orders WHERE {never}"
                                       " GROUP BY item_id").fetchall():
             conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                          " VALUES (?, ?) ON CONFLICT (item_id) DO UPDATE"
                          " SET reserved_qty = reserved_qty + excluded.reserved_qty",
                          (item, qty))
+            added[item] = qty
         conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                      f" SELECT 'inventory', event_id, ? FROM orders WHERE {never}", (now,))
+    return {"moved": added, "fenced": fenced}
 
 
 def repair_delta_per_item(conn, now):
-    """Move each drifted item by its difference from the truth, and fence every order."""
+    """Move each drifted item by its difference from the truth, fence every order, and
+    report the differences it applied."""
+    gaps = {}
     with transaction(conn):
+        fence = {r[0] for r in conn.execute(FENCED)}
         truth = dict(conn.execute("SELECT item_id, sum(qty) FROM orders GROUP BY item_id"))
-        have = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+        have = dict(conn.execute(COUNTS))
         for item in sorted(truth.keys() | have.keys()):
             gap = truth.get(item, 0) - have.get(item, 0)
             if gap:
                 conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                              " VALUES (?, ?) ON CONFLICT (item_id) DO UPDATE"
                              " SET reserved_qty = reserved_qty + ?", (item, gap, gap))
+                gaps[item] = gap
         conn.execute("INSERT OR IGNORE INTO reconciled_events"
                      " (consumer, event_id, reconciled_at)"
                      " SELECT 'inventory', event_id, ? FROM orders", (now,))
+        fenced = {r[0] for r in conn.execute(FENCED)} - fence
+    return {"moved": gaps, "fenced": list(fenced)}
 
 
 # -- fenced-worker ---------------------------------------------------------------------------
@@ -246,6 +332,16 @@ WRONG = [
     ("in-flight-repair", repair_swallows_lock, "missing", "store-failure"),
     ("in-flight-repair", repair_rebuild_only, "counted twice", "stopped"),
     ("in-flight-repair", repair_fence_only, "missing", "lost-message"),
+    ("in-flight-repair", repair_reports_from_outside, "reported changes it did not make",
+     "interleaving"),
+    ("in-flight-repair", repair_reports_the_plan, "reported changes it did not make",
+     "interleaving"),
+    ("in-flight-repair", repair_reports_new_counts, "reported changes it did not make",
+     "baseline"),
+    ("in-flight-repair", repair_reports_every_item, "reported changes it did not make",
+     "baseline"),
+    ("in-flight-repair", repair_reports_every_fenced_event, "reported a fence it did not add",
+     "baseline"),
     ("fenced-worker", fence_ignored, "duplicated", "stopped"),
     ("fenced-worker", fence_read_from_inbox, "duplicated", "stopped"),
     ("fenced-worker", fence_only_on_redelivery, "duplicated", "stopped"),
