@@ -246,7 +246,10 @@ def status_starter(conn: sqlite3.Connection, order_id: str, status: str, version
     """Keep in ``order_status (order_id, status, version, updated_at)`` the status of the
     order's *newest* change, whatever order the changes arrive in and however often each
     arrives. ``version`` is an integer that grows with each change of an order (it runs
-    past 9); ``now`` is the lab's time. Called inside the worker's transaction."""
+    past 9); ``now`` is the lab's time. Called inside the worker's transaction. For the
+    audit, record once in ``status_stale (order_id, version, status, seen_at)`` (primary key
+    ``(order_id, version)``) every change that arrived after a newer one had won; a
+    redelivery of the change in place is not stale."""
 
 
 def status_solution(conn: sqlite3.Connection, order_id: str, status: str, version: int,
@@ -260,19 +263,45 @@ def status_solution(conn: sqlite3.Connection, order_id: str, status: str, versio
     elif row[0] < version:  # newer: it wins (numbers, not text: 10 > 9)
         conn.execute("UPDATE order_status SET status = ?, version = ?, updated_at = ?"
                      " WHERE order_id = ?", (status, version, now, order_id))
-    # Otherwise an older change, or the same one again (a redelivery): it changes nothing,
-    # whatever order the changes arrive in.
+    elif row[0] > version:
+        # Older: it changes nothing, and the audit records that it came late. It may come
+        # again (a redelivery): the primary key keeps one row, the first sighting.
+        conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                     " VALUES (?, ?, ?, ?) ON CONFLICT (order_id, version) DO NOTHING",
+                     (order_id, version, status, now))
+    # Otherwise the change in place again (a redelivery): nothing to do, nothing to record.
 
 
 def status_upsert_where_newer(conn: sqlite3.Connection, order_id: str, status: str,
                               version: int, now: float) -> None:
-    """Another correct design: one UPSERT whose update only a newer version passes."""
+    """Another correct design: one UPSERT whose update only a newer version passes, and one
+    INSERT that records the change as stale if a newer one is in place."""
     conn.execute(
         "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
         " version = excluded.version, updated_at = excluded.updated_at"
         " WHERE excluded.version > order_status.version",
         (order_id, status, version, now))
+    conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                 " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status"
+                 "  WHERE order_id = ? AND version > ?) ON CONFLICT DO NOTHING",
+                 (order_id, version, status, now, order_id, version))
+
+
+def status_stale_includes_redelivery(conn: sqlite3.Connection, order_id: str, status: str,
+                                     version: int, now: float) -> None:
+    row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+                       (order_id,)).fetchone()
+    if row is None:
+        conn.execute("INSERT INTO order_status (order_id, status, version, updated_at)"
+                     " VALUES (?, ?, ?, ?)", (order_id, status, version, now))
+    elif row[0] < version:
+        conn.execute("UPDATE order_status SET status = ?, version = ?, updated_at = ?"
+                     " WHERE order_id = ?", (status, version, now, order_id))
+    else:  # "it did not win": but the change in place, delivered again, is no stale change
+        conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                     " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                     (order_id, version, status, now))
 
 
 def status_last_write_wins(conn: sqlite3.Connection, order_id: str, status: str, version: int,
@@ -312,9 +341,20 @@ def status_final_is_sticky(conn: sqlite3.Connection, order_id: str, status: str,
         " version = excluded.version, updated_at = excluded.updated_at"
         " WHERE order_status.status NOT IN ('shipped', 'cancelled')",
         (order_id, status, version, now))
+    conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                 " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status"
+                 "  WHERE order_id = ? AND version > ?) ON CONFLICT DO NOTHING",
+                 (order_id, version, status, now, order_id, version))
 
 
 VERSION_BASE = 8  # versions seen by the reader: 9 (placed), 10, 11…: text and numbers differ
+STALE_SCHEMA = """
+CREATE TABLE status_stale (order_id TEXT NOT NULL, version INTEGER NOT NULL,
+                           status TEXT NOT NULL, seen_at REAL NOT NULL,
+                           PRIMARY KEY (order_id, version));
+CREATE TEMP TABLE stale_expected (order_id TEXT, version INTEGER, status TEXT,
+                                  PRIMARY KEY (order_id, version));
+"""
 
 
 def _status_change(delivery: Delivery) -> tuple[str, str, int]:
@@ -338,12 +378,20 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, ack_fail=0.3, process_error=0.2)
     lab = Lab(seed=seed, mode=mode)
     ordering.install(lab.conn)
+    lab.conn.executescript(STALE_SCHEMA)
     errors: list[str] = []
 
     def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
         order_id, status, version = _status_change(delivery)
         if delivery.type == "OrderPlaced":
             apply_order_placed(conn, delivery)  # the reservation is the grader's part
+        # The grader's own note, in the worker's transaction (it rolls back with it): this
+        # change arrives after a newer one was applied, so the audit must record it.
+        row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+                           (order_id,)).fetchone()
+        if row is not None and row[0] > version:
+            conn.execute("INSERT OR IGNORE INTO temp.stale_expected VALUES (?, ?, ?)",
+                         (order_id, version, status))
         try:
             apply_status(conn, order_id, status, version, lab.clock.now())
         except Exception as exc:  # the reader's code: note it; the worker retries later
@@ -383,9 +431,23 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
                        f" is {truth} (v{tv + VERSION_BASE}) in the truth, {proj} (v{pv}) in your projection")
     if missing:
         reasons.append(f"{len(missing)} of {len(rows)} orders have no status at all")
+    expected = set(map(tuple, lab.conn.execute(
+        "SELECT order_id, version, status FROM stale_expected")))
+    recorded = set(map(tuple, lab.conn.execute(
+        "SELECT order_id, version, status FROM status_stale")))
+    unrecorded, extra = sorted(expected - recorded), sorted(recorded - expected)
+    if unrecorded:
+        o, v, st = unrecorded[0]
+        reasons.append(f"{len(unrecorded)} stale changes not in status_stale: order {o}'s"
+                       f" {st} (v{v}) came after a newer change had won")
+    if extra:
+        o, v, st = extra[0]
+        reasons.append(f"{len(extra)} changes recorded as stale that were not: order {o}'s"
+                       f" {st} (v{v}) never arrived after a newer one")
+    focus_stale = (unrecorded or extra or [("",)])[0][0]
     if not reasons:
         return Trial(seed=seed, faults=where, passed=True, reason="")
-    focus = wrong[0][0] if wrong else (missing or (rows[0][0],))[0]
+    focus = wrong[0][0] if wrong else (missing or (focus_stale or rows[0][0],))[0]
     return Trial(seed=seed, faults=where, passed=False, reason="; ".join(reasons),
                  lost=missing, trace=_status_trace(lab.conn, focus))
 
@@ -395,8 +457,9 @@ register(Exercise(
     run=run_status, solution=status_solution, starter=status_starter,
     params=("conn", "order_id", "status", "version", "now"),
     wrong=(("wrong status", status_last_write_wins), ("wrong status", status_newer_by_arrival),
-           ("wrong status", status_final_is_sticky),
-           ("wrong status", status_compared_as_text))))
+           ("not in status_stale", status_final_is_sticky),
+           ("wrong status", status_compared_as_text),
+           ("recorded as stale that were not", status_stale_includes_redelivery))))
 
 
 # -- 6.3 the nightly cleanup ---------------------------------------------------------------

@@ -14,6 +14,7 @@ from deliverylab.course.ex06 import (
     status_final_is_sticky,
     status_last_write_wins,
     status_newer_by_arrival,
+    status_stale_includes_redelivery,
     status_upsert_where_newer,
 )
 
@@ -65,12 +66,57 @@ def charge_checks_the_ledger_then_keys(service, delivery):
     service.charge(order_id=order["orderId"], amount=order["qty"] * 500, idempotency_key=key)
 
 
+# -- newer-wins: wrong ----------------------------------------------------------------------
+def _newer_wins(conn, order_id, status, version, now):
+    """The newer-wins UPSERT alone; the wrong answers below differ in their audit."""
+    conn.execute(
+        "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+        " version = excluded.version, updated_at = excluded.updated_at"
+        " WHERE excluded.version > order_status.version",
+        (order_id, status, version, now))
+
+
+def stale_plain_insert(conn, order_id, status, version, now):
+    row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+                       (order_id,)).fetchone()
+    if row is not None and row[0] > version:  # a stale change delivered twice: a second row
+        conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                     " VALUES (?, ?, ?, ?)", (order_id, version, status, now))
+    _newer_wins(conn, order_id, status, version, now)
+
+
+def stale_means_replaced(conn, order_id, status, version, now):
+    # "Stale" as in "superseded": the change a newer one replaces, not one that came late.
+    conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                 " SELECT order_id, version, status, ? FROM order_status"
+                 " WHERE order_id = ? AND version < ? ON CONFLICT DO NOTHING",
+                 (now, order_id, version))
+    _newer_wins(conn, order_id, status, version, now)
+
+
+def stale_compared_as_text(conn, order_id, status, version, now):
+    _newer_wins(conn, order_id, status, version, now)
+    conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                 " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status WHERE order_id = ?"
+                 "  AND CAST(version AS TEXT) > CAST(? AS TEXT)) ON CONFLICT DO NOTHING",
+                 (order_id, version, status, now, order_id, version))
+
+
 # -- newer-wins: correct --------------------------------------------------------------------
 def status_replace_unless_newer(conn, order_id, status, version, now):
+    seen = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+                        (order_id,)).fetchone()
     conn.execute("INSERT OR REPLACE INTO order_status (order_id, status, version, updated_at)"
                  " SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM order_status"
                  "  WHERE order_id = ? AND version >= ?)",
                  (order_id, status, version, now, order_id, version))
+    if seen is not None and seen[0] > version:
+        exists = conn.execute("SELECT 1 FROM status_stale WHERE order_id = ? AND version = ?",
+                              (order_id, version)).fetchone()
+        if exists is None:
+            conn.execute("INSERT INTO status_stale VALUES (?, ?, ?, ?)",
+                         (order_id, version, status, now))
 
 
 # -- inbox-cleanup --------------------------------------------------------------------------
@@ -127,7 +173,12 @@ WRONG = [
     ("charge-once", charge_checks_the_ledger, "charged more than once", "interleaving"),
     ("newer-wins", status_last_write_wins, "wrong status", "lost-message"),
     ("newer-wins", status_newer_by_arrival, "wrong status", "interleaving"),
-    ("newer-wins", status_final_is_sticky, "wrong status", "baseline"),
+    ("newer-wins", status_final_is_sticky, "not in status_stale", "baseline"),
+    ("newer-wins", status_stale_includes_redelivery, "recorded as stale that were not",
+     "lost-message"),
+    ("newer-wins", stale_plain_insert, "UNIQUE constraint failed", "lost-message"),
+    ("newer-wins", stale_means_replaced, "recorded as stale that were not", "baseline"),
+    ("newer-wins", stale_compared_as_text, "not in status_stale", "past-range"),
     ("newer-wins", status_compared_as_text, "wrong status", "past-range"),
     ("inbox-cleanup", cleanup_redelivery_only, "duplicated", "lost-message"),
     ("inbox-cleanup", cleanup_keeps_dead_letters, "duplicated", "past-range"),
