@@ -271,6 +271,18 @@ def test_a_handler_cannot_write_the_graders_tables(table):
     assert f"the grader refused DELETE from {table}" in reason
 
 
+def test_the_graders_temporary_note_cannot_be_forged():
+    """newer-wins keeps its note of which changes arrive late in a temporary table: a
+    submission that empties it, to hide the changes it failed to record, is refused."""
+    from deliverylab.course.ex06 import status_solution
+
+    def hide_the_late_ones(conn, order_id, status, version, now):
+        conn.execute("DELETE FROM temp.stale_expected")
+        status_solution(conn, order_id, status, version, now)
+    reason = why(graded("newer-wins", hide_the_late_ones)[0])
+    assert "the grader refused DELETE from stale_expected" in reason
+
+
 def test_forging_the_log_through_the_connection_is_refused_even_if_swallowed():
     def swallow(conn, delivery):
         try:

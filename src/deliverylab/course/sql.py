@@ -37,6 +37,7 @@ PROTECTED: dict[str, str] = {
     "payment_idempotency": "the payment provider's own keys",
     "order_status_changes": "the status changes that really happened",
     "sqlite_sequence": "the schema's counters",
+    "stale_expected": "the grader's own note of the changes that arrive late",
 }
 # table -> the only write a submission may make to it
 ONLY: dict[str, int] = {"dead_letters": sqlite3.SQLITE_DELETE}
@@ -72,11 +73,13 @@ class Guard:
                  source: str | None) -> int:
         if action in _WRITES and arg1 is not None:
             table = arg1.lower()
-            if db == "temp" or table in self.created:
+            if table in self.created:
                 return sqlite3.SQLITE_OK
-            if table in PROTECTED:
+            if table in PROTECTED:  # the grader's temporary tables too
                 return self._deny(f"{_WRITES[action]} {arg1} ({PROTECTED[table]}: your code"
                                   " may read it, not change it)")
+            if db == "temp":
+                return sqlite3.SQLITE_OK
             if table in ONLY and ONLY[table] != action:
                 return self._deny(f"{_WRITES[action]} {arg1} (your code may only delete"
                                   " from it)")
