@@ -99,13 +99,13 @@ def test_heartbeat_needs_workers_interleaved_on_one_clock() -> None:
     faults = Faults(seed=0, **ex03.BEAT)  # a crash staggers the two workers
     run, result = run_workers(process=ex03.no_heartbeat, seed=0, faults=faults, orders=20,
                               workers=2, work=ex03.beat_work(faults))
-    overtaken = run.lab.conn.execute(
+    overtaken = run.lab.store.execute(
         "SELECT count(*) FROM delivery_log WHERE outcome = 'ack_rejected'").fetchone()[0]
     assert overtaken > 0 and result.duplicated > 0
     run, result = run_workers(process=ex03.heartbeat_solution, seed=0, faults=faults,
                               orders=20, workers=2, work=ex03.beat_work(faults))
     assert result.ok and {w.name for w in run.workers} == {"worker-1", "worker-2"}
-    busy = {r[0] for r in run.lab.conn.execute(
+    busy = {r[0] for r in run.lab.store.execute(
         "SELECT worker FROM delivery_log WHERE outcome = 'applied'")}
     assert busy == {"worker-1", "worker-2"}
 
@@ -313,7 +313,7 @@ def test_the_meter_decides_what_counts_as_an_effect() -> None:
     run, blind = run_workers(handler=ex03.idempotent_handler_solution, seed=2, faults=faults,
                              orders=10, meter=None)
     assert blind.duplicated > 0  # without a meter every return counts, as in the engine
-    assert not run.lab.conn.execute(
+    assert not run.lab.store.execute(
         "SELECT count(*) FROM delivery_log WHERE outcome = 'duplicate_skipped'").fetchone()[0]
 
 
@@ -345,5 +345,5 @@ def test_the_text_helpers_name_a_bad_argument() -> None:
     assert err.value.field == "workers"
     run, _ = run_workers(seed=0, orders=1)
     with pytest.raises(InvalidInput) as err:
-        order_trace(run.lab.conn, "")
+        order_trace(run.lab.store, "")
     assert err.value.field == "order_id"

@@ -118,8 +118,8 @@ def test_the_repair_runs_while_a_worker_holds_an_event() -> None:
             lab, faults, _ = ex05._lab(seed)
             lab.place_orders(4)
             ex05._hold_while(lab, Faults(seed=seed),
-                             lambda lab=lab, repair=repair: repair(lab.conn, lab.clock.now()))
-            held = lab.conn.execute(
+                             lambda lab=lab, repair=repair: repair(lab.store, lab.clock.now()))
+            held = lab.store.execute(
                 "SELECT outcome FROM delivery_log WHERE worker = 'worker-3'"
                 " AND outcome IN ('applied', 'duplicate_skipped', 'fenced')").fetchall()
             assert [r[0] for r in held] == [outcome], (seed, repair.__name__)
@@ -179,11 +179,11 @@ def test_missing_counts_applied_dead_letters_as_done() -> None:
     lab = course_lab(seed=1, faults=Faults(seed=1, ack_fail=0.7), max_receives=3)
     lab.place_orders(20)
     drain(lab)
-    applied_dead = lab.conn.execute(
+    applied_dead = lab.store.execute(
         "SELECT count(*) FROM dead_letters AS d JOIN inbox_processed AS i USING (event_id)"
     ).fetchone()[0]
     assert applied_dead > 0
-    assert not (ex04.missing_solution(lab.conn) & ex04.missing_dead_letters(lab.conn))
+    assert not (ex04.missing_solution(lab.store) & ex04.missing_dead_letters(lab.store))
 
 
 def test_drain_stops_a_loop_that_never_steps() -> None:

@@ -124,10 +124,10 @@ def test_workers_of_every_mode_run_between_two_transactions_of_a_job() -> None:
     team = rivals(lab)
     assert sorted(w.mode.value for w in team) == sorted(
         ["at-most-once", "at-least-once", "idempotent", "transactional"])
-    conn = workers_between(lab.conn, team, Faults(seed=3), rate=1.0, key="job")
+    conn = workers_between(lab.store, team, Faults(seed=3), rate=1.0, key="job")
     before = conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
     after = conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
     assert before == 8 and after == 8 - len(team)
     with pytest.raises(InvalidInput) as err:
-        workers_between(lab.conn, [object()], Faults(seed=3))
+        workers_between(lab.store, [object()], Faults(seed=3))
     assert err.value.field == "workers"

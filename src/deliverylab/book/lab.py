@@ -47,8 +47,7 @@ class Lab:
     schema already holds. Both are opened by
     :func:`deliverylab.brokers.registry.open_store_and_broker`: ``store`` is the store's
     connection and ``broker`` the queue table in its own database, joined to it (an effect
-    and its ACK can commit in one transaction). ``conn`` and ``queue`` are the same two
-    objects under the names older code uses.
+    and its ACK can commit in one transaction).
     """
 
     def __init__(self, path: str | Path = ":memory:", *, seed: int = 0,
@@ -83,16 +82,6 @@ class Lab:
             for i in range(n_workers)
         ]
         self._turn = 0
-
-    @property
-    def conn(self) -> Store:
-        """The store's connection: :attr:`store`."""
-        return self.store
-
-    @property
-    def queue(self) -> Queue:
-        """The broker: :attr:`broker`."""
-        return self.broker
 
     def close(self) -> None:
         """Close the broker and the store."""

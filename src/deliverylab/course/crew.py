@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-from ..book.lab import Lab
 from ..brokers.base import Delivery
 from ..engine.check import projection_vs_truth
 from ..engine.clock import Clock
@@ -28,7 +27,7 @@ from ..engine.faults import NO_FAULTS, Faults
 from ..engine.settings import DEFAULT_MAX_RECEIVES
 from ..engine.trace import Outcome, log_many
 from ..engine.worker import CONSUMER, Mode, Worker, apply_order_placed
-from .grader import CourseWorker, Ops, at_least_once, schedule
+from .grader import CourseLab, CourseWorker, Ops, at_least_once, schedule
 
 Handler = Callable[[sqlite3.Connection, Delivery], Any]
 
@@ -50,28 +49,28 @@ def course_lab(*, seed: int, handler: Handler | None = None, faults: Faults = NO
                workers: int = 2, max_receives: int = DEFAULT_MAX_RECEIVES,
                visibility_timeout: float = 2.0,
                process: Callable[[Delivery, Ops], Any] = at_least_once,
-               mode: Mode | str = Mode.IDEMPOTENT) -> Lab:
+               mode: Mode | str = Mode.IDEMPOTENT) -> CourseLab:
     """A lab whose ``workers`` are :class:`CourseWorker` objects running ``process`` with
     ``handler`` (default: :func:`inbox_consumer`) under ``faults``, interleaved on one fake
     clock. Nothing is placed or run yet."""
     for name, fn in (("handler", handler), ("process", process)):
         if fn is not None and not callable(fn):
             raise InvalidInput(name, fn, "a function")
-    lab = Lab(seed=seed, mode=mode, faults=faults, visibility_timeout=visibility_timeout,
+    lab = CourseLab(seed=seed, mode=mode, faults=faults, visibility_timeout=visibility_timeout,
               max_receives=max_receives)
     lab.workers = list(crew(lab, handler or inbox_consumer(lab.clock), faults=faults,
                             workers=workers, process=process))
     # The lab's clock in SQL, for a handler that stamps rows (an inbox's processed_at).
-    lab.conn.create_function("clock_now", 0, lab.clock.now, deterministic=False)
+    lab.store.create_function("clock_now", 0, lab.clock.now, deterministic=False)
     return lab
 
 
-def drain(lab: Lab) -> None:
+def drain(lab: CourseLab) -> None:
     """Run the lab's course workers until the queue is empty and nobody holds a delivery."""
     schedule(lab, course_workers(lab))
 
 
-def course_workers(lab: Lab) -> list[CourseWorker]:
+def course_workers(lab: CourseLab) -> list[CourseWorker]:
     """The workers of a lab that :func:`course_lab` made: course workers, every one."""
     team = [w for w in lab.workers if isinstance(w, CourseWorker)]
     if len(team) != len(lab.workers):
@@ -80,17 +79,17 @@ def course_workers(lab: Lab) -> list[CourseWorker]:
     return team
 
 
-def crew(lab: Lab, handler: Handler, *, faults: Faults = NO_FAULTS, workers: int = 1,
+def crew(lab: CourseLab, handler: Handler, *, faults: Faults = NO_FAULTS, workers: int = 1,
          process: Callable[[Delivery, Ops], Any] = at_least_once,
          first: int = 1) -> list[CourseWorker]:
     """``workers`` course workers on ``lab``'s queue and clock."""
-    if not isinstance(lab, Lab):
-        raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
+    if not isinstance(lab, CourseLab):
+        raise InvalidInput("lab", lab, "a deliverylab.course.grader.CourseLab")
     check_int("workers", workers, minimum=1, maximum=16)
     check_int("first", first, minimum=1)
-    team = [CourseWorker(store=lab.conn, clock=lab.clock, mode=lab.mode, faults=faults,
+    team = [CourseWorker(store=lab.store, clock=lab.clock, mode=lab.mode, faults=faults,
                          visibility_timeout=lab.workers[0].visibility_timeout,
-                         name=f"worker-{first + i}", broker=lab.queue, process=process,
+                         name=f"worker-{first + i}", broker=lab.broker, process=process,
                          effect_handler=handler)
             for i in range(workers)]
     return team
@@ -108,7 +107,7 @@ def holding(action: Callable[[], Any], then: Callable[[Delivery, Ops], Any] = at
     return process
 
 
-def hold_one_while(lab: Lab, handler: Handler, action: Callable[[], Any], *,
+def hold_one_while(lab: CourseLab, handler: Handler, action: Callable[[], Any], *,
                    faults: Faults = NO_FAULTS,
                    process: Callable[[Delivery, Ops], Any] = at_least_once) -> list[str]:
     """One more worker receives a message and holds it while ``action`` runs; ``action`` runs
@@ -142,7 +141,7 @@ def drift_text(conn: sqlite3.Connection, items: list[str] | None = None) -> str:
     return "; ".join(f"{item} truth {truth}, projection {proj}" for item, truth, proj, _ in rows)
 
 
-def errors_of(lab: Lab) -> list[str]:
+def errors_of(lab: CourseLab) -> list[str]:
     out: list[str] = []
     for w in lab.workers:
         out.extend(e for e in getattr(w, "errors", []) if e not in out)
@@ -435,15 +434,15 @@ class PausingOps:
         return self._ops.nack(d, delay)
 
 
-def rivals(lab: Lab, *, faults: Faults = NO_FAULTS,
+def rivals(lab: CourseLab, *, faults: Faults = NO_FAULTS,
            modes: tuple[Mode | str, ...] = tuple(Mode)) -> list[Worker]:
     """One engine worker per mode (at-most-once and at-least-once included) on ``lab``'s
     store, queue and clock: the other consumers a submission shares the queue with."""
-    if not isinstance(lab, Lab):
-        raise InvalidInput("lab", lab, "a deliverylab.book.lab.Lab")
-    return [Worker(store=lab.conn, clock=lab.clock, mode=Mode.parse(mode),
+    if not isinstance(lab, CourseLab):
+        raise InvalidInput("lab", lab, "a deliverylab.course.grader.CourseLab")
+    return [Worker(store=lab.store, clock=lab.clock, mode=Mode.parse(mode),
                    faults=faults, visibility_timeout=lab.workers[0].visibility_timeout,
-                   broker=lab.queue, name=f"rival-{Mode.parse(mode).value}")
+                   broker=lab.broker, name=f"rival-{Mode.parse(mode).value}")
             for mode in modes]
 
 

@@ -39,7 +39,7 @@ def run_ack_after(process: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **ACK_AFTER)
     run, _ = run_workers(process=process, seed=seed, faults=faults, orders=30,
                          max_receives=ACK_AFTER_RECEIVES)
-    dead = [r[0] for r in run.lab.conn.execute(
+    dead = [r[0] for r in run.lab.store.execute(
         "SELECT correlation_id FROM dead_letters ORDER BY dead_at, message_id")]
     extra = ([f"{len(dead)} messages went to the dead letters after {ACK_AFTER_RECEIVES}"
               " deliveries: they were never acknowledged"] if dead else [])
@@ -81,7 +81,7 @@ def ack_only(delivery: Delivery, ops: Ops) -> None:
 def run_at_most_once(process: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **AT_MOST)
     run, _ = run_workers(process=process, seed=seed, faults=faults, orders=30)
-    conn = run.lab.conn
+    conn = run.lab.store
     crashed = {r[0] for r in conn.execute(
         "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome IN"
         " ('crashed', 'dead_lettered') OR (outcome = 'ack_failed' AND detail LIKE ?)",
@@ -190,7 +190,7 @@ def run_classify(classify: Callable[..., Any], seed: int) -> Trial:
         run, _ = run_workers(process=_engine_process(mode), seed=seed, faults=faults,
                              orders=CLASSIFY_ORDERS, workers=2, mode=mode,
                              max_receives=CLASSIFY_RECEIVES, max_steps=steps, **handler)
-        conn = run.lab.conn
+        conn = run.lab.store
         truth = {o: "lost" if s == "dead_lettered" else s for o, *_, s in event_states(conn)}
         total += len(truth)
         log = [(o, out) for o, out in conn.execute(

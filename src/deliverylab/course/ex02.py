@@ -164,7 +164,7 @@ def _truth(lab: Any) -> tuple[str, str | None]:
     """What the checker saw (dead letters aside), and one order that shows it."""
     from ..engine.check import event_states
 
-    states = event_states(lab.conn)
+    states = event_states(lab.store)
     for kind in ("lost", "duplicated"):
         hit = [o for o, *_, s in states if s == kind]
         if hit:

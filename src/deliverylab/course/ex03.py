@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..book.lab import ITEMS, Lab
+from ..book.lab import ITEMS
 from ..brokers.base import Delivery
 from ..engine.errors import check_number
 from ..engine.faults import Faults
@@ -20,6 +20,7 @@ from ..engine.orders import place_order
 from ..engine.worker import apply_order_placed
 from .crew import nemesis_handler, pausing_process
 from .grader import (
+    CourseLab,
     Exercise,
     Ops,
     Stopped,
@@ -314,7 +315,7 @@ class _Restarted(BaseException):  # noqa: N818 - a fault, not an error
 class ClientClock:
     """The client's clock: ``now()`` in seconds, ``sleep(seconds)`` to pause."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: CourseLab) -> None:
         self._clock = lab.clock
 
     def now(self) -> float:
@@ -329,7 +330,7 @@ class _Network:
     answers, a server that is down for a while or refuses, all on a seeded schedule, with a
     log of every attempt for the verdict's trace."""
 
-    def __init__(self, lab: Lab, faults: Faults, request: dict[str, Any]) -> None:
+    def __init__(self, lab: CourseLab, faults: Faults, request: dict[str, Any]) -> None:
         self.lab, self.faults = lab, faults
         self.request_id: str = request["request_id"]
         self.deadline: float = request["deadline"]
@@ -380,7 +381,7 @@ class _Network:
             clock.advance(0.02)
             self.log.append(f"{at}: refused, qty {qty} is over the limit → ValueError")
             raise ValueError(f"qty {qty} is over the limit of {QTY_LIMIT} per order")
-        placed = place_order(self.lab.queue, item_id=item_id, qty=qty,
+        placed = place_order(self.lab.broker, item_id=item_id, qty=qty,
                              idempotency_key=idempotency_key)
         if placed.created:
             self.created.append(placed.order_id)
@@ -433,7 +434,7 @@ def _judge_answer(net: _Network, answer: Any, now: float) -> str:
 
 def run_producer(submit: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed)
-    lab = Lab(seed=seed)
+    lab = CourseLab(seed=seed)
     clock = ClientClock(lab)
     nets = []
     errors: list[str] = []

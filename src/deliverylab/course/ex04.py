@@ -12,7 +12,6 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..book.lab import Lab
 from ..brokers.base import Delivery
 from ..brokers.sqlite import Queue
 from ..engine.check import event_states
@@ -20,7 +19,16 @@ from ..engine.clock import FakeClock
 from ..engine.faults import Faults
 from ..engine.worker import Worker, apply_order_placed
 from .crew import course_lab, drain, errors_of, nemesis_handler
-from .grader import Exercise, SubmissionError, Trial, describe_faults, judge, order_trace, register
+from .grader import (
+    CourseLab,
+    Exercise,
+    SubmissionError,
+    Trial,
+    describe_faults,
+    judge,
+    order_trace,
+    register,
+)
 
 # -- 4.1 run until idle --------------------------------------------------------------------
 DRAIN_FAULTS = dict(ack_fail=0.3, process_error=0.2, crash_after_receive=0.1)
@@ -173,22 +181,22 @@ DRAIN_GHOST_LEASE = 3.0  # the leases a crashed worker holds when the loop start
 
 def run_drain(drain_fn: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **DRAIN_FAULTS)
-    lab = Lab(seed=seed, faults=faults, workers=DRAIN_WORKERS, max_receives=10)
+    lab = CourseLab(seed=seed, faults=faults, workers=DRAIN_WORKERS, max_receives=10)
     lab.place_orders(DRAIN_ORDERS)
     # One seed in five, a worker that crashed a moment ago still holds every message: nothing
     # is visible when the loop starts, and everything comes back when its leases run out.
     ghost = seed % 5 == 3
     if ghost:
-        lab.queue.receive(DRAIN_GHOST_LEASE, DRAIN_ORDERS, worker="crashed-worker")
+        lab.broker.receive(DRAIN_GHOST_LEASE, DRAIN_ORDERS, worker="crashed-worker")
     guard = _Guard(lab.clock)
     errors: list[str] = []
     try:
-        drain_fn([_Watched(w, guard) for w in lab.workers], _WatchedQueue(lab.queue, guard),
+        drain_fn([_Watched(w, guard) for w in lab.workers], _WatchedQueue(lab.broker, guard),
                  _WatchedClock(lab.clock, guard))
     except Exception as exc:  # the reader's loop: report it, judge what it left
         errors.append(f"{type(exc).__name__}: {exc}")
     extra = []
-    left = [r[0] for r in lab.conn.execute(
+    left = [r[0] for r in lab.store.execute(
         "SELECT correlation_id FROM queue_messages ORDER BY seq")]
     if left and not errors:
         extra.append(f"your loop returned at t={lab.clock.now():g} with {len(left)} messages still"
@@ -269,8 +277,8 @@ def run_redrive_inbox(handler: Callable[..., Any], seed: int) -> Trial:
     lab = course_lab(seed=seed, faults=flaky, workers=2, max_receives=3, handler=hostile)
     lab.place_orders(REDRIVE_ORDERS)
     drain(lab)  # most ACKs lost: many messages use up their receives, applied or not
-    parked = lab.conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
-    lab.queue.redrive()  # the operator moves every dead letter back to the queue
+    parked = lab.store.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+    lab.broker.redrive()  # the operator moves every dead letter back to the queue
     healing["done"] = True
     healed = Faults(seed=seed, **HEALED)
     for w in lab.workers:
@@ -338,16 +346,16 @@ def missing_dead_letters_with_error(conn: sqlite3.Connection) -> set[str]:
 
 def run_missing(missing: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed, **MISSING_FAULTS)
-    lab = Lab(seed=seed, faults=faults, workers=2, max_receives=3)
+    lab = CourseLab(seed=seed, faults=faults, workers=2, max_receives=3)
     lab.place_orders(MISSING_ORDERS)
     lab.run_until_idle()
     lab.place_orders(MISSING_LATE)
     for _ in range(seed % 4):  # stopped mid-run: the last orders' events are still on their way
         lab.step()
-    truth = {o: s for o, *_, s in event_states(lab.conn)}
+    truth = {o: s for o, *_, s in event_states(lab.store)}
     errors: list[str] = []
     try:
-        said = missing(lab.conn)
+        said = missing(lab.store)
         said = {str(o) for o in said}
     except Exception as exc:  # the reader's code: report it
         errors.append(f"{type(exc).__name__}: {exc}")
@@ -375,7 +383,7 @@ def run_missing(missing: Callable[..., Any], seed: int) -> Trial:
         return Trial(seed=seed, faults=where, passed=True, reason="")
     focus = (missed or tuple(alarms) or ("",))[0]
     return Trial(seed=seed, faults=where, passed=False, reason="; ".join(reasons),
-                 lost=missed, trace=order_trace(lab.conn, focus) if focus else "")
+                 lost=missed, trace=order_trace(lab.store, focus) if focus else "")
 
 
 register(Exercise(

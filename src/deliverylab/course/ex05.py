@@ -20,7 +20,6 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from ..book.lab import Lab
 from ..book.toolkit import WhileWorking
 from ..brokers.base import Delivery
 from ..engine import reconcile
@@ -29,7 +28,7 @@ from ..engine.faults import Faults
 from ..engine.store import transaction
 from ..engine.worker import Mode, Worker, apply_order_placed
 from .crew import course_lab, drain, drift_text, errors_of, hold_one_while, log_counted
-from .grader import Exercise, Ops, Trial, describe_faults, judge, order_trace, register
+from .grader import CourseLab, Exercise, Ops, Trial, describe_faults, judge, order_trace, register
 
 # The workers' faults: each mode gets the ones that strike it.
 FAULTS = {Mode.IDEMPOTENT: dict(ack_fail=0.3, ack_answer_lost=0.1, crash_after_receive=0.1,
@@ -44,22 +43,22 @@ def _mode(seed: int) -> Mode:
     return Mode.IDEMPOTENT if seed % 2 == 0 else Mode.TRANSACTIONAL
 
 
-def _lab(seed: int) -> tuple[Lab, Faults, str]:
+def _lab(seed: int) -> tuple[CourseLab, Faults, str]:
     mode = _mode(seed)
     faults = Faults(seed=seed, **FAULTS[mode])
-    lab = Lab(seed=seed, mode=mode, faults=faults, workers=WORKERS)
+    lab = CourseLab(seed=seed, mode=mode, faults=faults, workers=WORKERS)
     return lab, faults, f"{mode} workers on this seed (idempotent on even seeds, transactional" \
                         " on odd ones)"
 
 
-def _hold_while(lab: Lab, faults: Faults, action: Callable[[], Any], *,
+def _hold_while(lab: CourseLab, faults: Faults, action: Callable[[], Any], *,
                 mode: Mode | None = None) -> None:
     """One more worker (of the lab's mode, or ``mode``) receives a message and runs ``action``
     while it holds it (between its receive and its commit); ``action`` runs anyway if it got
     nothing."""
     clock = WhileWorking(lab.clock, action)
     mode = lab.mode if mode is None else mode
-    Worker(store=lab.conn, clock=clock, broker=lab.queue, mode=mode,
+    Worker(store=lab.store, clock=clock, broker=lab.broker, mode=mode,
            faults=faults if mode is lab.mode else Faults(seed=lab.seed),
            name=f"worker-{len(lab.workers) + 1}", work_time=lab.tick / 2).step()
     if clock.action is not None:
@@ -152,7 +151,7 @@ class Interleaved:
         return getattr(self._conn, name)
 
 
-def _interleaver(lab: Lab, crew: list[Worker]) -> Callable[[], None]:
+def _interleaver(lab: CourseLab, crew: list[Worker]) -> Callable[[], None]:
     """One step of the next worker of ``crew``, round robin, on the lab's clock."""
     turn = [0]
 
@@ -165,10 +164,10 @@ def _interleaver(lab: Lab, crew: list[Worker]) -> Callable[[], None]:
     return between
 
 
-def _bystanders(lab: Lab) -> list[Worker]:
+def _bystanders(lab: CourseLab) -> list[Worker]:
     """Fault-free workers of the two modes without an inbox, beside the lab's own: they read
     the fence too, and an at-most-once one deletes the message before its effect."""
-    return [Worker(store=lab.conn, clock=lab.clock, broker=lab.queue, mode=mode,
+    return [Worker(store=lab.store, clock=lab.clock, broker=lab.broker, mode=mode,
                    name=f"worker-{mode}", work_time=lab.tick / 2)
             for mode in (Mode.AT_MOST_ONCE, Mode.AT_LEAST_ONCE)]
 
@@ -177,7 +176,7 @@ class _Caller:
     """Calls the reader's repair on an :class:`Interleaved` connection; notes its errors (an
     injected lock it let escape is not one: the operator just runs the repair again)."""
 
-    def __init__(self, lab: Lab, repair: Callable[..., Any], between: Callable[[], None]
+    def __init__(self, lab: CourseLab, repair: Callable[..., Any], between: Callable[[], None]
                  ) -> None:
         self.lab, self.repair, self.between = lab, repair, between
         self.errors: list[str] = []
@@ -188,22 +187,22 @@ class _Caller:
         lab = self.lab
         self.returned = None
         for attempt in (1, 2):
-            conn = Interleaved(lab.conn, self.between, lock_at=lock_at if attempt == 1 else None)
+            conn = Interleaved(lab.store, self.between, lock_at=lock_at if attempt == 1 else None)
             now = lab.clock.now()
             try:
                 result = self.repair(conn, *args, now)
             except (Exception, SystemExit) as exc:  # the reader's code: report it, go on
                 # By name: from the sandbox it comes back as another object of that name.
-                if lab.conn.in_transaction:
-                    lab.conn.rollback()
+                if lab.store.in_transaction:
+                    lab.store.rollback()
                 if type(exc).__name__ == "OperationalError" and conn.locked and attempt == 1 \
                         and "locked" in str(exc):
                     continue  # the lock we made: the operator runs the repair again
                 self._note(f"{type(exc).__name__}: {exc} (your repair at t={now:g})")
                 return False
             else:
-                if lab.conn.in_transaction:
-                    lab.conn.rollback()
+                if lab.store.in_transaction:
+                    lab.store.rollback()
                     self._note("your repair left a transaction open (it was rolled back)")
                     return False
             self.returned = result
@@ -215,12 +214,12 @@ class _Caller:
             self.errors.append(text)
 
 
-def _quiet_verdict(lab: Lab, *, seed: int, faults: str, errors: list[str],
+def _quiet_verdict(lab: CourseLab, *, seed: int, faults: str, errors: list[str],
                    since: float = 0.0, failures: list[str] | None = None) -> Trial:
     """The exercise's invariant once the queue is quiet: the projection equals the truth on
     every item. Over means an order counted twice; under, an order counted by no one."""
     reasons = [f"your code raised {e}" for e in errors] + list(failures or ())
-    off = [r for r in projection_vs_truth(lab.conn) if r[3] != 0]
+    off = [r for r in projection_vs_truth(lab.store) if r[3] != 0]
     focus: tuple[str, ...] = ()
     if off:
         parts = []
@@ -230,12 +229,12 @@ def _quiet_verdict(lab: Lab, *, seed: int, faults: str, errors: list[str],
             parts.append(f"{item} truth {truth}, projection {proj} ({why})")
         reasons.append("once the queue is quiet the projection differs from the truth: "
                        + "; ".join(parts))
-        focus = _busiest_orders(lab.conn, off[0][0], since)
+        focus = _busiest_orders(lab.store, off[0][0], since)
     if not reasons:
         return Trial(seed=seed, faults=faults, passed=True, reason="")
     if not focus:
-        focus = tuple(o for o, _ in _orders(lab.conn))[:1]
-    trace = order_trace(lab.conn, focus[0]) if focus else ""
+        focus = tuple(o for o, _ in _orders(lab.store))[:1]
+    trace = order_trace(lab.store, focus[0]) if focus else ""
     return Trial(seed=seed, faults=faults, passed=False, reason="; ".join(reasons),
                  trace=trace)
 
@@ -251,12 +250,12 @@ def _busiest_orders(conn: sqlite3.Connection, item: str, since: float) -> tuple[
         (since, item)))
 
 
-def _park_one(lab: Lab) -> None:
+def _park_one(lab: CourseLab) -> None:
     """Place one order and park its message in the dead letters unapplied (a poison message
     an operator set aside): not queued, not applied, and redriven after the repairs."""
     lab.place_orders(1)
-    for d in lab.queue.receive(lab.workers[0].visibility_timeout, 1, worker="operator"):
-        lab.queue.dead_letter(d, "set aside by the operator", worker="operator")
+    for d in lab.broker.receive(lab.workers[0].visibility_timeout, 1, worker="operator"):
+        lab.broker.dead_letter(d, "set aside by the operator", worker="operator")
 
 
 # -- 5.1 a repair that survives the in-flight race -----------------------------------------
@@ -394,25 +393,25 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
     moved: dict[str, int] = {}  # what the workers changed between the repair's statements
 
     def between() -> None:
-        was = _projection(lab.conn)
+        was = _projection(lab.store)
         step()
-        for item, qty in _projection(lab.conn).items():
+        for item, qty in _projection(lab.store).items():
             moved[item] = moved.get(item, 0) + qty - was.get(item, 0)
 
     repairs = _Caller(lab, repair, between)
     bad_reports: list[str] = []
 
     def call(lock_at: int | None = None) -> None:
-        was, fence = _projection(lab.conn), _fence_of(lab.conn)
+        was, fence = _projection(lab.store), _fence_of(lab.store)
         moved.clear()
         now = lab.clock.now()
         if not repairs(lock_at=lock_at):
             return
-        after = _projection(lab.conn)
+        after = _projection(lab.store)
         changed = {k: after.get(k, 0) - was.get(k, 0) - moved.get(k, 0)
                    for k in sorted(was.keys() | after.keys() | moved.keys())}
         why = _report_error(repairs.returned, {k: v for k, v in changed.items() if v},
-                            _fence_of(lab.conn) - fence)
+                            _fence_of(lab.store) - fence)
         if why and not bad_reports:
             bad_reports.append(f"your repair at t={now:g} {why}")
 
@@ -430,7 +429,7 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
     lab.place_orders(3)
     lab.lose_messages(1)      # a third incident; the database is locked at one statement
     call(lock_at=seed % 3)    # of the repair (BEGIN on seeds 0, 3, 6…): it is run again
-    lab.queue.redrive()       # the operator redrives the dead letter
+    lab.broker.redrive()       # the operator redrives the dead letter
     lab.run_until_idle()
     where = describe_faults(
         faults, workers=WORKERS, orders=24,
@@ -494,7 +493,7 @@ def run_fence(handler: Callable[..., Any], seed: int) -> Trial:
                      process=tx_process, mode=Mode.TRANSACTIONAL)
 
     def repair() -> None:
-        reconcile.repair(lab.conn, clock=lab.clock)  # the engine's repair: rebuild and fence
+        reconcile.repair(lab.store, clock=lab.clock)  # the engine's repair: rebuild and fence
 
     lab.place_orders(10)
     lab.lose_messages(2)
@@ -572,9 +571,9 @@ def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
     moved: dict[str, int] = {}
 
     def between() -> None:
-        was = {r[0]: r[2] for r in projection_vs_truth(lab.conn)}
+        was = {r[0]: r[2] for r in projection_vs_truth(lab.store)}
         step()
-        for r in projection_vs_truth(lab.conn):
+        for r in projection_vs_truth(lab.store):
             if r[2] != was.get(r[0], 0):
                 moved[r[0]] = moved.get(r[0], 0) + r[2] - was.get(r[0], 0)
 
@@ -585,7 +584,7 @@ def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
     lab.place_orders(15)
     lab.lose_messages(2)
     lab.run_until_idle()
-    job = _wrong_items(lab.conn)     # the items the diff found drifted: the job's to-do list
+    job = _wrong_items(lab.store)     # the items the diff found drifted: the job's to-do list
     lab.place_orders(6)              # orders keep arriving while the job walks the items
     repaired: dict[float, str] = {}
     for n, item in enumerate(job):
@@ -594,12 +593,12 @@ def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
             lab.step()
         now = lab.clock.now()
         repaired.setdefault(now, item)
-        before = {r[0]: r[2] for r in projection_vs_truth(lab.conn) if r[0] != item}
+        before = {r[0]: r[2] for r in projection_vs_truth(lab.store) if r[0] != item}
         moved.clear()
         # The database is locked at one statement of the first repair (BEGIN on seeds 0, 3,
         # 6…): the job runs that repair again.
         caller(item, lock_at=seed % 3 if n == 0 else None)
-        after = {r[0]: r[2] - moved.get(r[0], 0) for r in projection_vs_truth(lab.conn)
+        after = {r[0]: r[2] - moved.get(r[0], 0) for r in projection_vs_truth(lab.store)
                  if r[0] != item}
         touched = sorted(k for k in before.keys() | after.keys()
                          if before.get(k, 0) != after.get(k, 0))
@@ -607,23 +606,23 @@ def run_repair_item(repair_item: Callable[..., Any], seed: int) -> Trial:
             failures.append(f"repairing {item} changed other items too: "
                             + "; ".join(f"{k} {before.get(k, 0)} -> {after.get(k, 0)}"
                                         for k in touched))
-            suspects.extend(_orders_of(lab.conn, touched))
-        if _wrong_items(lab.conn, [item]):
+            suspects.extend(_orders_of(lab.store, touched))
+        if _wrong_items(lab.store, [item]):
             if not failures:
                 failures.append(f"right after your repair of {item} at t={now:g} it differs"
-                                f" from the truth ({drift_text(lab.conn, [item])})")
-                suspects.extend(_orders_of(lab.conn, [item]))
+                                f" from the truth ({drift_text(lab.store, [item])})")
+                suspects.extend(_orders_of(lab.store, [item]))
             continue
-        with transaction(lab.conn):
-            log_counted(lab.conn, _orders(lab.conn, item), at=now,
+        with transaction(lab.store):
+            log_counted(lab.store, _orders(lab.store, item), at=now,
                         detail=f"counted by your repair of {item}")
     lab.run_until_idle()
     # A lost order whose event was fenced by the repair of another item: say so.
-    fenced = [(o, item, repaired[t]) for o, item, t in lab.conn.execute(
+    fenced = [(o, item, repaired[t]) for o, item, t in lab.store.execute(
         "SELECT o.order_id, o.item_id, f.reconciled_at FROM orders AS o"
         " JOIN reconciled_events AS f USING (event_id) ORDER BY o.created_at, o.order_id")
         if t in repaired and repaired[t] != item
-        and _applications(lab.conn, o) == 0]
+        and _applications(lab.store, o) == 0]
     if fenced and not failures:
         o, item, by = fenced[0]
         failures.append(f"{len(fenced)} events were fenced by the repair of another"

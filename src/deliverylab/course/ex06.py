@@ -16,7 +16,6 @@ from typing import Any
 
 from ..book import ordering
 from ..book.effects import UNIT_PRICE, Charge, PaymentService
-from ..book.lab import Lab
 from ..brokers.base import Delivery
 from ..engine import retention
 from ..engine.clock import Clock
@@ -24,7 +23,7 @@ from ..engine.errors import InvalidInput, check_int, check_number
 from ..engine.faults import Faults
 from ..engine.worker import CONSUMER, Mode, Worker, apply_order_placed
 from .crew import call, course_lab, course_workers, drain, errors_of
-from .grader import Exercise, Trial, describe_faults, judge, order_trace, register
+from .grader import CourseLab, Exercise, Trial, describe_faults, judge, order_trace, register
 
 # -- 6.1 one charge per order --------------------------------------------------------------
 CHARGE_FAULTS = dict(ack_fail=0.2, ack_answer_lost=0.1, crash_after_commit=0.1)
@@ -186,8 +185,8 @@ def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
     errors = [e for e in errors_of(lab) if not e.startswith("LostAnswer")]
     base = judge(lab, seed=seed, faults=where, errors=errors)
     per_order = service.charged_orders()
-    amounts = {o: q * UNIT_PRICE for o, q in lab.conn.execute("SELECT order_id, qty FROM orders")}
-    orders = [r[0] for r in lab.conn.execute("SELECT order_id FROM orders"
+    amounts = {o: q * UNIT_PRICE for o, q in lab.store.execute("SELECT order_id, qty FROM orders")}
+    orders = [r[0] for r in lab.store.execute("SELECT order_id FROM orders"
                                              " ORDER BY created_at, order_id")]
     never = tuple(o for o in orders if per_order.get(o, 0) == 0)
     twice = tuple(o for o in orders if per_order.get(o, 0) > 1)
@@ -211,7 +210,7 @@ def run_charge(charge: Callable[..., Any], seed: int) -> Trial:
         return Trial(seed=seed, faults=where, passed=True, reason="")
     focus = (twice or never or base.duplicated or base.lost
              or tuple(o for o, _ in wrong_amount[:1]) or tuple(orders[:1]))[0]
-    trace = "\n".join([order_trace(lab.conn, focus), *_charge_lines(service, focus)])
+    trace = "\n".join([order_trace(lab.store, focus), *_charge_lines(service, focus)])
     service.conn.close()
     return Trial(seed=seed, faults=where, passed=False, reason="; ".join(reasons),
                  lost=never or base.lost, duplicated=twice or base.duplicated, trace=trace)
@@ -376,9 +375,9 @@ def _status_trace(conn: sqlite3.Connection, order_id: str) -> str:
 def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
     mode = Mode.IDEMPOTENT if seed % 2 == 0 else Mode.AT_LEAST_ONCE
     faults = Faults(seed=seed, ack_fail=0.3, process_error=0.2)
-    lab = Lab(seed=seed, mode=mode)
-    ordering.install(lab.conn)
-    lab.conn.executescript(STALE_SCHEMA)
+    lab = CourseLab(seed=seed, mode=mode)
+    ordering.install(lab.store)
+    lab.store.executescript(STALE_SCHEMA)
     errors: list[str] = []
 
     def handle(conn: sqlite3.Connection, delivery: Delivery) -> None:
@@ -402,21 +401,21 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
 
     first = lab.workers[0]
     kw: dict[str, Any]  # the keyword arguments both workers share
-    kw = {"broker": lab.queue, "mode": lab.mode, "faults": faults,
+    kw = {"broker": lab.broker, "mode": lab.mode, "faults": faults,
           "visibility_timeout": first.visibility_timeout, "work_time": first.work_time,
           "handler": handle}
     # Worker 2 takes a whole step while worker 1 works, on a seeded share of its steps.
-    second = Worker(store=lab.conn, clock=lab.clock, name="worker-2", **kw)
-    lab.workers = [Worker(store=lab.conn, name="worker-1", **kw,
+    second = Worker(store=lab.store, clock=lab.clock, name="worker-2", **kw)
+    lab.workers = [Worker(store=lab.store, name="worker-1", **kw,
                           clock=ordering.Overlap(lab.clock, second.step, rate=OVERLAP,
                                                  seed=seed))]
     rng = random.Random(seed)
     weights = [w for w, _ in ordering.LIVES]
     for placed in lab.place_orders(STATUS_ORDERS):
         for status in rng.choices([life for _, life in ordering.LIVES], weights)[0]:
-            ordering.change_status(lab.queue, placed.order_id, status)
+            ordering.change_status(lab.broker, placed.order_id, status)
     lab.run_until_idle()
-    rows = ordering.status_rows(lab.conn)
+    rows = ordering.status_rows(lab.store)
     wrong = [r for r in rows if r[3] is not None and r[3] != r[1]]
     missing = tuple(r[0] for r in rows if r[3] is None)
     where = describe_faults(faults, workers=2, orders=STATUS_ORDERS,
@@ -431,9 +430,9 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
                        f" is {truth} (v{tv + VERSION_BASE}) in the truth, {proj} (v{pv}) in your projection")
     if missing:
         reasons.append(f"{len(missing)} of {len(rows)} orders have no status at all")
-    expected = set(map(tuple, lab.conn.execute(
+    expected = set(map(tuple, lab.store.execute(
         "SELECT order_id, version, status FROM stale_expected")))
-    recorded = set(map(tuple, lab.conn.execute(
+    recorded = set(map(tuple, lab.store.execute(
         "SELECT order_id, version, status FROM status_stale")))
     unrecorded, extra = sorted(expected - recorded), sorted(recorded - expected)
     if unrecorded:
@@ -449,7 +448,7 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
         return Trial(seed=seed, faults=where, passed=True, reason="")
     focus = wrong[0][0] if wrong else (missing or (focus_stale or rows[0][0],))[0]
     return Trial(seed=seed, faults=where, passed=False, reason="; ".join(reasons),
-                 lost=missing, trace=_status_trace(lab.conn, focus))
+                 lost=missing, trace=_status_trace(lab.store, focus))
 
 
 register(Exercise(
@@ -527,12 +526,12 @@ def run_cleanup(nightly: Callable[..., Any], seed: int) -> Trial:
     receives = rng.choice((3, 4, 5))
     lease = rng.choice((2.0, 5.0, 30.0))
     faults = Faults(seed=seed, ack_fail=0.8)
-    lab = Lab(seed=seed, faults=faults, max_receives=receives, visibility_timeout=lease)
+    lab = CourseLab(seed=seed, faults=faults, max_receives=receives, visibility_timeout=lease)
     first = lab.workers[0]
     policy = QueuePolicy(visibility_timeout=first.visibility_timeout, max_receives=receives,
                          backoff_cap=first.backoff_cap, redrive_window=window)
     horizon = retention.horizon_of(first, redrive_window=window)
-    healthy = Worker(store=lab.conn, clock=lab.clock, broker=lab.queue,
+    healthy = Worker(store=lab.store, clock=lab.clock, broker=lab.broker,
                      name="worker-healthy", visibility_timeout=lease)
     redrive_days = (1, DAYS - 1)  # one redrive inside the window, one long after
     errors: list[str] = []
@@ -544,13 +543,13 @@ def run_cleanup(nightly: Callable[..., Any], seed: int) -> Trial:
         lab.run_until_idle()
         if day in redrive_days:
             lab.clock.sleep_until(day * DAY + 12 * HOUR)
-            lab.queue.redrive()  # the operator redrives whatever the dead letters hold
+            lab.broker.redrive()  # the operator redrives whatever the dead letters hold
             healthy.run_until_idle()
         lab.clock.sleep_until(day * DAY + 22 * HOUR)
         now = lab.clock.now()
-        before = _dead(lab.conn)
-        call(errors, nightly, lab.conn, lab.clock, policy)
-        after = _dead(lab.conn)
+        before = _dead(lab.store)
+        call(errors, nightly, lab.store, lab.clock, policy)
+        after = _dead(lab.store)
         early = sorted((o, t) for m, (o, t) in before.items()
                        if m not in after and now - t <= window)
         if early and not failures:
@@ -559,10 +558,10 @@ def run_cleanup(nightly: Callable[..., Any], seed: int) -> Trial:
                             f" redrive window: order {o}'s was parked {(now - t) / HOUR:.0f} h"
                             " before, and an operator may still redrive it")
             focus.append(o)
-        stale = lab.conn.execute("SELECT count(*) FROM inbox_processed WHERE processed_at < ?",
+        stale = lab.store.execute("SELECT count(*) FROM inbox_processed WHERE processed_at < ?",
                                  (now - horizon.total - DAY,)).fetchone()[0]
         if stale and not failures:
-            focus.extend(r[0] for r in lab.conn.execute(
+            focus.extend(r[0] for r in lab.store.execute(
                 "SELECT o.order_id FROM inbox_processed AS i JOIN orders AS o USING (event_id)"
                 " ORDER BY i.processed_at LIMIT 1"))
             failures.append(f"on night {day + 1} the inbox still holds {stale} rows more than a"

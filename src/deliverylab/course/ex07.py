@@ -475,6 +475,11 @@ def _legacy_rows(setup: Setup, seed: int, at: int) -> str:
     return event_id
 
 
+def _crashes_after(faults: Faults, runs: int, k: int) -> bool:
+    """Whether the relay's process dies right after its ``k``-th commit of run ``runs``."""
+    return faults.uniform("crash_after", runs, k) < RELAY_CRASH
+
+
 def _locked(faults: Faults, run: int, sql: str, n: int) -> bool:
     """Whether statement ``n`` of relay run ``run`` finds the store locked (5% of them)."""
     return faults.uniform("locked", run, n) < 0.05
@@ -501,8 +506,7 @@ def run_relay(relay: Callable[..., Any], seed: int, *, broker: str | None = None
                           lock=functools.partial(_locked, faults, runs),
                           crash_before_commit=faults.uniform("cbc", runs) < 0.15,
                           crash_after_commit=faults.uniform("cac", runs) < 0.15,
-                          crash_after=lambda k, r=runs: faults.uniform(
-                              "crash_after", r, k) < RELAY_CRASH)
+                          crash_after=functools.partial(_crashes_after, faults, runs))
             try:
                 relay(store, wire)
             except (Crashed, BrokerUnavailable, Locked):

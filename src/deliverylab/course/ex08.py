@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..book.lab import Lab
 from ..book.retries import Bank, Unavailable
 from ..book.sagas import SCHEMA as SAGA_SCHEMA
 from ..book.sagas import decline
@@ -33,7 +32,7 @@ from ..engine.faults import Faults
 from ..engine.orders import place_order
 from ..engine.store import connect, transaction
 from ..engine.worker import CONSUMER, PoisonMessage, apply_order_placed
-from .grader import Exercise, Trial, register
+from .grader import CourseLab, Exercise, Trial, register
 
 # -- 8.1 the store's side of a fencing token -----------------------------------------------
 DOCUMENTS = """
@@ -505,7 +504,7 @@ def _batch_handler(faults: Faults, errors: list[str]) -> Callable[..., None]:
 
 def run_settle(settle: Callable[..., Any], seed: int) -> Trial:
     faults = Faults(seed=seed)
-    lab = Lab(seed=seed, max_receives=MAX_RECEIVES)
+    lab = CourseLab(seed=seed, max_receives=MAX_RECEIVES)
     poisons = {int(faults.uniform("poison", k) * BATCH_ORDERS) for k in range(POISONS)}
     for i in range(BATCH_ORDERS):
         if i in poisons:
@@ -516,7 +515,7 @@ def run_settle(settle: Callable[..., Any], seed: int) -> Trial:
     errors: list[str] = []
     handle = _batch_handler(faults, errors)
     failures: list[str] = []
-    queue, conn = lab.queue, lab.conn
+    queue, conn = lab.broker, lab.store
     acked_poison: list[str] = []
     for _ in range(200):
         got = queue.receive(5.0, BATCH, worker="batch-worker")
@@ -686,8 +685,8 @@ def run_compensate(handler: Callable[..., Any], seed: int) -> Trial:
             raise
 
     faults = Faults(seed=seed, ack_fail=0.3)
-    lab = Lab(seed=seed, faults=faults, handler=handle, workers=2)
-    install_schema(lab.conn, SAGA_SCHEMA)
+    lab = CourseLab(seed=seed, faults=faults, handler=handle, workers=2)
+    install_schema(lab.store, SAGA_SCHEMA)
     should: dict[str, int] = {}
     for i in range(SAGA_ORDERS):
         order, item, qty = f"o-{i + 1:03d}", f"item-{i + 1:03d}", 1 + i % 3
@@ -704,9 +703,9 @@ def run_compensate(handler: Callable[..., Any], seed: int) -> Trial:
         text = f"{type(exc).__name__}: {exc}"
         if not any(text in e for e in errors):
             errors.insert(0, text)
-        if lab.conn.in_transaction:
-            lab.conn.rollback()
-    have = dict(lab.conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
+        if lab.store.in_transaction:
+            lab.store.rollback()
+    have = dict(lab.store.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
     where = (f"{SAGA_ORDERS} orders, every {DECLINE_EVERY}rd declined; the decline published"
              f" twice ({REPUBLISH:g}); the reservation's first attempt fails ({FIRST_FAILS:g});"
              " ack_fail=0.3; 2 workers")
@@ -731,7 +730,7 @@ def run_compensate(handler: Callable[..., Any], seed: int) -> Trial:
     if failures and focus:
         from .grader import order_trace
 
-        trace = order_trace(lab.conn, focus)
+        trace = order_trace(lab.store, focus)
     return Trial(seed=seed, faults=where, passed=not failures, reason="; ".join(failures),
                  trace=trace)
 
@@ -747,27 +746,27 @@ register(Exercise(
 FAILURES = ("stalled", "poison", "redeliveries", "zombie", "drift", "relay")
 
 
-def _busy(lab: Lab) -> None:  # healthy and busy: orders just placed, some through the outbox
+def _busy(lab: CourseLab) -> None:  # healthy and busy: orders just placed, some through the outbox
     lab.place_orders(4)
     for i in range(2):
-        place_order(None, item_id="tea", qty=1, order_id=f"o-fresh-{i}", store=lab.conn,
+        place_order(None, item_id="tea", qty=1, order_id=f"o-fresh-{i}", store=lab.store,
                     clock=lab.clock, ids=lab.ids)
     lab.advance(10)
 
 
-def _noisy(lab: Lab) -> None:  # healthy with a few lost ACKs: some redeliveries are normal
+def _noisy(lab: CourseLab) -> None:  # healthy with a few lost ACKs: some redeliveries are normal
     lab.workers[0].faults = Faults(seed=lab.seed, ack_fail=0.05)
     lab.place_orders(20)
     lab.run_until_idle()
 
 
-def _one_lost(lab: Lab) -> None:  # one unit of drift: a single order of 1 lost
+def _one_lost(lab: CourseLab) -> None:  # one unit of drift: a single order of 1 lost
     lab.place_order("tea", 1, order_id="o-single")
     lab.lose_messages(1)
     lab.run_until_idle()
 
 
-def _scenarios() -> tuple[tuple[str, Callable[[Lab], None], str | None, frozenset[str]], ...]:
+def _scenarios() -> tuple[tuple[str, Callable[[CourseLab], None], str | None, frozenset[str]], ...]:
     """(what happens, how, the failure it is, the other failures it also is)."""
     from ..book import alerts as al
 
@@ -836,12 +835,12 @@ def run_page(page: Callable[..., Any], seed: int) -> Trial:
     failures: list[str] = []
     shown: list[str] = []
     for what, act, failure, also in _scenarios():
-        lab = Lab(seed=seed)
+        lab = CourseLab(seed=seed)
         lab.place_orders(10 + seed % 7 * 3)  # the healthy traffic before the window
         lab.run_until_idle()
-        before = signals(lab.conn, now=lab.clock.now())
+        before = signals(lab.store, now=lab.clock.now())
         act(lab)
-        after = signals(lab.conn, now=lab.clock.now())
+        after = signals(lab.store, now=lab.clock.now())
         try:
             got = page(before, after)
         except Exception as exc:  # noqa: BLE001 - the reader's code

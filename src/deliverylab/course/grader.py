@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..book.lab import Lab
@@ -48,6 +49,21 @@ from .sandbox import REQUESTS, Ended, Raised, Rollback, Sandbox
 SEEDS = range(20)
 MAX_SEEDS = 1000
 SHOWN_IDS = 5  # order ids listed in a verdict before "(+N more)"
+
+
+# -- the lab ---------------------------------------------------------------------------------
+class CourseLab(Lab):
+    """The lab every exercise runs on: an in-memory SQLite store, always. The grader's SQL
+    guard (an SQLite authorizer), its clock function and the child's copy of the database
+    are SQLite's own, so a PostgreSQL path is refused here, naming it."""
+
+    store: sqlite3.Connection
+
+    def __init__(self, path: str | Path = ":memory:", **kw: Any) -> None:
+        super().__init__(path, **kw)
+        if not isinstance(self.store, sqlite3.Connection):
+            self.close()
+            raise InvalidInput("path", path, "a SQLite database (the course grades on SQLite)")
 
 
 # -- results -------------------------------------------------------------------------------
@@ -295,7 +311,7 @@ def order_trace(conn: sqlite3.Connection, order_id: str, *, limit: int = 40) -> 
     return "\n".join(lines)
 
 
-def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
+def judge(lab: CourseLab, *, seed: int, faults: str, allow_lost: bool = False,
           allow_duplicates: bool = False, errors: Iterable[str] = (),
           extra_failures: Iterable[str] = (), focus: Iterable[str] = (),
           drift: bool = True) -> Trial:
@@ -307,11 +323,11 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
     ``extra_failures`` are an exercise's own findings; ``focus`` orders whose trace to show
     when nothing is lost or duplicated; ``drift=False`` when the exercise judges the
     projection against the truth itself."""
-    states = event_states(lab.conn)
+    states = event_states(lab.store)
     lost = tuple(o for o, _, _, _, _, s in states if s in ("lost", "dead_lettered"))
     pending = tuple(o for o, _, _, _, _, s in states if s == "pending")
     dup = tuple(o for o, _, _, _, n, s in states if s == "duplicated")
-    result = check(lab.conn)
+    result = check(lab.store)
     reasons = [f"your code raised {e}" for e in _grouped(errors)]
     if lost and not allow_lost:
         reasons.append(f"{len(lost)} of {len(states)} orders lost: never applied, and no"
@@ -322,7 +338,7 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
     if pending:
         reasons.append(f"{len(pending)} orders still pending when the run ended (a delivery"
                        " your code never finished holds the worker up)")
-        seen = {r[0] for r in lab.conn.execute(
+        seen = {r[0] for r in lab.store.execute(
             "SELECT DISTINCT correlation_id FROM delivery_log WHERE outcome = 'received'")}
         pending = tuple(sorted(pending, key=lambda o: o not in seen))  # a received one first
     if (drift and not result.projection_equals_truth and not (lost and allow_lost)
@@ -333,7 +349,7 @@ def judge(lab: Lab, *, seed: int, faults: str, allow_lost: bool = False,
     shown_lost = () if allow_lost else lost
     shown_dup = () if allow_duplicates else dup
     candidates = [*shown_lost, *shown_dup, *focus, *pending]
-    trace = order_trace(lab.conn, candidates[0]) if reasons and candidates else ""
+    trace = order_trace(lab.store, candidates[0]) if reasons and candidates else ""
     return Trial(seed=seed, faults=faults, passed=not reasons, reason="; ".join(reasons),
                  lost=shown_lost, duplicated=shown_dup, trace=trace)
 
@@ -577,6 +593,8 @@ class CourseWorker(Worker):
     an effect as *applied* only when the projection actually moved by the order's quantity,
     so the engine's checker judges what the code did, not what it meant to do."""
 
+    conn: sqlite3.Connection  # a course lab's store (:class:`CourseLab`)
+
     def __init__(self, *args: Any, process: Callable[[Delivery, Ops], Any],
                  effect_handler: Callable[[sqlite3.Connection, Delivery], Any],
                  work: float | Callable[[Delivery], float] = 0.0,
@@ -688,7 +706,7 @@ class CourseWorker(Worker):
 class Run:
     """What :func:`run_workers` set up, to judge afterwards."""
 
-    lab: Lab
+    lab: CourseLab
     workers: list[CourseWorker] = field(default_factory=list)
 
     @property
@@ -726,26 +744,26 @@ def run_workers(*, process: Callable[[Delivery, Ops], Any] = at_least_once,
     check_int("orders", orders, minimum=0, maximum=10_000)
     check_int("workers", workers, minimum=1, maximum=16)
     check_int("max_steps", max_steps, minimum=1)
-    lab = Lab(seed=seed, mode=mode, faults=faults, workers=1,
+    lab = CourseLab(seed=seed, mode=mode, faults=faults, workers=1,
               visibility_timeout=visibility_timeout, max_receives=max_receives)
-    crew = [CourseWorker(store=lab.conn, clock=lab.clock, mode=lab.mode, faults=faults,
+    crew = [CourseWorker(store=lab.store, clock=lab.clock, mode=lab.mode, faults=faults,
                          visibility_timeout=visibility_timeout, name=f"worker-{i + 1}",
-                         broker=lab.queue, process=process, effect_handler=handler, work=work,
+                         broker=lab.broker, process=process, effect_handler=handler, work=work,
                          meter=meter)
             for i in range(workers)]
     lab.workers = list(crew)
     # The lab's clock in SQL, for a handler that stamps rows (an inbox's processed_at).
-    lab.conn.create_function("clock_now", 0, lab.clock.now, deterministic=False)
+    lab.store.create_function("clock_now", 0, lab.clock.now, deterministic=False)
     lab.place_orders(orders)
     schedule(lab, crew, max_steps=max_steps)
-    return Run(lab, crew), check(lab.conn)
+    return Run(lab, crew), check(lab.store)
 
 
-def schedule(lab: Lab, crew: list[CourseWorker], *, max_steps: int = 20_000) -> None:
+def schedule(lab: CourseLab, crew: list[CourseWorker], *, max_steps: int = 20_000) -> None:
     """Step the workers in turn on one clock until the queue is empty and nobody holds a
     delivery. When no one can move, the clock jumps to the next moment someone can: a
     paused worker's work is done, or a message becomes visible."""
-    clock, queue = lab.clock, lab.queue
+    clock, queue = lab.clock, lab.broker
     try:
         for _ in range(max_steps):
             if sum(w.step() for w in crew):
