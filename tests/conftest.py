@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from support.brokers import BROKER_ENGINES
-from support.engine import EngineRig, make_lab
+from support.engine import DATABASES, EngineRig, make_lab
 
 from deliverylab.brokers.base import Broker
 from deliverylab.engine import store
@@ -80,6 +80,23 @@ def broker(make_broker: Callable[..., Broker]) -> Broker:
     """A fresh broker of each engine, on its own FakeClock (``broker.clock``), with
     ``max_receives=3``."""
     return make_broker()
+
+
+@pytest.fixture(params=DATABASES)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh lab store on each database, named as ``--db`` takes it: a SQLite file under
+    ``tmp_path``, or a schema of its own on the test server (tests/support/pg.py), dropped
+    after the test. The API's and the dialects' tests run once on each, as the broker tests
+    run on every engine."""
+    if request.param == "sqlite":
+        path = tmp_path / "app.db"
+        store.init_db(path).close()
+        yield str(path)
+        return
+    from support.pg import schema
+
+    with schema() as url:
+        yield url
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from support.api import BAD_REQUESTS, JSON, _j, post, serve
+from support.engine import DATABASES
 
 from deliverylab.app.api import MAX_BODY_BYTES, create_app
 from deliverylab.brokers.registry import table_broker
@@ -44,24 +45,6 @@ with warnings.catch_warnings():
 
 
 # -- one fixture, both databases -------------------------------------------------------------
-DATABASES = ("sqlite", "postgresql")
-
-
-@pytest.fixture(params=DATABASES)
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh lab store, named as ``--db`` takes it: a SQLite file under ``tmp_path``, or a
-    schema of its own on the test server (tests/pg.py), dropped after the test."""
-    if request.param == "sqlite":
-        path = tmp_path / "app.db"
-        store.init_db(path).close()
-        yield str(path)
-        return
-    from support.pg import schema
-
-    with schema() as url:
-        yield url
-
-
 @pytest.fixture
 def client(db: str) -> Iterator[TestClient]:
     with TestClient(create_app(db)) as c:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,26 +26,12 @@ from deliverylab.engine.store import SQLITE, Store, dialect_of
 from deliverylab.engine.store_postgres import POSTGRESQL, for_store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh lab store on each database, named as ``--db`` names it."""
-    if request.param == "sqlite":
-        path = tmp_path / "lab.db"
-        store.init_db(path).close()
-        yield str(path)
-        return
-    from support.pg import schema
-
-    with schema() as url:
-        yield url
-
-
 @pytest.fixture
-def two(where: str) -> Iterator[tuple[Dialect, Store, Store]]:
+def two(db: str) -> Iterator[tuple[Dialect, Store, Store]]:
     """The store's dialect and two connections to it (two processes, as far as the database
     can tell)."""
-    dialect = for_store(where)
-    a, b = dialect.connect(where), dialect.connect(where)
+    dialect = for_store(db)
+    a, b = dialect.connect(db), dialect.connect(db)
     try:
         yield dialect, a, b
     finally:
@@ -66,16 +51,16 @@ def place(conn: Store, order_id: str) -> None:
                  " created_at) VALUES (?, 'tea', 1, ?, 'h', 0)", (order_id, f"evt-{order_id}"))
 
 
-def test_each_store_names_its_own_dialect(where: str) -> None:
-    dialect = for_store(where)
-    conn = dialect.connect(where)
+def test_each_store_names_its_own_dialect(db: str) -> None:
+    dialect = for_store(db)
+    conn = dialect.connect(db)
     try:
         assert dialect_of(conn) is dialect
         assert dialect.missing_tables(conn, store.TABLES) == []
         assert dialect.missing_tables(conn, ("orders", "no_such_table")) == ["no_such_table"]
     finally:
         conn.close()
-    assert {for_store("lab.db"), for_store(where)} <= {SQLITE, POSTGRESQL}
+    assert {for_store("lab.db"), for_store(db)} <= {SQLITE, POSTGRESQL}
 
 
 def test_a_snapshot_read_sees_one_state_while_another_connection_commits(two) -> None:
@@ -129,10 +114,10 @@ def test_a_write_held_up_past_the_wait_is_the_dialects_locked(two) -> None:
     assert not waiter.in_transaction and orders(waiter) == 0
 
 
-def test_the_write_probe_says_locked_behind_a_held_lock_and_writes_nothing(where: str) -> None:
-    dialect = for_store(where)
-    holder = dialect.connect(where)
-    probe = dialect.connect(where, busy_timeout=0.05)
+def test_the_write_probe_says_locked_behind_a_held_lock_and_writes_nothing(db: str) -> None:
+    dialect = for_store(db)
+    holder = dialect.connect(db)
+    probe = dialect.connect(db, busy_timeout=0.05)
     tables = ("orders", "idempotency_keys", "queue_messages")
     try:
         assert dialect.probe_write(probe, tables) == "ok"
@@ -148,10 +133,10 @@ def test_the_write_probe_says_locked_behind_a_held_lock_and_writes_nothing(where
         probe.close()
 
 
-def test_durability_is_read_back_and_a_level_the_database_lacks_is_refused(where: str) -> None:
-    dialect = for_store(where)
+def test_durability_is_read_back_and_a_level_the_database_lacks_is_refused(db: str) -> None:
+    dialect = for_store(db)
     for level in dialect.durabilities:
-        conn = dialect.connect(where, synchronous=level)
+        conn = dialect.connect(db, synchronous=level)
         try:
             assert dialect.durability(conn) == level
         finally:
@@ -159,7 +144,7 @@ def test_durability_is_read_back_and_a_level_the_database_lacks_is_refused(where
     missing = {"NORMAL", "FULL", "EXTRA"} - set(dialect.durabilities)
     for level in missing:
         with pytest.raises(InvalidInput, match=f"on {dialect.title}") as bad:
-            dialect.connect(where, synchronous=level)
+            dialect.connect(db, synchronous=level)
         assert bad.value.field == "synchronous"
     assert missing == ({"EXTRA"} if dialect is POSTGRESQL else set())
 

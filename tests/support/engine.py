@@ -17,6 +17,9 @@ from deliverylab.engine.orders import PlacedOrder, place_order
 from deliverylab.engine.settings import DEFAULT_MAX_RECEIVES
 from deliverylab.engine.worker import Worker
 
+# The two databases a store can be: the ``db`` fixture of tests/conftest.py runs a test on each.
+DATABASES = ("sqlite", "postgresql")
+
 
 @dataclass
 class EngineRig:
