@@ -52,6 +52,6 @@ def test_evaluate_refuses_an_unknown_form():
     from deliverylab.app.metrics import signals
     from deliverylab.book.lab import Lab
 
-    reading = signals(Lab().conn, now=0)
+    reading = signals(Lab().store, now=0)
     with pytest.raises(Exception, match="form"):
         alerts.evaluate(alerts.Rule("X", "dead_letters", "avg", 0), reading, reading)

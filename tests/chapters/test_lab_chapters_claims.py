@@ -120,7 +120,7 @@ def test_chapter_5_the_race_between_a_rebuild_and_events_in_flight():
     in_flight_qty = in_flight.groupby("item_id").qty.sum()
 
     seed_style = drifted_lab()
-    naive.rebuild_projection(seed_style.conn)
+    naive.rebuild_projection(seed_style.store)
     assert (seed_style.projection().delta == 0).all()  # looks repaired ...
     seed_style.run_until_idle()
     after = seed_style.projection().set_index("item_id").delta
@@ -254,11 +254,11 @@ def test_chapter_5_only_the_orders_rebuild_the_projection():
     broken.place_orders(40)
     result = broken.run_until_idle()
     assert result.lost > 0 and result.duplicated > 0
-    truth = broken.conn.execute("SELECT sum(qty) FROM orders").fetchone()[0]
-    applied = broken.conn.execute(
+    truth = broken.store.execute("SELECT sum(qty) FROM orders").fetchone()[0]
+    applied = broken.store.execute(
         "SELECT sum(o.qty) FROM delivery_log AS l JOIN orders AS o USING (event_id)"
         " WHERE l.outcome = 'applied'").fetchone()[0]
-    projection = broken.conn.execute(
+    projection = broken.store.execute(
         "SELECT sum(reserved_qty) FROM inventory_projection").fetchone()[0]
     assert applied == projection != truth
 

@@ -34,7 +34,6 @@ from ..engine.errors import SimulatedCrash, check_int, check_number, check_text
 from ..engine.faults import NO_FAULTS, Faults
 from ..engine.ids import Ids
 from ..engine.orders import EVENT_TYPE, request_hash
-from ..engine.store import Store
 from ..engine.trace import Outcome, log, log_many
 from ..engine.worker import CONSUMER, PoisonMessage
 
@@ -60,7 +59,7 @@ class SeedMessage:
 
 # -- pitfall 1: the dual write ------------------------------------------------------------------
 
-def dual_write_place_order(conn: Store, *, clock: Clock, ids: Ids, item_id: str,
+def dual_write_place_order(conn: sqlite3.Connection, *, clock: Clock, ids: Ids, item_id: str,
                            qty: int, order_id: str | None = None,
                            crash_between: bool = False) -> tuple[str, str]:
     """WRONG ON PURPOSE: the order row, then the event, as two separate writes.
@@ -95,7 +94,7 @@ def dual_write_place_order(conn: Store, *, clock: Clock, ids: Ids, item_id: str,
 
 # -- pitfall 2: SELECT, then UPDATE -------------------------------------------------------------
 
-def select_visible(conn: Store, now: float) -> SeedMessage | None:
+def select_visible(conn: sqlite3.Connection, now: float) -> SeedMessage | None:
     """WRONG ON PURPOSE, step 1 of 2 of the seed's ``receiveOne``: find a visible message.
 
     Nothing is claimed yet: another worker running the same ``SELECT`` before our ``UPDATE``
@@ -110,7 +109,7 @@ def select_visible(conn: Store, now: float) -> SeedMessage | None:
     return None if row is None else SeedMessage.from_row(row)
 
 
-def lease(conn: Store, message: SeedMessage, *, now: float,
+def lease(conn: sqlite3.Connection, message: SeedMessage, *, now: float,
           visibility_timeout: float, worker: str = "seed-worker") -> SeedMessage:
     """WRONG ON PURPOSE, step 2 of 2: set the lease on the row found by :func:`select_visible`.
 
@@ -128,7 +127,7 @@ def lease(conn: Store, message: SeedMessage, *, now: float,
     return got
 
 
-def receive_one(conn: Store, *, now: float, visibility_timeout: float,
+def receive_one(conn: sqlite3.Connection, *, now: float, visibility_timeout: float,
                 worker: str = "seed-worker") -> SeedMessage | None:
     """WRONG ON PURPOSE: the seed's ``receiveOne``, :func:`select_visible` then :func:`lease`."""
     found = select_visible(conn, now)
@@ -139,7 +138,7 @@ def receive_one(conn: Store, *, now: float, visibility_timeout: float,
 
 # -- pitfall 3: ACK by message id ---------------------------------------------------------------
 
-def ack_by_id(conn: Store, message_id: str) -> bool:
+def ack_by_id(conn: sqlite3.Connection, message_id: str) -> bool:
     """WRONG ON PURPOSE: delete the message by its id, whoever holds it now.
 
     A worker whose lease ran out still "succeeds" and deletes the message another worker is
@@ -153,14 +152,14 @@ def ack_by_id(conn: Store, message_id: str) -> bool:
 
 # -- pitfall 4: read, then write ----------------------------------------------------------------
 
-def read_reserved(conn: Store, item_id: str) -> int | None:
+def read_reserved(conn: sqlite3.Connection, item_id: str) -> int | None:
     """WRONG ON PURPOSE, step 1 of the seed's ``addReserved``: read the current value."""
     row = conn.execute("SELECT reserved_qty FROM inventory_projection WHERE item_id = ?",
                        (item_id,)).fetchone()
     return None if row is None else row[0]
 
 
-def write_reserved(conn: Store, item_id: str, seen: int | None, qty: int) -> None:
+def write_reserved(conn: sqlite3.Connection, item_id: str, seen: int | None, qty: int) -> None:
     """WRONG ON PURPOSE, step 2: write ``seen + qty`` — whatever changed since ``seen`` is lost.
 
     Fixed by :func:`deliverylab.engine.worker.apply_order_placed`: one UPSERT,
@@ -174,7 +173,7 @@ def write_reserved(conn: Store, item_id: str, seen: int | None, qty: int) -> Non
                      (seen + qty, item_id))
 
 
-def add_reserved(conn: Store, item_id: str, qty: int) -> None:
+def add_reserved(conn: sqlite3.Connection, item_id: str, qty: int) -> None:
     """WRONG ON PURPOSE: the seed's ``addReserved``, :func:`read_reserved` then
     :func:`write_reserved`."""
     write_reserved(conn, item_id, read_reserved(conn, item_id), qty)
@@ -182,7 +181,7 @@ def add_reserved(conn: Store, item_id: str, qty: int) -> None:
 
 # -- pitfall 5: every exception means "duplicate" -----------------------------------------------
 
-def try_mark_processed(conn: Store, event_id: str, *, now: float,
+def try_mark_processed(conn: sqlite3.Connection, event_id: str, *, now: float,
                        consumer: str = CONSUMER) -> bool:
     """WRONG ON PURPOSE: the seed's ``tryMarkProcessed``. True: first time; False: "duplicate".
 
@@ -203,7 +202,7 @@ def try_mark_processed(conn: Store, event_id: str, *, now: float,
 
 # -- pitfall 6: rebuild while events are in flight ----------------------------------------------
 
-def rebuild_projection(conn: Store) -> int:
+def rebuild_projection(conn: sqlite3.Connection) -> int:
     """WRONG ON PURPOSE: the seed's ``reconcile.ts``. Empty the projection, SUM the orders.
 
     Events still in the queue are not marked processed, so when they arrive the consumer applies
@@ -225,7 +224,7 @@ def rebuild_projection(conn: Store) -> int:
 
 # -- pitfall 7: the seed's worker loop, with no redelivery limit --------------------------------
 
-def seed_apply(conn: Store, message: SeedMessage) -> None:
+def seed_apply(conn: sqlite3.Connection, message: SeedMessage) -> None:
     """The seed's effect: validate like the engine's handler, then :func:`add_reserved`."""
     if message.type != EVENT_TYPE:
         raise PoisonMessage(f"unknown event type {message.type!r}")
@@ -237,7 +236,7 @@ def seed_apply(conn: Store, message: SeedMessage) -> None:
     add_reserved(conn, item, qty)
 
 
-SeedHandler = Callable[[Store, SeedMessage], None]
+SeedHandler = Callable[[sqlite3.Connection, SeedMessage], None]
 
 
 @dataclass
@@ -263,7 +262,7 @@ class SeedWorker:
     checker and the trace work on a seed run too.
     """
 
-    def __init__(self, conn: Store, *, clock: Clock, faults: Faults = NO_FAULTS,
+    def __init__(self, conn: sqlite3.Connection, *, clock: Clock, faults: Faults = NO_FAULTS,
                  visibility_timeout: float = 2.0, name: str = "seed-worker",
                  consumer: str = CONSUMER, handler: SeedHandler = seed_apply,
                  work_time: float = 0.0, echo: Callable[[str], None] | None = None) -> None:

@@ -206,7 +206,7 @@ def run_predict(predict: Callable[[str, str], Any], seed: int) -> Trial:
               f" {mode} under {fault} gave {truth}, you said {said!r}")
     if errors:
         reason = f"your code raised {errors[0]}; " + reason
-    trace = order_trace(_scenario(mode, fault, seed).conn, example) if example else ""
+    trace = order_trace(_scenario(mode, fault, seed).store, example) if example else ""
     return Trial(seed=seed, faults=where, passed=False, reason=reason, trace=trace)
 
 
