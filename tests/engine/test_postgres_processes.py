@@ -112,6 +112,7 @@ def test_sigkilled_worker_processes_on_postgres(make_lab, mode):
         time.sleep(0.05)
     assert lab.queued() == 0, "the queue did not drain in 120 s"
     for w in workers:
+        started(w)  # a worker started again just now handles SIGTERM once it says so
         assert w.terminate() == 0, w.output()[-3000:]
     no_failures(*lab.procs)
 
