@@ -36,12 +36,20 @@ def why(verdict) -> str:
     return verdict.failed[0].reason
 
 
-def children() -> set[int]:
-    out: set[int] = set()
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out.update(int(p) for p in text)
-    return out
+def children(settle: float = 2.0) -> set[int]:
+    """The child processes this one still has, after up to ``settle`` seconds for one that
+    is exiting to be reaped (a thread of this process may end while it is read: skipped)."""
+    deadline = time.monotonic() + settle
+    while True:
+        out: set[int] = set()
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            try:
+                out.update(int(p) for p in (task / "children").read_text().split())
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        if not out or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.05)
 
 
 # -- loops that never return ----------------------------------------------------------------
