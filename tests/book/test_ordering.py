@@ -74,10 +74,10 @@ def test_without_its_tables_the_module_says_which_install_to_run() -> None:
     bare = Lab(seed=4)
     bare.place_order("coffee-beans", 1, order_id="o-1")
     with pytest.raises(InvalidInput, match="ordering.install") as refused:
-        change_status(bare.queue, "o-1", "paid")
+        change_status(bare.broker, "o-1", "paid")
     assert refused.value.field == "conn"
     with pytest.raises(InvalidInput, match="order_status_changes, order_status"):
-        status_check(bare.conn)
+        status_check(bare.store)
 
 
 # -- the projection, event by event --------------------------------------------------------------

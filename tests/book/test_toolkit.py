@@ -224,9 +224,9 @@ def test_ack_loss_run_applies_every_order_once_and_parks_the_poison(acks_lost):
 
 
 def test_delivery_counts_follow_the_geometric_distribution(acks_lost):
-    hist = delivery_histogram(acks_lost.conn, 0.5, 10)
+    hist = delivery_histogram(acks_lost.store, 0.5, 10)
     assert hist.observed.sum() == 401 and math.isclose(hist.expected.sum(), 401)
-    healthy = delivery_summary(acks_lost.conn).query("order_id != 'o-poison'")
+    healthy = delivery_summary(acks_lost.store).query("order_id != 'o-poison'")
     assert abs(healthy.deliveries.mean() - 2.0) < 0.15  # 1 / (1 - p)
     # Chi-square over the bins with at least five expected events: well inside 0.1% level.
     big = hist[hist.expected >= 5]
@@ -235,7 +235,7 @@ def test_delivery_counts_follow_the_geometric_distribution(acks_lost):
 
 
 def test_the_poison_message_stands_out_by_its_errors(acks_lost):
-    summary = delivery_summary(acks_lost.conn)
+    summary = delivery_summary(acks_lost.store)
     top = summary.iloc[0]
     assert (top.order_id, top.deliveries, top.errors, top.applied, top.ended) == (
         "o-poison", 10, 10, 0, "dead_lettered")
@@ -278,7 +278,7 @@ def test_follow_lists_the_order_each_delivery_and_the_inbox_row_in_time_order():
 
 
 def test_follow_shows_a_dead_letter_and_an_unknown_id(acks_lost):
-    trail = follow(acks_lost.conn, "o-poison")
+    trail = follow(acks_lost.store, "o-poison")
     assert trail.table.iloc[-1] == "dead_letters" and "orders" not in set(trail.table)
-    assert follow(acks_lost.conn, "o-nobody").empty
-    assert isinstance(follow(acks_lost.conn, "o-nobody"), pd.DataFrame)
+    assert follow(acks_lost.store, "o-nobody").empty
+    assert isinstance(follow(acks_lost.store, "o-nobody"), pd.DataFrame)

@@ -161,7 +161,7 @@ def repair_inbox_only(conn, *, now):
 def test_chapter_5_the_inbox_protected_only_the_idempotent_worker_the_fence_every_mode():
     for mode in ("at-most-once", "at-least-once", "idempotent", "transactional"):
         wrong, right = drifted_in(mode), drifted_in(mode)
-        repair_inbox_only(wrong.conn, now=wrong.clock.now())
+        repair_inbox_only(wrong.store, now=wrong.clock.now())
         assert wrong.check().ok  # green right after the repair ...
         after = wrong.run_until_idle()
         if mode == "idempotent":
