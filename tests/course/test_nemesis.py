@@ -116,10 +116,10 @@ def test_pausing_process_names_a_bad_setting(kwargs: dict[str, Any], field: str)
 def test_workers_of_every_mode_run_between_two_transactions_of_a_job() -> None:
     """A job that reads in one transaction and writes in the next sees the queue move in
     between: the rivals (one per mode) consume orders while it is between statements."""
-    from deliverylab.book.lab import Lab
     from deliverylab.course.crew import rivals, workers_between
+    from deliverylab.course.grader import CourseLab
 
-    lab = Lab(seed=3, workers=1)
+    lab = CourseLab(seed=3, workers=1)
     lab.place_orders(8)
     team = rivals(lab)
     assert sorted(w.mode.value for w in team) == sorted(
