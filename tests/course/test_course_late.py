@@ -89,7 +89,7 @@ def test_exercises_come_after_the_chapter() -> None:
 
 def test_plain_source_renames_and_drops_type_hints() -> None:
     text = cells.plain_source(ex05.repair_solution, "repair")
-    assert text.startswith("def repair(conn, now):\n    # One write transaction")
+    assert text.startswith("def repair(conn, now):\n    # Batches of at most 8 rows")
     assert "sqlite3" not in text.splitlines()[0]
     with pytest.raises(InvalidInput) as err:
         cells.plain_source("repair", "repair")
@@ -125,10 +125,49 @@ def test_the_repair_runs_while_a_worker_holds_an_event() -> None:
             assert [r[0] for r in held] == [outcome], (seed, repair.__name__)
 
 
-def test_a_fence_in_the_inbox_fails_only_where_no_worker_reads_the_inbox() -> None:
-    verdict = grade("in-flight-repair", ex05.repair_fence_in_inbox, seeds=range(6))
-    assert [t.seed for t in verdict.failed] == [1, 3, 5]  # the transactional crews
-    assert all("transactional workers" in t.faults for t in verdict.failed)
+def test_a_fence_in_the_inbox_fails_wherever_a_worker_does_not_read_the_inbox() -> None:
+    """Every transactional crew counts an inbox-fenced event twice; an idempotent crew only
+    when a bystander without an inbox (at-most-once, at-least-once) takes one between the
+    repair's batches: the failures are all of one kind, double counts."""
+    verdict = grade("in-flight-repair", ex05.repair_fence_in_inbox, seeds=range(12))
+    transactional = [s for s in range(12) if s % 2]
+    assert set(transactional) <= {t.seed for t in verdict.failed}
+    assert all("counted twice" in t.reason and "counted by no one" not in t.reason
+               for t in verdict.failed), str(verdict)
+
+
+def test_the_lock_budget_is_measured_per_transaction() -> None:
+    """The grader counts the rows each of the repair's transactions writes, never the
+    workers' between them: the model's batches stay within the budget, one transaction for
+    everything does not, and a rush on one item breaks a batch per item."""
+    from deliverylab.course.ex05 import BATCH, Interleaved, _Caller, _lab
+
+    for seed in range(4):
+        sizes = {}
+        for repair in (ex05.repair_solution, ex05.repair_in_one_transaction,
+                       ex05.repair_one_item_per_transaction):
+            lab, _, _ = _lab(seed)
+            lab.place_orders(12)
+            lab.place_orders(ex05.RUSH, items=("oat-milk",))
+            stepped = []
+
+            def between(lab=lab, stepped=stepped) -> None:
+                stepped.append(lab.workers[0].step())
+
+            caller = _Caller(lab, repair, between)
+            assert caller() and not caller.errors, caller.errors
+            sizes[repair.__name__] = caller.largest
+            assert any(stepped)  # the workers wrote between the statements, uncounted
+        assert 0 < sizes["repair_solution"] <= BATCH, sizes
+        assert sizes["repair_in_one_transaction"] > BATCH, sizes
+        assert sizes["repair_one_item_per_transaction"] > BATCH, sizes
+    conn = Interleaved(lab.store, lambda: None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO inventory_projection VALUES ('x', 1), ('y', 2)")
+    conn.execute("COMMIT")
+    conn.execute("DELETE FROM inventory_projection WHERE item_id IN ('x', 'y')")
+    conn.finish()
+    assert conn.largest == 2
 
 
 def test_a_crashing_submission_is_reported_with_its_error() -> None:

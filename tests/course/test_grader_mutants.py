@@ -140,17 +140,22 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("drain", "off-by-one L13.2"):
         "the idle counter only decides how many misses come before next_visible_at() is"
         " read; reading it earlier or later never returns while a message is left",
-    ("in-flight-repair", "swap L10"):
-        "the rebuild and the fence are two statements of one transaction: nothing sees the"
-        " state between them, in either order",
-    ("in-flight-repair", "swap L15"):
-        "the fence and the read of the counts after the rebuild: the fence does not touch"
-        " the projection, so the read is the same in either order",
-    ("in-flight-repair", "off-by-one L15.2"):
-        "row[-1] of a row of one column (RETURNING event_id) is row[0]",
-    ("in-flight-repair", "off-by-one L22.2"):
-        "an item new to the projection has a count above zero: it differs from -1 as it"
-        " differs from 0, so the same items are reported",
+    ("in-flight-repair", "swap L4"):
+        "creating the empty report's two parts are independent statements",
+    ("in-flight-repair", "swap L5"):
+        "creating the empty list of fenced events and reading the plan of items are"
+        " independent",
+    ("in-flight-repair", "drop-where L15.2"):
+        "the lab's store has one consumer, 'inventory': every row of reconciled_events is its"
+        " fence, so the filter selects the whole table",
+    ("in-flight-repair", "swap L20"):
+        "reading the item's count before testing for a full batch: a read, unused when the"
+        " batch continues, inside the same transaction",
+    ("in-flight-repair", "swap L25"):
+        "the count and the truth are two reads of one transaction: either order",
+    ("in-flight-repair", "swap L31"):
+        "noting the move in the report before or after writing the count: the report is"
+        " returned only once every batch committed",
     ("repair-item", "swap L4"):
         "the rebuild and the fence are two statements of one transaction: nothing sees the"
         " state between them, in either order",

@@ -370,44 +370,53 @@ def test_the_grader_process_keeps_no_child_and_no_open_pipe():
     assert pipes() <= before
 
 
+def _batches(conn, now, settled):
+    """Per item, in batches of at most 8 rows: fence 7 of its ``settled`` unfenced events at
+    a time; in the batch that fences its last ones, set its count to the sum of its fenced
+    orders. The report is the sum of the batches'."""
+    moved: dict[str, int] = {}
+    fenced: list[str] = []
+    items = [i for (i,) in conn.execute("SELECT item_id FROM orders UNION"
+                                        " SELECT item_id FROM inventory_projection")]
+    for item in items:
+        while True:
+            with transaction(conn):
+                batch = [e for (e,) in conn.execute(
+                    "INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+                    " SELECT 'inventory', event_id, ? FROM orders WHERE item_id = ?"
+                    f" AND {settled} AND event_id NOT IN (SELECT event_id"
+                    " FROM reconciled_events) LIMIT 7 RETURNING event_id", (now, item))]
+                fenced += batch
+                if len(batch) < 7:
+                    (was,) = conn.execute("SELECT coalesce(sum(reserved_qty), 0) FROM"
+                                          " inventory_projection WHERE item_id = ?",
+                                          (item,)).fetchone()
+                    (now_qty,) = conn.execute(
+                        "SELECT coalesce(sum(qty), 0) FROM orders WHERE item_id = ? AND"
+                        " event_id IN (SELECT event_id FROM reconciled_events)",
+                        (item,)).fetchone()
+                    conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                                 " VALUES (?, ?) ON CONFLICT (item_id) DO UPDATE"
+                                 " SET reserved_qty = excluded.reserved_qty", (item, now_qty))
+                    if now_qty != was:
+                        moved[item] = moved.get(item, 0) + now_qty - was
+            if len(batch) < 7:
+                break
+    return {"moved": moved, "fenced": fenced}
+
+
 def repair_not_in_flight(conn, now):
     """Count only what no worker can still apply (its message is gone, or the idempotent
     consumer's inbox already holds it, so its redelivery is skipped), and fence that."""
-    settled = ("(event_id NOT IN (SELECT event_id FROM queue_messages)"
-               " OR event_id IN (SELECT event_id FROM inbox_processed))")
-    with transaction(conn):
-        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-        conn.execute("DELETE FROM inventory_projection")
-        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                     f" SELECT item_id, sum(qty) FROM orders WHERE {settled} GROUP BY item_id")
-        fenced = conn.execute(
-            "INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-            f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
-            " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id", (now,)).fetchall()
-        after = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-    return {"moved": {k: after.get(k, 0) - before.get(k, 0) for k in before.keys() | after.keys()
-                      if after.get(k, 0) != before.get(k, 0)},
-            "fenced": [e for (e,) in fenced]}
+    return _batches(conn, now, "(event_id NOT IN (SELECT event_id FROM queue_messages)"
+                               " OR event_id IN (SELECT event_id FROM inbox_processed))")
 
 
 def repair_not_in_flight_forgets_the_inbox(conn, now):
     """Counts only what has no message left: an event an idempotent worker applied whose ACK
     was lost is still queued, so the rebuild wipes its effect and counts it nowhere, and its
     redelivery is skipped as a duplicate."""
-    settled = "event_id NOT IN (SELECT event_id FROM queue_messages)"
-    with transaction(conn):
-        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-        conn.execute("DELETE FROM inventory_projection")
-        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                     f" SELECT item_id, sum(qty) FROM orders WHERE {settled} GROUP BY item_id")
-        fenced = conn.execute(
-            "INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-            f" SELECT 'inventory', event_id, ? FROM orders WHERE {settled}"
-            " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id", (now,)).fetchall()
-        after = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-    return {"moved": {k: after.get(k, 0) - before.get(k, 0) for k in before.keys() | after.keys()
-                      if after.get(k, 0) != before.get(k, 0)},
-            "fenced": [e for (e,) in fenced]}
+    return _batches(conn, now, "event_id NOT IN (SELECT event_id FROM queue_messages)")
 
 
 def test_a_repair_that_drops_an_applied_event_still_queued_fails():
@@ -419,18 +428,22 @@ def test_a_repair_that_drops_an_applied_event_still_queued_fails():
 
 def repair_compensating_delta(conn, now):
     """Add only the orders never applied (no message left, no applied row, not fenced yet),
-    and fence each one added."""
+    and fence each one added: one order a batch (two rows)."""
     added: dict[str, int] = {}
-    with transaction(conn):
-        missing = conn.execute(
-            "SELECT o.item_id, o.qty, o.event_id FROM orders AS o"
-            " WHERE o.event_id NOT IN (SELECT event_id FROM queue_messages)"
-            " AND o.event_id NOT IN (SELECT event_id FROM reconciled_events"
-            "                        WHERE consumer = 'inventory')"
-            " AND NOT EXISTS (SELECT 1 FROM delivery_log AS l"
-            "                 WHERE l.event_id = o.event_id AND l.outcome = 'applied')"
-        ).fetchall()
-        for item, qty, event_id in missing:
+    fenced: list[str] = []
+    while True:
+        with transaction(conn):
+            missing = conn.execute(
+                "SELECT o.item_id, o.qty, o.event_id FROM orders AS o"
+                " WHERE o.event_id NOT IN (SELECT event_id FROM queue_messages)"
+                " AND o.event_id NOT IN (SELECT event_id FROM reconciled_events"
+                "                        WHERE consumer = 'inventory')"
+                " AND NOT EXISTS (SELECT 1 FROM delivery_log AS l"
+                "                 WHERE l.event_id = o.event_id AND l.outcome = 'applied')"
+                " LIMIT 1").fetchone()
+            if missing is None:
+                return {"moved": added, "fenced": fenced}
+            item, qty, event_id = missing
             conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                          " VALUES (?, ?) ON CONFLICT (item_id) DO UPDATE"
                          " SET reserved_qty = reserved_qty + excluded.reserved_qty",
@@ -438,7 +451,7 @@ def repair_compensating_delta(conn, now):
             conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
                          " VALUES ('inventory', ?, ?)", (event_id, now))
             added[item] = added.get(item, 0) + qty
-    return {"moved": added, "fenced": [e for _, _, e in missing]}
+            fenced.append(event_id)
 
 
 @pytest.mark.parametrize("design", [repair_not_in_flight, repair_compensating_delta,

@@ -9,7 +9,9 @@ not stop it. A repair's design is the reader's: it may count every order and fen
 count only what no worker can still apply and fence that, or add only what was never applied.
 What it fenced is what it counted: the grader records those orders as counted by the repair, so
 the engine's checker sees an event that still takes effect afterwards as that order's second
-application. Once the queue is quiet the outcome is judged: the projection equals the truth
+application. The repair works in batches: no transaction of it may write more than
+:data:`BATCH` rows (what ``total_changes`` counts), so that the workers commit between its
+batches instead of waiting for the whole repair. Once the queue is quiet the outcome is judged: the projection equals the truth
 (an item that does has every order's effect once, whatever the log says), and a repair run
 twice in a row changes nothing the second time.
 """
@@ -20,6 +22,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
+from ..book.lab import ITEMS
 from ..book.toolkit import WhileWorking
 from ..brokers.base import Delivery
 from ..engine import reconcile
@@ -35,6 +38,12 @@ FAULTS = {Mode.IDEMPOTENT: dict(ack_fail=0.3, ack_answer_lost=0.1, crash_after_r
                               crash_after_commit=0.05),
           Mode.TRANSACTIONAL: dict(crash_after_receive=0.2)}
 WORKERS = 2
+# The repair's lock budget: the rows one of its transactions may write (insert, update or
+# delete, as the connection's total_changes counts them). SQLite has one writer: while the
+# repair holds the lock, every worker waits.
+BATCH = 8
+RUSH = 9      # the orders of the rush on one item: more than one batch of the budget fences
+ARRIVALS = 4  # one order placed every ARRIVALS gaps between the repair's statements
 
 
 def _mode(seed: int) -> Mode:
@@ -101,7 +110,13 @@ class Interleaved:
     lock). A repair split over two transactions, run with none, or that reads first and writes
     later, meets a worker's commit in the gap. ``lock_at`` makes that statement (counted from 0,
     ``BEGIN`` included) fail with "database is locked", once: a store failure that is not a
-    duplicate, which a repair must not swallow."""
+    duplicate, which a repair must not swallow.
+
+    It also measures how long the repair holds the write lock: the rows each of its
+    transactions writes (``total_changes`` from the statement that opens it to the first
+    statement, or the end of the call, that finds it closed; a statement outside a
+    transaction is one of its own). ``largest`` is the most rows one of them wrote. The
+    workers run only while no transaction is open, so their writes are never counted."""
 
     connection_view = True  # the sandbox hands it over as a connection (see crew)
 
@@ -110,6 +125,8 @@ class Interleaved:
         self._conn, self._between, self.lock_at = conn, between, lock_at
         self.statements = 0
         self.locked = False
+        self.largest = 0
+        self._mark: int | None = None  # total_changes when the open transaction began
 
     @property
     def in_transaction(self) -> bool:
@@ -124,11 +141,21 @@ class Interleaved:
 
     def _gap(self) -> None:
         n, self.statements = self.statements, self.statements + 1
+        if not self._conn.in_transaction:
+            self.finish()
         if self.lock_at is not None and n == self.lock_at:
             self.lock_at, self.locked = None, True
             raise sqlite3.OperationalError("database is locked")
         if not self._conn.in_transaction:
             self._between()
+            self._mark = self._conn.total_changes
+
+    def finish(self) -> None:
+        """Close the measure of the transaction that ended (the repair's last, at the end
+        of its call)."""
+        if self._mark is not None:
+            self.largest = max(self.largest, self._conn.total_changes - self._mark)
+            self._mark = None
 
     def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
         self._gap()
@@ -181,17 +208,21 @@ class _Caller:
         self.lab, self.repair, self.between = lab, repair, between
         self.errors: list[str] = []
         self.returned: Any = None  # what the last call that ended without an error returned
+        self.largest = 0  # the most rows one transaction of the last call wrote
 
     def __call__(self, *args: Any, lock_at: int | None = None) -> bool:
         """Run the repair (again, after the lock ``lock_at`` made); True if it returned."""
         lab = self.lab
         self.returned = None
+        self.largest = 0
         for attempt in (1, 2):
             conn = Interleaved(lab.store, self.between, lock_at=lock_at if attempt == 1 else None)
             now = lab.clock.now()
             try:
                 result = self.repair(conn, *args, now)
             except (Exception, SystemExit) as exc:  # the reader's code: report it, go on
+                conn.finish()
+                self.largest = max(self.largest, conn.largest)
                 # By name: from the sandbox it comes back as another object of that name.
                 if lab.store.in_transaction:
                     lab.store.rollback()
@@ -201,6 +232,8 @@ class _Caller:
                 self._note(f"{type(exc).__name__}: {exc} (your repair at t={now:g})")
                 return False
             else:
+                conn.finish()
+                self.largest = max(self.largest, conn.largest)
                 if lab.store.in_transaction:
                     lab.store.rollback()
                     self._note("your repair left a transaction open (it was rolled back)")
@@ -264,33 +297,50 @@ def repair_starter(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     were lost, while workers of any mode keep consuming: no event still in flight (queued,
     held by a worker, parked in the dead letters) may be counted twice, and no order may be
     counted by no one. The engine's fence is ``reconciled_events``; ``now`` is the lab's
-    time. Return what this run changed, for the operator's record: ``{"moved": {item_id:
-    how much it moved that item's reserved_qty, for every item it changed and no other},
-    "fenced": [the event ids it added to the fence]}``."""
+    time. Work in batches: no transaction of the repair may write more than 8 rows (inserted,
+    updated or deleted, as ``conn.total_changes`` counts them), so that the workers commit
+    between its batches instead of waiting for the whole repair. Return what this run
+    changed, for the operator's record: ``{"moved": {item_id: how much it moved that item's
+    reserved_qty, for every item it changed and no other}, "fenced": [the event ids it added
+    to the fence]}``."""
 
 
 def repair_solution(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    # One write transaction (BEGIN IMMEDIATE takes the lock at once): no worker commits
-    # between the rebuild and the fence, and none between reading the orders and writing.
-    with transaction(conn):
-        # Read inside the transaction: what the workers commit before BEGIN or after COMMIT
-        # is theirs, not the repair's, and must not show in its report.
-        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-        # The rebuild: the truth, whatever the projection held (lost or doubled effects).
-        conn.execute("DELETE FROM inventory_projection")
-        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                     " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-        # The fence: every order counted here, whatever state its message is in (queued,
-        # held by a worker that acked first, parked): no worker applies its event again.
-        # RETURNING lists the rows inserted, so the events fenced by an earlier run are not.
-        fenced = [row[0] for row in conn.execute(
-            "INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-            " SELECT 'inventory', event_id, ? FROM orders WHERE true"
-            " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id", (now,))]
-        after = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-    # Every item with a row before has orders, so it has a row after the rebuild too.
-    moved = {item: qty - before.get(item, 0) for item, qty in sorted(after.items())
-             if qty != before.get(item, 0)}
+    # Batches of at most 8 rows, each its own transaction: the workers commit between them
+    # instead of waiting for the whole repair (SQLite has one writer).
+    moved: dict[str, int] = {}
+    fenced: list[str] = []
+    # The items to visit: only a plan, each batch reads again what it writes from.
+    items = [item for (item,) in conn.execute(
+        "SELECT item_id FROM orders UNION SELECT item_id FROM inventory_projection")]
+    for item in items:
+        while True:
+            with transaction(conn):  # BEGIN IMMEDIATE: no worker commits inside a batch
+                # Fence up to 8 of the item's events not fenced yet: from now on no worker
+                # applies them, whatever state their message is in (queued, held, parked).
+                batch = [event for (event,) in conn.execute(
+                    "INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+                    " SELECT 'inventory', event_id, ? FROM orders WHERE item_id = ?"
+                    " AND event_id NOT IN (SELECT event_id FROM reconciled_events"
+                    " WHERE consumer = 'inventory') LIMIT 8 RETURNING event_id", (now, item))]
+                fenced += batch
+                if len(batch) == 8:
+                    continue  # the budget spent: commit, let the workers in, fence the rest
+                # Every event of the item is fenced now, so its count is the truth: each
+                # order once (at most 7 rows above, and this one). Read inside the batch: a
+                # worker's commit before it is the worker's, not the repair's.
+                (was,) = conn.execute("SELECT coalesce(sum(reserved_qty), 0)"
+                                      " FROM inventory_projection WHERE item_id = ?",
+                                      (item,)).fetchone()
+                (truth,) = conn.execute("SELECT coalesce(sum(qty), 0) FROM orders"
+                                        " WHERE item_id = ?", (item,)).fetchone()
+                if truth != was:
+                    conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
+                                 " VALUES (?, ?) ON CONFLICT (item_id)"
+                                 " DO UPDATE SET reserved_qty = excluded.reserved_qty",
+                                 (item, truth))
+                    moved[item] = truth - was
+                break
     return {"moved": moved, "fenced": sorted(fenced)}
 
 
@@ -302,51 +352,78 @@ def _fence_of(conn: sqlite3.Connection) -> set[str]:
 def _changes(conn: sqlite3.Connection, before: dict[str, int], fence: set[str]
              ) -> dict[str, Any]:
     """A true report of what changed since ``before`` and ``fence`` (for wrong answers
-    whose mistake is elsewhere)."""
+    whose mistake is elsewhere), read in the transaction that made the change."""
     after = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
     return {"moved": {k: after.get(k, 0) - before.get(k, 0) for k in before.keys() | after.keys()
                       if after.get(k, 0) != before.get(k, 0)},
             "fenced": sorted(_fence_of(conn) - fence)}
 
 
+def _merge(report: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Two reports of one run (two of its batches) as one."""
+    moved = dict(report["moved"])
+    for k, v in more["moved"].items():
+        moved[k] = moved.get(k, 0) + v
+    return {"moved": {k: v for k, v in moved.items() if v},
+            "fenced": sorted({*report["fenced"], *more["fenced"]})}
+
+
+_ITEMS = "SELECT item_id FROM orders UNION SELECT item_id FROM inventory_projection"
+_COUNT_ITEM = ("INSERT INTO inventory_projection (item_id, reserved_qty)"
+               " SELECT ?, coalesce(sum(qty), 0) FROM orders WHERE item_id = ?"
+               " ON CONFLICT (item_id) DO UPDATE SET reserved_qty = excluded.reserved_qty")
+_FENCE_SOME = ("INSERT INTO {table} (consumer, event_id, {at})"
+               " SELECT 'inventory', event_id, ? FROM orders WHERE item_id = ?"
+               " AND event_id NOT IN (SELECT event_id FROM {table}"
+               " WHERE consumer = 'inventory') LIMIT 7")
+
+
+def _by_item(conn: sqlite3.Connection, now: float, *, fence: str | None = "reconciled_events",
+             count: bool = True) -> dict[str, Any]:
+    """The model's batches for the wrong answers whose mistake is elsewhere: per item, its
+    unfenced events 7 at a time into ``fence`` (None: none), then its count (unless not
+    ``count``), with a true report of each batch."""
+    report: dict[str, Any] = {"moved": {}, "fenced": []}
+    at = "processed_at" if fence == "inbox_processed" else "reconciled_at"
+    for (item,) in conn.execute(_ITEMS).fetchall():
+        while True:
+            with transaction(conn):
+                before, was = _projection(conn), _fence_of(conn)
+                n = 0 if fence is None else conn.execute(
+                    _FENCE_SOME.format(table=fence, at=at), (now, item)).rowcount
+                if n < 7 and count:
+                    conn.execute(_COUNT_ITEM, (item, item))
+                report = _merge(report, _changes(conn, before, was))
+            if n < 7:
+                break
+    return report
+
+
 def repair_rebuild_only(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    with transaction(conn):
-        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-        fence = _fence_of(conn)
-        conn.execute("DELETE FROM inventory_projection")
-        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                     " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-        return _changes(conn, before, fence)
+    return _by_item(conn, now, fence=None)
 
 
 def repair_fence_only(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    with transaction(conn):
-        fence = _fence_of(conn)
-        conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
-                     " SELECT 'inventory', event_id, ? FROM orders WHERE true"
-                     " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
-        return _changes(conn, {}, fence) | {"moved": {}}
+    return _by_item(conn, now, count=False)
 
 
 def repair_fence_in_inbox(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    with transaction(conn):
-        before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-        fence = _fence_of(conn)
-        conn.execute("DELETE FROM inventory_projection")
-        conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
-                     " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
-        # The idempotent consumer skips what its inbox holds...
-        conn.execute("INSERT INTO inbox_processed (consumer, event_id, processed_at)"
-                     " SELECT 'inventory', event_id, ? FROM orders WHERE true"
-                     " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
-        return _changes(conn, before, fence)
+    # The idempotent consumer skips what its inbox holds...
+    return _by_item(conn, now, fence="inbox_processed")
 
 
 def repair_reports_from_outside(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    # The report's "before" is read first, outside the transaction: a worker commits between.
-    before = dict(conn.execute("SELECT item_id, reserved_qty FROM inventory_projection"))
-    fence = _fence_of(conn)
+    # The report's "before" is read before the first batch and its "after" after the last:
+    # the workers commit between the batches.
+    before, fence = _projection(conn), _fence_of(conn)
+    _by_item(conn, now)
+    return _changes(conn, before, fence)
+
+
+def repair_in_one_transaction(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    # Rebuild and fence everything in one transaction: right, and every worker waits.
     with transaction(conn):
+        before, fence = _projection(conn), _fence_of(conn)
         conn.execute("DELETE FROM inventory_projection")
         conn.execute("INSERT INTO inventory_projection (item_id, reserved_qty)"
                      " SELECT item_id, sum(qty) FROM orders GROUP BY item_id")
@@ -354,6 +431,20 @@ def repair_reports_from_outside(conn: sqlite3.Connection, now: float) -> dict[st
                      " SELECT 'inventory', event_id, ? FROM orders WHERE true"
                      " ON CONFLICT (consumer, event_id) DO NOTHING", (now,))
         return _changes(conn, before, fence)
+
+
+def repair_one_item_per_transaction(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    # A batch per item: small, until an item has more unfenced orders than the budget.
+    report: dict[str, Any] = {"moved": {}, "fenced": []}
+    for (item,) in conn.execute(_ITEMS).fetchall():
+        with transaction(conn):
+            before, fence = _projection(conn), _fence_of(conn)
+            conn.execute("INSERT INTO reconciled_events (consumer, event_id, reconciled_at)"
+                         " SELECT 'inventory', event_id, ? FROM orders WHERE item_id = ?"
+                         " ON CONFLICT (consumer, event_id) DO NOTHING", (now, item))
+            conn.execute(_COUNT_ITEM, (item, item))
+            report = _merge(report, _changes(conn, before, fence))
+    return report
 
 
 def _projection(conn: sqlite3.Connection) -> dict[str, int]:
@@ -391,8 +482,12 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
     holder = Mode.AT_MOST_ONCE if seed % 4 == 3 else lab.mode
     step = _interleaver(lab, [*lab.workers, *_bystanders(lab)])
     moved: dict[str, int] = {}  # what the workers changed between the repair's statements
+    gaps = [0]
 
     def between() -> None:
+        gaps[0] += 1
+        if gaps[0] % ARRIVALS == 0:
+            lab.place_orders(1)  # orders keep arriving while the repair runs
         was = _projection(lab.store)
         step()
         for item, qty in _projection(lab.store).items():
@@ -400,12 +495,18 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
 
     repairs = _Caller(lab, repair, between)
     bad_reports: list[str] = []
+    over: list[str] = []
 
     def call(lock_at: int | None = None) -> None:
         was, fence = _projection(lab.store), _fence_of(lab.store)
         moved.clear()
         now = lab.clock.now()
-        if not repairs(lock_at=lock_at):
+        returned = repairs(lock_at=lock_at)
+        if repairs.largest > BATCH and not over:
+            over.append(f"your repair at t={now:g} held the write lock for {repairs.largest}"
+                        f" rows in one transaction (at most {BATCH}: every worker waits while"
+                        " it holds the lock; work in batches)")
+        if not returned:
             return
         after = _projection(lab.store)
         changed = {k: after.get(k, 0) - was.get(k, 0) - moved.get(k, 0)
@@ -423,22 +524,26 @@ def run_repair(repair: Callable[..., Any], seed: int) -> Trial:
     lab.place_orders(6)       # in flight: waiting in the queue when the repair runs...
     _hold_while(lab, faults, call, mode=holder)  # ...one held by a worker mid-processing
     lab.run_until_idle()
-    lab.place_orders(4)       # a second incident later: new events in flight again
-    call()
+    lab.place_orders(4)       # a second incident later: new events in flight again, and a
+    lab.place_orders(RUSH, items=(ITEMS[seed % len(ITEMS)],))  # rush on one item: more
+    call()                    # unfenced orders of one item than one batch may write
     call()                    # a repair run twice must change nothing the second time
     lab.place_orders(3)
     lab.lose_messages(1)      # a third incident; the database is locked at one statement
     call(lock_at=seed % 3)    # of the repair (BEGIN on seeds 0, 3, 6…): it is run again
     lab.broker.redrive()       # the operator redrives the dead letter
     lab.run_until_idle()
+    (orders,) = lab.store.execute("SELECT count(*) FROM orders").fetchone()
     where = describe_faults(
-        faults, workers=WORKERS, orders=24,
+        faults, workers=WORKERS, orders=orders,
         extra=f"{modes}; messages lost on purpose, one parked and redriven; your repair runs"
               " 4 times with events in flight, once while a worker in"
-              f" {holder} mode holds one, other workers stepping between its statements, and"
-              f" 'database is locked' at statement {seed % 3} of the last run")
+              f" {holder} mode holds one, once after a rush of {RUSH} orders for one item,"
+              " other workers stepping between its statements and orders arriving, and"
+              f" 'database is locked' at statement {seed % 3} of the last run; at most"
+              f" {BATCH} rows written per transaction")
     return _quiet_verdict(lab, seed=seed, faults=where, errors=repairs.errors, since=start,
-                          failures=bad_reports)
+                          failures=[*over, *bad_reports])
 
 
 register(Exercise(
@@ -447,7 +552,9 @@ register(Exercise(
     params=("conn", "now"),
     wrong=(("counted twice", repair_rebuild_only), ("missing", repair_fence_only),
            ("counted twice", repair_fence_in_inbox),
-           ("reported changes it did not make", repair_reports_from_outside))))
+           ("reported changes it did not make", repair_reports_from_outside),
+           ("held the write lock", repair_in_one_transaction),
+           ("held the write lock", repair_one_item_per_transaction))))
 
 
 # -- 5.2 the worker's side of the fence ----------------------------------------------------
