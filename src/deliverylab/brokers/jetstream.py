@@ -21,7 +21,12 @@ How the contract's words map onto JetStream, and where the server decides instea
   hands it out again at once, the stale in-progress restarts the holder's AckWait). So here a
   stale receipt is **not** refused: the one check made before a verb is that the message is
   still in the stream (the verb answers False for a message already acked, dead-lettered or
-  dropped). The contract suite states this difference case by case.
+  dropped). The contract suite states this difference case by case. An ack skips that
+  check, and its round trip, while this broker holds the delivery's lease with time to spare
+  (a quarter of AckWait, at most a second): the server hands the message to no one else
+  then, so only another process acting on it by hand (a stale holder's ack, an operator's
+  dead-letter) could have removed it, and the ack then answers True for a message already
+  gone.
 * **ack** = ``ack_sync()`` by default: the ack is a request and the broker waits for the
   server's reply (2.9.10 replies with an empty body to every ack, stale or not, so the reply
   says only that the server received it). ``confirm_acks=False`` sends ``ack()``, fire and
@@ -640,26 +645,36 @@ class JetStreamBroker(Broker):
         self._errors.pop(seq, None)
 
     # -- settle ----------------------------------------------------------------------------
-    async def _settle(self, d: Delivery, body: bytes, confirm: bool) -> bool:
+    def _held(self, d: Delivery) -> bool:
+        """Whether this broker handed out ``d``'s message, has not settled it, and its lease
+        has a quarter of AckWait (at most a second) left on our clock: the server gives the
+        message to no one else meanwhile (see the module docstring)."""
+        due = self._due.get(d.seq)
+        return due is not None and self.clock.now() < due - min(1.0, self.ack_wait / 4)
+
+    async def _settle(self, d: Delivery, body: bytes, confirm: bool,
+                      look: bool = True) -> bool:
         """Send ``body`` (``+ACK``, ``-NAK…``, ``+WPI``, ``+TERM``) on ``d``'s reply subject.
 
         ``confirm``: if the message is still in the stream, as a request whose reply the
         broker waits for; whether it was. The server does not check that the reply subject is
         the message's latest delivery (see the module docstring). Not ``confirm`` (``ack()``,
         fire and forget): handed to the client's buffer and True, without asking the server
-        anything, not even whether the message is still there."""
+        anything, not even whether the message is still there. ``look=False``: confirmed,
+        without first looking the message up (see :meth:`_held`)."""
         if not confirm:
             await self.nc.publish(d.receipt, body)
             return True
-        if await self._get(self.stream, d.seq) is None:
+        if look and await self._get(self.stream, d.seq) is None:
             return False
         await self._retrying(lambda: self.nc.request(d.receipt, body,
                                                      timeout=min(self.timeout, 2.0)))
         return True
 
     def ack(self, delivery: Delivery, *, worker: str = "worker") -> bool:
-        """Ack the message with ``ack_sync()``: False if it is no longer in the stream, True
-        once the server answered. A stale delivery's ack is *accepted* by the server and
+        """Ack the message with ``ack_sync()``: False if it is no longer in the stream (looked
+        up unless this broker holds the lease with time to spare), True once the server
+        answered. A stale delivery's ack is *accepted* by the server and
         deletes the message whoever holds it now (an engine difference). With
         ``confirm_acks=False``, ``ack()``: always True, the server asked nothing; a connection
         that drops before the client flushes loses the ack, and the message comes back."""
@@ -676,9 +691,12 @@ class JetStreamBroker(Broker):
         for i, d in enumerate(deliveries):
             first.setdefault(d.seq, i)
 
+        looks = [(i, not self._held(deliveries[i])) for i in first.values()]
+
         async def ack_all() -> list[bool]:
-            sent = await asyncio.gather(*(self._settle(deliveries[i], b"+ACK", self.confirm_acks)
-                                          for i in first.values()))
+            sent = await asyncio.gather(*(
+                self._settle(deliveries[i], b"+ACK", self.confirm_acks, look=look)
+                for i, look in looks))
             return list(sent)
 
         sent = dict(zip(first.values(), self._run(ack_all(), "ack"), strict=True))

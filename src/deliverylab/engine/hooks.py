@@ -11,7 +11,7 @@ this order:
   refused NACK, an effect lost after its ACK;
 * :class:`VerbTrace`, only when the broker writes no trace of its own (it is not the store's
   own database): the rows of the broker's verbs (received, acked, nacked, lost,
-  dead-lettered), into the store right after each verb;
+  dead-lettered), in the worker's next transaction on the store, within the step;
 * :class:`Narration`, only when the worker has an ``echo``: one line per step.
 
 ``Worker(..., hooks=[...])`` adds more after them. The rows an effect writes in its own
@@ -42,13 +42,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .broker import NO_MESSAGE_ID, Delivery, Received
 from .clock import Clock
 from .settings import Mode
-from .store import Store, transaction
-from .trace import Outcome, lease_detail, log_many
+from .store import Store
+from .trace import Outcome, lease_detail
 
 
 class Worker(Protocol):
@@ -62,6 +62,8 @@ class Worker(Protocol):
     conn: Store
 
     def log(self, d: Delivery, outcome: Outcome, detail: str = "") -> None: ...
+
+    def defer_log(self, rows: list[tuple[Any, ...]]) -> None: ...
 
 POINTS = ("after_receive", "before_process", "after_lose", "after_apply", "after_ack_sent",
           "after_ack", "on_rejected", "on_ack_failed", "after_nack", "after_dead_letter",
@@ -234,18 +236,19 @@ class Trace(Hook):
 
 class VerbTrace(Hook):
     """The trace rows of the broker's verbs (received, acked, nacked, lost, dead-lettered)
-    for a broker that writes none itself (one that is not the store's own database): written
-    into the store right after each verb, so not atomic with it. A worker whose broker writes
-    them in each verb's own transaction has no such hook."""
+    for a broker that writes none itself (one that is not the store's own database), so not
+    atomic with the verb: handed to :meth:`Worker.defer_log
+    <deliverylab.engine.worker.Worker.defer_log>`, which writes them first in the worker's
+    next transaction on the store (a receive's rows in the effect's), and at the end of the
+    step at the latest. A worker whose broker writes them in each verb's own transaction has
+    no such hook."""
 
     def rows(self, w: Worker, rows: list[tuple[Outcome, Delivery, str]]) -> None:
-        """Trace rows for ``rows`` of (outcome, delivery, detail), in one transaction."""
+        """Trace rows for ``rows`` of (outcome, delivery, detail), timed now."""
         if rows:
             now = w.clock.now()
-            with transaction(w.conn):
-                log_many(w.conn, [(now, w.name, d.correlation_id, d.event_id, d.message_id,
-                                   d.delivery_count, outcome, detail)
-                                  for outcome, d, detail in rows])
+            w.defer_log([(now, w.name, d.correlation_id, d.event_id, d.message_id,
+                          d.delivery_count, outcome, detail) for outcome, d, detail in rows])
 
     def after_receive(self, w: Worker, received: Received) -> None:
         self.rows(w, [(Outcome.DEAD_LETTERED, d, reason) for d, reason in received.parked]

@@ -24,7 +24,8 @@ A worker runs over a broker (where messages wait, :mod:`deliverylab.brokers`) an
 SQLite file they are one connection; the broker may also be another database, in which case
 ``transactional`` is refused (its ACK would be a write in another system, which cannot commit
 in the effect's transaction) and the worker writes the trace rows of the broker's verbs into
-the store itself, right after each verb.
+the store itself: first in its next transaction there (a receive's rows in the effect's), and
+by the end of the step at the latest.
 
 A broker that cannot be reached for a while (a server restarting, a cluster electing a leader)
 raises ``BrokerUnavailable``; the worker backs off and tries again, as it does for a SQLite
@@ -42,7 +43,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from .broker import Broker, Delivery
@@ -242,6 +244,9 @@ class Worker:
         self._lock_streak = 0  # lock waits in a row: the exponent of the next backoff
         self._broker_streak = 0  # broker waits in a row: the same, for the broker
         self._store_streak = 0  # store waits in a row: the same, for the store's database
+        # Trace rows of the broker's verbs (VerbTrace) not in the store yet: written first in
+        # the worker's next transaction on the store, and at the end of the step at the latest.
+        self._verb_rows: list[tuple[Any, ...]] = []
 
     def _adopt(self, settings: WorkerSettings) -> None:
         """Take ``settings``: each field also a plain attribute, which the hot path reads."""
@@ -283,9 +288,35 @@ class Worker:
     def log(self, d: Delivery, outcome: Outcome, detail: str = "") -> None:
         """A trace row for something with no transaction of its own (a crash, a lost ACK), in
         a transaction of its own."""
-        with transaction(self.conn):
+        with self._transaction():
             log_delivery(self.conn, d, at=self.clock.now(), worker=self.name,
                          outcome=outcome, detail=detail)
+
+    def defer_log(self, rows: list[tuple[Any, ...]]) -> None:
+        """Trace rows (``trace.log_many``'s) of a broker verb that wrote none itself: written
+        first in the worker's next transaction on the store (the effect's, for a receive), so
+        the trace keeps the order of events, and at the end of the step at the latest
+        (:meth:`flush_log`). A step cut short keeps them for the next."""
+        self._verb_rows.extend(rows)
+
+    def flush_log(self) -> None:
+        """Write the deferred trace rows (:meth:`defer_log`) now, in a transaction of their
+        own."""
+        if self._verb_rows:
+            with self._transaction():
+                pass
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A transaction of this worker on the store that first writes the deferred trace
+        rows: they commit with it, or stay deferred if it rolls back."""
+        pending = len(self._verb_rows)
+        with transaction(self.conn):
+            if pending:
+                log_many(self.conn, self._verb_rows[:pending])
+            yield
+        if pending:
+            del self._verb_rows[:pending]
 
     def crash(self, deliveries: list[Delivery], point: str) -> None:
         """The worker dies at ``point`` holding ``deliveries``: the ``on_crash`` hooks record
@@ -358,7 +389,7 @@ class Worker:
         handle_many = self._handle_many
         assert handle_many is not None  # a batch is applied only with its handler's batch form
         try:
-            with transaction(conn):
+            with self._transaction():
                 fenced: set[str] = set()
                 if self.mode is Mode.IDEMPOTENT:
                     if len(deliveries) == 1:  # the common case: skip json_each (~10% faster)
@@ -411,7 +442,7 @@ class Worker:
         same statements and rows as :meth:`_apply_batch` (no savepoint: nothing else shares
         the transaction). None, and nothing written, when the handler fails."""
         try:
-            with transaction(self.conn):
+            with self._transaction():
                 return [self._apply(d)]
         except STORE_ERRORS:
             raise
@@ -436,7 +467,7 @@ class Worker:
         failed: list[tuple[Delivery, str]] = []
         rejected: list[Delivery] = []
         try:
-            with transaction(self.conn):
+            with self._transaction():
                 for d in deliveries:
                     if self.fires("crash_after_receive", d):
                         raise SimulatedCrash("after_receive")
@@ -557,7 +588,7 @@ class Worker:
             return
         if self.work_time:
             self.clock.sleep(self.work_time)
-        with transaction(self.conn):
+        with self._transaction():
             applied, error = self._apply_guarded(d)
         if error is not None:
             for on_failure_hook in self._on.on_failure:
@@ -658,8 +689,16 @@ class Worker:
         on = self._on
         for after_receive_hook in on.after_receive:
             after_receive_hook(self, deliveries)
-        if not deliveries:
-            return 0
+        if deliveries:
+            self._work(deliveries)
+        if self._verb_rows:  # the verbs' trace rows no transaction of the step took along
+            self.flush_log()
+        return len(deliveries)
+
+    def _work(self, deliveries: list[Delivery]) -> None:
+        """The step's deliveries, through ``before_process`` and the transit fault, then
+        handled in the worker's mode."""
+        on = self._on
         kept: list[Delivery] = deliveries
         if on.before_process or self.faults.active:
             kept = []
@@ -675,7 +714,6 @@ class Worker:
                     kept.append(d)
         if kept:
             self.handle(kept)
-        return len(deliveries)
 
     def handle(self, deliveries: list[Delivery]) -> None:
         """Handle ``deliveries``, received by this worker, in its mode (:data:`MODES`). An
