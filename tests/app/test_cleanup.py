@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.brokers import AMQP_URL
 from support.pg import SERVER as PG_SERVER
 from support.processes import child_env, cli
 
@@ -21,7 +22,7 @@ from deliverylab.engine import store
 from deliverylab.engine import store_postgres as pgstore
 
 NATS = "nats://127.0.0.1:4222"
-AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
+AMQP = AMQP_URL
 
 
 def name(prefix: str) -> str:

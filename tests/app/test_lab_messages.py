@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.brokers import AMQP_URL
 from support.pg import SERVER as PG_SERVER
 from support.processes import Proc, cli, free_port, request, started
 
@@ -30,7 +31,7 @@ from deliverylab.engine.relay import CRASH_AFTER_PUBLISH, Relay
 from deliverylab.engine.worker import Worker
 
 NATS = "nats://127.0.0.1:4222"
-AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
+AMQP = AMQP_URL
 
 
 def name(prefix: str) -> str:

@@ -9,19 +9,18 @@ afterwards; a server that does not answer fails the test, naming the URL.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import pika
 import pytest
+from support.brokers import AMQP_URL, rabbitmq_queue
 from support.processes import Proc, no_failures, started
 from support.servers import HoldingProxy
 
-from deliverylab.brokers.rabbitmq import DEFAULT_URL, RabbitMQBroker, open_url
+from deliverylab.brokers.rabbitmq import RabbitMQBroker, open_url
 from deliverylab.engine import store
 from deliverylab.engine.check import check
 from deliverylab.engine.clock import FakeClock, SystemClock
@@ -32,21 +31,15 @@ from deliverylab.engine.orders import place_order
 from deliverylab.engine.relay import Relay, unsent
 from deliverylab.engine.worker import Worker
 
-URL = os.environ.get("DELIVERYLAB_AMQP_URL", DEFAULT_URL)
+URL = AMQP_URL
 ITEMS = ["coffee-beans", "tea", "milk"]
 
 
 @pytest.fixture
 def queue_name() -> Iterator[str]:
     """A fresh queue name; the queue, its dead-letter queue and exchange are deleted after."""
-    name = f"test-{uuid.uuid4().hex}"
-    yield name
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    ch = conn.channel()
-    for q in (name, f"{name}.dlq"):
-        ch.queue_delete(q)
-    ch.exchange_delete(f"{name}.dlx")
-    conn.close()
+    with rabbitmq_queue() as name:
+        yield name
 
 
 @pytest.fixture

@@ -10,14 +10,13 @@ Every test has queues of its own and deletes them.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pika
 import pytest
+from support.brokers import AMQP_URL, rabbitmq_queue
 from support.processes import Proc, cli, started
 from support.servers import HoldingProxy
 
@@ -30,7 +29,7 @@ from deliverylab.engine.orders import place_order
 from deliverylab.engine.relay import Relay
 from deliverylab.engine.worker import Worker
 
-URL = os.environ.get("DELIVERYLAB_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+URL = AMQP_URL
 # pika checks every heartbeat + 5 s that the server sent something since the last check: a
 # dead link is noticed within two checks.
 SILENT_LINK_BOUND_S = 2 * (HEARTBEAT_S + 5)
@@ -38,14 +37,9 @@ SILENT_LINK_BOUND_S = 2 * (HEARTBEAT_S + 5)
 
 @pytest.fixture
 def queue_name() -> Iterator[str]:
-    name = f"test-{uuid.uuid4().hex}"
-    yield name
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    ch = conn.channel()
-    for q in (name, f"{name}.dlq"):
-        ch.queue_delete(q)
-    ch.exchange_delete(f"{name}.dlx")
-    conn.close()
+    """A fresh queue name; the queue, its dead-letter queue and exchange are deleted after."""
+    with rabbitmq_queue() as name:
+        yield name
 
 
 def exists(queue: str) -> bool:

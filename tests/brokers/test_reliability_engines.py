@@ -21,7 +21,6 @@ streams and schemas of its own and removes them.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import time
@@ -32,12 +31,12 @@ from typing import Any
 
 import pika
 import pytest
-from support.brokers import BROKER_ENGINES, capabilities_of
+from support.brokers import AMQP_URL, BROKER_ENGINES, capabilities_of
 from support.processes import Proc, no_failures, started
 
 from deliverylab.brokers.base import NO_MESSAGE_ID, Broker, Delivery
 from deliverylab.brokers.jetstream import JetStreamBroker
-from deliverylab.brokers.rabbitmq import DEFAULT_URL, RabbitMQBroker
+from deliverylab.brokers.rabbitmq import RabbitMQBroker
 from deliverylab.engine import store
 from deliverylab.engine.check import check
 from deliverylab.engine.clock import FakeClock, SystemClock
@@ -48,7 +47,7 @@ from deliverylab.engine.orders import place_order
 from deliverylab.engine.relay import Relay
 from deliverylab.engine.worker import Worker
 
-AMQP = os.environ.get("DELIVERYLAB_AMQP_URL", DEFAULT_URL)
+AMQP = AMQP_URL
 NATS = "nats://127.0.0.1:4222"
 ENGINES = list(BROKER_ENGINES)
 FOREIGN = ["rabbitmq", "jetstream"]  # the engines another producer can publish to

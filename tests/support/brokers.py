@@ -4,7 +4,9 @@ worker's broker tests run against, by name (the ``make_broker`` and ``broker`` f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from deliverylab.brokers import registry
@@ -12,6 +14,27 @@ from deliverylab.brokers.base import Broker, Capabilities
 from deliverylab.brokers.sqlite import SQLiteBroker
 from deliverylab.engine.clock import FakeClock
 from deliverylab.engine.ids import Ids
+
+AMQP_URL = registry.server_url("rabbitmq")
+"""The RabbitMQ server the tests use (``DELIVERYLAB_AMQP_URL``, else the engine's default)."""
+
+
+@contextmanager
+def rabbitmq_queue() -> Iterator[str]:
+    """A fresh queue name for one test; the queue, its dead letters (``NAME.dlq``) and its
+    exchange (``NAME.dlx``) are deleted after it, whatever the test left."""
+    import pika
+
+    name = f"test-{uuid.uuid4().hex}"
+    try:
+        yield name
+    finally:
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        ch = conn.channel()
+        for queue in (name, f"{name}.dlq"):
+            ch.queue_delete(queue)
+        ch.exchange_delete(f"{name}.dlx")
+        conn.close()
 
 
 # An engine is a function (directory, clock, ids, max_receives) -> (broker, close); add one to
