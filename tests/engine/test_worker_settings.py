@@ -4,11 +4,14 @@ and any the caller adds, called at named points around the modes)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 
 import pytest
 from support.engine import make_lab
 
 from deliverylab.brokers.sqlite import SQLiteBroker
+from deliverylab.engine import hooks as hooks_module
 from deliverylab.engine import store
 from deliverylab.engine.broker import Delivery, Received
 from deliverylab.engine.clock import FakeClock
@@ -208,6 +211,23 @@ def test_a_point_no_hook_uses_is_empty_so_it_costs_nothing():
     rec = Recorder()
     both = Dispatch([WorkerStats(), rec])
     assert len(both.after_ack) == 2 and both.on_wait == ()
+
+
+def test_each_point_is_typed_in_dispatch_as_the_hook_method_is():
+    """Dispatch's annotation of each point is a tuple of callables taking what Hook's method
+    of that name takes (after ``self``) and returning None: the two cannot drift apart."""
+    dispatch = typing.get_type_hints(Dispatch, vars(hooks_module))
+    assert set(dispatch) == set(POINTS) == {
+        name for name, _ in inspect.getmembers(Hook, inspect.isfunction)
+        if not name.startswith("_")}
+    for point in POINTS:
+        method = typing.get_type_hints(getattr(Hook, point), vars(hooks_module))
+        params = [v for k, v in method.items() if k != "return"]
+        assert method["return"] is type(None), point
+        [callable_type, ellipsis] = typing.get_args(dispatch[point])
+        assert ellipsis is Ellipsis, point
+        args, returns = typing.get_args(callable_type)
+        assert list(args) == params and returns in (None, type(None)), point
 
 
 def test_a_setting_set_on_the_worker_is_checked_and_takes_effect():

@@ -201,6 +201,11 @@ def payload_of(data: bytes | None) -> dict[str, Any]:
     return payload
 
 
+DEFAULT_ACK_WAIT_S = 30.0
+"""The consumer's ``AckWait`` when none is given: NATS's own default, and the lease of every
+delivery (see :class:`JetStreamBroker`)."""
+
+
 class _Loop:
     """A private asyncio event loop in a daemon thread: the synchronous verbs call into it."""
 
@@ -251,13 +256,14 @@ class JetStreamBroker(Broker):
     # sequence); the server times the lease, one AckWait (this default's, until __init__ sets
     # the stream's) for every receive.
     capabilities = Capabilities(delayed_send=False, refuses_stale_receipts=False,
-                                lease_clock="server", fixed_lease=30.0, dedup_window=120.0)
+                                lease_clock="server", fixed_lease=DEFAULT_ACK_WAIT_S,
+                                dedup_window=120.0)
     dedup_window: float  # JetStream always dedups: the stream's duplicate window
 
     def __init__(self, servers: str | list[str] = f"nats://127.0.0.1:{DEFAULT_PORT}", *,
                  stream: str, clock: Clock, ids: Ids,
                  max_receives: int | None = DEFAULT_MAX_RECEIVES,
-                 ack_wait: float = 30.0, replicas: int = 1, dedup_window: float = 120.0,
+                 ack_wait: float = DEFAULT_ACK_WAIT_S, replicas: int = 1, dedup_window: float = 120.0,
                  confirm_acks: bool = True, fetch_wait: float = 0.1, timeout: float = 10.0,
                  name: str = "worker", field: str = "broker", create: bool = True) -> None:
         if isinstance(servers, str):
@@ -972,8 +978,7 @@ def url_lease(url: str, *, field: str = "broker") -> UrlLease:
     30 s without), which JetStream gives every delivery whatever a receive asks. Read from the
     URL (:func:`parse_url`), without connecting."""
     _, kw = parse_url(url, field=field)
-    default = JetStreamBroker.capabilities.fixed_lease
-    seconds = float(kw["ack_wait"] if "ack_wait" in kw else default or 0)
+    seconds = float(kw.get("ack_wait", DEFAULT_ACK_WAIT_S))
     return UrlLease(seconds, "ack_wait", "ack_wait" in kw,
                     "the AckWait of the stream's consumer",
                     f"AckWait {seconds:g}s (the stream consumer's ack_wait)")
