@@ -304,7 +304,7 @@ def redelivery(name: str) -> Callable[[], float]:
     return run
 
 
-NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL", "rabbitmq": "RabbitMQ",
+NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "rabbitmq": "RabbitMQ",
          "jetstream": "JetStream", "redis": "Redis"}
 
 
