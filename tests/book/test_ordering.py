@@ -62,6 +62,38 @@ def test_a_change_the_life_cycle_forbids_is_refused_and_writes_nothing(lab, step
     assert written(lab) == before
 
 
+def test_a_fact_reported_after_the_cancellation_is_a_change_and_the_order_stays_cancelled(
+        lab) -> None:
+    lab.place_order("coffee-beans", 1, order_id="o-2")
+    changes = ordering.live(lab.broker, "o-1", ("paid", "cancelled", "shipped"))
+    assert [(c.status, c.version) for c in changes] == [
+        ("paid", 2), ("cancelled", 3), ("shipped", 4)]
+    ordering.live(lab.broker, "o-2", ("cancelled", "paid"))
+    assert written(lab) == (5, 2 + 5)  # each change has its event, beside the two OrderPlaced
+    truth = {r[0]: (r[1], r[2]) for r in ordering.status_rows(lab.store)}
+    assert truth == {"o-1": ("cancelled", 3), "o-2": ("cancelled", 2)}
+    with pytest.raises(InvalidInput, match=re.escape("nothing (it is final)")):
+        change_status(lab.broker, "o-1", "paid")  # the producer's own life cycle is over
+
+
+@pytest.mark.parametrize(("steps", "bad", "field", "words"), [
+    (("paid",), "shipped", "order_id", "the id of a cancelled order"),
+    ((), "paid", "order_id", "the id of a cancelled order"),
+    (("cancelled",), "shipped", "status", "may follow 'placed': paid or cancelled"),
+    (("paid", "shipped"), "cancelled", "order_id", "the id of a cancelled order"),
+    (("paid", "cancelled", "shipped"), "paid", "status", "may follow 'shipped': nothing"),
+    (("cancelled",), "cancelled", "status", "a status other than cancelled"),
+])
+def test_a_fact_after_the_cancellation_must_follow_the_life_before_it(lab, steps, bad, field,
+                                                                      words) -> None:
+    ordering.live(lab.broker, "o-1", steps)
+    before = written(lab)
+    with pytest.raises(InvalidInput, match=re.escape(words)) as refused:
+        ordering.report_after_cancel(lab.broker, "o-1", bad)
+    assert refused.value.field == field
+    assert written(lab) == before
+
+
 def test_an_unknown_order_is_refused_naming_it(lab) -> None:
     before = written(lab)
     with pytest.raises(InvalidInput, match="the id of a placed order") as refused:
@@ -130,6 +162,8 @@ def test_bad_arguments_name_the_field() -> None:
         ordering.Overlap(FakeClock(), lambda: None, rate=2)
     with pytest.raises(InvalidInput, match="orders"):
         status_run(versioned=True, orders=-1)
+    with pytest.raises(InvalidInput, match="life"):
+        ordering.live(None, "o-1", ["paid"])  # type: ignore[arg-type]
 
 
 def test_the_check_counts_missing_statuses_while_events_are_queued(lab) -> None:

@@ -11,6 +11,12 @@ The producer numbers each order's changes (``version``, 1 for ``placed``) in the
 transaction as the event, and the fixed projection applies an event only if it is newer than
 what it holds: ``UPDATE … WHERE version < ?``, here an UPSERT whose ``DO UPDATE`` has that
 ``WHERE``. The result no longer depends on the order of arrival.
+
+One status outranks the versions: a cancellation. Other services may still report a fact
+about an order after it was cancelled (the payment captured, the parcel dispatched, before the
+cancellation reached them): :func:`report_after_cancel` records it with the next version, and
+the cancellation stands. The truth of an order's status is its cancellation if it has one,
+else its newest change.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "shipped": (),
     "cancelled": (),
 }
+CANCELLED = "cancelled"  # the status that stands, whatever version comes after it
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS order_status_changes (
@@ -76,20 +83,26 @@ class StatusChange:
     event_id: str
 
 
-def _current(conn: Store, order_id: str) -> tuple[str, int] | None:
-    """(status, version) of an order in the truth; None if there is no such order."""
+# The change that gives an order its status: its cancellation if it has one, else its newest.
+_STANDS = f"ORDER BY status = '{CANCELLED}' DESC, version DESC LIMIT 1"
+
+
+def _current(conn: Store, order_id: str, *, besides_cancel: bool = False
+             ) -> tuple[str, int] | None:
+    """(status, version) of an order in the truth; None if there is no such order.
+    ``besides_cancel``: the newest change that is not the cancellation instead (the life
+    the other services still see)."""
     row = conn.execute(
         "SELECT status, version FROM order_status_changes WHERE order_id = ?"
-        " ORDER BY version DESC LIMIT 1", (order_id,)).fetchone()
+        + (f" AND status <> '{CANCELLED}' ORDER BY version DESC LIMIT 1" if besides_cancel
+           else " " + _STANDS), (order_id,)).fetchone()
     if row is not None:
         return row[0], row[1]
     placed = conn.execute("SELECT 1 FROM orders WHERE order_id = ?", (order_id,)).fetchone()
     return ("placed", 1) if placed else None
 
 
-def change_status(queue: Queue, order_id: str, status: str) -> StatusChange:
-    """Move an order to ``status``: the change row (the truth, with the next version) and its
-    ``OrderStatusChanged`` event commit in one transaction, the outbox again."""
+def _record(queue: Queue, order_id: str, status: str, *, late: bool) -> StatusChange:
     check_text("order_id", order_id)
     if status not in TRANSITIONS or status == "placed":
         raise InvalidInput("status", status, "one of paid, shipped, cancelled")
@@ -99,18 +112,51 @@ def change_status(queue: Queue, order_id: str, status: str) -> StatusChange:
         current = _current(conn, order_id)
         if current is None:
             raise InvalidInput("order_id", order_id, "the id of a placed order")
-        was, version = current
+        was = current[0]
+        if late:
+            if was != CANCELLED:
+                raise InvalidInput("order_id", order_id, "the id of a cancelled order")
+            if status == CANCELLED:
+                raise InvalidInput("status", status, "a status other than cancelled")
+            before = _current(conn, order_id, besides_cancel=True)
+            was = before[0] if before is not None else "placed"
         if status not in TRANSITIONS[was]:
             allowed = " or ".join(TRANSITIONS[was]) or "nothing (it is final)"
             raise InvalidInput("status", status, f"a status that may follow {was!r}: {allowed}")
+        version = conn.execute("SELECT coalesce(max(version), 1) FROM order_status_changes"
+                               " WHERE order_id = ?", (order_id,)).fetchone()[0] + 1
         event_id = queue.ids.event_id()
         conn.execute(
             "INSERT INTO order_status_changes (order_id, version, status, event_id, changed_at)"
-            " VALUES (?, ?, ?, ?, ?)", (order_id, version + 1, status, event_id, queue.clock.now()))
+            " VALUES (?, ?, ?, ?, ?)", (order_id, version, status, event_id, queue.clock.now()))
         queue.send(event_id, STATUS_EVENT,
-                   {"orderId": order_id, "status": status, "version": version + 1},
+                   {"orderId": order_id, "status": status, "version": version},
                    correlation_id=order_id)
-    return StatusChange(order_id, status, version + 1, event_id)
+    return StatusChange(order_id, status, version, event_id)
+
+
+def change_status(queue: Queue, order_id: str, status: str) -> StatusChange:
+    """Move an order to ``status``: the change row (the truth, with the next version) and its
+    ``OrderStatusChanged`` event commit in one transaction, the outbox again."""
+    return _record(queue, order_id, status, late=False)
+
+
+def report_after_cancel(queue: Queue, order_id: str, status: str) -> StatusChange:
+    """Record a fact another service reports about a *cancelled* order, one that happened
+    before the cancellation reached it: the payment captured, the parcel dispatched. It must
+    follow the order's life before the cancellation (a parcel is dispatched only once paid);
+    it gets the next version and its event like any change, and the order stays cancelled."""
+    return _record(queue, order_id, status, late=True)
+
+
+def live(queue: Queue, order_id: str, life: tuple[str, ...]) -> list[StatusChange]:
+    """Send an order's ``life`` (the statuses after ``placed``), one change after the other:
+    each status after a cancellation is a fact reported after it
+    (:func:`report_after_cancel`)."""
+    if not isinstance(life, tuple):
+        raise InvalidInput("life", life, "a tuple of statuses, such as ('paid', 'shipped')")
+    return [_record(queue, order_id, status, late=CANCELLED in life[:i])
+            for i, status in enumerate(life)]
 
 
 # -- the projection -------------------------------------------------------------------------------
@@ -158,11 +204,11 @@ def status_handler(*, versioned: bool, clock: Clock) -> Handler:
 
 # -- the check ------------------------------------------------------------------------------------
 
-_STATUS_SQL = """
+_STATUS_SQL = f"""
     WITH latest AS (
         SELECT c.order_id, c.status, c.version FROM order_status_changes AS c
-         WHERE c.version = (SELECT max(version) FROM order_status_changes
-                             WHERE order_id = c.order_id))
+         WHERE c.version = (SELECT version FROM order_status_changes
+                             WHERE order_id = c.order_id {_STANDS}))
     SELECT o.order_id, coalesce(l.status, 'placed'), coalesce(l.version, 1), p.status, p.version
       FROM orders AS o
       LEFT JOIN latest AS l USING (order_id)
@@ -194,7 +240,8 @@ class StatusCheck:
 
 
 def status_rows(conn: Store) -> list[tuple[str, str, int, str | None, int | None]]:
-    """(order_id, truth, truth_version, projection, projection_version) per order."""
+    """(order_id, truth, truth_version, projection, projection_version) per order. The
+    truth is the order's cancellation if it has one, else its newest change."""
     return [tuple(r) for r in conn.execute(_STATUS_SQL)]
 
 
@@ -247,6 +294,10 @@ class Overlap:
 # Each order's life, drawn from the seed: (weight, the statuses after ``placed``).
 LIVES = ((5, ("paid", "shipped")), (2, ("cancelled",)), (2, ("paid", "cancelled")),
          (1, ("paid",)))
+# Lives in which another service reports a fact after the cancellation (see :func:`live`):
+# the payment captured as the customer cancelled, the parcel dispatched before the warehouse
+# heard of it.
+LATE_LIVES = ((2, ("cancelled", "paid")), (3, ("paid", "cancelled", "shipped")))
 
 
 @dataclass(frozen=True, slots=True)
