@@ -198,6 +198,28 @@ def test_status_runs_use_both_consumers() -> None:
     assert any("(here at-least-once)" in f for f in faults)
 
 
+def test_status_runs_hold_both_sides_of_the_cancellation_rule() -> None:
+    """Most seeds hold a change that arrives after the order's cancellation is in place, whatever
+    its version (refused), and a cancellation that arrives after a newer change is in place
+    (it wins): a solution that ignores either half of the rule meets it on those seeds."""
+    seeds = range(25)
+    refused: set[int] = set()
+    wins: set[int] = set()
+    for seed in seeds:
+        def probe(conn, order_id, status, version, now, seed=seed):
+            row = conn.execute("SELECT status, version FROM order_status WHERE order_id = ?",
+                               (order_id,)).fetchone()
+            if row is not None and row[0] == "cancelled" and version > row[1]:
+                refused.add(seed)
+            if row is not None and status == "cancelled" and version < row[1]:
+                wins.add(seed)
+            ex06.status_solution(conn, order_id, status, version, now)
+        trial = ex06.run_status(probe, seed)
+        assert trial.passed, trial.reason
+    assert len(refused) * 3 >= len(seeds) * 2, sorted(refused)
+    assert len(wins) * 2 >= len(seeds), sorted(wins)
+
+
 def test_cleanup_that_keeps_dead_letters_fails_on_the_late_redrive() -> None:
     """Its inbox horizon is right; what it misses is the dead letters older than the window,
     redriven on the last day after their inbox rows were pruned."""

@@ -161,10 +161,6 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         " state between them, in either order",
     ("charge-once", "swap L3"):
         "computing the amount and naming the key are independent statements",
-    ("newer-wins", "off-by-one L9.2"):
-        "the query selects one column, so row[-1] is row[0]",
-    ("newer-wins", "off-by-one L12.2"):
-        "the query selects one column, so row[-1] is row[0]",
     ("inbox-cleanup", "swap L2"):
         "the horizon is a pure computation from the policy; expiring dead letters first does"
         " not change it",

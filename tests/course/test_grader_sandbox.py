@@ -291,6 +291,18 @@ def test_the_graders_temporary_note_cannot_be_forged():
     assert "the grader refused DELETE from stale_expected" in reason
 
 
+def test_the_graders_model_of_the_status_cannot_be_forged():
+    """newer-wins keeps its own model of the change in place per order, from which it expects
+    the stale changes: a submission that empties it, so that nothing looks late, is refused."""
+    from deliverylab.course.ex06 import status_solution
+
+    def forget_what_won(conn, order_id, status, version, now):
+        conn.execute("DELETE FROM temp.status_held")
+        status_solution(conn, order_id, status, version, now)
+    reason = why(graded("newer-wins", forget_what_won)[0])
+    assert "the grader refused DELETE from status_held" in reason
+
+
 def test_forging_the_log_through_the_connection_is_refused_even_if_swallowed():
     def swallow(conn, delivery):
         try:

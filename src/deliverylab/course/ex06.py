@@ -238,63 +238,110 @@ register(Exercise(
 # -- 6.2 a status projection where newer wins ----------------------------------------------
 STATUS_ORDERS = 12
 OVERLAP = 0.5
+# The chapter's lives, and the lives in which a fact is reported after the cancellation.
+STATUS_LIVES = ordering.LIVES + ordering.LATE_LIVES
 
 
 def status_starter(conn: sqlite3.Connection, order_id: str, status: str, version: int,
                    now: float) -> None:
     """Keep in ``order_status (order_id, status, version, updated_at)`` the status of the
     order's *newest* change, whatever order the changes arrive in and however often each
-    arrives. ``version`` is an integer that grows with each change of an order (it runs
-    past 9); ``now`` is the lab's time. Called inside the worker's transaction. For the
-    audit, record once in ``status_stale (order_id, version, status, seen_at)`` (primary key
-    ``(order_id, version)``) every change that arrived after a newer one had won; a
+    arrives, except that a cancellation stands: once an order is cancelled no other change
+    replaces it, whatever its version (another service may still report a payment or a
+    dispatch it made before it heard of the cancellation), and a cancellation replaces
+    whatever is in place, even a newer version. ``version`` is an integer that grows with
+    each change of an order (it runs past 9); ``now`` is the lab's time. Called inside the
+    worker's transaction. For the audit, record once in ``status_stale (order_id, version,
+    status, seen_at)`` (primary key ``(order_id, version)``) every change that arrived and
+    lost to the one in place (an older change, or any change after the cancellation); a
     redelivery of the change in place is not stale."""
 
 
 def status_solution(conn: sqlite3.Connection, order_id: str, status: str, version: int,
                     now: float) -> None:
     # Read the order's row inside the worker's transaction: nobody writes it in between.
-    row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+    row = conn.execute("SELECT status, version FROM order_status WHERE order_id = ?",
                        (order_id,)).fetchone()
     if row is None:  # the first change seen for this order, whichever it is
         conn.execute("INSERT INTO order_status (order_id, status, version, updated_at)"
                      " VALUES (?, ?, ?, ?)", (order_id, status, version, now))
-    elif row[0] < version:  # newer: it wins (numbers, not text: 10 > 9)
+        return
+    held, held_version = row
+    if held_version == version:
+        return  # the change in place, delivered again: nothing to do, nothing to record
+    # Nothing replaces a cancellation, and a cancellation replaces anything; between other
+    # changes the newer version wins (numbers, not text: 10 > 9).
+    if held != "cancelled" and (status == "cancelled" or version > held_version):
         conn.execute("UPDATE order_status SET status = ?, version = ?, updated_at = ?"
                      " WHERE order_id = ?", (status, version, now, order_id))
-    elif row[0] > version:
-        # Older: it changes nothing, and the audit records that it came late. It may come
-        # again (a redelivery): the primary key keeps one row, the first sighting.
+    else:
+        # It lost to the change in place, so the audit records that it came late. It may
+        # come again (a redelivery): the primary key keeps one row, the first sighting.
         conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
                      " VALUES (?, ?, ?, ?) ON CONFLICT (order_id, version) DO NOTHING",
                      (order_id, version, status, now))
-    # Otherwise the change in place again (a redelivery): nothing to do, nothing to record.
 
 
 def status_upsert_where_newer(conn: sqlite3.Connection, order_id: str, status: str,
                               version: int, now: float) -> None:
-    """Another correct design: one UPSERT whose update only a newer version passes, and one
-    INSERT that records the change as stale if a newer one is in place."""
+    """Another correct design: one UPSERT whose update only a change that beats the row
+    passes, and one INSERT that records the change as stale if, after it, another change is
+    in place."""
     conn.execute(
         "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
         " version = excluded.version, updated_at = excluded.updated_at"
-        " WHERE excluded.version > order_status.version",
+        " WHERE order_status.status <> 'cancelled'"
+        " AND (excluded.status = 'cancelled' OR excluded.version > order_status.version)",
         (order_id, status, version, now))
     conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
                  " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status"
-                 "  WHERE order_id = ? AND version > ?) ON CONFLICT DO NOTHING",
+                 "  WHERE order_id = ? AND version <> ?) ON CONFLICT DO NOTHING",
                  (order_id, version, status, now, order_id, version))
 
 
-def status_stale_includes_redelivery(conn: sqlite3.Connection, order_id: str, status: str,
-                                     version: int, now: float) -> None:
+def status_newer_wins_only(conn: sqlite3.Connection, order_id: str, status: str,
+                           version: int, now: float) -> None:
+    # Newer wins, and the audit is right for it: but a payment reported after the
+    # cancellation is newer, so it wins and the cancelled order looks paid.
     row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
                        (order_id,)).fetchone()
     if row is None:
         conn.execute("INSERT INTO order_status (order_id, status, version, updated_at)"
                      " VALUES (?, ?, ?, ?)", (order_id, status, version, now))
     elif row[0] < version:
+        conn.execute("UPDATE order_status SET status = ?, version = ?, updated_at = ?"
+                     " WHERE order_id = ?", (status, version, now, order_id))
+    elif row[0] > version:
+        conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                     " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                     (order_id, version, status, now))
+
+
+def status_cancel_wins_if_newer(conn: sqlite3.Connection, order_id: str, status: str,
+                                version: int, now: float) -> None:
+    # Nothing replaces a cancellation: right. But the cancellation itself must be newer to
+    # win, so one that arrives after the late dispatch leaves the order shipped.
+    conn.execute(
+        "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+        " version = excluded.version, updated_at = excluded.updated_at"
+        " WHERE order_status.status <> 'cancelled' AND excluded.version > order_status.version",
+        (order_id, status, version, now))
+    conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                 " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status"
+                 "  WHERE order_id = ? AND version <> ?) ON CONFLICT DO NOTHING",
+                 (order_id, version, status, now, order_id, version))
+
+
+def status_stale_includes_redelivery(conn: sqlite3.Connection, order_id: str, status: str,
+                                     version: int, now: float) -> None:
+    row = conn.execute("SELECT status, version FROM order_status WHERE order_id = ?",
+                       (order_id,)).fetchone()
+    if row is None:
+        conn.execute("INSERT INTO order_status (order_id, status, version, updated_at)"
+                     " VALUES (?, ?, ?, ?)", (order_id, status, version, now))
+    elif row[0] != "cancelled" and (status == "cancelled" or row[1] < version):
         conn.execute("UPDATE order_status SET status = ?, version = ?, updated_at = ?"
                      " WHERE order_id = ?", (status, version, now, order_id))
     else:  # "it did not win": but the change in place, delivered again, is no stale change
@@ -328,21 +375,29 @@ def status_compared_as_text(conn: sqlite3.Connection, order_id: str, status: str
         "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
         " version = excluded.version, updated_at = excluded.updated_at"
-        " WHERE CAST(excluded.version AS TEXT) > CAST(order_status.version AS TEXT)",
+        " WHERE order_status.status <> 'cancelled' AND (excluded.status = 'cancelled'"
+        "  OR CAST(excluded.version AS TEXT) > CAST(order_status.version AS TEXT))",
         (order_id, status, version, now))
+    conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                 " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status"
+                 "  WHERE order_id = ? AND version <> ?) ON CONFLICT DO NOTHING",
+                 (order_id, version, status, now, order_id, version))
 
 
 def status_final_is_sticky(conn: sqlite3.Connection, order_id: str, status: str,
                            version: int, now: float) -> None:
+    # "Shipped and cancelled are both final": but a cancellation that arrives after the
+    # dispatch reported late must still replace it.
     conn.execute(
         "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
         " version = excluded.version, updated_at = excluded.updated_at"
-        " WHERE order_status.status NOT IN ('shipped', 'cancelled')",
+        " WHERE order_status.status NOT IN ('shipped', 'cancelled')"
+        " AND (excluded.status = 'cancelled' OR excluded.version > order_status.version)",
         (order_id, status, version, now))
     conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
                  " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status"
-                 "  WHERE order_id = ? AND version > ?) ON CONFLICT DO NOTHING",
+                 "  WHERE order_id = ? AND version <> ?) ON CONFLICT DO NOTHING",
                  (order_id, version, status, now, order_id, version))
 
 
@@ -353,7 +408,29 @@ CREATE TABLE status_stale (order_id TEXT NOT NULL, version INTEGER NOT NULL,
                            PRIMARY KEY (order_id, version));
 CREATE TEMP TABLE stale_expected (order_id TEXT, version INTEGER, status TEXT,
                                   PRIMARY KEY (order_id, version));
+CREATE TEMP TABLE status_held (order_id TEXT PRIMARY KEY, status TEXT, version INTEGER);
 """
+
+
+def _rank(status: str, version: int) -> tuple[bool, int]:
+    """The order in which changes beat each other: a cancellation beats every other change,
+    and between the others the higher version wins. One change per version, so two changes
+    of an order never tie."""
+    return status == ordering.CANCELLED, version
+
+
+def _note(conn: sqlite3.Connection, order_id: str, status: str, version: int) -> None:
+    """The grader's own model of the projection, in the worker's transaction (it rolls back
+    with it), written after the submission's call so that it cannot read the answer: the
+    change in place per order, and every change that arrived and lost to it."""
+    held = conn.execute("SELECT status, version FROM temp.status_held WHERE order_id = ?",
+                        (order_id,)).fetchone()
+    if held is None or _rank(status, version) > _rank(*held):
+        conn.execute("INSERT OR REPLACE INTO temp.status_held VALUES (?, ?, ?)",
+                     (order_id, status, version))
+    elif _rank(status, version) < _rank(*held):
+        conn.execute("INSERT OR IGNORE INTO temp.stale_expected VALUES (?, ?, ?)",
+                     (order_id, version, status))
 
 
 def _status_change(delivery: Delivery) -> tuple[str, str, int]:
@@ -384,13 +461,6 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
         order_id, status, version = _status_change(delivery)
         if delivery.type == "OrderPlaced":
             apply_order_placed(conn, delivery)  # the reservation is the grader's part
-        # The grader's own note, in the worker's transaction (it rolls back with it): this
-        # change arrives after a newer one was applied, so the audit must record it.
-        row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
-                           (order_id,)).fetchone()
-        if row is not None and row[0] > version:
-            conn.execute("INSERT OR IGNORE INTO temp.stale_expected VALUES (?, ?, ?)",
-                         (order_id, version, status))
         try:
             apply_status(conn, order_id, status, version, lab.clock.now())
         except Exception as exc:  # the reader's code: note it; the worker retries later
@@ -398,6 +468,7 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
             if not errors:
                 errors.append(text)
             raise
+        _note(conn, order_id, status, version)
 
     first = lab.workers[0]
     kw: dict[str, Any]  # the keyword arguments both workers share
@@ -410,10 +481,10 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
                           clock=ordering.Overlap(lab.clock, second.step, rate=OVERLAP,
                                                  seed=seed))]
     rng = random.Random(seed)
-    weights = [w for w, _ in ordering.LIVES]
+    weights = [w for w, _ in STATUS_LIVES]
     for placed in lab.place_orders(STATUS_ORDERS):
-        for status in rng.choices([life for _, life in ordering.LIVES], weights)[0]:
-            ordering.change_status(lab.broker, placed.order_id, status)
+        ordering.live(lab.broker, placed.order_id,
+                      rng.choices([life for _, life in STATUS_LIVES], weights)[0])
     lab.run_until_idle()
     rows = ordering.status_rows(lab.store)
     wrong = [r for r in rows if r[3] is not None and r[3] != r[1]]
@@ -426,8 +497,12 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
     reasons = [f"your code raised {e}" for e in errors]
     if wrong:
         o, truth, tv, proj, pv = wrong[0]
+        why = (" (its cancellation stands, whatever comes after it)"
+               if truth == ordering.CANCELLED and pv is not None and pv > tv + VERSION_BASE
+               else "")
         reasons.append(f"{len(wrong)} of {len(rows)} orders end in the wrong status: order {o}"
-                       f" is {truth} (v{tv + VERSION_BASE}) in the truth, {proj} (v{pv}) in your projection")
+                       f" is {truth} (v{tv + VERSION_BASE}) in the truth, {proj} (v{pv}) in"
+                       f" your projection{why}")
     if missing:
         reasons.append(f"{len(missing)} of {len(rows)} orders have no status at all")
     expected = set(map(tuple, lab.store.execute(
@@ -438,11 +513,11 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
     if unrecorded:
         o, v, st = unrecorded[0]
         reasons.append(f"{len(unrecorded)} stale changes not in status_stale: order {o}'s"
-                       f" {st} (v{v}) came after a newer change had won")
+                       f" {st} (v{v}) arrived and lost to the change in place")
     if extra:
         o, v, st = extra[0]
         reasons.append(f"{len(extra)} changes recorded as stale that were not: order {o}'s"
-                       f" {st} (v{v}) never arrived after a newer one")
+                       f" {st} (v{v}) never arrived to find a change in place that beats it")
     focus_stale = (unrecorded or extra or [("",)])[0][0]
     if not reasons:
         return Trial(seed=seed, faults=where, passed=True, reason="")
@@ -456,9 +531,11 @@ register(Exercise(
     run=run_status, solution=status_solution, starter=status_starter,
     params=("conn", "order_id", "status", "version", "now"),
     wrong=(("wrong status", status_last_write_wins), ("wrong status", status_newer_by_arrival),
-           ("not in status_stale", status_final_is_sticky),
+           ("wrong status", status_final_is_sticky),
            ("wrong status", status_compared_as_text),
-           ("recorded as stale that were not", status_stale_includes_redelivery))))
+           ("recorded as stale that were not", status_stale_includes_redelivery),
+           ("its cancellation stands", status_newer_wins_only),
+           ("wrong status", status_cancel_wins_if_newer))))
 
 
 # -- 6.3 the nightly cleanup ---------------------------------------------------------------

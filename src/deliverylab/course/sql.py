@@ -38,6 +38,7 @@ PROTECTED: dict[str, str] = {
     "order_status_changes": "the status changes that really happened",
     "sqlite_sequence": "the schema's counters",
     "stale_expected": "the grader's own note of the changes that arrive late",
+    "status_held": "the grader's own note of the change in place",
 }
 # table -> the only write a submission may make to it
 ONLY: dict[str, int] = {"dead_letters": sqlite3.SQLITE_DELETE}

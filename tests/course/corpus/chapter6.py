@@ -10,10 +10,12 @@ from deliverylab.course.ex06 import (
     cleanup_keeps_dead_letters,
     cleanup_nothing,
     cleanup_redelivery_only,
+    status_cancel_wins_if_newer,
     status_compared_as_text,
     status_final_is_sticky,
     status_last_write_wins,
     status_newer_by_arrival,
+    status_newer_wins_only,
     status_stale_includes_redelivery,
     status_upsert_where_newer,
 )
@@ -68,19 +70,27 @@ def charge_checks_the_ledger_then_keys(service, delivery):
 
 # -- newer-wins: wrong ----------------------------------------------------------------------
 def _newer_wins(conn, order_id, status, version, now):
-    """The newer-wins UPSERT alone; the wrong answers below differ in their audit."""
+    """The status UPSERT alone (the cancellation stands, otherwise the newer change wins); the
+    wrong answers below differ in their audit."""
     conn.execute(
         "INSERT INTO order_status (order_id, status, version, updated_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
         " version = excluded.version, updated_at = excluded.updated_at"
-        " WHERE excluded.version > order_status.version",
+        " WHERE order_status.status <> 'cancelled'"
+        " AND (excluded.status = 'cancelled' OR excluded.version > order_status.version)",
         (order_id, status, version, now))
 
 
-def stale_plain_insert(conn, order_id, status, version, now):
-    row = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+def _loses(conn, order_id, status, version):
+    """Whether the change in place beats this one (read before the UPSERT)."""
+    row = conn.execute("SELECT status, version FROM order_status WHERE order_id = ?",
                        (order_id,)).fetchone()
-    if row is not None and row[0] > version:  # a stale change delivered twice: a second row
+    return row is not None and row[1] != version and (
+        row[0] == "cancelled" or (status != "cancelled" and row[1] > version))
+
+
+def stale_plain_insert(conn, order_id, status, version, now):
+    if _loses(conn, order_id, status, version):  # a stale change delivered twice: a second row
         conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
                      " VALUES (?, ?, ?, ?)", (order_id, version, status, now))
     _newer_wins(conn, order_id, status, version, now)
@@ -99,24 +109,68 @@ def stale_compared_as_text(conn, order_id, status, version, now):
     _newer_wins(conn, order_id, status, version, now)
     conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
                  " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status WHERE order_id = ?"
-                 "  AND CAST(version AS TEXT) > CAST(? AS TEXT)) ON CONFLICT DO NOTHING",
+                 "  AND ((status = 'cancelled' AND version <> ?)"
+                 "   OR CAST(version AS TEXT) > CAST(? AS TEXT))) ON CONFLICT DO NOTHING",
+                 (order_id, version, status, now, order_id, version, version))
+
+
+def stale_only_if_older(conn, order_id, status, version, now):
+    # The status is right, the audit is the old one: a payment reported after the
+    # cancellation is refused, but being newer it is never recorded.
+    _newer_wins(conn, order_id, status, version, now)
+    conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                 " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM order_status"
+                 "  WHERE order_id = ? AND version > ?) ON CONFLICT DO NOTHING",
                  (order_id, version, status, now, order_id, version))
 
 
+def stale_cancel_that_came_late(conn, order_id, status, version, now):
+    # Records what came after a newer change or after the cancellation: but a cancellation
+    # that arrives after a newer change wins; it is not stale.
+    row = conn.execute("SELECT status, version FROM order_status WHERE order_id = ?",
+                       (order_id,)).fetchone()
+    if row is not None and row[1] != version and (row[0] == "cancelled" or row[1] > version):
+        conn.execute("INSERT INTO status_stale (order_id, version, status, seen_at)"
+                     " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                     (order_id, version, status, now))
+    _newer_wins(conn, order_id, status, version, now)
+
+
 # -- newer-wins: correct --------------------------------------------------------------------
-def status_replace_unless_newer(conn, order_id, status, version, now):
-    seen = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+def status_replace_unless_beaten(conn, order_id, status, version, now):
+    seen = conn.execute("SELECT status, version FROM order_status WHERE order_id = ?",
                         (order_id,)).fetchone()
+    # Replace the row unless it holds this change, the cancellation, or a newer change (a
+    # cancellation is beaten by nothing newer).
     conn.execute("INSERT OR REPLACE INTO order_status (order_id, status, version, updated_at)"
                  " SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM order_status"
-                 "  WHERE order_id = ? AND version >= ?)",
-                 (order_id, status, version, now, order_id, version))
-    if seen is not None and seen[0] > version:
+                 "  WHERE order_id = ? AND (version = ? OR status = 'cancelled'"
+                 "   OR (? <> 'cancelled' AND version > ?)))",
+                 (order_id, status, version, now, order_id, version, status, version))
+    after = conn.execute("SELECT version FROM order_status WHERE order_id = ?",
+                         (order_id,)).fetchone()
+    if seen is not None and after[0] != version:  # it arrived and lost
         exists = conn.execute("SELECT 1 FROM status_stale WHERE order_id = ? AND version = ?",
                               (order_id, version)).fetchone()
         if exists is None:
             conn.execute("INSERT INTO status_stale VALUES (?, ?, ?, ?)",
                          (order_id, version, status, now))
+
+
+def status_ranked(conn, order_id, status, version, now):
+    # A maximum again, under another order: (is it the cancellation?, version). Two changes
+    # of an order never tie, so an equal rank is the change in place delivered again.
+    rank = (status == "cancelled", version)
+    held = conn.execute("SELECT status = 'cancelled', version FROM order_status"
+                        " WHERE order_id = ?", (order_id,)).fetchone()
+    if held is None or rank > (bool(held[0]), held[1]):
+        conn.execute("INSERT INTO order_status (order_id, status, version, updated_at)"
+                     " VALUES (?, ?, ?, ?) ON CONFLICT (order_id) DO UPDATE SET"
+                     " status = excluded.status, version = excluded.version,"
+                     " updated_at = excluded.updated_at", (order_id, status, version, now))
+    elif rank < (bool(held[0]), held[1]):
+        conn.execute("INSERT OR IGNORE INTO status_stale VALUES (?, ?, ?, ?)",
+                     (order_id, version, status, now))
 
 
 # -- inbox-cleanup --------------------------------------------------------------------------
@@ -173,7 +227,12 @@ WRONG = [
     ("charge-once", charge_checks_the_ledger, "charged more than once", "interleaving"),
     ("newer-wins", status_last_write_wins, "wrong status", "lost-message"),
     ("newer-wins", status_newer_by_arrival, "wrong status", "interleaving"),
-    ("newer-wins", status_final_is_sticky, "not in status_stale", "baseline"),
+    ("newer-wins", status_final_is_sticky, "wrong status", "interleaving"),
+    ("newer-wins", status_newer_wins_only, "its cancellation stands", "baseline"),
+    ("newer-wins", status_cancel_wins_if_newer, "wrong status", "interleaving"),
+    ("newer-wins", stale_only_if_older, "not in status_stale", "baseline"),
+    ("newer-wins", stale_cancel_that_came_late, "recorded as stale that were not",
+     "interleaving"),
     ("newer-wins", status_stale_includes_redelivery, "recorded as stale that were not",
      "lost-message"),
     ("newer-wins", stale_plain_insert, "UNIQUE constraint failed", "lost-message"),
@@ -190,7 +249,8 @@ CORRECT = [
     ("charge-once", charge_retries_with_the_same_key),
     ("charge-once", charge_checks_the_ledger_then_keys),
     ("newer-wins", status_upsert_where_newer),
-    ("newer-wins", status_replace_unless_newer),
+    ("newer-wins", status_replace_unless_beaten),
+    ("newer-wins", status_ranked),
     ("inbox-cleanup", cleanup_in_sql),
     ("inbox-cleanup", cleanup_with_margin),
 ]
