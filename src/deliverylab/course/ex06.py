@@ -252,9 +252,9 @@ def status_starter(conn: sqlite3.Connection, order_id: str, status: str, version
     whatever is in place, even a newer version. ``version`` is an integer that grows with
     each change of an order (it runs past 9); ``now`` is the lab's time. Called inside the
     worker's transaction. For the audit, record once in ``status_stale (order_id, version,
-    status, seen_at)`` (primary key ``(order_id, version)``) every change that arrived and
-    lost to the one in place (an older change, or any change after the cancellation); a
-    redelivery of the change in place is not stale."""
+    status, seen_at)`` (primary key ``(order_id, version)``) every change that arrived to
+    find a change in place that beats it (a newer one, or the cancellation); a redelivery
+    of the change in place is not stale."""
 
 
 def status_solution(conn: sqlite3.Connection, order_id: str, status: str, version: int,
@@ -513,7 +513,7 @@ def run_status(apply_status: Callable[..., Any], seed: int) -> Trial:
     if unrecorded:
         o, v, st = unrecorded[0]
         reasons.append(f"{len(unrecorded)} stale changes not in status_stale: order {o}'s"
-                       f" {st} (v{v}) arrived and lost to the change in place")
+                       f" {st} (v{v}) arrived to find a change in place that beats it")
     if extra:
         o, v, st = extra[0]
         reasons.append(f"{len(extra)} changes recorded as stale that were not: order {o}'s"
