@@ -136,6 +136,24 @@ def stale_cancel_that_came_late(conn, order_id, status, version, now):
     _newer_wins(conn, order_id, status, version, now)
 
 
+def status_cancel_keeps_the_higher_version(conn, order_id, status, version, now):
+    # The cancellation wins, but the row keeps the higher version "so that older changes stay
+    # refused": the cancellation delivered again then looks older than the row, and stale.
+    row = conn.execute("SELECT status, version FROM order_status WHERE order_id = ?",
+                       (order_id,)).fetchone()
+    if row is None:
+        conn.execute("INSERT INTO order_status VALUES (?, ?, ?, ?)",
+                     (order_id, status, version, now))
+    elif row[1] == version:
+        pass  # the change in place, delivered again
+    elif row[0] != "cancelled" and (status == "cancelled" or version > row[1]):
+        conn.execute("UPDATE order_status SET status = ?, version = ?, updated_at = ?"
+                     " WHERE order_id = ?", (status, max(version, row[1]), now, order_id))
+    else:
+        conn.execute("INSERT OR IGNORE INTO status_stale VALUES (?, ?, ?, ?)",
+                     (order_id, version, status, now))
+
+
 # -- newer-wins: correct --------------------------------------------------------------------
 def status_replace_unless_beaten(conn, order_id, status, version, now):
     seen = conn.execute("SELECT status, version FROM order_status WHERE order_id = ?",
@@ -233,6 +251,8 @@ WRONG = [
     ("newer-wins", stale_only_if_older, "not in status_stale", "baseline"),
     ("newer-wins", stale_cancel_that_came_late, "recorded as stale that were not",
      "interleaving"),
+    ("newer-wins", status_cancel_keeps_the_higher_version, "recorded as stale that were not",
+     "lost-message"),
     ("newer-wins", status_stale_includes_redelivery, "recorded as stale that were not",
      "lost-message"),
     ("newer-wins", stale_plain_insert, "UNIQUE constraint failed", "lost-message"),
