@@ -745,7 +745,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def _operator_trace(conn: Any, broker: Any, rows: list[tuple[Any, ...]]) -> None:
     """Rows of (worker, correlation_id, event_id, message_id, delivery_count, outcome,
     detail) for what an operator verb did on a broker that wrote no trace of its own (one
-    outside the store): written into the store right after the verb, as the worker does."""
+    outside the store): written into the store right after the verb."""
     from ..engine.store import transaction
     from ..engine.trace import log_many
 

@@ -181,7 +181,8 @@ class Broker(abc.ABC):
     belong in the consumer's store, beside the effects. A broker that :meth:`joins` the store
     and ``writes_trace`` writes them into ``delivery_log`` inside the verb's own transaction.
     Any other broker cannot (the verb commits in another system): the worker writes them into
-    the store right after the verb, which is not atomic with it, as with any external broker.
+    the store itself, in its next transaction there (a receive's rows in the effect's) and by
+    the end of the step, which is not atomic with the verb, as with any external broker.
     """
 
     clock: Clock

@@ -235,7 +235,7 @@ class Worker:
         self.broker, self.clock, self.handler = broker, clock, handler
         self._joined = joined
         # Who writes the trace rows of the broker's verbs: the broker, inside each verb's
-        # transaction on the store; or this worker, into the store right after the verb.
+        # transaction on the store; or this worker, in its own next transaction there.
         self._verbs = not (joined and broker.writes_trace)
         self._extra = tuple(extra)
         self.stats = WorkerStats()
