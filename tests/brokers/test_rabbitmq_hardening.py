@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pika
 import pytest
-from support.brokers import AMQP_URL, rabbitmq_queue
+from support.brokers import AMQP_URL, rabbitmq_declared, rabbitmq_queue
 from support.processes import Proc, cli, started
 from support.servers import HoldingProxy
 
@@ -40,30 +40,6 @@ def queue_name() -> Iterator[str]:
     """A fresh queue name; the queue, its dead-letter queue and exchange are deleted after."""
     with rabbitmq_queue() as name:
         yield name
-
-
-def exists(queue: str) -> bool:
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    try:
-        conn.channel().queue_declare(queue, passive=True)
-        return True
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        assert exc.reply_code == 404
-        return False
-    finally:
-        conn.close()
-
-
-def exchange_exists(name: str) -> bool:
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    try:
-        conn.channel().exchange_declare(name, passive=True)
-        return True
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        assert exc.reply_code == 404
-        return False
-    finally:
-        conn.close()
 
 
 class BlackHole(HoldingProxy):
@@ -153,7 +129,7 @@ def test_a_queue_deleted_under_a_running_worker_is_one_line_and_exit_2(tmp_path,
         name = queue_name if deleted == "queue" else f"{queue_name}.dlq"
         assert last.startswith("deliverylab worker: error: the ") and repr(name) in last, out
         assert "no longer exists" in last
-        assert not exists(name)  # not recreated behind the operator's back
+        assert not rabbitmq_declared(name)  # not recreated behind the operator's back
     finally:
         w.stop()
 
@@ -195,8 +171,8 @@ def test_status_on_a_queue_that_does_not_exist_says_so_and_creates_nothing(tmp_p
         done = cli(*command, "--db", str(db), "--broker", url)
         assert done.returncode == 2, done.stderr
         assert "no such queue" in done.stderr and "Traceback" not in done.stderr
-    assert not exists(queue_name) and not exists(f"{queue_name}.dlq")
-    assert not exchange_exists(f"{queue_name}.dlx")
+    assert not rabbitmq_declared(queue_name) and not rabbitmq_declared(f"{queue_name}.dlq")
+    assert not rabbitmq_declared(f"{queue_name}.dlx", "exchange")
 
 
 def test_a_queue_a_worker_declared_with_max_receives_3_is_open_to_every_command(
@@ -259,7 +235,7 @@ def test_a_queue_name_that_does_not_decode_cleanly_is_refused(query):
     with pytest.raises(InvalidInput) as refused:
         open_url(f"{URL}?{query}", field="--broker", clock=SystemClock(), ids=Ids(1))
     assert refused.value.field == "--broker" and "UTF-8" in str(refused.value)
-    assert not exists("x\ufffd")
+    assert not rabbitmq_declared("x\ufffd")
 
 
 def test_a_percent_sign_in_a_queue_name_is_decoded_once(queue_name):
@@ -325,4 +301,4 @@ def test_a_broker_object_survives_its_queue_being_deleted_with_a_clear_error(que
     with pytest.raises(BrokerGone, match=f"the queue '{queue_name}' no longer exists"):
         broker.receive(1)
     broker.close()
-    assert not exists(queue_name)
+    assert not rabbitmq_declared(queue_name)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pika
 import pytest
+from support.brokers import AMQP_URL, rabbitmq_declared
 
 from deliverylab.brokers import registry
 from deliverylab.course import ex07, grade
@@ -21,26 +21,13 @@ from deliverylab.course.external import Store, Wire, open_setup
 from deliverylab.engine.errors import BrokerUnavailable, InvalidInput
 from deliverylab.engine.faults import Faults
 
-AMQP = registry.server_url("rabbitmq")
+AMQP = AMQP_URL
 NATS = registry.server_url("jetstream")
 GRADED = [("external-inbox", ex07.consume_solution, ex07.consume_apply_then_ack,
            "applied twice"),
           ("relay-publish", ex07.relay_solution, ex07.relay_marks_first, "never applied"),
           ("poison-or-retry", ex07.triage_solution, ex07.triage_acks_every_error,
            "not in the dead letters")]
-
-
-def _queue_exists(name: str) -> bool:
-    conn = pika.BlockingConnection(pika.URLParameters(AMQP))
-    try:
-        conn.channel().queue_declare(name, passive=True)
-        return True
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        assert exc.reply_code == 404
-        return False
-    finally:
-        if conn.is_open:
-            conn.close()
 
 
 def _stream_exists(name: str) -> bool:
@@ -71,7 +58,7 @@ def test_on_rabbitmq_the_model_passes_a_wrong_answer_fails_and_the_queue_is_remo
     assert "broker: RabbitMQ" in verdict.trials[0].faults
     failed = grade(ex_id, wrong, seeds=[0, 1], broker=url)
     assert not failed.passed and reason in failed.failed[0].reason, str(failed)
-    assert not _queue_exists(name) and not _queue_exists(f"{name}.dlq")
+    assert not rabbitmq_declared(name) and not rabbitmq_declared(f"{name}.dlq")
 
 
 @pytest.mark.parametrize(("ex_id", "model", "wrong", "reason"), GRADED,

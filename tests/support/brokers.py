@@ -19,6 +19,27 @@ AMQP_URL = registry.server_url("rabbitmq")
 """The RabbitMQ server the tests use (``DELIVERYLAB_AMQP_URL``, else the engine's default)."""
 
 
+def rabbitmq_declared(name: str, kind: str = "queue") -> bool:
+    """Whether the RabbitMQ queue (``kind="queue"``) or exchange (``"exchange"``) ``name``
+    exists: a passive declare, which creates nothing."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = conn.channel()
+        if kind == "exchange":
+            channel.exchange_declare(name, passive=True)
+        else:
+            channel.queue_declare(name, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        assert exc.reply_code == 404, exc
+        return False
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
 @contextmanager
 def rabbitmq_queue() -> Iterator[str]:
     """A fresh queue name for one test; the queue, its dead letters (``NAME.dlq``) and its
